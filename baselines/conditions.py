@@ -1,0 +1,114 @@
+"""Benchmark conditions (`map=shuffle`, `style=gt`, `steps=20`, `start=lr@400`, ...) parsed and applied once.
+
+The runner resolves data-level conditions here, so methods never see how a shuffled map was chosen:
+- `map=gt` (default) keeps the sample's own map; `map=shuffle` gives each sample another sample's map
+  (a seeded derangement over the split); `map=none` removes the map from the batch.
+- `style=gt` puts the HR into `batch["style"]`; `style=shuffle` puts another sample's HR there;
+  `style=sample` leaves no style image: the method samples a style (SGDM's flows) with the generator.
+- `steps=N` and `start=lr@t` are sampler settings passed through to diffusion methods.
+A method declares which condition keys it supports (`MethodSpec.conditions`); asking for one it does not
+support raises `UnsupportedCondition`, so nothing is silently run without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cmsrd.errors import InputError
+
+MAP_VALUES = ("gt", "shuffle", "none")
+STYLE_VALUES = ("gt", "shuffle", "sample")
+
+
+class UnsupportedCondition(InputError):
+    pass
+
+
+@dataclass(frozen=True)
+class Conditions:
+    map: str = "gt"
+    style: str | None = None
+    steps: int | None = None
+    start_t: int | None = None  # start=lr@t: start from the noised upsampled LR at timestep t
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Conditions":
+        """`"map=shuffle,steps=20"` -> Conditions. Empty / "default" -> defaults."""
+        cond = cls()
+        if not text or text == "default":
+            return cond
+        for part in text.replace(";", ",").split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise InputError(f"condition {part!r}", "expected key=value", "e.g. map=shuffle, style=gt, steps=20, start=lr@400")
+            key, value = (s.strip() for s in part.split("=", 1))
+            if key == "map":
+                if value not in MAP_VALUES:
+                    raise InputError(f"condition map={value}", f"unknown value; use one of {MAP_VALUES}")
+                cond = replace(cond, map=value)
+            elif key == "style":
+                if value not in STYLE_VALUES:
+                    raise InputError(f"condition style={value}", f"unknown value; use one of {STYLE_VALUES}")
+                cond = replace(cond, style=value)
+            elif key == "steps":
+                if not value.isdigit() or int(value) < 1:
+                    raise InputError(f"condition steps={value}", "must be a positive integer")
+                cond = replace(cond, steps=int(value))
+            elif key == "start":
+                if not value.startswith("lr@") or not value[3:].isdigit():
+                    raise InputError(f"condition start={value}", "expected lr@T with an integer timestep T", "e.g. start=lr@400")
+                cond = replace(cond, start_t=int(value[3:]))
+            else:
+                raise InputError(f"condition key {key!r}", "unknown", "use map, style, steps or start")
+        return cond
+
+    @property
+    def keys_used(self) -> set[str]:
+        """Condition keys that differ from the default (what a method must support)."""
+        used = set()
+        if self.map != "gt":
+            used.add("map")
+        if self.style is not None:
+            used.add("style")
+        if self.steps is not None:
+            used.add("steps")
+        if self.start_t is not None:
+            used.add("start")
+        return used
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.map != "gt":
+            parts.append(f"map={self.map}")
+        if self.style is not None:
+            parts.append(f"style={self.style}")
+        if self.steps is not None:
+            parts.append(f"steps={self.steps}")
+        if self.start_t is not None:
+            parts.append(f"start=lr@{self.start_t}")
+        return ",".join(parts) or "default"
+
+    def check_supported(self, method_name: str, supported: tuple[str, ...]) -> None:
+        missing = self.keys_used - set(supported)
+        if missing:
+            raise UnsupportedCondition(
+                f"method {method_name!r}",
+                f"does not support condition(s) {sorted(missing)} (asked: {self.name})",
+                f"drop them for this method; it supports {list(supported) or 'no conditions'}",
+            )
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of range(n) with no fixed point (for n >= 2): index i takes partner p[i]."""
+    if n < 2:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    while True:
+        p = rng.permutation(n)
+        if not np.any(p == np.arange(n)):
+            return p

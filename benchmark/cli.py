@@ -1,0 +1,25 @@
+"""`cmsrd-bench`: list methods, train, run benchmarks, manage weights, render reports."""
+
+from __future__ import annotations
+
+import click
+
+from cmsrd.clitools import LazyGroup, run_cli
+
+COMMANDS = {
+    "list": "baselines.cli:list_command",
+    "train": "baselines.cli:train_command",
+    "run": "benchmark.runner_cli:run_command",
+    "report": "benchmark.report:report_command",
+    "weights": "benchmark.weights_cli:weights",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS)
+@click.version_option(package_name="cmsrd")
+def cli() -> None:
+    """Run SR methods from one registry and benchmark them."""
+
+
+def main() -> None:
+    run_cli(cli)

@@ -1,0 +1,41 @@
+"""One exception type for bad input, so every CLI prints one clear line instead of a traceback.
+
+Raise `InputError(what, problem, fix)` wherever user input (a path, a config key, a credential, a
+checkpoint) is wrong. The message always names the input and says how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class CMSRDError(Exception):
+    """Base class of the toolkit's own errors."""
+
+
+class InputError(CMSRDError, ValueError):
+    """A user-supplied input is wrong. The message names the input, the problem and the fix."""
+
+    def __init__(self, what: str, problem: str, fix: str | None = None):
+        self.what, self.problem, self.fix = what, problem, fix
+        msg = f"{what}: {problem}"
+        if fix:
+            msg += f" (fix: {fix})"
+        super().__init__(msg)
+
+
+class MissingWeightsError(InputError):
+    """A weights file is absent. Names the file, where it is expected and where it comes from."""
+
+    def __init__(self, name: str, expected_path: str, source: str | None = None):
+        fix = f"put the file at {expected_path}"
+        if source:
+            fix += f" (download from {source}, or run `cmsrd-bench weights fetch` on a machine with network)"
+        super().__init__(f"weights '{name}'", "file not found", fix)
+        self.expected_path = expected_path
+
+
+class SampleError(CMSRDError):
+    """One sample failed for a named reason; recorded in the manifest, never stops the build."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)

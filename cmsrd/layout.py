@@ -1,0 +1,234 @@
+"""The built-dataset contract of DESIGN.md as code: folder names, file paths, manifest schema.
+
+Writers (`cmsrd.pipeline`) and readers (`cmsrd.data`, the benchmark, the official SGDM code's folder
+convention) all go through this module, so the layout is defined once.
+
+    <root>/dataset.json
+    <root>/manifest.parquet (+ manifest.csv)
+    <root>/<split>/hr_<H>/<id>.png
+    <root>/<split>/lr_<L>/<id>.png
+    <root>/<split>/sr_<L>_<H>/<id>.png
+    <root>/<split>/ref_<H>/<id>.png        (kind "map": the rendered map)
+    <root>/<split>/mask_<H>/<id>.png
+    <root>/geo/<id>_{hr,lr}.tif
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .classes import CLASSES
+from .errors import InputError
+
+LAYOUT_VERSION = "1.0"
+DATASET_JSON = "dataset.json"
+MANIFEST_PARQUET = "manifest.parquet"
+MANIFEST_CSV = "manifest.csv"
+SPLITS = ("train", "test")
+# Kinds of per-sample image files and whether they are part of every dataset.
+IMAGE_KINDS = ("hr", "lr", "sr", "map", "mask")  # "map" lives in the official `ref_<H>` folder
+
+_ID_RE = re.compile(r"^(\d{1,2})_(\d+)_(\d+)$")
+
+
+def tile_id(z: int, x: int, y: int) -> str:
+    """Sample id: the HR footprint's XYZ tile `z_x_y`, as in the official SGDM code."""
+    return f"{z}_{x}_{y}"
+
+
+def parse_tile_id(sample_id: str) -> tuple[int, int, int]:
+    m = _ID_RE.match(sample_id)
+    if not m:
+        raise InputError(f"sample id {sample_id!r}", "is not of the form Z_X_Y", "use e.g. 18_41518_92090")
+    z, x, y = (int(g) for g in m.groups())
+    if x >= 2**z or y >= 2**z:
+        raise InputError(f"sample id {sample_id!r}", f"x/y outside zoom {z}", "check the tile id")
+    return z, x, y
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Paths of one built dataset. `hr_px` and `lr_px` fix the folder names (hr_256, lr_16, sr_16_256)."""
+
+    root: Path
+    hr_px: int = 256
+    lr_px: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if self.hr_px % self.lr_px:
+            raise InputError("dataset geometry", f"hr_px {self.hr_px} is not a multiple of lr_px {self.lr_px}")
+
+    @property
+    def scale(self) -> int:
+        return self.hr_px // self.lr_px
+
+    def folder(self, kind: str) -> str:
+        h, l = self.hr_px, self.lr_px
+        names = {"hr": f"hr_{h}", "lr": f"lr_{l}", "sr": f"sr_{l}_{h}", "map": f"ref_{h}", "mask": f"mask_{h}"}
+        if kind not in names:
+            raise InputError(f"image kind {kind!r}", f"unknown; expected one of {sorted(names)}")
+        return names[kind]
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+    def image_dir(self, split: str, kind: str) -> Path:
+        return self.root / split / self.folder(kind)
+
+    def image_path(self, split: str, kind: str, sample_id: str) -> Path:
+        return self.image_dir(split, kind) / f"{sample_id}.png"
+
+    def geotiff_path(self, sample_id: str, which: str) -> Path:
+        return self.root / "geo" / f"{sample_id}_{which}.tif"
+
+    def relpath(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.root / DATASET_JSON
+
+    @property
+    def manifest_parquet(self) -> Path:
+        return self.root / MANIFEST_PARQUET
+
+    @property
+    def manifest_csv(self) -> Path:
+        return self.root / MANIFEST_CSV
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "DatasetLayout":
+        """Layout of an existing dataset, read from its dataset.json."""
+        meta = read_dataset_json(root)
+        return cls(Path(root), int(meta["hr_px"]), int(meta["lr_px"]))
+
+
+# ---- manifest schema -------------------------------------------------------------------------------
+
+# column -> pandas dtype. Per-class map fractions and per-file checksums are added by name below.
+MANIFEST_COLUMNS: dict[str, str] = {
+    "id": "string",
+    "split": "string",
+    "z": "int32",
+    "x": "int64",
+    "y": "int64",
+    "lon": "float64",  # footprint centre, EPSG:4326
+    "lat": "float64",
+    "minx": "float64",  # footprint bounds, EPSG:3857 metres
+    "miny": "float64",
+    "maxx": "float64",
+    "maxy": "float64",
+    "hr_gsd_m": "float64",  # ground sampling distance of the HR pixels (Web Mercator px * cos(lat))
+    "hr_source": "string",
+    "hr_date": "string",  # YYYY-MM-DD or empty when unknown
+    "lr_source": "string",  # "bicubic" | "sentinel-2"
+    "lr_scene_id": "string",
+    "lr_datetime": "string",  # ISO 8601 UTC
+    "lr_cloud_fraction": "float64",  # SCL cloud/shadow/nodata fraction inside the footprint
+    "lr_days_from_hr": "float64",
+    "lr_radiometry": "string",  # the exact DN -> reflectance -> 8 bit recipe
+    "map_source": "string",
+    "shift_x_lrpx": "float64",  # measured LR-vs-HR shift, LR pixels (+x east, +y south)
+    "shift_y_lrpx": "float64",
+    "shift_error": "float64",
+    "qa_status": "string",  # "ok" | "rejected" | "failed"
+    "qa_reason": "string",  # named reason, empty when ok
+    "qa_detail": "string",
+}
+for _c in CLASSES:
+    MANIFEST_COLUMNS[f"frac_{_c.name}"] = "float64"
+for _k in IMAGE_KINDS:
+    MANIFEST_COLUMNS[f"sha256_{_k}"] = "string"
+    MANIFEST_COLUMNS[f"path_{_k}"] = "string"
+
+QA_STATUSES = ("ok", "rejected", "failed")
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in MANIFEST_COLUMNS.items()})
+
+
+def conform_manifest(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """Rows -> DataFrame with every schema column (missing -> NA) in schema order and dtype.
+
+    Extra columns are kept after the schema columns, so producers may record more than the minimum.
+    """
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    out = {}
+    for col, dtype in MANIFEST_COLUMNS.items():
+        s = df[col] if col in df.columns else pd.Series([pd.NA] * len(df), index=df.index)
+        out[col] = s.astype(dtype)
+    extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    res = pd.DataFrame(out, index=df.index)
+    for c in extra:
+        res[c] = df[c]
+    return res.reset_index(drop=True)
+
+
+def validate_manifest_schema(df: pd.DataFrame) -> list[str]:
+    """Problems with a manifest's columns (empty list = conforms)."""
+    problems = []
+    for col, dtype in MANIFEST_COLUMNS.items():
+        if col not in df.columns:
+            problems.append(f"missing column {col}")
+        elif str(df[col].dtype) != dtype and not (dtype == "string" and df[col].dtype == object):
+            problems.append(f"column {col} has dtype {df[col].dtype}, expected {dtype}")
+    if "qa_status" in df.columns:
+        bad = set(df["qa_status"].dropna().unique()) - set(QA_STATUSES)
+        if bad:
+            problems.append(f"unknown qa_status values {sorted(bad)}")
+    if "id" in df.columns and df["id"].duplicated().any():
+        problems.append("duplicate sample ids")
+    return problems
+
+
+def read_manifest(root: str | os.PathLike) -> pd.DataFrame:
+    path = Path(root) / MANIFEST_PARQUET
+    if not path.exists():
+        raise InputError(f"dataset {root}", f"has no {MANIFEST_PARQUET}", "build it with `cmsrd build` or point at a built dataset")
+    return pd.read_parquet(path)
+
+
+def write_manifest(root: str | os.PathLike, df: pd.DataFrame) -> None:
+    """Write manifest.parquet and manifest.csv atomically."""
+    from .io import atomic_path
+
+    df = conform_manifest(df)
+    with atomic_path(Path(root) / MANIFEST_PARQUET) as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_path(Path(root) / MANIFEST_CSV) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+# ---- dataset.json ----------------------------------------------------------------------------------
+
+DATASET_JSON_REQUIRED = ("name", "version", "scale", "hr_px", "lr_px", "crs", "sources", "counts", "config")
+
+
+def read_dataset_json(root: str | os.PathLike) -> dict[str, Any]:
+    path = Path(root) / DATASET_JSON
+    if not path.exists():
+        raise InputError(f"dataset {root}", f"has no {DATASET_JSON}", "point at a dataset built by `cmsrd build`")
+    meta = json.loads(path.read_text())
+    missing = [k for k in DATASET_JSON_REQUIRED if k not in meta]
+    if missing:
+        raise InputError(f"{path}", f"missing keys {missing}", "rebuild the dataset with this version of cmsrd")
+    return meta
+
+
+def write_dataset_json(root: str | os.PathLike, meta: dict[str, Any]) -> None:
+    from .io import atomic_write_text
+
+    missing = [k for k in DATASET_JSON_REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"dataset.json is missing required keys {missing}")
+    meta = {"layout_version": LAYOUT_VERSION, **meta}
+    atomic_write_text(Path(root) / DATASET_JSON, json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
