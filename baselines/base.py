@@ -73,3 +73,11 @@ class SRMethod(nn.Module):
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         """One optimisation step; calls `ctx.backward(loss, name)` per optimizer; returns logged scalars."""
         raise NotImplementedError
+
+    def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
+        """Training stages other than the shared gradient loop (stage 1), e.g. SGDM's style flows (stage 2).
+
+        `cmsrd-bench train --stage N` calls this for N > 1."""
+        from cmsrd.errors import InputError
+
+        raise InputError(f"--stage {stage}", f"method {self.spec.name!r} has only one training stage", "drop --stage")

@@ -28,3 +28,13 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "torch_home"
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("TORCH_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A complete x16 dataset (64 px HR, 4 px LR; 6 train / 4 test) in the built-dataset layout."""
+    from cmsrd.testing import make_tiny_dataset
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    make_tiny_dataset(root)
+    return root
