@@ -117,9 +117,9 @@ class DatasetLayout:
 MANIFEST_COLUMNS: dict[str, str] = {
     "id": "string",
     "split": "string",
-    "z": "int32",
-    "x": "int64",
-    "y": "int64",
+    "z": "Int32",  # nullable ints: a failed sample may lack nothing but its id
+    "x": "Int64",
+    "y": "Int64",
     "lon": "float64",  # footprint centre, EPSG:4326
     "lat": "float64",
     "minx": "float64",  # footprint bounds, EPSG:3857 metres
@@ -164,8 +164,13 @@ def conform_manifest(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFr
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     out = {}
     for col, dtype in MANIFEST_COLUMNS.items():
-        s = df[col] if col in df.columns else pd.Series([pd.NA] * len(df), index=df.index)
-        out[col] = s.astype(dtype)
+        s = df[col] if col in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
+        if dtype == "float64":
+            out[col] = pd.to_numeric(s, errors="coerce").astype("float64")
+        elif dtype.startswith("Int"):
+            out[col] = pd.to_numeric(s, errors="coerce").astype(dtype)
+        else:
+            out[col] = s.astype(dtype)
     extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     res = pd.DataFrame(out, index=df.index)
     for c in extra:
