@@ -1,0 +1,67 @@
+"""Noise schedules and samplers from diffusers, configured as the SD / SGDM code uses them.
+
+The training schedule is ldm's "linear" schedule, i.e. betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2,
+which diffusers calls `scaled_linear`. SGDM's official sampler (`model/spaced_sampler.py`) is an
+IDDPM-respaced ancestral DDPM over round(k*999/49), k = 0..49, with fixed-small (posterior) variance, no
+x0 clipping and no noise at the last step; diffusers' DDPMScheduler with `timestep_spacing="linspace"`
+reproduces exactly those timesteps (999, 979, 958, ..., 20, 0) and that update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from cmsrd.errors import InputError
+
+TRAIN_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+DEFAULT_STEPS = 50
+
+
+def training_scheduler() -> DDPMScheduler:
+    """The 1000-step schedule used for training targets (q(z_t | z_0)) and for `add_noise`."""
+    return DDPMScheduler(**TRAIN_SCHEDULE, variance_type="fixed_small", timestep_spacing="linspace")
+
+
+def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS):
+    """A scheduler with `set_timesteps(steps)` already applied.
+
+    - `ddpm`: the official SGDM respaced ancestral sampler (fixed-small variance, linspace spacing).
+    - `ddim`: deterministic DDIM (eta 0), `trailing` spacing so the first step starts at t = 999.
+    - `dpm-solver`: DPM-Solver++ (2nd order multistep), `trailing` spacing, final step to sigma 0.
+    """
+    if not isinstance(steps, int) or steps < 1 or steps > TRAIN_SCHEDULE["num_train_timesteps"]:
+        raise InputError(f"steps={steps}", "must be an integer in 1..1000", "e.g. steps=50")
+    if name == "ddpm":
+        sched = DDPMScheduler(**TRAIN_SCHEDULE, variance_type="fixed_small", timestep_spacing="linspace")
+    elif name == "ddim":
+        sched = DDIMScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=False)
+    elif name == "dpm-solver":
+        common = {k: v for k, v in TRAIN_SCHEDULE.items() if k != "clip_sample"}
+        sched = DPMSolverMultistepScheduler(
+            **common, thresholding=False, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            final_sigmas_type="zero",
+        )
+    else:
+        raise InputError(f"sampler {name!r}", f"unknown; choose from {SAMPLERS}")
+    sched.set_timesteps(steps)
+    return sched
+
+
+def add_noise(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """q(z_t | z_0) = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise on the training schedule."""
+    return _TRAIN.add_noise(z0, noise, t)
+
+
+_TRAIN = training_scheduler()
