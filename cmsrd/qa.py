@@ -1,0 +1,91 @@
+"""Sample quality filters with named reasons.
+
+Each check looks at one stage's output and raises `QARejected(reason, detail)` when a threshold of
+`QAConfig` is exceeded. The pipeline records the reason in the manifest (`qa_status = rejected`) and
+keeps the sample's files out of the split folders, so users can see exactly what was filtered and
+why, and loosen a threshold without re-planning.
+
+Reasons (stable strings, used in manifests and dataset.json counts):
+    hr_placeholder  the HR is mostly one flat colour (tile services' "map data not yet available")
+    hr_blank        the HR has almost no texture at all (grey-level std below a floor)
+    nodata          HR pixels of pure black / white fill, or LR pixels outside the scene's swath
+    cloud           cloud or cloud-shadow fraction of the LR footprint over the threshold
+    empty_map       the rendered map has (too little) mapped content
+    misregistered   the measured LR/HR shift is above the threshold (LR pixels)
+    time_gap        the LR scene is too many days from the HR capture
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .classes import BY_NAME, CLASSES
+from .config import QAConfig
+from .errors import SampleError
+
+REASONS = ("hr_placeholder", "hr_blank", "nodata", "cloud", "empty_map", "misregistered", "time_gap")
+
+
+class QARejected(SampleError):
+    """A sample that was produced but fails a quality threshold (kept in the manifest as rejected)."""
+
+
+def _dominant_colour_fraction(img: np.ndarray) -> float:
+    """Share of pixels equal to the single most frequent RGB value."""
+    flat = img.reshape(-1, img.shape[-1]).astype(np.uint32)
+    packed = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]
+    _, counts = np.unique(packed, return_counts=True)
+    return float(counts.max()) / len(packed)
+
+
+def check_hr(hr: np.ndarray, qa: QAConfig) -> None:
+    """Placeholder, blank and nodata HR tiles."""
+    grey = hr.astype(np.float32).mean(axis=-1)
+    fill = np.all(hr == 0, axis=-1) | np.all(hr == 255, axis=-1)
+    nodata = float(fill.mean())
+    if nodata > qa.max_nodata_fraction and nodata > 0:
+        raise QARejected("nodata", f"{nodata:.1%} of the HR is pure black/white fill (max {qa.max_nodata_fraction:.1%})")
+    flat = _dominant_colour_fraction(hr)
+    if flat > qa.max_placeholder_fraction:
+        raise QARejected("hr_placeholder", f"{flat:.1%} of the HR is one colour (max {qa.max_placeholder_fraction:.1%})")
+    std = float(grey.std())
+    if std < qa.min_hr_std:
+        raise QARejected("hr_blank", f"HR grey-level std {std:.2f} < {qa.min_hr_std}")
+
+
+def check_lr(lr_image: np.ndarray, cloud_fraction: float | None, days_from_hr: float | None, qa: QAConfig) -> None:
+    """Real LR: swath-edge nodata, cloud/shadow, and date distance to the HR."""
+    nodata = float(np.all(lr_image == 0, axis=-1).mean())
+    if nodata > qa.max_nodata_fraction and nodata > 0:
+        raise QARejected("nodata", f"{nodata:.1%} of the LR is outside the scene (max {qa.max_nodata_fraction:.1%})")
+    if cloud_fraction is not None and cloud_fraction > qa.max_cloud_fraction:
+        raise QARejected("cloud", f"cloud/shadow fraction {cloud_fraction:.1%} > {qa.max_cloud_fraction:.1%}")
+    if days_from_hr is not None and abs(days_from_hr) > qa.max_days_from_hr:
+        raise QARejected("time_gap", f"LR scene is {abs(days_from_hr):.0f} days from the HR (max {qa.max_days_from_hr:.0f})")
+
+
+def map_fractions(mask: np.ndarray) -> dict[str, float]:
+    """Per-class pixel fraction of a class-index mask, for every class of the legend."""
+    counts = np.bincount(mask.ravel(), minlength=len(CLASSES))[: len(CLASSES)]
+    total = max(int(mask.size), 1)
+    return {c.name: float(counts[c.id]) / total for c in CLASSES}
+
+
+def check_map(mask: np.ndarray, qa: QAConfig) -> None:
+    land = BY_NAME["land"].id
+    mapped = float((mask != land).mean())
+    if qa.reject_empty_map and mapped == 0.0:
+        raise QARejected("empty_map", "the map has no mapped feature")
+    if mapped < qa.min_map_fraction:
+        raise QARejected("empty_map", f"mapped fraction {mapped:.1%} < {qa.min_map_fraction:.1%}")
+
+
+def check_shift(dx: float | None, dy: float | None, qa: QAConfig) -> None:
+    """Misregistration in LR pixels (a shift that could not be measured is not a rejection)."""
+    if dx is None or dy is None or not (math.isfinite(dx) and math.isfinite(dy)):
+        return
+    mag = math.hypot(dx, dy)
+    if mag > qa.max_shift_lrpx:
+        raise QARejected("misregistered", f"LR/HR shift {mag:.2f} LR px ({dx:+.2f}, {dy:+.2f}) > {qa.max_shift_lrpx}")
