@@ -48,7 +48,7 @@ import click
 import geopandas as gpd
 import numpy as np
 from rasterio.features import rasterize
-from rasterio.transform import from_bounds
+from affine import Affine
 
 from .classes import BY_NAME, CLASSES, DRAW_ORDER, legend, palette
 from .errors import InputError
@@ -141,7 +141,7 @@ def render_map(features, bounds_3857, size: int = 256) -> tuple[np.ndarray, np.n
             shapes.append((g, cid))
     mask = np.full((size, size), BY_NAME["land"].id, np.uint8)
     if shapes:
-        rasterize(shapes, out=mask, transform=from_bounds(left, bottom, right, top, size, size),
+        rasterize(shapes, out=mask, transform=Affine((right - left) / size, 0, left, 0, -(top - bottom) / size, top),
                   all_touched=False, dtype=np.uint8)
     return _LUT[mask], mask
 
