@@ -113,5 +113,5 @@ class CMSRDDataset(Dataset):
             if k == "mask":
                 item[k] = torch.from_numpy(a.astype(np.int64))
             else:
-                item[k] = torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
+                item[k] = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float().div_(255.0)
         return item
