@@ -369,11 +369,17 @@ def test_fault_sequence_is_deterministic_from_the_seed(world):
     assert runs[0] == runs[1]
     kinds = schedule(cfg, 24)
     assert len({k for k in kinds}) >= 4  # the sequence mixes clean replies and several faults
+    t = world[1]["tiles"][0]
+    clean = hashlib.md5((world[0] / "tiles" / str(t.z) / str(t.x) / f"{t.y}.jpg").read_bytes()).hexdigest()[:8]
     for outcome, kind in zip(runs[0], kinds):
         if kind and kind.startswith("error:"):
             assert outcome == kind.split(":")[1]
         elif kind == "truncate":
             assert outcome == "ChunkedEncodingError"
+        elif kind == "corrupt":
+            assert len(outcome) == 8 and outcome != clean
+        else:
+            assert outcome == clean
     assert schedule(FaultConfig(error_rate=0.25, corrupt_rate=0.2, truncate_rate=0.15, seed=43), 24) != kinds
     assert decide_index(cfg, 5) == decide_index(cfg, 5)
 
@@ -425,3 +431,26 @@ def test_loopback_base_routes_custom_endpoints_with_faults():
         assert requests.get(s.base_url + "/api/v1/echo", timeout=5).status_code == 405
         assert requests.post(s.base_url + "/api/v1/echo", data=b"{not json", timeout=5).status_code == 400
         assert s.stats.requests["echo"] == 3 and s.stats.requests["-"] == 1 and s.stats.faults["error:429"] == 1
+
+
+def test_serve_command_prints_urls_serves_and_stops_on_ctrl_c(world):
+    import signal
+    import subprocess
+    import sys
+
+    code = "from cmsrd.world.servers import serve_command; serve_command()"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(world[0]), "--error-rate", "1", "--error-codes", "503",
+                             "--fault-path", "/stac/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("serving ") and " at http://127.0.0.1:" in first
+        urls = dict(proc.stdout.readline().split() for _ in range(5))
+        assert urls["stac"].endswith("/stac/v1") and "{z}/{y}/{x}" in urls["tiles"]
+        assert requests.get(urls["stac"], timeout=5).status_code == 503
+        assert requests.get(urls["geofabrik"], timeout=5).json()["type"] == "FeatureCollection"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

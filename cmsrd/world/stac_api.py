@@ -287,10 +287,10 @@ def _field_value(item: dict, name: str) -> Any:
     return item.get("properties", {}).get(name)
 
 
-def _sort_key(value: Any) -> tuple:
-    """Comparable key across types; missing values sort last ascending (first descending)."""
+def _sort_key(value: Any, desc: bool = False) -> tuple:
+    """Comparable key across types; items lacking the field sort last in either direction."""
     if value is None:
-        return (2, "")
+        return (-1, "") if desc else (2, "")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (0, value)
     return (1, str(value))
@@ -356,7 +356,7 @@ class StacCatalog:
         out.sort(key=lambda it: it["id"])
         sortby = p.sortby or [("properties.datetime", True)]
         for name, desc in reversed(sortby):  # stable sorts, least significant key first
-            out.sort(key=lambda it, n=name: _sort_key(_field_value(it, n)), reverse=desc)
+            out.sort(key=lambda it, n=name, d=desc: _sort_key(_field_value(it, n), d), reverse=desc)
         return out
 
     @staticmethod
