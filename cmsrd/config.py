@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import shapely
+import shapely.validation
 import yaml
 from shapely.geometry import shape
 

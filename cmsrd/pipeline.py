@@ -183,7 +183,10 @@ def coregister(spec: BuildSpec, hr, lr: np.ndarray, lr_res) -> tuple[float, floa
         return None
     from .align import measure_shift
 
-    s = measure_shift(lr, hr.image)
+    try:
+        s = measure_shift(lr, hr.image)
+    except InputError:  # flat or tiny images: nothing to correlate, shift unknown (NaN), not a rejection
+        return float("nan"), float("nan"), float("nan")
     return float(s.dx), float(s.dy), float(s.error)
 
 

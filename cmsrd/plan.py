@@ -105,7 +105,7 @@ def check_plan(df: pd.DataFrame, where: str = "plan") -> pd.DataFrame:
     if "hr_gsd_m" in df.columns:  # keep the plan's pixel-size basis (hr_px) as written
         out["hr_gsd_m"] = pd.to_numeric(df["hr_gsd_m"], errors="coerce").fillna(out["hr_gsd_m"]).to_numpy()
     if "block" in df.columns:
-        out["block"] = df["block"].astype("string").to_numpy()
+        out["block"] = pd.array(df["block"].astype(str).to_numpy(), dtype="string")
     return out
 
 
