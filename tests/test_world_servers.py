@@ -153,6 +153,8 @@ def test_identify_returns_capture_date_inside_and_nothing_outside(srv):
     geom = json.dumps({"x": x, "y": y, "spatialReference": {"wkid": 102100}})
     r = requests.get(srv.identify_url, params={**base, "geometry": geom, "sr": 3857}, timeout=5)
     assert r.json()["results"][0]["attributes"]["SRC_DATE"] == "20220615"
+    form = requests.post(srv.identify_url, data={**base, "geometry": f"{lon},{lat}", "sr": 4326}, timeout=5)
+    assert form.json()["results"][0]["attributes"]["SRC_DATE"] == "20220615"  # ArcGIS clients also POST forms
     out = requests.get(srv.identify_url, params={**base, "geometry": "0,0", "sr": 4326}, timeout=5)
     assert out.status_code == 200 and out.json() == {"results": []}
     bad = requests.get(srv.identify_url, params={"geometry": "nowhere", "f": "json"}, timeout=5)

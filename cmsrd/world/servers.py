@@ -236,6 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as GDAL and requests expect
     server_version = "cmsrd-loopback/1"
     timeout = 120  # idle keep-alive connections do not hold a thread forever
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid the 40 ms delayed-ACK stall
     server: "_HTTPServer"
 
     def setup(self) -> None:
@@ -283,6 +284,8 @@ class LoopbackServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, faults: FaultConfig | None = None):
+        if faults is not None and not isinstance(faults, FaultConfig):
+            raise InputError("faults", f"expected a FaultConfig or None, got {type(faults).__name__}")
         self.stats = ServerStats()
         self._routes: list[Route] = []
         self._plan = FaultPlan(faults)
@@ -490,10 +493,11 @@ class LoopbackServer:
             h.send_header("Content-Length", str(length))
             for k, v in resp.headers.items():
                 h.send_header(k, v)
-            if faulter.truncates or h.close_connection:
+            if h.close_connection:
                 h.send_header("Connection", "close")
-                h.close_connection = True
             h.end_headers()
+            if faulter.truncates:  # cut the body short, then drop the connection (no warning header)
+                h.close_connection = True
             self.stats.add("statuses", resp.status)
             if method == "HEAD" or length == 0:
                 return
