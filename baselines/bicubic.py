@@ -1,0 +1,49 @@
+"""Bicubic interpolation, the floor of every SR table: MATLAB `imresize` semantics (Keys cubic,
+a = -0.5) from `cmsrd.degrade.imresize_torch`, the same operator that made the synthetic LR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmsrd.errors import InputError
+
+from .base import Batch, SRMethod
+from .conditions import Conditions
+from .registry import MethodSpec, register
+
+SPEC = register(MethodSpec(
+    name="bicubic",
+    target="baselines.bicubic:Bicubic",
+    kind="interp",
+    scales=(2, 4, 8, 16, 32),
+    inputs=("lr",),
+    nfe=0,
+    license="n/a (classical interpolation; MATLAB imresize semantics)",
+    citation="R. Keys, Cubic convolution interpolation for digital image processing, IEEE TASSP 29(6), 1981",
+    config="bicubic.yaml",
+    description="MATLAB-compatible bicubic upsampling of the LR (antialiasing kernel, a = -0.5).",
+))
+
+
+class Bicubic(SRMethod):
+    """No parameters: upsample `lr` by the method's scale."""
+
+    def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
+        super().__init__(spec, scale, config, device)
+        self.clamp = bool(config.get("network", {}).get("clamp", True))
+
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
+        from cmsrd.degrade import imresize_torch
+
+        lr = batch["lr"]
+        out = imresize_torch(lr.float(), size=(lr.shape[-2] * self.scale, lr.shape[-1] * self.scale))
+        return out.clamp(0.0, 1.0) if self.clamp else out
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        raise InputError(f"checkpoint {path}", "bicubic has no weights to load", "drop the checkpoint for this method")
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+        raise InputError("method 'bicubic'", "has no trainable parameters", "train a learned method (esrgan, swinir, sgdm)")

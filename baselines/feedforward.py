@@ -1,0 +1,99 @@
+"""Shared base of single-network SR methods (ESRGAN, SwinIR): one generator `net_g` built from the
+config's `network` block, one forward pass per image, L1 training, checkpoints in our safetensors or
+the authors' layouts (subclasses convert keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmsrd.errors import InputError
+
+from . import archs  # noqa: F401  (registers the architectures)
+from .base import Batch, SRMethod, TrainContext
+from .checkpoint import load_strict, read_metadata, read_state_dict
+from .conditions import Conditions
+from .losses import L1Loss
+from .registry import MethodSpec, build_arch
+
+
+def build_optimizer(opt_cfg: dict[str, Any], params: Any) -> torch.optim.Optimizer:
+    """`{type: Adam, lr: 2e-4, betas: [0.9, 0.99], ...}` -> a torch optimizer (BasicSR-style)."""
+    cfg = dict(opt_cfg)
+    kind = cfg.pop("type", "Adam")
+    if kind not in ("Adam", "AdamW", "SGD", "RMSprop"):
+        raise InputError(f"optimizer type {kind!r}", "unsupported", "use Adam, AdamW, SGD or RMSprop")
+    if "betas" in cfg:
+        cfg["betas"] = tuple(cfg["betas"])
+    for k in ("lr", "weight_decay", "eps", "momentum"):
+        if k in cfg:
+            cfg[k] = float(cfg[k])
+    return getattr(torch.optim, kind)(params, **cfg)
+
+
+class FeedForwardMethod(SRMethod):
+    """A generator network mapping `lr` to SR. Subclasses set `scale_arg` and `convert_state`."""
+
+    scale_arg = "scale"  # constructor argument of the architecture that holds the scale
+
+    def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
+        super().__init__(spec, scale, config, device)
+        net_opt = dict(config.get("network") or {})
+        if not net_opt.get("type"):
+            raise InputError(f"config of method {spec.name!r}", "has no `network: {type: ...}` block")
+        given = net_opt.get(self.scale_arg)
+        if given is not None and int(given) != scale:
+            raise InputError(f"network.{self.scale_arg} = {given} in the {spec.name} config", f"disagrees with the requested scale x{scale}",
+                             f"drop network.{self.scale_arg} (it follows --scale) or set it to {scale}")
+        net_opt[self.scale_arg] = scale
+        self.net_g = build_arch(net_opt).to(device)
+        self.losses: dict[str, nn.Module] = {}  # not submodules: never saved in checkpoints
+
+    # ---- inference ------------------------------------------------------------------------------
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.net_g(batch["lr"])
+
+    # ---- weights --------------------------------------------------------------------------------
+    def convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Authors' key layout -> ours (identity by default)."""
+        return state
+
+    def checkpoint_scale(self, state: dict[str, torch.Tensor]) -> int | None:
+        """The scale a (converted) state dict was built for, when the keys tell."""
+        return None
+
+    def load_checkpoint(self, path: str | Path, param_key: str | None = None) -> None:
+        path = Path(path)
+        meta = read_metadata(path)
+        if meta.get("method") not in (None, self.spec.name):
+            raise InputError(f"checkpoint {path}", f"was saved by method {meta['method']!r}, not {self.spec.name!r}", f"load it with --method {meta['method']}")
+        if meta.get("scale") not in (None, self.scale):
+            raise InputError(f"checkpoint {path}", f"is a x{meta['scale']} model but the method was built for x{self.scale}", f"use --scale {meta['scale']} or a x{self.scale} checkpoint")
+        param_key = param_key or (self.config.get("path") or {}).get("param_key")
+        state = self.convert_state(read_state_dict(path, param_key))
+        ck_scale = self.checkpoint_scale(state)
+        if ck_scale is not None and ck_scale != self.scale:
+            raise InputError(f"checkpoint {path}", f"has the upsampler of a x{ck_scale} model but the method was built for x{self.scale}",
+                             f"use a x{self.scale} checkpoint or build with scale {ck_scale}")
+        load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.net_g.state_dict())
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {"method": self.spec.name, "scale": self.scale, "network": self.config.get("network", {})}
+
+    # ---- training -------------------------------------------------------------------------------
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+        self.losses["pixel"] = L1Loss(float(train_cfg.get("pixel_weight", 1.0)))
+        return {"g": build_optimizer(train_cfg.get("optim_g") or {"type": "Adam", "lr": 2e-4, "betas": [0.9, 0.99]}, self.net_g.parameters())}
+
+    def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
+        with ctx.autocast():
+            sr = self.net_g(batch["lr"])
+            loss = self.losses["pixel"](sr.float(), batch["hr"])
+        ctx.backward(loss, "g")
+        return {"l_pix": float(loss.detach())}

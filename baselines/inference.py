@@ -1,0 +1,118 @@
+"""Batched inference, handled once for every method: device placement, precision/autocast, no-grad,
+condition checks and output validation.
+
+    for ids, sr, batch in super_resolve_loader(method, loader, device="cuda", precision="bf16"):
+        ...   # sr: N x 3 x H x W float32 in [0, 1] on the CPU
+
+Only the tensors a method's spec declares (`MethodSpec.inputs`) are moved to the device, so a method
+that needs just `lr` never pays for copying maps and HR images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from cmsrd.errors import InputError
+
+from .base import Batch, SRMethod
+from .conditions import Conditions
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" -> CUDA when available, else CPU; a CUDA request without CUDA is an InputError."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}", "CUDA is not available on this machine", "use --device cpu")
+    return dev
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for bf16/fp16, a no-op for fp32."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}", f"unknown; choose from {list(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def method_inputs(method: SRMethod, batch: Batch, cond: Conditions) -> dict[str, torch.Tensor]:
+    """The batch tensors the method's spec asks for; an InputError names any required one that is absent.
+
+    `style` is optional (a method may sample it), and `map` is optional under `map=none`."""
+    optional = {"style"} | ({"map"} if cond.map == "none" else set())
+    missing = [k for k in method.spec.inputs if k not in batch and k not in optional]
+    if missing:
+        raise InputError(f"batch for method {method.spec.name!r}", f"lacks {missing} (has {sorted(k for k in batch if isinstance(batch[k], torch.Tensor))})",
+                         f"load the dataset with inputs {list(method.spec.inputs)}")
+    return {k: batch[k] for k in method.spec.inputs if k in batch and isinstance(batch[k], torch.Tensor)}
+
+
+def expected_hr_size(method: SRMethod, batch: Batch) -> tuple[int, int] | None:
+    if isinstance(batch.get("lr"), torch.Tensor):
+        h, w = batch["lr"].shape[-2:]
+        return h * method.scale, w * method.scale
+    for k in ("sr", "hr", "map"):
+        if isinstance(batch.get(k), torch.Tensor):
+            return tuple(batch[k].shape[-2:])
+    return None
+
+
+def _device_of(method: SRMethod) -> torch.device | None:
+    for t in method.parameters():
+        return t.device
+    for t in method.buffers():
+        return t.device
+    return None
+
+
+def super_resolve_batch(
+    method: SRMethod,
+    batch: Batch,
+    cond: Conditions | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One batch -> SR N x 3 x H x W float32 in [0, 1] on `device` (the method is moved there)."""
+    cond = cond or Conditions()
+    cond.check_supported(method.spec.name, method.spec.conditions)
+    dev = resolve_device(device) if device is not None else (_device_of(method) or torch.device("cpu"))
+    if _device_of(method) not in (None, dev):
+        method.to(dev)
+    method.eval()
+    inputs = {k: v.to(dev, non_blocking=True) for k, v in method_inputs(method, batch, cond).items()}
+    with torch.no_grad(), autocast_context(dev, precision):
+        sr = method.super_resolve(inputs, cond, generator)
+    want = expected_hr_size(method, batch)
+    n = next(iter(inputs.values())).shape[0] if inputs else sr.shape[0]
+    if sr.ndim != 4 or sr.shape[0] != n or sr.shape[1] != 3 or (want is not None and tuple(sr.shape[-2:]) != tuple(want)):
+        raise ValueError(f"method {method.spec.name!r} returned shape {tuple(sr.shape)}, expected ({n}, 3, {want[0] if want else 'H'}, {want[1] if want else 'W'})")
+    return sr.float().clamp(0.0, 1.0)
+
+
+def super_resolve_loader(
+    method: SRMethod,
+    loader: Iterable[Batch],
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    cond: Conditions | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> Iterator[tuple[list[str], torch.Tensor, Batch]]:
+    """Yield (ids, SR on the CPU, the original batch) for every batch of `loader`."""
+    dev = resolve_device(device)
+    method.to(dev)
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    for batch in tqdm(loader, total=total, desc=desc or f"{method.spec.name} x{method.scale}", disable=not progress, leave=False):
+        sr = super_resolve_batch(method, batch, cond, dev, precision, generator)
+        ids: Any = batch.get("id", [])
+        yield list(ids) if not isinstance(ids, str) else [ids], sr.cpu(), batch
