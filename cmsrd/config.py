@@ -116,6 +116,7 @@ class WorldRef:
     config: dict = field(default_factory=dict)  # keyword arguments of cmsrd.world.config.WorldConfig
     cache_dir: str | None = None  # default: $CMSRD_CACHE or ~/.cache/cmsrd/worlds
     path: str | None = None  # use this existing world directory instead
+    faults: dict = field(default_factory=dict)  # cmsrd.world.faults.FaultConfig keywords (latency, errors)
 
 
 @dataclass(frozen=True)

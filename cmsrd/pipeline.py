@@ -346,6 +346,10 @@ def resolved_sources(cfg: DatasetConfig, faults: Any = None) -> Iterator[tuple[D
     from .world.servers import serve_world
 
     world = ensure_world(cfg)
+    if faults is None and cfg.world.faults:
+        from .world.faults import FaultConfig
+
+        faults = FaultConfig(**cfg.world.faults)
     meta = json.loads((world / "world.json").read_text())
     with serve_world(world, host="127.0.0.1", port=0, faults=faults) as srv:
         hr = dataclasses.replace(cfg.hr, source="worldimagery", url=srv.tile_template, identify_url=srv.identify_url,
