@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # Manifest columns beyond the layout's schema that every row carries (fixed, so streamed chunks agree).
 EXTRA_COLUMNS = ("aoi", "block", "lr_collection", "lr_baseline", "lr_scene_cloud_cover",
                  "path_geo_hr", "sha256_geo_hr", "path_geo_lr", "sha256_geo_lr")
+EXTRA_DTYPES = {c: ("float64" if c == "lr_scene_cloud_cover" else "string") for c in EXTRA_COLUMNS}
 ROW_COLUMNS = tuple(MANIFEST_COLUMNS) + EXTRA_COLUMNS
 _SECRET_RE = re.compile(r"(?i)((?:token|key|secret|signature|sig|password|client_secret|access_token)=)[^&\s'\"]+")
 
@@ -212,11 +213,13 @@ def write_sample(spec: BuildSpec, task: dict, images: dict[str, np.ndarray], geo
 
 def write_geotiff(path: Path, image: np.ndarray, bounds_3857: tuple[float, float, float, float]) -> None:
     import rasterio
-    from rasterio.transform import from_bounds
+    from affine import Affine
 
     h, w = image.shape[:2]
+    minx, miny, maxx, maxy = bounds_3857
+    transform = Affine((maxx - minx) / w, 0.0, minx, 0.0, -(maxy - miny) / h, maxy)
     profile = dict(driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs="EPSG:3857",
-                   transform=from_bounds(*bounds_3857, w, h), compress="deflate", photometric="RGB")
+                   transform=transform, compress="deflate", photometric="RGB")
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(np.moveaxis(image, -1, 0))
@@ -635,6 +638,8 @@ def finalize(spec: BuildSpec, cfg: DatasetConfig, plan: pd.DataFrame, state: Bui
                 recs = list(journal.read_at([index[s][0] for s in ids[start:start + chunk]]))
                 rows = [{k: r.get(k) for k in ROW_COLUMNS} for r in recs]
                 df = conform_manifest(pd.DataFrame(rows, columns=list(ROW_COLUMNS)))
+                for c, dt in EXTRA_DTYPES.items():  # fixed dtypes: every streamed chunk has one schema
+                    df[c] = (pd.to_numeric(df[c], errors="coerce") if dt == "float64" else df[c]).astype(dt)
                 for r in rows:
                     st, sp, reason = r["qa_status"], r["split"], r["qa_reason"] or ""
                     counts["total"] += 1

@@ -193,3 +193,47 @@ def test_build_under_server_faults_records_every_failure(world, tmp_path):
     assert validate_dataset(tmp_path / "ds")[0] == []
     counts = read_dataset_json(tmp_path / "ds")["counts"]
     assert sum(counts["by_reason"].values()) == len(bad)
+
+
+def test_writer_manifest_and_validate_catch_corruption(tmp_path):
+    """Writer + streamed manifest (small chunks, mixed statuses) + validate, without any source."""
+    from cmsrd.journal import BuildState, Journal
+    from cmsrd.pipeline import BuildSpec, base_row, finalize, validate_dataset, write_sample
+    from cmsrd.plan import plan_from_tiles
+
+    d = load_config("demo-synthetic").to_dict()
+    d.update(samples=4, aois=[str(REPO / "manifests" / "aois" / "paris-center.geojson")], world=None)
+    cfg = load_config(d)
+    xs, ys = np.array([132740, 132741, 132750, 132760]), np.array([90137, 90137, 90140, 90150])
+    plan = plan_from_tiles(18, xs, ys, np.array(["train", "train", "test", "test"]), np.array(["p"] * 4), 4, 256)
+    root = tmp_path / "ds"
+    spec = BuildSpec(cfg, str(root))
+    state = BuildState(root)
+    rng = np.random.default_rng(0)
+    with Journal(state.journal_path) as j:
+        for i, task in enumerate(plan.to_dict("records")):
+            row = base_row(spec, task)
+            if i == 2:  # a rejected sample: no files
+                row.update(qa_status="rejected", qa_reason="cloud", qa_detail="42%")
+            else:
+                mask = rng.integers(0, 3, (256, 256)).astype(np.uint8)
+                imgs = {"hr": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+                        "lr": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                        "sr": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+                        "map": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), "mask": mask}
+                row.update(write_sample(spec, task, imgs, geo=(i == 0)), qa_status="ok", qa_reason="", qa_detail="")
+            j.append(row)
+    # A stray file left by an earlier attempt of the rejected sample is pruned by finalize.
+    stray = root / "test" / "hr_256" / f"{plan.id[2]}.png"
+    stray.write_bytes((root / "train" / "hr_256" / f"{plan.id[0]}.png").read_bytes())
+    counts = finalize(spec, cfg, plan, state, chunk=2)
+    assert not stray.exists()
+    assert counts["by_status"] == {"ok": 3, "rejected": 1} and counts["by_reason"] == {"cloud": 1}
+    df = read_manifest(root)
+    assert list(df["id"]) == list(plan["id"]) and df["path_geo_hr"].notna().sum() == 1
+    assert pd.read_csv(root / "manifest.csv")["id"].tolist() == list(plan["id"])
+    assert validate_dataset(root)[0] == []
+    victim = root / "test" / "lr_8" / f"{plan.id[3]}.png"
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    problems = validate_dataset(root)[0]
+    assert any("checksum mismatch" in p and plan.id[3] in p for p in problems)
