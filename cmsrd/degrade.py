@@ -44,10 +44,14 @@ def cubic(x: np.ndarray) -> np.ndarray:
     )
 
 
-def contributions(in_len: int, out_len: int, scale: float, antialias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def contributions(
+    in_len: int, out_len: int, scale: float, antialias: bool = True, offset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Tap indices (0-based, mirrored into range) and normalised weights, both `out_len x P`.
 
-    Mirrors MATLAB's `contributions()`; all-zero tap columns are kept (they add nothing).
+    Mirrors MATLAB's `contributions()`; all-zero tap columns are kept (they add nothing). `offset` (output
+    pixels, 0 = MATLAB) moves the content by +offset along the axis: output pixel x samples the input where
+    MATLAB's pixel x - offset would (used by `cmsrd.align` to model shifted LR).
     """
     if antialias and scale < 1:
         width = KERNEL_WIDTH / scale
@@ -58,7 +62,7 @@ def contributions(in_len: int, out_len: int, scale: float, antialias: bool = Tru
         width = KERNEL_WIDTH
         kernel = cubic
     x = np.arange(1, out_len + 1, dtype=np.float64)
-    u = x / scale + 0.5 * (1.0 - 1.0 / scale)
+    u = (x - offset) / scale + 0.5 * (1.0 - 1.0 / scale)
     left = np.floor(u - width / 2.0)
     taps = int(math.ceil(width)) + 2
     idx = left[:, None] + np.arange(taps, dtype=np.float64)[None, :]  # 1-based
@@ -71,9 +75,11 @@ def contributions(in_len: int, out_len: int, scale: float, antialias: bool = Tru
 
 
 @lru_cache(maxsize=64)
-def weight_matrix(in_len: int, out_len: int, scale: float, antialias: bool = True) -> np.ndarray:
+def weight_matrix(
+    in_len: int, out_len: int, scale: float, antialias: bool = True, offset: float = 0.0
+) -> np.ndarray:
     """Dense `out_len x in_len` float64 matrix of one resize pass (taps that mirror to one pixel add up)."""
-    idx, w = contributions(in_len, out_len, scale, antialias)
+    idx, w = contributions(in_len, out_len, scale, antialias, offset)
     m = np.zeros((out_len, in_len), dtype=np.float64)
     np.add.at(m, (np.repeat(np.arange(out_len), idx.shape[1]), idx.ravel()), w.ravel())
     m.setflags(write=False)
