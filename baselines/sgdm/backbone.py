@@ -1,0 +1,247 @@
+"""Stable Diffusion 2.1-base pieces for SGDM through diffusers, with their geometry written as data.
+
+Sources, in the order `load_backbone` tries them:
+- `None`: random init at the named geometry (parameter counting, throughput benchmarks, tests);
+- a local diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`);
+- a single-file original-layout checkpoint (`v2-1_512-ema-pruned.ckpt`, or the authors' SGDM Lightning
+  checkpoints, which also hold `first_stage_model.*` and `cond_stage_model.*`), converted with diffusers'
+  ldm converters; the tokenizer then comes from a `tokenizer` folder;
+- a hub id (only where network or a filled HF cache exists; otherwise a MissingWeightsError naming what to
+  put where).
+
+Text conditioning: SD2.1 uses OpenCLIP ViT-H/14's *penultimate* layer followed by ln_final. The diffusers
+SD2.1 text encoder is that model cut to 23 layers, so its `last_hidden_state` is exactly that tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmsrd.errors import InputError, MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+LATENT_SCALE = 0.18215
+SD21_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
+
+SD21_UNET: dict[str, Any] = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
+}
+SD21_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu",
+    "norm_num_groups": 32, "sample_size": 512, "scaling_factor": LATENT_SCALE,
+}
+SD21_TEXT: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512,
+    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+
+# A tiny geometry with the same structure (4 levels, cross-attention at levels 0-2, factor-8 VAE) for
+# tests and CPU demos. Adapter widths follow `block_out_channels[:3]`.
+TINY_UNET: dict[str, Any] = {
+    **SD21_UNET, "sample_size": 8, "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1,
+    "norm_num_groups": 8, "cross_attention_dim": 32, "attention_head_dim": [2, 4, 4, 4],
+}
+TINY_VAE: dict[str, Any] = {**SD21_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
+                            "norm_num_groups": 8, "sample_size": 64}
+TINY_TEXT: dict[str, Any] = {**SD21_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "projection_dim": 32}
+
+GEOMETRIES = {"sd21-base": (SD21_UNET, SD21_VAE, SD21_TEXT), "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT)}
+
+# The only UNet parameters SGDM trains (`"attn" in name` in the ldm UNet == these in diffusers).
+TRAINABLE_UNET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.")
+
+
+@dataclass
+class Backbone:
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    source: str
+
+
+def geometry(name: str, overrides: dict[str, dict] | None = None) -> tuple[dict, dict, dict]:
+    """(unet, vae, text) configs of a named geometry, with optional per-part overrides."""
+    if name not in GEOMETRIES:
+        raise InputError(f"backbone geometry {name!r}", f"unknown; choose from {sorted(GEOMETRIES)}")
+    parts = [copy.deepcopy(c) for c in GEOMETRIES[name]]
+    for part, key in zip(parts, ("unet", "vae", "text")):
+        part.update((overrides or {}).get(key, {}))
+    return parts[0], parts[1], parts[2]
+
+
+def set_trainable(unet: nn.Module) -> int:
+    """Freeze the UNet except attention q/k/v/out projections; returns the trainable count."""
+    n = 0
+    for name, p in unet.named_parameters():
+        p.requires_grad_(bool(TRAINABLE_UNET.search("." + name)))
+        n += p.numel() if p.requires_grad else 0
+    return n
+
+
+def _build_modules(unet_cfg: dict, vae_cfg: dict, text_cfg: dict):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    return unet, vae, text
+
+
+def char_tokenizer(max_length: int = 77):
+    """A character-level CLIP BPE tokenizer (no merges) for the tiny test geometry.
+
+    The SD2.1 tokenizer is a 49,408-entry BPE vocabulary that cannot be downloaded here; a tiny text model
+    only needs consistent ids, so we write a vocabulary of single characters in CLIP's file format."""
+    from transformers import CLIPTokenizer
+
+    d = Path(tempfile.gettempdir()) / f"cmsrd-char-tokenizer-{os.getuid()}"
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 2, "!pad": 1}
+    for ch in chars:
+        for tok in (ch, ch + "</w>"):
+            vocab.setdefault(tok, len(vocab) + 1)
+    d.mkdir(parents=True, exist_ok=True)
+    from cmsrd.io import atomic_write_text
+
+    vocab_path, merges_path = d / "vocab.json", d / "merges.txt"
+    text = json.dumps(vocab)
+    if not vocab_path.exists() or vocab_path.read_text() != text:
+        atomic_write_text(vocab_path, text)
+        atomic_write_text(merges_path, "#version: 0.2\n")
+    return CLIPTokenizer(str(vocab_path), str(merges_path), pad_token="<|endoftext|>", model_max_length=max_length)
+
+
+def random_backbone(geometry_name: str = "tiny", overrides: dict | None = None, device: Any = None) -> Backbone:
+    """Random-init backbone. `device="meta"` allocates nothing (parameter counting at SD2.1 size)."""
+    u, v, t = geometry(geometry_name, overrides)
+    ctx = torch.device(device) if device is not None else _nullcontext()
+    with ctx:
+        unet, vae, text = _build_modules(u, v, t)
+    if geometry_name == "tiny":
+        tok = char_tokenizer()
+        if text.config.vocab_size < len(tok):
+            raise InputError("tiny text encoder vocab_size", f"{text.config.vocab_size} < tokenizer size {len(tok)}")
+    else:
+        tok = None
+    return Backbone(unet, vae, text, tok, f"random:{geometry_name}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_single_file_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def backbone_from_original_state(
+    state: dict[str, torch.Tensor], geometry_name: str = "sd21-base", tokenizer: Any = None, source: str = "state",
+) -> Backbone:
+    """Build diffusers modules from an original-layout SD state dict (`model.diffusion_model.*`,
+    `first_stage_model.*`, `cond_stage_model.model.*`) using diffusers' own ldm converters."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+    )
+
+    u, v, t = geometry(geometry_name)
+    unet, vae, text = _build_modules(u, v, t)
+    unet_sd = convert_ldm_unet_checkpoint(state, unet.config)
+    missing, unexpected = unet.load_state_dict(unet_sd, strict=False)
+    if missing or unexpected:
+        raise InputError(f"checkpoint {source}", f"UNet keys do not match SD2.1 ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:3]})",
+                         "use an SD2.1-base (v2-1_512) or SGDM checkpoint")
+    vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    if vae_state:
+        vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, vae.config), strict=True)
+    else:
+        raise InputError(f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint")
+    text_sd = convert_open_clip_checkpoint(text, state)
+    missing, _ = text.load_state_dict(text_sd, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing:
+        raise InputError(f"checkpoint {source}", f"text encoder tensors missing, e.g. {missing[:3]}",
+                         "use a checkpoint with cond_stage_model.model.* (OpenCLIP ViT-H/14)")
+    return Backbone(unet, vae, text, tokenizer, source)
+
+
+def load_backbone(pretrained: str | None, geometry_name: str = "sd21-base", tokenizer: str | None = None,
+                  overrides: dict | None = None) -> Backbone:
+    """Resolve `pretrained` (None, a diffusers folder, a single-file checkpoint or a hub id)."""
+    if pretrained is None:
+        log.warning("SGDM backbone: random init (%s geometry); give backbone.pretrained for real weights", geometry_name)
+        return random_backbone(geometry_name, overrides)
+    path = Path(os.path.expanduser(str(pretrained)))
+    if path.is_file():
+        tok = _load_tokenizer(tokenizer, pretrained)
+        return backbone_from_original_state(_load_single_file_state(path), geometry_name, tok, str(path))
+    if path.is_dir():
+        return _from_diffusers(str(path), local_only=True)
+    if path.suffix in (".ckpt", ".safetensors", ".pt") or path.is_absolute() or str(pretrained).startswith("."):
+        raise MissingWeightsError("Stable Diffusion 2.1-base", str(path), f"https://huggingface.co/{SD21_HUB_ID}")
+    return _from_diffusers(str(pretrained), local_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+
+
+def _load_tokenizer(tokenizer: str | None, pretrained: str):
+    from transformers import CLIPTokenizer
+
+    if tokenizer and Path(tokenizer).is_dir():
+        return CLIPTokenizer.from_pretrained(tokenizer)
+    expected = tokenizer or str(Path(pretrained).parent / "tokenizer")
+    if Path(expected).is_dir():
+        return CLIPTokenizer.from_pretrained(expected)
+    raise MissingWeightsError("SD2.1 tokenizer (vocab.json, merges.txt)", expected,
+                              f"https://huggingface.co/{SD21_HUB_ID}/tree/main/tokenizer")
+
+
+def _from_diffusers(where: str, local_only: bool) -> Backbone:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        kw = {"local_files_only": local_only}
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kw)
+        text = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)
+        tok = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
+    except (OSError, ValueError) as e:
+        raise MissingWeightsError(
+            f"Stable Diffusion 2.1-base diffusers folder {where!r} ({type(e).__name__})",
+            f"{where}/{{unet,vae,text_encoder,tokenizer}}" if Path(where).is_dir() else
+            f"a local folder (set backbone.pretrained to it) or the HF cache for {where}",
+            f"https://huggingface.co/{SD21_HUB_ID}",
+        ) from e
+    return Backbone(unet, vae, text, tok, where)

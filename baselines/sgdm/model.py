@@ -1,0 +1,331 @@
+"""SGDM methods in the registry: `sgdm` (synthetic x32), `sgdm+` (real x16), `sgdm-nomap` (ablation).
+
+One class per official variant over shared machinery: SD2.1-base UNet/VAE/text encoder (`backbone.py`),
+the CS-encoder + adapter injected at the official six points (`adapter.py`), the map-colour prompt
+(`prompt.py`), style flows for SGDM+ (`flows.py`) and the shared diffusion samplers
+(`baselines.diffusion`).
+
+Deviations from the official code, chosen on purpose:
+- outputs are clamped to [0, 1] (the toolkit's output contract); the official sampler does not clamp;
+- `map=none` feeds a blank land-coloured map (prompt "land, "), the natural "no map information" input;
+- sampling draws style vectors and noise from the runner's generator instead of re-seeding per batch;
+- BatchNorm in SPADE is plain BN (SyncBN only matters under DDP, which the shared trainer may convert).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from cmsrd.classes import BY_NAME
+from cmsrd.errors import InputError
+from cmsrd.io import atomic_path, atomic_write_text
+
+from ..base import Batch, SRMethod, TrainContext
+from ..conditions import Conditions
+from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
+from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
+from .backbone import LATENT_SCALE, load_backbone, set_trainable
+from .convert import convert_official, detect_variant, find_flow_files, is_official, load_strict, load_torch_state
+from .flows import FlowTrainConfig, StyleFlows, train_style_flows
+from .prompt import PromptEncoder, prompts_from_maps
+
+log = logging.getLogger(__name__)
+LAND_RGB = torch.tensor(BY_NAME["land"].rgb, dtype=torch.float32) / 255.0
+FLOWS_FILE = "flows.safetensors"
+
+
+class SGDMBase(SRMethod):
+    """Shared SGDM machinery; subclasses fix `variant`.
+
+    Config keys: `backbone` {pretrained, geometry, tokenizer, overrides}, `cond_channels`, `sampler`
+    {name, steps}, `train` {gradient_checkpointing}, `lr`, `checkpoint` (loaded at build)."""
+
+    variant = "simu"
+
+    def __init__(self, spec, scale: int, config: dict[str, Any], device: Any = "cpu"):
+        super().__init__(spec, scale, config, device)
+        bcfg = dict(config.get("backbone") or {})
+        on_meta = str(device) == "meta"
+        with torch.device("meta") if on_meta else _null():
+            bb = load_backbone(bcfg.get("pretrained"), bcfg.get("geometry", "sd21-base"), bcfg.get("tokenizer"),
+                               bcfg.get("overrides"))
+            self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+            self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3],
+                                       int(config.get("cond_channels", 384)))
+            self.flows = StyleFlows() if self.variant == "real" else None
+        self.tokenizer, self.backbone_source = bb.tokenizer, bb.source
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        set_trainable(self.unet)
+        if self.flows is not None:
+            self.flows.requires_grad_(False)
+        self.injector = FeatureInjector(self.unet)
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        self.noise_schedule = training_scheduler()
+        scfg = dict(config.get("sampler") or {})
+        self.sampler_name, self.default_steps = scfg.get("name", "ddpm"), int(scfg.get("steps", 50))
+        make_scheduler(self.sampler_name, self.default_steps)  # validate early
+        if (config.get("train") or {}).get("gradient_checkpointing"):
+            self.unet.enable_gradient_checkpointing()
+        if not on_meta:
+            self.to(device)
+        if config.get("checkpoint"):
+            self.load_checkpoint(config["checkpoint"])
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen parts never switch to train behaviour
+        self.text_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, images01: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> latents x 0.18215 (posterior sample for training targets, mode for LR start)."""
+        dist = self.vae.encode(images01.to(self.vae.dtype) * 2 - 1).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return z * LATENT_SCALE
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.vae.decode(z.to(self.vae.dtype) / LATENT_SCALE).sample + 1) / 2
+
+    def _map(self, batch: Batch, like: torch.Tensor) -> torch.Tensor:
+        m = batch.get("map")
+        if m is None:
+            return LAND_RGB.to(like).view(1, 3, 1, 1).expand_as(like)
+        return m
+
+    def adapter_features(self, batch: Batch, style_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The three scaled adapter features for a batch (inputs mapped [0, 1] -> [-1, 1])."""
+        sr = batch["sr"]
+        ref = self._map(batch, sr) * 2 - 1
+        style = batch.get("style")
+        style = style * 2 - 1 if style is not None and style_stats is None else None
+        feats = self.adapter(sr * 2 - 1, ref, style=style, style_stats=style_stats)
+        return [f * FEATURE_SCALE for f in feats]
+
+    def text_context(self, batch: Batch, dtype: torch.dtype | None = None) -> torch.Tensor:
+        n = batch["sr"].shape[0]
+        return self.prompt_encoder(prompts_from_maps(batch.get("map"), n), self.device,
+                                   dtype or self.unet.dtype)
+
+    def eps(self, zt: torch.Tensor, t: torch.Tensor, context: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        with self.injector.inject(feats):
+            return self.unet(zt, t, encoder_hidden_states=context).sample
+
+    # ---- training (stage 1) ---------------------------------------------------------------------
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+        lr = float(train_cfg.get("lr", self.config.get("lr", 5e-5)))
+        params = [p for p in self.parameters() if p.requires_grad]
+        return {"main": torch.optim.AdamW(params, lr=lr, weight_decay=float(train_cfg.get("weight_decay", 0.01)))}
+
+    def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
+        hr = batch["hr"]
+        z0 = self.encode(hr)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        zt = self.noise_schedule.add_noise(z0, noise, t)
+        if self.variant == "real":
+            batch = {**batch, "style": hr}  # official: the HR GT is the style image in training
+        context = self.text_context(batch, torch.float32)
+        with ctx.autocast():
+            feats = self.adapter_features(batch)
+            pred = self.eps(zt, t, context, feats)
+        loss = F.mse_loss(pred.float(), noise)
+        ctx.backward(loss, "main")
+        return {"loss": float(loss.detach())}
+
+    # ---- inference ------------------------------------------------------------------------------
+    def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
+        return None
+
+    def nfe(self, cond: Conditions) -> int:
+        steps = cond.steps or self.default_steps
+        if cond.start_t is None:
+            return steps
+        return int(lr_start_timesteps(make_scheduler(self.sampler_name, steps).timesteps, cond.start_t).numel())
+
+    @torch.no_grad()
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
+        sr = batch["sr"]
+        n, _, h, w = sr.shape
+        if h % 8 or w % 8:
+            raise InputError(f"sr images {h}x{w}", "must be multiples of 8 (VAE factor)")
+        feats = self.adapter_features(batch, self._style_stats(batch, cond, generator))
+        context = self.text_context(batch)
+        start_latent = self.encode(sr, sample=False) if cond.start_t is not None else None
+        z, _ = sample_latents(
+            lambda z, t: self.eps(z, t, context, feats), (n, self.unet.config.in_channels, h // 8, w // 8),
+            sampler=self.sampler_name, steps=cond.steps or self.default_steps, start_latent=start_latent,
+            start_t=cond.start_t, generator=generator, device=sr.device, dtype=self.unet.dtype,
+        )
+        return self.decode(z).float().clamp(0, 1)
+
+    # ---- weights --------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter (incl. BN buffers), the trained UNet attention projections and, once trained, flows."""
+        out = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        out.update({f"unet.{k}": p.detach() for k, p in self.unet.named_parameters() if p.requires_grad})
+        if self.flows is not None and bool(self.flows.trained):
+            out.update({f"flows.{k}": v for k, v in self.flows.state_dict().items()})
+        return out
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load our safetensors (from the trainer) or the authors' Lightning `.ckpt`; flows found next to it."""
+        path = Path(path)
+        state = load_torch_state(path)
+        if is_official(state):
+            found = detect_variant(state)
+            if found != self.variant:
+                raise InputError(f"checkpoint {path}", f"is an official {found!r} model, this method is {self.variant!r}",
+                                 "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap")
+            conv = convert_official(state, self.unet.config)
+            load_strict(self.unet, conv["unet"], f"checkpoint {path} (UNet)")
+            load_strict(self.adapter, conv["adapter"], f"checkpoint {path} (adapter)")
+            if any(k.startswith("first_stage_model.") for k in state):
+                from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
+
+                vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
+                self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
+                if any(k.startswith("cond_stage_model.model.") for k in state):
+                    self.text_encoder.load_state_dict(convert_open_clip_checkpoint(self.text_encoder, state), strict=False)
+                    self.prompt_encoder.clear()
+        else:
+            self._load_ours(state, path)
+        if self.flows is not None:
+            self._load_flows_near(path.parent)
+
+    def _load_ours(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        groups: dict[str, dict[str, torch.Tensor]] = {"adapter": {}, "unet": {}, "flows": {}}
+        for k, v in state.items():
+            head, _, rest = k.partition(".")
+            if head not in groups or (head == "flows" and self.flows is None):
+                raise InputError(f"checkpoint {path}", f"unexpected tensor {k!r} for {self.spec.name}",
+                                 "load a checkpoint trained for this method")
+            groups[head][rest] = v
+        load_strict(self.adapter, groups["adapter"], f"checkpoint {path} (adapter)")
+        unet_own = dict(self.unet.named_parameters())
+        want = {k for k, p in unet_own.items() if p.requires_grad}
+        if set(groups["unet"]) != want:
+            raise InputError(f"checkpoint {path}", "UNet attention tensors do not match this backbone geometry")
+        with torch.no_grad():
+            for k, v in groups["unet"].items():
+                if v.shape != unet_own[k].shape:
+                    raise InputError(f"checkpoint {path}", f"{k} has shape {tuple(v.shape)}, expected {tuple(unet_own[k].shape)}")
+                unet_own[k].copy_(v)
+        if groups["flows"]:
+            load_strict(self.flows, groups["flows"], f"checkpoint {path} (flows)")
+
+    def _load_flows_near(self, directory: Path) -> None:
+        ours = directory / FLOWS_FILE
+        if ours.is_file():
+            from safetensors.torch import load_file
+
+            load_strict(self.flows, load_file(str(ours)), f"flows {ours}")
+            return
+        official = find_flow_files(directory)
+        if official:
+            load_strict(self.flows.mean, load_torch_state(official[0]), f"flow {official[0]}")
+            load_strict(self.flows.std, load_torch_state(official[1]), f"flow {official[1]}")
+            self.flows.trained.fill_(True)
+
+
+class SGDM(SGDMBase):
+    """Synthetic x32 model: map-SPADE encoder, no style path."""
+
+    variant = "simu"
+
+
+class SGDMNoMap(SGDMBase):
+    """No-map ablation: LR-only encoder; the map only shapes the prompt."""
+
+    variant = "simu_nomap"
+
+
+class SGDMPlus(SGDMBase):
+    """Real-world x16 model with style guidance (image, GT, shuffled) or flow-sampled styles."""
+
+    variant = "real"
+
+    def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
+        if batch.get("style") is not None and cond.style != "sample":
+            return None  # encoded from the style image by the adapter
+        if not bool(self.flows.trained):
+            raise InputError(
+                f"{self.spec.name} style={cond.style or 'default'}",
+                "no style image in the batch and the style flows are untrained",
+                "train stage 2 (`cmsrd-bench train --method sgdm+ --stage 2`), put flow_mean.pt/flow_std.pt next to "
+                "the checkpoint, or run with style=gt",
+            )
+        n = batch["sr"].shape[0]
+        mean, std = self.flows.sample(n, generator)
+        dt = batch["sr"].dtype
+        return mean.to(self.device, dt).view(n, -1, 1, 1), std.to(self.device, dt).view(n, -1, 1, 1)
+
+    @torch.no_grad()
+    def collect_style_stats(self, data_root: Path, batch_size: int = 16, augment: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Style-encoder mean/std (N x 32 each) of the HR training images in [-1, 1]."""
+        from tqdm.auto import tqdm
+
+        from cmsrd.data import CMSRDDataset
+
+        ds = CMSRDDataset(data_root, "train", inputs=("hr",), augment=augment, seed=seed)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+        enc = self.adapter.merge_encoder.HR_Style_Encoder
+        was_training = enc.training
+        enc.eval()
+        means, stds = [], []
+        for item in tqdm(loader, desc="style stats", leave=False):
+            m, s = enc.stats(item["hr"].to(self.device) * 2 - 1)
+            means.append(m.flatten(1).float().cpu())
+            stds.append(s.flatten(1).float().cpu())
+        enc.train(was_training)
+        return torch.cat(means).numpy(), torch.cat(stds).numpy()
+
+    def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
+        """Stage 2: collect HR style statistics with the stage-1 style encoder and fit the two flows.
+
+        Writes `style_mean.npy`, `style_std.npy`, `flows.safetensors` and `flows_history.json` to `out_dir`
+        (next to the stage-1 checkpoint, where `load_checkpoint` finds the flows)."""
+        if stage != 2:
+            return super().run_stage(stage, data_root, train_cfg, out_dir)
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        fcfg = {**(self.config.get("flows") or {}), **(train_cfg.get("flows") or {})}
+        means, stds = self.collect_style_stats(Path(data_root), int(fcfg.get("collect_batch_size", 16)),
+                                               bool(fcfg.get("augment", True)), int(train_cfg.get("seed", 0)))
+        for name, arr in (("style_mean.npy", means), ("style_std.npy", stds)):
+            with atomic_path(out_dir / name) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+        cfg = FlowTrainConfig(**{k: v for k, v in fcfg.items() if k in FlowTrainConfig.__dataclass_fields__})
+        self.flows.requires_grad_(True)
+        try:
+            history = train_style_flows(self.flows, means, stds, cfg)
+        finally:
+            self.flows.requires_grad_(False)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.flows.state_dict().items()}
+        with atomic_path(out_dir / FLOWS_FILE) as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(out_dir / "flows_history.json", json.dumps({"n": len(means), **history}))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
