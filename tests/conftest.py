@@ -38,3 +38,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_dataset")
     make_tiny_dataset(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """An offline world (`cmsrd.world` layout) of ~0.87 km x 0.87 km at 11.70 E, 48.40 N: 2 x 2 z16
+    tiles, XYZ zooms 16-18, HR on the z18 grid (2048 px), two Sentinel-2 dates (2023-06-12 cloudy,
+    2023-06-27 clear with a no-data corner). Generated once per session (~5-10 s on one core)."""
+    from cmsrd.world.config import WorldConfig
+    from cmsrd.world.generate import generate_world
+
+    root = tmp_path_factory.mktemp("small_world") / "world"
+    return generate_world(WorldConfig.small(), root, progress=False)
