@@ -160,8 +160,10 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
           out_dir: Path, device: str, batch_size: int, amp: torch.dtype | None, seed: int, warmup: bool,
           partner: dict[str, str]) -> dict[str, Any]:
     """Super-resolve `todo` ids, write PNGs, return timing. Halves the batch on OOM down to 1."""
+    from baselines.inference import super_resolve_batch
     from cmsrd.data import CMSRDDataset
 
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     if not todo:
         return {"n_timed": 0, "model_seconds": 0.0, "wall_seconds": 0.0, "images_per_s": None, "sec_per_image": None,
                 "peak_mem_gb": None, "final_batch_size": batch_size, "autocast": str(amp).replace("torch.", "") if amp else "fp32"}
@@ -182,10 +184,9 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
 
     def forward(batch: dict[str, Any]) -> torch.Tensor:
         batch = apply_conditions(batch, cond, layout, split, partner)
-        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         gen = torch.Generator(device=device).manual_seed(seed + index_of[batch["id"][0]])
-        with torch.inference_mode(), torch.autocast(device_type=torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
-            return method.super_resolve(batch, cond, generator=gen)
+        # baselines.inference: declared inputs only, autocast, no-grad, output shape check, clamp to [0, 1]
+        return super_resolve_batch(method, batch, cond, device, precision, gen)
 
     bs = max(1, batch_size)
     pos, model_s, n_timed, warmed = 0, 0.0, 0, not warmup
@@ -212,9 +213,6 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
             if _is_oom(e):
                 raise RuntimeError(f"out of memory even at batch size 1: {e}") from e
             raise
-        h = layout.hr_px
-        if tuple(out.shape[1:]) != (3, h, h):
-            raise RuntimeError(f"method returned shape {tuple(out.shape)}, expected N x 3 x {h} x {h}")
         for sid, arr in zip([it["id"] for it in items], _to_uint8(out)):
             write_png(out_dir / f"{sid}.png", arr)
         n_timed += len(items)
