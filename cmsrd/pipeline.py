@@ -382,9 +382,9 @@ def prepare_osm(cfg: DatasetConfig, plan: pd.DataFrame, state_dir: Path) -> dict
         if cfg.map.pbf:
             pbf = cfg.resolve(cfg.map.pbf)
         else:
-            from .sources.geofabrik import download_extract
+            from .sources.geofabrik import extract_for_aoi
 
-            pbf = download_extract(bbox, default_cache_dir() / "osm", index_url=cfg.map.geofabrik_index)
+            _, pbf = extract_for_aoi(bbox, default_cache_dir() / "osm", index_url=cfg.map.geofabrik_index)
         OSMFeatures.from_pbf(pbf, bbox).to_parquet(path)
     return out
 
