@@ -50,3 +50,17 @@ def small_world(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("small_world") / "world"
     return generate_world(WorldConfig.small(), root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def world_server(small_world):
+    """`small_world` served on 127.0.0.1 (ephemeral port) for the session, stopped at teardown.
+
+    Shared by every test: compare `stats` before/after rather than resetting them, and a test that
+    needs faults sets them and restores `set_faults(None)` in a finally (or starts its own
+    `cmsrd.world.servers.serve_world`).
+    """
+    from cmsrd.world.servers import serve_world
+
+    with serve_world(small_world) as srv:
+        yield srv

@@ -456,3 +456,72 @@ def test_serve_command_prints_urls_serves_and_stops_on_ctrl_c(world):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Integration with the generated world (`small_world` from cmsrd.world.generate, served by `world_server`)
+
+
+def test_generated_world_stac_items_and_assets_resolve(world_server, small_world):
+    from pystac_client import Client
+
+    meta = json.loads((small_world / "world.json").read_text())
+    items = list(Client.open(world_server.stac_url).search(
+        collections=["sentinel-2-l2a"], bbox=meta["bounds_lonlat"], sortby="properties.eo:cloud_cover").items())
+    assert sorted(it.id for it in items) == sorted(meta["s2_items"])
+    covers = [it.properties["eo:cloud_cover"] for it in items]
+    assert covers == sorted(covers)
+    for it in items:
+        assert {"red", "green", "blue", "nir", "scl", "visual"} <= set(it.assets)
+        for asset in it.assets.values():
+            assert asset.href.startswith(world_server.files_url + "/")
+            head = requests.head(asset.href, timeout=5)
+            assert head.status_code == 200 and head.headers["Accept-Ranges"] == "bytes", asset.href
+
+
+def test_generated_world_cog_window_through_vsicurl_matches_local(world_server, small_world):
+    import rasterio
+    from rasterio.windows import Window
+
+    meta = json.loads((small_world / "world.json").read_text())
+    iid = meta["s2_items"][-1]
+    href = f"{world_server.files_url}/sentinel2/{iid}/B04.tif"
+    before = world_server.stats.snapshot()  # the fixture is shared: compare, do not reset
+    win = Window(8, 8, 48, 48)
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open("/vsicurl/" + href) as ds:
+        remote = ds.read(1, window=win)
+    with rasterio.open(small_world / "sentinel2" / iid / "B04.tif") as ds:
+        local = ds.read(1, window=win)
+    np.testing.assert_array_equal(remote, local)
+    after = world_server.stats.snapshot()
+    assert after["ranges"].get("files", 0) > before["ranges"].get("files", 0)
+    assert after["full_downloads"].get("files", 0) == before["full_downloads"].get("files", 0)
+
+
+def test_generated_world_tiles_identify_and_geofabrik(world_server, small_world, tmp_path):
+    import osmium
+
+    meta = json.loads((small_world / "world.json").read_text())
+    x0, y0, x1, y1 = meta["tile_range"]["x0_y0_x1_y1"]
+    z = meta["tile_range"]["z"]
+    for x in range(x0, x1 + 1):
+        for y in range(y0, y1 + 1):
+            r = requests.get(world_server.tile_template.format(z=z, y=y, x=x) + "?blankTile=false", timeout=5)
+            assert r.status_code == 200
+            assert r.content == (small_world / "tiles" / str(z) / str(x) / f"{y}.jpg").read_bytes()
+    outside = world_server.tile_template.format(z=z, y=y1 + 1, x=x0)
+    assert requests.get(outside + "?blankTile=false", timeout=5).status_code == 404
+    assert requests.get(outside, timeout=5).status_code == 200
+    w, s, e, n = meta["bounds_lonlat"]
+    r = requests.get(world_server.identify_url, timeout=5, params={
+        "geometry": f"{(w + e) / 2},{(s + n) / 2}", "geometryType": "esriGeometryPoint", "sr": 4326, "f": "json"})
+    assert r.json()["results"][0]["attributes"]["SRC_DATE"] == meta["hr_capture_date"].replace("-", "")
+    index = requests.get(world_server.geofabrik_index_url, timeout=5).json()
+    child = next(f for f in index["features"] if "parent" in f["properties"])
+    ring = np.array(child["geometry"]["coordinates"][0][0])
+    assert tuple(ring.min(0)) + tuple(ring.max(0)) == pytest.approx(tuple(meta["bounds_lonlat"]))
+    body = requests.get(child["properties"]["urls"]["pbf"], timeout=10).content
+    assert body == (small_world / "osm" / "world.osm.pbf").read_bytes()
+    dl = tmp_path / "download.osm.pbf"
+    dl.write_bytes(body)
+    assert any(o.is_way() and "highway" in o.tags for o in osmium.FileProcessor(str(dl)))
