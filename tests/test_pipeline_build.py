@@ -174,18 +174,37 @@ def test_killed_build_resumes_to_the_same_dataset(world, tmp_path):
     assert len(lines) == N_SAMPLES  # nothing finished was redone
 
 
-def test_build_under_server_faults_records_every_failure(world, tmp_path):
+def test_real_preset_on_faulty_services_records_every_failure(world, tmp_path, monkeypatch):
+    """A non-demo preset pointed at the services' URLs (here the world's loopback servers, with injected
+    5xx/429 and corrupt bodies on tiles, STAC and COG reads); OSM comes through the Geofabrik index."""
     from cmsrd.pipeline import run_build, validate_dataset
     from cmsrd.world.faults import FaultConfig
+    from cmsrd.world.servers import serve_world
 
-    cfg = load_config(_preset(world, tmp_path, "real"))
-    faults = FaultConfig(error_rate=0.35, error_codes=(500, 503), corrupt_rate=0.15, retry_after_s=0, seed=3)
-    rep = run_build(cfg, tmp_path / "ds", workers=2, threads=1, progress=False, faults=faults)
+    monkeypatch.setenv("CMSRD_CACHE", str(tmp_path / "cache"))
+    w, s, e, n = json.loads((world / "world.json").read_text())["bounds_lonlat"]
+    aoi = tmp_path / "world.geojson"
+    aoi.write_text(json.dumps({"type": "Feature", "properties": {"name": "freising"}, "geometry": {
+        "type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}}))
+    faults = FaultConfig(error_rate=0.5, error_codes=(429, 500, 503), corrupt_rate=0.2, retry_after_s=0, seed=3,
+                         paths=("/arcgis/", "/stac/", "/files/"))
+    with serve_world(world, faults=faults) as srv:
+        d = load_config("cmsrd-real").to_dict()
+        d.update(samples=N_SAMPLES, aois=[str(aoi)], split={"test_fraction": 0.25, "block_tiles": 2},
+                 build={"partition_size": 4},
+                 hr={"url": srv.tile_template, "identify_url": srv.identify_url},
+                 lr={"source": "sentinel-2", "stac_url": srv.stac_url, "start": "2023-01-01", "end": "2023-12-31"},
+                 map={"geofabrik_index": srv.geofabrik_index_url})
+        cfg = load_config(d)
+        rep = run_build(cfg, tmp_path / "ds", workers=2, threads=1, progress=False)
+        stats = srv.stats.snapshot()
     df = read_manifest(tmp_path / "ds")
     assert rep.processed == N_SAMPLES and len(df) == N_SAMPLES and df["id"].is_unique
+    assert sum(stats.get("faults", {}).values()) > 0, stats
     bad = df[df["qa_status"] != "ok"]
     assert (df["qa_status"] == "failed").any(), df[["id", "qa_status", "qa_reason"]]
-    assert bad["qa_reason"].str.len().gt(0).all()
+    assert bad["qa_reason"].str.len().gt(0).all() and bad["qa_detail"].str.len().gt(0).all()
+    assert not bad["qa_detail"].str.contains("Traceback").any()
     assert validate_dataset(tmp_path / "ds")[0] == []
     counts = read_dataset_json(tmp_path / "ds")["counts"]
     assert sum(counts["by_reason"].values()) == len(bad)
