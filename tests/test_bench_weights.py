@@ -1,0 +1,157 @@
+"""Weights manifest and offline cache: resolve/status/verify, hash rules, fetch against a loopback server
+(good files, a mirror override, a corrupt payload, 503 then success, 404)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from baselines import weights as w
+from cmsrd.errors import InputError, MissingWeightsError
+
+
+def _manifest(tmp_path: Path, entries: dict) -> Path:
+    p = tmp_path / "weights.yaml"
+    p.write_text(yaml.safe_dump({"weights": entries}))
+    return p
+
+
+class _Server:
+    """Loopback HTTP server with per-path payloads and scripted failures."""
+
+    def __init__(self, files: dict[str, bytes], fail_first: dict[str, int] | None = None):
+        self.files, self.fail_first, self.hits = files, dict(fail_first or {}), []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.hits.append(self.path)
+                if outer.fail_first.get(self.path, 0) > 0:
+                    outer.fail_first[self.path] -= 1
+                    self.send_response(503); self.send_header("Content-Length", "0"); self.end_headers(); return
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
+                self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_shipped_manifest_covers_metrics_and_methods():
+    m = w.load_manifest(w.MANIFEST_PATH)
+    files = {e.file for e in m.values()}
+    for f in ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "vgg19-dcbb9e9d.pth", "LPIPS_v0.1_alex-df73285e.pth",
+              "DISTS_weights-f5e65c96.pth", "musiq_koniq_ckpt-e95806b9.pth", "RN50.pt",
+              "pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth"):
+        assert f in files
+    # torch.hub file-name convention: the -xxxxxxxx suffix is the sha256 prefix that gets checked
+    assert m["tv_alexnet"].sha256_prefix == "7be5be79" and m["tv_alexnet"].subdir == "checkpoints"
+    assert m["clip_rn50"].sha256 and m["clip_rn50"].sha256 in m["clip_rn50"].url
+    assert m["fidelity_inception"].subdir == "checkpoints" and m["dists"].subdir == "pyiqa" and m["clip_rn50"].subdir == "clip"
+    for k in ("esrgan_x16", "esrgan_x32", "swinir_x16", "swinir_x32"):
+        assert m[k].url is None and "not published" in m[k].note.lower()
+    assert w.method_weights_key("esrgan", 32, m) == "esrgan_x32"
+    # LPIPS heads ship inside the lpips wheel; the recorded full sha256 matches that bundled copy
+    assert w.status("lpips_alex_v0.1", m) == "present"
+
+
+def test_resolve_status_respect_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    data = b"weights-bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    m = w.load_manifest(_manifest(tmp_path, {
+        "full": {"file": "a.pth", "subdir": "checkpoints", "sha256": digest, "url": "http://127.0.0.1:9/a.pth"},
+        "prefix": {"file": f"b-{digest[:8]}.pth", "subdir": "pyiqa", "sha256_prefix": digest[:8]},
+        "nohash": {"file": "c.ckpt", "subdir": "cmsrd"},
+    }))
+    with pytest.raises(MissingWeightsError) as e:
+        w.resolve("full", m)
+    assert "a.pth" in str(e.value) and str(tmp_path / "th" / "hub" / "checkpoints" / "a.pth") in str(e.value)
+    assert "http://127.0.0.1:9/a.pth" in str(e.value)
+    for k in m:
+        assert w.status(k, m) == "missing"
+        p = m[k].expected_path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        assert w.status(k, m) == "present" and w.resolve(k, m) == p
+    assert w.check("nohash", m).verified is False and w.check("full", m).verified is True
+    # a changed file is re-hashed (cache keyed on size/mtime) and reported corrupt
+    m["prefix"].expected_path().write_bytes(b"tampered!")
+    assert w.status("prefix", m) == "corrupt"
+    with pytest.raises(InputError, match="weights fetch prefix"):
+        w.resolve("prefix", m)
+    assert (tmp_path / "th" / "hub" / w.HASH_CACHE_NAME).exists()
+    with pytest.raises(InputError, match="not in the weights manifest"):
+        w.resolve("nope", m)
+
+
+def test_fetch_from_loopback_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    good, other = b"A" * 5000, b"B" * 3000
+    srv = _Server({"/x/good.pth": good, "/mirror/flaky.pth": other, "/x/bad.pth": b"not the right bytes"},
+                  fail_first={"/mirror/flaky.pth": 2})
+    try:
+        sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+        mpath = _manifest(tmp_path, {
+            "good": {"file": "good.pth", "subdir": "checkpoints", "sha256": sha(good), "url": f"{srv.url}/x/good.pth"},
+            "flaky": {"file": "flaky.pth", "subdir": "pyiqa", "sha256_prefix": sha(other)[:8], "url": f"{srv.url}/x/flaky.pth"},
+            "bad": {"file": "bad.pth", "subdir": "pyiqa", "sha256": sha(good), "url": f"{srv.url}/x/bad.pth"},
+            "gone": {"file": "gone.pth", "subdir": "pyiqa", "url": f"{srv.url}/x/gone.pth"},
+            "unpublished": {"file": "u.safetensors", "subdir": "cmsrd", "url": None},
+        })
+        m = w.load_manifest(mpath)
+        res = {r.key: r for r in w.fetch(["good", "bad", "gone", "unpublished"], manifest=m, timeout=5, progress=False)}
+        assert res["good"].outcome == "fetched" and m["good"].expected_path().read_bytes() == good
+        assert res["bad"].outcome == "failed" and "does not match" in res["bad"].detail
+        assert not m["bad"].expected_path().exists()  # nothing half-written under the final name
+        assert not list(m["bad"].expected_path().parent.glob("*.part"))
+        assert res["gone"].outcome == "failed" and "404" in res["gone"].detail
+        assert res["unpublished"].outcome == "not-downloadable"
+        # mirror override + retries on 503
+        r = w.fetch(["flaky"], base_url_override=f"{srv.url}/mirror", manifest=m, timeout=5, progress=False)[0]
+        assert r.outcome == "fetched" and w.status("flaky", m) == "present"
+        assert srv.hits.count("/mirror/flaky.pth") == 3
+        # already present -> not downloaded again
+        n = len(srv.hits)
+        assert w.fetch(["good"], manifest=m, progress=False)[0].outcome == "already-present" and len(srv.hits) == n
+
+        # the CLI: verify reports per user, fetch exits non-zero on failure
+        from benchmark.cli import cli
+
+        monkeypatch.setenv(w.MANIFEST_ENV, str(mpath))
+        out = CliRunner().invoke(cli, ["weights", "verify"])
+        assert "present" in out.output and "missing  bad.pth" in out.output and "put it at" in out.output
+        out = CliRunner().invoke(cli, ["weights", "fetch", "gone"])
+        assert out.exit_code == 1 and "failed" in out.output
+        out = CliRunner().invoke(cli, ["weights", "list"])
+        assert out.exit_code == 0 and "good.pth" in out.output and "not downloadable" in out.output
+    finally:
+        srv.close()
+
+
+def test_verify_cli_on_shipped_manifest_names_paths(tmp_path, monkeypatch):
+    from benchmark.cli import cli
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv(w.MANIFEST_ENV, raising=False)
+    out = CliRunner().invoke(cli, ["weights", "verify"])
+    assert out.exit_code == 1  # metric weights are absent in a fresh cache
+    assert "metric:lpips: NOT ready" in out.output
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in out.output
+    assert "method:esrgan" in out.output
