@@ -38,7 +38,8 @@ def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS):
     """A scheduler with `set_timesteps(steps)` already applied.
 
     - `ddpm`: the official SGDM respaced ancestral sampler (fixed-small variance, linspace spacing).
-    - `ddim`: deterministic DDIM (eta 0), `trailing` spacing so the first step starts at t = 999.
+    - `ddim`: deterministic DDIM (eta 0), `trailing` spacing so the first step starts at t = 999, and the
+      last step lands on the clean sample (`set_alpha_to_one`), not on abar_0.
     - `dpm-solver`: DPM-Solver++ (2nd order multistep), `trailing` spacing, final step to sigma 0.
     """
     if not isinstance(steps, int) or steps < 1 or steps > TRAIN_SCHEDULE["num_train_timesteps"]:
@@ -46,7 +47,7 @@ def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS):
     if name == "ddpm":
         sched = DDPMScheduler(**TRAIN_SCHEDULE, variance_type="fixed_small", timestep_spacing="linspace")
     elif name == "ddim":
-        sched = DDIMScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=False)
+        sched = DDIMScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True)
     elif name == "dpm-solver":
         common = {k: v for k, v in TRAIN_SCHEDULE.items() if k != "clip_sample"}
         sched = DPMSolverMultistepScheduler(

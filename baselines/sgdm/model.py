@@ -61,6 +61,7 @@ class SGDMBase(SRMethod):
                                        int(config.get("cond_channels", 384)))
             self.flows = StyleFlows() if self.variant == "real" else None
         self.tokenizer, self.backbone_source = bb.tokenizer, bb.source
+        self.loaded_from: Path | None = None
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         set_trainable(self.unet)
@@ -206,6 +207,7 @@ class SGDMBase(SRMethod):
             self._load_ours(state, path)
         if self.flows is not None:
             self._load_flows_near(path.parent)
+        self.loaded_from = path
 
     def _load_ours(self, state: dict[str, torch.Tensor], path: Path) -> None:
         groups: dict[str, dict[str, torch.Tensor]] = {"adapter": {}, "unet": {}, "flows": {}}
@@ -304,6 +306,16 @@ class SGDMPlus(SGDMBase):
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
+        if self.loaded_from is None:
+            stage1 = out_dir / "model.safetensors"
+            if not stage1.is_file():
+                raise InputError(
+                    f"stage 2 of {self.spec.name}", "needs the stage-1 weights (the style encoder), none were loaded",
+                    f"run it with --out set to the stage-1 run folder (holding model.safetensors), or set "
+                    f"`checkpoint:` in the config")
+            self.load_checkpoint(stage1)
+        if torch.cuda.is_available() and self.device.type == "cpu":
+            self.to("cuda")
         fcfg = {**(self.config.get("flows") or {}), **(train_cfg.get("flows") or {})}
         means, stds = self.collect_style_stats(Path(data_root), int(fcfg.get("collect_batch_size", 16)),
                                                bool(fcfg.get("augment", True)), int(train_cfg.get("seed", 0)))
