@@ -201,6 +201,9 @@ def _build(cfg: WorldConfig, root: Path, bar: tqdm) -> None:
                "pixel_size_3857_m": pixel_size_3857(cfg.hr_zoom), "shape": list(cfg.hr_shape), **hr.params},
         "hr_capture_date": cfg.hr_capture_date,
         "s2_shift_convention": SHIFT_CONVENTION,
+        "s2_shift": {"east_m": records[0]["shift_m"][0], "north_m": records[0]["shift_m"][1],
+                     "east_px": records[0]["shift_px"][0], "north_px": records[0]["shift_px"][1],
+                     "convention": SHIFT_CONVENTION},
         "s2_dn_to_reflectance": ("reflectance = DN / 10000 (earthsearch:boa_offset_applied true: the pixels "
                                  "already hold reflectance x 10000; do not apply the raster:bands offset again)"
                                  if cfg.s2_boa_offset_applied else

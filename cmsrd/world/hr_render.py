@@ -222,7 +222,7 @@ def render_hr(world: WorldFeatures, cfg: WorldConfig) -> HRResult:
     singles = []
     for f in world.features:
         if f.kind == "node" and f.tags.get("natural") == "tree":
-            c, r = inv * (f.geometry.x, f.geometry.y)
+            c, r = inv @ (f.geometry.x, f.geometry.y)
             singles.append((r, c, f.attrs["crown_m"], f.attrs["height_m"], INDEX[f.material]))
     chm, crown_kind = _canopy(shape, px_m, rng, stands, singles)
     del stands

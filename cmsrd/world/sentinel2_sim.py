@@ -136,14 +136,16 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
     rng_all = np.random.default_rng([cfg.seed, 404])
     cloud_world = box(*world_utm.bounds)
     swath_item = cfg.s2_dates[-1] if cfg.s2_swath_edge else None
+    # One geolocation bias of the S2 product against the HR, shared by all dates (S2 dates are
+    # co-registered to each other far better than to an aerial survey).
+    if cfg.s2_shift_px is not None:
+        sx_px, sy_px = cfg.s2_shift_px
+    else:
+        sx_px, sy_px = (float(rng_all.uniform(0.15, 0.45) * rng_all.choice([-1, 1])) for _ in range(2))
     for k, date in enumerate(cfg.s2_dates):
         rng = np.random.default_rng([cfg.seed, 405, k])
         platform = "sentinel-2a" if (rng_all.integers(0, 2) == 0) else "sentinel-2b"
         item_id = _item_id(platform, mgrs, date)
-        if cfg.s2_shift_px is not None:
-            sx_px, sy_px = cfg.s2_shift_px
-        else:
-            sx_px, sy_px = (float(rng.uniform(0.15, 0.45) * rng.choice([-1, 1])) for _ in range(2))
         dx, dy = 10.0 * sx_px, 10.0 * sy_px
         shifted = [shapely.affinity.translate(g, dx, dy) for g in geoms_utm + tree_geoms]
         fid = _rasterize([(g, n + 1) for n, g in enumerate(shifted)], fshape, ftrans)
@@ -170,8 +172,8 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
         if cloudy:
             wx0, wy0, wx1, wy1 = cloud_world.bounds
             side = min(wx1 - wx0, wy1 - wy0)
-            r = max(0.22 * side, 120.0)
-            cx, cy = rng.uniform(wx0 + 0.3 * side, wx1 - 0.3 * side), rng.uniform(wy0 + 0.3 * side, wy1 - 0.3 * side)
+            r = max(0.32 * side, 140.0)
+            cx, cy = rng.uniform(wx0 + 0.25 * side, wx1 - 0.25 * side), rng.uniform(wy0 + 0.25 * side, wy1 - 0.25 * side)
             cols = (np.arange(fshape[1], dtype=np.float32) + 0.5) * FINE_M + ftrans.c
             rows = ftrans.f - (np.arange(fshape[0], dtype=np.float32) + 0.5) * FINE_M
             d2 = ((cols[None, :] - cx) / r) ** 2 + ((rows[:, None] - cy) / (0.8 * r)) ** 2
