@@ -62,7 +62,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def _unwrap(obj: Any, path: Path, param_key: str | None) -> dict[str, torch.Tensor]:
+def _unwrap(obj: Any, path: Path, param_key: str | None, strip_module: bool = True) -> dict[str, torch.Tensor]:
     """Find the state dict inside common wrappers (BasicSR `params`/`params_ema`, Lightning
     `state_dict`, ...) and strip DataParallel's `module.` prefix."""
     if param_key is not None:
@@ -83,12 +83,13 @@ def _unwrap(obj: Any, path: Path, param_key: str | None) -> dict[str, torch.Tens
     out = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
-            out[k.removeprefix("module.")] = v
+            out[k.removeprefix("module.") if strip_module else k] = v
     return out
 
 
-def read_state_dict(path: str | os.PathLike, param_key: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, param_key: str | None = None, strip_module: bool = True) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (safetensors or a weights-only torch pickle), on CPU.
+    DataParallel's `module.` prefix is stripped unless `strip_module` is False.
 
     Raises one `InputError` for a missing, truncated or corrupt file, or a pickle that is not
     weights-only (it could run code)."""
@@ -104,7 +105,7 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = None) -> di
             state = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"checkpoint {path}", f"is truncated or not a valid safetensors file ({e})", "fetch or export it again") from e
-        return _unwrap(state, path, None) if param_key is None else _unwrap({param_key: state}, path, param_key)
+        return _unwrap(state, path, None, strip_module) if param_key is None else _unwrap({param_key: state}, path, param_key, strip_module)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -116,7 +117,7 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = None) -> di
         raise InputError(f"checkpoint {path}", f"is corrupt ({e})", "fetch it again") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise InputError(f"checkpoint {path}", f"is truncated or corrupt ({type(e).__name__}: {str(e)[:120]})", "fetch or copy it again") from e
-    return _unwrap(obj, path, param_key)
+    return _unwrap(obj, path, param_key, strip_module)
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 6) -> str | None:
@@ -202,8 +203,10 @@ def save_training_checkpoint(
     schedulers: Mapping[str, Any],
     scaler: Any | None,
     extra: Mapping[str, Any] | None = None,
+    keep: int = 0,
 ) -> Path:
-    """Write `<ckpt_dir>/step_<N>/` atomically (temp folder + rename) and point `latest.txt` at it."""
+    """Write `<ckpt_dir>/step_<N>/` atomically (temp folder + rename), point `latest.txt` at it, and
+    keep only the newest `keep` checkpoint folders (0: keep all)."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".step_{step:08d}.partial"
@@ -225,6 +228,10 @@ def save_training_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(ckpt_dir / LATEST, final.name + "\n")
+    if keep > 0:
+        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -242,8 +249,8 @@ def load_training_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint folder: {"step", "method", "ema" (or None), "optimizers", "schedulers", "scaler", "rng"}."""
     folder = Path(folder)
     state = read_state_dict_file(folder / STATE_PT)
-    state["method"] = read_state_dict(folder / MODEL_FILE)
-    state["ema"] = read_state_dict(folder / EMA_FILE) if (folder / EMA_FILE).exists() else None
+    state["method"] = read_state_dict(folder / MODEL_FILE, strip_module=False)
+    state["ema"] = read_state_dict(folder / EMA_FILE, strip_module=False) if (folder / EMA_FILE).exists() else None
     return state
 
 

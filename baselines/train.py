@@ -1,0 +1,468 @@
+"""The trainer shared by every method (`cmsrd-bench train`).
+
+The method owns its losses and optimizers (`configure_optimizers`, `training_step`); the trainer owns
+everything else, once: the train split through `CMSRDDataset` with the official SGDM flips/rotations,
+a deterministic resumable batch order, LR schedules, mixed precision (bf16/fp16 autocast, GradScaler
+for fp16), gradient accumulation, EMA of `method.net_g`, checkpoints (safetensors + weights-only state),
+periodic validation on the test split (PSNR-Y with the benchmark's definition, LPIPS when its weights
+are cached) and CSV logs.
+
+Output folder:
+    config.yaml          the effective config
+    train_log.csv        step, lr per optimizer, the method's losses, images/s
+    val_log.csv          step, psnr_y, lpips, n_images
+    checkpoints/step_N/  method.safetensors, ema.safetensors, train_state.pt/json (resumable)
+    model.safetensors    exported weights (EMA when used) for `method.load_checkpoint`
+
+A killed run resumed with `--resume` continues from the last checkpoint at the same step, with the
+same batch order, augmentation, RNG streams and optimizer/scheduler state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from cmsrd.errors import InputError, MissingWeightsError
+from cmsrd.io import atomic_path, atomic_write_text
+
+from .base import SRMethod, TrainContext
+from .checkpoint import (
+    latest_checkpoint,
+    load_strict,
+    load_training_checkpoint,
+    restore_scheduler,
+    save_training_checkpoint,
+    save_weights,
+    set_rng_state,
+)
+from .feedforward import build_optimizer  # noqa: F401  (re-exported for methods)
+from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_loader
+
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 16,
+    "total_steps": 100000,
+    "scheduler": {"type": "constant"},
+    "precision": "fp32",
+    "accumulate": 1,
+    "ema_decay": 0.0,
+    "grad_clip": None,
+    "num_workers": 0,
+    "seed": 0,
+    "log_every": 100,
+    "val_every": 5000,
+    "save_every": 5000,
+    "keep_checkpoints": 2,
+    "val_max_images": 100,
+    "val_batch_size": 4,
+    "val_crop_border": 0,
+    "lpips": "auto",
+}
+DATASET_KINDS = ("lr", "sr", "map", "mask")
+
+
+def build_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """`{type: MultiStepLR, milestones, gamma}` | `{type: CosineAnnealingLR, T_max, eta_min}` | `{type: constant}`,
+    stepped once per optimisation step."""
+    cfg = dict(cfg or {"type": "constant"})
+    kind = cfg.pop("type", "constant")
+    sched = torch.optim.lr_scheduler
+    if kind == "MultiStepLR":
+        return sched.MultiStepLR(optimizer, milestones=[int(m) for m in cfg.get("milestones", [])], gamma=float(cfg.get("gamma", 0.5)))
+    if kind == "CosineAnnealingLR":
+        return sched.CosineAnnealingLR(optimizer, T_max=int(cfg.get("T_max", total_steps)), eta_min=float(cfg.get("eta_min", 0.0)))
+    if kind == "constant":
+        return sched.LambdaLR(optimizer, lambda _: 1.0)
+    raise InputError(f"scheduler type {kind!r}", "unsupported", "use MultiStepLR, CosineAnnealingLR or constant")
+
+
+class _EpochIndexed(torch.utils.data.Dataset):
+    """Items addressed by (epoch, index) so the official augmentation varies per epoch even inside
+    DataLoader workers (which hold their own copy of the dataset)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class _ResumableBatches(torch.utils.data.Sampler):
+    """Infinite batches: epoch e is a permutation seeded by (seed, e), cut into full batches.
+    Starting at global batch `start` reproduces exactly the batches an uninterrupted run would see."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.per_epoch = n // batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.start
+        while True:
+            epoch, pos = divmod(b, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            for p in range(pos, self.per_epoch):
+                yield [(epoch, i) for i in perm[p * self.batch_size:(p + 1) * self.batch_size]]
+                b += 1
+
+    def __len__(self) -> int:  # batches per epoch (the sampler itself never ends)
+        return self.per_epoch
+
+
+class CSVLog:
+    """Append-only CSV whose header grows when new columns appear; on resume, rows after the
+    resumed step are dropped (they were logged after the checkpoint and will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
+        self.fields: list[str] = list(self.rows[0].keys()) if self.rows else []
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            if self.fields:
+                w.writeheader()
+                w.writerows(self.rows)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        new = [k for k in row if k not in self.fields]
+        if new or not self.path.exists() or not self.fields:
+            self.fields += new
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+
+
+@contextlib.contextmanager
+def _swap_generator(method: SRMethod, module: nn.Module | None) -> Iterator[None]:
+    """Temporarily run the method with `module` (the EMA copy) as its `net_g`."""
+    if module is None:
+        yield
+        return
+    original = method.net_g
+    method.net_g = module
+    try:
+        yield
+    finally:
+        method.net_g = original
+
+
+def _to_uint8_images(x: torch.Tensor) -> list[np.ndarray]:
+    return list((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+
+class Trainer:
+    """Train `method` on the built dataset at `data_root`, writing to `out_dir`.
+
+    `max_steps` stops early (the schedules still follow `train.total_steps`), so a later `resume`
+    with a larger `max_steps` continues the same run."""
+
+    def __init__(
+        self,
+        method: SRMethod,
+        data_root: str | Path,
+        out_dir: str | Path,
+        device: str | torch.device | None = None,
+        max_steps: int | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ):
+        self.method, self.data_root, self.out_dir = method, Path(data_root), Path(out_dir)
+        self.cfg = {**DEFAULTS, **(method.config.get("train") or {})}
+        self.device = resolve_device(device)
+        self.total_steps = int(self.cfg["total_steps"])
+        self.stop_at = min(self.total_steps, int(max_steps)) if max_steps is not None else self.total_steps
+        self.resume, self.progress = resume, progress
+        self.accumulate = int(self.cfg["accumulate"])
+        if self.accumulate < 1:
+            raise InputError(f"train.accumulate = {self.accumulate}", "must be >= 1")
+        self.precision = str(self.cfg["precision"])
+        if self.precision not in PRECISIONS:
+            raise InputError(f"train.precision {self.precision!r}", f"unknown; choose from {list(PRECISIONS)}")
+        self.step = 0
+        self._lpips: Any = None
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _datasets(self) -> tuple[Any, Any]:
+        from cmsrd.data import CMSRDDataset
+
+        inputs = tuple(k for k in DATASET_KINDS if k in self.method.spec.inputs) + ("hr",)
+        seed = int(self.cfg["seed"])
+        train = CMSRDDataset(self.data_root, "train", inputs=inputs, scale=self.method.scale, augment=True, seed=seed)
+        test = CMSRDDataset(self.data_root, "test", inputs=inputs, scale=self.method.scale, augment=False)
+        n_val = int(self.cfg["val_max_images"])
+        if 0 < n_val < len(test):
+            test = CMSRDDataset(self.data_root, "test", inputs=inputs, scale=self.method.scale, ids=test.ids[:n_val])
+        return train, test
+
+    def _loader(self, train: Any, batch_size: int, start_batch: int) -> Iterator[dict]:
+        sampler = _ResumableBatches(len(train), batch_size, int(self.cfg["seed"]), start_batch)
+        workers = int(self.cfg["num_workers"])
+        loader = torch.utils.data.DataLoader(_EpochIndexed(train), batch_sampler=sampler, num_workers=workers,
+                                             pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return iter(loader)
+
+    def _check_out_dir(self) -> None:
+        ckpts = self.out_dir / "checkpoints"
+        if not self.resume and latest_checkpoint(ckpts) is not None:
+            raise InputError(f"--out {self.out_dir}", "already holds a training run", "pass --resume to continue it, or choose a new --out")
+
+    # ---- main loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until `max_steps`/`total_steps`; returns {"step", "weights", "val"}."""
+        self._check_out_dir()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        method, cfg = self.method, self.cfg
+        train_ds, test_ds = self._datasets()
+        batch_size = int(cfg["batch_size"])
+        if batch_size > len(train_ds):
+            tqdm.write(f"train.batch_size {batch_size} > {len(train_ds)} training samples; using {len(train_ds)}")
+            batch_size = len(train_ds)
+        seed = int(cfg["seed"])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+        method.to(self.device).train()
+        train_cfg = {**cfg, "hr_px": train_ds.layout.hr_px}
+        optimizers = method.configure_optimizers(train_cfg)
+        if not optimizers:
+            raise InputError(f"method {method.spec.name!r}", "returned no optimizers", "it has nothing to train")
+        method.to(self.device)
+        schedulers = {k: build_scheduler(cfg.get("scheduler"), o, self.total_steps) for k, o in optimizers.items()}
+        scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        ema = self._make_ema()
+
+        resumed_from, rng = None, None
+        ckpt_dir = self.out_dir / "checkpoints"
+        if self.resume and (folder := latest_checkpoint(ckpt_dir)) is not None:
+            rng = self._restore(folder, optimizers, schedulers, scaler, ema)
+            resumed_from = self.step
+        atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump({"method": method.spec.name, "scale": method.scale, **method.config}, sort_keys=False))
+        train_log = CSVLog(self.out_dir / "train_log.csv", resumed_from if resumed_from is not None else 0)
+        val_log = CSVLog(self.out_dir / "val_log.csv", resumed_from if resumed_from is not None else 0)
+
+        batches = self._loader(train_ds, batch_size, self.step * self.accumulate)
+        if rng is not None:  # after the loader drew its base seed, as the uninterrupted run did at step 0
+            set_rng_state(rng)
+        autocast = lambda: autocast_context(self.device, self.precision)  # noqa: E731
+        window: dict[str, list[float]] = {}
+        t_window, n_window = time.perf_counter(), 0
+        last_val: dict[str, Any] = {}
+        bar = tqdm(total=self.stop_at, initial=self.step, desc=f"train {method.spec.name} x{method.scale}", disable=not self.progress)
+        try:
+            while self.step < self.stop_at:
+                for micro in range(self.accumulate):
+                    batch = next(batches)
+                    batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    ctx = TrainContext(self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast)
+                    logs = method.training_step(batch, ctx)
+                    for k, v in logs.items():
+                        if not math.isfinite(v) and scaler is None:
+                            raise InputError(f"training of {method.spec.name!r}", f"{k} became {v} at step {self.step}",
+                                             "lower the learning rate, enable train.grad_clip, or use precision fp32")
+                        window.setdefault(k, []).append(v)
+                    n_window += batch["hr"].shape[0]
+                if scaler is not None:
+                    scaler.update()
+                for s in schedulers.values():
+                    s.step()
+                if ema is not None:
+                    self._update_ema(ema)
+                self.step += 1
+                bar.update(1)
+                if self.step % int(cfg["log_every"]) == 0 or self.step == self.stop_at:
+                    dt = time.perf_counter() - t_window
+                    row = {"step": self.step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
+                           **{k: float(np.mean(v)) for k, v in window.items()}, "images_per_s": n_window / dt if dt > 0 else float("nan")}
+                    train_log.log(row)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
+                    window, t_window, n_window = {}, time.perf_counter(), 0
+                if self.step % int(cfg["val_every"]) == 0 or self.step == self.stop_at:
+                    last_val = self.validate(test_ds, ema)
+                    val_log.log({"step": self.step, **last_val})
+                if self.step % int(cfg["save_every"]) == 0 or self.step == self.stop_at:
+                    self._save(optimizers, schedulers, scaler, ema)
+        except KeyboardInterrupt:
+            if self.step > 0:
+                self._save(optimizers, schedulers, scaler, ema)
+                tqdm.write(f"interrupted: checkpoint saved at step {self.step}; continue with --resume")
+            raise
+        finally:
+            bar.close()
+        return {"step": self.step, "weights": str(self.out_dir / "model.safetensors"), "val": last_val}
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _backward_fn(self, optimizers: dict[str, torch.optim.Optimizer], scaler: Any, boundary: bool):
+        """`TrainContext.backward`: scale for accumulation (and fp16), step + zero the named optimizer at
+        the last micro-batch of the step."""
+        clip = self.cfg.get("grad_clip")
+
+        def backward(loss: torch.Tensor, name: str) -> None:
+            if name not in optimizers:
+                raise KeyError(f"training_step called backward for optimizer {name!r}; configure_optimizers returned {sorted(optimizers)}")
+            opt = optimizers[name]
+            loss = loss / self.accumulate
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if not boundary:
+                return
+            if clip:
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return backward
+
+    def _make_ema(self) -> AveragedModel | None:
+        decay = float(self.cfg.get("ema_decay") or 0.0)
+        net = getattr(self.method, "net_g", None)
+        if decay <= 0 or not isinstance(net, nn.Module):
+            return None
+        return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+    def _update_ema(self, ema: AveragedModel) -> None:
+        ema.update_parameters(self.method.net_g)
+        with torch.no_grad():  # buffers (e.g. BatchNorm statistics) follow the live network
+            for b_ema, b in zip(ema.module.buffers(), self.method.net_g.buffers()):
+                b_ema.copy_(b)
+
+    @torch.no_grad()
+    def validate(self, test_ds: Any, ema: AveragedModel | None = None) -> dict[str, Any]:
+        """PSNR-Y (benchmark definition, `val_crop_border`) and LPIPS (when its weights are cached).
+        Runs on a forked RNG so validating never changes the training run's random streams."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._validate(test_ds, ema)
+
+    def _validate(self, test_ds: Any, ema: AveragedModel | None) -> dict[str, Any]:
+        from benchmark.metrics.psnr_ssim import psnr
+
+        loader = torch.utils.data.DataLoader(test_ds, batch_size=int(self.cfg["val_batch_size"]), shuffle=False)
+        crop = int(self.cfg["val_crop_border"])
+        psnrs: list[float] = []
+        sr_imgs: list[np.ndarray] = []
+        hr_imgs: list[np.ndarray] = []
+        t0 = time.perf_counter()
+        with _swap_generator(self.method, ema.module if ema is not None else None):
+            for _, sr, batch in super_resolve_loader(self.method, loader, self.device, self.precision, progress=False):
+                for a, b in zip(_to_uint8_images(sr), _to_uint8_images(batch["hr"])):
+                    psnrs.append(psnr(a, b, crop_border=crop, y_channel=True))
+                    sr_imgs.append(a)
+                    hr_imgs.append(b)
+        self.method.train()
+        out: dict[str, Any] = {"psnr_y": float(np.mean(psnrs)), "n_images": len(psnrs), "crop_border": crop,
+                               "images_per_s": len(psnrs) / max(time.perf_counter() - t0, 1e-9)}
+        lp = self._lpips_metric()
+        out["lpips"] = float(np.mean(lp(sr_imgs, hr_imgs))) if lp is not None else float("nan")
+        return out
+
+    def _lpips_metric(self) -> Any:
+        mode = str(self.cfg.get("lpips", "auto")).lower()
+        if mode in ("false", "off", "no") or self._lpips is False:
+            return None
+        if self._lpips is None:
+            from benchmark.metrics.perceptual import LPIPS
+
+            try:
+                self._lpips = LPIPS(self.device)
+            except MissingWeightsError as e:
+                if mode != "auto":
+                    raise
+                tqdm.write(f"validation without LPIPS: {e}")
+                self._lpips = False
+                return None
+        return self._lpips
+
+    def _save(self, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> None:
+        method = self.method
+        save_training_checkpoint(
+            self.out_dir / "checkpoints", self.step, method.state_dict(), ema.state_dict() if ema is not None else None,
+            optimizers, schedulers, scaler, extra={"method": method.spec.name, "scale": method.scale, "total_steps": self.total_steps},
+            keep=int(self.cfg.get("keep_checkpoints") or 0),
+        )
+        with _swap_generator(method, ema.module if ema is not None else None):
+            weights = method.trainable_state_dict()
+        meta = {"method": method.spec.name, "scale": method.scale, "step": self.step, "ema": ema is not None,
+                "network": method.config.get("network", {})}
+        save_weights(self.out_dir / "model.safetensors", weights, meta)
+
+    def _restore(self, folder: Path, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> dict[str, Any]:
+        """Load weights, optimizer/scheduler/scaler state and the step; return the RNG state to set."""
+        state = load_training_checkpoint(folder)
+        load_strict(self.method, state["method"], f"checkpoint {folder}", "resume with the same method, config and scale as the run")
+        if ema is not None:
+            if state["ema"] is None:
+                raise InputError(f"checkpoint {folder}", "has no EMA weights but train.ema_decay > 0", "resume with the run's config")
+            load_strict(ema, state["ema"], f"EMA of checkpoint {folder}")
+        for k, o in optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in schedulers.items():
+            restore_scheduler(s, state["schedulers"][k])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        tqdm.write(f"resumed from {folder} at step {self.step}")
+        return state["rng"]
+
+
+def train(
+    method_name: str,
+    data_root: str | Path,
+    out_dir: str | Path,
+    scale: int | None = None,
+    config: dict[str, Any] | str | Path | None = None,
+    max_steps: int | None = None,
+    stage: int = 1,
+    device: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build `method_name` at the dataset's scale and train it (stage 1) or run its stage `stage`."""
+    from cmsrd.layout import DatasetLayout
+
+    from . import registry
+
+    layout = DatasetLayout.open(data_root)
+    if scale is not None and scale != layout.scale:
+        raise InputError(f"dataset {data_root}", f"has scale x{layout.scale} but --scale {scale} was asked for", f"use a x{scale} dataset or --scale {layout.scale}")
+    spec = registry.get(method_name)
+    override = registry.load_yaml(config) if isinstance(config, (str, Path)) else (config or {})
+    seed = int((registry.merge_config(spec.default_config(), override).get("train") or {}).get("seed", DEFAULTS["seed"]))
+    torch.manual_seed(seed)  # random init is part of the run: the same seed gives the same network
+    method = registry.build(method_name, layout.scale, override, device="cpu")
+    if stage > 1:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        method.run_stage(stage, Path(data_root), method.config.get("train") or {}, out)
+        return {"stage": stage, "out": str(out)}
+    return Trainer(method, data_root, out_dir, device=device, max_steps=max_steps, resume=resume, progress=progress).fit()
