@@ -129,7 +129,7 @@ def _refine(hr: np.ndarray, lr: np.ndarray, dy: float, dx: float) -> tuple[float
     """Least-squares fit of the shift with the exact forward model, started from the phase-correlation peak.
 
     The model is the LR = MATLAB-bicubic downscale of the HR with the sampling grid moved by (dy, dx) LR
-    px (`cmsrd.degrade.weight_matrix(offset=...)`), compared on the LR interior whose taps stay inside the
+    px (`cmsrd.degrade.contributions(offset=...)`), compared on the LR interior whose taps stay inside the
     HR. Resampling the HR (oversampled) instead of interpolating the tiny LR keeps the model exact and free
     of the wrap-around that biases phase correlation at 16 x 16 px. A 1/4 px grid within +-1 px of the peak
     picks the start, so a biased peak does not trap the local search in a side lobe.

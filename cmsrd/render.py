@@ -48,6 +48,7 @@ import click
 import geopandas as gpd
 import numpy as np
 from rasterio.features import rasterize
+from shapely.geometry import box
 from affine import Affine
 
 from .classes import BY_NAME, CLASSES, DRAW_ORDER, legend, palette
@@ -116,7 +117,7 @@ def render_map(features, bounds_3857, size: int = 256) -> tuple[np.ndarray, np.n
         if gdf.crs is not None and gdf.crs.to_epsg() != 3857:
             gdf = gdf.to_crs(3857)
         if len(gdf):
-            gdf = gdf.iloc[gdf.sindex.query(_box(left - margin, bottom - margin, right + margin, top + margin),
+            gdf = gdf.iloc[gdf.sindex.query(box(left - margin, bottom - margin, right + margin, top + margin),
                                             predicate="intersects")]
     unknown = set(gdf["class"]) - set(BY_NAME)
     if unknown:
@@ -144,12 +145,6 @@ def render_map(features, bounds_3857, size: int = 256) -> tuple[np.ndarray, np.n
         rasterize(shapes, out=mask, transform=Affine((right - left) / size, 0, left, 0, -(top - bottom) / size, top),
                   all_touched=False, dtype=np.uint8)
     return _LUT[mask], mask
-
-
-def _box(*b):
-    from shapely.geometry import box
-
-    return box(*b)
 
 
 def class_fractions(mask: np.ndarray) -> dict[str, float]:

@@ -137,3 +137,15 @@ def test_bad_arguments():
         imresize(np.zeros((4, 4)), scale=-1)
     with pytest.raises(InputError):
         imresize(np.zeros((2, 2, 2, 2)), scale=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_on_gpu_matches_cpu():
+    x = torch.from_numpy(np.stack([_texture(256, 256, s) for s in range(2)])).permute(0, 3, 1, 2).float() / 255
+    cpu = imresize_torch(x, size=8)
+    gpu = imresize_torch(x.cuda(), size=8)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+    up = imresize_torch(cpu.double().cuda(), size=256).cpu().numpy()
+    np.testing.assert_allclose(up[0].transpose(1, 2, 0), imresize(cpu[0].double().permute(1, 2, 0).numpy(),
+                                                                    output_shape=(256, 256)), atol=1e-9)

@@ -36,6 +36,7 @@ import osmium
 import pandas as pd
 import shapely
 from shapely.geometry import box
+from tqdm.auto import tqdm
 
 from ..classes import BY_NAME
 from ..errors import InputError
@@ -175,10 +176,12 @@ class OSMFeatures:
         path: str | os.PathLike,
         bbox_lonlat: tuple[float, float, float, float] | None = None,
         margin_deg: float = 0.001,
+        progress: bool = False,
     ) -> OSMFeatures:
         """Read every map-class feature of `path`; with `bbox_lonlat` (W, S, E, N) keep only those touching it.
 
         Features within `margin_deg` of the bbox are kept too, so buffered lines just outside still reach it.
+        `progress` shows a tqdm counter of OSM objects read (country extracts take minutes).
 
         Raises InputError naming the file when it is not readable OSM data, or does not cover the bbox.
         """
@@ -205,7 +208,8 @@ class OSMFeatures:
             fp = (osmium.FileProcessor(str(path))
                   .with_areas()
                   .with_filter(osmium.filter.KeyFilter(*KEYS)))
-            for obj in fp:
+            objects = tqdm(fp, desc=f"reading {path.name}", unit=" obj", mininterval=1.0) if progress else fp
+            for obj in objects:
                 if obj.is_way():
                     tags = obj.tags
                     if obj.is_closed() and classify_area(tags) is not None:
