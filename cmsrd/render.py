@@ -97,7 +97,7 @@ def _check_bounds(bounds_3857) -> tuple[float, float, float, float]:
     return left, bottom, right, top
 
 
-def render_map(features, bounds_3857, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def render_map(features_gdf, bounds_3857, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Render features (GeoDataFrame in EPSG:3857 with `class`/`kind`, or `OSMFeatures`) over a footprint.
 
     Returns (rgb uint8 size x size x 3, mask uint8 size x size of `cmsrd.classes` ids).
@@ -107,10 +107,10 @@ def render_map(features, bounds_3857, size: int = 256) -> tuple[np.ndarray, np.n
         raise InputError(f"map size {size!r}", "must be a positive number of pixels", "use e.g. 256")
     k = mercator_scale((left, bottom, right, top))
     margin = MAX_WIDTH_M * k
-    if hasattr(features, "query") and hasattr(features, "gdf"):
-        gdf = features.query((left, bottom, right, top), margin=margin)
+    if hasattr(features_gdf, "query") and hasattr(features_gdf, "gdf"):  # OSMFeatures: use its spatial index
+        gdf = features_gdf.query((left, bottom, right, top), margin=margin)
     else:
-        gdf = features
+        gdf = features_gdf
         if not isinstance(gdf, gpd.GeoDataFrame) or not {"class", "geometry"} <= set(gdf.columns):
             raise InputError("map features", "not a GeoDataFrame with 'class' and geometry columns",
                              "pass cmsrd.sources.osm.OSMFeatures or its .gdf")

@@ -127,3 +127,17 @@ def test_map_cli_writes_map_mask_legend(shared_data, tmp_path, rendered):
     bad = CliRunner().invoke(cli, ["map", str(shared_data / "osm" / "Helsinki.osm.pbf"), "--tile", "17_1_1",
                                    "--out", str(out)])
     assert isinstance(bad.exception, InputError) and "not the AOI" in str(bad.exception)  # run_cli prints it
+
+
+def test_map_cli_reads_geoparquet(feats, tmp_path, rendered):
+    from cmsrd.cli import cli
+
+    pq = feats.to_parquet(tmp_path / "helsinki.parquet")
+    tile = "_".join(map(str, TILE))
+    res = CliRunner().invoke(cli, ["map", str(pq), "--tile", tile, "--size", "128", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    mask = read_png(tmp_path / "o" / f"{tile}_mask.png", indices=True)
+    assert mask.shape == (128, 128)
+    # half resolution of the same map: class fractions agree within a few percent
+    full, half = class_fractions(rendered[1]), class_fractions(mask)
+    assert all(abs(full[k] - half[k]) < 0.03 for k in full)
