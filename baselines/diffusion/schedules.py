@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from cmsrd.errors import InputError
 
@@ -27,6 +28,28 @@ TRAIN_SCHEDULE: dict[str, Any] = {
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 DEFAULT_STEPS = 50
+
+
+class GridDDIMScheduler(DDIMScheduler):
+    """Deterministic DDIM (eta 0) that steps to the *next timestep of its own grid*.
+
+    diffusers' DDIMScheduler takes the previous timestep as t - 1000 // steps, which lands off the grid
+    (and short of the clean sample) whenever `steps` does not divide 1000; SGDM's `steps=N` condition
+    must work for any N, so only the step rule is replaced here (same alphas, same x0/eps algebra)."""
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True, **_):
+        ts = self.timesteps
+        t = int(timestep)
+        idx = int((ts == t).nonzero()[0, 0])
+        ac = self.alphas_cumprod.to(device=sample.device, dtype=torch.float32)
+        a_t = ac[t]
+        a_prev = ac[int(ts[idx + 1])] if idx + 1 < len(ts) else self.final_alpha_cumprod.to(sample.device)
+        eps = model_output.float()
+        x0 = (sample.float() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        prev = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(sample.dtype)
+        if not return_dict:
+            return (prev, x0.to(sample.dtype))
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -47,7 +70,7 @@ def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS):
     if name == "ddpm":
         sched = DDPMScheduler(**TRAIN_SCHEDULE, variance_type="fixed_small", timestep_spacing="linspace")
     elif name == "ddim":
-        sched = DDIMScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True)
+        sched = GridDDIMScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True)
     elif name == "dpm-solver":
         common = {k: v for k, v in TRAIN_SCHEDULE.items() if k != "clip_sample"}
         sched = DPMSolverMultistepScheduler(
