@@ -304,5 +304,5 @@ def render_hr(world: WorldFeatures, cfg: WorldConfig) -> HRResult:
         out[r0:r1] = noise.astype(np.uint8)
     params = {"sun_azimuth_deg": round(sun_az, 3), "sun_elevation_deg": round(sun_el, 3),
               "optical_blur_sigma_px": 0.55, "noise_sigma_dn": 1.8, "ground_px_m": round(px_m, 4),
-              "line_widths_m": None}
+              }
     return HRResult(out, classes, transform, params)
