@@ -209,7 +209,8 @@ class SwinIR(nn.Module):
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = nn.Module()
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n_blocks = sum(depths)  # stochastic depth rises linearly over all blocks (plain floats: meta-device safe)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         self.layers = nn.ModuleList()
         start = 0
         for depth, heads in zip(depths, num_heads):

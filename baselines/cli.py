@@ -1,0 +1,143 @@
+"""`cmsrd-bench list` and `cmsrd-bench train`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cmsrd.errors import InputError
+
+
+def _weights_status(name: str, scale: int) -> str:
+    """present | missing | corrupt | missing (unpublished) | n/a for a method's weights at a scale."""
+    from . import weights
+
+    manifest = weights.load_manifest()
+    key = weights.method_weights_key(name, scale, manifest)
+    if key is None:
+        return "n/a"
+    status = weights.status(key, manifest)
+    if status == "missing" and not manifest[key].published:
+        return "missing (unpublished)"
+    return status
+
+
+def default_scale(spec: Any) -> int:
+    return int(spec.extra.get("default_scale", 16 if 16 in spec.scales else spec.scales[0]))
+
+
+def parameter_counts(name: str, scale: int) -> tuple[int, int]:
+    """(total, trainable) parameters at the method's default config, built on the meta device
+    (no memory, no weights, no random init cost)."""
+    import torch
+
+    from . import registry
+
+    with _offline(), torch.device("meta"):
+        method = registry.build(name, scale, device="meta")
+    return method.parameter_counts()
+
+
+@contextlib.contextmanager
+def _offline():
+    """Counting parameters must never reach the network (Hugging Face config look-ups included)."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def method_rows(with_params: bool) -> list[dict[str, Any]]:
+    from . import registry
+
+    rows = []
+    for name in registry.names():
+        spec = registry.get(name)
+        scale = default_scale(spec)
+        row: dict[str, Any] = {
+            "name": name, "kind": spec.kind, "scales": list(spec.scales), "inputs": list(spec.inputs),
+            "nfe": spec.nfe, "license": spec.license, "citation": spec.citation,
+            "conditions": list(spec.conditions),
+            "weights": {str(s): _weights_status(name, s) for s in spec.scales if s in (16, 32)},
+        }
+        if with_params:
+            try:
+                total, trainable = parameter_counts(name, scale)
+                row["params"] = {"scale": scale, "total": total, "trainable": trainable}
+            except Exception as e:  # noqa: BLE001 - one method failing to build must not hide the others
+                row["params"] = {"scale": scale, "error": f"{type(e).__name__}: {e}"}
+        rows.append(row)
+    return rows
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with total/trainable parameter counts).")
+def list_command(as_json: bool) -> None:
+    """List registered SR methods: kind, scales, inputs, NFE, licence, weights present."""
+    rows = method_rows(with_params=as_json)
+    if as_json:
+        click.echo(json.dumps({"methods": rows}, indent=2))
+        return
+    header = ("name", "kind", "scales", "inputs", "NFE", "licence", "weights x16", "weights x32")
+    table = [header] + [(
+        r["name"], r["kind"], ",".join(map(str, r["scales"])), ",".join(r["inputs"]), str(r["nfe"]),
+        r["license"].split(" (")[0], r["weights"].get("16", "-"), r["weights"].get("32", "-"),
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
+    """`--set train.lr=1e-4` pairs -> a nested override dict (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--set {item!r}", "expected KEY=VALUE", "e.g. --set train.batch_size=8")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+@click.command("train")
+@click.option("--method", "method_name", required=True, help="Registered method name (see `cmsrd-bench list`).")
+@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path), help="Built dataset root (dataset.json).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML merged over the method's default config.")
+@click.option("--set", "overrides", multiple=True, help="Config override KEY=VALUE (dotted keys), repeatable.")
+@click.option("--max-steps", type=int, help="Stop after this global step (schedules still follow train.total_steps).")
+@click.option("--stage", type=int, default=1, show_default=True, help="Training stage; >1 runs the method's own stage.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (logs, checkpoints, model).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--scale", type=int, help="Expected scale; must match the dataset's.")
+def train_command(method_name: str, data_root: Path, config_path: Path | None, overrides: tuple[str, ...], max_steps: int | None,
+                  stage: int, out_dir: Path, device: str, resume: bool, scale: int | None) -> None:
+    """Train a method on a built dataset's train split, validating on its test split."""
+    from . import registry
+    from .train import train
+
+    config: dict[str, Any] = registry.load_yaml(config_path) if config_path else {}
+    config = registry.merge_config(config, _parse_set(overrides))
+    result = train(method_name, data_root, out_dir, scale=scale, config=config, max_steps=max_steps, stage=stage,
+                   device=None if device == "auto" else device, resume=resume)
+    click.echo(json.dumps(result, indent=2, default=str))
