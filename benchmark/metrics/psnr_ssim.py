@@ -41,7 +41,7 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
         raise InputError(f"image of dtype {a.dtype}", "expected uint8 [0, 255] or float [0, 1]")
     if out.ndim == 3 and out.shape[0] == 3 and out.shape[-1] != 3:
         out = np.transpose(out, (1, 2, 0))
-    return out
+    return np.ascontiguousarray(out)
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -49,7 +49,9 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     a = to_uint8(img)
     if a.ndim != 3 or a.shape[-1] != 3:
         raise InputError(f"image of shape {a.shape}", "expected an RGB image HxWx3")
-    return a.astype(np.float64) @ (BT601_Y / 255.0) + Y_OFFSET
+    a = a.astype(np.float64)
+    # element-wise (not a BLAS matmul) so the result is bit-identical whatever the array's memory layout
+    return a[..., 0] * (BT601_Y[0] / 255.0) + a[..., 1] * (BT601_Y[1] / 255.0) + a[..., 2] * (BT601_Y[2] / 255.0) + Y_OFFSET
 
 
 def _prepare(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool) -> tuple[np.ndarray, np.ndarray]:

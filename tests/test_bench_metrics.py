@@ -1,0 +1,155 @@
+"""Metric definitions: PSNR/SSIM against hand-worked values and skimage, Y-channel conversion values,
+registry directions; LPIPS/DISTS/MUSIQ/FID/KID code paths with random stand-in weights in a temporary
+TORCH_HOME (wiring tests: the values are not quality numbers)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from benchmark import metrics as M
+from benchmark.metrics.psnr_ssim import C1, psnr, rgb_to_y, ssim, to_uint8
+from cmsrd.errors import InputError, MissingWeightsError
+
+
+def _img(v, size=16):
+    return np.full((size, size, 3), v, np.uint8)
+
+
+def test_bt601_y_values():
+    assert rgb_to_y(_img(0))[0, 0] == pytest.approx(16.0)
+    assert rgb_to_y(_img(255))[0, 0] == pytest.approx(235.0)  # 16 + 65.481 + 128.553 + 24.966
+    red = np.zeros((1, 1, 3), np.uint8); red[..., 0] = 255
+    green = np.zeros((1, 1, 3), np.uint8); green[..., 1] = 255
+    blue = np.zeros((1, 1, 3), np.uint8); blue[..., 2] = 255
+    assert rgb_to_y(red)[0, 0] == pytest.approx(81.481)
+    assert rgb_to_y(green)[0, 0] == pytest.approx(144.553)
+    assert rgb_to_y(blue)[0, 0] == pytest.approx(40.966)
+    # not YIQ luma (pyiqa's default): 0.299*255 would be 76.245 for red
+    assert abs(rgb_to_y(red)[0, 0] - 0.299 * 255) > 5
+
+
+def test_psnr_hand_values():
+    # RGB: every value off by 10 -> MSE 100 -> 10 log10(255^2/100)
+    assert psnr(_img(10), _img(0), y_channel=False) == pytest.approx(10 * math.log10(255**2 / 100))
+    # Y: grey 10 -> Y = 16 + 219*10/255; black -> 16
+    d = 219 * 10 / 255
+    assert psnr(_img(10), _img(0)) == pytest.approx(10 * math.log10(255**2 / d**2))
+    assert psnr(_img(7), _img(7)) == math.inf
+    # one wrong pixel in the border: counted with crop 0, removed with crop 2
+    a, b = _img(50), _img(50)
+    a[0, 0] = 80
+    assert psnr(a, b, crop_border=0, y_channel=False) == pytest.approx(10 * math.log10(255**2 / (900 / (16 * 16))))
+    assert psnr(a, b, crop_border=2) == math.inf
+
+
+def test_float_inputs_rounded_like_pngs():
+    f = np.full((3, 16, 16), 100.4 / 255, np.float32)  # CHW float
+    assert to_uint8(f).shape == (16, 16, 3) and to_uint8(f)[0, 0, 0] == 100
+    assert psnr(f, _img(100)) == math.inf
+    assert to_uint8(np.full((2, 2, 3), 1.7))[0, 0, 0] == 255  # clipped
+
+
+def test_ssim_hand_value_constant_images():
+    # constant images: sigma = 0, so SSIM = (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1) on Y
+    ya, yb = 16 + 219 * 100 / 255, 16 + 219 * 120 / 255
+    want = (2 * ya * yb + C1) / (ya**2 + yb**2 + C1)
+    assert ssim(_img(100), _img(120)) == pytest.approx(want, rel=1e-9)
+    assert ssim(_img(100), _img(100)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("crop", [0, 3])
+def test_psnr_ssim_match_skimage(crop):
+    rng = np.random.default_rng(1)
+    hr = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    sr = np.clip(hr.astype(int) + rng.normal(0, 12, hr.shape).round().astype(int), 0, 255).astype(np.uint8)
+    c = slice(crop, -crop if crop else None)
+    ys, yh = rgb_to_y(sr)[c, c], rgb_to_y(hr)[c, c]
+    kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+    assert ssim(sr, hr, crop_border=crop) == pytest.approx(structural_similarity(ys, yh, **kw), abs=1e-9)
+    assert ssim(sr, hr, crop_border=crop, y_channel=False) == pytest.approx(
+        structural_similarity(sr[c, c].astype(float), hr[c, c].astype(float), channel_axis=2, **kw), abs=1e-9)
+    assert psnr(sr, hr, crop_border=crop) == pytest.approx(peak_signal_noise_ratio(yh, ys, data_range=255), abs=1e-9)
+    assert psnr(sr, hr, crop_border=crop, y_channel=False) == pytest.approx(
+        peak_signal_noise_ratio(hr[c, c], sr[c, c], data_range=255), abs=1e-9)
+
+
+def test_bad_inputs_are_clear():
+    with pytest.raises(InputError, match="does not match HR shape"):
+        psnr(_img(0, 16), _img(0, 8))
+    with pytest.raises(InputError, match="crop_border=8"):
+        psnr(_img(0, 16), _img(0, 16), crop_border=8)
+    with pytest.raises(InputError, match="SSIM window"):
+        ssim(_img(0, 16), _img(0, 16), crop_border=3)
+    with pytest.raises(InputError, match="unknown"):
+        M.parse_names("psnr_y,nope")
+
+
+def test_registry_directions_and_definitions():
+    assert M.get("psnr_y").direction == "higher" and M.get("lpips").direction == "lower"
+    assert M.get("fid").level == "set" and M.get("musiq").reference is False
+    assert "crop_border=16" in M.get("ssim_y").describe(16)
+    assert "2048" in M.get("fid").describe() and "299" in M.get("fid").describe()
+    assert "PolyForm-Noncommercial" in M.get("clipiqa").describe()
+    assert set(M.DEFAULT_METRICS) <= set(M.METRICS)
+    f = M.build_image_metric("psnr_y", crop_border=1)
+    assert f([_img(3)], [_img(3)]) == [math.inf]
+
+
+def test_missing_weights_errors_name_file_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(MissingWeightsError) as e:
+        M.build_image_metric("clipiqa")
+    assert "RN50.pt" in str(e.value) and str(tmp_path / "empty" / "hub" / "clip" / "RN50.pt") in str(e.value)
+    with pytest.raises(MissingWeightsError, match="weights-inception-2015-12-05-6726825d.pth"):
+        M.compute_set_metrics(["fid"], [_img(1)] * 2, [_img(2)] * 2)
+
+
+@pytest.fixture()
+def stand_in_weights(tmp_path, monkeypatch):
+    from benchmark.testing import write_fake_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    manifest = write_fake_weights(["tv_alexnet", "tv_vgg16", "dists", "fidelity_inception", "musiq_koniq"], tmp_path / "w.yaml")
+    monkeypatch.setenv("CMSRD_WEIGHTS_MANIFEST", str(manifest))
+    return manifest
+
+
+def _pairs(n=3, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    hr = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    sr = [np.clip(h.astype(int) + rng.integers(-40, 40, h.shape), 0, 255).astype(np.uint8) for h in hr]
+    return sr, hr
+
+
+def test_perceptual_and_nr_wiring(stand_in_weights):
+    from baselines import weights as w
+
+    assert all(w.status(k) == "present" for k in ("tv_alexnet", "tv_vgg16", "dists", "musiq_koniq"))
+    sr, hr = _pairs()
+    lp = M.build_image_metric("lpips")
+    vals = lp(sr, hr)
+    assert len(vals) == 3 and all(np.isfinite(vals)) and all(v > 0 for v in vals)
+    assert lp(hr, hr) == pytest.approx([0.0] * 3, abs=1e-6)  # LPIPS(x, x) = 0 whatever the weights
+    ds = M.build_image_metric("dists")
+    dv = ds(sr, hr)
+    assert len(dv) == 3 and all(np.isfinite(dv))
+    assert ds(hr[:1], hr[:1])[0] == pytest.approx(0.0, abs=1e-4)
+    mq = M.build_image_metric("musiq")
+    mv = mq(sr[:2])
+    assert len(mv) == 2 and all(np.isfinite(mv))
+
+
+def test_fid_kid_wiring(stand_in_weights):
+    # two images per set keep the CPU Inception passes short; KID's subset size must shrink to 2
+    sr, hr = _pairs(n=2, size=32)
+    res = M.compute_set_metrics(["fid", "kid"], sr, hr)
+    assert np.isfinite(res["fid"]) and res["fid"] > 0 and np.isfinite(res["kid"])
+    assert res["kid_subset_size"] == 2 and res["feature_layer"] == "2048" and "bilinear" in res["resize"]
+    from benchmark.metrics.distribution import patches
+
+    ps = patches(sr, 16)
+    assert len(ps) == 2 * 4 and ps[0].shape == (16, 16, 3)
