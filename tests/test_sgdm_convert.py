@@ -1,0 +1,145 @@
+"""Converting the authors' SGDM checkpoints: every UNet/adapter/flow tensor name and shape from
+`../shared/reference/sgdm-official-keys.json` must load into our modules with nothing missing, unexpected
+or mis-shaped; plus our own safetensors round trip. The SD-size UNet stays on the meta device and the
+fake checkpoints are expanded zeros (one shared storage), so this is cheap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from baselines.sgdm import build
+from baselines.sgdm.adapter import SGDMAdapter
+from baselines.sgdm.backbone import SD21_UNET
+from baselines.sgdm.convert import convert_official, detect_variant, load_strict, load_torch_state
+from baselines.sgdm.flows import create_flow
+from cmsrd.errors import InputError
+
+KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sgdm-official-keys.json"
+SD = {"backbone": {"pretrained": None, "geometry": "sd21-base"}}
+TINY = {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64, "sampler": {"steps": 4}}
+pytestmark = pytest.mark.filterwarnings("ignore:.*non-meta parameter.*:UserWarning")
+METHOD = {"real": ("sgdm+", 16), "simu": ("sgdm", 32), "simu_nomap": ("sgdm-nomap", 32)}
+
+
+@pytest.fixture(scope="module")
+def official_keys() -> dict:
+    if not KEYS.is_file():
+        pytest.skip(f"{KEYS} not present")
+    return json.loads(KEYS.read_text())
+
+
+def _fake_state(shapes: dict, random_prefix: str | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Zero views of one shared scalar (no memory) or, under `random_prefix`, real random tensors."""
+    zero = torch.zeros(())
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if random_prefix and k.startswith(random_prefix) and "num_batches_tracked" not in k:
+            out[k] = torch.randn(shape, generator=g) if shape else torch.tensor(0.0)
+        elif "num_batches_tracked" in k:
+            out[k] = torch.tensor(7, dtype=torch.long)
+        else:
+            out[k] = zero.expand(shape) if shape else zero.clone()
+    return out
+
+
+@pytest.mark.parametrize("variant", ["real", "simu", "simu_nomap"])
+def test_official_keys_convert_and_load_strictly(official_keys, variant):
+    shapes = official_keys[variant]
+    state = _fake_state(shapes, random_prefix="adapter.")
+    assert detect_variant(state) == variant
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET)
+    conv = convert_official(state, unet.config)
+    own = unet.state_dict()
+    assert set(conv["unet"]) == set(own)
+    assert all(tuple(conv["unet"][k].shape) == tuple(own[k].shape) for k in own)
+    load_strict(unet, conv["unet"], "unet")
+
+    adapter = SGDMAdapter(variant)
+    load_strict(adapter, conv["adapter"], "adapter")
+    sd = adapter.state_dict()
+    for k in ("conv_in.weight", "body.3.block2.weight"):
+        assert torch.equal(sd[k], state[f"adapter.{k}"])
+    if variant == "real":
+        k = "merge_encoder.SR_Ref_Encoder.spade2.param_free_norm.running_var"
+        assert torch.equal(sd[k], state[f"adapter.{k}"])
+
+
+@pytest.mark.parametrize("variant", ["real", "simu", "simu_nomap"])
+def test_lightning_checkpoint_file_loads_into_the_method(official_keys, variant, tmp_path):
+    path = tmp_path / "SGDM.ckpt"
+    torch.save({"state_dict": _fake_state(official_keys[variant]), "global_step": 119999, "epoch": 3}, path)
+    assert path.stat().st_size < 2_000_000  # views of one storage
+    name, scale = METHOD[variant]
+    m = build(name, scale, SD, device="meta")
+    m.load_checkpoint(path)
+    assert m.loaded_from == path
+    other = "simu" if variant == "real" else "real"
+    with pytest.raises(InputError, match=f"official {variant!r}"):
+        build(*METHOD[other], SD, device="meta").load_checkpoint(path)
+
+
+def _fake_flow_state(shapes: dict, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith(".perm"):
+            perm = torch.randperm(shape[0], generator=g)
+            out[k], out[k[: -len("perm")] + "inv_perm"] = perm, torch.argsort(perm)
+        elif not k.endswith("inv_perm"):
+            out[k] = 0.1 * torch.randn(shape, generator=g)
+    return out
+
+
+def test_style_flow_state_dict_loads(official_keys, tmp_path):
+    shapes = official_keys["style_flow"]
+    state = _fake_flow_state(shapes, 0)
+    assert set(state) == set(shapes)
+    torch.save(state, tmp_path / "flow_mean.pt")
+    flow = create_flow()
+    load_strict(flow, load_torch_state(tmp_path / "flow_mean.pt"), "flow")
+    assert torch.equal(flow.q0.loc, state["q0.loc"]) and torch.equal(flow.flows[3].perm, state["flows.3.perm"])
+
+
+def test_official_flow_files_next_to_checkpoint_are_found(official_keys, tmp_path):
+    m = build("sgdm+", 16, TINY)
+    torch.save(_fake_flow_state(official_keys["style_flow"], 1), tmp_path / "flow_mean.pt")
+    torch.save(_fake_flow_state(official_keys["style_flow"], 2), tmp_path / "flow_std.pt")
+    save_file({k: v.contiguous() for k, v in m.trainable_state_dict().items()}, str(tmp_path / "model.safetensors"))
+    fresh = build("sgdm+", 16, TINY)
+    assert not bool(fresh.flows.trained)
+    fresh.load_checkpoint(tmp_path / "model.safetensors")
+    assert bool(fresh.flows.trained)
+    mean, std = fresh.flows.sample(3, torch.Generator().manual_seed(0))
+    assert mean.shape == std.shape == (3, 32) and torch.isfinite(mean).all()
+
+
+def test_our_checkpoint_round_trip_and_errors(tmp_path):
+    torch.manual_seed(0)
+    a = build("sgdm", 32, TINY)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    state = {k: v.contiguous() for k, v in a.trainable_state_dict().items()}
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(1)
+    b = build("sgdm", 32, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
+    for k, v in b.trainable_state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # a checkpoint of another variant is refused with a clear message
+    with pytest.raises(InputError, match="does not match"):
+        build("sgdm-nomap", 32, TINY).load_checkpoint(tmp_path / "model.safetensors")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be read"):
+        a.load_checkpoint(bad)
