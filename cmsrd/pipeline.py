@@ -225,18 +225,6 @@ def write_geotiff(path: Path, image: np.ndarray, bounds_3857: tuple[float, float
             dst.write(np.moveaxis(image, -1, 0))
 
 
-def remove_sample_files(spec: BuildSpec, sid: str) -> None:
-    """Files an earlier attempt of this sample may have left (a redo that is now rejected/failed)."""
-    layout = spec.layout
-    for split in SPLITS:
-        for kind in IMAGE_KINDS:
-            with contextlib.suppress(FileNotFoundError):
-                layout.image_path(split, kind, sid).unlink()
-    for which in ("hr", "lr"):
-        with contextlib.suppress(FileNotFoundError):
-            layout.geotiff_path(sid, which).unlink()
-
-
 def base_row(spec: BuildSpec, task: dict) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in ROW_COLUMNS}
     for k in ("id", "split", "z", "x", "y", "lon", "lat", "minx", "miny", "maxx", "maxy", "hr_gsd_m", "aoi", "block"):
@@ -249,7 +237,11 @@ def base_row(spec: BuildSpec, task: dict) -> dict[str, Any]:
 
 
 def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> dict[str, Any]:
-    """All stages for one sample -> its manifest row (never raises; reasons go into the row)."""
+    """All stages for one sample -> its manifest row (never raises; reasons go into the row).
+
+    A rejected or failed sample writes nothing; files an earlier attempt may have left are pruned by
+    `finalize` (never here: a stale task of a killed driver must not delete a resumed build's files).
+    """
     row = base_row(spec, task)
     timing: dict[str, float] = {}
     t = time.perf_counter()
@@ -298,13 +290,10 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
         lap("write")
         row.update(qa_status="ok", qa_reason="", qa_detail="")
     except qa.QARejected as e:
-        remove_sample_files(spec, task["id"])
         row.update(qa_status="rejected", qa_reason=e.reason, qa_detail=redact(e.detail))
     except SampleError as e:
-        remove_sample_files(spec, task["id"])
         row.update(qa_status="failed", qa_reason=e.reason, qa_detail=redact(e.detail))
     except Exception as e:  # any other bug in a stage is this sample's failure, never the build's
-        remove_sample_files(spec, task["id"])
         row.update(qa_status="failed", qa_reason="error", qa_detail=redact(f"{type(e).__name__}: {e}")[:500])
     row["_timing"] = timing
     return row
@@ -434,8 +423,10 @@ def _open_client(workers: int, threads: int, scheduler: str | None):
         except OSError as e:
             raise InputError(f"--scheduler {scheduler}", f"cannot connect ({e})",
                              "start one with `dask scheduler` + `dask worker ADDRESS`, or omit --scheduler") from None
+    # No dashboard; distributed's always-on HTTP endpoint is bound to loopback on a free port.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                           dashboard_address=None, silence_logs=logging.ERROR)
+                           dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                           silence_logs=logging.ERROR)
     return Client(cluster), cluster
 
 
