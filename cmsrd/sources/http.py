@@ -102,13 +102,17 @@ class RedactingFilter(logging.Filter):
 
 _GLOBAL_FILTER = RedactingFilter()
 _FILTERED_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry", "requests_oauthlib.oauth2_session",
-                     "oauthlib", "sentinelhub.download.client", "sentinelhub.download.sentinelhub_client")
+                     "oauthlib", "sentinelhub.download.client", "sentinelhub.download.sentinelhub_client",
+                     # rasterio logs dataset names, i.e. signed /vsicurl/ URLs, at DEBUG
+                     "rasterio", "rasterio._base", "rasterio._env", "rasterio.env", "rasterio._io", "rasterio.vrt",
+                     "rasterio._warp", "rasterio._filepath", "rasterio._err", "rasterio.session")
 
 
 def install_log_redaction(secrets: Iterable[str] = ()) -> None:
     """Attach the redacting filter to third-party loggers that print URLs or tokens (idempotent)."""
     _GLOBAL_FILTER.secrets.update(s for s in secrets if s and len(s) >= 4)
-    for name in _FILTERED_LOGGERS + (__name__,):
+    known = [n for n in logging.root.manager.loggerDict if n.startswith(("rasterio", "sentinelhub", "urllib3"))]
+    for name in (*_FILTERED_LOGGERS, *known, __name__):
         lg = logging.getLogger(name)
         if _GLOBAL_FILTER not in lg.filters:
             lg.addFilter(_GLOBAL_FILTER)

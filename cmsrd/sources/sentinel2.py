@@ -1,0 +1,520 @@
+"""Real Sentinel-2 L2A LR for a footprint, from a STAC API (Earth Search v1 by default, Planetary Computer
+as an option) and Cloud-Optimized GeoTIFFs.
+
+Steps for one footprint (an XYZ tile):
+
+1. search: the STAC API is queried once per area and date window (pystac-client, results cached in
+   memory and optionally on disk), then each footprint picks the items that cover it;
+2. rank: scenes by scene-wide `eo:cloud_cover`, then days from the HR capture date; the SCL layer is read
+   inside the footprint for the best few and the first whose cloud/shadow/no-data fraction is at most
+   `max_footprint_cloud` wins (otherwise SampleError lr_cloudy / lr_nodata);
+3. read: only the footprint window of B04/B03/B02 (rasterio over /vsicurl/ or local paths, `WarpedVRT`
+   onto the footprint in EPSG:3857 at ~10 m ground spacing, cubic; SCL nearest);
+4. radiometry: DN -> BOA reflectance with the recipe the item calls for (`reflectance_recipe`), then
+   uint8 = clip(round(255 * GAIN * reflectance)), GAIN fixed and recorded;
+5. LR: the native reflectance resampled to lr_px x lr_px with MATLAB-compatible antialiased bicubic
+   (`cmsrd.degrade.imresize`, Keys a=-0.5), the same kernel as the synthetic LR, then mapped to 8 bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, SampleError
+from ..io import atomic_write_text
+from .base import WEB_MERCATOR, LRResult, check_tile, tile_bounds_3857, tile_bounds_lonlat
+from .http import USER_AGENT, HttpClient, HTTPFetchError, RetryPolicy, install_log_redaction, redact
+
+log = logging.getLogger(__name__)
+
+EARTH_SEARCH_V1 = "https://earth-search.aws.element84.com/v1"
+PLANETARY_COMPUTER = "https://planetarycomputer.microsoft.com/api/stac/v1"
+PC_SAS_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
+
+GAIN = 2.5  # uint8 = 255 * GAIN * reflectance: reflectance 0..0.4 spans 0..255 (Sentinel Hub true colour)
+NATIVE_GSD_M = 10.0
+# SCL classes that make a pixel unusable: no data, saturated/defective, cloud shadow, cloud medium and
+# high probability, thin cirrus (ESA L2A product definition).
+SCL_BAD = (0, 1, 3, 8, 9, 10)
+
+# Asset keys per catalog family: Earth Search uses common names, Planetary Computer band names.
+ASSET_KEYS = {
+    "earth-search": {"red": "red", "green": "green", "blue": "blue", "scl": "scl"},
+    "planetary-computer": {"red": "B04", "green": "B03", "blue": "B02", "scl": "SCL"},
+}
+GDAL_ENV = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing round trips on /vsicurl/
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff",
+    "GDAL_HTTP_MAX_RETRY": "4",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_HTTP_TIMEOUT": "60",
+    "GDAL_HTTP_USERAGENT": USER_AGENT,
+    "VSI_CACHE": "TRUE",
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Radiometry
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """DN -> reflectance as `DN * scale + offset` with a human-readable statement of why."""
+
+    scale: float
+    offset: float
+    why: str
+
+    def apply(self, dn: np.ndarray, nodata: int | None = 0) -> np.ndarray:
+        refl = dn.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)
+        if nodata is not None:
+            refl[dn == nodata] = np.nan
+        return refl
+
+    def text(self, gain: float = GAIN) -> str:
+        off = f" - {abs(self.offset):g}" if self.offset < 0 else (f" + {self.offset:g}" if self.offset else "")
+        return (f"reflectance = DN * {self.scale:g}{off} ({self.why}); DN 0 = no data; "
+                f"uint8 = clip(round(255 * {gain:g} * reflectance), 0, 255)")
+
+
+def _baseline_tuple(baseline: str | None) -> tuple[int, int] | None:
+    m = re.match(r"^\s*(\d+)\.(\d+)", str(baseline or ""))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def reflectance_recipe(properties: dict[str, Any], collection: str | None, catalog: str = "earth-search",
+                       asset: dict[str, Any] | None = None) -> Recipe:
+    """The DN -> BOA reflectance recipe of one L2A item.
+
+    From processing baseline 04.00 (Jan 2022) ESA adds BOA_ADD_OFFSET = -1000 to the DNs, so
+    reflectance = DN/10000 - 0.1; before it there is no offset. Earth Search `sentinel-2-l2a` shifted the
+    DNs of such products at ingest (`earthsearch:boa_offset_applied: true`) although the asset's
+    `raster:bands` still says offset -0.1, so the offset must not be applied twice. `sentinel-2-c1-l2a`
+    (Collection 1) and Planetary Computer keep ESA's DNs.
+    """
+    baseline = properties.get("s2:processing_baseline")
+    bt = _baseline_tuple(baseline)
+    scale = 1e-4
+    if asset is not None:
+        bands = asset.get("raster:bands") or [{}]
+        scale = float(bands[0].get("scale", scale) or scale)
+    coll = (collection or "").lower()
+    if bt is None:
+        raise SampleError("lr_unknown_baseline",
+                          f"item has no usable s2:processing_baseline ({baseline!r}); cannot choose the offset")
+    if bt < (4, 0):
+        return Recipe(scale, 0.0, f"baseline {baseline} < 04.00: no BOA offset")
+    if catalog == "earth-search" and coll == "sentinel-2-l2a" and properties.get("earthsearch:boa_offset_applied"):
+        return Recipe(scale, 0.0, f"Earth Search {coll}, baseline {baseline}: BOA offset already applied "
+                                  "at ingest (earthsearch:boa_offset_applied=true)")
+    return Recipe(scale, -0.1, f"{catalog} {coll or 'L2A'}, baseline {baseline} >= 04.00: BOA_ADD_OFFSET -1000")
+
+
+def to_uint8(refl: np.ndarray, gain: float = GAIN) -> np.ndarray:
+    """Reflectance -> uint8 with the fixed gain; NaN (no data) -> 0."""
+    v = np.nan_to_num(refl, nan=0.0) * (255.0 * gain)
+    return np.clip(np.floor(v + 0.5), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planetary Computer signing
+
+
+class SasSigner:
+    """Appends a Planetary Computer SAS token (from `{sas_url}/{collection}`) to asset hrefs.
+
+    Tokens are cached per collection until shortly before `msft:expiry`; they are registered with the
+    HTTP client as secrets so they never reach a log or an error message.
+    """
+
+    def __init__(self, client: HttpClient, sas_url: str = PC_SAS_URL, margin_s: float = 300.0):
+        self.client, self.sas_url, self.margin_s = client, sas_url.rstrip("/"), margin_s
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def token(self, collection: str) -> str:
+        with self._lock:
+            tok = self._tokens.get(collection)
+            if tok and tok[1] - self.margin_s > time.time():
+                return tok[0]
+        try:
+            resp = self.client.get(f"{self.sas_url}/{collection}")
+            doc = resp.json()
+            token = str(doc["token"])
+        except (HTTPFetchError, ValueError, KeyError, TypeError) as e:
+            raise SampleError("lr_signing_failed", f"SAS token for {collection}: {redact(e)}") from None
+        self.client.add_secret(token)
+        for part in token.split("&"):  # the signature alone must not leak either
+            if part.startswith("sig="):
+                self.client.add_secret(part[4:])
+        expiry = _parse_iso(doc.get("msft:expiry")) if doc.get("msft:expiry") else None
+        exp_ts = expiry.timestamp() if expiry else time.time() + 45 * 60
+        with self._lock:
+            self._tokens[collection] = (token, exp_ts)
+        return token
+
+    def sign(self, href: str, collection: str) -> str:
+        if not re.match(r"(?i)^https?://", href) or "sig=" in href:
+            return href
+        return href + ("&" if "?" in href else "?") + self.token(collection)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _parse_iso(text: str) -> datetime:
+    t = str(text).strip().replace("Z", "+00:00")
+    dt = datetime.fromisoformat(t)
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def _parse_day(value: str | date | datetime, what: str) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value)[:10])
+    except ValueError:
+        raise InputError(what, f"{value!r} is not a date", "use YYYY-MM-DD") from None
+
+
+def _gdal_path(href: str) -> str:
+    if re.match(r"(?i)^https?://", href):
+        return "/vsicurl/" + href
+    if href.startswith("file://"):
+        return href[7:]
+    if href.startswith("s3://"):
+        return "/vsis3/" + href[5:]
+    return href
+
+
+def native_size(z: int, x: int, y: int, gsd_m: float = NATIVE_GSD_M) -> int:
+    """Pixels across the footprint at `gsd_m` ground spacing (Mercator scale corrected at its centre)."""
+    left, bottom, right, top = tile_bounds_3857(z, x, y)
+    lat = math.degrees(math.atan(math.sinh((bottom + top) / 2.0 / 6378137.0)))
+    return max(2, int(round((right - left) * math.cos(math.radians(lat)) / gsd_m)))
+
+
+def _item_dict(item: Any) -> dict[str, Any]:
+    return item.to_dict(transform_hrefs=False) if hasattr(item, "to_dict") else dict(item)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The source
+
+
+class Sentinel2STAC:
+    """Sentinel-2 L2A LR from a STAC API + COGs. See the module docstring for the method.
+
+    `url`: STAC API root (Earth Search v1 by default; `PLANETARY_COMPUTER` switches asset keys and URL
+    signing on). `collection`: `sentinel-2-l2a` or `sentinel-2-c1-l2a`. `window_days`: +- days around the
+    HR date searched. `max_cloud`: scene `eo:cloud_cover` ceiling (percent) sent with the search.
+    `max_footprint_cloud`: share of bad SCL pixels tolerated inside the footprint. `cache_dir`: search
+    results on disk. `href_map`: rewrites asset hrefs before reading (e.g. to local copies or a mirror).
+    `catalog`: "earth-search" | "planetary-computer" (guessed from the URL). `sas_url`: token endpoint
+    for signing (Planetary Computer's by default when that catalog is used). `search_zoom`: without
+    `items`, `fetch` searches the enclosing XYZ tile at this zoom (10: ~39 km), cached, so neighbouring
+    footprints with the same HR date share one search.
+    """
+
+    def __init__(
+        self,
+        url: str = EARTH_SEARCH_V1,
+        collection: str = "sentinel-2-l2a",
+        window_days: int = 30,
+        max_cloud: float = 60.0,
+        cache_dir: str | os.PathLike | None = None,
+        session: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        client: HttpClient | None = None,
+        max_footprint_cloud: float = 0.05,
+        max_candidates: int = 6,
+        max_items: int = 500,
+        gain: float = GAIN,
+        catalog: str | None = None,
+        sas_url: str | None = None,
+        href_map: Callable[[str], str] | None = None,
+        timeout: float | tuple[float, float] = (10.0, 60.0),
+        retry: RetryPolicy | None = None,
+        rate: float | None = 5.0,
+        search_zoom: int = 10,
+    ):
+        if not re.match(r"(?i)^https?://", str(url or "")):
+            raise InputError(f"STAC URL {url!r}", "is not an http(s) URL", f"use e.g. {EARTH_SEARCH_V1}")
+        if not 0 <= max_footprint_cloud <= 1:
+            raise InputError("max_footprint_cloud", f"{max_footprint_cloud} is not in [0, 1]", "use e.g. 0.05")
+        self.url = url.rstrip("/")
+        self.collection = collection
+        self.window_days = int(window_days)
+        self.max_cloud = float(max_cloud)
+        self.max_footprint_cloud = float(max_footprint_cloud)
+        self.max_candidates = int(max_candidates)
+        self.max_items = int(max_items)
+        self.search_zoom = int(search_zoom)
+        self.gain = float(gain)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.catalog = catalog or ("planetary-computer" if "planetarycomputer" in self.url.lower() else "earth-search")
+        if self.catalog not in ASSET_KEYS:
+            raise InputError(f"catalog {self.catalog!r}", "unknown", f"use one of {sorted(ASSET_KEYS)}")
+        self.keys = ASSET_KEYS[self.catalog]
+        self.sas_url = sas_url or (PC_SAS_URL if self.catalog == "planetary-computer" else None)
+        self.href_map = href_map
+        self.params = dict(params or {})
+        self._client_kw = dict(timeout=timeout, retry=retry, rate=rate)
+        self._session = session
+        self._client = client
+        self._searches: dict[str, list[dict]] = {}
+        self._lock = threading.Lock()
+        self._signer: SasSigner | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        s = self.__dict__.copy()
+        s.update(_client=None, _session=None, _signer=None, _lock=None)
+        return s
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> HttpClient:
+        if self._client is None:
+            self._client = HttpClient(session=self._session, **self._client_kw)
+        return self._client
+
+    @property
+    def signer(self) -> SasSigner | None:
+        if self.sas_url and self._signer is None:
+            self._signer = SasSigner(self.client, self.sas_url)
+        return self._signer
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "stac", "url": redact(self.url), "catalog": self.catalog, "collection": self.collection,
+                "window_days": self.window_days, "max_cloud": self.max_cloud,
+                "max_footprint_cloud": self.max_footprint_cloud, "gain": self.gain,
+                "attribution": "Contains modified Copernicus Sentinel data"}
+
+    # -- search ---------------------------------------------------------------------------------
+    def search_area(self, bbox_lonlat: Sequence[float], start: str | date, end: str | date) -> list[dict]:
+        """All items of the collection over `bbox_lonlat` (w, s, e, n) between start and end (inclusive).
+
+        One STAC search per distinct (bbox, dates); results are kept in memory (and under
+        `cache_dir/stac/` when given) so every footprint of an area reuses them. Returns item dicts.
+        """
+        w, s, e, n = (float(v) for v in bbox_lonlat)
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            raise InputError(f"bbox {list(bbox_lonlat)}", "is not west < east, south < north in degrees",
+                             "give (west, south, east, north) in EPSG:4326")
+        d0, d1 = _parse_day(start, "search start"), _parse_day(end, "search end")
+        if d1 < d0:
+            raise InputError("search dates", f"end {d1} is before start {d0}", "swap them")
+        body = {"bbox": [round(v, 6) for v in (w, s, e, n)], "datetime": f"{d0}T00:00:00Z/{d1}T23:59:59Z",
+                "collections": [self.collection], "max_cloud": self.max_cloud, "url": self.url}
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+        with self._lock:
+            if key in self._searches:
+                return self._searches[key]
+        disk = self.cache_dir / "stac" / f"{key}.json" if self.cache_dir else None
+        if disk is not None and disk.is_file():
+            try:
+                items = json.loads(disk.read_text())
+                with self._lock:
+                    self._searches[key] = items
+                return items
+            except ValueError:
+                pass
+        items = self._search(body["bbox"], body["datetime"])
+        with self._lock:
+            self._searches[key] = items
+        if disk is not None:
+            atomic_write_text(disk, json.dumps(items))
+        return items
+
+    def _stac_client(self) -> Any:
+        from pystac_client import Client
+        from pystac_client.stac_api_io import StacApiIO
+        from urllib3.util.retry import Retry
+
+        pol = self.client.retry  # the same policy as every other request of the toolkit
+        retry = Retry(total=pol.retries, backoff_factor=pol.backoff, backoff_max=pol.max_backoff,
+                      backoff_jitter=pol.jitter, status_forcelist=tuple(sorted(pol.retry_statuses)),
+                      allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+        io = StacApiIO(headers={"User-Agent": USER_AGENT}, parameters=self.params or None,
+                       timeout=self.client.timeout, max_retries=retry)
+        return Client.open(self.url, stac_io=io)
+
+    def _search(self, bbox: list[float], dt: str) -> list[dict]:
+        from pystac_client.exceptions import APIError
+
+        from pystac_client.conformance import ConformanceClasses
+
+        try:
+            client = self._stac_client()
+            query = {"eo:cloud_cover": {"lte": self.max_cloud}} if client.conforms_to(ConformanceClasses.QUERY) else None
+            search = client.search(collections=[self.collection], bbox=bbox, datetime=dt, query=query,
+                                   max_items=self.max_items, limit=min(100, self.max_items))
+            items = [it.to_dict(transform_hrefs=False) for it in search.items()]
+            # also filter here: a catalog without the query extension returns every cloud cover
+            items = [it for it in items if float(it["properties"].get("eo:cloud_cover", 0) or 0) <= self.max_cloud]
+        except APIError as e:
+            raise SampleError("lr_search_failed", f"{redact(self.url)}: {redact(e)[:300]}") from None
+        except Exception as e:  # noqa: BLE001 - requests/urllib3/pystac raise many types; all mean the same
+            raise SampleError("lr_search_failed", f"{redact(self.url)}: {type(e).__name__}: {redact(e)[:300]}") from None
+        log.info("STAC search %s %s: %d item(s)", bbox, dt, len(items))
+        return items
+
+    # -- per footprint --------------------------------------------------------------------------
+    def candidates(self, z: int, x: int, y: int, items: Iterable[Any], hr_date: str | None) -> list[dict]:
+        """Items covering the footprint, ordered by scene cloud cover then days from the HR date."""
+        from shapely.geometry import box, shape
+
+        fp = box(*tile_bounds_lonlat(z, x, y))
+        hr = _parse_day(hr_date, "HR date") if hr_date else None
+        out = []
+        for it in items:
+            d = _item_dict(it)
+            if d.get("collection") not in (None, self.collection):
+                continue
+            try:
+                geom = shape(d["geometry"]) if d.get("geometry") else box(*d["bbox"])
+            except Exception:  # noqa: BLE001 - a malformed item is skipped, not fatal
+                continue
+            if not geom.buffer(1e-9).covers(fp):
+                continue
+            when = _parse_iso(d["properties"]["datetime"])
+            days = abs((when.date() - hr).days) if hr else None
+            if hr is not None and days > self.window_days:
+                continue
+            cc = d["properties"].get("eo:cloud_cover")
+            out.append((float(cc) if cc is not None else 100.0, days if days is not None else 0, d["id"], d))
+        out.sort(key=lambda t: t[:3])
+        return [t[3] for t in out]
+
+    def fetch(self, z: int, x: int, y: int, lr_px: int = 16, hr_date: str | None = None,
+              items: Iterable[Any] | None = None) -> LRResult:
+        """The real LR of footprint (z, x, y): best scene, reflectance, 8-bit lr_px x lr_px image."""
+        check_tile(z, x, y)
+        if not isinstance(lr_px, int) or lr_px < 1:
+            raise InputError(f"lr_px {lr_px!r}", "must be a positive integer", "use e.g. 16")
+        if items is None:
+            if not hr_date:
+                raise InputError("hr_date", "is needed to search scenes when no items are given",
+                                 "pass hr_date='YYYY-MM-DD' or items from search_area()")
+            d = _parse_day(hr_date, "HR date")
+            # Search the enclosing tile at `search_zoom` so neighbouring footprints share one search.
+            zs = min(self.search_zoom, z)
+            area = tile_bounds_lonlat(zs, x >> (z - zs), y >> (z - zs))
+            items = self.search_area(area, d - timedelta(days=self.window_days), d + timedelta(days=self.window_days))
+        cands = self.candidates(z, x, y, items, hr_date)
+        if not cands:
+            raise SampleError("lr_no_scene", f"no {self.collection} scene covers tile {z}/{x}/{y}"
+                              + (f" within {self.window_days} days of {hr_date}" if hr_date else ""))
+        n = native_size(z, x, y)
+        tried: list[dict[str, Any]] = []
+        for d in cands[: self.max_candidates]:
+            try:
+                frac = self._bad_fraction(d, z, x, y, n)
+            except SampleError as e:
+                tried.append({"id": d["id"], "error": e.reason})
+                continue
+            tried.append({"id": d["id"], "bad_fraction": round(frac["bad"], 4), "nodata": round(frac["nodata"], 4),
+                          "eo:cloud_cover": d["properties"].get("eo:cloud_cover")})
+            if frac["bad"] <= self.max_footprint_cloud:
+                return self._build(d, z, x, y, n, lr_px, hr_date, frac["bad"], tried)
+        if tried and all("error" in t for t in tried):
+            raise SampleError(tried[0]["error"], f"tile {z}/{x}/{y}: every candidate failed to read: {tried}")
+        if tried and all(t.get("nodata", 0) > 0.5 for t in tried if "nodata" in t):
+            raise SampleError("lr_nodata", f"tile {z}/{x}/{y} is outside the data of every scene: {tried}")
+        raise SampleError("lr_cloudy", f"tile {z}/{x}/{y}: no scene has <= {self.max_footprint_cloud:.0%} "
+                          f"cloud/shadow/no-data inside the footprint: {tried}")
+
+    # -- reading --------------------------------------------------------------------------------
+    def _href(self, d: dict, role: str) -> tuple[str, dict]:
+        key = self.keys[role]
+        asset = d.get("assets", {}).get(key)
+        if asset is None:
+            raise SampleError("lr_missing_asset", f"item {d['id']} has no asset {key!r} ({role})")
+        href = asset["href"]
+        if self.href_map is not None:
+            href = self.href_map(href)
+        if self.signer is not None:
+            href = self.signer.sign(href, d.get("collection") or self.collection)
+        return href, asset
+
+    def _read(self, href: str, z: int, x: int, y: int, n: int, resampling: str) -> np.ndarray:
+        import rasterio
+        from rasterio.enums import Resampling
+        from rasterio.transform import from_bounds
+        from rasterio.vrt import WarpedVRT
+
+        transform = from_bounds(*tile_bounds_3857(z, x, y), width=n, height=n)
+        install_log_redaction(self.client.secrets)
+        try:
+            with rasterio.Env(**GDAL_ENV), rasterio.open(_gdal_path(href)) as src:
+                nodata = src.nodata if src.nodata is not None else 0
+                with WarpedVRT(src, crs=WEB_MERCATOR, transform=transform, width=n, height=n,
+                               resampling=Resampling[resampling], src_nodata=nodata, nodata=nodata) as vrt:
+                    return vrt.read(1)
+        except rasterio.errors.RasterioError as e:
+            raise SampleError("lr_read_failed", f"{redact(href, self.client.secrets)}: "
+                              f"{redact(e, self.client.secrets)[:300]}") from None
+
+    def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
+        href, _ = self._href(d, "scl")
+        scl = self._read(href, z, x, y, n, "nearest")
+        return {"bad": float(np.isin(scl, SCL_BAD).mean()), "nodata": float((scl == 0).mean())}
+
+    def _build(self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None,
+               bad: float, tried: list[dict]) -> LRResult:
+        from ..degrade import imresize
+
+        props = d["properties"]
+        bands, hrefs, recipe = [], {}, None
+        for role in ("red", "green", "blue"):
+            href, asset = self._href(d, role)
+            recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
+            dn = self._read(href, z, x, y, n, "cubic")
+            bands.append(recipe.apply(dn, nodata=0))
+            hrefs[role] = redact(href, self.client.secrets)
+        native = np.stack(bands, axis=-1).astype(np.float32)
+        if np.isnan(native).all():
+            raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
+        filled = native.copy()
+        if np.isnan(filled).any():  # fill the few no-data pixels with the band mean before resampling
+            means = np.nanmean(filled.reshape(-1, 3), axis=0)
+            idx = np.where(np.isnan(filled))
+            filled[idx] = means[idx[2]]
+        lr_refl = imresize(filled, output_shape=(lr_px, lr_px), antialias=True)
+        when = _parse_iso(props["datetime"])
+        days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
+        assert recipe is not None
+        return LRResult(
+            image=to_uint8(lr_refl, self.gain), native=native, scene_id=d["id"],
+            datetime=when.isoformat().replace("+00:00", "Z"), cloud_fraction=bad,
+            scene_cloud_cover=props.get("eo:cloud_cover"), days_from_hr=days,
+            baseline=props.get("s2:processing_baseline"), radiometry=recipe.text(self.gain),
+            collection=d.get("collection") or self.collection,
+            info={"catalog": self.catalog, "stac_url": redact(self.url), "native_px": n,
+                  "native_gsd_m": NATIVE_GSD_M, "gain": self.gain, "assets": hrefs, "candidates": tried,
+                  "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
+                  "warp_resampling": "cubic (bands), nearest (SCL)", "scl_bad_classes": list(SCL_BAD),
+                  "boa_offset_applied": props.get("earthsearch:boa_offset_applied")},
+        )
