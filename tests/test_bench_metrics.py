@@ -110,12 +110,17 @@ def test_missing_weights_errors_name_file_and_path(tmp_path, monkeypatch):
 
 @pytest.fixture()
 def stand_in_weights(tmp_path, monkeypatch):
+    """Factory: write random stand-ins for the given manifest keys into a temp TORCH_HOME."""
     from benchmark.testing import write_fake_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    manifest = write_fake_weights(["tv_alexnet", "tv_vgg16", "dists", "fidelity_inception", "musiq_koniq"], tmp_path / "w.yaml")
-    monkeypatch.setenv("CMSRD_WEIGHTS_MANIFEST", str(manifest))
-    return manifest
+
+    def make(*keys: str):
+        manifest = write_fake_weights(keys, tmp_path / "w.yaml")
+        monkeypatch.setenv("CMSRD_WEIGHTS_MANIFEST", str(manifest))
+        return manifest
+
+    return make
 
 
 def _pairs(n=3, size=64, seed=0):
@@ -128,6 +133,7 @@ def _pairs(n=3, size=64, seed=0):
 def test_perceptual_and_nr_wiring(stand_in_weights):
     from baselines import weights as w
 
+    stand_in_weights("tv_alexnet", "tv_vgg16", "dists", "musiq_koniq")
     assert all(w.status(k) == "present" for k in ("tv_alexnet", "tv_vgg16", "dists", "musiq_koniq"))
     sr, hr = _pairs()
     lp = M.build_image_metric("lpips")
@@ -144,6 +150,7 @@ def test_perceptual_and_nr_wiring(stand_in_weights):
 
 
 def test_fid_kid_wiring(stand_in_weights):
+    stand_in_weights("fidelity_inception")
     # two images per set keep the CPU Inception passes short; KID's subset size must shrink to 2
     sr, hr = _pairs(n=2, size=32)
     res = M.compute_set_metrics(["fid", "kid"], sr, hr)
