@@ -1,0 +1,178 @@
+"""SGDM end to end at a tiny geometry: stage-1 training steps (loss falls on a fixed batch), sampling at
+x16 (16 -> 256) and x32 (8 -> 256), conditions (steps, start=lr@t, map=none, style=gt/sample), and
+stage 2 (style statistics + flows) on a built dataset."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from baselines.base import TrainContext
+from baselines.conditions import Conditions
+from baselines.sgdm import build
+from baselines.sgdm.flows import FlowTrainConfig, StyleFlows, train_style_flows
+from cmsrd.errors import InputError
+
+TINY = {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64, "sampler": {"steps": 3}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def plus():
+    torch.manual_seed(0)
+    return build("sgdm+", 16, TINY)
+
+
+@pytest.fixture(scope="module")
+def syn():
+    torch.manual_seed(0)
+    return build("sgdm", 32, TINY)
+
+
+def _batch(n: int, size: int, seed: int = 0, lr: int | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hr = torch.rand(n, 3, size, size, generator=g)
+    mp = torch.zeros(n, 3, size, size)
+    mp[:, :, : size // 2] = torch.tensor([133, 203, 249]).view(1, 3, 1, 1) / 255  # water
+    mp[:, :, size // 2:] = torch.tensor([226, 224, 210]).view(1, 3, 1, 1) / 255  # building
+    lr_px = lr or size // 16
+    low = torch.nn.functional.interpolate(hr, size=(lr_px, lr_px), mode="area")
+    sr = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return {"hr": hr, "lr": low, "sr": sr, "map": mp}
+
+
+def _ctx(opts, autocast=contextlib.nullcontext):
+    def backward(loss, name):
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+    return TrainContext(0, backward, autocast)
+
+
+@pytest.mark.parametrize("name,scale", [("sgdm+", 16), ("sgdm", 32)])
+def test_training_steps_reduce_loss_on_a_fixed_batch(name, scale):
+    torch.manual_seed(0)
+    m = build(name, scale, TINY).train()
+    opts = m.configure_optimizers({"lr": 5e-3})
+    assert isinstance(opts["main"], torch.optim.AdamW)
+    assert opts["main"].defaults["weight_decay"] == 0.01
+    frozen_before = m.vae.encoder.conv_in.weight.clone()
+    batch = _batch(1, 64)
+    ctx = _ctx(opts)
+    losses = []
+    for _ in range(5):
+        torch.manual_seed(123)  # same t, noise and posterior sample every step: a fixed objective
+        losses.append(m.training_step(batch, ctx)["loss"])
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert torch.equal(m.vae.encoder.conv_in.weight, frozen_before)  # VAE stays frozen
+
+
+def test_default_lr_is_official():
+    m = build("sgdm-nomap", 32, TINY)
+    assert m.configure_optimizers({})["main"].defaults["lr"] == 5e-5
+
+
+def test_gradient_checkpointing_gives_the_same_loss():
+    batch = _batch(1, 64)
+    losses = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = build("sgdm-nomap", 32, {**TINY, "train": {"gradient_checkpointing": ckpt}}).train()
+        assert m.unet.is_gradient_checkpointing == ckpt
+        torch.manual_seed(1)
+        losses.append(m.training_step(batch, _ctx(m.configure_optimizers({"lr": 1e-4})))["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _count_unet_calls(m):
+    calls = []
+    return calls, m.unet.register_forward_hook(lambda *a: calls.append(1))
+
+
+def test_sample_x16_with_style_image_and_lr_start(plus):
+    plus.eval()
+    b = _batch(1, 256, lr=16)
+    b["style"] = b.pop("hr")
+    calls, h = _count_unet_calls(plus)
+    try:
+        out = plus.super_resolve(b, Conditions(style="gt"), torch.Generator().manual_seed(0))
+        assert out.shape == (1, 3, 256, 256) and 0 <= out.min() and out.max() <= 1
+        assert len(calls) == plus.nfe(Conditions()) == 3
+        calls.clear()
+        cond = Conditions(steps=10, start_t=400, style="gt")
+        out2 = plus.super_resolve(b, cond, torch.Generator().manual_seed(0))
+        assert out2.shape == (1, 3, 256, 256)
+        assert len(calls) == plus.nfe(cond) == 4 < 10  # timesteps 333, 222, 111, 0 of the 10-step grid
+    finally:
+        h.remove()
+
+
+def test_sample_x32_and_map_none(syn):
+    syn.eval()
+    b = _batch(1, 256, lr=8)
+    b.pop("hr")
+    g = torch.Generator().manual_seed(0)
+    out = syn.super_resolve(b, Conditions(steps=2), g)
+    assert out.shape == (1, 3, 256, 256)
+    b.pop("map")  # map=none: the runner removes the map
+    out_none = syn.super_resolve(b, Conditions(map="none", steps=2), torch.Generator().manual_seed(0))
+    assert out_none.shape == (1, 3, 256, 256) and not torch.allclose(out_none, out)
+
+
+def test_style_sampling_needs_trained_flows(plus):
+    b = _batch(1, 64)
+    b.pop("hr")
+    with pytest.raises(InputError, match="stage 2"):
+        plus.super_resolve(b, Conditions(style="sample"), torch.Generator().manual_seed(0))
+
+
+def test_style_flows_train_and_sample():
+    rng = np.random.default_rng(0)
+    means = rng.normal(0.3, 0.05, (128, 32)).astype(np.float32)
+    stds = rng.normal(0.1, 0.02, (128, 32)).astype(np.float32)
+    torch.manual_seed(0)
+    flows = StyleFlows()
+    flows.requires_grad_(True)
+    assert sum(p.numel() for p in flows.mean.parameters()) == 117_312
+    hist = train_style_flows(flows, means, stds, FlowTrainConfig(epochs=8, batch_size=64))
+    assert hist["mean"][-1] < hist["mean"][0] and hist["std"][-1] < hist["std"][0]
+    m1, s1 = flows.sample(500, torch.Generator().manual_seed(0))
+    m2, _ = flows.sample(500, torch.Generator().manual_seed(0))
+    assert m1.shape == s1.shape == (500, 32) and torch.equal(m1, m2)
+    assert torch.isfinite(m1).all() and torch.isfinite(s1).all()
+
+
+def test_stage2_collects_hr_styles_trains_flows_and_enables_style_sampling(tiny_dataset, tmp_path):
+    torch.manual_seed(0)
+    m = build("sgdm+", 16, {**TINY, "flows": {"epochs": 3, "batch_size": 4}})
+    with pytest.raises(InputError, match="stage-1"):
+        m.run_stage(2, tiny_dataset, {}, tmp_path)
+    save_file({k: v.contiguous() for k, v in m.trainable_state_dict().items()}, str(tmp_path / "model.safetensors"))
+    m.run_stage(2, tiny_dataset, {}, tmp_path)
+    means, stds = np.load(tmp_path / "style_mean.npy"), np.load(tmp_path / "style_std.npy")
+    assert means.shape == stds.shape == (6, 32) and (stds > 0).all() and np.abs(means).max() < 1
+    hist = json.loads((tmp_path / "flows_history.json").read_text())
+    assert hist["n"] == 6 and len(hist["mean"]) == 3
+    assert (tmp_path / "flows.safetensors").is_file()
+    # a fresh model loading the stage-1 checkpoint picks up the flows and samples styles
+    fresh = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")}).eval()
+    assert bool(fresh.flows.trained)
+    assert fresh.parameter_counts()[1] == m.parameter_counts()[1]  # flows are not stage-1 trainables
+    b = _batch(2, 64)
+    b.pop("hr")
+    o1 = fresh.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
+    o2 = fresh.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
+    assert o1.shape == (2, 3, 64, 64) and torch.equal(o1, o2)
