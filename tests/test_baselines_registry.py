@@ -1,0 +1,86 @@
+"""Registry metadata, bicubic against the dataset's own MATLAB bicubic, shared batched inference,
+and `cmsrd-bench list`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from baselines import registry
+from baselines.cli import list_command, method_rows
+from baselines.conditions import Conditions, UnsupportedCondition
+from baselines.inference import method_inputs, super_resolve_batch, super_resolve_loader
+from cmsrd.data import CMSRDDataset
+from cmsrd.errors import InputError
+
+
+@pytest.mark.parametrize("name,kind,nfe,licence", [("bicubic", "interp", 0, "n/a"), ("esrgan", "gan", 1, "Apache-2.0"), ("swinir", "regression", 1, "Apache-2.0")])
+def test_specs(name, kind, nfe, licence):
+    spec = registry.get(name)
+    assert spec.kind == kind and spec.nfe == nfe and spec.license.startswith(licence)
+    assert {16, 32} <= set(spec.scales) and spec.inputs == ("lr",) and spec.citation
+    assert spec.default_config()  # a YAML config ships with every method
+
+
+def test_config_type_selects_architecture_and_scale_follows_method():
+    m = registry.build("esrgan", 32, {"network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}})
+    assert type(m.net_g).__name__ == "RRDBNet" and m.net_g.num_up == 5
+    with pytest.raises(InputError, match="disagrees with the requested scale x16"):
+        registry.build("esrgan", 16, {"network": {"scale": 4}})
+    with pytest.raises(InputError, match="unknown architecture"):
+        registry.build("swinir", 16, {"network": {"type": "NoSuchNet"}})
+    with pytest.raises(InputError, match="not supported"):
+        registry.build("esrgan", 3)
+
+
+def test_bicubic_matches_dataset_bicubic(tiny_dataset):
+    ds = CMSRDDataset(tiny_dataset, "test", inputs=("lr", "sr", "hr"))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3)
+    method = registry.build("bicubic", ds.scale)
+    seen = []
+    for ids, sr, batch in super_resolve_loader(method, loader, device="cpu", progress=False):
+        assert sr.shape == batch["hr"].shape and sr.dtype == torch.float32
+        # the dataset's sr_4_64 PNGs are MATLAB bicubic of the uint8 LR, rounded to uint8
+        diff = (sr * 255).round() - batch["sr"] * 255
+        assert diff.abs().max() <= 1.0
+        seen += ids
+    assert seen == ds.ids
+
+
+def test_inference_moves_only_declared_inputs_and_checks_conditions():
+    method = registry.build("bicubic", 16)
+    batch = {"lr": torch.rand(2, 3, 4, 4), "hr": torch.rand(2, 3, 64, 64), "map": torch.rand(2, 3, 64, 64), "id": ["a", "b"]}
+    assert set(method_inputs(method, batch, Conditions())) == {"lr"}
+    with pytest.raises(InputError, match=r"lacks \['lr'\]"):
+        super_resolve_batch(method, {"hr": batch["hr"]})
+    with pytest.raises(UnsupportedCondition, match="map"):
+        super_resolve_batch(method, batch, Conditions.parse("map=shuffle"))
+    out = super_resolve_batch(method, batch, precision="bf16")
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+
+
+def test_list_table_and_json():
+    r = CliRunner().invoke(list_command, [], catch_exceptions=False)
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert lines[0].split()[:5] == ["name", "kind", "scales", "inputs", "NFE"]
+    esrgan = next(line for line in lines if line.startswith("esrgan"))
+    assert "gan" in esrgan and "Apache-2.0" in esrgan and "missing (unpublished)" in esrgan
+    rows = {r["name"]: r for r in method_rows(with_params=False)}
+    assert rows["swinir"]["weights"] == {"16": "missing (unpublished)", "32": "missing (unpublished)"}
+
+
+def test_list_json_parameter_counts(monkeypatch):
+    import baselines.cli as cli
+
+    monkeypatch.setattr(registry, "names", lambda: ["bicubic", "esrgan", "swinir"])  # keep to this module's methods
+    r = CliRunner().invoke(cli.list_command, ["--json"], catch_exceptions=False)
+    data = {m["name"]: m for m in json.loads(r.output)["methods"]}
+    assert data["esrgan"]["params"] == {"scale": 16, "total": 16_771_843, "trainable": 16_771_843}
+    assert data["swinir"]["params"]["total"] == 11_900_199 + 2 * 147_712
+    assert data["bicubic"]["params"]["total"] == 0
+    assert np.isclose(data["esrgan"]["nfe"], 1)
