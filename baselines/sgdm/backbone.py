@@ -141,12 +141,10 @@ def random_backbone(geometry_name: str = "tiny", overrides: dict | None = None, 
     ctx = torch.device(device) if device is not None else _nullcontext()
     with ctx:
         unet, vae, text = _build_modules(u, v, t)
-    if geometry_name == "tiny":
-        tok = char_tokenizer()
-        if text.config.vocab_size < len(tok):
-            raise InputError("tiny text encoder vocab_size", f"{text.config.vocab_size} < tokenizer size {len(tok)}")
-    else:
-        tok = None
+    # random text weights make any consistent ids fine; the character tokenizer needs no download
+    tok = char_tokenizer()
+    if text.config.vocab_size < len(tok):
+        raise InputError("text encoder vocab_size", f"{text.config.vocab_size} < tokenizer size {len(tok)}")
     return Backbone(unet, vae, text, tok, f"random:{geometry_name}")
 
 

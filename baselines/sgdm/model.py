@@ -53,7 +53,9 @@ class SGDMBase(SRMethod):
         super().__init__(spec, scale, config, device)
         bcfg = dict(config.get("backbone") or {})
         on_meta = str(device) == "meta"
-        with torch.device("meta") if on_meta else _null():
+        # random init is built directly on the target device (fast on GPU, free on meta)
+        build_on = torch.device(device) if on_meta or bcfg.get("pretrained") is None else None
+        with build_on if build_on is not None else _null():
             bb = load_backbone(bcfg.get("pretrained"), bcfg.get("geometry", "sd21-base"), bcfg.get("tokenizer"),
                                bcfg.get("overrides"))
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
