@@ -48,6 +48,8 @@ EXTRA_COLUMNS = ("aoi", "block", "lr_collection", "lr_baseline", "lr_scene_cloud
                  "path_geo_hr", "sha256_geo_hr", "path_geo_lr", "sha256_geo_lr")
 EXTRA_DTYPES = {c: ("float64" if c == "lr_scene_cloud_cover" else "string") for c in EXTRA_COLUMNS}
 ROW_COLUMNS = tuple(MANIFEST_COLUMNS) + EXTRA_COLUMNS
+# Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
+SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
 _SECRET_RE = re.compile(r"(?i)((?:token|key|secret|signature|sig|password|client_secret|access_token)=)[^&\s'\"]+")
 
 
@@ -115,7 +117,11 @@ def _lr_source(spec: BuildSpec):
         else:
             from .sources.sentinel2 import Sentinel2STAC
 
-            src["lr"] = Sentinel2STAC(cfg.stac_url, cfg.collection)
+            qa_cfg = spec.cfg.qa
+            # The QA thresholds drive scene selection: the source tries the next-best scene before giving up.
+            src["lr"] = Sentinel2STAC(cfg.stac_url, cfg.collection, window_days=int(qa_cfg.max_days_from_hr),
+                                      max_cloud=cfg.max_scene_cloud, max_footprint_cloud=qa_cfg.max_cloud_fraction,
+                                      timeout=(10.0, spec.cfg.build.timeout_s))
     return src["lr"]
 
 
@@ -177,18 +183,46 @@ def render_footprint(spec: BuildSpec, task: dict) -> tuple[np.ndarray, np.ndarra
     return render_map(feats, bounds, spec.cfg.hr_px)
 
 
-def coregister(spec: BuildSpec, hr, lr: np.ndarray, lr_res) -> tuple[float, float, float] | None:
-    """Measured LR-vs-HR shift in LR pixels (+x east, +y south), or None for synthetic LR
-    (bicubic from the HR itself: aligned by construction)."""
+CONTEXT_LEVELS = 2  # co-registration window: the ancestor tile 2 zooms up (4 x 4 footprints, ~40 S2 pixels)
+
+
+def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: dict | None
+               ) -> tuple[float, float, float] | None:
+    """Measured LR-vs-HR shift in LR pixels (+x east, +y south), or None for synthetic LR (bicubic from
+    the HR itself: aligned by construction).
+
+    One 100 m footprint holds ~10 Sentinel-2 pixels, too little texture for a sub-pixel measurement, so
+    the shift is measured on the ancestor tile `CONTEXT_LEVELS` zooms up, in the *same scene* and at the
+    same LR pixel size, and shared by every footprint of that window and scene (cached per worker).
+    An unmeasurable window (flat, cloudy, outside the data) gives NaN, which is not a rejection.
+    """
     if lr_res is None:
         return None
     from .align import measure_shift
 
-    try:
-        s = measure_shift(lr, hr.image)
-    except InputError:  # flat or tiny images: nothing to correlate, shift unknown (NaN), not a rejection
-        return float("nan"), float("nan"), float("nan")
-    return float(s.dx), float(s.dy), float(s.error)
+    nan = (float("nan"),) * 3
+    k = min(CONTEXT_LEVELS, task["z"])
+    zc, xc, yc = task["z"] - k, task["x"] >> k, task["y"] >> k
+    cache = _sources(spec).setdefault("shift", {})
+    key = (lr_res.scene_id, zc, xc, yc)
+    if key not in cache:
+        items = [i for i in (search or {}).get("items") or [] if _item_id(i) == lr_res.scene_id]
+        try:
+            hr_ctx = _hr_source(spec).fetch(zc, xc, yc, spec.cfg.hr_px)
+            lr_ctx = _lr_source(spec).fetch(zc, xc, yc, spec.cfg.lr_px << k, hr.date, items or None)
+            if lr_ctx.scene_id != lr_res.scene_id:
+                raise SampleError("scene_mismatch", lr_ctx.scene_id)
+            sh = measure_shift(lr_ctx.image, hr_ctx.image)
+            cache[key] = (float(sh.dx), float(sh.dy), float(sh.error))
+        except (SampleError, InputError):
+            cache[key] = nan
+        if len(cache) > 4096:
+            cache.pop(next(iter(cache)))
+    return cache[key]
+
+
+def _item_id(item: Any) -> str:
+    return str(item.get("id")) if isinstance(item, dict) else str(getattr(item, "id", ""))
 
 
 def write_sample(spec: BuildSpec, task: dict, images: dict[str, np.ndarray], geo: bool) -> dict[str, str]:
@@ -277,7 +311,7 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
             row[f"frac_{name}"] = v
         lap("map")
         qa.check_map(mask, cfg.qa)
-        shift = coregister(spec, hr, lr, lr_res)
+        shift = coregister(spec, task, hr, lr, lr_res, search)
         if shift is not None:
             row["shift_x_lrpx"], row["shift_y_lrpx"], row["shift_error"] = shift
             qa.check_shift(shift[0], shift[1], cfg.qa)
@@ -292,7 +326,10 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
     except qa.QARejected as e:
         row.update(qa_status="rejected", qa_reason=e.reason, qa_detail=redact(e.detail))
     except SampleError as e:
-        row.update(qa_status="failed", qa_reason=e.reason, qa_detail=redact(e.detail))
+        if e.reason in SOURCE_QA_REASONS:  # the source found data, but none that passes the QA thresholds
+            row.update(qa_status="rejected", qa_reason=SOURCE_QA_REASONS[e.reason], qa_detail=redact(e.detail)[:500])
+        else:
+            row.update(qa_status="failed", qa_reason=e.reason, qa_detail=redact(e.detail)[:500])
     except Exception as e:  # any other bug in a stage is this sample's failure, never the build's
         row.update(qa_status="failed", qa_reason="error", qa_detail=redact(f"{type(e).__name__}: {e}")[:500])
     row["_timing"] = timing
