@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from baselines.base import TrainContext
 from baselines.conditions import Conditions
@@ -74,7 +73,7 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(name, scale):
     losses = []
     for _ in range(5):
         torch.manual_seed(123)  # same t, noise and posterior sample every step: a fixed objective
-        losses.append(m.training_step(batch, ctx)["loss"])
+        losses.append(m.training_step(batch, ctx)["l_eps"])
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.85 * losses[0], losses
     assert torch.equal(m.vae.encoder.conv_in.weight, frozen_before)  # VAE stays frozen
@@ -93,7 +92,7 @@ def test_gradient_checkpointing_gives_the_same_loss():
         m = build("sgdm-nomap", 32, {**TINY, "train": {"gradient_checkpointing": ckpt}}).train()
         assert m.unet.is_gradient_checkpointing == ckpt
         torch.manual_seed(1)
-        losses.append(m.training_step(batch, _ctx(m.configure_optimizers({"lr": 1e-4})))["loss"])
+        losses.append(m.training_step(batch, _ctx(m.configure_optimizers({"lr": 1e-4})))["l_eps"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -132,11 +131,15 @@ def test_sample_x32_and_map_none(syn):
     assert out_none.shape == (1, 3, 256, 256) and not torch.allclose(out_none, out)
 
 
-def test_style_sampling_needs_trained_flows(plus):
+def test_style_sampling_needs_trained_flows(plus, caplog):
     b = _batch(1, 64)
     b.pop("hr")
     with pytest.raises(InputError, match="stage 2"):
         plus.super_resolve(b, Conditions(style="sample"), torch.Generator().manual_seed(0))
+    # without a style image or flows (e.g. validation during stage 1) the LR's own style is used, loudly
+    with caplog.at_level("WARNING"):
+        out = plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 64, 64) and "upsampled LR as the style" in caplog.text
 
 
 def test_style_flows_train_and_sample():
@@ -155,24 +158,29 @@ def test_style_flows_train_and_sample():
     assert torch.isfinite(m1).all() and torch.isfinite(s1).all()
 
 
-def test_stage2_collects_hr_styles_trains_flows_and_enables_style_sampling(tiny_dataset, tmp_path):
-    torch.manual_seed(0)
-    m = build("sgdm+", 16, {**TINY, "flows": {"epochs": 3, "batch_size": 4}})
+def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp_path):
+    """`cmsrd-bench train --method sgdm+` then `--stage 2` through baselines.train, then load and sample."""
+    from baselines.train import train
+
+    cfg = {**TINY, "train": {"batch_size": 2, "total_steps": 2, "val_every": 2, "save_every": 2, "val_max_images": 1,
+                             "lpips": "off", "log_every": 1}, "flows": {"epochs": 3, "batch_size": 4}}
     with pytest.raises(InputError, match="stage-1"):
-        m.run_stage(2, tiny_dataset, {}, tmp_path)
-    save_file({k: v.contiguous() for k, v in m.trainable_state_dict().items()}, str(tmp_path / "model.safetensors"))
-    m.run_stage(2, tiny_dataset, {}, tmp_path)
-    means, stds = np.load(tmp_path / "style_mean.npy"), np.load(tmp_path / "style_std.npy")
+        train("sgdm+", tiny_dataset, tmp_path / "empty", config=cfg, stage=2, progress=False)
+    run = tmp_path / "run"
+    res = train("sgdm+", tiny_dataset, run, config=cfg, progress=False)
+    assert res["step"] == 2 and np.isfinite(res["val"]["psnr_y"])
+    train("sgdm+", tiny_dataset, run, config=cfg, stage=2, progress=False)
+    means, stds = np.load(run / "style_mean.npy"), np.load(run / "style_std.npy")
     assert means.shape == stds.shape == (6, 32) and (stds > 0).all() and np.abs(means).max() < 1
-    hist = json.loads((tmp_path / "flows_history.json").read_text())
+    hist = json.loads((run / "flows_history.json").read_text())
     assert hist["n"] == 6 and len(hist["mean"]) == 3
-    assert (tmp_path / "flows.safetensors").is_file()
-    # a fresh model loading the stage-1 checkpoint picks up the flows and samples styles
-    fresh = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")}).eval()
-    assert bool(fresh.flows.trained)
-    assert fresh.parameter_counts()[1] == m.parameter_counts()[1]  # flows are not stage-1 trainables
+    # a model built from the stage-1 checkpoint picks up the flows next to it and samples styles
+    m = build("sgdm+", 16, {**TINY, "checkpoint": str(run / "model.safetensors")}).eval()
+    assert bool(m.flows.trained)
+    assert m.parameter_counts()[1] == build("sgdm+", 16, TINY).parameter_counts()[1]  # flows not stage-1 trainables
     b = _batch(2, 64)
     b.pop("hr")
-    o1 = fresh.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
-    o2 = fresh.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
-    assert o1.shape == (2, 3, 64, 64) and torch.equal(o1, o2)
+    o1 = m.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
+    o2 = m.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
+    o3 = m.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(6))
+    assert o1.shape == (2, 3, 64, 64) and torch.equal(o1, o2) and not torch.equal(o1, o3)

@@ -91,7 +91,7 @@ def train_flow(flow: nf.NormalizingFlow, data: np.ndarray | torch.Tensor, cfg: F
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)) if losses else float("nan"))
     flow.eval()
     return history

@@ -148,7 +148,7 @@ class SGDMBase(SRMethod):
             pred = self.eps(zt, t, context, feats)
         loss = F.mse_loss(pred.float(), noise)
         ctx.backward(loss, "main")
-        return {"loss": float(loss.detach())}
+        return {"l_eps": float(loss.detach())}
 
     # ---- inference ------------------------------------------------------------------------------
     def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
@@ -262,21 +262,30 @@ class SGDMPlus(SGDMBase):
     """Real-world x16 model with style guidance (image, GT, shuffled) or flow-sampled styles."""
 
     variant = "real"
+    _warned_lr_style = False
 
     def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
+        """None (style from the batch's style image), flow samples, or - with neither available and no
+        explicit `style=sample` - the upsampled LR's own style statistics (logged once; this is what the
+        shared trainer's validation gets before stage 2 has trained the flows)."""
         if batch.get("style") is not None and cond.style != "sample":
             return None  # encoded from the style image by the adapter
-        if not bool(self.flows.trained):
+        n = batch["sr"].shape[0]
+        dt = batch["sr"].dtype
+        if bool(self.flows.trained):
+            mean, std = self.flows.sample(n, generator)
+            return mean.to(self.device, dt).view(n, -1, 1, 1), std.to(self.device, dt).view(n, -1, 1, 1)
+        if cond.style == "sample":
             raise InputError(
-                f"{self.spec.name} style={cond.style or 'default'}",
-                "no style image in the batch and the style flows are untrained",
+                f"{self.spec.name} style=sample", "the style flows are untrained",
                 "train stage 2 (`cmsrd-bench train --method sgdm+ --stage 2`), put flow_mean.pt/flow_std.pt next to "
                 "the checkpoint, or run with style=gt",
             )
-        n = batch["sr"].shape[0]
-        mean, std = self.flows.sample(n, generator)
-        dt = batch["sr"].dtype
-        return mean.to(self.device, dt).view(n, -1, 1, 1), std.to(self.device, dt).view(n, -1, 1, 1)
+        if not self._warned_lr_style:
+            log.warning("%s: no style image and untrained flows; using the upsampled LR as the style image "
+                        "(pass style=gt, or train stage 2 for style=sample)", self.spec.name)
+            self._warned_lr_style = True
+        return self.adapter.merge_encoder.HR_Style_Encoder.stats(batch["sr"] * 2 - 1)
 
     @torch.no_grad()
     def collect_style_stats(self, data_root: Path, batch_size: int = 16, augment: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
