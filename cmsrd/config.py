@@ -105,8 +105,10 @@ class OutputConfig:
 class BuildConfig:
     partition_size: int = 64  # samples per partition (one catalogue search per area per partition)
     max_in_flight: int = 0  # futures in flight; 0 -> 4 x worker threads
-    retries: int = 1  # dask retries of a sample task whose worker died
-    timeout_s: float = 30.0  # per request
+    timeout_s: float = 30.0  # read timeout per HTTP request
+    http_retries: int = 5  # retries of a failed request (429/5xx/timeouts/damaged bodies), with backoff
+    http_backoff_s: float = 0.5  # first backoff; doubles per retry (a server's Retry-After wins when longer)
+    rate_per_worker: float = 8.0  # requests/s per source per worker process (politeness); 0 = unlimited
 
 
 @dataclass(frozen=True)

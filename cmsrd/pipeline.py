@@ -102,8 +102,17 @@ def _hr_source(spec: BuildSpec):
         else:
             from .sources.worldimagery import WorldImageryHR
 
-            src["hr"] = WorldImageryHR(cfg.url, cache_dir=spec.cache_dir, identify_url=cfg.identify_url)
+            b = spec.cfg.build
+            src["hr"] = WorldImageryHR(cfg.url, cache_dir=spec.cache_dir, identify_url=cfg.identify_url,
+                                       timeout=(10.0, b.timeout_s), retry=_retry_policy(spec),
+                                       rate=b.rate_per_worker or None, attribution=cfg.attribution, terms=cfg.terms)
     return src["hr"]
+
+
+def _retry_policy(spec: BuildSpec):
+    from .sources.http import RetryPolicy
+
+    return RetryPolicy(retries=spec.cfg.build.http_retries, backoff=spec.cfg.build.http_backoff_s)
 
 
 def _lr_source(spec: BuildSpec):
@@ -121,7 +130,8 @@ def _lr_source(spec: BuildSpec):
             # The QA thresholds drive scene selection: the source tries the next-best scene before giving up.
             src["lr"] = Sentinel2STAC(cfg.stac_url, cfg.collection, window_days=int(qa_cfg.max_days_from_hr),
                                       max_cloud=cfg.max_scene_cloud, max_footprint_cloud=qa_cfg.max_cloud_fraction,
-                                      timeout=(10.0, spec.cfg.build.timeout_s))
+                                      timeout=(10.0, spec.cfg.build.timeout_s), retry=_retry_policy(spec),
+                                      rate=spec.cfg.build.rate_per_worker or None)
     return src["lr"]
 
 

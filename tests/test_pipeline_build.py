@@ -205,12 +205,12 @@ def test_real_preset_on_faulty_services_records_every_failure(world, cluster, tm
     aoi = tmp_path / "world.geojson"
     aoi.write_text(json.dumps({"type": "Feature", "properties": {"name": "freising"}, "geometry": {
         "type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}}))
-    faults = FaultConfig(error_rate=0.5, error_codes=(429, 500, 503), corrupt_rate=0.2, retry_after_s=0, seed=3,
+    faults = FaultConfig(error_rate=0.3, error_codes=(429, 500, 503), corrupt_rate=0.1, retry_after_s=0, seed=3,
                          paths=("/arcgis/", "/stac/", "/files/"))
     with serve_world(world, faults=faults) as srv:
         d = load_config("cmsrd-real").to_dict()
         d.update(samples=N_SAMPLES, aois=[str(aoi)], split={"test_fraction": 0.25, "block_tiles": 2},
-                 build={"partition_size": 4},
+                 build={"partition_size": 4, "http_retries": 1, "http_backoff_s": 0.05},
                  hr={"url": srv.tile_template, "identify_url": srv.identify_url},
                  lr={"source": "sentinel-2", "stac_url": srv.stac_url, "start": "2023-01-01", "end": "2023-12-31"},
                  map={"geofabrik_index": srv.geofabrik_index_url})
