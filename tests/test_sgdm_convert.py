@@ -143,3 +143,18 @@ def test_our_checkpoint_round_trip_and_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot be read"):
         a.load_checkpoint(bad)
+
+
+def test_missing_backbone_weights_name_what_to_put_where(tmp_path):
+    from baselines.sgdm.backbone import load_backbone
+    from cmsrd.errors import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="v2-1_512-ema-pruned.ckpt"):
+        load_backbone(str(tmp_path / "v2-1_512-ema-pruned.ckpt"))
+    with pytest.raises(MissingWeightsError, match="stable-diffusion-2-1-base"):
+        load_backbone("stabilityai/stable-diffusion-2-1-base")  # tests run with HF_HUB_OFFLINE=1
+    ckpt = tmp_path / "sd" / "v2-1_512-ema-pruned.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    with pytest.raises(MissingWeightsError, match="tokenizer"):
+        load_backbone(str(ckpt))  # a single-file checkpoint has no tokenizer: it must be named first

@@ -237,9 +237,10 @@ def _from_diffusers(where: str, local_only: bool) -> Backbone:
         tok = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
     except (OSError, ValueError) as e:
         raise MissingWeightsError(
-            f"Stable Diffusion 2.1-base diffusers folder {where!r} ({type(e).__name__})",
+            f"Stable Diffusion 2.1-base ({where}; {type(e).__name__})",
             f"{where}/{{unet,vae,text_encoder,tokenizer}}" if Path(where).is_dir() else
-            f"a local folder (set backbone.pretrained to it) or the HF cache for {where}",
+            f"a diffusers folder with unet/ vae/ text_encoder/ tokenizer/ (set backbone.pretrained to it), "
+            f"a v2-1_512-ema-pruned.ckpt path, or the HF cache for {where}",
             f"https://huggingface.co/{SD21_HUB_ID}",
         ) from e
     return Backbone(unet, vae, text, tok, where)

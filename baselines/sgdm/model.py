@@ -31,7 +31,7 @@ from ..base import Batch, SRMethod, TrainContext
 from ..conditions import Conditions
 from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
-from .backbone import LATENT_SCALE, load_backbone, set_trainable
+from .backbone import LATENT_SCALE, _load_tokenizer, load_backbone, set_trainable
 from .convert import convert_official, detect_variant, find_flow_files, is_official, load_strict, load_torch_state
 from .flows import FlowTrainConfig, StyleFlows, train_style_flows
 from .prompt import PromptEncoder, prompts_from_maps
@@ -203,8 +203,13 @@ class SGDMBase(SRMethod):
                 vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
                 self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
                 if any(k.startswith("cond_stage_model.model.") for k in state):
+                    if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
+                        bcfg = self.config.get("backbone") or {}
+                        self.tokenizer = _load_tokenizer(bcfg.get("tokenizer"), str(path))
+                        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
                     self.text_encoder.load_state_dict(convert_open_clip_checkpoint(self.text_encoder, state), strict=False)
                     self.prompt_encoder.clear()
+                self.backbone_source = f"official:{path}"
         else:
             self._load_ours(state, path)
         if self.flows is not None:
