@@ -30,7 +30,7 @@ def _one_thread():
     ("sgdm-nomap", 32, 149_682_944, 49_756_544),
 ])
 def test_official_parameter_counts_at_sd21_geometry(name, scale, trainable, adapter):
-    m = build(name, scale, SD, device="meta")
+    m = build(name, scale, device="meta")  # default config (SD2.1-base from the hub): meta needs no weights
     assert sum(p.numel() for p in m.unet.parameters()) == 865_910_724
     assert sum(p.numel() for p in m.adapter.parameters()) == adapter
     assert m.parameter_counts()[1] == trainable

@@ -31,7 +31,7 @@ from ..base import Batch, SRMethod, TrainContext
 from ..conditions import Conditions
 from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
-from .backbone import LATENT_SCALE, _load_tokenizer, load_backbone, set_trainable
+from .backbone import LATENT_SCALE, _load_tokenizer, load_backbone, random_backbone, set_trainable
 from .convert import convert_official, detect_variant, find_flow_files, is_official, load_strict, load_torch_state
 from .flows import FlowTrainConfig, StyleFlows, train_style_flows
 from .prompt import PromptEncoder, prompts_from_maps
@@ -56,8 +56,11 @@ class SGDMBase(SRMethod):
         # random init is built directly on the target device (fast on GPU, free on meta)
         build_on = torch.device(device) if on_meta or bcfg.get("pretrained") is None else None
         with build_on if build_on is not None else _null():
-            bb = load_backbone(bcfg.get("pretrained"), bcfg.get("geometry", "sd21-base"), bcfg.get("tokenizer"),
-                               bcfg.get("overrides"))
+            if on_meta:  # structure only (parameter counts): no weights are read, whatever the source
+                bb = random_backbone(bcfg.get("geometry", "sd21-base"), bcfg.get("overrides"))
+            else:
+                bb = load_backbone(bcfg.get("pretrained"), bcfg.get("geometry", "sd21-base"), bcfg.get("tokenizer"),
+                                   bcfg.get("overrides"))
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
             self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3],
                                        int(config.get("cond_channels", 384)))
