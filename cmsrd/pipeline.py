@@ -44,9 +44,10 @@ from . import qa
 log = logging.getLogger(__name__)
 
 # Manifest columns beyond the layout's schema that every row carries (fixed, so streamed chunks agree).
-EXTRA_COLUMNS = ("aoi", "block", "lr_collection", "lr_baseline", "lr_scene_cloud_cover",
+EXTRA_COLUMNS = ("aoi", "block", "lr_collection", "lr_baseline", "lr_scene_cloud_cover", "shift_correlation",
                  "path_geo_hr", "sha256_geo_hr", "path_geo_lr", "sha256_geo_lr")
-EXTRA_DTYPES = {c: ("float64" if c == "lr_scene_cloud_cover" else "string") for c in EXTRA_COLUMNS}
+EXTRA_DTYPES = {c: ("float64" if c in ("lr_scene_cloud_cover", "shift_correlation") else "string")
+                for c in EXTRA_COLUMNS}
 ROW_COLUMNS = tuple(MANIFEST_COLUMNS) + EXTRA_COLUMNS
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
@@ -197,8 +198,8 @@ CONTEXT_LEVELS = 2  # co-registration window: the ancestor tile 2 zooms up (4 x 
 
 
 def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: dict | None
-               ) -> tuple[float, float, float] | None:
-    """Measured LR-vs-HR shift in LR pixels (+x east, +y south), or None for synthetic LR (bicubic from
+               ) -> tuple[float, float, float, float] | None:
+    """Measured (dx, dy, error, correlation), LR pixels (+x east, +y south), or None for synthetic LR (bicubic from
     the HR itself: aligned by construction).
 
     One 100 m footprint holds ~10 Sentinel-2 pixels, too little texture for a sub-pixel measurement, so
@@ -210,7 +211,7 @@ def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: 
         return None
     from .align import measure_shift
 
-    nan = (float("nan"),) * 3
+    nan = (float("nan"),) * 4
     k = min(CONTEXT_LEVELS, task["z"])
     zc, xc, yc = task["z"] - k, task["x"] >> k, task["y"] >> k
     cache = _sources(spec).setdefault("shift", {})
@@ -223,7 +224,7 @@ def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: 
             if lr_ctx.scene_id != lr_res.scene_id:
                 raise SampleError("scene_mismatch", lr_ctx.scene_id)
             sh = measure_shift(lr_ctx.image, hr_ctx.image)
-            cache[key] = (float(sh.dx), float(sh.dy), float(sh.error))
+            cache[key] = (float(sh.dx), float(sh.dy), float(sh.error), float(sh.correlation))
         except (SampleError, InputError):
             cache[key] = nan
         if len(cache) > 4096:
@@ -323,10 +324,10 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
         qa.check_map(mask, cfg.qa)
         shift = coregister(spec, task, hr, lr, lr_res, search)
         if shift is not None:
-            row["shift_x_lrpx"], row["shift_y_lrpx"], row["shift_error"] = shift
-            qa.check_shift(shift[0], shift[1], cfg.qa)
+            row["shift_x_lrpx"], row["shift_y_lrpx"], row["shift_error"], row["shift_correlation"] = shift
+            qa.check_shift(shift[0], shift[1], shift[3], cfg.qa)
         else:
-            row["shift_x_lrpx"], row["shift_y_lrpx"], row["shift_error"] = 0.0, 0.0, 0.0
+            row["shift_x_lrpx"], row["shift_y_lrpx"], row["shift_error"], row["shift_correlation"] = 0.0, 0.0, 0.0, 1.0
         lap("coregister")
         files = write_sample(spec, task, {"hr": hr.image, "lr": lr, "sr": sr, "map": map_rgb, "mask": mask},
                              cfg.output.geotiff)

@@ -82,10 +82,14 @@ def check_map(mask: np.ndarray, qa: QAConfig) -> None:
         raise QARejected("empty_map", f"mapped fraction {mapped:.1%} < {qa.min_map_fraction:.1%}")
 
 
-def check_shift(dx: float | None, dy: float | None, qa: QAConfig) -> None:
-    """Misregistration in LR pixels (a shift that could not be measured is not a rejection)."""
+def check_shift(dx: float | None, dy: float | None, correlation: float | None, qa: QAConfig) -> None:
+    """Misregistration in LR pixels. Only a trustworthy measurement (correlation of the registered pair at
+    least `qa.min_shift_correlation`) can reject a sample: a failed measurement says nothing about the data."""
     if dx is None or dy is None or not (math.isfinite(dx) and math.isfinite(dy)):
+        return
+    if correlation is None or not math.isfinite(correlation) or correlation < qa.min_shift_correlation:
         return
     mag = math.hypot(dx, dy)
     if mag > qa.max_shift_lrpx:
-        raise QARejected("misregistered", f"LR/HR shift {mag:.2f} LR px ({dx:+.2f}, {dy:+.2f}) > {qa.max_shift_lrpx}")
+        raise QARejected("misregistered", f"LR/HR shift {mag:.2f} LR px ({dx:+.2f}, {dy:+.2f}) > {qa.max_shift_lrpx} "
+                                          f"(correlation {correlation:.2f})")
