@@ -13,7 +13,7 @@ from baselines.sgdm.backbone import TINY_UNET, random_backbone, set_trainable
 from baselines.sgdm.prompt import PromptEncoder, prompt_from_map, prompts_from_maps
 from cmsrd.classes import BY_NAME
 
-SD = {"backbone": {"pretrained": None, "geometry": "sd21-base"}}
+SD = {"network": {"backbone": {"pretrained": None, "geometry": "sd21-base"}}}
 
 
 @pytest.fixture(autouse=True)

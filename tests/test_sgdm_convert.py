@@ -20,8 +20,8 @@ from baselines.sgdm.flows import create_flow
 from cmsrd.errors import InputError
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sgdm-official-keys.json"
-SD = {"backbone": {"pretrained": None, "geometry": "sd21-base"}}
-TINY = {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64, "sampler": {"steps": 4}}
+SD = {"network": {"backbone": {"pretrained": None, "geometry": "sd21-base"}}}
+TINY = {"network": {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64}, "sampler": {"steps": 4}}
 pytestmark = pytest.mark.filterwarnings("ignore:.*non-meta parameter.*:UserWarning")
 METHOD = {"real": ("sgdm+", 16), "simu": ("sgdm", 32), "simu_nomap": ("sgdm-nomap", 32)}
 

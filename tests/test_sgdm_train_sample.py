@@ -17,7 +17,7 @@ from baselines.sgdm import build
 from baselines.sgdm.flows import FlowTrainConfig, StyleFlows, train_style_flows
 from cmsrd.errors import InputError
 
-TINY = {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64, "sampler": {"steps": 3}}
+TINY = {"network": {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64}, "sampler": {"steps": 3}}
 
 
 @pytest.fixture(autouse=True)

@@ -44,14 +44,16 @@ FLOWS_FILE = "flows.safetensors"
 class SGDMBase(SRMethod):
     """Shared SGDM machinery; subclasses fix `variant`.
 
-    Config keys: `backbone` {pretrained, geometry, tokenizer, overrides}, `cond_channels`, `sampler`
-    {name, steps}, `train` {gradient_checkpointing}, `lr`, `checkpoint` (loaded at build)."""
+    Config keys: `network` {backbone: {pretrained, geometry, tokenizer, overrides}, cond_channels} (what the
+    trainer records in checkpoints, so the runner rebuilds the same geometry), `sampler` {name, steps},
+    `train` {gradient_checkpointing, lr, ...}, `flows` (stage 2), `checkpoint` (loaded at build)."""
 
     variant = "simu"
 
     def __init__(self, spec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
-        bcfg = dict(config.get("backbone") or {})
+        net = dict(config.get("network") or {})
+        bcfg = dict(net.get("backbone") or {})
         on_meta = str(device) == "meta"
         # random init is built directly on the target device (fast on GPU, free on meta)
         build_on = torch.device(device) if on_meta or bcfg.get("pretrained") is None else None
@@ -63,7 +65,7 @@ class SGDMBase(SRMethod):
                                    bcfg.get("overrides"))
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
             self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3],
-                                       int(config.get("cond_channels", 384)))
+                                       int(net.get("cond_channels", 384)))
             self.flows = StyleFlows() if self.variant == "real" else None
         self.tokenizer, self.backbone_source = bb.tokenizer, bb.source
         self.loaded_from: Path | None = None
@@ -207,7 +209,7 @@ class SGDMBase(SRMethod):
                 self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
                 if any(k.startswith("cond_stage_model.model.") for k in state):
                     if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
-                        bcfg = self.config.get("backbone") or {}
+                        bcfg = (self.config.get("network") or {}).get("backbone") or {}
                         self.tokenizer = _load_tokenizer(bcfg.get("tokenizer"), str(path))
                         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
                     self.text_encoder.load_state_dict(convert_open_clip_checkpoint(self.text_encoder, state), strict=False)

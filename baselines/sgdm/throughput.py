@@ -18,7 +18,7 @@ import torch
 from ..conditions import Conditions
 from . import build
 
-SD_RANDOM = {"backbone": {"pretrained": None, "geometry": "sd21-base"}}
+SD_RANDOM = {"network": {"backbone": {"pretrained": None, "geometry": "sd21-base"}}}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE = {"sgdm": 32, "sgdm+": 16, "sgdm-nomap": 32}
 
