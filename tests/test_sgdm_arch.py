@@ -215,3 +215,11 @@ def test_prompt_embeddings_are_cached_per_distinct_prompt():
     e2 = enc(["land, water area, "], "cpu")
     assert e1.shape == (3, 77, 32) and len(calls) == 2
     assert torch.equal(e1[1], e2[0]) and torch.equal(e1[0], e1[2]) and not torch.equal(e1[0], e1[1])
+
+
+@pytest.mark.parametrize("geometry,widths", [("small", (64, 128, 256)), ("tiny", (32, 64, 64))])
+def test_adapter_channels_follow_the_unet_geometry(geometry, widths):
+    m = build("sgdm", 32, {"network": {"backbone": {"pretrained": None, "geometry": geometry}}}, device="meta")
+    assert m.adapter.conv_in.out_channels == widths[0]
+    assert (m.adapter.body[1].block2.out_channels, m.adapter.body[3].block2.out_channels) == widths[1:]
+    assert m.unet.config.cross_attention_dim == m.text_encoder.config.hidden_size

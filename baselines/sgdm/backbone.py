@@ -67,7 +67,21 @@ TINY_VAE: dict[str, Any] = {**SD21_VAE, "block_out_channels": [8, 8, 16, 16], "l
 TINY_TEXT: dict[str, Any] = {**SD21_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                              "num_attention_heads": 4, "projection_dim": 32}
 
-GEOMETRIES = {"sd21-base": (SD21_UNET, SD21_VAE, SD21_TEXT), "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT)}
+# A small geometry for short GPU comparisons (e.g. sgdm vs sgdm-nomap at a fixed time budget): ~1/5 of
+# SD2.1's widths, one resnet per level, a 4-layer text encoder.
+SMALL_UNET: dict[str, Any] = {
+    **SD21_UNET, "block_out_channels": [64, 128, 256, 256], "layers_per_block": 1, "cross_attention_dim": 256,
+    "attention_head_dim": [2, 4, 8, 8],
+}
+SMALL_VAE: dict[str, Any] = {**SD21_VAE, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1}
+SMALL_TEXT: dict[str, Any] = {**SD21_TEXT, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                              "num_attention_heads": 4, "projection_dim": 256}
+
+GEOMETRIES = {
+    "sd21-base": (SD21_UNET, SD21_VAE, SD21_TEXT),
+    "small": (SMALL_UNET, SMALL_VAE, SMALL_TEXT),
+    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT),
+}
 
 # The only UNet parameters SGDM trains (`"attn" in name` in the ldm UNet == these in diffusers).
 TRAINABLE_UNET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.")
