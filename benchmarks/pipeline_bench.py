@@ -48,7 +48,7 @@ def world_dir() -> str:
     """)["world"]
 
 
-def rate(samples: int = 24, workers: int = 2, threads: int = 2) -> list[dict]:
+def rate(samples: int = 96, workers: int = 2, threads: int = 2) -> list[dict]:
     world = world_dir()
     out = []
     for variant in ("synthetic", "real"):
@@ -58,8 +58,11 @@ def rate(samples: int = 24, workers: int = 2, threads: int = 2) -> list[dict]:
     import json, resource, time
     from cmsrd.pipeline import run_build
     rep = run_build(cfg, {tmp!r} + "/ds", workers={workers}, threads={threads}, progress=False)
+    done = sorted(json.loads(l)["_done_at"] for l in open({tmp!r} + "/ds/.cmsrd/journal.jsonl"))
+    half = done[len(done) // 4:]  # steady state: after the cluster has started and every worker is warm
     print(json.dumps({{"variant": "{variant}", "latency_s": {latency}, "samples": rep.processed,
-                      "seconds": round(rep.seconds, 2), "samples_per_s": round(rep.rate, 3),
+                      "total_seconds": round(rep.seconds, 2), "overall_samples_per_s": round(rep.rate, 3),
+                      "steady_samples_per_s": round((len(half) - 1) / (half[-1] - half[0]), 3),
                       "counts": rep.counts["by_status"]}}))
     """)
             print(r, flush=True)

@@ -577,6 +577,7 @@ def _execute(spec: BuildSpec, todo: pd.DataFrame, journal: Journal, workers: int
         bar.write(f"resuming: {skipped} samples already done")
 
     def record(row: dict) -> None:
+        row["_done_at"] = round(time.time(), 3)  # journal only (not a manifest column): rates and profiles
         journal.append(row)
         stats[row["qa_status"]] += 1
         bar.set_postfix(ok=stats["ok"], rejected=stats["rejected"], failed=stats["failed"], refresh=False)
