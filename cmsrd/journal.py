@@ -133,6 +133,18 @@ class BuildState:
             self._lock_fh.close()
             self._lock_fh = None
 
+    def precheck(self, config_fingerprint: str, force: bool) -> None:
+        """The config half of `check_identity`, cheap enough to run before anything else (world
+        generation, planning): a directory of another dataset is refused at once."""
+        if force:
+            return
+        prev_fp = None
+        if self.build_json.exists():
+            prev_fp = str(json.loads(self.build_json.read_text()).get("fingerprint", ""))
+            if prev_fp.split("-")[0] == config_fingerprint:
+                return
+        self.check_identity("", f"{config_fingerprint}-", {}, force=False)
+
     def check_identity(self, name: str, fingerprint: str, config: dict, force: bool) -> bool:
         """Record or verify which config this dir is built from. Returns True when resuming."""
         foreign = (self.out / "dataset.json").exists() and not self.build_json.exists()

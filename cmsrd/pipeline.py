@@ -116,6 +116,26 @@ def _retry_policy(spec: BuildSpec):
     return RetryPolicy(retries=spec.cfg.build.http_retries, backoff=spec.cfg.build.http_backoff_s)
 
 
+def sentinelhub_source(cfg: DatasetConfig):
+    """Sentinel Hub LR (credentials from SH_CLIENT_ID / SH_CLIENT_SECRET; checked when constructed)."""
+    from .sources.sentinelhub_backend import SentinelHubLR
+
+    return SentinelHubLR(window_days=int(cfg.qa.max_days_from_hr), max_cloud=cfg.lr.max_scene_cloud,
+                         max_footprint_cloud=cfg.qa.max_cloud_fraction)
+
+
+def _uses_catalogue(cfg: DatasetConfig) -> bool:
+    """Whether LR scenes come from a STAC search that one block of samples can share."""
+    return cfg.lr.source == "sentinel-2" and cfg.lr.backend == "stac"
+
+
+def _lr_fetch(spec: BuildSpec, z: int, x: int, y: int, lr_px: int, hr_date: str | None, items):
+    src = _lr_source(spec)
+    if _uses_catalogue(spec.cfg):
+        return src.fetch(z, x, y, lr_px, hr_date, items)
+    return src.fetch(z, x, y, lr_px, hr_date)
+
+
 def _lr_source(spec: BuildSpec):
     src = _sources(spec)
     if "lr" not in src:
@@ -123,7 +143,7 @@ def _lr_source(spec: BuildSpec):
         if cfg.backend == "sentinelhub":
             from .sources.sentinelhub_backend import SentinelHubLR
 
-            src["lr"] = SentinelHubLR()
+            src["lr"] = sentinelhub_source(spec.cfg)
         else:
             from .sources.sentinel2 import Sentinel2STAC
 
@@ -179,7 +199,7 @@ def make_lr(spec: BuildSpec, task: dict, hr, search: dict | None):
     if search is not None and search.get("reason"):
         raise SampleError(search["reason"], search.get("detail", ""))
     items = search.get("items") if search else None
-    res = _lr_source(spec).fetch(task["z"], task["x"], task["y"], spec.cfg.lr_px, hr.date, items)
+    res = _lr_fetch(spec, task["z"], task["x"], task["y"], spec.cfg.lr_px, hr.date, items)
     img = np.asarray(res.image)
     if img.shape != (spec.cfg.lr_px, spec.cfg.lr_px, 3) or img.dtype != np.uint8:
         raise SampleError("lr_bad_image", f"LR source returned {img.dtype} {img.shape}")
@@ -220,7 +240,7 @@ def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: 
         items = [i for i in (search or {}).get("items") or [] if _item_id(i) == lr_res.scene_id]
         try:
             hr_ctx = _hr_source(spec).fetch(zc, xc, yc, spec.cfg.hr_px)
-            lr_ctx = _lr_source(spec).fetch(zc, xc, yc, spec.cfg.lr_px << k, hr.date, items or None)
+            lr_ctx = _lr_fetch(spec, zc, xc, yc, spec.cfg.lr_px << k, hr.date, items or None)
             if lr_ctx.scene_id != lr_res.scene_id:
                 raise SampleError("scene_mismatch", lr_ctx.scene_id)
             sh = measure_shift(lr_ctx.image, hr_ctx.image)
@@ -528,9 +548,12 @@ def run_build(
     state.lock()
     t0 = time.perf_counter()
     try:
+        state.precheck(cfg.fingerprint(), force)
         with resolved_sources(cfg, faults) as (rcfg, world_bounds):
             if plan is None:
                 plan = make_plan(cfg, world_bounds)
+            if rcfg.lr.source == "sentinel-2" and rcfg.lr.backend == "sentinelhub":
+                sentinelhub_source(rcfg)  # missing credentials: one clear error before any work
             fp = f"{cfg.fingerprint()}-{plan_fingerprint(plan)}"
             resuming = state.check_identity(cfg.name, fp, cfg.content_dict(), force)
             layout = DatasetLayout(root, cfg.hr_px, cfg.lr_px)
@@ -583,7 +606,7 @@ def _execute(spec: BuildSpec, todo: pd.DataFrame, journal: Journal, workers: int
         bar.set_postfix(ok=stats["ok"], rejected=stats["rejected"], failed=stats["failed"], refresh=False)
         bar.update(1)
 
-    real = spec.cfg.lr.source == "sentinel-2"
+    real = _uses_catalogue(spec.cfg)
     try:
         if workers == 0 and not scheduler:
             for part in _partitions(todo, spec.cfg.build.partition_size):
@@ -616,7 +639,7 @@ def _run_distributed(spec: BuildSpec, todo: pd.DataFrame, workers: int, threads:
         nthreads = max(sum(client.nthreads().values()), 1)
         limit = spec.cfg.build.max_in_flight or 4 * nthreads
         spec_f = client.scatter(spec, broadcast=True)
-        real = spec.cfg.lr.source == "sentinel-2"
+        real = _uses_catalogue(spec.cfg)
         parts = _partitions(todo, spec.cfg.build.partition_size)
         ac = as_completed()
         tasks_of: dict[Any, dict] = {}

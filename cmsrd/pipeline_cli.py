@@ -62,6 +62,8 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     if limit is not None and limit < 1:
         raise InputError("--limit", f"is {limit}", "give a positive number of samples")
     cfg = _load(preset, samples=samples)
+    if cfg.world is None and not quiet:
+        click.echo(needs(cfg), err=True)
     plan = read_plan(plan_path) if plan_path else None
     rep = run_build(cfg, out, plan=plan, workers=workers, threads=threads, scheduler=scheduler, force=force,
                     limit=limit, progress=not quiet)
@@ -72,6 +74,20 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     reasons = rep.counts.get("by_reason", {})
     if reasons:
         click.echo("reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+
+
+def needs(cfg) -> str:
+    """What a real (non-demo) build reaches out to, printed before it starts."""
+    from urllib.parse import urlsplit
+
+    from .pipeline import redact
+
+    hosts = [urlsplit(cfg.hr.url).netloc] if cfg.hr.source == "worldimagery" else [f"raster {cfg.hr.raster}"]
+    if cfg.lr.source == "sentinel-2":
+        hosts.append("Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set)" if cfg.lr.backend == "sentinelhub"
+                     else urlsplit(cfg.lr.stac_url).netloc + " (STAC) + the scenes' COG hosts")
+    hosts.append(f"local OSM file {cfg.map.pbf}" if cfg.map.pbf else urlsplit(cfg.map.geofabrik_index).netloc)
+    return redact(f"{cfg.name}: needs network access to " + ", ".join(hosts))
 
 
 @click.command("sample")
