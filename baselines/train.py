@@ -406,7 +406,8 @@ class Trainer:
     def _save(self, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> None:
         method = self.method
         save_training_checkpoint(
-            self.out_dir / "checkpoints", self.step, method.state_dict(), ema.state_dict() if ema is not None else None,
+            self.out_dir / "checkpoints", self.step, resumable_state(method, optimizers),
+            ema.state_dict() if ema is not None else None,
             optimizers, schedulers, scaler, extra={"method": method.spec.name, "scale": method.scale, "total_steps": self.total_steps},
             keep=int(self.cfg.get("keep_checkpoints") or 0),
         )
@@ -419,7 +420,7 @@ class Trainer:
     def _restore(self, folder: Path, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> dict[str, Any]:
         """Load weights, optimizer/scheduler/scaler state and the step; return the RNG state to set."""
         state = load_training_checkpoint(folder)
-        load_strict(self.method, state["method"], f"checkpoint {folder}", "resume with the same method, config and scale as the run")
+        load_resumable_state(self.method, state["method"], f"checkpoint {folder}")
         if ema is not None:
             if state["ema"] is None:
                 raise InputError(f"checkpoint {folder}", "has no EMA weights but train.ema_decay > 0", "resume with the run's config")
@@ -433,6 +434,28 @@ class Trainer:
         self.step = int(state["step"])
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
+
+
+def resumable_state(method: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
+    """What a resume needs: every parameter some optimizer updates, plus all buffers.
+
+    Frozen pretrained parts (SGDM's SD UNet body, VAE, text encoder: ~5 GB) are rebuilt from their own
+    weights on resume, so they are not copied into every training checkpoint."""
+    optimized = {id(p) for o in optimizers.values() for g in o.param_groups for p in g["params"]}
+    keep = {n for n, p in method.named_parameters() if id(p) in optimized} | {n for n, _ in method.named_buffers()}
+    return {k: v for k, v in method.state_dict().items() if k in keep}
+
+
+def load_resumable_state(method: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a `resumable_state` subset; every saved tensor must find its place with the same shape."""
+    own = method.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))
+    if unexpected or wrong:
+        detail = "; ".join(filter(None, [f"unexpected keys {unexpected[:6]}" if unexpected else "",
+                                         f"shape mismatch {wrong[:6]}" if wrong else ""]))
+        raise InputError(what, f"does not match the model: {detail}", "resume with the same method, config and scale as the run")
+    method.load_state_dict(state, strict=False)
 
 
 def train(

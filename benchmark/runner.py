@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from baselines import registry
 from baselines import weights as wcache
+from baselines.checkpoint import read_metadata
 from baselines.conditions import Conditions, UnsupportedCondition, derangement
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
@@ -247,7 +248,10 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, layout: Data
             outcome.info["resumed"] = True
             return outcome
         wpath = method_weights(name, spec, layout.scale, cfg.weights)
-        method = registry.build(name, layout.scale, device=device)
+        # A checkpoint saved by our trainer names its network geometry; build that geometry so a small
+        # model trained with a non-default config loads without the user repeating the config.
+        network = read_metadata(wpath).get("network") if wpath is not None else None
+        method = registry.build(name, layout.scale, config={"network": network} if network else None, device=device)
         if wpath is not None:
             method.load_checkpoint(wpath)
         method = method.to(device).eval()
