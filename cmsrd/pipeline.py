@@ -416,7 +416,7 @@ def resolved_sources(cfg: DatasetConfig, faults: Any = None) -> Iterator[tuple[D
                                  attribution=meta.get("attribution", cfg.hr.attribution),
                                  terms="synthetic offline world (no real data)")
         lr = dataclasses.replace(cfg.lr, stac_url=srv.stac_url)
-        mp = dataclasses.replace(cfg.map, pbf=str(world / "osm" / "world.osm.pbf"),
+        mp = dataclasses.replace(cfg.map, pbf=cfg.map.pbf or str(world / "osm" / "world.osm.pbf"),
                                  attribution="synthetic OSM data of the offline world")
         yield dataclasses.replace(cfg, hr=hr, lr=lr, map=mp), tuple(meta["bounds_lonlat"])
 
