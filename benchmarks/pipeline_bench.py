@@ -131,7 +131,7 @@ def build_rss(processed: int = 48) -> list[dict]:
     return out
 
 
-def profile(samples: int = 12) -> dict:
+def profile(samples: int = 48) -> dict:
     world = world_dir()
     with tempfile.TemporaryDirectory() as tmp:
         r = _run(_world_cfg_snippet("real", samples, 0.0, world) + f"""
