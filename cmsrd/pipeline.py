@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .classes import CLASSES, palette
-from .config import DatasetConfig, load_config
+from .config import DatasetConfig
 from .errors import InputError, SampleError
 from .io import atomic_path, sha256_file, write_png
 from .journal import BuildState, Journal

@@ -23,7 +23,6 @@ def _load(preset: str, **overrides):
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -> None:
     """Sample tiles of PRESET's AOIs with a spatially blocked split and write the editable plan."""
-    from .pipeline import resolved_sources
     from .plan import make_plan, write_plan
 
     cfg = _load(preset, samples=samples, seed=seed)
