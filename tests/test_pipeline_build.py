@@ -62,7 +62,7 @@ def synthetic_build(world, tmp_path_factory) -> Path:
 def _preset(world: Path, tmp: Path, variant: str, faults: dict | None = None, **extra) -> Path:
     base = load_config(f"demo-{variant}").to_dict()
     base.update(samples=N_SAMPLES, world={"path": str(world), "faults": faults or {}},
-                split={"test_fraction": 0.25, "block_tiles": 2}, build={"partition_size": 4})
+                split={"test_fraction": 0.25, "block_tiles": 2}, build={"partition_size": 4, "rate_per_worker": 0})
     base.update(extra)
     path = tmp / f"demo-{variant}.yaml"
     path.write_text(yaml.safe_dump(base))
