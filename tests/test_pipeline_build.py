@@ -305,3 +305,35 @@ def test_cli_plan_sample_validate_info(world, synthetic_build, tmp_path):
         assert res.exit_code == 1 and "checksum mismatch" in res.output
     finally:
         victim.write_bytes(data)
+
+
+def test_a_worker_killed_mid_build_loses_no_sample(world, cluster, synthetic_build, tmp_path):
+    """kill -9 of one worker process: Dask reruns its tasks elsewhere and the dataset equals the reference."""
+    import threading
+
+    from distributed import Client
+
+    from cmsrd.pipeline import run_build, validate_dataset
+
+    cfg = load_config(_preset(world, tmp_path, "synthetic", faults={"latency_s": 0.2}))
+    with Client(cluster.scheduler_address) as c:
+        pids = list(c.run(os.getpid).values())
+    journal = tmp_path / "ds" / ".cmsrd" / "journal.jsonl"
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if journal.exists() and journal.read_text().count("\n") >= 1:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=kill_one)
+    t.start()
+    rep = run_build(cfg, tmp_path / "ds", scheduler=cluster.scheduler_address, progress=False)
+    t.join()
+    assert killed and rep.processed == N_SAMPLES
+    assert validate_dataset(tmp_path / "ds")[0] == []
+    pd.testing.assert_frame_equal(read_manifest(synthetic_build), read_manifest(tmp_path / "ds"))
