@@ -27,7 +27,7 @@ test: install
 # The offline demo, end to end on CPU: build both demo datasets from the generated world (served on
 # loopback), train a small ESRGAN for a few hundred steps, benchmark it against bicubic, render the report.
 DEMO := $(OUT)/demo
-DEMO_STEPS ?= 200
+DEMO_STEPS ?= 300
 demo: install
 	$(BIN)/cmsrd build manifests/presets/demo-synthetic.yaml --out $(DEMO)/demo-synthetic
 	$(BIN)/cmsrd build manifests/presets/demo-real.yaml --out $(DEMO)/demo-real
