@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported lazily: dataset workers use only the numpy operator
+    import torch
 
 KERNEL_WIDTH = 4.0  # support of the a = -0.5 cubic kernel
 
@@ -152,7 +155,9 @@ def imresize(
 
 
 @lru_cache(maxsize=64)
-def _torch_matrix(in_len: int, out_len: int, scale: float, antialias: bool, device: str, dtype: torch.dtype):
+def _torch_matrix(in_len: int, out_len: int, scale: float, antialias: bool, device: str, dtype: "torch.dtype"):
+    import torch
+
     return torch.from_numpy(np.array(weight_matrix(in_len, out_len, scale, antialias))).to(device=device, dtype=dtype)
 
 
@@ -166,6 +171,8 @@ def imresize_torch(
 
     Float only (no per-pass rounding); differentiable. Matches `imresize` on float input to float tolerance.
     """
+    import torch
+
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         raise InputError("imresize_torch input", "expected a float N x C x H x W tensor",
                          "convert with x.float() and add batch/channel dims")

@@ -37,7 +37,26 @@ def _load_state_dict(path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-class LPIPS:
+class _PairedMetric:
+    """Batches uint8 image pairs through `score` (N x 3 x H x W in [0, 1] -> N scores)."""
+
+    device: torch.device
+    batch_size: int
+
+    def score(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(self, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(sr), self.batch_size):
+            a = images_to_tensor(sr[i: i + self.batch_size], self.device)
+            b = images_to_tensor(hr[i: i + self.batch_size], self.device)
+            out += self.score(a, b).flatten().float().cpu().tolist()
+        return out
+
+
+class LPIPS(_PairedMetric):
     """LPIPS v0.1 with AlexNet (Zhang et al. 2018) as SGDM and opensr-test use it; lower is better."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 16):
@@ -56,17 +75,11 @@ class LPIPS:
         self.model = model.eval().requires_grad_(False).to(device)
         self.device, self.batch_size = torch.device(device), batch_size
 
-    @torch.inference_mode()
-    def __call__(self, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray]) -> list[float]:
-        out: list[float] = []
-        for i in range(0, len(sr), self.batch_size):
-            a = images_to_tensor(sr[i: i + self.batch_size], self.device)
-            b = images_to_tensor(hr[i: i + self.batch_size], self.device)
-            out += self.model(a, b, normalize=True).flatten().float().cpu().tolist()
-        return out
+    def score(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        return self.model(sr, hr, normalize=True)
 
 
-class DISTS:
+class DISTS(_PairedMetric):
     """DISTS (Ding et al. 2020) through pyiqa's implementation; lower is better."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 8):
@@ -83,11 +96,5 @@ class DISTS:
         self.metric = metric.eval().requires_grad_(False).to(device)
         self.device, self.batch_size = torch.device(device), batch_size
 
-    @torch.inference_mode()
-    def __call__(self, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray]) -> list[float]:
-        out: list[float] = []
-        for i in range(0, len(sr), self.batch_size):
-            a = images_to_tensor(sr[i: i + self.batch_size], self.device)
-            b = images_to_tensor(hr[i: i + self.batch_size], self.device)
-            out += self.metric(a, b).flatten().float().cpu().tolist()
-        return out
+    def score(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        return self.metric(sr, hr)
