@@ -279,39 +279,39 @@ class FetchResult:
     detail: str = ""
 
 
-def _session(retries: int):
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
+def _client(timeout: float, retries: int):
+    """The toolkit's one HTTP client (`cmsrd.sources.http.HttpClient`): retries with backoff that honour
+    Retry-After, truncated-body detection, credential redaction. No request throttle: a fetch is a few
+    large files, not thousands of tiles."""
+    from cmsrd.sources.http import HttpClient, RetryPolicy
 
-    s = requests.Session()
-    retry = Retry(total=retries, backoff_factor=0.2, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET",))
-    s.mount("http://", HTTPAdapter(max_retries=retry))
-    s.mount("https://", HTTPAdapter(max_retries=retry))
-    return s
+    return HttpClient(timeout=timeout, retry=RetryPolicy(retries=retries, backoff=0.5), rate=None, max_workers=1)
 
 
-def _download(session, url: str, dest: Path, entry: WeightEntry, timeout: float, progress: bool) -> str:
-    """Stream `url` into `dest` atomically, hashing on the way; raise ValueError on a hash mismatch."""
+def _download(client, url: str, dest: Path, entry: WeightEntry, progress: bool) -> str:
+    """Stream `url` into `dest` atomically through `client`; raise ValueError on a hash mismatch (the
+    partial file is removed, nothing appears under the final name)."""
     from tqdm import tqdm
 
-    h = hashlib.sha256()
-    with session.get(url, stream=True, timeout=timeout) as r:
-        r.raise_for_status()
-        total = int(r.headers.get("Content-Length") or 0) or None
-        with atomic_path(dest) as tmp:
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=entry.file, disable=not progress, leave=False) as bar:
-                for chunk in r.iter_content(chunk_size=1 << 16):
-                    f.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-            if total is not None and tmp.stat().st_size != total:
-                raise ValueError(f"truncated download: {tmp.stat().st_size} of {total} bytes")
-            digest = h.hexdigest()
-            if not entry.hash_matches(digest):
-                raise ValueError(f"sha256 {digest[:16]}... does not match {entry.sha256 or entry.sha256_prefix + '...'}")
+    digest = ""
+
+    def verify(tmp: Path) -> None:
+        nonlocal digest
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        digest = h.hexdigest()
+        if not entry.hash_matches(digest):
+            raise ValueError(f"sha256 {digest[:16]}... does not match {entry.sha256 or entry.sha256_prefix + '...'}")
+
+    with tqdm(unit="B", unit_scale=True, desc=entry.file, disable=not progress, leave=False) as bar:
+        def on_progress(done: int, total: int | None) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        client.download(url, dest, verify=verify, on_progress=on_progress)
     return digest
 
 
@@ -324,15 +324,20 @@ def fetch(
     force: bool = False,
     progress: bool = True,
     on_result: Callable[[FetchResult], None] | None = None,
+    client: Any = None,
 ) -> list[FetchResult]:
     """Download manifest entries into the cache with hash checks; one failure never stops the others.
 
     `base_url_override` replaces every URL by `<base>/<file>` (a mirror holding the files by name).
-    Files already present with a good hash are not downloaded again unless `force`.
+    Files already present with a good hash are not downloaded again unless `force`. Downloads go through
+    `client` (a `cmsrd.sources.http.HttpClient`; default: one with `timeout` and `retries`); URLs in
+    the recorded details are redacted.
     """
+    from cmsrd.sources.http import redact
+
     manifest = manifest if manifest is not None else load_manifest()
     entries = [_entry(k, manifest) for k in dict.fromkeys(keys)]
-    session = _session(retries)
+    client = client if client is not None else _client(timeout, retries)
     results = []
     for entry in entries:
         dest = entry.expected_path()
@@ -343,10 +348,10 @@ def fetch(
         else:
             url = f"{base_url_override.rstrip('/')}/{entry.file}" if base_url_override else entry.url
             try:
-                _download(session, url, dest, entry, timeout, progress)
-                res = FetchResult(entry.key, "fetched", dest, url)
+                _download(client, url, dest, entry, progress)
+                res = FetchResult(entry.key, "fetched", dest, redact(url))
             except Exception as e:  # network errors, HTTP errors, hash mismatch: recorded per file
-                res = FetchResult(entry.key, "failed", dest, f"{url}: {type(e).__name__}: {e}")
+                res = FetchResult(entry.key, "failed", dest, redact(f"{url}: {type(e).__name__}: {e}"))
         results.append(res)
         if on_result:
             on_result(res)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,76 @@ def test_verify_cli_on_shipped_manifest_names_paths(tmp_path, monkeypatch):
     assert "metric:lpips: NOT ready" in out.output
     assert str(tmp_path / "th" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in out.output
     assert "method:esrgan" in out.output
+
+
+class _ScriptedServer(_Server):
+    """`_Server` whose paths first play scripted faults: ("429", retry_after_s) or ("short", n_bytes)."""
+
+    def __init__(self, files: dict[str, bytes], script: dict[str, list[tuple[str, int]]]):
+        super().__init__(files)
+        self.script, self.times = script, []
+        outer = self
+        handler = self.httpd.RequestHandlerClass
+        plain_get = handler.do_GET
+
+        def do_get(h):  # noqa: N802
+            path = h.path.split("?")[0]
+            outer.times.append(time.monotonic())
+            steps = outer.script.get(path) or []
+            if not steps:
+                h.path = path
+                return plain_get(h)
+            kind, arg = steps.pop(0)
+            outer.hits.append(path)
+            if kind == "429":
+                h.send_response(429); h.send_header("Retry-After", str(arg)); h.send_header("Content-Length", "0"); h.end_headers()
+            elif kind == "short":  # declares the whole file, sends `arg` bytes, closes: a truncated download
+                body = outer.files[path]
+                h.send_response(200); h.send_header("Content-Length", str(len(body))); h.end_headers()
+                h.wfile.write(body[:arg]); h.wfile.flush()
+                h.close_connection = True
+
+        handler.do_GET = do_get
+
+
+def test_fetch_uses_the_polite_client_retry_after_truncation_redaction(tmp_path, monkeypatch):
+    """429 + Retry-After is waited out, a truncated body is retried from the start, secrets in URLs never
+    reach the recorded details."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    body = bytes(range(256)) * 40
+    sha = hashlib.sha256(body).hexdigest()
+    srv = _ScriptedServer({"/w/slow.pth": body, "/w/cut.pth": body},
+                          {"/w/slow.pth": [("429", 1)], "/w/cut.pth": [("short", 1000), ("short", 10)]})
+    try:
+        m = w.load_manifest(_manifest(tmp_path, {
+            "slow": {"file": "slow.pth", "subdir": "checkpoints", "sha256": sha, "url": f"{srv.url}/w/slow.pth"},
+            "cut": {"file": "cut.pth", "subdir": "checkpoints", "sha256": sha, "url": f"{srv.url}/w/cut.pth"},
+            "secret": {"file": "s.pth", "subdir": "checkpoints", "url": f"{srv.url}/w/missing.pth?sig=SeCrEtSiGnAtUrE"},
+        }))
+        res = {r.key: r for r in w.fetch(["slow", "cut", "secret"], manifest=m, timeout=5, progress=False)}
+        assert res["slow"].outcome == "fetched" and m["slow"].expected_path().read_bytes() == body
+        assert srv.times[1] - srv.times[0] >= 0.95  # waited for Retry-After: 1 (own backoff is < 0.8 s)
+        assert res["cut"].outcome == "fetched" and m["cut"].expected_path().read_bytes() == body
+        assert srv.hits.count("/w/cut.pth") == 3
+        assert not list(m["cut"].expected_path().parent.glob("*.part"))
+        assert res["secret"].outcome == "failed" and "404" in res["secret"].detail
+        assert "SeCrEtSiGnAtUrE" not in res["secret"].detail and "REDACTED" in res["secret"].detail
+    finally:
+        srv.close()
+
+
+def test_fetch_gives_up_on_a_retry_after_longer_than_allowed(tmp_path, monkeypatch):
+    """A server demanding a wait beyond the client's cap fails that file at once instead of stalling."""
+    from cmsrd.sources.http import HttpClient, RetryPolicy
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    srv = _ScriptedServer({"/w/a.pth": b"abc"}, {"/w/a.pth": [("429", 3600)]})
+    slept: list[float] = []
+    try:
+        m = w.load_manifest(_manifest(tmp_path, {"a": {"file": "a.pth", "subdir": "checkpoints", "url": f"{srv.url}/w/a.pth"}}))
+        client = HttpClient(rate=None, retry=RetryPolicy(retries=2, max_retry_after=60), sleep=slept.append)
+        r = w.fetch(["a"], manifest=m, progress=False, client=client)[0]
+        assert r.outcome == "failed" and "429" in r.detail and "3600" in r.detail and slept == []
+        assert not m["a"].expected_path().exists()
+    finally:
+        srv.close()

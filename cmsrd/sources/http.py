@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import re
 import threading
@@ -24,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import requests
@@ -264,6 +266,7 @@ class HttpClient:
         ok: Sequence[int] = (200,),
         validate: Callable[[requests.Response], None] | None = None,
         timeout: float | tuple[float, float] | None = None,
+        consume: Callable[[requests.Response], None] | None = None,
         **kw: Any,
     ) -> requests.Response:
         """Send a request, retrying transient failures; return the fully read response.
@@ -271,6 +274,10 @@ class HttpClient:
         A status in `ok` is success; a retryable status (429, 5xx, ...) or a connection error, timeout,
         truncated body or a `validate` callback raising `CorruptBody` is retried per the policy; any
         other status fails at once. Raises `HTTPFetchError` (redacted) when it finally fails.
+
+        With `consume`, a successful response is streamed (`stream=True`) and handed to `consume`
+        instead of being read into memory (large files; see `download`); whatever it raises that is
+        retryable here (a connection error mid-body, `CorruptBody`, a truncated body) is retried.
         """
         attempts = self.retry.retries + 1
         problem = "no attempt made"
@@ -283,8 +290,13 @@ class HttpClient:
             self._count("requests")
             retry_after: float | None = None
             try:
-                resp = self.session.request(method, url, timeout=timeout or self.timeout, **kw)
+                resp = self.session.request(method, url, timeout=timeout or self.timeout,
+                                            **({"stream": True} if consume is not None else {}), **kw)
                 status = resp.status_code
+                if consume is not None and status in ok:
+                    with resp:
+                        consume(resp)
+                    return resp
                 _ = resp.content  # read the whole body now, inside the retry loop
                 if status in ok:
                     _check_length(resp)
@@ -322,6 +334,50 @@ class HttpClient:
                 self._sleep(delay)
         self._count("failures")
         raise HTTPFetchError(url, self.redact(problem), status, attempts)
+
+    def download(
+        self,
+        url: str,
+        dest: str | Path,
+        *,
+        verify: Callable[[Path], None] | None = None,
+        on_progress: Callable[[int, int | None], None] | None = None,
+        chunk_size: int = 1 << 20,
+        **kw: Any,
+    ) -> Path:
+        """Stream a GET of `url` into `dest` atomically (a `.part` file renamed on success) with the
+        retry policy of `request`; the body never sits in memory (multi-GB checkpoints).
+
+        A body shorter than its Content-Length is retried from the start. `verify(tmp_path)` runs on the
+        complete file before the rename: raising `CorruptBody` retries, anything else fails at once and
+        leaves nothing under `dest`. `on_progress(bytes_so_far, total_or_None)` follows every chunk
+        (restarting at 0 on a retry).
+        """
+        from ..io import atomic_path
+
+        dest = Path(dest)
+
+        def consume(resp: requests.Response) -> None:
+            total = _declared_length(resp)
+            n = 0
+            with atomic_path(dest) as tmp:
+                with open(tmp, "wb") as f:
+                    if on_progress is not None:
+                        on_progress(0, total)
+                    for chunk in resp.iter_content(chunk_size=chunk_size):
+                        f.write(chunk)
+                        n += len(chunk)
+                        if on_progress is not None:
+                            on_progress(n, total)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if total is not None and n < total:
+                    raise _TruncatedBody(f"got {n} of {total} bytes")
+                if verify is not None:
+                    verify(tmp)
+
+        self.request("GET", url, consume=consume, **kw)
+        return dest
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], *, desc: str | None = None,
             progress: bool = False) -> list[R | BaseException]:
@@ -375,16 +431,23 @@ class _TruncatedBody(Exception):
     pass
 
 
-def _check_length(resp: requests.Response) -> None:
-    """Compare the body with Content-Length (only meaningful for identity-encoded bodies)."""
+def _declared_length(resp: requests.Response) -> int | None:
+    """Content-Length of an identity-encoded body (None when absent, encoded, or a HEAD response)."""
     declared = resp.headers.get("Content-Length")
     if declared is None or resp.request is None or resp.request.method == "HEAD":
-        return
+        return None
     if resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
-        return
+        return None
     try:
-        n = int(declared)
+        return int(declared)
     except ValueError:
+        return None
+
+
+def _check_length(resp: requests.Response) -> None:
+    """Compare the body with Content-Length (only meaningful for identity-encoded bodies)."""
+    n = _declared_length(resp)
+    if n is None:
         return
     if len(resp.content) < n:
         raise _TruncatedBody(f"got {len(resp.content)} of {n} bytes")
