@@ -8,15 +8,25 @@ The runner resolves data-level conditions here, so methods never see how a shuff
 - `steps=N` and `start=lr@t` are sampler settings passed through to diffusion methods.
 A method declares which condition keys it supports (`MethodSpec.conditions`); asking for one it does not
 support raises `UnsupportedCondition`, so nothing is silently run without it.
+
+`partners` and `apply_conditions` are the one implementation of the data-level conditions, used by the
+benchmark runner and by the trainer's validation (`train.val_conditions`), so a validated score and a
+benchmarked one see the same inputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from cmsrd.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from cmsrd.layout import DatasetLayout
 
 MAP_VALUES = ("gt", "shuffle", "none")
 STYLE_VALUES = ("gt", "shuffle", "sample")
@@ -112,3 +122,37 @@ def derangement(n: int, seed: int) -> np.ndarray:
         p = rng.permutation(n)
         if not np.any(p == np.arange(n)):
             return p
+
+
+def partners(ids: Sequence[str], seed: int) -> dict[str, str]:
+    """Seeded derangement over the split: sample i borrows partner p[i]'s map/style (never its own)."""
+    p = derangement(len(ids), seed)
+    return {ids[i]: ids[int(p[i])] for i in range(len(ids))}
+
+
+def apply_conditions(batch: dict[str, Any], cond: Conditions, layout: "DatasetLayout", split: str,
+                     partner: dict[str, str]) -> dict[str, Any]:
+    """Resolve map=shuffle|none and style=gt|shuffle on a loaded batch, in place (sampler settings pass
+    through). The batch needs `id`, and `hr` for style=gt; `hr` is removed afterwards, so a method never
+    sees the HR unless it is the asked-for style (keep a reference first if you score against it)."""
+    import torch
+
+    from cmsrd.io import read_png
+
+    def load(kind: str, ids: Sequence[str]) -> "torch.Tensor":
+        arrs = [read_png(layout.image_path(split, kind, partner[i])) for i in ids]
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
+
+    ids = list(batch["id"])
+    if cond.map == "shuffle":
+        batch["map"] = load("map", ids)
+    elif cond.map == "none":
+        batch.pop("map", None)
+    if cond.style == "gt":
+        if "hr" not in batch:
+            raise InputError("condition style=gt", "the batch has no HR image to use as the style", "load the split with the hr input")
+        batch["style"] = batch["hr"]
+    elif cond.style == "shuffle":
+        batch["style"] = load("hr", ids)
+    batch.pop("hr", None)
+    return batch

@@ -7,10 +7,15 @@ for fp16), gradient accumulation, EMA of `method.net_g`, checkpoints (safetensor
 periodic validation on the test split (PSNR-Y with the benchmark's definition, LPIPS when its weights
 are cached) and CSV logs.
 
+Validation batches go through the benchmark runner's condition code (`baselines.conditions.apply_conditions`)
+under `train.val_conditions` (a condition string, e.g. `style=gt` for SGDM+, whose official setup
+validates with the GT as the style; default `default`), with one seeded generator per batch as in the
+runner, so a validation score is the benchmark score of that condition on those images.
+
 Output folder:
     config.yaml          the effective config
     train_log.csv        step, lr per optimizer, the method's losses, images/s
-    val_log.csv          step, psnr_y, lpips, n_images
+    val_log.csv          step, condition, psnr_y, lpips, n_images
     checkpoints/step_N/  method.safetensors, ema.safetensors, train_state.pt/json (resumable)
     model.safetensors    exported weights (EMA when used) for `method.load_checkpoint`
 
@@ -39,6 +44,7 @@ from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_path, atomic_write_text
 
 from .base import SRMethod, TrainContext
+from .conditions import Conditions, apply_conditions, partners
 from .checkpoint import (
     latest_checkpoint,
     load_strict,
@@ -49,7 +55,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .feedforward import build_optimizer  # noqa: F401  (re-exported for methods)
-from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_loader
+from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_batch
 
 DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
@@ -68,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "val_max_images": 100,
     "val_batch_size": 4,
     "val_crop_border": 0,
+    "val_conditions": "default",
     "lpips": "auto",
 }
 DATASET_KINDS = ("lr", "sr", "map", "mask")
@@ -203,6 +210,7 @@ class Trainer:
         self.precision = str(self.cfg["precision"])
         if self.precision not in PRECISIONS:
             raise InputError(f"train.precision {self.precision!r}", f"unknown; choose from {list(PRECISIONS)}")
+        self.val_cond = _val_condition(method, self.cfg["val_conditions"])
         self.step = 0
         self._lpips: Any = None
 
@@ -369,18 +377,26 @@ class Trainer:
 
         loader = torch.utils.data.DataLoader(test_ds, batch_size=int(self.cfg["val_batch_size"]), shuffle=False)
         crop = int(self.cfg["val_crop_border"])
+        cond, seed = self.val_cond, int(self.cfg["seed"])
+        partner = partners(list(test_ds.ids), seed)
+        index_of = {sid: i for i, sid in enumerate(test_ds.ids)}
         psnrs: list[float] = []
         sr_imgs: list[np.ndarray] = []
         hr_imgs: list[np.ndarray] = []
         t0 = time.perf_counter()
         with _swap_generator(self.method, ema.module if ema is not None else None):
-            for _, sr, batch in super_resolve_loader(self.method, loader, self.device, self.precision, progress=False):
-                for a, b in zip(_to_uint8_images(sr), _to_uint8_images(batch["hr"])):
+            self.method.to(self.device)
+            for batch in loader:
+                hr = batch["hr"]  # the reference; apply_conditions removes it from what the method sees
+                batch = apply_conditions(dict(batch), cond, test_ds.layout, test_ds.split, partner)
+                gen = torch.Generator(device=self.device).manual_seed(seed + index_of[batch["id"][0]])
+                sr = super_resolve_batch(self.method, batch, cond, self.device, self.precision, gen).cpu()
+                for a, b in zip(_to_uint8_images(sr), _to_uint8_images(hr)):
                     psnrs.append(psnr(a, b, crop_border=crop, y_channel=True))
                     sr_imgs.append(a)
                     hr_imgs.append(b)
         self.method.train()
-        out: dict[str, Any] = {"psnr_y": float(np.mean(psnrs)), "n_images": len(psnrs), "crop_border": crop,
+        out: dict[str, Any] = {"condition": cond.name, "psnr_y": float(np.mean(psnrs)), "n_images": len(psnrs), "crop_border": crop,
                                "images_per_s": len(psnrs) / max(time.perf_counter() - t0, 1e-9)}
         lp = self._lpips_metric()
         out["lpips"] = float(np.mean(lp(sr_imgs, hr_imgs))) if lp is not None else float("nan")
@@ -434,6 +450,16 @@ class Trainer:
         self.step = int(state["step"])
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
+
+
+def _val_condition(method: SRMethod, text: Any) -> Conditions:
+    """`train.val_conditions` parsed and checked against what the method supports."""
+    try:
+        cond = Conditions.parse(None if text is None else str(text))
+        cond.check_supported(method.spec.name, method.spec.conditions)
+    except InputError as e:
+        raise InputError(f"train.val_conditions {text!r}", e.problem, e.fix or "use a condition the method supports, or default") from e
+    return cond
 
 
 def resumable_state(method: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from baselines import registry
 from baselines import weights as wcache
 from baselines.checkpoint import read_metadata
-from baselines.conditions import Conditions, UnsupportedCondition, derangement
+from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners  # noqa: F401
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
 from cmsrd.layout import DatasetLayout, read_dataset_json
@@ -112,31 +112,8 @@ def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict
 # ---- data-level conditions -------------------------------------------------------------------------
 
 
-def partners(ids: Sequence[str], seed: int) -> dict[str, str]:
-    """Seeded derangement over the split: sample i borrows partner p[i]'s map/style (never its own)."""
-    p = derangement(len(ids), seed)
-    return {ids[i]: ids[int(p[i])] for i in range(len(ids))}
-
-
-def apply_conditions(batch: dict[str, Any], cond: Conditions, layout: DatasetLayout, split: str,
-                     partner: dict[str, str]) -> dict[str, Any]:
-    """Resolve map=shuffle|none and style=gt|shuffle on a loaded batch (sampler settings pass through)."""
-
-    def load(kind: str, ids: Sequence[str]) -> torch.Tensor:
-        arrs = [read_png(layout.image_path(split, kind, partner[i])) for i in ids]
-        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
-
-    ids = list(batch["id"])
-    if cond.map == "shuffle":
-        batch["map"] = load("map", ids)
-    elif cond.map == "none":
-        batch.pop("map", None)
-    if cond.style == "gt":
-        batch["style"] = batch["hr"]
-    elif cond.style == "shuffle":
-        batch["style"] = load("hr", ids)
-    batch.pop("hr", None)  # methods never see the HR at inference unless it is the asked-for style
-    return batch
+# `partners` and `apply_conditions` live in baselines.conditions (shared with the trainer's validation);
+# imported above and re-exported here for existing callers.
 
 
 # ---- one method x condition ------------------------------------------------------------------------

@@ -148,3 +148,17 @@ def test_cli_train(tiny_dataset, tmp_path):
     r = CliRunner().invoke(train_command, args[:-6] + ["--max-steps", "3", "--out", str(out), "--resume"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert [x["step"] for x in rows(out / "train_log.csv")] == ["1", "2", "3"]
+
+
+def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tmp_path):
+    """train.val_conditions goes through the runner's condition code: unsupported ones are a clear error
+    before training, the applied condition is recorded per validation row."""
+    res = train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR), max_steps=4, progress=False)
+    assert res["val"]["condition"] == "default"
+    assert [r["condition"] for r in rows(tmp_path / "run" / "val_log.csv")] == ["default"]
+    with pytest.raises(InputError, match="val_conditions.*does not support"):
+        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_conditions="style=gt"), max_steps=1, progress=False)
+    with pytest.raises(InputError, match="val_conditions"):
+        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_conditions="map=sideways"), max_steps=1, progress=False)
+    assert not (tmp_path / "bad").exists()  # rejected before anything was written
+
