@@ -7,6 +7,13 @@ CUDA synchronisation around every timed forward, images/s and seconds/image over
 GPU memory, NFE. A killed run resumes: images already written are not redone, finished method x
 condition pairs are not rebuilt. One method failing (missing weights, unsupported condition, out of
 memory even at batch size 1, any exception) is recorded with its reason and the others continue.
+
+A method is built from its default config (`baselines/configs/<name>.yaml`), the `network` geometry a
+checkpoint of our trainer records, and the user's `--config NAME=YAML`, in that order of precedence
+(later wins) with one rule: the user may not change a geometry value the checkpoint records (the weights
+would not fit; that pair fails with the conflicting keys named) - only where the frozen parts come from
+(`LOCATION_KEYS`: `pretrained`, `tokenizer`), so an SD2.1 backbone path on this machine can replace the
+one recorded at training time. The file, its sha256 and the merged override go into run.json.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class RunConfig:
     limit: int | None = None
     warmup: bool = True
     command: list[str] = field(default_factory=list)
+    configs: dict[str, Path | dict[str, Any]] = field(default_factory=dict)  # --config NAME=YAML (or a dict)
 
 
 def pick_device(device: str) -> str:
@@ -107,6 +115,49 @@ def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict
         return None
     raise InputError(f"method {name!r}", f"needs trained x{scale} weights and none were given",
                      f"pass --weights {name}=PATH (train with `cmsrd-bench train {name}`)")
+
+
+# ---- method configs --------------------------------------------------------------------------------
+
+# Config leaves that say where frozen pretrained parts come from, not what shape the network has: a user's
+# --config may replace the value a checkpoint recorded (a local SD2.1 folder instead of the hub id).
+LOCATION_KEYS = frozenset({"pretrained", "tokenizer"})
+
+
+def load_user_config(name: str, source: Path | dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--config NAME=YAML` -> (override dict, what run.json records about it)."""
+    if source is None:
+        return {}, {}
+    if isinstance(source, dict):
+        return source, {"file": None, "override": source}
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InputError(f"--config {name}={path}", "file not found", "give the path of a YAML method config")
+    data = registry.load_yaml(path)
+    return data, {"file": str(path), "sha256": sha256_file(path), "override": data}
+
+
+def _geometry_conflicts(user: Any, recorded: Any, where: str = "network") -> list[str]:
+    """Leaves set in both with different values, location keys excepted."""
+    if isinstance(user, dict) and isinstance(recorded, dict):
+        out = []
+        for k in user.keys() & recorded.keys():
+            if k not in LOCATION_KEYS:
+                out += _geometry_conflicts(user[k], recorded[k], f"{where}.{k}")
+        return out
+    return [] if user == recorded else [f"{where}: {user!r} (config) vs {recorded!r} (checkpoint)"]
+
+
+def build_config(name: str, user: dict[str, Any], recorded_network: dict[str, Any] | None) -> dict[str, Any]:
+    """The override merged over the method's default config: the checkpoint's recorded `network`, then the
+    user's config on top; a user value that changes recorded geometry is an InputError."""
+    if not recorded_network:
+        return user
+    conflicts = _geometry_conflicts(user.get("network") or {}, recorded_network)
+    if conflicts:
+        raise InputError(f"--config {name}", "changes the network geometry the checkpoint was trained with: " + "; ".join(conflicts),
+                         f"drop those keys (only {sorted(LOCATION_KEYS)} may differ), or give the checkpoint that matches the config")
+    return registry.merge_config({"network": recorded_network}, user)
 
 
 # ---- data-level conditions -------------------------------------------------------------------------
@@ -226,16 +277,20 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, layout: Data
             return outcome
         wpath = method_weights(name, spec, layout.scale, cfg.weights)
         # A checkpoint saved by our trainer names its network geometry; build that geometry so a small
-        # model trained with a non-default config loads without the user repeating the config.
+        # model trained with a non-default config loads without the user repeating the config. A user
+        # config (--config) goes on top, e.g. local backbone/tokenizer paths for the authors' .ckpt.
         network = read_metadata(wpath).get("network") if wpath is not None else None
-        method = registry.build(name, layout.scale, config={"network": network} if network else None, device=device)
+        user, config_record = load_user_config(name, cfg.configs.get(name))
+        override = build_config(name, user, network)
+        method = registry.build(name, layout.scale, config=override or None, device=device)
         if wpath is not None:
             method.load_checkpoint(wpath)
         method = method.to(device).eval()
         total, trainable = method.parameter_counts()
         info = {"nfe": method.nfe(cond), "params_m": total / 1e6, "trainable_params_m": trainable / 1e6,
                 "weights": str(wpath) if wpath else None, "weights_sha256": sha256_file(wpath) if wpath else None,
-                "kind": spec.kind, "license": spec.license, "resumed_images": len(ids) - len(todo)}
+                "kind": spec.kind, "license": spec.license, "resumed_images": len(ids) - len(todo),
+                "config": {**config_record, "network_from_checkpoint": network, "effective_override": override}}
         part = cache.setdefault("partners", partners(list(ids), cfg.seed))
         timing = infer(method, cond, layout, cfg.split, ids, todo, out_dir, device, cfg.batch_size, amp, cfg.seed,
                        cfg.warmup, part)
@@ -374,6 +429,10 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     if not methods:
         raise InputError("--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH")
     conditions = [Conditions.parse(c).name for c in cfg.conditions] or ["default"]
+    for name, source in cfg.configs.items():  # typos and unreadable files fail once, before any method runs
+        if name not in methods:
+            raise InputError(f"--config {name}=...", f"names no method of this run ({', '.join(methods)})", "use NAME=YAML with a method in --methods")
+        load_user_config(name, source)
 
     rows, per_image_rows, outcomes = [], [], []
     scorers: dict[str, Any] = {}
@@ -425,6 +484,7 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         "methods": {f"{o.method}|{o.condition}": {"status": o.status, "reason": o.reason, "timing": o.timing, **o.info} for o in outcomes},
         "methods_skipped": skipped_methods,
         "conditions": conditions,
+        "configs": {n: (str(v) if not isinstance(v, dict) else v) for n, v in cfg.configs.items()},
         "weights": weights_hashes,
     }
     lb.write_run_json(cfg.out, info)

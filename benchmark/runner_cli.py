@@ -10,14 +10,20 @@ import click
 from cmsrd.errors import InputError
 
 
-def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
+def _parse_pairs(items: tuple[str, ...], option: str = "--weights", example: str = "esrgan=runs/esrgan/best.safetensors") -> dict[str, Path]:
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"--weights {item}", "expected NAME=PATH", "e.g. --weights esrgan=runs/esrgan/best.safetensors")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError(f"{option} {item}", "expected NAME=PATH", f"e.g. {option} {example}")
+        if name.strip() in out:
+            raise InputError(f"{option} {item}", f"{name.strip()!r} given twice", "give one per method")
         out[name.strip()] = Path(path.strip())
     return out
+
+
+def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
+    return _parse_pairs(items)
 
 
 @click.command("run")
@@ -29,6 +35,9 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (resumed if it exists).")
 @click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Checkpoint of a method (repeatable).")
+@click.option("--config", "configs", multiple=True, metavar="NAME=YAML",
+              help="Method config merged over its default (repeatable), e.g. local SD2.1 backbone/tokenizer paths for "
+                   "SGDM-real.ckpt. Over a checkpoint's recorded network it may change only pretrained/tokenizer paths.")
 @click.option("--metrics", default="default", show_default=True, help="Comma-separated metric names, default or all.")
 @click.option("--skip-missing", is_flag=True, help="Skip metrics/methods whose weights are missing (recorded in run.json).")
 @click.option("--crop-border", default=0, show_default=True, type=int,
@@ -39,7 +48,7 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
               help="Autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
-def run_command(data, methods, conditions, split, out, weights, metrics, skip_missing, crop_border, device, batch_size,
+def run_command(data, methods, conditions, split, out, weights, configs, metrics, skip_missing, crop_border, device, batch_size,
                 precision, seed, limit) -> None:
     """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json."""
     from .runner import RunConfig, run_benchmark
@@ -49,7 +58,7 @@ def run_command(data, methods, conditions, split, out, weights, metrics, skip_mi
     cfg = RunConfig(
         data=data, out=out, methods=[m.strip() for m in methods.split(",") if m.strip()],
         conditions=[c.strip() for c in conditions.split(";") if c.strip()] or ["default"], split=split,
-        weights=_parse_weights(weights), skip_missing=skip_missing, crop_border=crop_border, device=device,
+        weights=_parse_weights(weights), configs=_parse_pairs(configs, "--config", "sgdm+=sgdm-local.yaml"), skip_missing=skip_missing, crop_border=crop_border, device=device,
         batch_size=batch_size, metrics=metrics, seed=seed, precision=precision, limit=limit, command=list(sys.argv),
     )
     info = run_benchmark(cfg, progress=lambda s: click.echo(s, err=True))

@@ -195,3 +195,59 @@ def test_cli_run(tiny_dataset, tmp_path):
     assert run["crop_border"] == 16 and "crop_border=16" in run["metrics"]["ssim_y"]["definition"]
     res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--out", str(out), "--weights", "oops"])
     assert res.exit_code != 0 and "NAME=PATH" in str(res.exception)
+
+
+def test_config_precedence_rules():
+    """default < checkpoint-recorded network < --config; recorded geometry may not be changed, locations may."""
+    from benchmark.runner import build_config
+
+    recorded = {"backbone": {"pretrained": "stabilityai/stable-diffusion-2-1-base", "geometry": "tiny", "tokenizer": None},
+                "cond_channels": 64}
+    user = {"network": {"backbone": {"pretrained": "/w/v2-1_512-ema-pruned.ckpt", "tokenizer": "/w/tokenizer"}}, "sampler": {"steps": 5}}
+    merged = build_config("sgdm+", user, recorded)
+    assert merged["network"] == {"backbone": {"pretrained": "/w/v2-1_512-ema-pruned.ckpt", "geometry": "tiny", "tokenizer": "/w/tokenizer"},
+                                 "cond_channels": 64}
+    assert merged["sampler"] == {"steps": 5}
+    assert build_config("sgdm+", {"network": {"cond_channels": 64}}, recorded)["network"]["cond_channels"] == 64  # same value: fine
+    with pytest.raises(InputError, match=r"network.cond_channels: 32 \(config\) vs 64 \(checkpoint\)"):
+        build_config("sgdm+", {"network": {"cond_channels": 32}}, recorded)
+    assert build_config("sgdm+", user, None) == user  # no recorded geometry: the config alone
+
+
+def test_cli_config_builds_sgdm_plus_from_a_checkpoint_without_geometry(tiny_dataset, tmp_path):
+    """A checkpoint that records no network geometry (like the authors' SGDM-real.ckpt) runs once the user
+    passes the geometry with --config NAME=YAML; the config is recorded in run.json, bad uses are clear errors."""
+    from baselines.checkpoint import save_weights
+    from benchmark.cli import cli
+
+    torch.manual_seed(0)
+    tiny_yaml = registry.CONFIG_DIR / "sgdm-tiny.yaml"
+    m = registry.build("sgdm+", 16, tiny_yaml)
+    ckpt = save_weights(tmp_path / "foreign.safetensors", m.trainable_state_dict(), {"method": "sgdm+"})  # no `network`
+    out = tmp_path / "run"
+    base = ["run", "--data", str(tiny_dataset), "--methods", "sgdm+", "--weights", f"sgdm+={ckpt}", "--conditions", "style=gt",
+            "--metrics", "psnr_y", "--device", "cpu", "--limit", "2", "--batch-size", "2"]
+    res = CliRunner().invoke(cli, base + ["--out", str(out), "--config", f"sgdm+={tiny_yaml}"])
+    assert res.exit_code == 0, res.output
+    board = pd.read_csv(out / "leaderboard.csv")
+    row = board.iloc[0]
+    assert row.status == "ok" and row.n_images == 2 and np.isfinite(row.psnr_y)
+    assert row.nfe == 10  # sampler.steps from sgdm-tiny.yaml, not the default 50
+    run = json.loads((out / "run.json").read_text())
+    rec = run["methods"]["sgdm+|style=gt"]["config"]
+    assert rec["file"] == str(tiny_yaml) and len(rec["sha256"]) == 64
+    assert rec["override"]["network"]["backbone"]["geometry"] == "tiny" and rec["network_from_checkpoint"] is None
+    assert run["configs"] == {"sgdm+": str(tiny_yaml)}
+    # a checkpoint that records its geometry wins over a config that contradicts it: that pair fails, named
+    ours = save_weights(tmp_path / "ours.safetensors", m.trainable_state_dict(), {"method": "sgdm+", "network": m.config["network"]})
+    (tmp_path / "wide.yaml").write_text("network:\n  cond_channels: 32\n")
+    res = CliRunner().invoke(cli, base[:6] + [f"sgdm+={ours}"] + base[7:] + ["--out", str(tmp_path / "r2"), "--config", f"sgdm+={tmp_path / 'wide.yaml'}"])
+    assert res.exit_code == 0, res.output
+    bad = pd.read_csv(tmp_path / "r2" / "leaderboard.csv").iloc[0]
+    assert bad.status == "failed" and "cond_channels: 32 (config) vs 64 (checkpoint)" in bad.reason
+    # a config for a method not in the run, a missing file, a malformed pair: one clear error each, nothing run
+    for cfg_arg, msg in [(f"esrgan={tiny_yaml}", "names no method of this run"), ("sgdm+=/nope.yaml", "file not found"),
+                         ("sgdm+", "NAME=PATH")]:
+        res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "r3"), "--config", cfg_arg])
+        assert res.exit_code != 0 and msg in str(res.exception), (cfg_arg, res.output, res.exception)
+    assert not (tmp_path / "r3" / "leaderboard.csv").exists()
