@@ -215,6 +215,10 @@ def render_footprint(spec: BuildSpec, task: dict) -> tuple[np.ndarray, np.ndarra
 
 
 CONTEXT_LEVELS = 2  # co-registration window: the ancestor tile 2 zooms up (4 x 4 footprints, ~40 S2 pixels)
+# Shift search bound on the ground: Sentinel-2 L2A geolocation is good to ~1 pixel and survey HR to a few
+# metres, so 2 S2 pixels cover real misregistration; a wider search only finds the neighbouring period of
+# a field lattice (see cmsrd.align). Never below twice the QA threshold, so rejections stay possible.
+SHIFT_SEARCH_M = 20.0
 
 
 def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: dict | None
@@ -230,6 +234,7 @@ def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: 
     if lr_res is None:
         return None
     from .align import measure_shift
+    from .sources.base import ground_gsd_m
 
     nan = (float("nan"),) * 4
     k = min(CONTEXT_LEVELS, task["z"])
@@ -243,7 +248,9 @@ def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: 
             lr_ctx = _lr_fetch(spec, zc, xc, yc, spec.cfg.lr_px << k, hr.date, items or None)
             if lr_ctx.scene_id != lr_res.scene_id:
                 raise SampleError("scene_mismatch", lr_ctx.scene_id)
-            sh = measure_shift(lr_ctx.image, hr_ctx.image)
+            size = spec.cfg.lr_px << k
+            limit = max(SHIFT_SEARCH_M / ground_gsd_m(zc, yc, size), 2.0 * spec.cfg.qa.max_shift_lrpx)
+            sh = measure_shift(lr_ctx.image, hr_ctx.image, max_shift=min(limit, size / 8.0))
             cache[key] = (float(sh.dx), float(sh.dy), float(sh.error), float(sh.correlation))
         except (SampleError, InputError):
             cache[key] = nan
