@@ -147,14 +147,15 @@ def test_demo_real_build_on_an_external_scheduler(world, cluster, tmp_path):
     assert set(ok["lr_source"]) == {"sentinel-2"} and ok["lr_scene_id"].str.len().gt(0).all()
     assert (ok["lr_cloud_fraction"] <= cfg.qa.max_cloud_fraction).all()
     # The measured shift matches the injected one (truth: metres, +x east, +y north, per scene; manifest:
-    # LR pixels, +x east, +y south). Measured per 4x4-footprint window of one scene (see pipeline.coregister);
-    # the tolerance is what the measurement resolves at this size: about a third of an LR pixel (~2 m).
-    assert ok["shift_x_lrpx"].notna().all()
+    # LR pixels, +x east, +y south). Measured per 4x4-footprint window of one scene (see pipeline.coregister)
+    # with the fitted sensor colour mix (cmsrd.align): ~0.1 LR px median on this world, worst ~0.3.
+    assert ok["shift_x_lrpx"].notna().all() and (ok["shift_correlation"] > 0.6).all()
     lr_px_m = ok["hr_gsd_m"] * 256 / 16  # ground size of one LR pixel
     want_x = ok["lr_scene_id"].map(lambda sid: truth["s2_items"][sid]["shift_m"][0]) / lr_px_m
     want_y = -ok["lr_scene_id"].map(lambda sid: truth["s2_items"][sid]["shift_m"][1]) / lr_px_m
-    assert (ok["shift_x_lrpx"] - want_x).abs().median() < 0.35, (ok["shift_x_lrpx"].tolist(), want_x.tolist())
-    assert (ok["shift_y_lrpx"] - want_y).abs().median() < 0.35, (ok["shift_y_lrpx"].tolist(), want_y.tolist())
+    err = pd.concat([ok["shift_x_lrpx"] - want_x, ok["shift_y_lrpx"] - want_y]).abs()
+    assert err.median() < 0.2 and err.max() < 0.45, (ok[["shift_x_lrpx", "shift_y_lrpx"]].values.tolist(),
+                                                     want_x.tolist(), want_y.tolist())
 
 
 def _cli(*args: str) -> list[str]:
