@@ -110,6 +110,7 @@ class BuildConfig:
     http_retries: int = 5  # retries of a failed request (429/5xx/timeouts/damaged bodies), with backoff
     http_backoff_s: float = 0.5  # first backoff; doubles per retry (a server's Retry-After wins when longer)
     rate_per_worker: float = 8.0  # requests/s per source per worker process (politeness); 0 = unlimited
+    abort_after_failures: int = 32  # stop when the first N samples of a run all failed (a systematic cause); 0 = never
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,8 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
         raise InputError("split.test_fraction", f"is {cfg.split.test_fraction}", "use a fraction in [0, 1), e.g. 0.1")
     if cfg.split.block_tiles < 1:
         raise InputError("split.block_tiles", f"is {cfg.split.block_tiles}", "use a positive block edge in tiles, e.g. 8")
+    if cfg.build.abort_after_failures < 0:
+        raise InputError("build.abort_after_failures", f"is {cfg.build.abort_after_failures}", "use 0 (never) or a positive count")
     if cfg.build.partition_size < 1:
         raise InputError("build.partition_size", f"is {cfg.build.partition_size}", "use a positive number, e.g. 64")
     for f in dataclasses.fields(QAConfig):

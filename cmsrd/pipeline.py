@@ -606,12 +606,19 @@ def _execute(spec: BuildSpec, todo: pd.DataFrame, journal: Journal, workers: int
     if skipped:
         bar.write(f"resuming: {skipped} samples already done")
 
+    first_failures: list[dict] = []
+    abort_after = spec.cfg.build.abort_after_failures
+
     def record(row: dict) -> None:
         row["_done_at"] = round(time.time(), 3)  # journal only (not a manifest column): rates and profiles
         journal.append(row)
         stats[row["qa_status"]] += 1
         bar.set_postfix(ok=stats["ok"], rejected=stats["rejected"], failed=stats["failed"], refresh=False)
         bar.update(1)
+        if abort_after and stats["ok"] == stats["rejected"] == 0:
+            first_failures.append(row)
+            if len(first_failures) >= abort_after:
+                raise systematic_failure(spec.cfg.name, first_failures)
 
     real = _uses_catalogue(spec.cfg)
     try:
@@ -626,6 +633,22 @@ def _execute(spec: BuildSpec, todo: pd.DataFrame, journal: Journal, workers: int
         return len(todo)
     finally:
         bar.close()
+
+
+def systematic_failure(name: str, rows: list[dict]) -> InputError:
+    """The first samples of a run all failed: almost always one cause (no network, bad credentials, a
+    wrong URL). Stop instead of failing every remaining sample after its retries; the failures are in the
+    journal and are retried when the build is run again."""
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["qa_reason"]] = reasons.get(r["qa_reason"], 0) + 1
+    summary = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return InputError(
+        f"build {name}",
+        f"the first {len(rows)} samples all failed ({summary}); e.g. {rows[-1]['qa_detail']}",
+        "fix that cause (network, credentials, source URLs) and run the build again: it resumes and retries "
+        "failed samples (set build.abort_after_failures: 0 to never stop early)",
+    )
 
 
 def _group_by_block(part: list[dict]) -> list[tuple[str, list[dict]]]:

@@ -338,3 +338,21 @@ def test_a_worker_killed_mid_build_loses_no_sample(world, cluster, synthetic_bui
     assert killed and rep.processed == N_SAMPLES
     assert validate_dataset(tmp_path / "ds")[0] == []
     pd.testing.assert_frame_equal(read_manifest(synthetic_build), read_manifest(tmp_path / "ds"))
+
+
+def test_a_systematic_failure_stops_the_build_early(world, tmp_path, monkeypatch):
+    """The HR service answers only 503: the build stops after `abort_after_failures` failed samples with one
+    error naming the reason, instead of failing every sample after its retries; the failures stay in the
+    journal (a rerun retries them)."""
+    from cmsrd.errors import InputError
+    from cmsrd.pipeline import run_build
+
+    monkeypatch.setenv("CMSRD_CACHE", str(tmp_path / "cache"))
+    faults = {"error_rate": 1.0, "error_codes": [503], "retry_after_s": 0, "paths": ["/arcgis/"]}
+    preset = _preset(world, tmp_path, "synthetic", faults=faults,
+                     build={"abort_after_failures": 3, "http_retries": 0, "rate_per_worker": 0, "partition_size": 4})
+    with pytest.raises(InputError, match=r"first 3 samples all failed \(hr_fetch_failed x3\)"):
+        run_build(load_config(preset), tmp_path / "ds", workers=0, progress=False)
+    rows = [json.loads(line) for f in (tmp_path / "ds" / ".cmsrd").glob("*.jsonl") for line in f.read_text().splitlines()]
+    rows = [r for r in rows if "qa_status" in r]
+    assert len(rows) == 3 and {r["qa_status"] for r in rows} == {"failed"}
