@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Literal
 import yaml
 
 from cmsrd.errors import InputError, MissingWeightsError
-from cmsrd.io import atomic_path, atomic_write_text
+from cmsrd.io import atomic_write_text
 
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / "manifests" / "weights.yaml"
 MANIFEST_ENV = "CMSRD_WEIGHTS_MANIFEST"

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from baselines import registry
 from baselines import weights as wcache
 from baselines.checkpoint import read_metadata
-from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners  # noqa: F401
+from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
 from cmsrd.layout import DatasetLayout, read_dataset_json
@@ -163,8 +163,7 @@ def build_config(name: str, user: dict[str, Any], recorded_network: dict[str, An
 # ---- data-level conditions -------------------------------------------------------------------------
 
 
-# `partners` and `apply_conditions` live in baselines.conditions (shared with the trainer's validation);
-# imported above and re-exported here for existing callers.
+# `partners` and `apply_conditions` live in baselines.conditions (shared with the trainer's validation).
 
 
 # ---- one method x condition ------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,12 +50,13 @@ EXTRA_DTYPES = {c: ("float64" if c in ("lr_scene_cloud_cover", "shift_correlatio
 ROW_COLUMNS = tuple(MANIFEST_COLUMNS) + EXTRA_COLUMNS
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
-_SECRET_RE = re.compile(r"(?i)((?:token|key|secret|signature|sig|password|client_secret|access_token)=)[^&\s'\"]+")
 
 
 def redact(text: str | None) -> str:
-    """Strip credentials (token=, key=, ...) from URLs and messages before they reach logs or records."""
-    return _SECRET_RE.sub(r"\1***", text or "")
+    """Strip credentials from URLs and messages before they reach logs or records (the HTTP client's rules)."""
+    from .sources.http import redact as redact_secrets
+
+    return redact_secrets(text or "")
 
 
 # ---- build spec and worker-side sources -------------------------------------------------------------
@@ -141,8 +141,6 @@ def _lr_source(spec: BuildSpec):
     if "lr" not in src:
         cfg = spec.cfg.lr
         if cfg.backend == "sentinelhub":
-            from .sources.sentinelhub_backend import SentinelHubLR
-
             src["lr"] = sentinelhub_source(spec.cfg)
         else:
             from .sources.sentinel2 import Sentinel2STAC

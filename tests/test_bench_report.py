@@ -4,13 +4,11 @@ direction, perception-distortion plot and image grids, runs merged."""
 from __future__ import annotations
 
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from benchmark import leaderboard as lb
 from benchmark.report import best_rows
 from benchmark.runner import RunConfig, run_benchmark
 

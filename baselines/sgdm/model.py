@@ -332,8 +332,8 @@ class SGDMPlus(SGDMBase):
             if not stage1.is_file():
                 raise InputError(
                     f"stage 2 of {self.spec.name}", "needs the stage-1 weights (the style encoder), none were loaded",
-                    f"run it with --out set to the stage-1 run folder (holding model.safetensors), or set "
-                    f"`checkpoint:` in the config")
+                    "run it with --out set to the stage-1 run folder (holding model.safetensors), or set "
+                    "`checkpoint:` in the config")
             self.load_checkpoint(stage1)
         if torch.cuda.is_available() and self.device.type == "cpu":
             self.to("cuda")

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import mercantile
 import numpy as np
 
+from .. import grid
 from ..errors import InputError
 
 WEB_MERCATOR = "EPSG:3857"
@@ -79,10 +80,9 @@ def check_tile(z: int, x: int, y: int) -> None:
 
 
 def tile_bounds_3857(z: int, x: int, y: int) -> tuple[float, float, float, float]:
-    """(left, bottom, right, top) of an XYZ tile in EPSG:3857 metres."""
+    """(left, bottom, right, top) of an XYZ tile in EPSG:3857 metres (`cmsrd.grid`'s, with the id checked)."""
     check_tile(z, x, y)
-    b = mercantile.xy_bounds(int(x), int(y), int(z))
-    return (b.left, b.bottom, b.right, b.top)
+    return grid.tile_bounds_3857(z, x, y)
 
 
 def tile_bounds_lonlat(z: int, x: int, y: int) -> tuple[float, float, float, float]:
@@ -93,15 +93,13 @@ def tile_bounds_lonlat(z: int, x: int, y: int) -> tuple[float, float, float, flo
 
 
 def tile_center_lonlat(z: int, x: int, y: int) -> tuple[float, float]:
-    w, s, e, n = tile_bounds_lonlat(z, x, y)
-    return ((w + e) / 2.0, (s + n) / 2.0)
+    check_tile(z, x, y)
+    return grid.tile_center_lonlat(z, x, y)
 
 
 def ground_gsd_m(z: int, y: int, size: int = 256) -> float:
-    """Ground sample distance (m) of a `size` px image of tile (z, *, y): Mercator pixel x cos(latitude)."""
-    left, bottom, right, top = tile_bounds_3857(z, 0, y)
-    lat = math.degrees(math.atan(math.sinh((bottom + top) / 2.0 / 6378137.0)))
-    return (right - left) / size * math.cos(math.radians(lat))
+    """Ground sample distance (m) of a `size` px image of tile (z, *, y), at the latitude of the tile's centre."""
+    return grid.ground_gsd_m(z, tile_center_lonlat(z, 0, y)[1], size)
 
 
 def subtile_zoom(z: int, size: int) -> int:
