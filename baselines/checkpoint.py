@@ -246,9 +246,12 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def load_training_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint folder: {"step", "method", "ema" (or None), "optimizers", "schedulers", "scaler", "rng"}."""
+    """Read a checkpoint folder: {"step", "method", "ema" (or None), "optimizers", "schedulers", "scaler", "rng",
+    "extra" (the JSON side-car: method, scale, training seconds, ...)}."""
     folder = Path(folder)
     state = read_state_dict_file(folder / STATE_PT)
+    side = folder / STATE_JSON
+    state["extra"] = json.loads(side.read_text()) if side.is_file() else {}
     state["method"] = read_state_dict(folder / MODEL_FILE, strip_module=False)
     state["ema"] = read_state_dict(folder / EMA_FILE, strip_module=False) if (folder / EMA_FILE).exists() else None
     return state

@@ -12,10 +12,15 @@ under `train.val_conditions` (a condition string, e.g. `style=gt` for SGDM+, who
 validates with the GT as the style; default `default`), with one seeded generator per batch as in the
 runner, so a validation score is the benchmark score of that condition on those images.
 
+A run ends at `max_steps` (a global step) or, with `train.max_minutes` / `--max-minutes`, once that many
+minutes of training have passed (`elapsed_s`: optimisation steps only, validation and checkpoint writes not
+counted, summed over resumes), so methods can be compared for the same training time. Either way the
+last step is logged, validated and saved.
+
 Output folder:
     config.yaml          the effective config
-    train_log.csv        step, lr per optimizer, the method's losses, images/s
-    val_log.csv          step, condition, psnr_y, lpips, n_images
+    train_log.csv        step, elapsed_s, lr per optimizer, the method's losses, images/s
+    val_log.csv          step, elapsed_s, condition, psnr_y, lpips, n_images
     checkpoints/step_N/  method.safetensors, ema.safetensors, train_state.pt/json (resumable)
     model.safetensors    exported weights (EMA when used) for `method.load_checkpoint`
 
@@ -60,6 +65,7 @@ from .inference import PRECISIONS, autocast_context, resolve_device, super_resol
 DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "total_steps": 100000,
+    "max_minutes": None,
     "scheduler": {"type": "constant"},
     "precision": "fp32",
     "accumulate": 1,
@@ -186,7 +192,8 @@ class Trainer:
     """Train `method` on the built dataset at `data_root`, writing to `out_dir`.
 
     `max_steps` stops early (the schedules still follow `train.total_steps`), so a later `resume`
-    with a larger `max_steps` continues the same run."""
+    with a larger `max_steps` continues the same run; `max_minutes` (default `train.max_minutes`) stops
+    once the run's training time reaches it."""
 
     def __init__(
         self,
@@ -197,12 +204,18 @@ class Trainer:
         max_steps: int | None = None,
         resume: bool = False,
         progress: bool = True,
+        max_minutes: float | None = None,
     ):
         self.method, self.data_root, self.out_dir = method, Path(data_root), Path(out_dir)
         self.cfg = {**DEFAULTS, **(method.config.get("train") or {})}
         self.device = resolve_device(device)
         self.total_steps = int(self.cfg["total_steps"])
         self.stop_at = min(self.total_steps, int(max_steps)) if max_steps is not None else self.total_steps
+        minutes = max_minutes if max_minutes is not None else self.cfg.get("max_minutes")
+        if minutes is not None and not float(minutes) > 0:
+            raise InputError(f"max_minutes {minutes}", "must be a positive number of minutes", "e.g. --max-minutes 5")
+        self.budget_s = float(minutes) * 60 if minutes is not None else None
+        self.train_seconds = 0.0  # optimisation time of the whole run (restored on resume)
         self.resume, self.progress = resume, progress
         self.accumulate = int(self.cfg["accumulate"])
         if self.accumulate < 1:
@@ -283,7 +296,8 @@ class Trainer:
         last_val: dict[str, Any] = {}
         bar = tqdm(total=self.stop_at, initial=self.step, desc=f"train {method.spec.name} x{method.scale}", disable=not self.progress)
         try:
-            while self.step < self.stop_at:
+            while self.step < self.stop_at and not self._out_of_time():
+                t_step = time.perf_counter()
                 for micro in range(self.accumulate):
                     batch = next(batches)
                     batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -302,19 +316,25 @@ class Trainer:
                 if ema is not None:
                     self._update_ema(ema)
                 self.step += 1
+                self.train_seconds += time.perf_counter() - t_step
                 bar.update(1)
-                if self.step % int(cfg["log_every"]) == 0 or self.step == self.stop_at:
+                last = self.step == self.stop_at or self._out_of_time()
+                if self.step % int(cfg["log_every"]) == 0 or last:
                     dt = time.perf_counter() - t_window
-                    row = {"step": self.step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
+                    row = {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
+                           **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
                            **{k: float(np.mean(v)) for k, v in window.items()}, "images_per_s": n_window / dt if dt > 0 else float("nan")}
                     train_log.log(row)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
                     window, t_window, n_window = {}, time.perf_counter(), 0
-                if self.step % int(cfg["val_every"]) == 0 or self.step == self.stop_at:
+                if self.step % int(cfg["val_every"]) == 0 or last:
                     last_val = self.validate(test_ds, ema)
-                    val_log.log({"step": self.step, **last_val})
-                if self.step % int(cfg["save_every"]) == 0 or self.step == self.stop_at:
+                    val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
+                if self.step % int(cfg["save_every"]) == 0 or last:
                     self._save(optimizers, schedulers, scaler, ema)
+                if self._out_of_time():
+                    tqdm.write(f"time budget of {self.budget_s / 60:g} min reached at step {self.step}; "
+                               "continue with --resume and a larger --max-minutes")
         except KeyboardInterrupt:
             if self.step > 0:
                 self._save(optimizers, schedulers, scaler, ema)
@@ -322,9 +342,13 @@ class Trainer:
             raise
         finally:
             bar.close()
-        return {"step": self.step, "weights": str(self.out_dir / "model.safetensors"), "val": last_val}
+        return {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
+                "weights": str(self.out_dir / "model.safetensors"), "val": last_val}
 
     # ---- pieces ---------------------------------------------------------------------------------
+    def _out_of_time(self) -> bool:
+        return self.budget_s is not None and self.train_seconds >= self.budget_s
+
     def _backward_fn(self, optimizers: dict[str, torch.optim.Optimizer], scaler: Any, boundary: bool):
         """`TrainContext.backward`: scale for accumulation (and fp16), step + zero the named optimizer at
         the last micro-batch of the step."""
@@ -424,7 +448,8 @@ class Trainer:
         save_training_checkpoint(
             self.out_dir / "checkpoints", self.step, resumable_state(method, optimizers),
             ema.state_dict() if ema is not None else None,
-            optimizers, schedulers, scaler, extra={"method": method.spec.name, "scale": method.scale, "total_steps": self.total_steps},
+            optimizers, schedulers, scaler, extra={"method": method.spec.name, "scale": method.scale, "total_steps": self.total_steps,
+                                                   "train_seconds": self.train_seconds},
             keep=int(self.cfg.get("keep_checkpoints") or 0),
         )
         with _swap_generator(method, ema.module if ema is not None else None):
@@ -448,6 +473,7 @@ class Trainer:
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("extra", {}).get("train_seconds", 0.0))
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
 
@@ -495,6 +521,7 @@ def train(
     device: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    max_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Build `method_name` at the dataset's scale and train it (stage 1) or run its stage `stage`."""
     from cmsrd.layout import DatasetLayout
@@ -514,4 +541,5 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         method.run_stage(stage, Path(data_root), method.config.get("train") or {}, out)
         return {"stage": stage, "out": str(out)}
-    return Trainer(method, data_root, out_dir, device=device, max_steps=max_steps, resume=resume, progress=progress).fit()
+    return Trainer(method, data_root, out_dir, device=device, max_steps=max_steps, resume=resume, progress=progress,
+                   max_minutes=max_minutes).fit()

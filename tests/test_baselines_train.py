@@ -148,6 +148,32 @@ def test_cli_train(tiny_dataset, tmp_path):
     r = CliRunner().invoke(train_command, args[:-6] + ["--max-steps", "3", "--out", str(out), "--resume"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert [x["step"] for x in rows(out / "train_log.csv")] == ["1", "2", "3"]
+    r = CliRunner().invoke(train_command, args[:-6] + ["--max-minutes", "0.000001", "--out", str(out), "--resume"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output  # the run's training time already exceeds the budget: nothing more is done
+    assert [x["step"] for x in rows(out / "train_log.csv")] == ["1", "2", "3"]
+
+
+def test_time_budget_stops_validates_saves_and_resumes(tiny_dataset, tmp_path):
+    """--max-minutes ends a run once its training time is spent (the last step logged, validated and
+    saved); the time is kept in the checkpoint, so a resumed run adds to it."""
+    import json
+
+    out = tmp_path / "timed"
+    res = train("esrgan", tiny_dataset, out, config=cfg(ESR), max_minutes=1e-6, progress=False)
+    assert res["step"] == 1 and res["elapsed_s"] > 0  # far below total_steps: the clock ended it
+    assert [r["step"] for r in rows(out / "val_log.csv")] == ["1"]
+    assert [r["step"] for r in rows(out / "train_log.csv")] == ["1"]
+    first = float(rows(out / "train_log.csv")[0]["elapsed_s"])
+    state = json.loads(next((out / "checkpoints").glob("step_*/train_state.json")).read_text())
+    assert state["step"] == 1 and state["train_seconds"] == pytest.approx(first, abs=1e-3)
+    res = train("esrgan", tiny_dataset, out, config=cfg(ESR, max_minutes=60), max_steps=3, resume=True, progress=False)
+    assert res["step"] == 3  # budget left: max_steps ends it
+    log = rows(out / "train_log.csv")
+    assert [r["step"] for r in log] == ["1", "2", "3"]  # log_every 2, plus the last step
+    assert first < float(log[1]["elapsed_s"]) < float(log[2]["elapsed_s"])  # cumulative over the resume
+    with pytest.raises(InputError, match="max_minutes"):
+        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR), max_minutes=0, progress=False)
 
 
 def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tmp_path):
