@@ -15,7 +15,8 @@ runner, so a validation score is the benchmark score of that condition on those 
 A run ends at `max_steps` (a global step) or, with `train.max_minutes` / `--max-minutes`, once that many
 minutes of training have passed (`elapsed_s`: optimisation steps only, validation and checkpoint writes not
 counted, summed over resumes), so methods can be compared for the same training time. Either way the
-last step is logged, validated and saved.
+last step is logged, validated and saved. `train.val_every_minutes` validates at fixed training times as
+well (every `val_every` steps still applies), so curves of different methods share their time points.
 
 Output folder:
     config.yaml          the effective config
@@ -75,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "log_every": 100,
     "val_every": 5000,
+    "val_every_minutes": None,
     "save_every": 5000,
     "keep_checkpoints": 2,
     "val_max_images": 100,
@@ -215,7 +217,12 @@ class Trainer:
         if minutes is not None and not float(minutes) > 0:
             raise InputError(f"max_minutes {minutes}", "must be a positive number of minutes", "e.g. --max-minutes 5")
         self.budget_s = float(minutes) * 60 if minutes is not None else None
+        val_min = self.cfg.get("val_every_minutes")
+        if val_min is not None and not float(val_min) > 0:
+            raise InputError(f"train.val_every_minutes {val_min}", "must be a positive number of minutes")
+        self.val_every_s = float(val_min) * 60 if val_min is not None else None
         self.train_seconds = 0.0  # optimisation time of the whole run (restored on resume)
+        self._val_slot = 0  # index of the last val_every_minutes slot reached
         self.resume, self.progress = resume, progress
         self.accumulate = int(self.cfg["accumulate"])
         if self.accumulate < 1:
@@ -327,7 +334,8 @@ class Trainer:
                     train_log.log(row)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
                     window, t_window, n_window = {}, time.perf_counter(), 0
-                if self.step % int(cfg["val_every"]) == 0 or last:
+                time_due = self._val_time_due()  # evaluated every step: it advances the time slot
+                if self.step % int(cfg["val_every"]) == 0 or last or time_due:
                     last_val = self.validate(test_ds, ema)
                     val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
                 if self.step % int(cfg["save_every"]) == 0 or last:
@@ -348,6 +356,14 @@ class Trainer:
     # ---- pieces ---------------------------------------------------------------------------------
     def _out_of_time(self) -> bool:
         return self.budget_s is not None and self.train_seconds >= self.budget_s
+
+    def _val_time_due(self) -> bool:
+        """True once per `val_every_minutes` of training time (also right after a resume that crossed one)."""
+        if self.val_every_s is None:
+            return False
+        slot = int(self.train_seconds // self.val_every_s)
+        due, self._val_slot = slot > self._val_slot, slot
+        return due
 
     def _backward_fn(self, optimizers: dict[str, torch.optim.Optimizer], scaler: Any, boundary: bool):
         """`TrainContext.backward`: scale for accumulation (and fp16), step + zero the named optimizer at
@@ -474,6 +490,7 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("extra", {}).get("train_seconds", 0.0))
+        self._val_slot = int(self.train_seconds // self.val_every_s) if self.val_every_s else 0
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
 

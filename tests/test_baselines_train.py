@@ -176,6 +176,27 @@ def test_time_budget_stops_validates_saves_and_resumes(tiny_dataset, tmp_path):
         train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR), max_minutes=0, progress=False)
 
 
+def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch):
+    """train.val_every_minutes validates when training time crosses each multiple (clock faked: 1 s per
+    perf_counter read), once per crossing, besides the step cadence."""
+    import itertools
+
+    import baselines.train as tr
+
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock))
+    config = cfg(ESR, val_every=1000, log_every=1000, val_every_minutes=0.05)  # every 3 s of training
+    train("esrgan", tiny_dataset, tmp_path / "v", config=config, max_steps=8, progress=False)
+    val = rows(tmp_path / "v" / "val_log.csv")
+    times = [float(r["elapsed_s"]) for r in val]
+    assert [int(r["step"]) for r in val][-1] == 8 and 3 <= len(val) <= 8
+    assert all(b > a for a, b in zip(times, times[1:]))  # one validation per crossing, never repeated
+    slots = [int(t // 3) for t in times[:-1]]
+    assert slots == sorted(set(slots))
+    with pytest.raises(InputError, match="val_every_minutes"):
+        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_every_minutes=-1), max_steps=1, progress=False)
+
+
 def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tmp_path):
     """train.val_conditions goes through the runner's condition code: unsupported ones are a clear error
     before training, the applied condition is recorded per validation row."""
