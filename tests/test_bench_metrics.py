@@ -160,3 +160,83 @@ def test_fid_kid_wiring(stand_in_weights):
 
     ps = patches(sr, 16)
     assert len(ps) == 2 * 4 and ps[0].shape == (16, 16, 3)
+
+
+def _clip_import_problem() -> str | None:
+    """Why pyiqa's CLIP tokenizer (the `openai-clip` package) cannot be imported, or None."""
+    try:
+        import pyiqa.archs.clip_imports  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any socket connection fails the test: pyiqa's CLIP loader downloads RN50.pt when its own hash
+    check fails, and that must never happen."""
+    import socket
+
+    def refuse(self, address, *a, **k):
+        raise AssertionError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+def test_clip_rn50_stand_in_is_compact_torchscript(stand_in_weights):
+    import torch
+    from baselines import weights as w
+    from benchmark.testing import CLIP_RN50_CONFIG
+
+    stand_in_weights("clip_rn50")
+    path = w.resolve("clip_rn50")
+    assert path.name == "RN50.pt" and path.parent.name == "clip" and path.stat().st_size < 4e6
+    sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # the published file is TorchScript too
+    assert len(sd) == 489 + 3 and int(sd["input_resolution"]) == 224 and int(sd["vocab_size"]) == 49408
+    assert sd["token_embedding.weight"].shape == (49408, 512) and sd["text_projection"].shape == (512, 1024)
+    assert sd["visual.attnpool.positional_embedding"].shape == (50, 2048)
+    assert not torch.equal(sd["token_embedding.weight"][0], sd["token_embedding.weight"][1])  # tokens differ
+    assert CLIP_RN50_CONFIG["vision_layers"] == (3, 4, 6, 3)
+
+
+def test_clipiqa_wiring(stand_in_weights, no_network):
+    why = _clip_import_problem()
+    if why:
+        pytest.skip(f"CLIP-IQA needs the openai-clip package (prompt tokenizer): {why}")
+    stand_in_weights("clip_rn50")
+    f = M.build_image_metric("clipiqa")
+    net = f.metric.net.clip_model[0]  # rebuilt by pyiqa's build_model from the stand-in's shapes
+    assert net.visual.input_resolution == 224 and net.context_length == 77 and net.vocab_size == 49408
+    assert [len(getattr(net.visual, f"layer{i}")) for i in (1, 2, 3, 4)] == [3, 4, 6, 3]
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)] + [_img(128, 64)]
+    vals = f(imgs)
+    assert len(vals) == 4 and all(np.isfinite(vals)) and all(0.0 <= v <= 1.0 for v in vals)
+    assert len(set(vals)) > 1  # the image reaches the score (features are not constant)
+    assert f(imgs[:1]) == pytest.approx(vals[:1], abs=1e-5)  # batching does not change a score
+
+
+def test_clipiqa_missing_corrupt_weights_and_package_are_clear(stand_in_weights, no_network, monkeypatch):
+    import sys
+
+    from baselines import weights as w
+
+    stand_in_weights("clip_rn50")
+    path = w.resolve("clip_rn50")
+    # no openai-clip: one InputError naming the package, not a ModuleNotFoundError from inside pyiqa
+    monkeypatch.setitem(sys.modules, "pyiqa.archs.clip_imports", None)
+    with pytest.raises(InputError, match="openai-clip"):
+        M.build_image_metric("clipiqa")
+    monkeypatch.delitem(sys.modules, "pyiqa.archs.clip_imports")
+    # corrupt (truncated) file: caught by the manifest hash before pyiqa sees it (pyiqa would re-download)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(InputError) as e:
+        M.build_image_metric("clipiqa")
+    assert not isinstance(e.value, MissingWeightsError)
+    assert "RN50.pt" in str(e.value) and "does not match" in str(e.value) and "weights fetch clip_rn50" in str(e.value)
+    # missing file: MissingWeightsError with the file name, the expected path and the URL
+    path.unlink()
+    with pytest.raises(MissingWeightsError) as e:
+        M.build_image_metric("clipiqa")
+    assert str(path) in str(e.value) and "openaipublic" in str(e.value)

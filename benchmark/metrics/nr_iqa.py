@@ -6,7 +6,9 @@ The note is part of each metric's definition, so it travels with every leaderboa
 
 Weights come from the offline cache: MUSIQ's network is built without weights and loaded from
 `musiq_koniq_ckpt-e95806b9.pth` (weights_only); CLIP-IQA's CLIP RN50 is read by pyiqa's CLIP loader from
-`$TORCH_HOME/hub/clip/RN50.pt` after this module has checked that it is there and intact.
+`$TORCH_HOME/hub/clip/RN50.pt` after this module has checked that it is there and intact (the checked
+path is what pyiqa is given, so its own hash-and-download step never runs). CLIP-IQA also needs the
+`openai-clip` package for its prompt tokenizer (its BPE vocabulary ships inside that package).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from baselines.weights import resolve
+from cmsrd.errors import InputError
 
 from .perceptual import _load_state_dict, images_to_tensor
 
@@ -58,6 +61,16 @@ class CLIPIQA(_NRMetric):
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 8):
         import pyiqa
 
-        resolve("clip_rn50")  # pyiqa's CLIP loader would otherwise try to download it
-        metric = pyiqa.create_metric("clipiqa", device=torch.device("cpu"))
+        path = resolve("clip_rn50")  # present and matching the manifest's SHA-256, or a clear error
+        try:
+            import pyiqa.archs.clip_imports  # noqa: F401  (openai-clip: the prompt tokenizer)
+        except ImportError as e:
+            raise InputError(
+                "python package `clip` (PyPI: openai-clip)", f"cannot be imported ({type(e).__name__}: {e})",
+                "install openai-clip==1.0.1 with ftfy; it imports `pkg_resources`, which setuptools>=81 no "
+                "longer ships, so keep setuptools<81 beside it") from e
+        # pyiqa's `load("RN50")` re-hashes the file against OpenAI's URL and downloads it on a mismatch;
+        # given the resolved path it loads exactly the file checked above (the manifest is the authority,
+        # CMSRD_WEIGHTS_MANIFEST included) and never reaches the network
+        metric = pyiqa.create_metric("clipiqa", backbone=str(path), device=torch.device("cpu"))
         super().__init__(metric, device, batch_size)
