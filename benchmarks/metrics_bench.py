@@ -276,13 +276,14 @@ def bench_metric(name: str, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray], 
 # ---- output ------------------------------------------------------------------------------------------
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def _fmt(v: Any, digits: int = 3, small: bool = False) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         if not np.isfinite(v):
             return str(v)
-        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.4g}"
+        tiny = small and v != 0 and abs(v) < 1e-2  # a value such as KID ~1e-5 keeps its digits
+        return f"{v:.4g}" if tiny or abs(v) >= 1e4 else f"{v:.{digits}f}"
     return str(v)
 
 
@@ -292,7 +293,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         status = r["status"] if r["status"] == "ran" else f"{r['status']}: {r.get('reason', '')[:120]}"
         lines.append(f"| {r['metric']} {'↑' if r['direction'] == 'higher' else '↓'} | {status} | {r['n_pairs']} | {_fmt(r['build_s'], 2)} | "
-                     f"{_fmt(r['run_s'], 2)} | {_fmt(r['ms_per_image'], 1)} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['mean'], 4)} |")
+                     f"{_fmt(r['run_s'], 2)} | {_fmt(r['ms_per_image'], 1)} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['mean'], 4, small=True)} |")
     return "\n".join(lines)
 
 
