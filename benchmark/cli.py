@@ -23,3 +23,7 @@ def cli() -> None:
 
 def main() -> None:
     run_cli(cli)
+
+
+if __name__ == "__main__":  # `python -m benchmark.cli` where the package is on PYTHONPATH but not installed
+    main()

@@ -2,8 +2,9 @@
 
     python -m baselines.sgdm.throughput --method sgdm --batch 16 64 --precision fp32 bf16 --start-t 400
 
-Random init is enough for speed (same FLOPs as the real weights); nothing is downloaded. Timing uses CUDA
-events after a warm-up run; the JSON lines it prints are the figures to report.
+Random init is enough for speed (same FLOPs as the real weights); nothing is downloaded. After a warm-up
+run, wall-clock time is taken between CUDA synchronisations; the JSON lines it prints are the figures to
+report. `--geometry tiny` runs the same path on a CPU (smoke test only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 from ..conditions import Conditions
 from . import build
 
-SD_RANDOM = {"network": {"backbone": {"pretrained": None, "geometry": "sd21-base"}}}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE = {"sgdm": 32, "sgdm+": 16, "sgdm-nomap": 32}
 
@@ -45,7 +45,7 @@ def measure(method: Any, batch: int, size: int, precision: str, cond: Conditions
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / repeats
     return {
-        "method": method.spec.name, "batch": batch, "size": size, "precision": precision, "condition": cond.name,
+        "method": method.spec.name, "geometry": method.backbone_source, "batch": batch, "size": size, "precision": precision, "condition": cond.name,
         "nfe": method.nfe(cond), "seconds_per_batch": round(dt, 3), "images_per_s": round(batch / dt, 3),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start-t", type=int, default=None, help="also measure start=lr@T")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--geometry", default="sd21-base", help="backbone geometry (tiny/small: smoke runs on CPU)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
-    m = build(args.method, SCALE[args.method], SD_RANDOM, device=args.device).eval()
+    random_init = {"network": {"backbone": {"pretrained": None, "geometry": args.geometry}}}
+    m = build(args.method, SCALE[args.method], random_init, device=args.device).eval()
     conds = [Conditions(steps=args.steps)]
     if args.start_t is not None:
         conds.append(Conditions(steps=args.steps, start_t=args.start_t))
