@@ -39,7 +39,7 @@ class _UInt8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).contiguous()
+        return torch.tensor(self.images[i]).permute(2, 0, 1).contiguous()  # a copy: inputs may be read-only views
 
 
 def patches(images: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
