@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -43,20 +42,11 @@ def parameter_counts(name: str, scale: int) -> tuple[int, int]:
     return method.parameter_counts()
 
 
-@contextlib.contextmanager
 def _offline():
     """Counting parameters must never reach the network (Hugging Face config look-ups included)."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, {k: "1" for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")})
 
 
 def method_rows(with_params: bool) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -149,18 +150,10 @@ def stand_in_weights(metric_names: Sequence[str]) -> Iterator[list[str]]:
     from benchmark.testing import MAKERS, write_fake_weights
 
     keys = list(dict.fromkeys(k for n in metric_names for k in M.get(n).weights if k in MAKERS))
-    saved = {v: os.environ.get(v) for v in ("TORCH_HOME", "CMSRD_WEIGHTS_MANIFEST")}
-    with tempfile.TemporaryDirectory(prefix="cmsrd-standin-") as tmp:
-        try:
-            os.environ["TORCH_HOME"] = str(Path(tmp) / "torch")
-            os.environ["CMSRD_WEIGHTS_MANIFEST"] = str(write_fake_weights(keys, Path(tmp) / "weights.yaml"))
-            yield keys
-        finally:
-            for v, old in saved.items():
-                if old is None:
-                    os.environ.pop(v, None)
-                else:
-                    os.environ[v] = old
+    with tempfile.TemporaryDirectory(prefix="cmsrd-standin-") as tmp, \
+            mock.patch.dict(os.environ, {"TORCH_HOME": str(Path(tmp) / "torch")}):
+        os.environ["CMSRD_WEIGHTS_MANIFEST"] = str(write_fake_weights(keys, Path(tmp) / "weights.yaml"))
+        yield keys
 
 
 def _versions() -> dict[str, str | None]:
