@@ -358,7 +358,8 @@ class Trainer:
         return self.budget_s is not None and self.train_seconds >= self.budget_s
 
     def _val_time_due(self) -> bool:
-        """True once per `val_every_minutes` of training time (also right after a resume that crossed one)."""
+        """True at the first step of each new `val_every_minutes` slot of training time (slots reached
+        before a resume are not repeated)."""
         if self.val_every_s is None:
             return False
         slot = int(self.train_seconds // self.val_every_s)
