@@ -48,6 +48,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import osmium
+import pyproj
 import pandas as pd
 import shapely
 from shapely.geometry import box
@@ -73,7 +74,6 @@ PARK = {"leisure": {"park", "garden"}, "landuse": {"grass", "meadow", "recreatio
 FARMLAND = frozenset({"farmland", "farmyard", "orchard"})
 KEYS = ("building", "highway", "railway", "waterway", "natural", "landuse", "leisure", "water")
 COLUMNS = ["class", "kind", "osm_type", "osm_id", "geometry"]
-EARTH_RADIUS = 6378137.0
 SEA_PROBE_M = 0.05  # EPSG:3857 metres beside a coastline segment's midpoint where its side votes
 COAST_SNAP_M = 300.0  # ground metres: coastline ends this close to the extent's edge are joined to it
 
@@ -167,10 +167,13 @@ def _line_wkb(way) -> tuple[bytes, bool] | None:
     return shapely.to_wkb(geom), missing
 
 
+_TO_3857 = pyproj.Transformer.from_crs("EPSG:4326", CRS, always_xy=True)
+
+
 def lonlat_to_3857(lon, lat) -> tuple[np.ndarray, np.ndarray]:
-    """WGS84 degrees -> EPSG:3857 metres (spherical Web Mercator, as pyproj computes it)."""
-    lon, lat = np.asarray(lon, float), np.asarray(lat, float)
-    return EARTH_RADIUS * np.radians(lon), EARTH_RADIUS * np.log(np.tan(np.pi / 4 + np.radians(lat) / 2))
+    """WGS84 degrees -> EPSG:3857 metres (vectorised; the same pyproj transform as `GeoDataFrame.to_crs`)."""
+    x, y = _TO_3857.transform(np.asarray(lon, float), np.asarray(lat, float))
+    return np.asarray(x), np.asarray(y)
 
 
 def _segments_in_box(coords: np.ndarray, box_: tuple[float, float, float, float]):
