@@ -9,22 +9,39 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 
+def _create_temp(path: Path) -> Path:
+    """Create an empty, uniquely named `.<name>.<random>.part` file next to `path`.
+
+    Unlike `tempfile.mkstemp` (always 0600, a mode `os.replace` would carry over to the final file), the
+    file is created with 0o666 and the process umask applies, so published reports, SR images and a shared
+    weights cache get the same permissions as any other file the user writes."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success rename it over `path`, on error remove it."""
+    """Yield a temp path next to `path`; on success rename it over `path`, on error remove it.
+
+    The final file has the usual mode (0o666 minus the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
