@@ -9,8 +9,24 @@ import click
 from baselines import weights as wcache
 
 
-def _users(entry: wcache.WeightEntry) -> str:
-    return ", ".join(entry.used_by) or "-"
+def metric_weights(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[str]]:
+    """`metric:<name>` -> the manifest keys that metric loads, taken from `benchmark.metrics.METRICS`.
+
+    METRICS is what `cmsrd-bench run` resolves, so it (not the manifest's `used_by` tags, which a test keeps
+    equal to it) decides which files gate `verify` and which `fetch` downloads by default. Keys the manifest
+    lacks are left out (a custom $CMSRD_WEIGHTS_MANIFEST may hold other entries)."""
+    from .metrics import METRICS
+
+    return {f"metric:{n}": [k for k in m.weights if k in manifest] for n, m in METRICS.items() if m.weights}
+
+
+def _users_by_key(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[str]]:
+    """key -> its users: metrics from METRICS, methods and cross-checks from the manifest's `used_by`."""
+    users = {k: [u for u in e.used_by if not u.startswith("metric:")] for k, e in manifest.items()}
+    for user, keys in metric_weights(manifest).items():
+        for k in keys:
+            users[k].append(user)
+    return users
 
 
 @click.group("weights")
@@ -23,9 +39,10 @@ def list_command() -> None:
     """Every manifest entry: key, file, cache folder, who uses it, licence."""
     manifest = wcache.load_manifest()
     click.echo(f"cache: {wcache.hub_dir()}  (manifest: {wcache.manifest_path()})")
+    by_key = _users_by_key(manifest)
     for key, e in manifest.items():
         h = e.sha256[:12] + "..." if e.sha256 else (f"prefix {e.sha256_prefix}" if e.sha256_prefix else "no hash")
-        click.echo(f"{key:22s} {e.subdir + '/' + e.file:55s} {h:22s} {_users(e)}")
+        click.echo(f"{key:22s} {e.subdir + '/' + e.file:55s} {h:22s} {', '.join(by_key[key]) or '-'}")
         if not e.url:
             click.echo(f"{'':22s} not downloadable: {e.note or 'no URL'}")
 
@@ -35,13 +52,15 @@ def list_command() -> None:
 def verify_command(keys: tuple[str, ...]) -> None:
     """Per metric and per method: which files are present, missing or corrupt, and where to put them.
 
-    Exits 1 when a file used by a metric is missing or corrupt."""
+    Exits 1 when a file a benchmark metric loads is missing or corrupt; files used only by methods or by
+    cross-checks (`crosscheck:<name>`) are reported but do not fail the preflight."""
     manifest = wcache.load_manifest()
     selected = list(keys) or list(manifest)
-    checks = {k: wcache.check(k, manifest) for k in selected}
+    checks = {k: wcache.check(k, manifest) for k in selected}  # unknown key -> one clear error
+    by_key = _users_by_key(manifest)
     users: dict[str, list[str]] = {}
     for k in selected:
-        for u in manifest[k].used_by or ("unused",):
+        for u in by_key[k] or ["unused"]:
             users.setdefault(u, []).append(k)
     bad_metric = False
     for user in sorted(users, key=lambda u: (not u.startswith("metric:"), u)):
@@ -66,13 +85,14 @@ def verify_command(keys: tuple[str, ...]) -> None:
 
 @weights.command("fetch")
 @click.argument("keys", nargs=-1)
-@click.option("--metrics-only", is_flag=True, help="Only the files metrics need (the default when no KEYS are given).")
 @click.option("--all", "all_", is_flag=True, help="Every downloadable entry, methods included.")
 @click.option("--base-url", default=None, help="Mirror holding the files by name: URL becomes BASE/<file>.")
 @click.option("--force", is_flag=True, help="Download again even when a good copy is present.")
 @click.option("--timeout", default=60.0, show_default=True, type=float)
-def fetch_command(keys: tuple[str, ...], metrics_only: bool, all_: bool, base_url: str | None, force: bool, timeout: float) -> None:
-    """Download weights into the cache with hash checks (atomic; one failure does not stop the others)."""
+def fetch_command(keys: tuple[str, ...], all_: bool, base_url: str | None, force: bool, timeout: float) -> None:
+    """Download weights into the cache with hash checks (atomic; one failure does not stop the others).
+
+    Without KEYS or --all: the files the benchmark metrics load (cross-check and method weights are left out)."""
     manifest = wcache.load_manifest()
     if keys:
         selected = list(keys)
@@ -81,7 +101,7 @@ def fetch_command(keys: tuple[str, ...], metrics_only: bool, all_: bool, base_ur
     elif all_:
         selected = list(manifest)
     else:
-        selected = [k for k, e in manifest.items() if any(u.startswith("metric:") for u in e.used_by)]
+        selected = list(dict.fromkeys(k for keys_ in metric_weights(manifest).values() for k in keys_))
     failed = 0
 
     def show(r: wcache.FetchResult) -> None:

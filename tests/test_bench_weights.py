@@ -229,3 +229,67 @@ def test_fetch_gives_up_on_a_retry_after_longer_than_allowed(tmp_path, monkeypat
         assert not m["a"].expected_path().exists()
     finally:
         srv.close()
+
+
+def test_manifest_metric_users_equal_METRICS():
+    """One source of truth: the manifest's `metric:` tags are exactly the weights METRICS declares."""
+    from benchmark.metrics import METRICS
+
+    m = w.load_manifest(w.MANIFEST_PATH)
+    tagged = {u.split(":", 1)[1] for e in m.values() for u in e.used_by if u.startswith("metric:")}
+    assert tagged == {n for n, metric in METRICS.items() if metric.weights}
+    for n, metric in METRICS.items():
+        assert set(w.keys_for(f"metric:{n}", m)) == set(metric.weights), n
+    kinds = {u.split(":", 1)[0] for e in m.values() for u in e.used_by}
+    assert kinds <= {"metric", "method", "crosscheck"}
+    assert m["pyiqa_pt_inception"].used_by == ("crosscheck:pyiqa_fid",)
+
+
+def _metric_files_present(tmp_path: Path, monkeypatch) -> tuple[Path, set[str]]:
+    """Shipped manifest with stand-in bytes (full sha256 recorded) for every file a metric loads."""
+    from benchmark.metrics import METRICS
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    data = yaml.safe_load(w.MANIFEST_PATH.read_text())
+    keys = {k for metric in METRICS.values() for k in metric.weights}
+    for k in keys:
+        body = f"stand-in {k}".encode()
+        entry = data["weights"][k]
+        entry.pop("sha256_prefix", None)
+        entry["sha256"] = hashlib.sha256(body).hexdigest()
+        p = tmp_path / "th" / "hub" / entry["subdir"] / entry["file"]
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(body)
+    path = tmp_path / "weights.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv(w.MANIFEST_ENV, str(path))
+    return path, keys
+
+
+def test_verify_passes_when_every_metric_file_is_present(tmp_path, monkeypatch):
+    """Cross-check and method weights are reported but do not fail the offline preflight."""
+    from benchmark.cli import cli
+
+    _metric_files_present(tmp_path, monkeypatch)
+    out = CliRunner().invoke(cli, ["weights", "verify"])
+    assert out.exit_code == 0, out.output
+    assert "metric:lpips: ready" in out.output and "metric:fid: ready" in out.output
+    assert "NOT ready" not in "\n".join(l for l in out.output.splitlines() if l.startswith("metric:"))
+    assert "crosscheck:pyiqa_fid: NOT ready" in out.output and "method:esrgan: NOT ready" in out.output
+    assert "metric:pyiqa_fid" not in out.output
+    # one metric file gone -> exit 1 again
+    (tmp_path / "th" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").unlink()
+    out = CliRunner().invoke(cli, ["weights", "verify"])
+    assert out.exit_code == 1 and "metric:fid: NOT ready" in out.output
+
+
+def test_fetch_default_selects_exactly_the_metric_weights(tmp_path, monkeypatch):
+    from benchmark.cli import cli
+
+    _, keys = _metric_files_present(tmp_path, monkeypatch)
+    out = CliRunner().invoke(cli, ["weights", "fetch"])  # everything present: nothing is downloaded
+    assert out.exit_code == 0, out.output
+    listed = {line.split()[1].rstrip(":") for line in out.output.splitlines() if line.strip()}
+    assert listed == keys and "pyiqa_pt_inception" not in listed
+    out = CliRunner().invoke(cli, ["weights", "fetch", "--metrics-only"])
+    assert out.exit_code == 2 and "No such option" in out.output  # the dead flag is gone
