@@ -158,3 +158,102 @@ def test_missing_backbone_weights_name_what_to_put_where(tmp_path):
     ckpt.write_bytes(b"x")
     with pytest.raises(MissingWeightsError, match="tokenizer"):
         load_backbone(str(ckpt))  # a single-file checkpoint has no tokenizer: it must be named first
+
+
+# A PyTorch-Lightning 1.4 trainer file as the authors' SGDM-*.ckpt are: callback states keyed by the callback
+# class, an omegaconf-like config (NEWOBJ + BUILD, a dataclass, an Enum via REDUCE, typing.Any, builtins.dict),
+# optimizer and scheduler states. The classes live in temporary modules that are gone when the file is read.
+_FAKE_MODULES = {
+    "pytorch_lightning/__init__.py": "",
+    "pytorch_lightning/callbacks/__init__.py": "",
+    "pytorch_lightning/callbacks/model_checkpoint.py": "class ModelCheckpoint:\n    pass\n",
+    "omegaconf/__init__.py": "",
+    "omegaconf/dictconfig.py": """
+import enum, typing
+from dataclasses import dataclass, field
+
+class Flag(enum.Enum):
+    READONLY = 1
+
+@dataclass
+class ContainerMetadata:
+    ref_type: typing.Any = typing.Any
+    object_type: typing.Any = dict
+    flags: dict = field(default_factory=dict)
+
+class DictConfig:
+    def __init__(self, content):
+        self.__dict__["_content"] = content
+        self.__dict__["_metadata"] = ContainerMetadata(flags={Flag.READONLY: False})
+    def __getstate__(self):
+        return dict(self.__dict__)
+    def __setstate__(self, state):
+        raise AssertionError("real omegaconf code must not run while loading")
+""",
+}
+
+
+def _write_lightning_14_checkpoint(path: Path, state: dict, tmp_path: Path, monkeypatch) -> None:
+    import importlib
+    import sys
+
+    src = tmp_path / "fake_modules"
+    for rel, text in _FAKE_MODULES.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(src))
+    mc = importlib.import_module("pytorch_lightning.callbacks.model_checkpoint")
+    oc = importlib.import_module("omegaconf.dictconfig")
+    ckpt = {
+        "epoch": 3, "global_step": 119999, "pytorch-lightning_version": "1.4.2", "state_dict": state,
+        "callbacks": {mc.ModelCheckpoint: {"monitor": "val_lpips", "best_model_score": torch.tensor(0.515),
+                                           "best_model_path": "step=119999-val_lpips=0.515.ckpt", "dirpath": "ckpts"}},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(2)}},
+                              "param_groups": [{"lr": 5e-5, "betas": (0.9, 0.999), "params": [0]}]}],
+        "lr_schedulers": [{"base_lrs": [5e-5], "last_epoch": 5, "_last_lr": [5e-5]}],
+        "hparams_name": "kwargs", "hyper_parameters": {"unet_config": oc.DictConfig({"in_channels": 4})},
+    }
+    torch.save(ckpt, path)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("pytorch_lightning", "omegaconf")]:
+        monkeypatch.delitem(sys.modules, name)
+    sys.path.remove(str(src))
+
+
+def test_lightning_1_4_checkpoint_with_training_metadata_loads(official_keys, tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "step=119999-val_lpips=0.515.ckpt"
+    state = _fake_state(official_keys["simu_nomap"], random_prefix="adapter.")
+    _write_lightning_14_checkpoint(path, state, tmp_path, monkeypatch)
+    assert "pytorch_lightning" not in sys.modules and "omegaconf" not in sys.modules
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    assert {"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "omegaconf.dictconfig.DictConfig",
+            "omegaconf.dictconfig.Flag", "typing.Any", "builtins.dict"} <= unsafe
+    with pytest.raises(Exception, match="Unsupported global"):  # what plain weights_only does with this file
+        torch.load(path, weights_only=True)
+    loaded = load_torch_state(path)
+    assert set(loaded) == set(state)
+    assert torch.equal(loaded["adapter.conv_in.weight"], state["adapter.conv_in.weight"])
+    assert "pytorch_lightning" not in sys.modules  # nothing was imported to read it
+    m = build("sgdm-nomap", 32, SD, device="meta")
+    m.load_checkpoint(path)
+    assert m.loaded_from == path
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_calling_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "callbacks": {"x": _Payload(marker)}}, path)
+    with pytest.raises(InputError, match="system.*refusing"):
+        load_torch_state(path)
+    assert not marker.exists()

@@ -5,8 +5,13 @@
   `convert_ldm_unet_checkpoint` (the SD converter; the UNet is plain SD2.1 with fine-tuned attention);
 - `adapter.*`: our `SGDMAdapter` uses the authors' attribute names, so only the prefix is stripped;
 - `first_stage_model.*` / `cond_stage_model.*`: SD2.1's VAE and OpenCLIP text tower (see `backbone.py`).
-The style flows are separate files, `flow_mean.pt` / `flow_std.pt` (normflows state dicts, same names).
-Everything loads with `weights_only=True`: no pickled code runs.
+The style flows are separate files (normflows state dicts, same names): the released
+`flow_tanh_mini_mean` / `flow_tanh_mini_std` (no extension) or `flow_mean.pt` / `flow_std.pt`.
+
+Everything loads with `weights_only=True`: no pickled code runs. A PyTorch-Lightning 1.4 `.ckpt` also pickles
+training metadata (callback states keyed by the callback *class*, omegaconf hyper-parameters); each class or
+function it names from a known metadata package is bound to an inert stub for the load and then dropped with
+everything but `state_dict`. A checkpoint naming anything else (e.g. `os.system`) is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +25,45 @@ from cmsrd.errors import InputError
 
 UNET_PREFIX = "model.diffusion_model."
 ADAPTER_PREFIX = "adapter."
-FLOW_FILES = (("flow_mean.pt", "flow_std.pt"), ("flow_tanh_mini_mean.pt", "flow_tanh_mini_std.pt"))
+# flow file pairs looked for next to a checkpoint, in order: the released names (official repo
+# `model/Flows/checkpoints/`, README `checkpoints/`), then what the official training script saves
+FLOW_FILES = (("flow_tanh_mini_mean", "flow_tanh_mini_std"), ("flow_tanh_mini_mean.pt", "flow_tanh_mini_std.pt"),
+              ("flow_mean.pt", "flow_std.pt"), ("flow_mean", "flow_std"))
+# Where the classes pickled in Lightning/ldm training metadata live (`model.*`, `ldm.*`: the official repo).
+METADATA_MODULES = frozenset({"pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "ldm", "model",
+                              "argparse", "pathlib", "typing", "collections", "enum", "numpy"})
+# builtin types that omegaconf metadata names (`object_type=dict`); never eval/exec/getattr and the like
+METADATA_BUILTINS = frozenset(f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float", "str", "bool",
+                                                        "bytes", "frozenset", "object"))
+
+
+class _Inert:
+    """Stand-in for a class or function named by checkpoint metadata: creating, calling or restoring it runs
+    no code of that package and keeps nothing (only `state_dict` is used)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _metadata_stubs(path: Path) -> list[tuple[type, str]]:
+    """(stub class, "module.Name") for every global outside torch's weights-only allowlist, or an InputError
+    when one is not training metadata."""
+    try:
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) or damaged file: the weights-only load below reports it
+        return []
+    refused = [n for n in names if n.split(".")[0] not in METADATA_MODULES and n not in METADATA_BUILTINS]
+    if refused:
+        raise InputError(f"checkpoint {path}", f"its pickle references {', '.join(refused[:5])}, which is not "
+                         "checkpoint metadata; refusing to unpickle it",
+                         "load only the authors' released files, or re-save the weights as .safetensors")
+    return [(type(n.rpartition(".")[2], (_Inert,), {}), n) for n in names]
 
 
 def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -32,8 +75,10 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    stubs = _metadata_stubs(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(stubs):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-tensor payloads
         raise InputError(f"checkpoint {path}", f"cannot be read as a tensor state dict ({type(e).__name__}: {e})",
                          "pass the authors' .ckpt, a flow .pt state dict, or a .safetensors file") from e
@@ -41,6 +86,10 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {path}", f"holds a {type(state).__name__}, not a state dict")
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise InputError(f"checkpoint {path}", f"its state dict holds non-tensor entries, e.g. {odd[:3]}",
+                         "pass the authors' .ckpt, a flow state dict, or a .safetensors file")
     return state
 
 
@@ -85,6 +134,7 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
 
 
 def find_flow_files(directory: Path) -> tuple[Path, Path] | None:
+    """The first (mean, std) pair of `FLOW_FILES` present in `directory`."""
     for mean_name, std_name in FLOW_FILES:
         if (directory / mean_name).is_file() and (directory / std_name).is_file():
             return directory / mean_name, directory / std_name
