@@ -15,7 +15,9 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from cmsrd.errors import InputError
 from cmsrd.io import atomic_path, atomic_write_text
+
+# What torch.load raises on a cut or damaged file: zip files fail in the zip reader, legacy (pre-1.6) pickles
+# cut inside their header in the unpickler (IndexError, struct.error, ValueError).
+_CORRUPT = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, struct.error, ValueError)
 
 WRAPPER_KEYS = ("params_ema", "params-ema", "params", "state_dict", "model_state_dict", "model", "net", "netG")
 
@@ -46,6 +52,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}", "file not found", "check the path")
     from safetensors import safe_open
 
     try:
@@ -115,7 +123,7 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = None, strip
                 "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors from a trusted environment",
             ) from e
         raise InputError(f"checkpoint {path}", f"is corrupt ({e})", "fetch it again") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except _CORRUPT as e:
         raise InputError(f"checkpoint {path}", f"is truncated or corrupt ({type(e).__name__}: {str(e)[:120]})", "fetch or copy it again") from e
     return _unwrap(obj, path, param_key, strip_module)
 
@@ -134,12 +142,28 @@ def describe_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, to
     return "; ".join(parts) or None
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str = "") -> None:
-    """load_state_dict(strict) with one clear error naming the keys/shapes that differ."""
-    problem = describe_mismatch(module.state_dict(), state)
-    if problem:
-        raise InputError(what, f"does not match the model: {problem}", hint or "use a checkpoint of the same architecture, size and scale as the config")
-    module.load_state_dict(state, strict=True)
+def foreign_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of `got` that no size of the `expected` network has: unknown even with every number (block
+    index, stage) wildcarded. Such keys mean another key layout or architecture, not another size."""
+    names = {re.sub(r"\d+", "#", k) for k in expected}
+    return [k for k in got if k not in expected and re.sub(r"\d+", "#", k) not in names]
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str = "", layouts: str = "") -> None:
+    """load_state_dict(strict) with one clear error naming the keys/shapes that differ.
+
+    `hint` is the fix for a size or scale mismatch; when the names themselves are foreign (another key
+    layout or architecture) the error says so instead, listing `layouts` (the layouts the caller reads)."""
+    expected = module.state_dict()
+    problem = describe_mismatch(expected, state)
+    if not problem:
+        module.load_state_dict(state, strict=True)
+        return
+    if foreign := foreign_keys(expected, state):
+        known = f" in one of the key layouts it reads: {layouts}" if layouts else ""
+        raise InputError(what, f"uses parameter names this network has at no size (e.g. {foreign[0]!r}), so it is another architecture "
+                               f"or a key layout this loader does not know: {problem}", f"use a checkpoint of this architecture{known}")
+    raise InputError(what, f"does not match the model: {problem}", hint or "use a checkpoint of the same architecture, size and scale as the config")
 
 
 # ---- resumable training state ------------------------------------------------------------------------
@@ -265,5 +289,5 @@ def read_state_dict_file(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise InputError(f"training state {path}", f"is not a weights-only file ({str(e)[:120]})", "resume from a checkpoint this toolkit wrote") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except _CORRUPT as e:
         raise InputError(f"training state {path}", f"is truncated or corrupt ({type(e).__name__})", "resume from an earlier checkpoint folder") from e

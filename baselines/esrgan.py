@@ -5,12 +5,14 @@ Two training stages, as in the paper and BasicSR: PSNR-oriented pre-training wit
 relativistic VGG-style discriminator, the VGG19 conv5_4 perceptual loss and L1
 (`configs/esrgan_gan.yaml`, `train.stage: gan`); the three loss weights are config keys.
 Checkpoints load from our safetensors, BasicSR files (`params`/`params_ema`, `conv_first`, `body.N.rdb1`,
-`conv_upN`) and the original ESRGAN layout (`model.0`, `model.1.sub.N.RDB1...`).
+`conv_upN`), the original ESRGAN layout (`model.0`, `model.1.sub.N.RDB1...`) and the layout of the ESRGAN
+repository's current release files (`RRDB_trunk.N.RDB1`, `trunk_conv`, `upconvN`, `HRconv`).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from cmsrd.errors import InputError
 
 from .archs.discriminator import VGGStyleDiscriminator
-from .archs.rrdbnet import convert_old_esrgan_keys, is_old_esrgan_layout
+from .archs.rrdbnet import convert_esrgan_keys
 from .base import Batch, TrainContext
 from .feedforward import FeedForwardMethod, build_optimizer
 from .losses import L1Loss, PerceptualLoss, RelativisticGANLoss
@@ -43,9 +45,11 @@ _UP = re.compile(r"^conv_up(\d+)\.weight$")
 
 class ESRGAN(FeedForwardMethod):
     scale_arg = "scale"
+    key_layouts = ("ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
+                   "ESRGAN repository (RRDB_trunk.N.RDBK.convJ, trunk_conv, upconvN, HRconv)")
 
     def convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return convert_old_esrgan_keys(state) if is_old_esrgan_layout(state) else state
+        return convert_esrgan_keys(state)
 
     def checkpoint_scale(self, state: dict[str, torch.Tensor]) -> int | None:
         n = sum(1 for k in state if _UP.match(k))
@@ -57,7 +61,7 @@ class ESRGAN(FeedForwardMethod):
             raise InputError(f"train.stage {stage!r} of esrgan", "unknown", "use psnr (L1 pre-training) or gan")
         self.stage = stage
         pretrained = train_cfg.get("pretrain_network_g")
-        if pretrained:
+        if pretrained and not train_cfg.get("resuming"):  # a resumed run restores its own weights: the file may be gone
             self.load_checkpoint(pretrained)
         if stage == "psnr":
             return super().configure_optimizers(train_cfg)
@@ -79,6 +83,12 @@ class ESRGAN(FeedForwardMethod):
             "g": build_optimizer(train_cfg.get("optim_g") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_g.parameters()),
             "d": build_optimizer(train_cfg.get("optim_d") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_d.parameters()),
         }
+
+    def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
+        """ESRGAN's second stage (GAN training) is a config of the shared loop, not a `--stage`."""
+        raise InputError(f"--stage {stage}", "esrgan's GAN stage is chosen by its config (train.stage: gan), not by --stage",
+                         "drop --stage and run `cmsrd-bench train --method esrgan --config baselines/configs/esrgan_gan.yaml "
+                         "--set train.pretrain_network_g=RUN/model.safetensors ...`, RUN being the output folder of the psnr-stage run")
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         if getattr(self, "stage", "psnr") == "psnr":

@@ -38,6 +38,7 @@ class FeedForwardMethod(SRMethod):
     """A generator network mapping `lr` to SR. Subclasses set `scale_arg` and `convert_state`."""
 
     scale_arg = "scale"  # constructor argument of the architecture that holds the scale
+    key_layouts = "ours"  # the checkpoint key layouts `convert_state` reads, named in load errors
 
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
@@ -73,12 +74,18 @@ class FeedForwardMethod(SRMethod):
         if meta.get("scale") not in (None, self.scale):
             raise InputError(f"checkpoint {path}", f"is a x{meta['scale']} model but the method was built for x{self.scale}", f"use --scale {meta['scale']} or a x{self.scale} checkpoint")
         param_key = param_key or (self.config.get("path") or {}).get("param_key")
-        state = self.convert_state(read_state_dict(path, param_key))
+        try:
+            state = self.convert_state(read_state_dict(path, param_key))
+        except InputError:
+            raise
+        except ValueError as e:  # a layout recognised by its keys but not convertible
+            raise InputError(f"checkpoint {path}", str(e), f"use a checkpoint in one of the key layouts {self.spec.name} reads: {self.key_layouts}") from e
         ck_scale = self.checkpoint_scale(state)
         if ck_scale is not None and ck_scale != self.scale:
             raise InputError(f"checkpoint {path}", f"has the upsampler of a x{ck_scale} model but the method was built for x{self.scale}",
                              f"use a x{self.scale} checkpoint or build with scale {ck_scale}")
-        load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale")
+        load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale",
+                    self.key_layouts)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.net_g.state_dict())

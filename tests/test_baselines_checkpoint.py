@@ -1,7 +1,9 @@
-"""Checkpoints: our safetensors, BasicSR and original-ESRGAN layouts, official SwinIR `params`, and one
-clear error for truncated files, code-carrying pickles, and architecture/scale mismatches."""
+"""Checkpoints: our safetensors, BasicSR, original-ESRGAN and ESRGAN-repository layouts, official SwinIR
+`params`, and one clear error for truncated files, code-carrying pickles, and architecture/scale mismatches."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -46,6 +48,57 @@ def test_esrgan_loads_every_layout(tmp_path, layout):
     _same_output(src, dst, 8)
 
 
+def to_esrgan_repo_layout(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original flat-Sequential keys -> the names of xinntao/ESRGAN's RRDBNet_arch.py (RRDB_trunk, trunk_conv,
+    upconvN, HRconv), as its transer_RRDB_models.py renames them; written independently of the loader."""
+    nb = 1 + max(int(k.split(".")[3]) for k in old if ".RDB" in k)
+    seq = sorted({int(k.split(".")[1]) for k in old if re.fullmatch(r"model\.\d+\.(weight|bias)", k)} - {0})
+    *ups, hr, last = seq
+    names = {0: "conv_first", hr: "HRconv", last: "conv_last", **{idx: f"upconv{i}" for i, idx in enumerate(ups, 1)}}
+    out = {}
+    for k, v in old.items():
+        p = k.split(".")
+        if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.(RDB\d)\.(conv\d)\.0\.(weight|bias)", k):
+            out[f"RRDB_trunk.{m[1]}.{m[2]}.{m[3]}.{m[4]}"] = v
+        elif k.startswith(f"model.1.sub.{nb}."):
+            out[f"trunk_conv.{p[-1]}"] = v
+        else:
+            out[f"{names[int(p[1])]}.{p[2]}"] = v
+    return out
+
+
+def test_esrgan_loads_repository_release_layout_from_official_code(tmp_path):
+    """The files the ESRGAN README links (RRDB_ESRGAN_x4.pth) use RRDB_trunk/trunk_conv/upconvN/HRconv names
+    and the legacy (non-zip) pickle format. Weights come from the official old-arch network spandrel vendors."""
+    spandrel = pytest.importorskip("spandrel")
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet as OfficialRRDBNet
+
+    torch.manual_seed(0)
+    official = OfficialRRDBNet(num_filters=8, num_blocks=2, scale=4).eval()
+    repo = to_esrgan_repo_layout(official.state_dict())
+    assert {"RRDB_trunk.1.RDB3.conv5.bias", "trunk_conv.weight", "upconv2.weight", "HRconv.weight", "conv_last.bias"} <= set(repo)
+    desc = spandrel.ModelLoader().load_from_state_dict(dict(repo))  # spandrel reads this layout too: the renaming is the real one
+    assert desc.architecture.name == "ESRGAN" and desc.scale == 4
+    path = tmp_path / "RRDB_ESRGAN_x4.pth"
+    torch.save(repo, path, _use_new_zipfile_serialization=False)
+    ours = registry.build("esrgan", 4, {"network": {"num_feat": 8, "num_block": 2, "num_grow_ch": 32}})
+    ours.load_checkpoint(path)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.net_g.eval()(x), official(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_key_layout_is_not_called_a_size_mismatch(tmp_path):
+    m = _esrgan()
+    renamed = {k.replace("body.", "trunk.blocks."): v for k, v in m.net_g.state_dict().items()}
+    torch.save(renamed, tmp_path / "other.pth")
+    with pytest.raises(InputError) as e:
+        m.load_checkpoint(tmp_path / "other.pth")
+    msg = str(e.value)
+    assert "another architecture or a key layout this loader does not know" in msg and "'trunk.blocks.0.rdb1.conv1.weight'" in msg
+    assert "RRDB_trunk" in msg and "same network size" not in msg  # names the layouts it reads, not a size problem
+
+
 def test_swinir_loads_official_params_checkpoint(tmp_path):
     torch.manual_seed(0)
     src = registry.build("swinir", 16, SWIN_NET)
@@ -74,6 +127,20 @@ def test_truncated_files_are_one_clear_error(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(InputError, match="empty"):
         m.load_checkpoint(tmp_path / "empty.pth")
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_truncated_torch_pickles_at_any_offset_are_one_clear_error(tmp_path, zip_format):
+    """Legacy (pre-1.6, non-zip) pickles, the format of the 2018 ESRGAN releases, cut inside the header
+    used to escape as IndexError / struct.error."""
+    sd = {"model.0.weight": torch.rand(4, 3, 3, 3), "model.0.bias": torch.rand(4)}
+    torch.save(sd, tmp_path / "full.pth", _use_new_zipfile_serialization=zip_format)
+    data = (tmp_path / "full.pth").read_bytes()
+    cut = tmp_path / "cut.pth"
+    for n in sorted({1, 2, 5, 11, 18, 40, 100, 200, len(data) // 2, len(data) - 1}):
+        cut.write_bytes(data[:n])
+        with pytest.raises(InputError, match="truncated|corrupt"):
+            read_state_dict(cut)
 
 
 class _Payload:

@@ -3,8 +3,9 @@
 BasicSR's RRDBNet has exactly two upsampling convs, so any `scale` other than 4 silently builds a x4
 network (BasicSR#390, Real-ESRGAN#233). Here the number of stages is log2(scale): x16 has 4
 (`conv_up1..conv_up4`), x32 has 5. Parameter names follow BasicSR (`conv_first`, `body.N.rdbK.convJ`,
-`conv_body`, `conv_upN`, `conv_hr`, `conv_last`); `convert_old_esrgan_keys` maps the original ESRGAN
-layout (`model.0`, `model.1.sub.N.RDB1.conv1.0`, ...) onto it.
+`conv_body`, `conv_upN`, `conv_hr`, `conv_last`); `convert_esrgan_keys` maps the two layouts of the
+ESRGAN repository onto it: the original flat Sequential (`model.0`, `model.1.sub.N.RDB1.conv1.0`, ...)
+and the one its current release files use (`RRDB_trunk.N.RDB1.conv1`, `trunk_conv`, `upconvN`, `HRconv`).
 """
 
 from __future__ import annotations
@@ -136,4 +137,35 @@ def convert_old_esrgan_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
             out[f"{mapping[int(m.group(1))]}.{m.group(2)}"] = value
         else:
             raise ValueError(f"unexpected key {key!r} in an ESRGAN (old layout) state dict")
+    return out
+
+
+# xinntao/ESRGAN's RRDBNet_arch.py names (the layout `transer_RRDB_models.py` gave RRDB_ESRGAN_x4.pth and
+# RRDB_PSNR_x4.pth) -> ours; conv_first and conv_last are named alike in both.
+_REPO_NAMES = (
+    (re.compile(r"^RRDB_trunk\.(\d+)\.RDB(\d)\."), r"body.\1.rdb\2."),
+    (re.compile(r"^trunk_conv\."), "conv_body."),
+    (re.compile(r"^upconv(\d+)\."), r"conv_up\1."),
+    (re.compile(r"^HRconv\."), "conv_hr."),
+)
+
+
+def is_esrgan_repo_layout(state: dict[str, torch.Tensor]) -> bool:
+    return "trunk_conv.weight" in state or any(k.startswith("RRDB_trunk.") for k in state)
+
+
+def convert_esrgan_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any ESRGAN key layout -> ours (BasicSR names). A state dict already in our names, or in a layout
+    not recognised here, is returned unchanged (the strict load then names the keys that differ).
+
+    Raises ValueError for an original-layout state dict with keys that layout does not have."""
+    if is_old_esrgan_layout(state):
+        return convert_old_esrgan_keys(state)
+    if not is_esrgan_repo_layout(state):
+        return state
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _REPO_NAMES:
+            key = pattern.sub(repl, key)
+        out[key] = value
     return out
