@@ -8,7 +8,9 @@ selects an architecture from `ARCHS` and passes the rest to its constructor, as 
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -84,11 +86,27 @@ def register_arch(cls: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_arch(opt: dict[str, Any]) -> Any:
+    """`{type: ArchName, **kwargs}` -> the network. A key the constructor does not take, or a value it
+    rejects, is one InputError naming `network.<key>` / the block and the accepted parameters."""
     opt = dict(opt)
     type_ = opt.pop("type", None)
     if type_ not in ARCHS:
         raise InputError(f"network type {type_!r}", f"unknown architecture; known: {sorted(ARCHS)}")
-    return ARCHS[type_](**opt)
+    cls = ARCHS[type_]
+    params = inspect.signature(cls).parameters
+    accepted = ", ".join(params)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in opt if k not in params]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], params, n=1)
+            raise InputError(f"network.{unknown[0]}", f"is not a parameter of {type_}" + (f" (did you mean {close[0]}?)" if close else ""),
+                             f"use one of: {accepted}")
+    try:
+        return cls(**opt)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise InputError(f"network ({type_})", f"invalid value: {e}", f"correct it in the config's `network:` block (parameters of {type_}: {accepted})") from e
 
 
 def load_all() -> None:

@@ -85,6 +85,9 @@ class RRDBNet(nn.Module):
         num_grow_ch: int = 32,
     ):
         super().__init__()
+        for name, value in (("num_in_ch", num_in_ch), ("num_out_ch", num_out_ch), ("num_feat", num_feat), ("num_block", num_block), ("num_grow_ch", num_grow_ch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"RRDBNet {name} must be a positive integer, got {value!r}")
         self.scale = scale
         self.num_up = upsample_stages(scale)
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
