@@ -122,6 +122,30 @@ def test_official_flow_files_next_to_checkpoint_are_found(official_keys, tmp_pat
     assert mean.shape == std.shape == (3, 32) and torch.isfinite(mean).all()
 
 
+def test_released_flow_names_and_config_named_flows(official_keys, tmp_path, caplog):
+    """The authors ship `flow_tanh_mini_mean` / `_std` without an extension; `flows: {mean, std}` names any pair."""
+    m = build("sgdm+", 16, TINY)
+    save_file({k: v.contiguous() for k, v in m.trainable_state_dict().items()}, str(tmp_path / "model.safetensors"))
+    mean, std = _fake_flow_state(official_keys["style_flow"], 1), _fake_flow_state(official_keys["style_flow"], 2)
+    torch.save(mean, tmp_path / "flow_tanh_mini_mean")
+    torch.save(std, tmp_path / "flow_tanh_mini_std")
+    with caplog.at_level("INFO", logger="baselines.sgdm.model"):
+        fresh = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
+    assert bool(fresh.flows.trained) and torch.equal(fresh.flows.std.q0.loc, std["q0.loc"])
+    assert "flow_tanh_mini_mean" in caplog.text
+    named = tmp_path / "elsewhere"
+    named.mkdir()
+    torch.save(std, named / "m")
+    torch.save(mean, named / "s")
+    # the config's files win over those next to the checkpoint, with or without a checkpoint
+    for extra in ({"checkpoint": str(tmp_path / "model.safetensors")}, {}):
+        cfg = {**TINY, **extra, "flows": {"epochs": 3, "mean": str(named / "m"), "std": str(named / "s")}}
+        b = build("sgdm+", 16, cfg)
+        assert bool(b.flows.trained) and torch.equal(b.flows.mean.q0.loc, std["q0.loc"])
+    with pytest.raises(InputError, match="mean/std"):
+        build("sgdm+", 16, {**TINY, "flows": {"mean": str(named / "m")}})
+
+
 def test_our_checkpoint_round_trip_and_errors(tmp_path):
     torch.manual_seed(0)
     a = build("sgdm", 32, TINY)

@@ -131,15 +131,31 @@ def test_sample_x32_and_map_none(syn):
     assert out_none.shape == (1, 3, 256, 256) and not torch.allclose(out_none, out)
 
 
-def test_style_sampling_needs_trained_flows(plus, caplog):
+def test_sgdm_plus_without_style_image_or_trained_flows_is_an_input_error(plus):
+    """No silent LR-as-style: style=sample and the default condition both need trained flows (or a style image)."""
     b = _batch(1, 64)
     b.pop("hr")
-    with pytest.raises(InputError, match="stage 2"):
-        plus.super_resolve(b, Conditions(style="sample"), torch.Generator().manual_seed(0))
-    # without a style image or flows (e.g. validation during stage 1) the LR's own style is used, loudly
-    with caplog.at_level("WARNING"):
-        out = plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0))
-    assert out.shape == (1, 3, 64, 64) and "upsampled LR as the style" in caplog.text
+    assert not bool(plus.flows.trained)
+    for cond in (Conditions(style="sample"), Conditions(steps=1)):
+        with pytest.raises(InputError, match="style=gt.*stage 2"):
+            plus.super_resolve(b, cond, torch.Generator().manual_seed(0))
+    b["style"] = _batch(1, 64, seed=1)["hr"]
+    assert plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("map", torch.rand(1, 3, 32, 32), r"map of shape \(1, 3, 32, 32\).*\(1, 3, 64, 64\)"),
+    ("style", torch.rand(1, 3, 128, 128), r"style of shape.*\(1, 3, 64, 64\)"),
+    ("map", torch.rand(1, 1, 64, 64), r"map of shape \(1, 1, 64, 64\)"),
+    ("map", torch.rand(1, 3, 64, 64) * 255, r"map values.*expected \[0, 1\].*255"),
+    ("sr", torch.rand(1, 3, 64, 64) * 255, r"sr values.*expected \[0, 1\]"),
+])
+def test_wrong_input_size_or_range_is_one_input_error(plus, key, value, match):
+    b = _batch(1, 64)
+    b["style"] = b.pop("hr")
+    b[key] = value
+    with pytest.raises(InputError, match=match):
+        plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0))
 
 
 def test_style_flows_train_and_sample():
@@ -217,10 +233,15 @@ def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path
     with open(tmp_path / "run" / "val_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["condition"] for r in rows] == ["style=gt"]
-    # an explicit override is honoured and recorded (the LR's own style then, as before this default)
+    # an explicit override is honoured and recorded
     seen.clear()
-    cfg["train"]["val_conditions"] = "default"
+    cfg["train"]["val_conditions"] = "style=shuffle"
     train("sgdm+", tiny_dataset, tmp_path / "run2", config=cfg, progress=False)
-    assert seen[0][0].style is None and "style" not in seen[0][1]
+    assert seen[0][0].style == "shuffle" and "style" in seen[0][1]
     with open(tmp_path / "run2" / "val_log.csv", newline="") as f:
-        assert [r["condition"] for r in csv.DictReader(f)] == ["default"]
+        assert [r["condition"] for r in csv.DictReader(f)] == ["style=shuffle"]
+    # one without a style (before stage 2 there are no flows to sample) fails at the start, not at validation
+    cfg["train"]["val_conditions"] = "default"
+    with pytest.raises(InputError, match="val_conditions 'default'.*style=gt"):
+        train("sgdm+", tiny_dataset, tmp_path / "run3", config=cfg, progress=False)
+    assert not (tmp_path / "run3" / "train_log.csv").exists()

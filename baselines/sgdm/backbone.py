@@ -30,6 +30,8 @@ from torch import nn
 
 from cmsrd.errors import InputError, MissingWeightsError
 
+from .convert import load_torch_state
+
 log = logging.getLogger(__name__)
 
 LATENT_SCALE = 0.18215
@@ -170,25 +172,15 @@ class _nullcontext:
         return False
 
 
-def _load_single_file_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
 def backbone_from_original_state(
     state: dict[str, torch.Tensor], geometry_name: str = "sd21-base", tokenizer: Any = None, source: str = "state",
+    overrides: dict | None = None,
 ) -> Backbone:
     """Build diffusers modules from an original-layout SD state dict (`model.diffusion_model.*`,
     `first_stage_model.*`, `cond_stage_model.model.*`) using diffusers' own ldm converters."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
-    )
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    u, v, t = geometry(geometry_name)
+    u, v, t = geometry(geometry_name, overrides)
     unet, vae, text = _build_modules(u, v, t)
     unet_sd = convert_ldm_unet_checkpoint(state, unet.config)
     missing, unexpected = unet.load_state_dict(unet_sd, strict=False)
@@ -201,25 +193,33 @@ def backbone_from_original_state(
         vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, vae.config), strict=True)
     else:
         raise InputError(f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint")
-    text_sd = convert_open_clip_checkpoint(text, state)
-    missing, _ = text.load_state_dict(text_sd, strict=False)
+    load_text_tower(text, state, source)
+    return Backbone(unet, vae, text, tokenizer, source)
+
+
+def load_text_tower(text: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """OpenCLIP `cond_stage_model.model.*` -> the 23-layer CLIP text encoder. diffusers' converter skips
+    absent tensors, so a partial tower would leave random weights: any missing tensor is an InputError."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    missing, _ = text.load_state_dict(convert_open_clip_checkpoint(text, state), strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     if missing:
-        raise InputError(f"checkpoint {source}", f"text encoder tensors missing, e.g. {missing[:3]}",
-                         "use a checkpoint with cond_stage_model.model.* (OpenCLIP ViT-H/14)")
-    return Backbone(unet, vae, text, tokenizer, source)
+        raise InputError(f"checkpoint {source}", f"{len(missing)} text encoder tensors missing, e.g. {missing[:3]}",
+                         "use a checkpoint with all of cond_stage_model.model.* (OpenCLIP ViT-H/14)")
 
 
 def load_backbone(pretrained: str | None, geometry_name: str = "sd21-base", tokenizer: str | None = None,
                   overrides: dict | None = None) -> Backbone:
     """Resolve `pretrained` (None, a diffusers folder, a single-file checkpoint or a hub id)."""
     if pretrained is None:
-        log.warning("SGDM backbone: random init (%s geometry); give backbone.pretrained for real weights", geometry_name)
+        log.warning("SGDM backbone: random init (%s geometry); real weights come from backbone.pretrained or from "
+                    "an official SGDM .ckpt given as `checkpoint:`", geometry_name)
         return random_backbone(geometry_name, overrides)
     path = Path(os.path.expanduser(str(pretrained)))
     if path.is_file():
         tok = _load_tokenizer(tokenizer, pretrained)
-        return backbone_from_original_state(_load_single_file_state(path), geometry_name, tok, str(path))
+        return backbone_from_original_state(load_torch_state(path), geometry_name, tok, str(path), overrides)
     if path.is_dir():
         return _from_diffusers(str(path), local_only=True)
     if path.suffix in (".ckpt", ".safetensors", ".pt") or path.is_absolute() or str(pretrained).startswith("."):

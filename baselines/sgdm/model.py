@@ -31,7 +31,10 @@ from ..base import Batch, SRMethod, TrainContext
 from ..conditions import Conditions
 from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
-from .backbone import LATENT_SCALE, _load_tokenizer, load_backbone, random_backbone, set_trainable
+from .backbone import (
+    LATENT_SCALE, _load_tokenizer, backbone_from_original_state, load_backbone, load_text_tower, random_backbone,
+    set_trainable,
+)
 from .convert import convert_official, detect_variant, find_flow_files, is_official, load_strict, load_torch_state
 from .flows import FlowTrainConfig, StyleFlows, train_style_flows
 from .prompt import PromptEncoder, prompts_from_maps
@@ -46,7 +49,9 @@ class SGDMBase(SRMethod):
 
     Config keys: `network` {backbone: {pretrained, geometry, tokenizer, overrides}, cond_channels} (what the
     trainer records in checkpoints, so the runner rebuilds the same geometry), `sampler` {name, steps},
-    `train` {gradient_checkpointing, lr, ...}, `flows` (stage 2), `checkpoint` (loaded at build)."""
+    `train` {gradient_checkpointing, lr, ...}, `flows` (stage-2 training; sgdm+ also {mean, std}: flow files
+    to load), `checkpoint` (loaded at build; an official SGDM .ckpt also supplies the UNet, VAE and text
+    encoder, so `pretrained` is not read and only the tokenizer is needed)."""
 
     variant = "simu"
 
@@ -55,14 +60,21 @@ class SGDMBase(SRMethod):
         net = dict(config.get("network") or {})
         bcfg = dict(net.get("backbone") or {})
         on_meta = str(device) == "meta"
+        ckpt = config.get("checkpoint")
+        # an official .ckpt is read once, here: it may carry the whole backbone
+        state = None if on_meta or not ckpt or Path(ckpt).suffix == ".safetensors" else load_torch_state(Path(ckpt))
+        official = state if state is not None and _has_backbone(state) else None
+        geometry_name, overrides = bcfg.get("geometry", "sd21-base"), bcfg.get("overrides")
         # random init is built directly on the target device (fast on GPU, free on meta)
-        build_on = torch.device(device) if on_meta or bcfg.get("pretrained") is None else None
+        build_on = torch.device(device) if on_meta or (official is None and bcfg.get("pretrained") is None) else None
         with build_on if build_on is not None else _null():
             if on_meta:  # structure only (parameter counts): no weights are read, whatever the source
-                bb = random_backbone(bcfg.get("geometry", "sd21-base"), bcfg.get("overrides"))
+                bb = random_backbone(geometry_name, overrides)
+            elif official is not None:  # the authors' .ckpt holds the whole SD2.1 backbone
+                tok = _load_tokenizer(bcfg.get("tokenizer"), str(ckpt))
+                bb = backbone_from_original_state(official, geometry_name, tok, f"official:{Path(ckpt)}", overrides)
             else:
-                bb = load_backbone(bcfg.get("pretrained"), bcfg.get("geometry", "sd21-base"), bcfg.get("tokenizer"),
-                                   bcfg.get("overrides"))
+                bb = load_backbone(bcfg.get("pretrained"), geometry_name, bcfg.get("tokenizer"), overrides)
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
             self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3],
                                        int(net.get("cond_channels", 384)))
@@ -84,8 +96,10 @@ class SGDMBase(SRMethod):
             self.unet.enable_gradient_checkpointing()
         if not on_meta:
             self.to(device)
-        if config.get("checkpoint"):
-            self.load_checkpoint(config["checkpoint"])
+        if ckpt:
+            self.load_checkpoint(ckpt, state)
+        if self.flows is not None and (config.get("flows") or {}).keys() & {"mean", "std"}:
+            self._load_named_flows(config["flows"])
 
     # ---- pieces ---------------------------------------------------------------------------------
     @property
@@ -171,6 +185,7 @@ class SGDMBase(SRMethod):
         n, _, h, w = sr.shape
         if h % 8 or w % 8:
             raise InputError(f"sr images {h}x{w}", "must be multiples of 8 (VAE factor)")
+        _check_inputs(batch)
         feats = self.adapter_features(batch, self._style_stats(batch, cond, generator))
         context = self.text_context(batch)
         start_latent = self.encode(sr, sample=False) if cond.start_t is not None else None
@@ -190,36 +205,44 @@ class SGDMBase(SRMethod):
             out.update({f"flows.{k}": v for k, v in self.flows.state_dict().items()})
         return out
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Load our safetensors (from the trainer) or the authors' Lightning `.ckpt`; flows found next to it."""
+    def load_checkpoint(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Load our safetensors (from the trainer) or the authors' Lightning `.ckpt` (`state`: that file,
+        already read); flows found next to it unless the config names them (`flows: {mean, std}`)."""
         path = Path(path)
-        state = load_torch_state(path)
+        state = load_torch_state(path) if state is None else state
         if is_official(state):
             found = detect_variant(state)
             if found != self.variant:
                 raise InputError(f"checkpoint {path}", f"is an official {found!r} model, this method is {self.variant!r}",
                                  "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap")
             conv = convert_official(state, self.unet.config)
-            load_strict(self.unet, conv["unet"], f"checkpoint {path} (UNet)")
+            if self.backbone_source != f"official:{path}":  # else the UNet, VAE and text came from this file at build
+                load_strict(self.unet, conv["unet"], f"checkpoint {path} (UNet)")
+                self._load_official_frozen(state, path)
             load_strict(self.adapter, conv["adapter"], f"checkpoint {path} (adapter)")
-            if any(k.startswith("first_stage_model.") for k in state):
-                from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
-
-                vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
-                self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
-                if any(k.startswith("cond_stage_model.model.") for k in state):
-                    if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
-                        bcfg = (self.config.get("network") or {}).get("backbone") or {}
-                        self.tokenizer = _load_tokenizer(bcfg.get("tokenizer"), str(path))
-                        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
-                    self.text_encoder.load_state_dict(convert_open_clip_checkpoint(self.text_encoder, state), strict=False)
-                    self.prompt_encoder.clear()
-                self.backbone_source = f"official:{path}"
         else:
             self._load_ours(state, path)
-        if self.flows is not None:
+        if self.flows is not None and not (self.config.get("flows") or {}).keys() & {"mean", "std"}:
             self._load_flows_near(path.parent)
         self.loaded_from = path
+
+    def _load_official_frozen(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """The VAE and text tower of an official checkpoint over an already built backbone."""
+        if not any(k.startswith("first_stage_model.") for k in state):
+            return
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
+        self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
+        if any(k.startswith("cond_stage_model.model.") for k in state):
+            if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
+                bcfg = (self.config.get("network") or {}).get("backbone") or {}
+                self.tokenizer = _load_tokenizer(bcfg.get("tokenizer"), str(path))
+                self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+            load_text_tower(self.text_encoder, state, str(path))
+            self.prompt_encoder.clear()
+        log.info("%s: UNet, VAE and text encoder loaded from %s", self.spec.name, path)
+        self.backbone_source = f"official:{path}"
 
     def _load_ours(self, state: dict[str, torch.Tensor], path: Path) -> None:
         groups: dict[str, dict[str, torch.Tensor]] = {"adapter": {}, "unet": {}, "flows": {}}
@@ -243,17 +266,29 @@ class SGDMBase(SRMethod):
             load_strict(self.flows, groups["flows"], f"checkpoint {path} (flows)")
 
     def _load_flows_near(self, directory: Path) -> None:
+        """Stage-2 `flows.safetensors`, else the official flow files (`convert.FLOW_FILES`) in `directory`."""
         ours = directory / FLOWS_FILE
         if ours.is_file():
             from safetensors.torch import load_file
 
             load_strict(self.flows, load_file(str(ours)), f"flows {ours}")
+            log.info("%s: style flows from %s", self.spec.name, ours)
             return
         official = find_flow_files(directory)
         if official:
-            load_strict(self.flows.mean, load_torch_state(official[0]), f"flow {official[0]}")
-            load_strict(self.flows.std, load_torch_state(official[1]), f"flow {official[1]}")
-            self.flows.trained.fill_(True)
+            self._load_official_flows(*official)
+
+    def _load_named_flows(self, cfg: dict[str, Any]) -> None:
+        """`flows: {mean: PATH, std: PATH}`: the official flow state dicts named in the config."""
+        if not (cfg.get("mean") and cfg.get("std")):
+            raise InputError("config flows", "names only one of mean/std", "give both: flows: {mean: PATH, std: PATH}")
+        self._load_official_flows(Path(cfg["mean"]).expanduser(), Path(cfg["std"]).expanduser())
+
+    def _load_official_flows(self, mean: Path, std: Path) -> None:
+        load_strict(self.flows.mean, load_torch_state(mean), f"flow {mean}")
+        load_strict(self.flows.std, load_torch_state(std), f"flow {std}")
+        self.flows.trained.fill_(True)
+        log.info("%s: style flows from %s and %s", self.spec.name, mean, std)
 
 
 class SGDM(SGDMBase):
@@ -272,30 +307,33 @@ class SGDMPlus(SGDMBase):
     """Real-world x16 model with style guidance (image, GT, shuffled) or flow-sampled styles."""
 
     variant = "real"
-    _warned_lr_style = False
 
     def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
-        """None (style from the batch's style image), flow samples, or - with neither available and no
-        explicit `style=sample` - the upsampled LR's own style statistics (logged once; this is what the
-        shared trainer's validation gets before stage 2 has trained the flows)."""
+        """None (style from the batch's style image) or flow samples. With neither, an InputError: the
+        official code has no style-free mode (it crashes), and the paper's SGDM+ numbers use flow samples."""
         if batch.get("style") is not None and cond.style != "sample":
             return None  # encoded from the style image by the adapter
+        if not bool(self.flows.trained):
+            raise InputError(
+                f"{self.spec.name} condition {cond.name!r}", "needs a style: no style image, and the style flows are untrained",
+                f"run with style=gt or style=shuffle, name trained flows ({FLOW_HINT}), or train stage 2 "
+                "(`cmsrd-bench train --method sgdm+ --stage 2`)")
         n = batch["sr"].shape[0]
         dt = batch["sr"].dtype
-        if bool(self.flows.trained):
-            mean, std = self.flows.sample(n, generator)
-            return mean.to(self.device, dt).view(n, -1, 1, 1), std.to(self.device, dt).view(n, -1, 1, 1)
-        if cond.style == "sample":
+        mean, std = self.flows.sample(n, generator)
+        return mean.to(self.device, dt).view(n, -1, 1, 1), std.to(self.device, dt).view(n, -1, 1, 1)
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+        """As SGDMBase; first checks that `train.val_conditions` gives validation a style (fails at the start,
+        not at the first validation)."""
+        text = train_cfg.get("val_conditions")  # set by the shared trainer (default "default")
+        cond = Conditions.parse(None if text is None else str(text))
+        if "val_conditions" in train_cfg and cond.style in (None, "sample") and not bool(self.flows.trained):
             raise InputError(
-                f"{self.spec.name} style=sample", "the style flows are untrained",
-                "train stage 2 (`cmsrd-bench train --method sgdm+ --stage 2`), put flow_mean.pt/flow_std.pt next to "
-                "the checkpoint, or run with style=gt",
-            )
-        if not self._warned_lr_style:
-            log.warning("%s: no style image and untrained flows; using the upsampled LR as the style image "
-                        "(pass style=gt, or train stage 2 for style=sample)", self.spec.name)
-            self._warned_lr_style = True
-        return self.adapter.merge_encoder.HR_Style_Encoder.stats(batch["sr"] * 2 - 1)
+                f"train.val_conditions {cond.name!r} for {self.spec.name}", "validation would have no style (no style "
+                "image, flows not trained before stage 2)",
+                "use style=gt (official: the HR is the style image; the default in sgdm+.yaml) or style=shuffle")
+        return super().configure_optimizers(train_cfg)
 
     @torch.no_grad()
     def collect_style_stats(self, data_root: Path, batch_size: int = 16, augment: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -354,6 +392,32 @@ class SGDMPlus(SGDMBase):
         with atomic_path(out_dir / FLOWS_FILE) as tmp:
             save_file(state, str(tmp))
         atomic_write_text(out_dir / "flows_history.json", json.dumps({"n": len(means), **history}))
+
+
+FLOW_HINT = "`flows: {mean: PATH, std: PATH}` in the config, or flow_tanh_mini_mean/_std next to the checkpoint"
+
+
+def _has_backbone(state: dict[str, torch.Tensor]) -> bool:
+    """An official SGDM checkpoint carrying the whole SD2.1 backbone (UNet, VAE, text tower), as released."""
+    return is_official(state) and all(any(k.startswith(p) for k in state)
+                                      for p in ("first_stage_model.", "cond_stage_model.model."))
+
+
+def _check_inputs(batch: Batch) -> None:
+    """sr/map/style must be N x 3 x H x W in [0, 1] with sr's size (the map is rendered at HR size): one
+    InputError instead of a shape error inside SPADE or a map matching no class colour."""
+    sr = batch["sr"]
+    for key in ("sr", "map", "style"):
+        x = batch.get(key)
+        if x is None:
+            continue
+        if tuple(x.shape) != tuple(sr.shape) or x.shape[1] != 3:
+            raise InputError(f"{key} of shape {tuple(x.shape)}", f"expected N x 3 x H x W = {(sr.shape[0], 3, *sr.shape[2:])}"
+                             " (the size of sr)", f"give {key} at the SR/HR size, e.g. render the map at HR size")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-4 or hi > 1 + 1e-4:
+            raise InputError(f"{key} values", f"span [{lo:.3g}, {hi:.3g}], expected [0, 1]",
+                             "divide 8-bit images by 255 (and clamp interpolated images to [0, 1])")
 
 
 class _null:
