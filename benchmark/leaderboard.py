@@ -4,6 +4,8 @@
     <run>/per_image.csv     one row per method x condition x image with every image-level metric
     <run>/run.json          provenance: versions, git sha, device, seeds, dataset id + manifest hash,
                             metric definitions and directions, weights hashes, command line
+    <run>/leaderboard.columns.csv   column, direction, definition for every leaderboard.csv column, so the
+                            CSV (what people paste into papers) never stands without its definitions
     <run>/sr/<method>/<condition>/<id>.png   the SR images
 
 Writers are atomic; readers (`read_run`) are what `cmsrd-bench report` uses.
@@ -25,12 +27,37 @@ from cmsrd.errors import InputError
 from cmsrd.io import atomic_path, atomic_write_text
 
 LEADERBOARD_CSV = "leaderboard.csv"
+COLUMNS_CSV = "leaderboard.columns.csv"
 PER_IMAGE_CSV = "per_image.csv"
 RUN_JSON = "run.json"
 SR_DIR = "sr"
 
 HEAD_COLUMNS = ["method", "condition", "split", "n_images", "scale", "status", "reason"]
 TAIL_COLUMNS = ["images_per_s", "sec_per_image", "peak_mem_gb", "nfe", "params_m", "trainable_params_m", "weights_sha256"]
+TIMING_DIRECTIONS = {"images_per_s": "higher", "sec_per_image": "lower", "peak_mem_gb": "lower"}
+COLUMN_DEFINITIONS = {
+    "run": "Benchmark run folder the row comes from (merged report).",
+    "group": "Comparability group of the merged report: rows are ranked only against rows of the same group "
+             "(same dataset manifest, split, scale, images and metric definitions).",
+    "method": "Method name in the baselines registry.",
+    "condition": "Inference condition (default, or e.g. map=shuffle / style=shuffle ablations).",
+    "split": "Dataset split the images come from.",
+    "n_images": "Number of images scored (0 when the method did not run).",
+    "scale": "Super-resolution factor (HR side / LR side).",
+    "status": "ok | failed | unsupported | skipped; metric cells are empty unless ok.",
+    "reason": "Why the method did not run (empty when ok).",
+    "images_per_s": "Images per second: timed images / seconds spent in timed inference batches (after an untimed "
+                    "warm-up batch; batch size and precision in run.json methods[...].timing).",
+    "sec_per_image": "Seconds per image: seconds spent in timed inference batches / timed images.",
+    "peak_mem_gb": "Peak CUDA memory allocated by torch during inference, GB (1e9 bytes); empty on CPU.",
+    "nfe": "Network function evaluations per image (denoising steps for diffusion methods, 1 for feed-forward).",
+    "params_m": "Parameters of the method's networks, millions.",
+    "trainable_params_m": "Trainable parameters, millions.",
+    "weights_sha256": "SHA-256 of the weights file the method loaded (empty: no weights file).",
+    "n_timed": "Images inside the timed window behind images_per_s / sec_per_image.",
+    "final_batch_size": "Inference batch size after any out-of-memory halving.",
+    "oom_halvings": "How many times the batch size was halved after running out of memory.",
+}
 PACKAGES = ("cmsrd", "torch", "torchvision", "numpy", "lpips", "pyiqa", "torch-fidelity", "opencv-python-headless",
             "scikit-image", "diffusers", "spandrel")
 
@@ -62,6 +89,34 @@ def write_leaderboard(run: str | Path, rows: Sequence[dict[str, Any]], metric_na
     return path
 
 
+def columns_path(csv: str | Path) -> Path:
+    """The sidecar describing a leaderboard CSV's columns (`leaderboard.csv` -> `leaderboard.columns.csv`)."""
+    csv = Path(csv)
+    return csv.with_name(f"{csv.stem}.columns.csv")
+
+
+def column_table(columns: Sequence[str], metrics: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """column, direction (higher/lower better, empty when not a score) and definition of each column.
+
+    `metrics` is run.json's `metrics` mapping (name -> direction, definition, status, reason)."""
+    rows = []
+    for c in columns:
+        if c in metrics:
+            m = metrics[c]
+            skipped = f" Skipped: {m.get('reason')}." if m.get("status") == "skipped" else ""
+            rows.append((c, m.get("direction", ""), f"{m.get('definition', '')}{skipped}"))
+        else:
+            rows.append((c, TIMING_DIRECTIONS.get(c, ""), COLUMN_DEFINITIONS.get(c, "See run.json.")))
+    return pd.DataFrame(rows, columns=["column", "direction", "definition"])
+
+
+def write_columns(csv: str | Path, columns: Sequence[str], metrics: dict[str, dict[str, Any]]) -> Path:
+    """Write the column sidecar next to the leaderboard CSV `csv`."""
+    path = columns_path(csv)
+    _write_csv(path, column_table(columns, metrics))
+    return path
+
+
 def write_per_image(run: str | Path, rows: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> Path:
     cols = ["method", "condition", "split", "id"] + [m for m in metric_names]
     df = pd.DataFrame(list(rows), columns=cols)
@@ -71,8 +126,13 @@ def write_per_image(run: str | Path, rows: Sequence[dict[str, Any]], metric_name
 
 
 def write_run_json(run: str | Path, info: dict[str, Any]) -> Path:
+    """Write run.json and, when the run has a leaderboard.csv, its column sidecar (the metric
+    definitions, crop border included, are known only here)."""
     path = Path(run) / RUN_JSON
     atomic_write_text(path, json.dumps(info, indent=2, default=str, allow_nan=True) + "\n")
+    board = Path(run) / LEADERBOARD_CSV
+    if board.exists():
+        write_columns(board, list(pd.read_csv(board, nrows=0).columns), info.get("metrics", {}))
     return path
 
 

@@ -1,16 +1,24 @@
 """`cmsrd-bench report RUN... --out DIR`: merge benchmark runs into a published leaderboard.
 
-Writes into DIR only: `report.md`, `index.html` (inline CSS, images referenced by relative paths inside
-DIR, nothing remote), `leaderboard.csv` (merged), `figures/perception_distortion.png` (PSNR-Y vs LPIPS,
-Blau & Michaeli's perception-distortion plane) and `figures/grid_<id>.png` (LR | map | each method | HR).
-The best value of each metric column among successful rows is marked, and every header carries the
-metric's direction; definitions from run.json are printed under the table, so the page is never ambiguous.
+Writes into DIR only: `report.md`, `index.html` (inline CSS, figures embedded as data: URIs, nothing remote,
+so the single file can be moved or attached), `leaderboard.csv` (merged, with `run` and `group` columns) and
+its `leaderboard.columns.csv` (direction and definition of every column), `figures/perception_distortion*.png`
+(PSNR-Y vs LPIPS, Blau & Michaeli's perception-distortion plane) and `figures/grid*_<id>.png`
+(LR | map | each method | HR).
+
+Numbers are ranked only where they are comparable: runs are grouped by dataset manifest, split, scale, the
+scored images and the definition of every metric they share (crop border, FID settings, ...). Each group
+gets its own table, header, plot and image grids, and the best value of a metric column is marked only
+among the successful rows of its group. Every header carries the metric's direction; definitions from
+run.json are printed under each table, so the page is never ambiguous.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,27 +31,112 @@ from cmsrd.io import atomic_path, atomic_write_text, read_png
 
 from . import leaderboard as lb
 
-NUMERIC_TAIL = {"images_per_s": "higher", "sec_per_image": "lower", "peak_mem_gb": "lower"}
+
+@dataclass
+class Group:
+    """Runs whose rows may be ranked together: same dataset manifest, split, scale and images, and no
+    metric defined differently (a metric only one of them computed is fine)."""
+
+    number: int
+    key: tuple[Any, ...]
+    apart: str = ""  # why these runs are not ranked with an earlier group
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.infos[0]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.info.get("ids") or []) or int(self.info.get("n_images") or 0)
+
+    def conflicts(self, metrics: dict[str, dict[str, Any]]) -> list[str]:
+        """Metrics that `metrics` defines differently from this group."""
+        def meaning(m: dict[str, Any]) -> tuple[Any, Any]:
+            return m.get("direction"), m.get("definition")
+
+        return [n for n, m in metrics.items() if n in self.metrics and meaning(m) != meaning(self.metrics[n])]
+
+    def add(self, run: str, info: dict[str, Any]) -> None:
+        self.infos.append(info)
+        self.runs.append(run)
+        for n, m in info.get("metrics", {}).items():
+            if n not in self.metrics or self.metrics[n].get("status") == "skipped":  # skipped only if skipped everywhere
+                self.metrics[n] = dict(m)
+
+    def header(self) -> str:
+        d = self.info.get("dataset", {})
+        sha = d.get("manifest_sha256")
+        return (f"{d.get('name')} v{d.get('version')}, x{d.get('scale')}, split {self.info.get('split')}, "
+                f"{self.n_images} images; dataset manifest sha256 {sha[:12] + '…' if sha else 'unknown'}; "
+                f"runs: {', '.join(self.runs)}" + (f". Not ranked with {self.apart}" if self.apart else ""))
 
 
-def load_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Merged leaderboard (with a `run` column), metric info by name, and each run's run.json."""
-    frames, metrics, infos = [], {}, []
+def comparability_key(info: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be equal for two runs' numbers to be comparable (metric definitions are checked apart)."""
+    d = info.get("dataset", {})
+    dataset = d.get("manifest_sha256") or ("root", d.get("root"), d.get("name"), d.get("version"))
+    images = tuple(info.get("ids") or ()) or info.get("n_images")
+    return dataset, info.get("split"), d.get("scale"), images
+
+
+def _apart(key: tuple[Any, ...], metrics: dict[str, dict[str, Any]], groups: Sequence[Group]) -> str:
+    """Why a run with `key` and `metrics` starts a new group: what differs from the first earlier group."""
+    if not groups:
+        return ""
+    same = next((g for g in groups if g.key == key), None)
+    if same is not None:
+        return f"group {same.number}: different metric definitions ({', '.join(same.conflicts(metrics))})"
+    fields = [f for f, a, b in zip(("dataset manifest", "split", "scale", "images"), key, groups[0].key) if a != b]
+    return f"group {groups[0].number}: different {', '.join(fields)}"
+
+
+def group_runs(names: Sequence[str], infos: Sequence[dict[str, Any]]) -> tuple[list[Group], list[int]]:
+    """Groups in order of first appearance, and the group number of each run."""
+    groups: list[Group] = []
+    of_run: list[int] = []
+    for name, info in zip(names, infos):
+        key, metrics = comparability_key(info), info.get("metrics", {})
+        group = next((g for g in groups if g.key == key and not g.conflicts(metrics)), None)
+        if group is None:
+            group = Group(len(groups) + 1, key, _apart(key, metrics, groups))
+            groups.append(group)
+        group.add(name, info)
+        of_run.append(group.number)
+    return groups, of_run
+
+
+def load_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, list[Group]]:
+    """Merged leaderboard (with `run` and `group` columns) and the comparability groups."""
+    if not runs:
+        raise InputError("RUN", "no runs given", "pass one or more folders written by `cmsrd-bench run`")
+    frames, infos = [], []
     for r in runs:
         board, _, info = lb.read_run(r)
         board.insert(0, "run", Path(r).name)
         board["_run_dir"] = str(Path(r).resolve())
         frames.append(board)
         infos.append(info)
-        for name, m in info.get("metrics", {}).items():
-            if name not in metrics:
-                metrics[name] = dict(m)
-            elif m.get("definition") != metrics[name].get("definition") and m.get("definition") not in metrics[name]["definition"]:
-                # runs differ in settings (e.g. crop border): say so instead of hiding it
-                metrics[name]["definition"] += f" | in run {Path(r).name}: {m.get('definition')}"
-    if not frames:
-        raise InputError("RUN", "no runs given", "pass one or more folders written by `cmsrd-bench run`")
-    return pd.concat(frames, ignore_index=True), metrics, infos
+    groups, of_run = group_runs([Path(r).name for r in runs], infos)
+    for frame, g in zip(frames, of_run):
+        frame.insert(1, "group", g)
+    return pd.concat(frames, ignore_index=True), groups
+
+
+def merged_metrics(groups: Sequence[Group]) -> dict[str, dict[str, Any]]:
+    """One definition per metric for the merged CSV's sidecar; where groups differ, each is named."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in dict.fromkeys(n for g in groups for n in g.metrics):
+        defs = {g.number: g.metrics[n] for g in groups if n in g.metrics}
+        first = next((m for m in defs.values() if m.get("status") != "skipped"), next(iter(defs.values())))
+        if len({m.get("definition") for m in defs.values()}) == 1:
+            out[n] = dict(first)
+        else:
+            text = " | ".join(f"group {k}: {m.get('definition')}" for k, m in defs.items())
+            out[n] = {"direction": first.get("direction"), "definition": text}
+    return out
 
 
 def metric_columns(board: pd.DataFrame, metrics: dict[str, dict[str, Any]]) -> list[str]:
@@ -73,13 +166,20 @@ def _fmt(v: Any) -> str:
 def _columns(board: pd.DataFrame, metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str | None]]:
     cols: list[tuple[str, str | None]] = [(c, None) for c in ("run", "method", "condition", "n_images", "status")]
     cols += [(m, metrics[m]["direction"]) for m in metric_columns(board, metrics)]
-    cols += [(c, d) for c, d in NUMERIC_TAIL.items() if c in board.columns and board[c].notna().any()]
+    cols += [(c, d) for c, d in lb.TIMING_DIRECTIONS.items() if c in board.columns and board[c].notna().any()]
     cols += [(c, None) for c in ("nfe", "params_m") if c in board.columns]
     return cols
 
 
-def perception_distortion_plot(board: pd.DataFrame, path: Path) -> bool:
-    """PSNR-Y (x, higher better) vs LPIPS (y, lower better) per method x condition; False if not computed."""
+def _label(r: pd.Series, with_run: bool, sep: str = " ") -> str:
+    """`method [condition]`, prefixed with the run when a group merges several runs."""
+    text = (f"{r.run}: " if with_run else "") + r.method
+    return text + ("" if r.condition == "default" else f"{sep}[{r.condition}]")
+
+
+def perception_distortion_plot(board: pd.DataFrame, path: Path, title: str = "Perception–distortion") -> bool:
+    """PSNR-Y (x, higher better) vs LPIPS (y, lower better) per method x condition of one comparability
+    group; False if not computed."""
     if not {"psnr_y", "lpips"} <= set(board.columns):
         return False
     ok = board[(board.status == "ok") & board.psnr_y.notna() & board.lpips.notna()]
@@ -90,14 +190,14 @@ def perception_distortion_plot(board: pd.DataFrame, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with_run = board.run.nunique() > 1
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
     for _, r in ok.iterrows():
         ax.scatter(r.psnr_y, r.lpips, s=36)
-        ax.annotate(f"{r.method}" + ("" if r.condition == "default" else f" [{r.condition}]"), (r.psnr_y, r.lpips),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(_label(r, with_run), (r.psnr_y, r.lpips), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("PSNR-Y (dB) → better")
     ax.set_ylabel("LPIPS ↓ better")
-    ax.set_title("Perception–distortion")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -111,11 +211,11 @@ def _upsample_nearest(img: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
 
 
-def image_grid(sample_id: str, board: pd.DataFrame, infos: list[dict[str, Any]], path: Path) -> bool:
-    """One row: LR (nearest, at HR size) | map | every successful method x condition | HR."""
+def image_grid(sample_id: str, board: pd.DataFrame, info: dict[str, Any], path: Path) -> bool:
+    """One row: LR (nearest, at HR size) | map | every successful method x condition | HR, for the dataset
+    of `info` (one run.json of the group `board` belongs to)."""
     from cmsrd.layout import DatasetLayout
 
-    info = infos[0]
     root = Path(info["dataset"]["root"])
     layout = DatasetLayout(root, int(info["dataset"]["hr_px"]), int(info["dataset"]["lr_px"]))
     split = info["split"]
@@ -125,10 +225,11 @@ def image_grid(sample_id: str, board: pd.DataFrame, infos: list[dict[str, Any]],
                   ("map", read_png(layout.image_path(split, "map", sample_id)))]
     except (FileNotFoundError, OSError):
         return False
+    with_run = board.run.nunique() > 1
     for _, r in board[board.status == "ok"].iterrows():
         p = lb.sr_dir(r["_run_dir"], r.method, r.condition) / f"{sample_id}.png"
         if p.exists():
-            panels.append((r.method + ("" if r.condition == "default" else f"\n[{r.condition}]"), read_png(p)))
+            panels.append((_label(r, with_run, sep="\n"), read_png(p)))
     panels.append(("HR", hr))
     import matplotlib
 
@@ -148,34 +249,70 @@ def image_grid(sample_id: str, board: pd.DataFrame, infos: list[dict[str, Any]],
     return True
 
 
-def _markdown(board, cols, metrics, best, figures, grids, infos) -> str:
-    head = [f"{c} {'↑' if d == 'higher' else '↓'}" if d else c for c, d in cols]
-    lines = ["# CMSRD benchmark leaderboard", "",
-             f"Dataset: {infos[0]['dataset'].get('name')} v{infos[0]['dataset'].get('version')} "
-             f"(x{infos[0]['dataset'].get('scale')}, split `{infos[0]['split']}`). Best per column in **bold**; "
-             "↑ higher is better, ↓ lower is better.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in board.iterrows():
-        cells = []
-        for c, d in cols:
-            v = _fmt(r.get(c))
-            cells.append(f"**{v}**" if (c, i) in best else v)
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Metric definitions", ""]
-    lines += [f"- **{n}** ({'↑' if m['direction'] == 'higher' else '↓'}): {m['definition']}"
-              + (f" *Skipped: {m.get('reason')}*" if m.get("status") == "skipped" else "") for n, m in metrics.items()]
-    failed = board[board.status != "ok"]
-    if not failed.empty:
-        lines += ["", "## Not run", ""] + [f"- {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()]
-    if figures:
-        lines += ["", "## Perception–distortion", "", "![PSNR-Y vs LPIPS](figures/perception_distortion.png)"]
-    if grids:
-        lines += ["", "## Samples (LR | map | methods | HR)", ""] + [f"![{g}](figures/{g})" for g in grids]
+@dataclass
+class Section:
+    """What one comparability group contributes to the page: its rows, columns, best cells and figures."""
+
+    group: Group
+    board: pd.DataFrame
+    cols: list[tuple[str, str | None]]
+    best: set[tuple[str, int]]
+    plot: str | None  # file name under figures/
+    grids: list[str]
+
+    def title(self, n_groups: int) -> str:
+        return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
+
+
+def _section(group: Group, board: pd.DataFrame, figures: Path, n_groups: int, samples: int,
+             ids: Sequence[str] | None) -> Section:
+    rows = board[board["group"] == group.number]
+    cols = _columns(rows, group.metrics)
+    best = {(c, i) for c, d in cols if d for i in best_rows(rows, c, d)}
+    tag = f"_group{group.number}" if n_groups > 1 else ""
+    plot = f"perception_distortion{tag}.png"
+    title = "Perception–distortion" + (f" (group {group.number})" if n_groups > 1 else "")
+    plot = plot if perception_distortion_plot(rows, figures / plot, title) else None
+    known = list(group.info.get("ids") or [])
+    chosen = [i for i in ids if not known or i in known] if ids else known[:samples]
+    grids = [f"grid{tag}_{sid}.png" for sid in chosen]
+    grids = [g for g, sid in zip(grids, chosen) if image_grid(sid, rows, group.info, figures / g)]
+    return Section(group, rows, cols, best, plot, grids)
+
+
+_INTRO = ("Rows are ranked only within a comparability group (same dataset manifest, split, scale, images and "
+          "metric definitions); the best value per column within its group is {best}. "
+          "↑ higher is better, ↓ lower is better.")
+
+
+def _markdown(sections: Sequence[Section]) -> str:
+    lines = ["# CMSRD benchmark leaderboard", "", _INTRO.format(best="in **bold**")]
+    for sec in sections:
+        head = [f"{c} {'↑' if d == 'higher' else '↓'}" if d else c for c, d in sec.cols]
+        lines += ["", f"## {sec.title(len(sections))}", "", f"Dataset {sec.group.header()}.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, r in sec.board.iterrows():
+            cells = []
+            for c, _ in sec.cols:
+                v = _fmt(r.get(c))
+                cells.append(f"**{v}**" if (c, i) in sec.best else v)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "### Metric definitions", ""]
+        lines += [f"- **{n}** ({'↑' if m['direction'] == 'higher' else '↓'}): {m['definition']}"
+                  + (f" *Skipped: {m.get('reason')}*" if m.get("status") == "skipped" else "") for n, m in sec.group.metrics.items()]
+        failed = sec.board[sec.board.status != "ok"]
+        if not failed.empty:
+            lines += ["", "### Not run", ""] + [f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()]
+        if sec.plot:
+            lines += ["", "### Perception–distortion", "", f"![PSNR-Y vs LPIPS](figures/{sec.plot})"]
+        if sec.grids:
+            lines += ["", "### Samples (LR | map | methods | HR)", ""] + [f"![{g}](figures/{g})" for g in sec.grids]
     lines += ["", "## Provenance", ""]
-    for info in infos:
-        lines.append(f"- `{' '.join(info.get('command', []))}` — git {info.get('git', {}).get('sha')}, "
-                     f"device {info.get('device', {}).get('gpu') or info.get('device', {}).get('device')}, "
-                     f"torch {info.get('versions', {}).get('torch')}, seed {info.get('seeds', {}).get('seed')}")
+    for sec in sections:
+        for name, info in zip(sec.group.runs, sec.group.infos):
+            lines.append(f"- {name} (group {sec.group.number}): `{' '.join(info.get('command', []))}` — git {info.get('git', {}).get('sha')}, "
+                         f"device {info.get('device', {}).get('gpu') or info.get('device', {}).get('device')}, "
+                         f"torch {info.get('versions', {}).get('torch')}, seed {info.get('seeds', {}).get('seed')}")
     return "\n".join(lines) + "\n"
 
 
@@ -184,75 +321,77 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table
         "td.best{font-weight:bold;background:#e6f4ea}tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}")
 
 
-def _html(board, cols, metrics, best, figures, grids, infos) -> str:
+def _data_uri(path: Path) -> str:
+    """A PNG as a data: URI, so index.html carries its figures and can be moved or attached alone."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html(sections: Sequence[Section], figures: Path) -> str:
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', "<title>CMSRD benchmark leaderboard</title>",
            f"<style>{_CSS}</style>", "</head>", "<body>", "<h1>CMSRD benchmark leaderboard</h1>",
-           f"<p>Dataset {e(str(infos[0]['dataset'].get('name')))} (x{e(str(infos[0]['dataset'].get('scale')))}, split "
-           f"<code>{e(str(infos[0]['split']))}</code>). Best per column highlighted; ↑ higher is better, ↓ lower is better.</p>",
-           "<table>", "<thead>", "<tr>"]
-    for c, d in cols:
-        arrow = ("↑" if d == "higher" else "↓") if d else ""
-        title = f' title="{e(metrics[c]["definition"])}"' if c in metrics else ""
-        out.append(f"<th{title}>{e(c)} {arrow}</th>")
-    out += ["</tr>", "</thead>", "<tbody>"]
-    for i, r in board.iterrows():
-        out.append(f'<tr class="{"ok" if r.status == "ok" else "failed"}">')
-        for c, d in cols:
-            cls = "best" if (c, i) in best else ("t" if d is None else "")
-            title = f' title="{e(str(r.reason))}"' if c == "status" and r.status != "ok" else ""
-            out.append(f'<td class="{cls}"{title}>{e(_fmt(r.get(c)))}</td>')
-        out.append("</tr>")
-    out += ["</tbody>", "</table>", "<h2>Metric definitions</h2>", "<ul>"]
-    for n, m in metrics.items():
-        skipped = f" <em>Skipped: {e(str(m.get('reason')))}</em>" if m.get("status") == "skipped" else ""
-        out.append(f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{skipped}</li>")
-    out.append("</ul>")
-    failed = board[board.status != "ok"]
-    if not failed.empty:
-        out += ["<h2>Not run</h2>", "<ul>"] + [f"<li>{e(r.method)} [{e(r.condition)}]: {e(r.status)} — {e(str(r.reason))}</li>"
-                                               for _, r in failed.iterrows()] + ["</ul>"]
-    if figures:
-        out += ["<h2>Perception–distortion</h2>", '<img src="figures/perception_distortion.png" alt="PSNR-Y vs LPIPS">']
-    if grids:
-        out.append("<h2>Samples (LR | map | methods | HR)</h2>")
-        out += [f'<p><img src="figures/{e(g)}" alt="{e(g)}"></p>' for g in grids]
+           f"<p>{e(_INTRO.format(best='highlighted'))}</p>"]
+    for sec in sections:
+        out += [f"<h2>{e(sec.title(len(sections)))}</h2>", f"<p>Dataset {e(sec.group.header())}.</p>",
+                "<table>", "<thead>", "<tr>"]
+        for c, d in sec.cols:
+            arrow = ("↑" if d == "higher" else "↓") if d else ""
+            title = f' title="{e(sec.group.metrics[c]["definition"])}"' if c in sec.group.metrics else ""
+            out.append(f"<th{title}>{e(c)} {arrow}</th>")
+        out += ["</tr>", "</thead>", "<tbody>"]
+        for i, r in sec.board.iterrows():
+            out.append(f'<tr class="{"ok" if r.status == "ok" else "failed"}">')
+            for c, d in sec.cols:
+                cls = "best" if (c, i) in sec.best else ("t" if d is None else "")
+                title = f' title="{e(str(r.reason))}"' if c == "status" and r.status != "ok" else ""
+                out.append(f'<td class="{cls}"{title}>{e(_fmt(r.get(c)))}</td>')
+            out.append("</tr>")
+        out += ["</tbody>", "</table>", "<h3>Metric definitions</h3>", "<ul>"]
+        for n, m in sec.group.metrics.items():
+            skipped = f" <em>Skipped: {e(str(m.get('reason')))}</em>" if m.get("status") == "skipped" else ""
+            out.append(f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{skipped}</li>")
+        out.append("</ul>")
+        failed = sec.board[sec.board.status != "ok"]
+        if not failed.empty:
+            out += ["<h3>Not run</h3>", "<ul>"] + [f"<li>{e(r.run)}: {e(r.method)} [{e(r.condition)}]: {e(r.status)} — {e(str(r.reason))}</li>"
+                                                   for _, r in failed.iterrows()] + ["</ul>"]
+        if sec.plot:
+            out += ["<h3>Perception–distortion</h3>", f'<img src="{_data_uri(figures / sec.plot)}" alt="PSNR-Y vs LPIPS">']
+        if sec.grids:
+            out.append("<h3>Samples (LR | map | methods | HR)</h3>")
+            out += [f'<p><img src="{_data_uri(figures / g)}" alt="{e(g)}"></p>' for g in sec.grids]
     out += ["<h2>Provenance</h2>", "<ul>"]
-    for info in infos:
-        out.append(f"<li><code>{e(' '.join(info.get('command', [])))}</code> — git {e(str(info.get('git', {}).get('sha')))}, "
-                   f"torch {e(str(info.get('versions', {}).get('torch')))}, seed {e(str(info.get('seeds', {}).get('seed')))}</li>")
+    for sec in sections:
+        for name, info in zip(sec.group.runs, sec.group.infos):
+            out.append(f"<li>{e(name)} (group {sec.group.number}): <code>{e(' '.join(info.get('command', [])))}</code> — "
+                       f"git {e(str(info.get('git', {}).get('sha')))}, torch {e(str(info.get('versions', {}).get('torch')))}, "
+                       f"seed {e(str(info.get('seeds', {}).get('seed')))}</li>")
     out += ["</ul>", "</body>", "</html>"]
     return "\n".join(out) + "\n"
 
 
 def render_report(runs: Sequence[str | Path], out: str | Path, samples: int = 3, ids: Sequence[str] | None = None) -> Path:
-    """Merge runs and write report.md, index.html, leaderboard.csv and figures/ into `out`."""
+    """Merge runs and write report.md, index.html, leaderboard.csv (+ its columns sidecar) and figures/ into `out`."""
     out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    board, metrics, infos = load_runs(runs)
-    cols = _columns(board, metrics)
-    best = {(c, i) for c, d in cols if d for i in best_rows(board, c, d)}
-    figures = perception_distortion_plot(board, out / "figures" / "perception_distortion.png")
-    chosen = list(ids) if ids else list(infos[0].get("ids", []))[:samples]
-    grids = []
-    for sid in chosen:
-        name = f"grid_{sid}.png"
-        if image_grid(sid, board, infos, out / "figures" / name):
-            grids.append(name)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    board, groups = load_runs(runs)
+    sections = [_section(g, board, figures, len(groups), samples, ids) for g in groups]
     public = board.drop(columns=["_run_dir"])
-    with atomic_path(out / "leaderboard.csv") as tmp:
+    with atomic_path(out / lb.LEADERBOARD_CSV) as tmp:
         public.to_csv(tmp, index=False)
-    atomic_write_text(out / "report.md", _markdown(board, cols, metrics, best, figures, grids, infos))
-    atomic_write_text(out / "index.html", _html(board, cols, metrics, best, figures, grids, infos))
+    lb.write_columns(out / lb.LEADERBOARD_CSV, list(public.columns), merged_metrics(groups))
+    atomic_write_text(out / "report.md", _markdown(sections))
+    atomic_write_text(out / "index.html", _html(sections, figures))
     return out / "index.html"
 
 
 @click.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder (Markdown, HTML, figures).")
-@click.option("--samples", default=3, show_default=True, help="Number of image grids (first N ids of the first run).")
+@click.option("--samples", default=3, show_default=True, help="Number of image grids per group (first N ids of its first run).")
 @click.option("--ids", default=None, help="Comma-separated sample ids for the image grids.")
 def report_command(runs, out, samples, ids) -> None:
-    """Merge benchmark runs into report.md and a self-contained index.html."""
+    """Merge benchmark runs into report.md and a self-contained index.html (one table per comparable group)."""
     page = render_report(runs, out, samples=samples, ids=[s for s in ids.split(",") if s] if ids else None)
     click.echo(f"wrote {page}")

@@ -1,15 +1,20 @@
-"""`cmsrd-bench report`: valid HTML referencing only files inside the report folder, best marked per
-direction, perception-distortion plot and image grids, runs merged."""
+"""`cmsrd-bench report`: valid, self-contained HTML (figures inlined), best marked per direction and only
+within a comparability group (dataset manifest, split, scale, images, metric definitions), perception-distortion
+plot and image grids per group, merged leaderboard with its column sidecar."""
 
 from __future__ import annotations
 
+import base64
+import json
+import shutil
 from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from benchmark.report import best_rows
+from benchmark import leaderboard as lb
+from benchmark.report import best_rows, load_runs
 from benchmark.runner import RunConfig, run_benchmark
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -45,6 +50,20 @@ def bench_runs(tiny_dataset, tmp_path_factory):
     return base / "r1", base / "r2"
 
 
+def _sections(md: str) -> dict[str, str]:
+    """report.md split at its `## ` headings."""
+    parts = md.split("\n## ")[1:]
+    return {p.split("\n", 1)[0]: p for p in parts}
+
+
+def _cell(section: str, run: str, column: str) -> str:
+    """A cell of a section's Markdown table, by run and column name."""
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    head = [h.split(" ")[0] for h in lines[0].strip("| ").split(" | ")]
+    row = next(line for line in lines if line.startswith(f"| {run} |"))
+    return row.strip("| ").split(" | ")[head.index(column)]
+
+
 def test_report_html_valid_and_self_contained(bench_runs, tmp_path):
     from benchmark.cli import cli
 
@@ -53,12 +72,12 @@ def test_report_html_valid_and_self_contained(bench_runs, tmp_path):
     board = pd.read_csv(r2 / "leaderboard.csv")
     board["lpips"] = 0.4
     board.to_csv(r2 / "leaderboard.csv", index=False)
-    info = __import__("json").loads((r2 / "run.json").read_text())
+    info = json.loads((r2 / "run.json").read_text())
     info["metrics"]["lpips"] = {"direction": "lower", "level": "image", "definition": "LPIPS test column", "status": "ok"}
-    (r2 / "run.json").write_text(__import__("json").dumps(info))
+    (r2 / "run.json").write_text(json.dumps(info))
 
     out = tmp_path / "report"
-    res = CliRunner().invoke(cli, ["report", str(r1), str(r2), "--out", str(out), "--samples", "2"])
+    res = CliRunner().invoke(cli, ["report", str(r1), str(r2), "--out", str(out), "--samples", "1"])
     assert res.exit_code == 0, res.output
     page = (out / "index.html").read_text()
     chk = _Checker()
@@ -66,18 +85,88 @@ def test_report_html_valid_and_self_contained(bench_runs, tmp_path):
     chk.close()
     assert not chk.errors and not chk.stack, (chk.errors, chk.stack)
     assert {"html", "head", "body", "table", "img"} <= set(chk.tags)
-    assert chk.refs, "expected figures"
+    # self-contained: every figure is inlined, nothing points outside the single file
+    assert len(chk.refs) == 1 + 2, chk.refs  # r2's plot, one grid per group
     for ref in chk.refs:
-        assert "://" not in ref and not ref.startswith("/")
-        target = (out / ref).resolve()
-        assert target.is_file() and out.resolve() in target.parents
-    assert (out / "figures" / "perception_distortion.png").stat().st_size > 1000
-    assert len(list((out / "figures").glob("grid_*.png"))) == 2
+        assert ref.startswith("data:image/png;base64,"), ref[:60]
+        assert base64.b64decode(ref.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "figures/" not in page
+    # the PNG files stay beside it (report.md links them)
+    assert (out / "figures" / "perception_distortion_group2.png").stat().st_size > 1000
+    assert not (out / "figures" / "perception_distortion_group1.png").exists()  # r1 has no LPIPS
+    assert len(list((out / "figures").glob("grid_group*_*.png"))) == 2
     assert "psnr_y ↑" in page and "lpips ↓" in page and "BT.601" in page
     md = (out / "report.md").read_text()
-    assert "| run | method |" in md and "**" in md and "perception_distortion.png" in md
+    assert "| run | method |" in md and "**" in md and "figures/perception_distortion_group2.png" in md
     merged = pd.read_csv(out / "leaderboard.csv")
     assert set(merged.run) == {"r1", "r2"} and "_run_dir" not in merged.columns
+    assert list(merged.columns[:2]) == ["run", "group"] and dict(zip(merged.run, merged.group)) == {"r1": 1, "r2": 2}
+
+
+def test_different_crop_borders_are_not_ranked_together(bench_runs, tmp_path):
+    """crop 0 and crop 4 give PSNR/SSIM different definitions: separate tables, best marked within each."""
+    r1, r2 = bench_runs
+    r3 = tmp_path / "r3"  # another crop-0 run, better than r1 and than the crop-4 run
+    shutil.copytree(r1, r3)
+    board = pd.read_csv(r3 / "leaderboard.csv")
+    board["psnr_y"] += 5.0
+    board.to_csv(r3 / "leaderboard.csv", index=False)
+    _, groups = load_runs([r1, r2, r3])
+    assert [g.runs for g in groups] == [["r1", "r3"], ["r2"]]
+
+    from benchmark.report import render_report
+
+    render_report([r1, r2, r3], tmp_path / "rep", samples=0)
+    sec = _sections((tmp_path / "rep" / "report.md").read_text())
+    g1, g2 = sec["Group 1"], sec["Group 2"]
+    assert "crop_border=0 px" in g1 and "crop_border=4" not in g1
+    assert "crop_border=4 px" in g2 and "crop_border=0" not in g2
+    assert "runs: r1, r3" in g1 and "runs: r2" in g2
+    assert "Not ranked with group 1: different metric definitions (psnr_y, ssim_y)" in g2
+    assert not _cell(g1, "r1", "psnr_y").startswith("**") and _cell(g1, "r3", "psnr_y").startswith("**")
+    assert _cell(g2, "r2", "psnr_y").startswith("**")  # best of its own group, although r3's number is higher
+    # the merged CSV's sidecar says which group a differing definition belongs to
+    cols = pd.read_csv(tmp_path / "rep" / lb.COLUMNS_CSV).set_index("column")
+    assert "group 1: " in cols.loc["psnr_y", "definition"] and "crop_border=4 px" in cols.loc["psnr_y", "definition"]
+    assert cols.loc["psnr_y", "direction"] == "higher" and "comparability" in cols.loc["group", "definition"].lower()
+
+
+def test_runs_on_different_datasets_are_separate_groups(bench_runs, tmp_path):
+    """Same dataset name, ids, split and N but other images (another manifest): never ranked together."""
+    from cmsrd.testing import make_tiny_dataset
+
+    r1, _ = bench_runs
+    other = tmp_path / "other_dataset"
+    make_tiny_dataset(other, seed=1)
+    run_benchmark(RunConfig(data=other, out=tmp_path / "r_other", methods=["bicubic"], metrics=["psnr_y", "ssim_y"], device="cpu"))
+    board, groups = load_runs([r1, tmp_path / "r_other"])
+    assert len(groups) == 2 and groups[0].info["ids"] == groups[1].info["ids"]
+    assert groups[0].key[0] != groups[1].key[0]  # the dataset manifest sha256
+    assert set(best_rows(board[board["group"] == 1], "psnr_y", "higher")) == {0}
+    assert set(best_rows(board[board["group"] == 2], "psnr_y", "higher")) == {1}
+    from benchmark.report import render_report
+
+    render_report([r1, tmp_path / "r_other"], tmp_path / "rep", samples=1)
+    sec = _sections((tmp_path / "rep" / "report.md").read_text())
+    assert sec["Group 1"].count("**") >= 2 and sec["Group 2"].count("**") >= 2
+    sha = [g.info["dataset"]["manifest_sha256"][:12] for g in groups]
+    assert sha[0] in sec["Group 1"] and sha[1] in sec["Group 2"]
+    assert "Not ranked with group 1: different dataset manifest" in sec["Group 2"]
+    assert (tmp_path / "rep" / "figures" / f"grid_group2_{groups[1].info['ids'][0]}.png").exists()
+
+
+def test_run_leaderboard_has_a_column_sidecar(bench_runs):
+    """Every leaderboard.csv column gets a direction and definition; the CSV header itself is unchanged."""
+    r1, _ = bench_runs
+    header = list(pd.read_csv(r1 / lb.LEADERBOARD_CSV, nrows=0).columns)
+    expected = lb.leaderboard_columns(["psnr_y", "ssim_y"])
+    assert header[:len(expected)] == expected
+    cols = pd.read_csv(r1 / lb.COLUMNS_CSV, keep_default_na=False)
+    assert list(cols.column) == header
+    by = cols.set_index("column")
+    assert by.loc["psnr_y", "direction"] == "higher" and "crop_border=0 px" in by.loc["psnr_y", "definition"]
+    assert by.loc["sec_per_image", "direction"] == "lower" and by.loc["method", "direction"] == ""
+    assert all(by.definition.str.len() > 0)
 
 
 def test_best_marking_follows_direction():
