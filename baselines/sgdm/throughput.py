@@ -4,7 +4,9 @@
 
 Random init is enough for speed (same FLOPs as the real weights); nothing is downloaded. After a warm-up
 run, wall-clock time is taken between CUDA synchronisations; the JSON lines it prints are the figures to
-report. `--geometry tiny` runs the same path on a CPU (smoke test only).
+report. `--geometry tiny` runs the same path on a CPU (smoke test only). fp32 means IEEE fp32: TF32 is
+switched off for matmuls and cuDNN convolutions (both default on for convolutions on Ampere+), and each line
+records both flags.
 """
 
 from __future__ import annotations
@@ -49,7 +51,14 @@ def measure(method: Any, batch: int, size: int, precision: str, cond: Conditions
         "nfe": method.nfe(cond), "seconds_per_batch": round(dt, 3), "images_per_s": round(batch / dt, 3),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
     }
+
+
+def disable_tf32() -> None:
+    """Full fp32 for the fp32 figures; bf16/fp16 autocast runs are unaffected."""
+    torch.set_float32_matmul_precision("highest")  # also clears torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--geometry", default="sd21-base", help="backbone geometry (tiny/small: smoke runs on CPU)")
     args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    disable_tf32()
     random_init = {"network": {"backbone": {"pretrained": None, "geometry": args.geometry}}}
     m = build(args.method, SCALE[args.method], random_init, device=args.device).eval()
     conds = [Conditions(steps=args.steps)]
