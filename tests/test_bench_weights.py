@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -117,8 +119,14 @@ def test_fetch_from_loopback_server(tmp_path, monkeypatch):
             "unpublished": {"file": "u.safetensors", "subdir": "cmsrd", "url": None},
         })
         m = w.load_manifest(mpath)
-        res = {r.key: r for r in w.fetch(["good", "bad", "gone", "unpublished"], manifest=m, timeout=5, progress=False)}
+        old_umask = os.umask(0o022)
+        try:
+            res = {r.key: r for r in w.fetch(["good", "bad", "gone", "unpublished"], manifest=m, timeout=5, progress=False)}
+        finally:
+            os.umask(old_umask)
         assert res["good"].outcome == "fetched" and m["good"].expected_path().read_bytes() == good
+        # a shared cache must be readable by others: the usual mode under the umask, not mkstemp's 0600
+        assert stat.S_IMODE(m["good"].expected_path().stat().st_mode) == 0o644
         assert res["bad"].outcome == "failed" and "does not match" in res["bad"].detail
         assert not m["bad"].expected_path().exists()  # nothing half-written under the final name
         assert not list(m["bad"].expected_path().parent.glob("*.part"))
