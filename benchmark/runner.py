@@ -2,11 +2,18 @@
 
 For each method and condition it builds the method from the registry, loads its weights, super-resolves
 the split in batches (autocast bf16/fp16 on GPU, seeded generators), saves the SR PNGs, then scores the
-saved PNGs (so metrics see exactly the published bytes). Timing is honest: one untimed warm-up batch,
-CUDA synchronisation around every timed forward, images/s and seconds/image over model time only, peak
-GPU memory, NFE. A killed run resumes: images already written are not redone, finished method x
-condition pairs are not rebuilt. One method failing (missing weights, unsupported condition, out of
-memory even at batch size 1, any exception) is recorded with its reason and the others continue.
+saved PNGs (so metrics see exactly the published bytes), streaming them from disk in chunks. Timing is
+honest (`TIMING_DEFINITION`, copied into run.json): one untimed warm-up batch, only the method's
+super-resolve inside the timer, CUDA synchronisation around it, peak GPU memory, NFE. A batch that
+runs out of memory is retried at half the size (down to 1) after a fresh warm-up and peak-memory reset.
+
+A killed run resumes: images already written are not redone, finished method x condition pairs are not
+rebuilt - but only when the folder was made by the same model on the same data. `inference.json` in each
+SR folder records a fingerprint (weights sha256, effective config, seed, precision, dataset manifest
+sha256, split, condition, shuffle partners) before inference starts; a folder whose fingerprint differs
+is refused up front with the differing fields named (`--overwrite` deletes and redoes it). One method
+failing (missing weights, unsupported condition, out of memory even at batch size 1, any exception) is
+recorded with its reason and the others continue.
 
 A method is built from its default config (`baselines/configs/<name>.yaml`), the `network` geometry a
 checkpoint of our trainer records, and the user's `--config NAME=YAML`, in that order of precedence
@@ -18,8 +25,10 @@ one recorded at training time. The file, its sha256 and the merged override go i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +42,37 @@ from baselines import registry
 from baselines import weights as wcache
 from baselines.checkpoint import read_metadata
 from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
+from baselines.inference import method_inputs, super_resolve_batch
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
 from cmsrd.layout import DatasetLayout, read_dataset_json
 
 from . import leaderboard as lb
 from . import metrics as M
+from .metrics.distribution import check_set_size
 
 log = logging.getLogger(__name__)
 
 INFERENCE_JSON = "inference.json"
 ALL_AVAILABLE = "all-available"
+SCORE_CHUNK = 32  # images read per step while scoring image-level metrics (memory stays bounded)
+
+TIMING_DEFINITION = (
+    "model_seconds: wall time of the method's super-resolve call (baselines.inference.super_resolve_batch: "
+    "autocast, no-grad, the method, output shape check and clamp) summed over batches, with CUDA synchronisation "
+    "before and after each call. Outside the timer: batch assembly, PNG reads (including the partner maps/styles "
+    "of shuffle conditions), the host-to-device copy of the method's inputs, writing the SR PNGs, and the untimed "
+    "warm-up batch (repeated after each out-of-memory halving). images_per_s = n_timed / model_seconds, "
+    "sec_per_image = model_seconds / n_timed, where n_timed counts the images super-resolved in the session that "
+    "finished the pair (fewer than n_images when a killed run was resumed). peak_mem_gb: "
+    "torch.cuda.max_memory_allocated since the last out-of-memory halving (null on CPU); final_batch_size and "
+    "oom_halvings say how the batch size was reduced."
+)
+AGGREGATION_DEFINITION = (
+    "A row's image-level metric is the mean over the images whose value is finite: an image with infinite PSNR "
+    "(SR identical to HR after uint8 rounding) or a NaN value is excluded (BasicSR would average the inf in). "
+    "methods[...].n_finite gives, per metric, how many of the n_images values were averaged."
+)
 
 
 @dataclass
@@ -65,6 +94,7 @@ class RunConfig:
     warmup: bool = True
     command: list[str] = field(default_factory=list)
     configs: dict[str, Path | dict[str, Any]] = field(default_factory=dict)  # --config NAME=YAML (or a dict)
+    overwrite: bool = False  # delete each method x condition folder of this run first instead of resuming it
 
 
 def pick_device(device: str) -> str:
@@ -94,7 +124,11 @@ def _sync(device: str) -> None:
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    """An allocation failure on any device (CUDA's OutOfMemoryError, or a RuntimeError saying so)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 # ---- method weights --------------------------------------------------------------------------------
@@ -180,21 +214,113 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class MethodSetup:
+    """What a method x condition is built from, resolved without building it (so resume can be decided cheaply)."""
+    spec: registry.MethodSpec
+    weights: Path | None
+    weights_sha256: str | None
+    network: dict[str, Any] | None  # geometry recorded by the checkpoint
+    config_record: dict[str, Any]  # what run.json says about --config
+    override: dict[str, Any]  # merged over the default config when building
+    effective_config: dict[str, Any]  # default config + override: what the method is built with
+
+
+@dataclass
+class RunContext:
+    """Per-run facts every method x condition needs (computed once)."""
+    layout: DatasetLayout
+    ids: list[str]
+    device: str
+    amp: torch.dtype | None
+    dataset_sha256: str | None
+    partner: dict[str, str]
+    hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)  # weights sha256 by (path, size, mtime)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self.hashes:
+            self.hashes[key] = sha256_file(path)
+        return self.hashes[key]
+
+
+def setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
+    """Registry spec, weights file and its hash, and the effective config of a method (not built)."""
+    spec = registry.get(name)
+    if ctx.layout.scale not in spec.scales:
+        raise InputError(f"method {name!r}", f"does not support x{ctx.layout.scale}", f"it supports {list(spec.scales)}")
+    wpath = method_weights(name, spec, ctx.layout.scale, cfg.weights)
+    # A checkpoint saved by our trainer names its network geometry; build that geometry so a small
+    # model trained with a non-default config loads without the user repeating the config. A user
+    # config (--config) goes on top, e.g. local backbone/tokenizer paths for the authors' .ckpt.
+    network = read_metadata(wpath).get("network") if wpath is not None else None
+    user, config_record = load_user_config(name, cfg.configs.get(name))
+    override = build_config(name, user, network)
+    return MethodSetup(spec, wpath, ctx.sha256(wpath) if wpath else None, network, config_record, override,
+                       registry.merge_config(spec.default_config(), override))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(setup: MethodSetup, cond: Conditions, cfg: RunConfig, ctx: RunContext) -> dict[str, Any]:
+    """Everything an SR image depends on except the batch size: resume only into a folder with equal values."""
+    shuffled = cond.map == "shuffle" or cond.style == "shuffle"
+    return {"method": setup.spec.name, "weights_sha256": setup.weights_sha256, "config_sha256": _digest(setup.effective_config),
+            "seed": cfg.seed, "precision": ctx.precision, "dataset_manifest_sha256": ctx.dataset_sha256,
+            "scale": ctx.layout.scale, "split": cfg.split, "condition": cond.name,
+            "partners_sha256": _digest(ctx.partner) if shuffled else None}
+
+
+def resume_state(out_dir: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
+    """The folder's previous inference.json if it may be resumed under `fp`; None for a fresh folder.
+
+    Raises an InputError naming the differing fields when the folder holds results of something else."""
+    done_file = out_dir / INFERENCE_JSON
+    prev = json.loads(done_file.read_text()) if done_file.is_file() else None
+    if prev is None:
+        n_png = sum(1 for _ in out_dir.glob("*.png")) if out_dir.is_dir() else 0
+        if not n_png:
+            return None
+        why = f"holds {n_png} SR image(s) but no {INFERENCE_JSON} saying what made them"
+    elif "fingerprint" not in prev:
+        why = f"was written by an older version ({INFERENCE_JSON} has no fingerprint)"
+    else:
+        old = prev["fingerprint"]
+        diff = [f"{k} {old.get(k)!r} -> {fp.get(k)!r}" for k in sorted(fp.keys() | old.keys()) if old.get(k) != fp.get(k)]
+        if not diff:
+            return prev
+        why = "was made with different settings: " + "; ".join(diff)
+    raise InputError(f"SR folder {out_dir}", why, "use a new --out, or pass --overwrite to delete this folder and redo it")
+
+
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _timing(n_timed: int, model_s: float, wall_s: float, peak: float | None, bs: int, halvings: int, precision: str) -> dict[str, Any]:
+    return {"n_timed": n_timed, "model_seconds": model_s, "wall_seconds": wall_s,
+            "images_per_s": (n_timed / model_s) if model_s > 0 else None,
+            "sec_per_image": (model_s / n_timed) if n_timed and model_s > 0 else None,
+            "peak_mem_gb": peak, "final_batch_size": bs, "oom_halvings": halvings, "autocast": precision}
 
 
 def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids: Sequence[str], todo: Sequence[str],
           out_dir: Path, device: str, batch_size: int, amp: torch.dtype | None, seed: int, warmup: bool,
           partner: dict[str, str]) -> dict[str, Any]:
-    """Super-resolve `todo` ids, write PNGs, return timing. Halves the batch on OOM down to 1."""
-    from baselines.inference import super_resolve_batch
+    """Super-resolve `todo` ids, write PNGs, return timing (`TIMING_DEFINITION`). On out of memory the
+    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again."""
     from cmsrd.data import CMSRDDataset
 
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     if not todo:
-        return {"n_timed": 0, "model_seconds": 0.0, "wall_seconds": 0.0, "images_per_s": None, "sec_per_image": None,
-                "peak_mem_gb": None, "final_batch_size": batch_size, "autocast": str(amp).replace("torch.", "") if amp else "fp32"}
+        return _timing(0, 0.0, 0.0, None, batch_size, 0, precision)
     inputs = ["lr", "sr", "map"] + (["hr"] if cond.style in ("gt",) else [])
     ds = CMSRDDataset(layout.root, split, inputs=inputs, ids=list(todo))
     index_of = {sid: i for i, sid in enumerate(ids)}
@@ -203,102 +329,96 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    def collate(items: list[dict]) -> dict[str, Any]:
+    def prepare(items: list[dict]) -> dict[str, Any]:
+        """Collate, apply the condition (may read partner PNGs) and copy the method's inputs to the device."""
         b: dict[str, Any] = {"id": [it["id"] for it in items]}
         for k in items[0]:
             if k != "id":
                 b[k] = torch.stack([it[k] for it in items])
+        b = apply_conditions(b, cond, layout, split, partner)
+        for k, v in method_inputs(method, b, cond).items():
+            b[k] = v.to(device, non_blocking=True)
         return b
 
     def forward(batch: dict[str, Any]) -> torch.Tensor:
-        batch = apply_conditions(batch, cond, layout, split, partner)
         gen = torch.Generator(device=device).manual_seed(seed + index_of[batch["id"][0]])
         # baselines.inference: declared inputs only, autocast, no-grad, output shape check, clamp to [0, 1]
         return super_resolve_batch(method, batch, cond, device, precision, gen)
 
     bs = max(1, batch_size)
-    pos, model_s, n_timed, warmed = 0, 0.0, 0, not warmup
+    pos, model_s, n_timed, halvings, warmed = 0, 0.0, 0, 0, not warmup
     wall0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"{method.spec.name} [{cond.name}]", unit="img", leave=False)
     while pos < len(todo):
         items = [ds[i] for i in range(pos, min(pos + bs, len(todo)))]
         try:
-            if not warmed:  # untimed warm-up (kernel selection, lazy init, caches)
-                forward(collate(items))
+            batch = prepare(items)
+            if not warmed:  # untimed warm-up (kernel selection, lazy init, caches) on a copy of the inputs
+                forward({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
                 _sync(device)
                 warmed = True
             _sync(device)
             t0 = time.perf_counter()
-            out = forward(collate(items))
+            out = forward(batch)
             _sync(device)
             model_s += time.perf_counter() - t0
         except Exception as e:
-            if is_cuda and _is_oom(e) and bs > 1:
-                bs //= 2
+            if not (_is_oom(e) and bs > 1):
+                if _is_oom(e):
+                    raise RuntimeError(f"out of memory even at batch size 1: {e}") from e
+                raise
+            bs, halvings, warmed = bs // 2, halvings + 1, not warmup
+            batch = out = None
+            if is_cuda:  # the failed attempt's high-water mark is not what the smaller batch needs
                 torch.cuda.empty_cache()
-                log.warning("%s: out of memory, retrying with batch size %d", method.spec.name, bs)
-                continue
-            if _is_oom(e):
-                raise RuntimeError(f"out of memory even at batch size 1: {e}") from e
-            raise
-        for sid, arr in zip([it["id"] for it in items], _to_uint8(out)):
+                torch.cuda.reset_peak_memory_stats()
+            log.warning("%s: out of memory, retrying with batch size %d", method.spec.name, bs)
+            continue
+        for sid, arr in zip(batch["id"], _to_uint8(out)):
             write_png(out_dir / f"{sid}.png", arr)
         n_timed += len(items)
         pos += len(items)
         bar.update(len(items))
     bar.close()
-    timing = {
-        "n_timed": n_timed, "model_seconds": model_s, "wall_seconds": time.perf_counter() - wall0,
-        "images_per_s": (n_timed / model_s) if model_s > 0 else None,
-        "sec_per_image": (model_s / n_timed) if n_timed else None,
-        "peak_mem_gb": (torch.cuda.max_memory_allocated() / 1e9) if is_cuda else None,
-        "final_batch_size": bs, "autocast": str(amp).replace("torch.", "") if amp else "fp32",
-    }
-    return timing
+    peak = (torch.cuda.max_memory_allocated() / 1e9) if is_cuda else None
+    return _timing(n_timed, model_s, time.perf_counter() - wall0, peak, bs, halvings, precision)
 
 
-def run_method_condition(name: str, cond_text: str, cfg: RunConfig, layout: DatasetLayout, ids: Sequence[str],
-                         device: str, amp: torch.dtype | None, cache: dict[str, Any]) -> Outcome:
+def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunContext) -> Outcome:
+    """Infer one method x condition into its SR folder (resuming a matching one); never raises."""
     cond = Conditions.parse(cond_text)
     out_dir = lb.sr_dir(cfg.out, name, cond.name)
     done_file = out_dir / INFERENCE_JSON
+    ids = ctx.ids
     outcome = Outcome(name, cond.name, "ok", n_images=len(ids))
     try:
-        spec = registry.get(name)
-        cond.check_supported(name, spec.conditions)
-        if layout.scale not in spec.scales:
-            raise InputError(f"method {name!r}", f"does not support x{layout.scale}", f"it supports {list(spec.scales)}")
+        cond.check_supported(name, registry.get(name).conditions)
+        setup = setup_method(name, cfg, ctx)
+        fp = fingerprint(setup, cond, cfg, ctx)
+        prev = resume_state(out_dir, fp)
         todo = [i for i in ids if not (out_dir / f"{i}.png").exists()]
-        prev = json.loads(done_file.read_text()) if done_file.exists() else None
-        if not todo and prev is not None:
-            outcome.timing, outcome.info = prev["timing"], prev["info"]
-            outcome.info["resumed"] = True
+        if not todo and prev is not None:  # same model, same data, every image there: nothing to build
+            outcome.timing = prev.get("timing") or _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, ctx.precision)
+            outcome.info = {**prev["info"], "resumed": True}
             return outcome
-        wpath = method_weights(name, spec, layout.scale, cfg.weights)
-        # A checkpoint saved by our trainer names its network geometry; build that geometry so a small
-        # model trained with a non-default config loads without the user repeating the config. A user
-        # config (--config) goes on top, e.g. local backbone/tokenizer paths for the authors' .ckpt.
-        network = read_metadata(wpath).get("network") if wpath is not None else None
-        user, config_record = load_user_config(name, cfg.configs.get(name))
-        override = build_config(name, user, network)
-        method = registry.build(name, layout.scale, config=override or None, device=device)
-        if wpath is not None:
-            method.load_checkpoint(wpath)
-        method = method.to(device).eval()
+        method = registry.build(name, ctx.layout.scale, config=setup.override or None, device=ctx.device)
+        if setup.weights is not None:
+            method.load_checkpoint(setup.weights)
+        method = method.to(ctx.device).eval()
         total, trainable = method.parameter_counts()
         info = {"nfe": method.nfe(cond), "params_m": total / 1e6, "trainable_params_m": trainable / 1e6,
-                "weights": str(wpath) if wpath else None, "weights_sha256": sha256_file(wpath) if wpath else None,
-                "kind": spec.kind, "license": spec.license, "resumed_images": len(ids) - len(todo),
-                "config": {**config_record, "network_from_checkpoint": network, "effective_override": override}}
-        part = cache.setdefault("partners", partners(list(ids), cfg.seed))
-        timing = infer(method, cond, layout, cfg.split, ids, todo, out_dir, device, cfg.batch_size, amp, cfg.seed,
-                       cfg.warmup, part)
-        if prev is not None and not timing["n_timed"]:
-            timing = prev["timing"]
+                "weights": str(setup.weights) if setup.weights else None, "weights_sha256": setup.weights_sha256,
+                "kind": setup.spec.kind, "license": setup.spec.license, "resumed_images": len(ids) - len(todo),
+                "config": {**setup.config_record, "network_from_checkpoint": setup.network, "effective_override": setup.override}}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # written before the first image, so a killed run leaves a record of what its images came from
+        atomic_write_text(done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str))
+        timing = infer(method, cond, ctx.layout, cfg.split, ids, todo, out_dir, ctx.device, cfg.batch_size, ctx.amp, cfg.seed,
+                       cfg.warmup, ctx.partner)
         outcome.timing, outcome.info = timing, info
-        atomic_write_text(done_file, json.dumps({"timing": timing, "info": info}, indent=2, default=str))
+        atomic_write_text(done_file, json.dumps({"status": "done", "fingerprint": fp, "timing": timing, "info": info}, indent=2, default=str))
         del method
-        if device.startswith("cuda"):
+        if ctx.device.startswith("cuda"):
             torch.cuda.empty_cache()
     except UnsupportedCondition as e:
         outcome.status, outcome.reason = "unsupported", str(e)
@@ -337,40 +457,73 @@ def check_metric_weights(names: Sequence[str], skip_missing: bool) -> tuple[list
     return [n for n in names if n not in problems], skipped
 
 
-def score(outcome: Outcome, cfg: RunConfig, layout: DatasetLayout, ids: Sequence[str], metric_names: Sequence[str],
-          device: str, scorers: dict[str, Any], metric_errors: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Image-level metrics per image (averaged for the row) and set-level metrics on the saved PNGs."""
+def _row_mean(vals: Sequence[float]) -> tuple[float, int]:
+    """(mean over the finite values, how many were finite); see AGGREGATION_DEFINITION. With none finite,
+    the mean of all (inf when every PSNR is inf, NaN when a value is NaN)."""
+    finite = [v for v in vals if np.isfinite(v)]
+    if finite:
+        return float(np.mean(finite)), len(finite)
+    return (float(np.mean(vals)) if len(vals) else float("nan")), 0
+
+
+def score(outcome: Outcome, cfg: RunConfig, ctx: RunContext, metric_names: Sequence[str], scorers: dict[str, Any],
+          failures: dict[str, dict[str, str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Image-level metrics per image (averaged for the row) and set-level metrics on the saved PNGs.
+
+    Images are read from disk `SCORE_CHUNK` at a time per metric (a bar per metric), never the whole split.
+    A metric that fails here is recorded in `failures[metric][method|condition]` and `info["metric_errors"]`;
+    one whose scorer could not be built is not retried for the next pairs."""
+    ids, key = ctx.ids, f"{outcome.method}|{outcome.condition}"
     d = lb.sr_dir(cfg.out, outcome.method, outcome.condition)
-    sr = [read_png(d / f"{i}.png") for i in ids]
-    hr = [read_png(layout.image_path(cfg.split, "hr", i)) for i in ids]
+    sr_paths = [d / f"{i}.png" for i in ids]
+    hr_paths = [ctx.layout.image_path(cfg.split, "hr", i) for i in ids]
     per_image = [{"method": outcome.method, "condition": outcome.condition, "split": cfg.split, "id": i} for i in ids]
     row: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    n_finite: dict[str, int] = {}
     for name in metric_names:
         m = M.get(name)
-        if m.level != "image" or name in metric_errors:
+        if m.level != "image":
             continue
+        if name not in scorers:
+            try:
+                scorers[name] = M.build_image_metric(name, device=ctx.device, crop_border=cfg.crop_border)
+            except Exception as e:
+                log.exception("metric %s could not be built", name)
+                scorers[name] = f"{type(e).__name__}: {e}"  # the reason, reported for every pair
+        if isinstance(scorers[name], str):
+            errors[name] = scorers[name]
+            continue
+        vals: list[float] = []
         try:
-            if name not in scorers:
-                scorers[name] = M.build_image_metric(name, device=device, crop_border=cfg.crop_border)
-            vals = scorers[name](sr, hr)
+            with tqdm(total=len(ids), desc=f"scoring {name} {outcome.method} [{outcome.condition}]", unit="img", leave=False) as bar:
+                for a in range(0, len(ids), SCORE_CHUNK):
+                    sr = [read_png(p) for p in sr_paths[a: a + SCORE_CHUNK]]
+                    hr = [read_png(p) for p in hr_paths[a: a + SCORE_CHUNK]] if m.reference else None
+                    vals += [float(v) for v in scorers[name](sr, hr)]
+                    bar.update(len(sr))
         except Exception as e:
-            log.exception("metric %s failed", name)
-            metric_errors[name] = f"{type(e).__name__}: {e}"
+            log.exception("metric %s failed on %s", name, key)
+            errors[name] = f"{type(e).__name__}: {e}"
             continue
         for r, v in zip(per_image, vals):
             r[name] = v
-        finite = [v for v in vals if np.isfinite(v)]
-        row[name] = float(np.mean(finite)) if finite else float("inf")
-    set_names = [n for n in metric_names if M.get(n).level == "set" and n not in metric_errors]
+        row[name], n_finite[name] = _row_mean(vals)
+    set_names = [n for n in metric_names if M.get(n).level == "set"]
     if set_names:
         try:
-            res = M.compute_set_metrics(set_names, sr, hr, device=device)
+            res = M.compute_set_metrics(set_names, sr_paths, hr_paths, device=ctx.device, label=f"{outcome.method} [{outcome.condition}]")
             row.update({k: v for k, v in res.items() if k in set_names})
             outcome.info["set_metric_settings"] = {k: v for k, v in res.items() if k not in set_names}
         except Exception as e:
-            log.exception("set metrics failed")
-            for n in set_names:
-                outcome.info.setdefault("metric_errors", {})[n] = f"{type(e).__name__}: {e}"
+            log.exception("set metrics failed on %s", key)
+            errors.update({n: f"{type(e).__name__}: {e}" for n in set_names})
+    for n, why in errors.items():
+        failures.setdefault(n, {})[key] = why
+    if errors:
+        outcome.info["metric_errors"] = errors
+        row["metric_errors"] = "; ".join(f"{n}: {why}" for n, why in errors.items())
+    outcome.info["n_finite"] = n_finite
     return row, per_image
 
 
@@ -400,14 +553,58 @@ def dataset_identity(layout: DatasetLayout) -> dict[str, Any]:
             "manifest_sha256": sha256_file(layout.manifest_parquet) if layout.manifest_parquet.exists() else None}
 
 
+def _check_methods(names: Sequence[str]) -> None:
+    """Every explicitly asked method exists in the registry (one error for all typos, before any inference)."""
+    known = registry.names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"--methods {','.join(unknown)}", "not in the registry", f"choose from {known} (`cmsrd-bench list`)")
+
+
+def _check_conditions(conditions: Sequence[str], n_images: int) -> None:
+    """A shuffle condition needs a partner other than the sample itself, so at least 2 images."""
+    shuffled = [c.name for c in map(Conditions.parse, conditions) if "shuffle" in (c.map, c.style)]
+    if shuffled and n_images < 2:
+        raise InputError(f"--conditions {';'.join(shuffled)}", f"shuffles maps/styles between samples, but the run has {n_images} image(s)",
+                         "run on at least 2 images (--limit, --split) or drop the shuffle conditions")
+
+
+def _prepare_folders(cfg: RunConfig, ctx: RunContext, pairs: Sequence[tuple[str, str]]) -> None:
+    """Before any inference: with `overwrite`, delete the SR folder of every pair of this run; otherwise
+    refuse (one InputError for all) any folder made with another fingerprint. A pair whose setup fails
+    (missing weights, ...) is left to run_method_condition, which records the reason."""
+    problems = []
+    for name, cond_text in pairs:
+        cond = Conditions.parse(cond_text)
+        out_dir = lb.sr_dir(cfg.out, name, cond.name)
+        if not out_dir.exists():
+            continue
+        if cfg.overwrite:
+            shutil.rmtree(out_dir)
+            continue
+        try:
+            fp = fingerprint(setup_method(name, cfg, ctx), cond, cfg, ctx)
+        except Exception:  # this pair will fail when it runs, with its reason recorded in its row
+            continue
+        try:
+            resume_state(out_dir, fp)
+        except InputError as e:
+            problems.append(f"  {name} [{cond.name}]: {e.problem}")
+    if problems:
+        raise InputError(f"--out {cfg.out}", "holds SR images that this run would mix with its own:\n" + "\n".join(problems) + "\n",
+                         "use a new --out, or pass --overwrite to delete these method x condition folders and redo them")
+
+
 def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run everything `cfg` asks for and write leaderboard.csv, per_image.csv and run.json into `cfg.out`."""
+    """Run everything `cfg` asks for and write leaderboard.csv, per_image.csv and run.json into `cfg.out`.
+
+    Everything that can be checked without inference is checked first (metric weights and set sizes,
+    method names, conditions, configs, resumability of existing SR folders), so a typo costs no GPU time."""
     from cmsrd.data import CMSRDDataset
 
     say = progress or (lambda s: None)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     cfg.out = Path(cfg.out)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     layout = DatasetLayout.open(cfg.data)
     device = pick_device(cfg.device)
     amp = autocast_dtype(device, cfg.precision)
@@ -419,43 +616,49 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
 
     metric_names = M.parse_names(cfg.metrics)
     runnable_metrics, skipped_metrics = check_metric_weights(metric_names, cfg.skip_missing)
+    check_set_size([n for n in runnable_metrics if M.get(n).level == "set"], len(ids), (layout.hr_px, layout.hr_px))
 
     skipped_methods: dict[str, str] = {}
     if isinstance(cfg.methods, str) and cfg.methods == ALL_AVAILABLE or list(cfg.methods) == [ALL_AVAILABLE]:
         methods, skipped_methods = available_methods(layout.scale, cfg.weights)
     else:
-        methods = list(cfg.methods)
+        methods = list(dict.fromkeys(cfg.methods))
+        _check_methods(methods)
     if not methods:
         raise InputError("--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH")
-    conditions = [Conditions.parse(c).name for c in cfg.conditions] or ["default"]
+    conditions = list(dict.fromkeys(Conditions.parse(c).name for c in cfg.conditions)) or ["default"]
+    _check_conditions(conditions, len(ids))
     for name, source in cfg.configs.items():  # typos and unreadable files fail once, before any method runs
         if name not in methods:
             raise InputError(f"--config {name}=...", f"names no method of this run ({', '.join(methods)})", "use NAME=YAML with a method in --methods")
         load_user_config(name, source)
 
+    ctx = RunContext(layout, ids, device, amp, dataset_identity(layout)["manifest_sha256"], partners(ids, cfg.seed))
+    pairs = [(name, cond) for name in methods for cond in conditions]
+    _prepare_folders(cfg, ctx, pairs)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
     rows, per_image_rows, outcomes = [], [], []
     scorers: dict[str, Any] = {}
-    metric_errors: dict[str, str] = {}
-    for name in methods:
-        for cond in dict.fromkeys(conditions):
-            say(f"{name} [{cond}]")
-            o = run_method_condition(name, cond, cfg, layout, ids, device, amp, {})
-            row = {"method": name, "condition": o.condition, "split": cfg.split, "n_images": len(ids) if o.status == "ok" else 0,
-                   "scale": layout.scale, "status": o.status, "reason": o.reason}
-            if o.status == "ok":
-                values, per_image = score(o, cfg, layout, ids, runnable_metrics, device, scorers, metric_errors)
-                row.update(values)
-                per_image_rows += per_image
-                t = o.timing
-                row.update(images_per_s=t.get("images_per_s"), sec_per_image=t.get("sec_per_image"), peak_mem_gb=t.get("peak_mem_gb"),
-                           nfe=o.info.get("nfe"), params_m=o.info.get("params_m"), trainable_params_m=o.info.get("trainable_params_m"),
-                           weights_sha256=o.info.get("weights_sha256"))
-            rows.append(row)
-            outcomes.append(o)
-            say(f"  -> {o.status}{': ' + o.reason if o.reason else ''}")
+    failures: dict[str, dict[str, str]] = {}
+    for name, cond in pairs:
+        say(f"{name} [{cond}]")
+        o = run_method_condition(name, cond, cfg, ctx)
+        row = {"method": name, "condition": o.condition, "split": cfg.split, "n_images": len(ids) if o.status == "ok" else 0,
+               "scale": layout.scale, "status": o.status, "reason": o.reason}
+        if o.status == "ok":
+            values, per_image = score(o, cfg, ctx, runnable_metrics, scorers, failures)
+            row.update(values)
+            per_image_rows += per_image
+            t = o.timing
+            row.update(images_per_s=t.get("images_per_s"), sec_per_image=t.get("sec_per_image"), peak_mem_gb=t.get("peak_mem_gb"),
+                       nfe=o.info.get("nfe"), params_m=o.info.get("params_m"), trainable_params_m=o.info.get("trainable_params_m"),
+                       weights_sha256=o.info.get("weights_sha256"), n_timed=t.get("n_timed"),
+                       final_batch_size=t.get("final_batch_size"), oom_halvings=t.get("oom_halvings"))
+        rows.append(row)
+        outcomes.append(o)
+        say(f"  -> {o.status}{': ' + o.reason if o.reason else ''}")
 
-    for n, err in metric_errors.items():
-        skipped_metrics[n] = f"failed: {err}"
     lb.write_leaderboard(cfg.out, rows, metric_names)
     lb.write_per_image(cfg.out, per_image_rows, [n for n in metric_names if M.get(n).level == "image"])
     manifest = wcache.load_manifest()
@@ -467,19 +670,28 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     for o in outcomes:
         if o.info.get("weights"):
             weights_hashes[f"method:{o.method}"] = {"path": o.info["weights"], "sha256": o.info["weights_sha256"]}
+
+    def metric_status(n: str) -> dict[str, Any]:
+        if n in skipped_metrics:
+            return {"status": "skipped", "reason": skipped_metrics[n]}
+        if n in failures:
+            return {"status": "failed", "reason": "; ".join(f"{k}: {why}" for k, why in failures[n].items()), "failed_for": failures[n]}
+        return {"status": "ok"}
+
     info = {
         "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": cfg.command or lb.command_line(),
         "versions": lb.package_versions(), "git": lb.git_info(), "device": lb.device_info(device),
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": ctx.precision,
         "seeds": {"seed": cfg.seed, "generator": "one torch.Generator per batch, seeded with seed + index of the batch's first image",
                   "derangement_seed": cfg.seed},
         "dataset": dataset_identity(layout), "split": cfg.split, "n_images": len(ids), "ids": ids,
         "crop_border": cfg.crop_border, "batch_size": cfg.batch_size,
-        "metrics": {n: {"direction": M.get(n).direction, "level": M.get(n).level, "definition": M.get(n).describe(cfg.crop_border),
-                        "weights": list(M.get(n).weights), "status": "skipped" if n in skipped_metrics else "ok",
-                        **({"reason": skipped_metrics[n]} if n in skipped_metrics else {})} for n in metric_names},
+        "metrics": {n: {"direction": M.get(n).direction, "level": M.get(n).level, "definition": M.get(n).describe(cfg.crop_border, len(ids)),
+                        "weights": list(M.get(n).weights), **metric_status(n)} for n in metric_names},
         "metrics_skipped": skipped_metrics,
+        "metrics_failed": failures,
+        "definitions": {"timing": TIMING_DEFINITION, "image_metric_mean": AGGREGATION_DEFINITION},
         "methods": {f"{o.method}|{o.condition}": {"status": o.status, "reason": o.reason, "timing": o.timing, **o.info} for o in outcomes},
         "methods_skipped": skipped_methods,
         "conditions": conditions,

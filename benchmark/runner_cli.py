@@ -33,7 +33,11 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--conditions", default="default", show_default=True,
               help='Semicolon-separated conditions, e.g. "default;map=shuffle;style=gt,steps=20".')
 @click.option("--split", default="test", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (resumed if it exists).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run folder. An existing one is resumed, but only the method x condition folders made with the same "
+                   "weights, config, seed, precision, dataset, split and condition; others are refused (see --overwrite).")
+@click.option("--overwrite", is_flag=True,
+              help="Delete the SR folder of every method x condition of this run in --out first and redo it (no resume).")
 @click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Checkpoint of a method (repeatable).")
 @click.option("--config", "configs", multiple=True, metavar="NAME=YAML",
               help="Method config merged over its default (repeatable), e.g. local SD2.1 backbone/tokenizer paths for "
@@ -48,8 +52,8 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
               help="Autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
-def run_command(data, methods, conditions, split, out, weights, configs, metrics, skip_missing, crop_border, device, batch_size,
-                precision, seed, limit) -> None:
+def run_command(data, methods, conditions, split, out, overwrite, weights, configs, metrics, skip_missing, crop_border, device,
+                batch_size, precision, seed, limit) -> None:
     """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json."""
     from .runner import RunConfig, run_benchmark
 
@@ -60,6 +64,7 @@ def run_command(data, methods, conditions, split, out, weights, configs, metrics
         conditions=[c.strip() for c in conditions.split(";") if c.strip()] or ["default"], split=split,
         weights=_parse_weights(weights), configs=_parse_pairs(configs, "--config", "sgdm+=sgdm-local.yaml"), skip_missing=skip_missing, crop_border=crop_border, device=device,
         batch_size=batch_size, metrics=metrics, seed=seed, precision=precision, limit=limit, command=list(sys.argv),
+        overwrite=overwrite,
     )
     info = run_benchmark(cfg, progress=lambda s: click.echo(s, err=True))
     failed = [k for k, v in info["methods"].items() if v["status"] == "failed"]
@@ -67,3 +72,6 @@ def run_command(data, methods, conditions, split, out, weights, configs, metrics
                f"{', ' + str(len(failed)) + ' failed' if failed else ''})")
     for name, why in info["metrics_skipped"].items():
         click.echo(f"metric {name} skipped: {why}", err=True)
+    for name, where in info["metrics_failed"].items():
+        for pair, why in where.items():
+            click.echo(f"metric {name} failed on {pair}: {why}", err=True)

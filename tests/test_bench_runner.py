@@ -19,7 +19,7 @@ from baselines.registry import MethodSpec
 from benchmark import leaderboard as lb
 from benchmark.runner import RunConfig, run_benchmark
 from cmsrd.errors import InputError
-from cmsrd.io import read_png
+from cmsrd.io import read_png, sha256_file
 
 
 class _Failing(SRMethod):
@@ -44,10 +44,33 @@ class _MapCopy(SRMethod):
         self.load_state_dict(load_file(str(path)))
 
 
+class _OOMAbove1(SRMethod):
+    """Runs out of (pretend) GPU memory for any batch of more than one image; records the batch sizes it got."""
+
+    calls: list[int] = []
+
+    def super_resolve(self, batch, cond, generator=None):
+        n = batch["lr"].shape[0]
+        type(self).calls.append(n)
+        if n > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return torch.nn.functional.interpolate(batch["lr"], scale_factor=self.scale, mode="nearest")
+
+
+class _StyleCopy(SRMethod):
+    """Returns the style image: under style=gt that is the HR itself (PSNR = inf)."""
+
+    def super_resolve(self, batch, cond, generator=None):
+        return batch["style"]
+
+
 _COMMON = dict(license="test", citation="test", scales=(16,), nfe=1)
 registry.register(MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON))
 registry.register(MethodSpec(name="test_mapcopy", target=f"{__name__}:_MapCopy", kind="regression", inputs=("lr", "map"),
                              conditions=("map",), **_COMMON))
+registry.register(MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON))
+registry.register(MethodSpec(name="test_stylecopy", target=f"{__name__}:_StyleCopy", kind="interp", inputs=("lr", "style"),
+                             conditions=("style",), **_COMMON))
 
 FAST_METRICS = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"]
 
@@ -111,10 +134,14 @@ def test_resume_skips_done_images(tiny_dataset, tmp_path, monkeypatch):
     calls = []
     orig = bicubic.Bicubic.super_resolve
     monkeypatch.setattr(bicubic.Bicubic, "super_resolve", lambda self, b, c, generator=None: calls.append(b["lr"].shape[0]) or orig(self, b, c, generator))
-    run_benchmark(_cfg(tiny_dataset, out, warmup=False))
+    info = run_benchmark(_cfg(tiny_dataset, out, warmup=False))
     assert calls == [1]  # only the missing image was super-resolved
     assert pngs[0].exists()
     assert {p.name: p.stat().st_mtime_ns for p in pngs[1:]} == keep_mtime
+    # the timing is that of the one image redone, and says so
+    assert info["methods"]["bicubic|default"]["timing"]["n_timed"] == 1
+    assert info["methods"]["bicubic|default"]["resumed_images"] == 3
+    assert pd.read_csv(out / "leaderboard.csv").iloc[0].n_timed == 1
     # a complete pair is not rebuilt at all
     calls.clear()
     info = run_benchmark(_cfg(tiny_dataset, out, warmup=False))
@@ -251,3 +278,167 @@ def test_cli_config_builds_sgdm_plus_from_a_checkpoint_without_geometry(tiny_dat
         res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "r3"), "--config", cfg_arg])
         assert res.exit_code != 0 and msg in str(res.exception), (cfg_arg, res.output, res.exception)
     assert not (tmp_path / "r3" / "leaderboard.csv").exists()
+
+
+def _mapcopy_weights(path: Path, gain: float) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"gain": torch.full((1,), gain)}, str(path))
+    return path
+
+
+def test_resume_refuses_a_folder_made_by_other_weights_or_settings(tiny_dataset, tmp_path):
+    """Resume keys on what made the images: other weights (or seed, precision, ...) into the same --out are
+    refused up front, also after a partial run, instead of publishing old or mixed images; --overwrite redoes."""
+    out = tmp_path / "run"
+    w1, w2 = _mapcopy_weights(tmp_path / "w1.safetensors", 1.0), _mapcopy_weights(tmp_path / "w2.safetensors", 0.5)
+    cfg = lambda w, **kw: _cfg(tiny_dataset, out, methods=["test_mapcopy", "bicubic"], weights={"test_mapcopy": w}, **kw)  # noqa: E731
+    run_benchmark(cfg(w1))
+    d = out / "sr" / "test_mapcopy" / "default"
+    record = json.loads((d / "inference.json").read_text())
+    assert record["status"] == "done" and record["fingerprint"]["weights_sha256"] == sha256_file(w1)
+    before = {p.name: p.read_bytes() for p in d.glob("*.png")}
+
+    with pytest.raises(InputError) as e:
+        run_benchmark(cfg(w2))
+    msg = str(e.value)
+    assert "test_mapcopy [default]" in msg and "weights_sha256" in msg and "--overwrite" in msg
+    assert "bicubic" not in msg  # bicubic's folder matches and would resume
+    sorted(d.glob("*.png"))[0].unlink()  # a killed run: the partial resume must not mix two models either
+    with pytest.raises(InputError, match="weights_sha256"):
+        run_benchmark(cfg(w2))
+    with pytest.raises(InputError, match=r"seed 0 -> 7"):
+        run_benchmark(cfg(w1, seed=7))
+    assert {p.name: p.read_bytes() for p in d.glob("*.png")}.items() <= before.items()  # nothing rewritten
+
+    info = run_benchmark(cfg(w2, overwrite=True))
+    assert info["methods"]["test_mapcopy|default"]["weights_sha256"] == sha256_file(w2)
+    assert info["methods"]["test_mapcopy|default"]["resumed_images"] == 0
+    for sid in info["ids"]:
+        own = read_png(tiny_dataset / "test" / "ref_64" / f"{sid}.png").astype(float)
+        assert np.abs(read_png(d / f"{sid}.png") - np.round(own * 0.5)).max() <= 1  # every image from w2
+
+
+def test_fingerprint_written_before_inference_and_legacy_folders_refused(tiny_dataset, tmp_path, monkeypatch):
+    from baselines import bicubic
+
+    out = tmp_path / "run"
+    orig, calls = bicubic.Bicubic.super_resolve, []
+
+    def dies_on_second_batch(self, b, c, generator=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed mid-way
+        return orig(self, b, c, generator)
+
+    monkeypatch.setattr(bicubic.Bicubic, "super_resolve", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(_cfg(tiny_dataset, out, batch_size=2, warmup=False))
+    d = out / "sr" / "bicubic" / "default"
+    record = json.loads((d / "inference.json").read_text())
+    assert record["status"] == "started" and record["fingerprint"]["seed"] == 0 and len(list(d.glob("*.png"))) == 2
+    monkeypatch.setattr(bicubic.Bicubic, "super_resolve", orig)
+    info = run_benchmark(_cfg(tiny_dataset, out, batch_size=2, warmup=False))
+    assert info["methods"]["bicubic|default"]["timing"]["n_timed"] == 2
+    assert json.loads((d / "inference.json").read_text())["status"] == "done"
+    # SR images of unknown origin (no inference.json, e.g. an older version's folder) are not adopted
+    (d / "inference.json").unlink()
+    with pytest.raises(InputError, match="no inference.json"):
+        run_benchmark(_cfg(tiny_dataset, out))
+
+
+def test_set_metric_failure_is_recorded_as_failed(tiny_dataset, tmp_path, monkeypatch):
+    from benchmark import runner
+
+    monkeypatch.setattr(runner, "check_metric_weights", lambda names, skip: (list(names), {}))
+
+    def boom(*a, **k):
+        raise RuntimeError("inception exploded")
+
+    monkeypatch.setattr(runner.M, "compute_set_metrics", boom)
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "run", metrics=["psnr_y", "fid", "kid"]))
+    for n in ("fid", "kid"):
+        assert info["metrics"][n]["status"] == "failed" and "inception exploded" in info["metrics"][n]["reason"]
+        assert "bicubic|default" in info["metrics_failed"][n]
+    assert info["metrics"]["psnr_y"]["status"] == "ok"
+    row = pd.read_csv(tmp_path / "run" / "leaderboard.csv").iloc[0]
+    assert row.status == "ok" and np.isnan(row.fid) and "inception exploded" in row.metric_errors
+
+
+def test_too_few_images_for_set_metrics_or_shuffle_and_unknown_methods_fail_before_inference(tiny_dataset, tmp_path, monkeypatch):
+    from benchmark import runner
+
+    monkeypatch.setattr(runner, "check_metric_weights", lambda names, skip: (list(names), {}))
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="FID/KID need at least 2 images.*has 1"):
+        run_benchmark(_cfg(tiny_dataset, out, metrics=["psnr_y", "fid"], limit=1))
+    with pytest.raises(InputError, match="map=shuffle"):
+        run_benchmark(_cfg(tiny_dataset, out, methods=["test_mapcopy"], conditions=["default", "map=shuffle"], limit=1))
+    with pytest.raises(InputError, match="esrgn.*not in the registry"):
+        run_benchmark(_cfg(tiny_dataset, out, methods=["bicubic", "esrgn"]))
+    assert not out.exists()  # nothing was inferred or written
+
+
+def test_oom_halves_the_batch_rewarms_and_records_it(tiny_dataset, tmp_path):
+    """An out-of-memory error (any device) halves the batch down to 1; the new size is warmed up untimed
+    again; the halvings and final batch size are recorded; the next method runs normally."""
+    _OOMAbove1.calls = []
+    out = tmp_path / "run"
+    info = run_benchmark(_cfg(tiny_dataset, out, methods=["test_oom", "bicubic"], batch_size=4))
+    assert len(list((out / "sr" / "test_oom" / "default").glob("*.png"))) == 4
+    assert _OOMAbove1.calls == [4, 2, 1, 1, 1, 1, 1]  # warm-up at 4 and 2 fail; warm-up at 1, then 4 timed
+    t = info["methods"]["test_oom|default"]["timing"]
+    assert t["final_batch_size"] == 1 and t["oom_halvings"] == 2 and t["n_timed"] == 4
+    board = pd.read_csv(out / "leaderboard.csv").set_index("method")
+    assert board.loc["test_oom", "status"] == "ok" and board.loc["test_oom", "final_batch_size"] == 1
+    assert board.loc["test_oom", "oom_halvings"] == 2
+    assert board.loc["bicubic", "status"] == "ok" and board.loc["bicubic", "oom_halvings"] == 0
+
+
+def test_timer_covers_only_the_super_resolve(tiny_dataset, tmp_path, monkeypatch):
+    """Condition application (partner PNG reads under shuffle) happens before the timer starts."""
+    import time
+
+    from benchmark import runner
+
+    orig = runner.apply_conditions
+
+    def slow(*a, **k):
+        time.sleep(0.25)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(runner, "apply_conditions", slow)
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "run", batch_size=2, warmup=False))
+    t = info["methods"]["bicubic|default"]["timing"]
+    assert t["wall_seconds"] >= 0.5 and t["model_seconds"] < 0.25
+    assert "host-to-device" in info["definitions"]["timing"]
+
+
+def test_non_finite_values_are_counted_and_the_rule_stated(tiny_dataset, tmp_path, monkeypatch):
+    """SR == HR gives PSNR = inf: excluded from the mean, and run.json says how many values were averaged."""
+    from benchmark import runner
+
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 3)  # 4 images: two chunks
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "run", methods=["test_stylecopy", "bicubic"], conditions=["style=gt", "default"]))
+    assert info["methods"]["test_stylecopy|style=gt"]["n_finite"] == {"psnr_y": 0, "ssim_y": 4, "psnr_rgb": 0, "ssim_rgb": 4}
+    assert info["methods"]["bicubic|default"]["n_finite"]["psnr_y"] == 4
+    assert "finite" in info["definitions"]["image_metric_mean"]
+    board = pd.read_csv(tmp_path / "run" / "leaderboard.csv").set_index(["method", "condition"])
+    assert board.loc[("test_stylecopy", "style=gt"), "psnr_y"] == np.inf
+    assert board.loc[("test_stylecopy", "style=gt"), "ssim_y"] == pytest.approx(1.0)
+    per_image = pd.read_csv(tmp_path / "run" / "per_image.csv").set_index(["method", "id"])
+    from benchmark.metrics.psnr_ssim import psnr
+
+    for sid in info["ids"]:  # chunked scoring gives each image its own value
+        sr = read_png(tmp_path / "run" / "sr" / "bicubic" / "default" / f"{sid}.png")
+        hr = read_png(tiny_dataset / "test" / "hr_64" / f"{sid}.png")
+        assert per_image.loc[("bicubic", sid), "psnr_y"] == pytest.approx(psnr(sr, hr, crop_border=0, y_channel=True))
+
+
+def test_row_mean_rule():
+    from benchmark.runner import _row_mean
+
+    assert _row_mean([np.inf, 20.0, 30.0]) == (25.0, 2)
+    assert _row_mean([np.inf, np.inf]) == (np.inf, 0)
+    mean, k = _row_mean([np.nan])
+    assert np.isnan(mean) and k == 0

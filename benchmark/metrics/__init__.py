@@ -29,10 +29,17 @@ class Metric:
     definition: str
     licence: str = ""
 
-    def describe(self, crop_border: int = 0) -> str:
+    def describe(self, crop_border: int = 0, n_images: int | None = None) -> str:
+        """The definition text; with `n_images`, KID's text also states the subset size used for that N."""
         if self.name in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"):
             return _psnr_ssim_definition(self.name, crop_border)
-        return self.definition + (f" Licence: {self.licence}." if self.licence else "")
+        text = self.definition
+        if self.name == "kid" and n_images is not None and n_images >= 2:
+            from .distribution import KID_SUBSETS, kid_subset_size
+
+            k = kid_subset_size(n_images)
+            text += f" Here N = {n_images}: {KID_SUBSETS} subsets of {k} images" + (" (the whole set: no spread, kid_std omitted)." if k >= n_images else ".")
+        return text + (f" Licence: {self.licence}." if self.licence else "")
 
     @property
     def arrow(self) -> str:
@@ -63,7 +70,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            f"FID of the SR set against the HR set; {_FID_NOTE}. Below 2048 images the covariance is "
            "rank-deficient: compare methods on the same set only.", "Apache-2.0"),
     Metric("kid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:fid_kid",
-           f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 subsets of size min(1000, N); {_FID_NOTE}.",
+           f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 random subsets of size 1000 for N > 1000, "
+           f"else max(2, N // 2) so that the subsets differ; {_FID_NOTE}.",
            "Apache-2.0"),
     Metric("patch_fid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:patch_fid",
            f"FID over non-overlapping patches (side = image side / 4, >= 16 px) of SR vs HR; {_FID_NOTE}.",
@@ -108,14 +116,18 @@ def build_image_metric(name: str, device: str = "cpu", crop_border: int = 0) -> 
     return fn(device=device)
 
 
-def compute_set_metrics(names: Sequence[str], sr: Sequence[np.ndarray], hr: Sequence[np.ndarray], device: str = "cpu") -> dict[str, Any]:
-    """Set-level metrics (FID/KID in one torch-fidelity pass, patch-FID) -> values and their settings."""
+def compute_set_metrics(names: Sequence[str], sr: Sequence[Any], hr: Sequence[Any], device: str = "cpu", label: str = "") -> dict[str, Any]:
+    """Set-level metrics (FID/KID in one torch-fidelity pass, patch-FID) -> values and their settings.
+
+    `sr`/`hr` are uint8 HxWx3 arrays or PNG paths (read lazily); `label` names the progress bars."""
     from .distribution import fid_kid, patch_fid
 
+    tag = f" {label}" if label else ""
     out: dict[str, Any] = {}
     if "fid" in names or "kid" in names:
-        res = fid_kid(sr, hr, device=device, kid="kid" in names)
+        asked = ",".join(n for n in ("fid", "kid") if n in names)
+        res = fid_kid(sr, hr, device=device, kid="kid" in names, desc=f"scoring {asked}{tag}")
         out.update({k: v for k, v in res.items() if k != "fid" or "fid" in names})
     if "patch_fid" in names:
-        out.update(patch_fid(sr, hr, device=device))
+        out.update(patch_fid(sr, hr, device=device, desc=f"scoring patch_fid{tag}"))
     return out
