@@ -19,22 +19,40 @@ last step is logged, validated and saved. `train.val_every_minutes` validates at
 well (every `val_every` steps still applies), so curves of different methods share their time points.
 
 Output folder:
-    config.yaml          the effective config
-    train_log.csv        step, elapsed_s, lr per optimizer, the method's losses, images/s
-    val_log.csv          step, elapsed_s, condition, psnr_y, lpips, n_images
-    checkpoints/step_N/  method.safetensors, ema.safetensors, train_state.pt/json (resumable)
-    model.safetensors    exported weights (EMA when used) for `method.load_checkpoint`
+    config.yaml            the effective config (trainer defaults filled in), written when the run starts
+    resumes.jsonl          one line per `--resume`: time, step, run-control keys that changed
+    train_log.csv          step, elapsed_s, lr per optimizer, the method's losses, images_per_s (images per
+                           second of optimisation time in the window: data wait + forward/backward/step,
+                           validation and checkpoint writes excluded)
+    val_log.csv            step, elapsed_s, condition, psnr_y, lpips, n_images
+    val_metrics.json       what the val_log columns mean: PSNR-Y / LPIPS definitions (the benchmark's own
+                           text), crop border, condition, images, EMA or raw weights
+    checkpoints/step_N/    method.safetensors, ema.safetensors, train_state.pt/json (resumable)
+    model.safetensors      exported weights (EMA when used) for `method.load_checkpoint`
+    model-best.safetensors with `train.keep_best: lpips|psnr_y`: the weights of the best validation so far,
+    best.json              and its step, metric and value (the official SGDM recipe keeps the best val LPIPS)
 
 A killed run resumed with `--resume` continues from the last checkpoint at the same step, with the
-same batch order, augmentation, RNG streams and optimizer/scheduler state.
+same batch order, augmentation, RNG streams and optimizer/scheduler state. The config must be the
+run's own (config.yaml): only the run-control keys in `RUN_CONTROL_KEYS` (cadences, workers, time
+budget, LPIPS on/off, keep_best, the GAN stage's start file, which a resume does not read) may differ;
+anything else is refused, since the optimizer state and the schedule would silently keep the old values.
+
+Ctrl-C stops the run after the step in progress finishes, saves a checkpoint there and raises
+KeyboardInterrupt; a second Ctrl-C aborts at once without saving. A checkpoint therefore never holds a
+half-done step (e.g. G updated, D not).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
+import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,6 +64,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from benchmark.metrics import get as get_metric
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_path, atomic_write_text
 
@@ -84,8 +103,15 @@ DEFAULTS: dict[str, Any] = {
     "val_crop_border": 0,
     "val_conditions": "default",
     "lpips": "auto",
+    "keep_best": None,
 }
 DATASET_KINDS = ("lr", "sr", "map", "mask")
+# Config keys a `--resume` may change: how the run is driven and observed, not what it computes.
+# `pretrain_network_g` (ESRGAN's GAN stage start) is read only when a run starts, never on resume.
+RUN_CONTROL_KEYS = frozenset(f"train.{k}" for k in (
+    "max_minutes", "log_every", "val_every", "val_every_minutes", "save_every", "keep_checkpoints",
+    "num_workers", "lpips", "keep_best", "pretrain_network_g"))
+KEEP_BEST_METRICS = ("lpips", "psnr_y")
 
 
 def build_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -172,6 +198,57 @@ class CSVLog:
             csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
+class _StopRequest:
+    """While active (main thread only), Ctrl-C (SIGINT) only sets `requested`; the loop checks it between
+    whole steps, so a checkpoint never holds a half-done step. A second Ctrl-C raises KeyboardInterrupt
+    at once. The previous handler is put back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again aborts without saving)")
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: the main process stops the run between steps and ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_ABSENT = "(absent)"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every leaf that differs (`(absent)` where a side lacks the key)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(a.keys() | b.keys()) if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
 @contextlib.contextmanager
 def _swap_generator(method: SRMethod, module: nn.Module | None) -> Iterator[None]:
     """Temporarily run the method with `module` (the EMA copy) as its `net_g`."""
@@ -231,6 +308,12 @@ class Trainer:
         if self.precision not in PRECISIONS:
             raise InputError(f"train.precision {self.precision!r}", f"unknown; choose from {list(PRECISIONS)}")
         self.val_cond = _val_condition(method, self.cfg["val_conditions"])
+        self.keep_best = self.cfg.get("keep_best")
+        if self.keep_best not in (None, *KEEP_BEST_METRICS):
+            raise InputError(f"train.keep_best {self.keep_best!r}", f"unknown; choose from {list(KEEP_BEST_METRICS)} or null")
+        if self.keep_best == "lpips" and _lpips_mode(self.cfg) == "off":
+            raise InputError("train.keep_best lpips", "needs LPIPS but train.lpips is off", "set train.lpips to auto, or keep_best psnr_y")
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best validation (kept on resume)
         self.step = 0
         self._lpips: Any = None
 
@@ -251,7 +334,8 @@ class Trainer:
         sampler = _ResumableBatches(len(train), batch_size, int(self.cfg["seed"]), start_batch)
         workers = int(self.cfg["num_workers"])
         loader = torch.utils.data.DataLoader(_EpochIndexed(train), batch_sampler=sampler, num_workers=workers,
-                                             pin_memory=self.device.type == "cuda", persistent_workers=False)
+                                             pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                             worker_init_fn=_ignore_sigint if workers > 0 else None)
         return iter(loader)
 
     def _check_out_dir(self) -> None:
@@ -259,10 +343,47 @@ class Trainer:
         if not self.resume and latest_checkpoint(ckpts) is not None:
             raise InputError(f"--out {self.out_dir}", "already holds a training run", "pass --resume to continue it, or choose a new --out")
 
+    def effective_config(self) -> dict[str, Any]:
+        """What config.yaml records: method, scale, the method's config, `train` with the trainer defaults
+        filled in (YAML round-tripped, so it compares equal to what is read back)."""
+        cfg = {"method": self.method.spec.name, "scale": self.method.scale, **self.method.config, "train": self.cfg}
+        return yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False))
+
+    def _check_resume_config(self, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Compare with the run's config.yaml; return the run-control changes, refuse any other change
+        (the restored optimizer/scheduler state would silently keep the old values)."""
+        path = self.out_dir / "config.yaml"
+        if not path.is_file():
+            return {}
+        saved = yaml.safe_load(path.read_text()) or {}
+        saved["train"] = {**DEFAULTS, **(saved.get("train") or {})}  # runs recorded before defaults were filled in
+        changes = config_changes(saved, config)
+        refused = {k: v for k, v in changes.items() if k not in RUN_CONTROL_KEYS}
+        if refused:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise InputError(f"--resume {self.out_dir}", f"the config differs from the run's config.yaml: {listed}",
+                             f"resume with the run's config (e.g. --config {path}), or train the new settings into a new --out; "
+                             f"only {', '.join(sorted(RUN_CONTROL_KEYS))} may change on resume")
+        return changes
+
+    def _record_resume(self, changes: dict[str, tuple[Any, Any]]) -> None:
+        """Append one line to resumes.jsonl (rewritten atomically): when, from which step, what changed."""
+        path = self.out_dir / "resumes.jsonl"
+        record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": self.step,
+                  "max_steps": self.stop_at, "max_minutes": self.budget_s / 60 if self.budget_s is not None else None,
+                  "changed": {k: list(v) for k, v in changes.items()}}
+        before = path.read_text() if path.is_file() else ""
+        atomic_write_text(path, before + json.dumps(record, default=str) + "\n")
+
     # ---- main loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train until `max_steps`/`total_steps`; returns {"step", "weights", "val"}."""
         self._check_out_dir()
+        resume_from = latest_checkpoint(self.out_dir / "checkpoints") if self.resume else None
+        config = self.effective_config()
+        changes = self._check_resume_config(config) if resume_from is not None else {}
+        if self.keep_best == "lpips":
+            self._lpips_metric()  # its weights are needed: fail now, not at the first validation
         self.out_dir.mkdir(parents=True, exist_ok=True)
         method, cfg = self.method, self.cfg
         train_ds, test_ds = self._datasets()
@@ -276,7 +397,8 @@ class Trainer:
         torch.manual_seed(seed)
 
         method.to(self.device).train()
-        train_cfg = {**cfg, "hr_px": train_ds.layout.hr_px}
+        # `resuming`: the checkpoint will overwrite the weights, so start files (e.g. pretrain_network_g) are not read
+        train_cfg = {**cfg, "hr_px": train_ds.layout.hr_px, "resuming": resume_from is not None}
         optimizers = method.configure_optimizers(train_cfg)
         if not optimizers:
             raise InputError(f"method {method.spec.name!r}", "returned no optimizers", "it has nothing to train")
@@ -286,11 +408,12 @@ class Trainer:
         ema = self._make_ema()
 
         resumed_from, rng = None, None
-        ckpt_dir = self.out_dir / "checkpoints"
-        if self.resume and (folder := latest_checkpoint(ckpt_dir)) is not None:
-            rng = self._restore(folder, optimizers, schedulers, scaler, ema)
+        if resume_from is not None:
+            rng = self._restore(resume_from, optimizers, schedulers, scaler, ema)
             resumed_from = self.step
-        atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump({"method": method.spec.name, "scale": method.scale, **method.config}, sort_keys=False))
+            self._record_resume(changes)
+        if resume_from is None or not (self.out_dir / "config.yaml").is_file():
+            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         train_log = CSVLog(self.out_dir / "train_log.csv", resumed_from if resumed_from is not None else 0)
         val_log = CSVLog(self.out_dir / "val_log.csv", resumed_from if resumed_from is not None else 0)
 
@@ -299,59 +422,63 @@ class Trainer:
             set_rng_state(rng)
         autocast = lambda: autocast_context(self.device, self.precision)  # noqa: E731
         window: dict[str, list[float]] = {}
-        t_window, n_window = time.perf_counter(), 0
+        window_start_s, n_window = self.train_seconds, 0  # images/s over optimisation time only
         last_val: dict[str, Any] = {}
         bar = tqdm(total=self.stop_at, initial=self.step, desc=f"train {method.spec.name} x{method.scale}", disable=not self.progress)
         try:
-            while self.step < self.stop_at and not self._out_of_time():
-                t_step = time.perf_counter()
-                for micro in range(self.accumulate):
-                    batch = next(batches)
-                    batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                    ctx = TrainContext(self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast)
-                    logs = method.training_step(batch, ctx)
-                    for k, v in logs.items():
-                        if not math.isfinite(v) and scaler is None:
-                            raise InputError(f"training of {method.spec.name!r}", f"{k} became {v} at step {self.step}",
-                                             "lower the learning rate, enable train.grad_clip, or use precision fp32")
-                        window.setdefault(k, []).append(v)
-                    n_window += batch["hr"].shape[0]
-                if scaler is not None:
-                    scaler.update()
-                for s in schedulers.values():
-                    s.step()
-                if ema is not None:
-                    self._update_ema(ema)
-                self.step += 1
-                self.train_seconds += time.perf_counter() - t_step
-                bar.update(1)
-                last = self.step == self.stop_at or self._out_of_time()
-                if self.step % int(cfg["log_every"]) == 0 or last:
-                    dt = time.perf_counter() - t_window
-                    row = {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
-                           **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
-                           **{k: float(np.mean(v)) for k, v in window.items()}, "images_per_s": n_window / dt if dt > 0 else float("nan")}
-                    train_log.log(row)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
-                    window, t_window, n_window = {}, time.perf_counter(), 0
-                time_due = self._val_time_due()  # evaluated every step: it advances the time slot
-                if self.step % int(cfg["val_every"]) == 0 or last or time_due:
-                    last_val = self.validate(test_ds, ema)
-                    val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
-                if self.step % int(cfg["save_every"]) == 0 or last:
-                    self._save(optimizers, schedulers, scaler, ema)
-                if self._out_of_time():
-                    tqdm.write(f"time budget of {self.budget_s / 60:g} min reached at step {self.step}; "
-                               "continue with --resume and a larger --max-minutes")
-        except KeyboardInterrupt:
-            if self.step > 0:
-                self._save(optimizers, schedulers, scaler, ema)
-                tqdm.write(f"interrupted: checkpoint saved at step {self.step}; continue with --resume")
-            raise
+            with _StopRequest() as stop:
+                while self.step < self.stop_at and not self._out_of_time():
+                    t_step = time.perf_counter()
+                    for micro in range(self.accumulate):
+                        batch = next(batches)
+                        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                        ctx = TrainContext(self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast)
+                        logs = method.training_step(batch, ctx)
+                        for k, v in logs.items():
+                            if not math.isfinite(v) and scaler is None:
+                                raise InputError(f"training of {method.spec.name!r}", f"{k} became {v} at step {self.step}",
+                                                 "lower the learning rate, enable train.grad_clip, or use precision fp32")
+                            window.setdefault(k, []).append(v)
+                        n_window += batch["hr"].shape[0]
+                    if scaler is not None:
+                        scaler.update()
+                    for s in schedulers.values():
+                        s.step()
+                    if ema is not None:
+                        self._update_ema(ema)
+                    self.step += 1
+                    self.train_seconds += time.perf_counter() - t_step
+                    bar.update(1)
+                    # a whole step is done: from here on a Ctrl-C (stop.requested) saves this step and stops
+                    last = self.step == self.stop_at or self._out_of_time()
+                    if self.step % int(cfg["log_every"]) == 0 or last or stop.requested:
+                        dt = self.train_seconds - window_start_s
+                        row = {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
+                               **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
+                               **{k: float(np.mean(v)) for k, v in window.items()}, "images_per_s": n_window / dt if dt > 0 else float("nan")}
+                        train_log.log(row)
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
+                        window, window_start_s, n_window = {}, self.train_seconds, 0
+                    time_due = self._val_time_due()  # evaluated every step: it advances the time slot
+                    if self.step % int(cfg["val_every"]) == 0 or last or time_due:
+                        last_val = self.validate(test_ds, ema)
+                        val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
+                        self._write_val_metrics(test_ds, ema)
+                        self._keep_if_best(last_val, ema)
+                    interrupted = stop.requested and not last
+                    if self.step % int(cfg["save_every"]) == 0 or last or interrupted:
+                        self._save(optimizers, schedulers, scaler, ema)
+                    if self._out_of_time():
+                        tqdm.write(f"time budget of {self.budget_s / 60:g} min reached at step {self.step}; "
+                                   "continue with --resume and a larger --max-minutes")
+                    if interrupted:
+                        tqdm.write(f"interrupted: checkpoint saved at step {self.step}; continue with --resume")
+                        raise KeyboardInterrupt
         finally:
             bar.close()
         return {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
-                "weights": str(self.out_dir / "model.safetensors"), "val": last_val}
+                "weights": str(self.out_dir / "model.safetensors"), "val": last_val,
+                **({"best": dict(self.best, weights=str(self.out_dir / "model-best.safetensors"))} if self.best else {})}
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _out_of_time(self) -> bool:
@@ -443,9 +570,36 @@ class Trainer:
         out["lpips"] = float(np.mean(lp(sr_imgs, hr_imgs))) if lp is not None else float("nan")
         return out
 
+    def _write_val_metrics(self, test_ds: Any, ema: AveragedModel | None) -> None:
+        """val_metrics.json: the definitions behind val_log.csv (the benchmark's own text), so a
+        validation curve quoted beside leaderboard numbers says what it measured."""
+        crop = int(self.cfg["val_crop_border"])
+        lpips = get_metric("lpips").describe() if self._lpips not in (None, False) else "not computed (train.lpips off or weights not cached)"
+        doc = {"psnr_y": get_metric("psnr_y").describe(crop), "lpips": lpips, "crop_border": crop,
+               "condition": self.val_cond.name, "n_images": len(test_ds), "split": test_ds.split,
+               "weights": f"EMA (decay {self.cfg['ema_decay']})" if ema is not None else "raw (no EMA)",
+               "seed": f"one generator per batch seeded {int(self.cfg['seed'])} + index of its first image",
+               "val_batch_size": int(self.cfg["val_batch_size"]), "precision": self.precision,
+               "images_per_s": "validation images per wall-clock second (method + metrics)"}
+        atomic_write_text(self.out_dir / "val_metrics.json", json.dumps(doc, indent=2) + "\n")
+
+    def _keep_if_best(self, val: dict[str, Any], ema: AveragedModel | None) -> None:
+        """With `train.keep_best`, export the weights when the metric improves (direction aware)."""
+        if self.keep_best is None:
+            return
+        value = float(val[self.keep_best])
+        higher = get_metric(self.keep_best).direction == "higher"
+        if not math.isfinite(value) or (self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"])):
+            return
+        self.best = {"metric": self.keep_best, "value": value, "step": self.step}
+        self._export(self.out_dir / "model-best.safetensors", ema)
+        doc = {**self.best, "elapsed_s": round(self.train_seconds, 3), "condition": val["condition"], "weights": "model-best.safetensors",
+               "definition": get_metric(self.keep_best).describe(int(self.cfg["val_crop_border"]))}
+        atomic_write_text(self.out_dir / "best.json", json.dumps(doc, indent=2) + "\n")
+
     def _lpips_metric(self) -> Any:
-        mode = str(self.cfg.get("lpips", "auto")).lower()
-        if mode in ("false", "off", "no") or self._lpips is False:
+        mode = _lpips_mode(self.cfg)
+        if mode == "off" or self._lpips is False:
             return None
         if self._lpips is None:
             from benchmark.metrics.perceptual import LPIPS
@@ -453,7 +607,7 @@ class Trainer:
             try:
                 self._lpips = LPIPS(self.device)
             except MissingWeightsError as e:
-                if mode != "auto":
+                if mode != "auto" or self.keep_best == "lpips":
                     raise
                 tqdm.write(f"validation without LPIPS: {e}")
                 self._lpips = False
@@ -466,14 +620,19 @@ class Trainer:
             self.out_dir / "checkpoints", self.step, resumable_state(method, optimizers),
             ema.state_dict() if ema is not None else None,
             optimizers, schedulers, scaler, extra={"method": method.spec.name, "scale": method.scale, "total_steps": self.total_steps,
-                                                   "train_seconds": self.train_seconds},
+                                                   "train_seconds": self.train_seconds, "best": self.best},
             keep=int(self.cfg.get("keep_checkpoints") or 0),
         )
+        self._export(self.out_dir / "model.safetensors", ema)
+
+    def _export(self, path: Path, ema: AveragedModel | None) -> None:
+        """The weights `method.load_checkpoint` reads (EMA when used), written atomically."""
+        method = self.method
         with _swap_generator(method, ema.module if ema is not None else None):
             weights = method.trainable_state_dict()
         meta = {"method": method.spec.name, "scale": method.scale, "step": self.step, "ema": ema is not None,
                 "network": method.config.get("network", {})}
-        save_weights(self.out_dir / "model.safetensors", weights, meta)
+        save_weights(path, weights, meta)
 
     def _restore(self, folder: Path, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> dict[str, Any]:
         """Load weights, optimizer/scheduler/scaler state and the step; return the RNG state to set."""
@@ -492,8 +651,16 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state.get("extra", {}).get("train_seconds", 0.0))
         self._val_slot = int(self.train_seconds // self.val_every_s) if self.val_every_s else 0
+        best = state.get("extra", {}).get("best")
+        self.best = best if best and best.get("metric") == self.keep_best else None  # keep_best switched: track anew
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
+
+
+def _lpips_mode(cfg: dict[str, Any]) -> str:
+    """`train.lpips`: "auto" (when its weights are cached), "off" (false/off/no; YAML `off` is False) or "on"."""
+    mode = str(cfg.get("lpips", "auto")).lower()
+    return "off" if mode in ("false", "off", "no") else "auto" if mode == "auto" else "on"
 
 
 def _val_condition(method: SRMethod, text: Any) -> Conditions:

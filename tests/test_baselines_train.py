@@ -118,6 +118,9 @@ def test_esrgan_gan_stage_from_psnr_generator(tiny_dataset, tmp_path, monkeypatc
     assert not any("vgg" in k for k in state)  # frozen VGG is never copied into checkpoints
     m = registry.build("esrgan", 16, ESR)
     m.load_checkpoint(res["weights"])  # generator-only export
+    # the run moved without its PSNR-stage file: a resume restores G from its own checkpoint
+    (tmp_path / "psnr" / "model.safetensors").unlink()
+    assert train("esrgan", tiny_dataset, tmp_path / "gan", config=gan_cfg, max_steps=3, resume=True, progress=False)["step"] == 3
 
 
 def test_mixed_precision_and_accumulation_run(tiny_dataset, tmp_path):
@@ -129,7 +132,7 @@ def test_mixed_precision_and_accumulation_run(tiny_dataset, tmp_path):
 def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
     with pytest.raises(InputError, match="scale x16"):
         train("esrgan", tiny_dataset, tmp_path / "x", scale=32, config=cfg(ESR), max_steps=1, progress=False)
-    with pytest.raises(InputError, match="only one training stage"):
+    with pytest.raises(InputError, match="train.stage: gan"):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR), stage=2, progress=False)
     with pytest.raises(InputError, match="no trainable parameters"):
         train("bicubic", tiny_dataset, tmp_path / "x", max_steps=1, progress=False)
@@ -209,3 +212,153 @@ def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tm
         train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_conditions="map=sideways"), max_steps=1, progress=False)
     assert not (tmp_path / "bad").exists()  # rejected before anything was written
 
+
+
+def test_ctrl_c_stops_after_the_whole_step_and_resumes_bit_exactly(tiny_dataset, tmp_path, monkeypatch):
+    """SIGINT arriving after the optimizer stepped but before the step ended (the GAN's D half, the EMA
+    update) must not save a half-done step: the run finishes that step, saves it, stops; the resumed
+    run equals an uninterrupted one. The SIGINT handler is only active inside the loop."""
+    import os
+    import signal
+
+    from baselines.feedforward import FeedForwardMethod
+
+    config = cfg(ESR, ema_decay=0.9, log_every=100, val_every=100, save_every=100)
+    original = FeedForwardMethod.training_step
+    calls = {"n": 0}
+
+    def interrupted_step(self, batch, ctx):
+        out = original(self, batch, ctx)  # G has stepped
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C now, mid-step
+        return out
+
+    monkeypatch.setattr(FeedForwardMethod, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train("esrgan", tiny_dataset, tmp_path / "a", config=config, max_steps=5, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (tmp_path / "a" / "checkpoints" / "latest.txt").read_text().strip() == "step_00000003"  # the whole step 3
+    monkeypatch.setattr(FeedForwardMethod, "training_step", original)
+    assert train("esrgan", tiny_dataset, tmp_path / "a", config=config, max_steps=5, resume=True, progress=False)["step"] == 5
+    train("esrgan", tiny_dataset, tmp_path / "b", config=config, max_steps=5, progress=False)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_ctrl_c_aborts_without_saving(tiny_dataset, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from baselines.feedforward import FeedForwardMethod
+
+    original = FeedForwardMethod.training_step
+
+    def twice(self, batch, ctx):
+        out = original(self, batch, ctx)
+        if ctx.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(FeedForwardMethod, "training_step", twice)
+    with pytest.raises(KeyboardInterrupt):
+        train("esrgan", tiny_dataset, tmp_path / "a", config=cfg(ESR, save_every=100), max_steps=5, progress=False)
+    assert not (tmp_path / "a" / "checkpoints" / "latest.txt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_refuses_a_changed_config_and_records_run_control_changes(tiny_dataset, tmp_path, monkeypatch):
+    """Optimizer/batch/schedule changes on --resume would be silently overridden by the restored state:
+    refused with every differing key listed; run-control keys may change and are recorded in resumes.jsonl;
+    config.yaml keeps the run's original config. The method learns that it is resuming."""
+    import json
+
+    from baselines.feedforward import FeedForwardMethod
+
+    seen = []
+    configure = FeedForwardMethod.configure_optimizers
+    monkeypatch.setattr(FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c["resuming"]), configure(self, c))[1])
+    out = tmp_path / "run"
+    train("esrgan", tiny_dataset, out, config=cfg(ESR), max_steps=2, progress=False)
+    original_yaml = (out / "config.yaml").read_text()
+    changed = cfg(ESR, batch_size=3, optim_g={"type": "AdamW", "lr": 5e-2, "betas": [0.9, 0.99]})
+    with pytest.raises(InputError) as e:
+        train("esrgan", tiny_dataset, out, config=changed, max_steps=4, resume=True, progress=False)
+    msg = str(e.value)
+    assert "train.batch_size: 2 -> 3" in msg and "train.optim_g.type: 'Adam' -> 'AdamW'" in msg and "train.optim_g.lr" in msg
+    assert "--config" in msg and "config.yaml" in msg
+    assert (out / "config.yaml").read_text() == original_yaml and not (out / "resumes.jsonl").exists()
+    assert seen == [False]  # refused before the method was configured
+
+    run_control = cfg(ESR, log_every=1, num_workers=1, val_every=1000)
+    assert train("esrgan", tiny_dataset, out, config=run_control, max_steps=3, resume=True, progress=False)["step"] == 3
+    assert seen == [False, True]
+    assert (out / "config.yaml").read_text() == original_yaml
+    (record,) = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and record["max_steps"] == 3
+    assert record["changed"] == {"train.log_every": [2, 1], "train.num_workers": [0, 1], "train.val_every": [4, 1000]}
+
+
+def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monkeypatch):
+    """Slow validation must not lower the training throughput: images_per_s = images in the window /
+    the window's training time (elapsed_s delta)."""
+    import time
+
+    import baselines.train as tr
+
+    validate = tr.Trainer.validate
+
+    def slow_validate(self, *a, **k):
+        time.sleep(0.3)
+        return validate(self, *a, **k)
+
+    monkeypatch.setattr(tr.Trainer, "validate", slow_validate)
+    train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, log_every=2, val_every=2, save_every=100), max_steps=4, progress=False)
+    log = rows(tmp_path / "run" / "train_log.csv")
+    elapsed = [0.0] + [float(r["elapsed_s"]) for r in log]
+    for r, t0, t1 in zip(log, elapsed, elapsed[1:]):
+        assert float(r["images_per_s"]) == pytest.approx(4 / (t1 - t0), rel=0.05)  # 2 steps x batch 2
+
+
+def test_validation_definitions_sidecar(tiny_dataset, tmp_path):
+    import json
+
+    from benchmark.metrics import get
+
+    train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, ema_decay=0.9, val_crop_border=16), max_steps=4, progress=False)
+    doc = json.loads((tmp_path / "run" / "val_metrics.json").read_text())
+    assert doc["psnr_y"] == get("psnr_y").describe(16) and "BT.601" in doc["psnr_y"] and "crop_border=16" in doc["psnr_y"]
+    assert doc["lpips"].startswith("not computed")  # lpips off in these tests
+    assert doc["weights"].startswith("EMA") and doc["condition"] == "default" and doc["n_images"] == 4 and doc["crop_border"] == 16
+
+
+@pytest.mark.parametrize("metric,scores,best_step", [("psnr_y", [20.0, 25.0, 22.0, 24.0], 2), ("lpips", [0.5, 0.3, 0.4, 0.2], 4)])
+def test_keep_best_exports_the_best_validation_and_survives_resume(tiny_dataset, tmp_path, monkeypatch, metric, scores, best_step):
+    """train.keep_best writes model-best.safetensors + best.json when the metric improves (higher PSNR,
+    lower LPIPS); the best value is part of the resumable state. Scores are scripted per validation."""
+    import json
+
+    import baselines.train as tr
+
+    script = iter(scores)
+    monkeypatch.setattr(tr.Trainer, "_validate", lambda self, ds, ema: {"condition": "default", "psnr_y": float("nan"),
+                                                                        "lpips": float("nan"), metric: next(script), "n_images": 4})
+    monkeypatch.setattr(tr.Trainer, "_lpips_metric", lambda self: None)
+    config = cfg(ESR, keep_best=metric, lpips="auto", keep_checkpoints=0, val_every=1, save_every=1, ema_decay=0.9)
+    out = tmp_path / "run"
+    train("esrgan", tiny_dataset, out, config=config, max_steps=3, progress=False)  # validations at 1, 2, 3
+    res = train("esrgan", tiny_dataset, out, config=config, max_steps=4, resume=True, progress=False)  # and 4
+    best = json.loads((out / "best.json").read_text())
+    assert (best["metric"], best["step"], best["value"]) == (metric, best_step, scores[best_step - 1])
+    assert res["best"]["step"] == best_step
+    exported = load_file(out / "model-best.safetensors")  # the EMA weights of that step
+    ema_at_best = load_file(out / "checkpoints" / f"step_{best_step:08d}" / "ema.safetensors")
+    assert exported and all(torch.equal(v, ema_at_best[f"module.{k}"]) for k, v in exported.items())
+
+
+def test_keep_best_input_errors(tiny_dataset, tmp_path):
+    with pytest.raises(InputError, match="keep_best"):
+        train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, keep_best="ssim"), max_steps=1, progress=False)
+    with pytest.raises(InputError, match="keep_best lpips.*train.lpips is off"):
+        train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, keep_best="lpips"), max_steps=1, progress=False)
