@@ -179,7 +179,8 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
     from baselines.train import train
 
     cfg = {**TINY, "train": {"batch_size": 2, "total_steps": 2, "val_every": 2, "save_every": 2, "val_max_images": 1,
-                             "lpips": "off", "log_every": 1}, "flows": {"epochs": 3, "batch_size": 4}}
+                             "lpips": "off", "keep_best": None, "log_every": 1},
+           "flows": {"epochs": 3, "batch_size": 4}}
     with pytest.raises(InputError, match="stage-1"):
         train("sgdm+", tiny_dataset, tmp_path / "empty", config=cfg, stage=2, progress=False)
     run = tmp_path / "run"
@@ -202,6 +203,27 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
     assert o1.shape == (2, 3, 64, 64) and torch.equal(o1, o2) and not torch.equal(o1, o3)
 
 
+def test_stage2_reads_the_lpips_best_stage1_weights(plus, tiny_dataset, tmp_path):
+    """The sgdm configs keep the best val LPIPS (official ModelCheckpoint); stage 2 takes model-best.safetensors."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from baselines.registry import CONFIG_DIR
+
+    for name in ("sgdm.yaml", "sgdm+.yaml", "sgdm-nomap.yaml"):
+        assert yaml.safe_load((CONFIG_DIR / name).read_text())["train"]["keep_best"] == "lpips"
+    last = {k: v.contiguous() for k, v in plus.trainable_state_dict().items()}
+    best = {k: v + 0.01 if v.is_floating_point() else v for k, v in last.items()}
+    save_file(last, str(tmp_path / "model.safetensors"))
+    save_file(best, str(tmp_path / "model-best.safetensors"))
+    torch.manual_seed(0)
+    m = build("sgdm+", 16, TINY)
+    m.run_stage(2, tiny_dataset, {"flows": {"epochs": 1, "batch_size": 4}}, tmp_path)
+    assert m.loaded_from == tmp_path / "model-best.safetensors"
+    k = "adapter.conv_in.weight"
+    assert torch.equal(m.trainable_state_dict()[k], best[k]) and (tmp_path / "flows.safetensors").is_file()
+
+
 def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path, monkeypatch):
     """Official setup: validation uses the HR as the style image (train.val_conditions: style=gt from
     sgdm+.yaml), through the runner's condition code; the condition is recorded in val_log.csv."""
@@ -221,7 +243,7 @@ def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path
 
     monkeypatch.setattr(SGDMPlus, "super_resolve", spy)
     cfg = {**TINY, "train": {"batch_size": 2, "total_steps": 1, "val_every": 1, "save_every": 1, "val_max_images": 2,
-                             "val_batch_size": 2, "lpips": "off", "log_every": 1}}
+                             "val_batch_size": 2, "lpips": "off", "keep_best": None, "log_every": 1}}
     train("sgdm+", tiny_dataset, tmp_path / "run", config=cfg, progress=False)
     assert len(seen) == 1
     cond, batch = seen[0]

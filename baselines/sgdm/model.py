@@ -358,20 +358,23 @@ class SGDMPlus(SGDMBase):
     def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
         """Stage 2: collect HR style statistics with the stage-1 style encoder and fit the two flows.
 
-        Writes `style_mean.npy`, `style_std.npy`, `flows.safetensors` and `flows_history.json` to `out_dir`
-        (next to the stage-1 checkpoint, where `load_checkpoint` finds the flows)."""
+        Reads `model-best.safetensors` from `out_dir` when present (else `model.safetensors`) unless a
+        checkpoint was loaded. Writes `style_mean.npy`, `style_std.npy`, `flows.safetensors` and
+        `flows_history.json` to `out_dir` (next to the stage-1 checkpoint, where `load_checkpoint` finds the flows)."""
         if stage != 2:
             return super().run_stage(stage, data_root, train_cfg, out_dir)
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
         if self.loaded_from is None:
-            stage1 = out_dir / "model.safetensors"
-            if not stage1.is_file():
+            # the LPIPS-best stage-1 weights (train.keep_best, as the official ModelCheckpoint), else the last
+            stage1 = next((p for p in (out_dir / "model-best.safetensors", out_dir / "model.safetensors") if p.is_file()), None)
+            if stage1 is None:
                 raise InputError(
                     f"stage 2 of {self.spec.name}", "needs the stage-1 weights (the style encoder), none were loaded",
                     "run it with --out set to the stage-1 run folder (holding model.safetensors), or set "
                     "`checkpoint:` in the config")
+            log.info("%s stage 2: style encoder from %s", self.spec.name, stage1)
             self.load_checkpoint(stage1)
         if torch.cuda.is_available() and self.device.type == "cpu":
             self.to("cuda")
