@@ -50,8 +50,13 @@ class FeedForwardMethod(SRMethod):
             raise InputError(f"network.{self.scale_arg} = {given} in the {spec.name} config", f"disagrees with the requested scale x{scale}",
                              f"drop network.{self.scale_arg} (it follows --scale) or set it to {scale}")
         net_opt[self.scale_arg] = scale
-        self.net_g = build_arch(net_opt).to(device)
+        self.net_g = build_arch(self.resolve_network(net_opt)).to(device)
         self.losses: dict[str, nn.Module] = {}  # not submodules: never saved in checkpoints
+
+    def resolve_network(self, net_opt: dict[str, Any]) -> dict[str, Any]:
+        """The constructor options actually built: fill in those that follow the scale or data (SwinIR's
+        img_size). Identity by default; `self.config` keeps what the user wrote."""
+        return net_opt
 
     # ---- inference ------------------------------------------------------------------------------
     def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -66,6 +71,10 @@ class FeedForwardMethod(SRMethod):
         """The scale a (converted) state dict was built for, when the keys tell."""
         return None
 
+    def match_checkpoint(self, state: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
+        """Adopt (or refuse) build settings a checkpoint fixes that own no parameters, before the strict load;
+        `state` is as read (authors' keys and buffers), `meta` our safetensors metadata. Nothing by default."""
+
     def load_checkpoint(self, path: str | Path, param_key: str | None = None) -> None:
         path = Path(path)
         meta = read_metadata(path)
@@ -75,7 +84,8 @@ class FeedForwardMethod(SRMethod):
             raise InputError(f"checkpoint {path}", f"is a x{meta['scale']} model but the method was built for x{self.scale}", f"use --scale {meta['scale']} or a x{self.scale} checkpoint")
         param_key = param_key or (self.config.get("path") or {}).get("param_key")
         try:
-            state = self.convert_state(read_state_dict(path, param_key))
+            raw = read_state_dict(path, param_key)
+            state = self.convert_state(raw)
         except InputError:
             raise
         except ValueError as e:  # a layout recognised by its keys but not convertible
@@ -84,6 +94,7 @@ class FeedForwardMethod(SRMethod):
         if ck_scale is not None and ck_scale != self.scale:
             raise InputError(f"checkpoint {path}", f"has the upsampler of a x{ck_scale} model but the method was built for x{self.scale}",
                              f"use a x{self.scale} checkpoint or build with scale {ck_scale}")
+        self.match_checkpoint(raw, meta, path)
         load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale",
                     self.key_layouts)
 

@@ -8,7 +8,7 @@ import torch
 
 from baselines.archs.discriminator import VGGStyleDiscriminator
 from baselines.archs.rrdbnet import RRDBNet, convert_old_esrgan_keys
-from baselines.archs.swinir import SwinIR, official_state_dict
+from baselines.archs.swinir import SwinIR, official_img_size, official_state_dict, strip_derived_buffers
 from baselines.losses import RelativisticGANLoss
 
 TINY_RRDB = dict(num_feat=8, num_block=2, num_grow_ch=4)
@@ -94,6 +94,43 @@ def test_swinir_shapes_and_matches_official_implementation(scale, lr_px):
         out = net(y)
         assert out.shape == (1, 3, (lr_px + 3) * scale, (lr_px + 5) * scale)
         torch.testing.assert_close(out, ref(y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("img_size", [8, 4])
+def test_swinir_single_window_patch_matches_official_code(img_size):
+    """x32 at 256 px HR trains on 8 px LR: one window, so the official blocks never shift (and a 4 px patch
+    shrinks the window to 4). Weights and buffers come from the official code spandrel vendors."""
+    pytest.importorskip("spandrel")
+    from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR as OfficialSwinIR
+
+    kw = dict(embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=8, mlp_ratio=2.0, upsampler="pixelshuffle", resi_connection="1conv")
+    torch.manual_seed(0)
+    official = OfficialSwinIR(upscale=32, in_chans=3, img_size=img_size, **kw).eval()
+    with torch.no_grad():  # sharpen attention (a trained model is far from uniform) so a masked-out window shows
+        for name, p in official.named_parameters():
+            if "qkv.weight" in name:
+                p.mul_(20)
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 2)
+    ours = SwinIR(upscale=32, img_size=img_size, **kw).eval()
+    ours.load_state_dict(strip_derived_buffers(official.state_dict()), strict=True)
+    assert [b.shift for layer in ours.layers for b in layer.residual_group.blocks] == [0, 0, 0, 0]
+    assert {b.window for layer in ours.layers for b in layer.residual_group.blocks} == {img_size}
+    with torch.no_grad():
+        for size in ((8, 8), (5, 11)):
+            x = torch.rand(1, 3, *size)
+            torch.testing.assert_close(ours(x), official(x), rtol=1e-4, atol=1e-5)
+    # the export is what the official code writes at this img_size: no attn_mask (no shifted block)
+    exported, reference = official_state_dict(ours), official.state_dict()
+    assert exported.keys() == reference.keys() and not any(k.endswith("attn_mask") for k in exported)
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    assert official_img_size(exported) == img_size
+
+
+def test_official_img_size_reads_the_attn_mask():
+    net = SwinIR(upscale=32, **TINY_SWIN)  # img_size 16 > window 8: odd blocks shifted, masks of 2 x 2 windows
+    assert official_img_size(official_state_dict(net)) == 16
+    assert official_img_size(net.state_dict()) is None  # our files keep no derived buffers: nothing to read
 
 
 def test_swinir_single_window_input_x32():

@@ -32,3 +32,65 @@ def test_esrgan_stage_2_says_how_to_run_the_gan_stage(tmp_path):
     msg = str(e.value)
     assert "--config baselines/configs/esrgan_gan.yaml" in msg and "train.pretrain_network_g=RUN/model.safetensors" in msg
     assert "only one training stage" not in msg
+
+
+SWIN_NET = {"network": {"embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4}}
+
+
+def _geometry(method) -> list[tuple[int, int]]:
+    return [(b.window, b.shift) for layer in method.net_g.layers for b in layer.residual_group.blocks]
+
+
+@pytest.mark.parametrize("scale,img_size,geometry", [(16, 16, [(8, 0), (8, 4)]), (32, 8, [(8, 0), (8, 0)])])
+def test_swinir_default_img_size_is_the_lr_patch_of_256_px_tiles(scale, img_size, geometry):
+    net = {"network": {"embed_dim": 12, "depths": [2], "num_heads": [2]}}  # default window 8, img_size null
+    method = registry.build("swinir", scale, net)
+    assert method.net_g.img_size == img_size and _geometry(method) == geometry
+    assert method.export_metadata()["network"]["img_size"] == img_size
+    assert registry.get("swinir").default_config()["network"]["img_size"] is None
+
+
+def test_swinir_img_size_follows_training_data_and_checkpoints(tmp_path):
+    from baselines.archs.swinir import official_state_dict
+    from baselines.checkpoint import save_weights
+
+    method = registry.build("swinir", 16, SWIN_NET)  # 256 px tiles assumed: 16 px patches, shifted blocks
+    assert _geometry(method) == [(4, 0), (4, 2)]
+    before = {k: v.clone() for k, v in method.net_g.state_dict().items()}
+    method.configure_optimizers({"hr_px": 64})  # the dataset's LR is 4 px: one window, no shift
+    assert method.net_g.img_size == 4 and _geometry(method) == [(4, 0), (4, 0)]
+    assert all(torch.equal(before[k], v) for k, v in method.net_g.state_dict().items())  # same weights
+    path = save_weights(tmp_path / "m.safetensors", method.trainable_state_dict(), method.export_metadata())
+
+    reader = registry.build("swinir", 16, SWIN_NET)
+    reader.load_checkpoint(path)  # takes the checkpoint's geometry (metadata)
+    assert _geometry(reader) == [(4, 0), (4, 0)]
+    official = tmp_path / "official.pth"
+    torch.save({"params": official_state_dict(method.net_g)}, official)
+    reader = registry.build("swinir", 16, SWIN_NET)
+    reader.load_checkpoint(official)  # ... or the official buffers (no attn_mask: single window)
+    assert _geometry(reader) == [(4, 0), (4, 0)]
+    x = torch.rand(1, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reader.net_g.eval()(x), method.net_g.eval()(x))
+
+    explicit = {"network": {**SWIN_NET["network"], "img_size": 16}}
+    with pytest.raises(InputError, match=r"network\.img_size = 16: gives other attention windows than checkpoint .* \(4 px\)"):
+        registry.build("swinir", 16, explicit).load_checkpoint(path)
+    with pytest.raises(InputError, match=r"network\.img_size = 16: gives other attention windows than the training LR patches \(4 px\)"):
+        registry.build("swinir", 16, explicit).configure_optimizers({"hr_px": 64})
+    # an explicit value with the same windows is no conflict (img_size 64 and 16 both shift at window 4)
+    registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}}).configure_optimizers({"hr_px": 256})
+
+
+def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
+    from baselines.checkpoint import save_weights
+
+    net = {"network": {"embed_dim": 12, "depths": [2], "num_heads": [2]}}  # window 8
+    src = registry.build("swinir", 16, net)
+    path = save_weights(tmp_path / "m.safetensors", src.trainable_state_dict(), src.export_metadata())
+    method = registry.build("swinir", 16, net)
+    method.load_checkpoint(path)
+    # 4 px training patches would shrink the window to 4 (other relative-position tables): the loaded weights cannot follow
+    with pytest.raises(InputError, match="needs other relative-position tables than checkpoint"):
+        method.configure_optimizers({"hr_px": 64})

@@ -7,6 +7,11 @@ mlp.fc1,mlp.fc2}`, `layers.I.conv`, `norm`, `conv_after_body`, `conv_before_upsa
 `relative_position_index` and `attn_mask` buffers are derived from the geometry; they are rebuilt here
 (not stored) and the loader drops them, so one network runs at any input size.
 
+`img_size` is the official constructor's training LR patch size. As in the official
+`SwinTransformerBlock`, a patch no larger than one window (`img_size <= window_size`, e.g. the 8 px LR of
+x32 at 256 px HR) is attended as one window of `img_size` with no shifted blocks; larger patches use
+`window_size` windows, every second block shifted by half a window.
+
 The LR is reflect-padded to a multiple of the window size and the output cropped back, as the
 official test script does. Attention runs through `scaled_dot_product_attention` with the
 relative-position bias (and the shifted-window mask) as an additive float mask.
@@ -26,6 +31,26 @@ from torch.nn import functional as F
 from ..registry import register_arch
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean used by the official classical models
+
+
+def block_geometry(img_size: int, window_size: int) -> tuple[int, int]:
+    """(window, shift of the odd blocks) the official code uses for a training patch of `img_size`:
+    `if min(input_resolution) <= window_size: shift_size = 0; window_size = min(input_resolution)`."""
+    if img_size <= window_size:
+        return img_size, 0
+    return window_size, window_size // 2
+
+
+def official_img_size(state: dict[str, torch.Tensor]) -> int | None:
+    """The `img_size` an official-layout state dict (derived buffers included) was built with: from the
+    first shifted block's `attn_mask` (nW windows), or, when a second block exists but has no mask, the
+    single-window size (then img_size equals the block window). None when the buffers are absent."""
+    index = state.get("layers.0.residual_group.blocks.0.attn.relative_position_index")
+    if index is None or "layers.0.residual_group.blocks.1.norm1.weight" not in state:
+        return None
+    window = math.isqrt(index.shape[0])
+    mask = state.get("layers.0.residual_group.blocks.1.attn_mask")
+    return window if mask is None else math.isqrt(mask.shape[0]) * window
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -135,10 +160,10 @@ class SwinTransformerBlock(nn.Module):
 
 
 class BasicLayer(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, drop_path: Sequence[float]):
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int, mlp_ratio: float, drop_path: Sequence[float]):
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i])
+            SwinTransformerBlock(dim, num_heads, window, 0 if i % 2 == 0 else shift, mlp_ratio, drop_path[i])
             for i in range(depth)
         )
 
@@ -151,9 +176,10 @@ class BasicLayer(nn.Module):
 class RSTB(nn.Module):
     """Residual Swin Transformer block: a BasicLayer, a conv in image space, and a long skip."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, drop_path: Sequence[float], resi_connection: str):
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int, mlp_ratio: float, drop_path: Sequence[float],
+                 resi_connection: str):
         super().__init__()
-        self.residual_group = BasicLayer(dim, depth, num_heads, window, mlp_ratio, drop_path)
+        self.residual_group = BasicLayer(dim, depth, num_heads, window, shift, mlp_ratio, drop_path)
         if resi_connection == "1conv":
             self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
         elif resi_connection == "3conv":
@@ -174,7 +200,9 @@ class RSTB(nn.Module):
 
 @register_arch
 class SwinIR(nn.Module):
-    """Classical SwinIR. Input N x C x h x w in [0, 1] (any h, w); output N x C x h*s x w*s."""
+    """Classical SwinIR. Input N x C x h x w in [0, 1] (any h, w); output N x C x h*s x w*s.
+
+    `img_size` is the training LR patch size; it sets the block windows and shifts (`block_geometry`)."""
 
     def __init__(
         self,
@@ -202,7 +230,12 @@ class SwinIR(nn.Module):
             raise ValueError("depths and num_heads must have the same length")
         if embed_dim % num_heads[0]:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads[0]}")
+        for name, value in (("img_size", img_size), ("window_size", window_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SwinIR {name} must be a positive integer, got {value!r}")
         self.upscale, self.window_size, self.img_range, self.img_size = upscale, window_size, img_range, img_size
+        window, shift = block_geometry(img_size, window_size)
+        self.pad_multiple = math.lcm(window_size, window)  # the official pads to window_size; lcm also fits a smaller block window
         mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
 
@@ -214,7 +247,7 @@ class SwinIR(nn.Module):
         self.layers = nn.ModuleList()
         start = 0
         for depth, heads in zip(depths, num_heads):
-            self.layers.append(RSTB(embed_dim, depth, heads, window_size, mlp_ratio, dpr[start:start + depth], resi_connection))
+            self.layers.append(RSTB(embed_dim, depth, heads, window, shift, mlp_ratio, dpr[start:start + depth], resi_connection))
             start += depth
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = (
@@ -243,7 +276,7 @@ class SwinIR(nn.Module):
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        ph, pw = (-h) % self.window_size, (-w) % self.window_size
+        ph, pw = (-h) % self.pad_multiple, (-w) % self.pad_multiple
         if not (ph or pw):
             return x
         mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs pad < size
@@ -273,8 +306,9 @@ def strip_derived_buffers(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def official_state_dict(model: SwinIR) -> dict[str, torch.Tensor]:
     """The model's weights in the official repository's full layout, derived buffers included
-    (`relative_position_index` per block, `attn_mask` of shifted blocks at `img_size`), so the file
-    reads like an official SwinIR checkpoint in tools that expect those keys."""
+    (`relative_position_index` per block, `attn_mask` of shifted blocks at `img_size`; a single-window
+    model has no shifted blocks, hence no masks), so the file reads like an official SwinIR checkpoint
+    built with the same `img_size` and strict loading in the official code accepts it."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for i, layer in enumerate(model.layers):
         for j, blk in enumerate(layer.residual_group.blocks):
