@@ -281,3 +281,108 @@ def test_checkpoint_calling_code_is_refused(tmp_path):
     with pytest.raises(InputError, match="system.*refusing"):
         load_torch_state(path)
     assert not marker.exists()
+
+
+# ---- an official-layout checkpoint at a tiny geometry (UNet, VAE, OpenCLIP text tower, adapter) ----------------
+# Two resnets per level and widths changing where SD2.1's do give the UNet SD2.1's ldm key names (those in
+# sgdm-official-keys.json) at tiny widths.
+LPB2 = {"network": {"backbone": {"pretrained": None, "geometry": "tiny", "overrides": {"unet": {
+    "layers_per_block": 2, "block_out_channels": [32, 64, 128, 128]}}}, "cond_channels": 64}, "sampler": {"steps": 2}}
+
+
+def _unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
+    """Inverse of diffusers' UNet converter, found by converting numbered placeholders (it only renames)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    probe = convert_ldm_unet_checkpoint({k: torch.tensor(float(i)) for i, k in enumerate(ldm_names)}, unet.config)
+    own = unet.state_dict()
+    assert set(probe) == set(own)
+    return {ldm_names[int(v)]: own[k].clone() for k, v in probe.items()}
+
+
+def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    import re
+
+    n = len(vae.config.block_out_channels)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for k, v in vae.state_dict().items():
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
+        k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+        if ".mid_block.attentions.0." in k:
+            head, _, tail = k.partition(".mid_block.attentions.0.")
+            name, _, param = tail.rpartition(".")
+            k, v = f"{head}.mid.attn_1.{attn[name]}.{param}", v[:, :, None, None] if v.ndim == 2 else v
+        out["first_stage_model." + k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")] = v.clone()
+    return out
+
+
+def _text_to_open_clip(text) -> dict[str, torch.Tensor]:
+    p = "cond_stage_model.model."
+    sd = {k if k.startswith("text_model.") else f"text_model.{k}": v  # transformers 5 dropped that level
+          for k, v in text.state_dict().items() if "position_ids" not in k}
+    out = {p + "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+           p + "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
+           p + "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
+           p + "ln_final.bias": sd.pop("text_model.final_layer_norm.bias")}
+    for i in range(text.config.num_hidden_layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{src}self_attn.{x}_proj.{kind}") for x in "qkv"])
+            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
+    assert not sd, sorted(sd)
+    return {k: v.clone() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_official(official_keys, tmp_path_factory):
+    """(source method, SGDM-syn.ckpt path, tokenizer folder) with every backbone part in the original layout."""
+    torch.manual_seed(3)
+    src = build("sgdm", 32, LPB2)
+    state = _unet_to_ldm(src.unet, [k for k in official_keys["simu"] if k.startswith("model.diffusion_model.")])
+    state.update(_vae_to_ldm(src.vae))
+    state.update(_text_to_open_clip(src.text_encoder))
+    state.update({f"adapter.{k}": v.clone() for k, v in src.adapter.state_dict().items()})
+    folder = tmp_path_factory.mktemp("official")
+    src.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    torch.save({"state_dict": state, "global_step": 124999}, folder / "SGDM-syn.ckpt")
+    return src, folder / "SGDM-syn.ckpt", folder / "tokenizer"
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_official_ckpt_as_checkpoint_builds_the_backbone_from_that_file(tiny_official, caplog):
+    """Only the tokenizer is needed: `pretrained` (here a hub id, unreachable offline) is not read, and there
+    is no random-init warning."""
+    src, ckpt, tok = tiny_official
+    cfg = {**LPB2, "checkpoint": str(ckpt),
+           "network": {**LPB2["network"], "backbone": {**LPB2["network"]["backbone"],
+                                                      "pretrained": "stabilityai/stable-diffusion-2-1-base", "tokenizer": str(tok)}}}
+    with caplog.at_level("WARNING"):
+        m = build("sgdm", 32, cfg)
+    assert "random init" not in caplog.text
+    assert m.backbone_source == f"official:{ckpt}" and m.loaded_from == ckpt
+    for part in ("unet", "vae", "text_encoder", "adapter"):
+        assert _same(getattr(m, part), getattr(src, part)), part
+    assert m.tokenizer("water, ").input_ids == src.tokenizer("water, ").input_ids
+
+
+def test_partial_official_text_tower_is_refused(tiny_official, tmp_path):
+    _, ckpt, tok = tiny_official
+    state = load_torch_state(ckpt)
+    del state["cond_stage_model.model.transformer.resblocks.1.mlp.c_fc.weight"]
+    bad = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": state}, bad)
+    net = {**LPB2["network"], "backbone": {**LPB2["network"]["backbone"], "tokenizer": str(tok)}}
+    with pytest.raises(InputError, match="1 text encoder tensors missing.*layers.1.mlp.fc1.weight"):
+        build("sgdm", 32, {**LPB2, "network": net}).load_checkpoint(bad)  # over a built backbone
+    with pytest.raises(InputError, match="1 text encoder tensors missing"):
+        build("sgdm", 32, {**LPB2, "network": net, "checkpoint": str(bad)})  # backbone from the file

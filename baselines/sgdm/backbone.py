@@ -202,7 +202,10 @@ def load_text_tower(text: nn.Module, state: dict[str, torch.Tensor], source: str
     absent tensors, so a partial tower would leave random weights: any missing tensor is an InputError."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    missing, _ = text.load_state_dict(convert_open_clip_checkpoint(text, state), strict=False)
+    converted = convert_open_clip_checkpoint(text, state)  # keys `text_model.*`
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers >= 5 has no such level
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, _ = text.load_state_dict(converted, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     if missing:
         raise InputError(f"checkpoint {source}", f"{len(missing)} text encoder tensors missing, e.g. {missing[:3]}",
