@@ -149,17 +149,84 @@ def test_perceptual_and_nr_wiring(stand_in_weights):
     assert len(mv) == 2 and all(np.isfinite(mv))
 
 
-def test_fid_kid_wiring(stand_in_weights):
+def test_fid_kid_wiring(stand_in_weights, tmp_path):
+    from cmsrd.io import write_png
+
     stand_in_weights("fidelity_inception")
-    # two images per set keep the CPU Inception passes short; KID's subset size must shrink to 2
-    sr, hr = _pairs(n=2, size=32)
-    res = M.compute_set_metrics(["fid", "kid"], sr, hr)
+    # four small images per set keep the CPU Inception passes short; the SR set is given as PNG paths
+    # (read lazily); KID's subsets shrink to 2 of 4 images, so they differ and the std is not a fake 0
+    sr, hr = _pairs(n=4, size=32)
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    for path, img in zip(paths, sr):
+        write_png(path, img)
+    res = M.compute_set_metrics(["fid", "kid"], paths, hr)
     assert np.isfinite(res["fid"]) and res["fid"] > 0 and np.isfinite(res["kid"])
-    assert res["kid_subset_size"] == 2 and res["feature_layer"] == "2048" and "bilinear" in res["resize"]
+    assert res["kid_subset_size"] == 2 and res["kid_std"] > 0
+    assert res["feature_layer"] == "2048" and "bilinear" in res["resize"]
     from benchmark.metrics.distribution import patches
 
     ps = patches(sr, 16)
-    assert len(ps) == 2 * 4 and ps[0].shape == (16, 16, 3)
+    assert len(ps) == 4 * 4 and ps[0].shape == (16, 16, 3)
+
+
+def test_kid_subset_size_gives_differing_subsets_on_small_sets():
+    from benchmark.metrics.distribution import kid_subset_size
+
+    assert [kid_subset_size(n) for n in (2, 3, 4, 100, 1000, 1001, 5000)] == [2, 2, 2, 50, 500, 1000, 1000]
+    assert "100 subsets of 2 images" in M.get("kid").describe(n_images=4)
+    assert "no spread" in M.get("kid").describe(n_images=2)
+    assert "max(2, N // 2)" in M.get("kid").describe()
+
+
+def test_fid_kid_passes_subset_size_and_omits_a_meaningless_std(monkeypatch):
+    from benchmark.metrics import distribution as D
+
+    seen = []
+
+    def fake(sr, hr, device, kid, batch_size, seed, subset):
+        seen.append(subset)
+        return {"frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.1, "kernel_inception_distance_std": 0.0}
+
+    monkeypatch.setattr(D, "_run_fidelity", fake)
+    assert D.fid_kid([_img(1)] * 2, [_img(2)] * 2)["kid_std"] is None  # subsets of 2 out of 2: all the same set
+    assert D.fid_kid([_img(1)] * 6, [_img(2)] * 6)["kid_std"] == 0.0 and seen == [2, 3]
+    assert D.fid_kid([_img(1)] * 6, [_img(2)] * 6, subset_size=4)["kid_subset_size"] == 4
+    with pytest.raises(InputError, match="KID subset size 7"):
+        D.fid_kid([_img(1)] * 6, [_img(2)] * 6, subset_size=7)
+
+
+def test_set_metric_images_are_read_lazily_once_per_image(tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    from benchmark.metrics.distribution import _UInt8Images, patches
+    from cmsrd.io import write_png
+
+    sr, _ = _pairs(n=3, size=40)
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for path, img in zip(paths, sr):
+        write_png(path, img)
+    with tqdm(total=3, file=io.StringIO()) as bar:
+        ds = _UInt8Images(paths, patch=16, bar=bar)
+        assert len(ds) == 3 * 4 and bar.n == 0  # the patch grid comes from PNG headers, nothing decoded yet
+        got = [ds[i] for i in range(len(ds))]
+        assert bar.n == 3  # each image decoded once for its four patches
+    want = patches(sr, 16)
+    assert all(np.array_equal(g.permute(1, 2, 0).numpy(), w) for g, w in zip(got, want))
+    whole = _UInt8Images(paths)
+    assert len(whole) == 3 and whole[1].shape == (3, 40, 40) and np.array_equal(whole[1].permute(1, 2, 0).numpy(), sr[1])
+
+
+def test_set_sizes_checked_up_front():
+    from benchmark.metrics.distribution import check_set_size
+
+    check_set_size(["fid", "kid"], 2, (64, 64))
+    check_set_size(["patch_fid"], 1, (64, 64))  # 16 patches of 16 px
+    with pytest.raises(InputError, match="FID/KID need at least 2 images.*has 1"):
+        check_set_size(["psnr_y", "kid"], 1, (64, 64))
+    with pytest.raises(InputError, match="patch-FID needs at least 2 patches"):
+        check_set_size(["patch_fid"], 1, (16, 16))
 
 
 def _clip_import_problem() -> str | None:
