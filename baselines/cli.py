@@ -119,7 +119,8 @@ def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--stage", type=int, default=1, show_default=True, help="Training stage; >1 runs the method's own stage.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (logs, checkpoints, model).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the run's config "
+              "(only run-control keys such as cadences, num_workers, max_minutes may change; see resumes.jsonl).")
 @click.option("--scale", type=int, help="Expected scale; must match the dataset's.")
 def train_command(method_name: str, data_root: Path, config_path: Path | None, overrides: tuple[str, ...], max_steps: int | None,
                   max_minutes: float | None, stage: int, out_dir: Path, device: str, resume: bool, scale: int | None) -> None:

@@ -360,7 +360,8 @@ class Trainer:
         changes = config_changes(saved, config)
         refused = {k: v for k, v in changes.items() if k not in RUN_CONTROL_KEYS}
         if refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:12])
+            listed += f"; and {len(refused) - 12} more" if len(refused) > 12 else ""
             raise InputError(f"--resume {self.out_dir}", f"the config differs from the run's config.yaml: {listed}",
                              f"resume with the run's config (e.g. --config {path}), or train the new settings into a new --out; "
                              f"only {', '.join(sorted(RUN_CONTROL_KEYS))} may change on resume")
@@ -377,7 +378,7 @@ class Trainer:
 
     # ---- main loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train until `max_steps`/`total_steps`; returns {"step", "weights", "val"}."""
+        """Train until `max_steps`/`total_steps`; returns {"step", "elapsed_s", "weights", "val"} (+ "best" with keep_best)."""
         self._check_out_dir()
         resume_from = latest_checkpoint(self.out_dir / "checkpoints") if self.resume else None
         config = self.effective_config()
@@ -653,6 +654,10 @@ class Trainer:
         self._val_slot = int(self.train_seconds // self.val_every_s) if self.val_every_s else 0
         best = state.get("extra", {}).get("best")
         self.best = best if best and best.get("metric") == self.keep_best else None  # keep_best switched: track anew
+        on_disk = self.out_dir / "best.json"
+        if self.keep_best and on_disk.is_file() and json.loads(on_disk.read_text()).get("step", 0) > self.step:
+            tqdm.write(f"{on_disk} is from a step after the resumed step {self.step} (that part is trained again); model-best.safetensors "
+                       "is replaced by the next validation better than the best up to this step")
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
 
