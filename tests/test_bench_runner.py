@@ -222,6 +222,14 @@ def test_cli_run(tiny_dataset, tmp_path):
     assert run["crop_border"] == 16 and "crop_border=16" in run["metrics"]["ssim_y"]["definition"]
     res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--out", str(out), "--weights", "oops"])
     assert res.exit_code != 0 and "NAME=PATH" in str(res.exception)
+    # another seed into the same --out is refused (naming the fix); --overwrite redoes the pair
+    again = ["run", "--data", str(tiny_dataset), "--methods", "bicubic", "--out", str(out), "--metrics", "psnr_y",
+             "--device", "cpu", "--seed", "3"]
+    res = CliRunner().invoke(cli, again)
+    assert res.exit_code != 0 and "seed 0 -> 3" in str(res.exception) and "--overwrite" in str(res.exception)
+    res = CliRunner().invoke(cli, again + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "sr" / "bicubic" / "default" / "inference.json").read_text())["fingerprint"]["seed"] == 3
 
 
 def test_config_precedence_rules():
