@@ -59,7 +59,8 @@ class SwinIRMethod(FeedForwardMethod):
     def use_img_size(self, img_size: int, source: str, keep_weights: bool = True) -> None:
         """Give the network the attention geometry of training patches of `img_size` px (from `source`).
 
-        Only a null `network.img_size` follows; an explicit one that gives other windows is an error. With
+        Only a null `network.img_size` follows (and `config["network"]` then records the value used); an
+        explicit one that gives other windows is an error. With
         `keep_weights` the weights are carried over, which fails only for loaded weights whose block window
         (the relative-position tables' shape) would change."""
         net = self.net_g
@@ -68,6 +69,7 @@ class SwinIRMethod(FeedForwardMethod):
                 raise InputError(f"network.img_size = {net.img_size}", f"gives other attention windows than {source} ({img_size} px)",
                                  f"set network.img_size to {img_size}, or to null to follow the data and checkpoints")
             return
+        self.config["network"]["img_size"] = img_size  # what the trainer's export records as the network built
         if img_size == net.img_size:
             return
         opt = {**self.config["network"], self.scale_arg: self.scale, "img_size": img_size}

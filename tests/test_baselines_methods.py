@@ -94,3 +94,18 @@ def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
     # 4 px training patches would shrink the window to 4 (other relative-position tables): the loaded weights cannot follow
     with pytest.raises(InputError, match="needs other relative-position tables than checkpoint"):
         method.configure_optimizers({"hr_px": 64})
+
+
+def test_swinir_trained_geometry_reaches_the_exported_weights(tiny_dataset, tmp_path):
+    """The tiny dataset's LR is 4 px: the exported model records img_size 4, and loading it anywhere
+    (the benchmark builds from that metadata) gives the unshifted single-window blocks it was trained with."""
+    from baselines.checkpoint import read_metadata
+    from baselines.train import train
+
+    config = {**SWIN_NET, "train": {"batch_size": 2, "num_workers": 0, "total_steps": 1, "log_every": 1, "val_every": 1,
+                                    "save_every": 1, "val_max_images": 1, "lpips": "off"}}
+    res = train("swinir", tiny_dataset, tmp_path / "run", config=config, progress=False)
+    assert read_metadata(res["weights"])["network"]["img_size"] == 4
+    method = registry.build("swinir", 16, SWIN_NET)
+    method.load_checkpoint(res["weights"])
+    assert _geometry(method) == [(4, 0), (4, 0)]
