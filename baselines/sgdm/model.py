@@ -234,6 +234,7 @@ class SGDMBase(SRMethod):
 
         vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
         self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
+        parts = "UNet and VAE"
         if any(k.startswith("cond_stage_model.model.") for k in state):
             if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
                 bcfg = (self.config.get("network") or {}).get("backbone") or {}
@@ -241,7 +242,8 @@ class SGDMBase(SRMethod):
                 self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
             load_text_tower(self.text_encoder, state, str(path))
             self.prompt_encoder.clear()
-        log.info("%s: UNet, VAE and text encoder loaded from %s", self.spec.name, path)
+            parts = "UNet, VAE and text encoder"
+        log.info("%s: %s loaded from %s", self.spec.name, parts, path)
         self.backbone_source = f"official:{path}"
 
     def _load_ours(self, state: dict[str, torch.Tensor], path: Path) -> None:
