@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/cmsrd-bench train --method esrgan --config baselines/configs/esrgan-demo.yaml \
 		--data $(DEMO)/demo-real --max-steps $(DEMO_STEPS) --out $(DEMO)/train/esrgan-x16 --resume
 	$(MAKE) --no-print-directory bench report BENCH_DATA=$(DEMO)/demo-real \
-		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors"
+		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors" BENCH_ARGS=--overwrite
 	@echo; echo "leaderboard: $(OUT)/bench/leaderboard.csv   report: $(OUT)/report/index.html"; echo
 	@column -s, -t < $(OUT)/bench/leaderboard.csv | cut -c1-200
 
@@ -48,9 +48,10 @@ dataset-real: install
 # Benchmark a built dataset (the demo's by default) with every method whose weights are at hand.
 BENCH_DATA ?= $(DEMO)/demo-real
 BENCH_METHODS ?= all-available
+BENCH_ARGS ?=
 bench: install
 	$(BIN)/cmsrd-bench run --data $(BENCH_DATA) --methods $(BENCH_METHODS) $(BENCH_WEIGHTS) \
-		--skip-missing --out $(OUT)/bench
+		--skip-missing $(BENCH_ARGS) --out $(OUT)/bench
 
 report: install
 	$(BIN)/cmsrd-bench report $(OUT)/bench --out $(OUT)/report

@@ -140,10 +140,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `override` into a copy of `base` (dicts merge, everything else replaces)."""
+    """Deep-merge `override` into a copy of `base` (dicts merge, everything else replaces).
+
+    A dict whose `type` differs from the base's replaces it whole: another class takes other arguments,
+    so switching `scheduler.type` to CosineAnnealingLR must not inherit MultiStepLR's milestones."""
     out = copy.deepcopy(base)
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        retyped = isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("type", out[k].get("type")) != out[k].get("type")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not retyped:
             out[k] = merge_config(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

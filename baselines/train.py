@@ -114,19 +114,29 @@ RUN_CONTROL_KEYS = frozenset(f"train.{k}" for k in (
 KEEP_BEST_METRICS = ("lpips", "psnr_y")
 
 
+SCHEDULER_KEYS = {"MultiStepLR": {"milestones", "gamma"}, "CosineAnnealingLR": {"T_max", "eta_min"}, "constant": set()}
+
+
 def build_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """`{type: MultiStepLR, milestones, gamma}` | `{type: CosineAnnealingLR, T_max, eta_min}` | `{type: constant}`,
-    stepped once per optimisation step."""
+    stepped once per optimisation step. Unknown keys are refused: a misspelt `milestone:` would otherwise
+    silently train at a constant learning rate."""
     cfg = dict(cfg or {"type": "constant"})
     kind = cfg.pop("type", "constant")
+    if kind not in SCHEDULER_KEYS:
+        raise InputError(f"train.scheduler.type {kind!r}", "unsupported", f"use one of {sorted(SCHEDULER_KEYS)}")
+    allowed = SCHEDULER_KEYS[kind]
+    for key in cfg:
+        if key not in allowed:
+            raise InputError(f"train.scheduler.{key}", f"is not a {kind} parameter", f"use {sorted(allowed) or 'no parameters'}")
     sched = torch.optim.lr_scheduler
     if kind == "MultiStepLR":
-        return sched.MultiStepLR(optimizer, milestones=[int(m) for m in cfg.get("milestones", [])], gamma=float(cfg.get("gamma", 0.5)))
+        if not cfg.get("milestones"):
+            raise InputError("train.scheduler.milestones", "is missing or empty for MultiStepLR", "give the steps at which lr is multiplied by gamma, or use type: constant")
+        return sched.MultiStepLR(optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg.get("gamma", 0.5)))
     if kind == "CosineAnnealingLR":
         return sched.CosineAnnealingLR(optimizer, T_max=int(cfg.get("T_max", total_steps)), eta_min=float(cfg.get("eta_min", 0.0)))
-    if kind == "constant":
-        return sched.LambdaLR(optimizer, lambda _: 1.0)
-    raise InputError(f"scheduler type {kind!r}", "unsupported", "use MultiStepLR, CosineAnnealingLR or constant")
+    return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 
 class _EpochIndexed(torch.utils.data.Dataset):

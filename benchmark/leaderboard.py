@@ -33,7 +33,8 @@ RUN_JSON = "run.json"
 SR_DIR = "sr"
 
 HEAD_COLUMNS = ["method", "condition", "split", "n_images", "scale", "status", "reason"]
-TAIL_COLUMNS = ["images_per_s", "sec_per_image", "peak_mem_gb", "nfe", "params_m", "trainable_params_m", "weights_sha256"]
+TAIL_COLUMNS = ["images_per_s", "sec_per_image", "peak_mem_gb", "nfe", "params_m", "trainable_params_m", "weights_sha256",
+                "n_timed", "final_batch_size", "oom_halvings", "metric_errors"]
 TIMING_DIRECTIONS = {"images_per_s": "higher", "sec_per_image": "lower", "peak_mem_gb": "lower"}
 COLUMN_DEFINITIONS = {
     "run": "Benchmark run folder the row comes from (merged report).",
@@ -57,6 +58,7 @@ COLUMN_DEFINITIONS = {
     "n_timed": "Images inside the timed window behind images_per_s / sec_per_image.",
     "final_batch_size": "Inference batch size after any out-of-memory halving.",
     "oom_halvings": "How many times the batch size was halved after running out of memory.",
+    "metric_errors": "Metrics that failed for this row and why (their cells are empty); see run.json metrics_failed.",
 }
 PACKAGES = ("cmsrd", "torch", "torchvision", "numpy", "lpips", "pyiqa", "torch-fidelity", "opencv-python-headless",
             "scikit-image", "diffusers", "spandrel")

@@ -63,7 +63,7 @@ class Group:
         self.infos.append(info)
         self.runs.append(run)
         for n, m in info.get("metrics", {}).items():
-            if n not in self.metrics or self.metrics[n].get("status") == "skipped":  # skipped only if skipped everywhere
+            if n not in self.metrics or self.metrics[n].get("status") in ("skipped", "failed"):  # not ok only if not ok everywhere
                 self.metrics[n] = dict(m)
 
     def header(self) -> str:
@@ -151,6 +151,12 @@ def best_rows(board: pd.DataFrame, column: str, direction: str) -> set[int]:
         return set()
     target = vals.max() if direction == "higher" else vals.min()
     return set(vals.index[vals == target])
+
+
+def _status_note(metric: dict[str, Any]) -> str:
+    """'Skipped: …' / 'Failed: …' for a metric that did not produce numbers everywhere ('' when it ran)."""
+    status = metric.get("status")
+    return f"{status.capitalize()}: {metric.get('reason')}" if status in ("skipped", "failed") else ""
 
 
 def _fmt(v: Any) -> str:
@@ -299,7 +305,7 @@ def _markdown(sections: Sequence[Section]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "### Metric definitions", ""]
         lines += [f"- **{n}** ({'↑' if m['direction'] == 'higher' else '↓'}): {m['definition']}"
-                  + (f" *Skipped: {m.get('reason')}*" if m.get("status") == "skipped" else "") for n, m in sec.group.metrics.items()]
+                  + (f" *{_status_note(m)}*" if _status_note(m) else "") for n, m in sec.group.metrics.items()]
         failed = sec.board[sec.board.status != "ok"]
         if not failed.empty:
             lines += ["", "### Not run", ""] + [f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()]
@@ -348,8 +354,8 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             out.append("</tr>")
         out += ["</tbody>", "</table>", "<h3>Metric definitions</h3>", "<ul>"]
         for n, m in sec.group.metrics.items():
-            skipped = f" <em>Skipped: {e(str(m.get('reason')))}</em>" if m.get("status") == "skipped" else ""
-            out.append(f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{skipped}</li>")
+            note = f" <em>{e(_status_note(m))}</em>" if _status_note(m) else ""
+            out.append(f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{note}</li>")
         out.append("</ul>")
         failed = sec.board[sec.board.status != "ok"]
         if not failed.empty:

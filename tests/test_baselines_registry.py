@@ -97,3 +97,12 @@ def test_list_json_parameter_counts(monkeypatch):
     assert data["swinir"]["params"]["total"] == 11_900_199 + 2 * 147_712
     assert data["bicubic"]["params"]["total"] == 0
     assert np.isclose(data["esrgan"]["nfe"], 1)
+
+
+def test_merge_config_replaces_a_dict_whose_type_changes():
+    base = {"train": {"scheduler": {"type": "MultiStepLR", "milestones": [5], "gamma": 0.5}, "lr": 1e-3}}
+    same = registry.merge_config(base, {"train": {"scheduler": {"type": "MultiStepLR", "gamma": 0.1}}})
+    assert same["train"]["scheduler"] == {"type": "MultiStepLR", "milestones": [5], "gamma": 0.1}
+    other = registry.merge_config(base, {"train": {"scheduler": {"type": "CosineAnnealingLR", "T_max": 9}}})
+    assert other["train"] == {"scheduler": {"type": "CosineAnnealingLR", "T_max": 9}, "lr": 1e-3}
+    assert base["train"]["scheduler"]["milestones"] == [5]  # inputs untouched

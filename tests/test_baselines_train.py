@@ -140,6 +140,17 @@ def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, stage="gan"), max_steps=1, progress=False)
 
 
+@pytest.mark.parametrize("scheduler, match", [
+    ({"type": "MultiStepLR", "milestone": [10], "gamma": 0.5}, "train.scheduler.milestone"),  # typo: would be a constant lr
+    ({"type": "MultiStepLR", "milestones": [], "gamma": 0.5}, "train.scheduler.milestones"),
+    ({"type": "CosineAnnealingLR", "T_max": 10, "gamma": 0.5}, "train.scheduler.gamma"),  # not MultiStepLR's milestones
+    ({"type": "StepLR"}, "train.scheduler.type"),
+])
+def test_scheduler_config_mistakes_are_refused(tiny_dataset, tmp_path, scheduler, match):
+    with pytest.raises(InputError, match=match):
+        train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, scheduler=scheduler), max_steps=1, progress=False)
+
+
 def test_cli_train(tiny_dataset, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg(ESR)))
     out = tmp_path / "cli"

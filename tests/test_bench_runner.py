@@ -371,6 +371,10 @@ def test_set_metric_failure_is_recorded_as_failed(tiny_dataset, tmp_path, monkey
     assert info["metrics"]["psnr_y"]["status"] == "ok"
     row = pd.read_csv(tmp_path / "run" / "leaderboard.csv").iloc[0]
     assert row.status == "ok" and np.isnan(row.fid) and "inception exploded" in row.metric_errors
+    from benchmark.report import render_report  # the published page says why the FID cell is empty
+
+    render_report([tmp_path / "run"], tmp_path / "report")
+    assert "Failed: bicubic|default: RuntimeError: inception exploded" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_too_few_images_for_set_metrics_or_shuffle_and_unknown_methods_fail_before_inference(tiny_dataset, tmp_path, monkeypatch):
