@@ -162,7 +162,9 @@ def resolve_class(spec: MethodSpec) -> type:
 def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu"):
     """Build a method with random init (or the frozen pretrained parts its config names).
 
-    `config` may be a dict or a YAML path; it is merged over the method's default config.
+    `config` may be a dict or a YAML path; it is merged over the method's default config. Its `checkpoint`
+    (any method) is loaded after the build; a method that reads it while building (SGDM: an official .ckpt
+    also carries the backbone, so no separate SD2.1 download is needed) sets `loaded_from` and is left as is.
     """
     spec = get(name)
     if scale not in spec.scales:
@@ -172,4 +174,7 @@ def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = No
         override = load_yaml(config) if isinstance(config, (str, Path)) else config
         cfg = merge_config(cfg, override)
     cls = resolve_class(spec)
-    return cls(spec=spec, scale=scale, config=cfg, device=device)
+    method = cls(spec=spec, scale=scale, config=cfg, device=device)
+    if cfg.get("checkpoint") and str(device) != "meta" and getattr(method, "loaded_from", None) is None:
+        method.load_checkpoint(cfg["checkpoint"])
+    return method

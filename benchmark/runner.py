@@ -401,9 +401,10 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
             outcome.timing = prev.get("timing") or _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, ctx.precision)
             outcome.info = {**prev["info"], "resumed": True}
             return outcome
-        method = registry.build(name, ctx.layout.scale, config=setup.override or None, device=ctx.device)
-        if setup.weights is not None:
-            method.load_checkpoint(setup.weights)
+        # the weights go in as `checkpoint:`, so a method whose file carries its frozen parts too (the authors'
+        # SGDM .ckpt) builds them from it instead of resolving its default pretrained backbone first
+        weights = {"checkpoint": str(setup.weights)} if setup.weights is not None else {}
+        method = registry.build(name, ctx.layout.scale, config={**(setup.override or {}), **weights}, device=ctx.device)
         method = method.to(ctx.device).eval()
         total, trainable = method.parameter_counts()
         info = {"nfe": method.nfe(cond), "params_m": total / 1e6, "trainable_params_m": trainable / 1e6,

@@ -5,11 +5,13 @@ fake checkpoints are expanded zeros (one shared storage), so this is cheap."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from baselines.sgdm import build
@@ -373,6 +375,25 @@ def test_official_ckpt_as_checkpoint_builds_the_backbone_from_that_file(tiny_off
     for part in ("unet", "vae", "text_encoder", "adapter"):
         assert _same(getattr(m, part), getattr(src, part)), part
     assert m.tokenizer("water, ").input_ids == src.tokenizer("water, ").input_ids
+
+
+def test_runner_builds_the_backbone_from_the_authors_ckpt(tiny_official, tmp_path):
+    """`cmsrd-bench run --weights sgdm=SGDM-syn.ckpt` needs only a tokenizer folder: the runner hands the
+    weights to the build as `checkpoint:`, so the default hub id (unreachable here) is never resolved."""
+    from benchmark.runner import RunConfig, run_benchmark
+    from cmsrd.testing import make_tiny_dataset
+
+    src, ckpt, tok = tiny_official
+    make_tiny_dataset(tmp_path / "x32", n_train=2, n_test=2, hr_px=64, lr_px=2)
+    user = tmp_path / "sgdm.yaml"
+    net = {**LPB2["network"], "backbone": {**LPB2["network"]["backbone"],
+                                          "pretrained": "stabilityai/stable-diffusion-2-1-base", "tokenizer": str(tok)}}
+    user.write_text(yaml.safe_dump({**LPB2, "network": net}))
+    info = run_benchmark(RunConfig(data=tmp_path / "x32", out=tmp_path / "run", methods=["sgdm"], metrics=["psnr_y"],
+                                   weights={"sgdm": ckpt}, configs={"sgdm": user}, device="cpu"))
+    m = info["methods"]["sgdm|default"]
+    assert m["status"] == "ok", m
+    assert m["weights_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
 def test_partial_official_text_tower_is_refused(tiny_official, tmp_path):
