@@ -16,6 +16,7 @@ from torch import nn
 
 from .conditions import Conditions
 from .registry import MethodSpec
+from .seeding import Generators
 
 Batch = dict[str, Any]
 
@@ -44,8 +45,10 @@ class SRMethod(nn.Module):
         self.config = config
 
     # ---- inference ------------------------------------------------------------------------------
-    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Batch (on the method's device) -> SR N x 3 x H x W in [0, 1]."""
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: Generators = None) -> torch.Tensor:
+        """Batch (on the method's device) -> SR N x 3 x H x W in [0, 1]. Stochastic methods draw every random
+        tensor with `baselines.seeding.randn(shape, generator, ...)` (one generator per image from the
+        runner), so an image's output does not depend on the batch it was in."""
         raise NotImplementedError
 
     def nfe(self, cond: Conditions) -> int:

@@ -13,6 +13,7 @@ from cmsrd.errors import InputError
 from .base import Batch, SRMethod
 from .conditions import Conditions
 from .registry import MethodSpec, register
+from .seeding import Generators
 
 SPEC = register(MethodSpec(
     name="bicubic",
@@ -35,7 +36,7 @@ class Bicubic(SRMethod):
         super().__init__(spec, scale, config, device)
         self.clamp = bool(config.get("network", {}).get("clamp", True))
 
-    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: Generators = None) -> torch.Tensor:
         from cmsrd.degrade import imresize_torch
 
         lr = batch["lr"]

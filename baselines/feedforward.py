@@ -18,6 +18,7 @@ from .checkpoint import load_strict, read_metadata, read_state_dict
 from .conditions import Conditions
 from .losses import L1Loss
 from .registry import MethodSpec, build_arch
+from .seeding import Generators
 
 
 def build_optimizer(opt_cfg: dict[str, Any], params: Any) -> torch.optim.Optimizer:
@@ -59,7 +60,7 @@ class FeedForwardMethod(SRMethod):
         return net_opt
 
     # ---- inference ------------------------------------------------------------------------------
-    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: Generators = None) -> torch.Tensor:
         return self.net_g(batch["lr"])
 
     # ---- weights --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from cmsrd.errors import InputError
 
 from .base import Batch, SRMethod
 from .conditions import Conditions
+from .seeding import Generators
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,7 +80,7 @@ def super_resolve_batch(
     cond: Conditions | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """One batch -> SR N x 3 x H x W float32 in [0, 1] on `device` (the method is moved there)."""
     cond = cond or Conditions()
@@ -104,7 +105,7 @@ def super_resolve_loader(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     cond: Conditions | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = True,
     desc: str | None = None,
 ) -> Iterator[tuple[list[str], torch.Tensor, Batch]]:

@@ -9,8 +9,8 @@ are cached) and CSV logs.
 
 Validation batches go through the benchmark runner's condition code (`baselines.conditions.apply_conditions`)
 under `train.val_conditions` (a condition string, e.g. `style=gt` for SGDM+, whose official setup
-validates with the GT as the style; default `default`), with one seeded generator per batch as in the
-runner, so a validation score is the benchmark score of that condition on those images.
+validates with the GT as the style; default `default`), with one seeded generator per image as in the
+runner (`baselines.seeding`), so a validation score is the benchmark score of that condition on those images.
 
 A run ends at `max_steps` (a global step) or, with `train.max_minutes` / `--max-minutes`, once that many
 minutes of training have passed (`elapsed_s`: optimisation steps only, validation and checkpoint writes not
@@ -81,6 +81,7 @@ from .checkpoint import (
 )
 from .feedforward import build_optimizer  # noqa: F401  (re-exported for methods)
 from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_batch
+from .seeding import SEED_RULE, seeded_generators
 
 DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
@@ -568,8 +569,8 @@ class Trainer:
             for batch in loader:
                 hr = batch["hr"]  # the reference; apply_conditions removes it from what the method sees
                 batch = apply_conditions(dict(batch), cond, test_ds.layout, test_ds.split, partner)
-                gen = torch.Generator(device=self.device).manual_seed(seed + index_of[batch["id"][0]])
-                sr = super_resolve_batch(self.method, batch, cond, self.device, self.precision, gen).cpu()
+                gens = seeded_generators(seed, [index_of[i] for i in batch["id"]], self.device)
+                sr = super_resolve_batch(self.method, batch, cond, self.device, self.precision, gens).cpu()
                 for a, b in zip(_to_uint8_images(sr), _to_uint8_images(hr)):
                     psnrs.append(psnr(a, b, crop_border=crop, y_channel=True))
                     sr_imgs.append(a)
@@ -589,7 +590,7 @@ class Trainer:
         doc = {"psnr_y": get_metric("psnr_y").describe(crop), "lpips": lpips, "crop_border": crop,
                "condition": self.val_cond.name, "n_images": len(test_ds), "split": test_ds.split,
                "weights": f"EMA (decay {self.cfg['ema_decay']})" if ema is not None else "raw (no EMA)",
-               "seed": f"one generator per batch seeded {int(self.cfg['seed'])} + index of its first image",
+               "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
                "val_batch_size": int(self.cfg["val_batch_size"]), "precision": self.precision,
                "images_per_s": "validation images per wall-clock second (method + metrics)"}
         atomic_write_text(self.out_dir / "val_metrics.json", json.dumps(doc, indent=2) + "\n")

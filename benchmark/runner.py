@@ -1,7 +1,7 @@
 """Benchmark runner: registry methods x conditions over one split of a built dataset, timed and scored.
 
 For each method and condition it builds the method from the registry, loads its weights, super-resolves
-the split in batches (autocast bf16/fp16 on GPU, seeded generators), saves the SR PNGs, then scores the
+the split in batches (autocast bf16/fp16 on GPU, one seeded generator per image), saves the SR PNGs, then scores the
 saved PNGs (so metrics see exactly the published bytes), streaming them from disk in chunks. Timing is
 honest (`TIMING_DEFINITION`, copied into run.json): one untimed warm-up batch, only the method's
 super-resolve inside the timer, CUDA synchronisation around it, peak GPU memory, NFE. A batch that
@@ -43,6 +43,7 @@ from baselines import weights as wcache
 from baselines.checkpoint import read_metadata
 from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
 from baselines.inference import method_inputs, super_resolve_batch
+from baselines.seeding import SEED_RULE, seeded_generators
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
 from cmsrd.layout import DatasetLayout, read_dataset_json
@@ -341,9 +342,10 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
         return b
 
     def forward(batch: dict[str, Any]) -> torch.Tensor:
-        gen = torch.Generator(device=device).manual_seed(seed + index_of[batch["id"][0]])
+        # one generator per image (seed + its index in the split): outputs do not depend on batching
+        gens = seeded_generators(seed, [index_of[i] for i in batch["id"]], device)
         # baselines.inference: declared inputs only, autocast, no-grad, output shape check, clamp to [0, 1]
-        return super_resolve_batch(method, batch, cond, device, precision, gen)
+        return super_resolve_batch(method, batch, cond, device, precision, gens)
 
     bs = max(1, batch_size)
     pos, model_s, n_timed, halvings, warmed = 0, 0.0, 0, 0, not warmup
@@ -684,7 +686,7 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         "command": cfg.command or lb.command_line(),
         "versions": lb.package_versions(), "git": lb.git_info(), "device": lb.device_info(device),
         "precision": ctx.precision,
-        "seeds": {"seed": cfg.seed, "generator": "one torch.Generator per batch, seeded with seed + index of the batch's first image",
+        "seeds": {"seed": cfg.seed, "generator": SEED_RULE,
                   "derangement_seed": cfg.seed},
         "dataset": dataset_identity(layout), "split": cfg.split, "n_images": len(ids), "ids": ids,
         "crop_border": cfg.crop_border, "batch_size": cfg.batch_size,

@@ -64,10 +64,22 @@ class _StyleCopy(SRMethod):
         return batch["style"]
 
 
+class _Noisy(SRMethod):
+    """Bicubic-like output plus noise drawn the way stochastic methods must draw it (`baselines.seeding.randn`)."""
+
+    def super_resolve(self, batch, cond, generator=None):
+        from baselines.seeding import randn
+
+        up = torch.nn.functional.interpolate(batch["lr"], scale_factor=self.scale, mode="nearest")
+        return (up + 0.2 * randn(up.shape, generator, up.device, up.dtype)).clamp(0, 1)
+
+
 _COMMON = dict(license="test", citation="test", scales=(16,), nfe=1)
 registry.register(MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON))
 registry.register(MethodSpec(name="test_mapcopy", target=f"{__name__}:_MapCopy", kind="regression", inputs=("lr", "map"),
                              conditions=("map",), **_COMMON))
+registry.register(MethodSpec(name="test_noisy", target=f"{__name__}:_Noisy", kind="interp",  # interp: needs no weights
+                             inputs=("lr",), **_COMMON))
 registry.register(MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON))
 registry.register(MethodSpec(name="test_stylecopy", target=f"{__name__}:_StyleCopy", kind="interp", inputs=("lr", "style"),
                              conditions=("style",), **_COMMON))
@@ -454,3 +466,26 @@ def test_row_mean_rule():
     assert _row_mean([np.inf, np.inf]) == (np.inf, 0)
     mean, k = _row_mean([np.nan])
     assert np.isnan(mean) and k == 0
+
+
+def test_stochastic_outputs_do_not_depend_on_batch_size_or_resume(tiny_dataset, tmp_path):
+    """Same seed -> the same SR bytes at batch size 1 or 3, and after a resume that redoes only some images
+    (one generator per image, seeded by its index in the split)."""
+    def pngs(out):
+        folder = out / "sr" / "test_noisy" / "default"
+        return {p.name: read_png(p) for p in sorted(folder.glob("*.png"))}
+
+    run_benchmark(_cfg(tiny_dataset, tmp_path / "b1", methods=["test_noisy"], batch_size=1, seed=4))
+    run_benchmark(_cfg(tiny_dataset, tmp_path / "b3", methods=["test_noisy"], batch_size=3, seed=4))
+    a, b = pngs(tmp_path / "b1"), pngs(tmp_path / "b3")
+    assert a.keys() == b.keys() and len(a) == 4
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    first, second = sorted(a)[:2]
+    assert not np.array_equal(a[first], a[second])  # each image has its own stream
+    for name in sorted(a)[1:3]:  # a killed run: two images missing, redone in a batch of their own
+        (tmp_path / "b3" / "sr" / "test_noisy" / "default" / name).unlink()
+    run_benchmark(_cfg(tiny_dataset, tmp_path / "b3", methods=["test_noisy"], batch_size=3, seed=4))
+    c = pngs(tmp_path / "b3")
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+    run_benchmark(_cfg(tiny_dataset, tmp_path / "s5", methods=["test_noisy"], batch_size=3, seed=5))
+    assert not np.array_equal(a[first], pngs(tmp_path / "s5")[first])

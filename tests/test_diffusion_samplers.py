@@ -108,3 +108,18 @@ def test_seeded_sampling_is_reproducible():
     c, _ = sample_latents(f, (1, 4, 4, 4), steps=5, generator=torch.Generator().manual_seed(10))
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert np.isfinite(a.numpy()).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver"])
+def test_per_sample_generators_make_samples_independent_of_the_batch(sampler):
+    """With one generator per sample (what the runner passes), sample i of a batch equals sampling it alone:
+    initial noise and every ancestral step's noise come from its own stream."""
+    from baselines.seeding import seeded_generators
+
+    f = lambda z, t: 0.1 * z  # noqa: E731
+    batch, _ = sample_latents(f, (3, 4, 4, 4), sampler=sampler, steps=5, generator=seeded_generators(7, [0, 1, 2]))
+    alone = [sample_latents(f, (1, 4, 4, 4), sampler=sampler, steps=5, generator=seeded_generators(7, [i]))[0] for i in range(3)]
+    assert torch.equal(batch, torch.cat(alone))
+    assert not torch.allclose(alone[0], alone[1])
+    with pytest.raises(ValueError, match="one per sample"):
+        sample_latents(f, (3, 4, 4, 4), steps=5, generator=seeded_generators(7, [0, 1]))

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from cmsrd.errors import InputError
 
+from ..seeding import Generators, randn
 from .schedules import make_scheduler
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> predicted noise
@@ -38,7 +39,7 @@ def sample_latents(
     steps: int = 50,
     start_latent: torch.Tensor | None = None,
     start_t: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
@@ -50,8 +51,7 @@ def sample_latents(
     """
     sched = make_scheduler(sampler, steps)
     timesteps = sched.timesteps
-    noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu", dtype=torch.float32)
-    noise = noise.to(device=device, dtype=dtype)
+    noise = randn(shape, generator, device, dtype)  # a list of generators: one stream per sample
     if start_t is None:
         z = noise * sched.init_noise_sigma
     else:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import normflows as nf
 import numpy as np
 import torch
+
+from ..seeding import Generators, randn
 from tqdm.auto import tqdm
 
 STYLE_DIM = 32
@@ -42,16 +44,16 @@ class StyleFlows(torch.nn.Module):
         self.register_buffer("trained", torch.zeros((), dtype=torch.bool))
 
     @staticmethod
-    def _sample(flow: nf.NormalizingFlow, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(flow: nf.NormalizingFlow, n: int, generator: Generators) -> torch.Tensor:
         base = flow.q0
-        eps = torch.randn((n, base.d), generator=generator, device=generator.device if generator else "cpu")
-        z = base.loc + torch.exp(base.log_scale) * eps.to(base.loc.device, base.loc.dtype)
+        eps = randn((n, base.d), generator, base.loc.device, base.loc.dtype)
+        z = base.loc + torch.exp(base.log_scale) * eps
         for f in flow.flows:
             z, _ = f(z)
         return z
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), each n x 32. As in the official code the std samples are not forced positive."""
         return self._sample(self.mean, n, generator), self._sample(self.std, n, generator)
 

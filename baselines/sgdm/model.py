@@ -8,7 +8,8 @@ the CS-encoder + adapter injected at the official six points (`adapter.py`), the
 Deviations from the official code, chosen on purpose:
 - outputs are clamped to [0, 1] (the toolkit's output contract); the official sampler does not clamp;
 - `map=none` feeds a blank land-coloured map (prompt "land, "), the natural "no map information" input;
-- sampling draws style vectors and noise from the runner's generator instead of re-seeding per batch;
+- sampling draws style vectors and noise from the runner's per-image generators (`baselines.seeding`)
+  instead of re-seeding per batch;
 - BatchNorm in SPADE is plain BN (SyncBN only matters under DDP, which the shared trainer may convert).
 """
 
@@ -30,6 +31,7 @@ from cmsrd.io import atomic_path, atomic_write_text
 from ..base import Batch, SRMethod, TrainContext
 from ..conditions import Conditions
 from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
+from ..seeding import Generators
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
 from .backbone import (
     LATENT_SCALE, _load_tokenizer, backbone_from_original_state, load_backbone, load_text_tower, random_backbone,
@@ -113,7 +115,7 @@ class SGDMBase(SRMethod):
         return self
 
     @torch.no_grad()
-    def encode(self, images01: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, images01: torch.Tensor, sample: bool = True, generator: Generators = None) -> torch.Tensor:
         """Images in [0, 1] -> latents x 0.18215 (posterior sample for training targets, mode for LR start)."""
         dist = self.vae.encode(images01.to(self.vae.dtype) * 2 - 1).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
@@ -170,7 +172,7 @@ class SGDMBase(SRMethod):
         return {"l_eps": float(loss.detach())}
 
     # ---- inference ------------------------------------------------------------------------------
-    def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
+    def _style_stats(self, batch: Batch, cond: Conditions, generator: Generators):
         return None
 
     def nfe(self, cond: Conditions) -> int:
@@ -180,7 +182,7 @@ class SGDMBase(SRMethod):
         return int(lr_start_timesteps(make_scheduler(self.sampler_name, steps).timesteps, cond.start_t).numel())
 
     @torch.no_grad()
-    def super_resolve(self, batch: Batch, cond: Conditions, generator: torch.Generator | None = None) -> torch.Tensor:
+    def super_resolve(self, batch: Batch, cond: Conditions, generator: Generators = None) -> torch.Tensor:
         sr = batch["sr"]
         n, _, h, w = sr.shape
         if h % 8 or w % 8:
@@ -310,7 +312,7 @@ class SGDMPlus(SGDMBase):
 
     variant = "real"
 
-    def _style_stats(self, batch: Batch, cond: Conditions, generator: torch.Generator | None):
+    def _style_stats(self, batch: Batch, cond: Conditions, generator: Generators):
         """None (style from the batch's style image) or flow samples. With neither, an InputError: the
         official code has no style-free mode (it crashes), and the paper's SGDM+ numbers use flow samples."""
         if batch.get("style") is not None and cond.style != "sample":
