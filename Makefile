@@ -34,8 +34,9 @@ demo: install
 	$(BIN)/cmsrd validate $(DEMO)/demo-real
 	$(BIN)/cmsrd-bench train --method esrgan --config baselines/configs/esrgan-demo.yaml \
 		--data $(DEMO)/demo-real --max-steps $(DEMO_STEPS) --out $(DEMO)/train/esrgan-x16 --resume
+	rm -rf $(OUT)/bench/sr/esrgan  # the demo model may have been retrained; the other methods resume
 	$(MAKE) --no-print-directory bench report BENCH_DATA=$(DEMO)/demo-real \
-		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors" BENCH_ARGS=--overwrite
+		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors"
 	@echo; echo "leaderboard: $(OUT)/bench/leaderboard.csv   report: $(OUT)/report/index.html"; echo
 	@column -s, -t < $(OUT)/bench/leaderboard.csv | cut -c1-200
 
