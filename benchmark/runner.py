@@ -9,8 +9,9 @@ runs out of memory is retried at half the size (down to 1) after a fresh warm-up
 
 A killed run resumes: images already written are not redone, finished method x condition pairs are not
 rebuilt - but only when the folder was made by the same model on the same data. `inference.json` in each
-SR folder records a fingerprint (weights sha256, effective config, seed, precision, dataset manifest
-sha256, split, condition, shuffle partners) before inference starts; a folder whose fingerprint differs
+SR folder records a fingerprint (weights sha256, effective config and the files it names, seed, device
+type, precision, dataset manifest sha256, split, condition, shuffle partners; `fingerprint` says what is not
+keyed) before inference starts; a folder whose fingerprint differs
 is refused up front with the differing fields named (`--overwrite` deletes and redoes it). One method
 failing (missing weights, unsupported condition, out of memory even at batch size 1, any exception) is
 recorded with its reason and the others continue.
@@ -236,7 +237,8 @@ class RunContext:
     amp: torch.dtype | None
     dataset_sha256: str | None
     partner: dict[str, str]
-    hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)  # weights sha256 by (path, size, mtime)
+    hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)  # file sha256 by (path, size, mtime)
+    setups: dict[str, MethodSetup] = field(default_factory=dict)  # by method name (see setup_method)
 
     @property
     def precision(self) -> str:
@@ -251,7 +253,14 @@ class RunContext:
 
 
 def setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
-    """Registry spec, weights file and its hash, and the effective config of a method (not built)."""
+    """Registry spec, weights file and its hash, and the effective config of a method (not built); computed
+    once per run (the folder check and the inference of every condition share it)."""
+    if name not in ctx.setups:
+        ctx.setups[name] = _setup_method(name, cfg, ctx)
+    return ctx.setups[name]
+
+
+def _setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
     spec = registry.get(name)
     if ctx.layout.scale not in spec.scales:
         raise InputError(f"method {name!r}", f"does not support x{ctx.layout.scale}", f"it supports {list(spec.scales)}")
@@ -270,11 +279,31 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def config_files(config: Any, where: str = "") -> dict[str, Path]:
+    """Config leaves naming an existing single file (SGDM's `flows.mean/std`, a `backbone.pretrained` .ckpt),
+    by dotted key. Folders (a diffusers backbone, a tokenizer) are not listed: hashing them is too costly."""
+    if isinstance(config, dict):
+        return {k: p for key, v in config.items() for k, p in config_files(v, f"{where}.{key}" if where else str(key)).items()}
+    if isinstance(config, str) and config:
+        path = Path(config).expanduser()
+        if path.is_file():
+            return {where: path}
+    return {}
+
+
 def fingerprint(setup: MethodSetup, cond: Conditions, cfg: RunConfig, ctx: RunContext) -> dict[str, Any]:
-    """Everything an SR image depends on except the batch size: resume only into a folder with equal values."""
+    """What an SR image depends on, except the batch size: resume only into a folder with equal values.
+
+    Keyed: the weights file's bytes, the effective config and the bytes of the single files it names
+    (`config_files`), seed, device type (CPU and CUDA generators give different noise for one seed),
+    precision, dataset manifest, split, scale, condition and shuffle partners. Not keyed: the contents of
+    folders a config names (a diffusers backbone, a tokenizer) and files a method finds next to its weights
+    (SGDM's flows.safetensors / released flow files): replacing those in place is not detected."""
     shuffled = cond.map == "shuffle" or cond.style == "shuffle"
+    files = {k: ctx.sha256(p) for k, p in config_files(setup.effective_config).items()}
     return {"method": setup.spec.name, "weights_sha256": setup.weights_sha256, "config_sha256": _digest(setup.effective_config),
-            "seed": cfg.seed, "precision": ctx.precision, "dataset_manifest_sha256": ctx.dataset_sha256,
+            "config_files_sha256": files or None, "seed": cfg.seed, "device": torch.device(ctx.device).type,
+            "precision": ctx.precision, "dataset_manifest_sha256": ctx.dataset_sha256,
             "scale": ctx.layout.scale, "split": cfg.split, "condition": cond.name,
             "partners_sha256": _digest(ctx.partner) if shuffled else None}
 
@@ -312,19 +341,17 @@ def _timing(n_timed: int, model_s: float, wall_s: float, peak: float | None, bs:
             "peak_mem_gb": peak, "final_batch_size": bs, "oom_halvings": halvings, "autocast": precision}
 
 
-def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids: Sequence[str], todo: Sequence[str],
-          out_dir: Path, device: str, batch_size: int, amp: torch.dtype | None, seed: int, warmup: bool,
-          partner: dict[str, str]) -> dict[str, Any]:
+def infer(method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: Sequence[str], out_dir: Path) -> dict[str, Any]:
     """Super-resolve `todo` ids, write PNGs, return timing (`TIMING_DEFINITION`). On out of memory the
     batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again."""
     from cmsrd.data import CMSRDDataset
 
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    layout, split, device, precision = ctx.layout, cfg.split, ctx.device, ctx.precision
     if not todo:
-        return _timing(0, 0.0, 0.0, None, batch_size, 0, precision)
+        return _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, precision)
     inputs = ["lr", "sr", "map"] + (["hr"] if cond.style in ("gt",) else [])
     ds = CMSRDDataset(layout.root, split, inputs=inputs, ids=list(todo))
-    index_of = {sid: i for i, sid in enumerate(ids)}
+    index_of = {sid: i for i, sid in enumerate(ctx.ids)}
     is_cuda = device.startswith("cuda")
     if is_cuda:
         torch.cuda.empty_cache()
@@ -336,19 +363,19 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
         for k in items[0]:
             if k != "id":
                 b[k] = torch.stack([it[k] for it in items])
-        b = apply_conditions(b, cond, layout, split, partner)
+        b = apply_conditions(b, cond, layout, split, ctx.partner)
         for k, v in method_inputs(method, b, cond).items():
             b[k] = v.to(device, non_blocking=True)
         return b
 
     def forward(batch: dict[str, Any]) -> torch.Tensor:
         # one generator per image (seed + its index in the split): outputs do not depend on batching
-        gens = seeded_generators(seed, [index_of[i] for i in batch["id"]], device)
+        gens = seeded_generators(cfg.seed, [index_of[i] for i in batch["id"]], device)
         # baselines.inference: declared inputs only, autocast, no-grad, output shape check, clamp to [0, 1]
         return super_resolve_batch(method, batch, cond, device, precision, gens)
 
-    bs = max(1, batch_size)
-    pos, model_s, n_timed, halvings, warmed = 0, 0.0, 0, 0, not warmup
+    bs = max(1, cfg.batch_size)
+    pos, model_s, n_timed, halvings, warmed = 0, 0.0, 0, 0, not cfg.warmup
     wall0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"{method.spec.name} [{cond.name}]", unit="img", leave=False)
     while pos < len(todo):
@@ -369,7 +396,7 @@ def infer(method: Any, cond: Conditions, layout: DatasetLayout, split: str, ids:
                 if _is_oom(e):
                     raise RuntimeError(f"out of memory even at batch size 1: {e}") from e
                 raise
-            bs, halvings, warmed = bs // 2, halvings + 1, not warmup
+            bs, halvings, warmed = bs // 2, halvings + 1, not cfg.warmup
             batch = out = None
             if is_cuda:  # the failed attempt's high-water mark is not what the smaller batch needs
                 torch.cuda.empty_cache()
@@ -400,8 +427,10 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         prev = resume_state(out_dir, fp)
         todo = [i for i in ids if not (out_dir / f"{i}.png").exists()]
         if not todo and prev is not None:  # same model, same data, every image there: nothing to build
-            outcome.timing = prev.get("timing") or _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, ctx.precision)
-            outcome.info = {**prev["info"], "resumed": True}
+            # the old session's timing describes this row only if it super-resolved the same images
+            same_images = prev.get("ids_sha256") == _digest(ids) and prev.get("timing")
+            outcome.timing = prev["timing"] if same_images else _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, ctx.precision)
+            outcome.info = {**prev["info"], "resumed": True, "resumed_images": len(ids)}
             return outcome
         # the weights go in as `checkpoint:`, so a method whose file carries its frozen parts too (the authors'
         # SGDM .ckpt) builds them from it instead of resolving its default pretrained backbone first
@@ -416,10 +445,10 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         out_dir.mkdir(parents=True, exist_ok=True)
         # written before the first image, so a killed run leaves a record of what its images came from
         atomic_write_text(done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str))
-        timing = infer(method, cond, ctx.layout, cfg.split, ids, todo, out_dir, ctx.device, cfg.batch_size, ctx.amp, cfg.seed,
-                       cfg.warmup, ctx.partner)
+        timing = infer(method, cond, cfg, ctx, todo, out_dir)
         outcome.timing, outcome.info = timing, info
-        atomic_write_text(done_file, json.dumps({"status": "done", "fingerprint": fp, "timing": timing, "info": info}, indent=2, default=str))
+        atomic_write_text(done_file, json.dumps({"status": "done", "fingerprint": fp, "ids_sha256": _digest(ids), "timing": timing,
+                                                 "info": info}, indent=2, default=str))
         del method
         if ctx.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -556,6 +585,17 @@ def dataset_identity(layout: DatasetLayout) -> dict[str, Any]:
             "manifest_sha256": sha256_file(layout.manifest_parquet) if layout.manifest_parquet.exists() else None}
 
 
+def parse_methods(methods: Sequence[str] | str) -> list[str]:
+    """`RunConfig.methods` as a list of names: a string is comma-separated (as --methods); `all-available`
+    stands alone."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
+    names = list(dict.fromkeys(n for n in names if n))
+    if ALL_AVAILABLE in names and len(names) > 1:
+        raise InputError(f"--methods {','.join(names)}", f"mixes {ALL_AVAILABLE} with method names",
+                         f"pass either {ALL_AVAILABLE} or the names of the methods to run")
+    return names
+
+
 def _check_methods(names: Sequence[str]) -> None:
     """Every explicitly asked method exists in the registry (one error for all typos, before any inference)."""
     known = registry.names()
@@ -622,10 +662,11 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     check_set_size([n for n in runnable_metrics if M.get(n).level == "set"], len(ids), (layout.hr_px, layout.hr_px))
 
     skipped_methods: dict[str, str] = {}
-    if isinstance(cfg.methods, str) and cfg.methods == ALL_AVAILABLE or list(cfg.methods) == [ALL_AVAILABLE]:
+    asked = parse_methods(cfg.methods)
+    if asked == [ALL_AVAILABLE]:
         methods, skipped_methods = available_methods(layout.scale, cfg.weights)
     else:
-        methods = list(dict.fromkeys(cfg.methods))
+        methods = asked
         _check_methods(methods)
     if not methods:
         raise InputError("--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH")

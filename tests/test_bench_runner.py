@@ -489,3 +489,66 @@ def test_stochastic_outputs_do_not_depend_on_batch_size_or_resume(tiny_dataset, 
     assert all(np.array_equal(a[k], c[k]) for k in a)
     run_benchmark(_cfg(tiny_dataset, tmp_path / "s5", methods=["test_noisy"], batch_size=3, seed=5))
     assert not np.array_equal(a[first], pngs(tmp_path / "s5")[first])
+
+
+def test_complete_resume_over_other_images_reports_no_old_timing(tiny_dataset, tmp_path):
+    """A full run, then --limit 2 into the same --out: every PNG is there, but the first session's timing
+    (4 images) does not describe the 2-image row; a rerun of the same images keeps its timing."""
+    out = tmp_path / "run"
+    first = run_benchmark(_cfg(tiny_dataset, out))["methods"]["bicubic|default"]["timing"]
+    info = run_benchmark(_cfg(tiny_dataset, out, limit=2))
+    row = info["methods"]["bicubic|default"]
+    assert row["resumed"] and row["resumed_images"] == 2 and row["timing"]["n_timed"] == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert board.n_images[0] == 2 and board.n_timed[0] == 0 and pd.isna(board.images_per_s[0])
+    again = run_benchmark(_cfg(tiny_dataset, out))["methods"]["bicubic|default"]
+    assert again["resumed_images"] == 4 and again["timing"] == first  # same 4 images: that session's timing stands
+
+
+def test_fingerprint_keys_device_type_and_files_the_config_names(tiny_dataset, tmp_path, mapcopy_weights):
+    """CPU and CUDA noise streams differ, so the device type is keyed; a file named in --config (SGDM's
+    flows.mean/std) is keyed by its bytes, so replacing it in place is refused instead of resumed."""
+    flow = tmp_path / "flow_mean.pt"
+    flow.write_bytes(b"flow v1")
+    out = tmp_path / "run"
+    cfg = lambda **kw: _cfg(tiny_dataset, out, methods=["test_mapcopy"], weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
+                            configs={"test_mapcopy": {"flows": {"mean": str(flow)}}}, **kw)
+    run_benchmark(cfg())
+    record_file = out / "sr" / "test_mapcopy" / "default" / "inference.json"
+    fp = json.loads(record_file.read_text())["fingerprint"]
+    assert fp["device"] == "cpu" and fp["config_files_sha256"] == {"flows.mean": sha256_file(flow)}
+    run_benchmark(cfg())  # unchanged: resumes
+    flow.write_bytes(b"flow v2")
+    with pytest.raises(InputError, match="config_files_sha256"):
+        run_benchmark(cfg())
+    flow.write_bytes(b"flow v1")
+    record = json.loads(record_file.read_text())
+    record["fingerprint"]["device"] = "cuda"  # as if the folder had been made by a GPU run
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(InputError, match="device 'cuda' -> 'cpu'"):
+        run_benchmark(cfg())
+
+
+def test_string_methods_are_comma_separated(tiny_dataset, tmp_path):
+    """RunConfig(methods='bicubic') is one method (not b, i, c, ...); all-available cannot be mixed with names."""
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "run", methods="bicubic", metrics=["psnr_y"]))
+    assert list(info["methods"]) == ["bicubic|default"]
+    with pytest.raises(InputError, match="mixes all-available with method names"):
+        run_benchmark(_cfg(tiny_dataset, tmp_path / "run2", methods="all-available,bicubic"))
+    with pytest.raises(InputError, match=r"--methods nope: not in the registry"):
+        run_benchmark(_cfg(tiny_dataset, tmp_path / "run3", methods="bicubic, nope"))
+
+
+def test_method_setup_is_resolved_once_per_run(tiny_dataset, tmp_path, mapcopy_weights, monkeypatch):
+    """The folder check and every condition of a method share one setup (config read, checkpoint metadata)."""
+    from benchmark import runner
+
+    out = tmp_path / "run"
+    cfg = lambda: _cfg(tiny_dataset, out, methods=["test_mapcopy"], weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
+                       conditions=["default", "map=shuffle"], metrics=["psnr_y"])
+    run_benchmark(cfg())
+    calls = []
+    orig = runner.read_metadata
+    monkeypatch.setattr(runner, "read_metadata", lambda p: calls.append(p) or orig(p))
+    info = run_benchmark(cfg())  # both folders exist: checked up front, then resumed
+    assert all(v["resumed"] for v in info["methods"].values()) and calls == [mapcopy_weights]
