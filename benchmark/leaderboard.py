@@ -36,10 +36,29 @@ HEAD_COLUMNS = ["method", "condition", "split", "n_images", "scale", "status", "
 TAIL_COLUMNS = ["images_per_s", "sec_per_image", "peak_mem_gb", "nfe", "params_m", "trainable_params_m", "weights_sha256",
                 "n_timed", "final_batch_size", "oom_halvings", "metric_errors"]
 TIMING_DIRECTIONS = {"images_per_s": "higher", "sec_per_image": "lower", "peak_mem_gb": "lower"}
+# What the timer holds; the one text behind both run.json's definitions.timing and the columns sidecar.
+TIMED_WINDOW = (
+    "model_seconds is the wall time of the method's super-resolve call (baselines.inference.super_resolve_batch: "
+    "autocast, no-grad, the method, output shape check and clamp) summed over batches, with CUDA synchronisation "
+    "before and after each call. Outside the timer: batch assembly, PNG reads (including the partner maps/styles "
+    "of shuffle conditions), the host-to-device copy of the method's inputs, writing the SR PNGs, and the untimed "
+    "warm-up batch (repeated after each out-of-memory halving)."
+)
+TIMING_COLUMNS = {
+    "images_per_s": f"Images per second: n_timed / model_seconds. {TIMED_WINDOW}",
+    "sec_per_image": "Seconds per image: model_seconds / n_timed (model_seconds as for images_per_s).",
+    "peak_mem_gb": "torch.cuda.max_memory_allocated since the last out-of-memory halving, GB (1e9 bytes); empty on CPU.",
+    "n_timed": "Images inside the timer, super-resolved by the session that finished the row: fewer than n_images "
+               "when a killed run was resumed; a rerun that finds every image made keeps that session's timing when "
+               "it covered the same images, else reports 0.",
+    "final_batch_size": "Inference batch size after any out-of-memory halving.",
+    "oom_halvings": "How many times the batch size was halved after running out of memory.",
+}
 COLUMN_DEFINITIONS = {
     "run": "Benchmark run folder the row comes from (merged report).",
     "group": "Comparability group of the merged report: rows are ranked only against rows of the same group "
-             "(same dataset manifest, split, scale, images and metric definitions).",
+             "(same dataset manifest, split, scale, images and metric definitions); timing columns only against "
+             "rows that also ran on the same device (GPU name, or CPU) and precision.",
     "method": "Method name in the baselines registry.",
     "condition": "Inference condition (default, or e.g. map=shuffle / style=shuffle ablations).",
     "split": "Dataset split the images come from.",
@@ -47,18 +66,12 @@ COLUMN_DEFINITIONS = {
     "scale": "Super-resolution factor (HR side / LR side).",
     "status": "ok | failed | unsupported | skipped; metric cells are empty unless ok.",
     "reason": "Why the method did not run (empty when ok).",
-    "images_per_s": "Images per second: timed images / seconds spent in timed inference batches (after an untimed "
-                    "warm-up batch; batch size and precision in run.json methods[...].timing).",
-    "sec_per_image": "Seconds per image: seconds spent in timed inference batches / timed images.",
-    "peak_mem_gb": "Peak CUDA memory allocated by torch during inference, GB (1e9 bytes); empty on CPU.",
     "nfe": "Network function evaluations per image (denoising steps for diffusion methods, 1 for feed-forward).",
     "params_m": "Parameters of the method's networks, millions.",
     "trainable_params_m": "Trainable parameters, millions.",
     "weights_sha256": "SHA-256 of the weights file the method loaded (empty: no weights file).",
-    "n_timed": "Images inside the timed window behind images_per_s / sec_per_image.",
-    "final_batch_size": "Inference batch size after any out-of-memory halving.",
-    "oom_halvings": "How many times the batch size was halved after running out of memory.",
     "metric_errors": "Metrics that failed for this row and why (their cells are empty); see run.json metrics_failed.",
+    **TIMING_COLUMNS,
 }
 PACKAGES = ("cmsrd", "torch", "torchvision", "numpy", "lpips", "pyiqa", "torch-fidelity", "opencv-python-headless",
             "scikit-image", "diffusers", "spandrel")
@@ -97,16 +110,24 @@ def columns_path(csv: str | Path) -> Path:
     return csv.with_name(f"{csv.stem}.columns.csv")
 
 
+def status_note(metric: dict[str, Any]) -> str:
+    """'Skipped: …' / 'Failed: …' for a run.json metric entry that did not produce numbers everywhere ('' when
+    it ran): why some cells of its column are empty."""
+    status = metric.get("status")
+    return f"{status.capitalize()}: {metric.get('reason')}" if status in ("skipped", "failed") else ""
+
+
 def column_table(columns: Sequence[str], metrics: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """column, direction (higher/lower better, empty when not a score) and definition of each column.
 
-    `metrics` is run.json's `metrics` mapping (name -> direction, definition, status, reason)."""
+    `metrics` is run.json's `metrics` mapping (name -> direction, definition, status, reason); a merged
+    report's entry carries `notes` instead (one `status_note` per run that did not compute it)."""
     rows = []
     for c in columns:
         if c in metrics:
             m = metrics[c]
-            skipped = f" Skipped: {m.get('reason')}." if m.get("status") == "skipped" else ""
-            rows.append((c, m.get("direction", ""), f"{m.get('definition', '')}{skipped}"))
+            note = "; ".join(m.get("notes") or []) or status_note(m)
+            rows.append((c, m.get("direction", ""), m.get("definition", "") + (f" {note}." if note else "")))
         else:
             rows.append((c, TIMING_DIRECTIONS.get(c, ""), COLUMN_DEFINITIONS.get(c, "See run.json.")))
     return pd.DataFrame(rows, columns=["column", "direction", "definition"])

@@ -9,7 +9,8 @@ its `leaderboard.columns.csv` (direction and definition of every column), `figur
 Numbers are ranked only where they are comparable: runs are grouped by dataset manifest, split, scale, the
 scored images and the definition of every metric they share (crop border, FID settings, ...). Each group
 gets its own table, header, plot and image grids, and the best value of a metric column is marked only
-among the successful rows of its group. Every header carries the metric's direction; definitions from
+among the successful rows of its group; the best throughput and memory (`TIMING_DIRECTIONS`) only among
+those that also ran on the same device and precision. Every header carries the metric's direction; definitions from
 run.json are printed under each table, so the page is never ambiguous.
 """
 
@@ -43,6 +44,7 @@ class Group:
     infos: list[dict[str, Any]] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # metric -> "<run>: Failed: …" per run without numbers
 
     @property
     def info(self) -> dict[str, Any]:
@@ -65,6 +67,17 @@ class Group:
         for n, m in info.get("metrics", {}).items():
             if n not in self.metrics or self.metrics[n].get("status") in ("skipped", "failed"):  # not ok only if not ok everywhere
                 self.metrics[n] = dict(m)
+            if lb.status_note(m):  # kept per run: another run's numbers must not hide why this run's cells are empty
+                self.notes.setdefault(n, []).append(f"{run}: {lb.status_note(m)}")
+
+    def note(self, metric: str) -> str:
+        return "; ".join(self.notes.get(metric, []))
+
+    def hardware(self, run: str) -> tuple[Any, Any]:
+        """(GPU name or device, precision) of a run: throughput and memory are ranked only among equal ones."""
+        info = self.infos[self.runs.index(run)]
+        device = info.get("device") or {}
+        return device.get("gpu") or device.get("device"), info.get("precision")
 
     def header(self) -> str:
         d = self.info.get("dataset", {})
@@ -132,10 +145,11 @@ def merged_metrics(groups: Sequence[Group]) -> dict[str, dict[str, Any]]:
         defs = {g.number: g.metrics[n] for g in groups if n in g.metrics}
         first = next((m for m in defs.values() if m.get("status") != "skipped"), next(iter(defs.values())))
         if len({m.get("definition") for m in defs.values()}) == 1:
-            out[n] = dict(first)
+            out[n] = {"direction": first.get("direction"), "definition": first.get("definition")}
         else:
             text = " | ".join(f"group {k}: {m.get('definition')}" for k, m in defs.items())
             out[n] = {"direction": first.get("direction"), "definition": text}
+        out[n]["notes"] = [note for g in groups for note in g.notes.get(n, [])]
     return out
 
 
@@ -151,12 +165,6 @@ def best_rows(board: pd.DataFrame, column: str, direction: str) -> set[int]:
         return set()
     target = vals.max() if direction == "higher" else vals.min()
     return set(vals.index[vals == target])
-
-
-def _status_note(metric: dict[str, Any]) -> str:
-    """'Skipped: …' / 'Failed: …' for a metric that did not produce numbers everywhere ('' when it ran)."""
-    status = metric.get("status")
-    return f"{status.capitalize()}: {metric.get('reason')}" if status in ("skipped", "failed") else ""
 
 
 def _fmt(v: Any) -> str:
@@ -274,7 +282,10 @@ def _section(group: Group, board: pd.DataFrame, figures: Path, n_groups: int, sa
              ids: Sequence[str] | None) -> Section:
     rows = board[board["group"] == group.number]
     cols = _columns(rows, group.metrics)
-    best = {(c, i) for c, d in cols if d for i in best_rows(rows, c, d)}
+    best = {(c, i) for c, d in cols if d and c not in lb.TIMING_DIRECTIONS for i in best_rows(rows, c, d)}
+    hardware = rows["run"].map(group.hardware)
+    for hw in hardware.unique():  # throughput and memory: the best per device and precision
+        best |= {(c, i) for c, d in cols if c in lb.TIMING_DIRECTIONS for i in best_rows(rows[hardware == hw], c, d)}
     tag = f"_group{group.number}" if n_groups > 1 else ""
     plot = f"perception_distortion{tag}.png"
     title = "Perception–distortion" + (f" (group {group.number})" if n_groups > 1 else "")
@@ -287,8 +298,9 @@ def _section(group: Group, board: pd.DataFrame, figures: Path, n_groups: int, sa
 
 
 _INTRO = ("Rows are ranked only within a comparability group (same dataset manifest, split, scale, images and "
-          "metric definitions); the best value per column within its group is {best}. "
-          "↑ higher is better, ↓ lower is better.")
+          "metric definitions); the best value per column within its group is {best}. Throughput and memory "
+          "(images_per_s, sec_per_image, peak_mem_gb) are marked only among rows of the same device (GPU name, "
+          "or CPU) and precision. ↑ higher is better, ↓ lower is better.")
 
 
 def _markdown(sections: Sequence[Section]) -> str:
@@ -305,7 +317,7 @@ def _markdown(sections: Sequence[Section]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "### Metric definitions", ""]
         lines += [f"- **{n}** ({'↑' if m['direction'] == 'higher' else '↓'}): {m['definition']}"
-                  + (f" *{_status_note(m)}*" if _status_note(m) else "") for n, m in sec.group.metrics.items()]
+                  + (f" *{sec.group.note(n)}*" if sec.group.note(n) else "") for n, m in sec.group.metrics.items()]
         failed = sec.board[sec.board.status != "ok"]
         if not failed.empty:
             lines += ["", "### Not run", ""] + [f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()]
@@ -354,7 +366,7 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             out.append("</tr>")
         out += ["</tbody>", "</table>", "<h3>Metric definitions</h3>", "<ul>"]
         for n, m in sec.group.metrics.items():
-            note = f" <em>{e(_status_note(m))}</em>" if _status_note(m) else ""
+            note = f" <em>{e(sec.group.note(n))}</em>" if sec.group.note(n) else ""
             out.append(f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{note}</li>")
         out.append("</ul>")
         failed = sec.board[sec.board.status != "ok"]

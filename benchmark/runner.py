@@ -59,17 +59,7 @@ INFERENCE_JSON = "inference.json"
 ALL_AVAILABLE = "all-available"
 SCORE_CHUNK = 32  # images read per step while scoring image-level metrics (memory stays bounded)
 
-TIMING_DEFINITION = (
-    "model_seconds: wall time of the method's super-resolve call (baselines.inference.super_resolve_batch: "
-    "autocast, no-grad, the method, output shape check and clamp) summed over batches, with CUDA synchronisation "
-    "before and after each call. Outside the timer: batch assembly, PNG reads (including the partner maps/styles "
-    "of shuffle conditions), the host-to-device copy of the method's inputs, writing the SR PNGs, and the untimed "
-    "warm-up batch (repeated after each out-of-memory halving). images_per_s = n_timed / model_seconds, "
-    "sec_per_image = model_seconds / n_timed, where n_timed counts the images super-resolved in the session that "
-    "finished the pair (fewer than n_images when a killed run was resumed). peak_mem_gb: "
-    "torch.cuda.max_memory_allocated since the last out-of-memory halving (null on CPU); final_batch_size and "
-    "oom_halvings say how the batch size was reduced."
-)
+TIMING_DEFINITION = " ".join(f"{c}: {text}" for c, text in lb.TIMING_COLUMNS.items())  # one text per column, shared
 AGGREGATION_DEFINITION = (
     "A row's image-level metric is the mean over the images whose value is finite: an image with infinite PSNR "
     "(SR identical to HR after uint8 rounding) or a NaN value is excluded (BasicSR would average the inf in). "

@@ -167,6 +167,11 @@ def test_run_leaderboard_has_a_column_sidecar(bench_runs):
     assert by.loc["psnr_y", "direction"] == "higher" and "crop_border=0 px" in by.loc["psnr_y", "definition"]
     assert by.loc["sec_per_image", "direction"] == "lower" and by.loc["method", "direction"] == ""
     assert all(by.definition.str.len() > 0)
+    # the timing columns have one definition: the sidecar's text is the one run.json carries
+    timing = json.loads((r1 / lb.RUN_JSON).read_text())["definitions"]["timing"]
+    for c in lb.TIMING_COLUMNS:
+        assert by.loc[c, "definition"] in timing
+    assert "host-to-device" in by.loc["images_per_s", "definition"] and "resumed" in by.loc["n_timed", "definition"]
 
 
 def test_best_marking_follows_direction():
@@ -180,3 +185,60 @@ def test_report_rejects_non_run(tmp_path):
 
     res = CliRunner().invoke(cli, ["report", str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "cmsrd-bench run" in str(res.exception)
+
+
+def _copy_run(src, dst, **run_json):
+    """A copy of a finished run with run.json fields replaced (e.g. another device)."""
+    shutil.copytree(src, dst)
+    info = json.loads((dst / lb.RUN_JSON).read_text())
+    info.update(run_json)
+    (dst / lb.RUN_JSON).write_text(json.dumps(info))
+    return dst
+
+
+def test_timing_is_marked_only_among_rows_of_one_device_and_precision(bench_runs, tmp_path):
+    """A CPU fp32 run and an H100 bf16 run of one group: PSNR is ranked across them, images_per_s and
+    sec_per_image only per (device, precision), so each run's timing is the best of its own kind."""
+    from benchmark.report import render_report
+
+    r1, _ = bench_runs
+    cpu = _copy_run(r1, tmp_path / "cpu")
+    gpu = _copy_run(r1, tmp_path / "gpu", device={"device": "cuda", "gpu": "NVIDIA H100"}, precision="bf16")
+    cpu2 = _copy_run(r1, tmp_path / "cpu2")
+    board = pd.read_csv(cpu2 / lb.LEADERBOARD_CSV)
+    board["images_per_s"] *= 2  # the faster CPU run
+    board["sec_per_image"] /= 2
+    board.to_csv(cpu2 / lb.LEADERBOARD_CSV, index=False)
+    render_report([cpu, gpu, cpu2], tmp_path / "rep", samples=0)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    sec = _sections(md)["Leaderboard"]
+    for col in ("images_per_s", "sec_per_image"):
+        assert _cell(sec, "gpu", col).startswith("**")  # alone on its device: best of its kind
+        assert _cell(sec, "cpu2", col).startswith("**") and not _cell(sec, "cpu", col).startswith("**")
+    assert sum(_cell(sec, r, "psnr_y").startswith("**") for r in ("cpu", "gpu", "cpu2")) == 3  # ranked across: all equal
+    assert "same device (GPU name, or CPU) and precision" in md
+
+
+def test_merged_report_keeps_each_runs_metric_failure(tiny_dataset, tmp_path, monkeypatch):
+    """FID fails in run A and works in run B of the same group: the page and both sidecars still say why A's
+    FID cell is empty."""
+    from benchmark import runner
+    from benchmark.report import render_report
+
+    monkeypatch.setattr(runner, "check_metric_weights", lambda names, skip: (list(names), {}))
+
+    def boom(*a, **k):
+        raise RuntimeError("inception exploded")
+
+    for run, fn in (("A", boom), ("B", lambda names, sr, hr, **k: {"fid": 12.5})):
+        monkeypatch.setattr(runner.M, "compute_set_metrics", fn)
+        run_benchmark(RunConfig(data=tiny_dataset, out=tmp_path / run, methods=["bicubic"], metrics=["psnr_y", "fid"], device="cpu"))
+    own = pd.read_csv(tmp_path / "A" / lb.COLUMNS_CSV).set_index("column")
+    assert "Failed: bicubic|default: RuntimeError: inception exploded" in own.loc["fid", "definition"]
+    render_report([tmp_path / "A", tmp_path / "B"], tmp_path / "rep", samples=0)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert len(_sections(md)) == 2  # one group (Leaderboard) + Provenance
+    assert "A: Failed: bicubic|default: RuntimeError: inception exploded" in md
+    assert "inception exploded" in (tmp_path / "rep" / "index.html").read_text()
+    merged = pd.read_csv(tmp_path / "rep" / lb.COLUMNS_CSV).set_index("column")
+    assert "A: Failed: bicubic|default" in merged.loc["fid", "definition"]
