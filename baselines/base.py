@@ -38,11 +38,19 @@ class TrainContext:
 class SRMethod(nn.Module):
     """Base class. Subclasses build their networks in `__init__(spec, scale, config, device)`."""
 
+    # `train.*` keys the method reads beyond the trainer's own (`baselines.train.DEFAULTS`); the trainer
+    # refuses any other key, so a misspelt one is an error instead of a silent default. None: not declared
+    # (the keys are then not checked).
+    train_keys: frozenset[str] | None = None
+
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__()
         self.spec = spec
         self.scale = scale
         self.config = config
+        # the checkpoint whose weights the method holds, set only once a load has succeeded
+        # (`registry.build` skips `checkpoint:` when the method already loaded it while building)
+        self.loaded_from: Path | None = None
 
     # ---- inference ------------------------------------------------------------------------------
     def super_resolve(self, batch: Batch, cond: Conditions, generator: Generators = None) -> torch.Tensor:
@@ -59,6 +67,11 @@ class SRMethod(nn.Module):
     def load_checkpoint(self, path: str | Path) -> None:
         """Load weights from our safetensors or the original authors' format (method-specific)."""
         raise NotImplementedError
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Metadata of exported weights (`model.safetensors`): what `load_checkpoint` checks and the network
+        built. Methods whose built network differs from `config["network"]` (SwinIR's img_size) override."""
+        return {"method": self.spec.name, "scale": self.scale, "network": self.config.get("network", {})}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors the trainer saves (frozen pretrained parts are not repeated in every checkpoint)."""

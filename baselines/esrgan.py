@@ -3,7 +3,8 @@
 Two training stages, as in the paper and BasicSR: PSNR-oriented pre-training with L1
 (`configs/esrgan.yaml`, `train.stage: psnr`), then GAN training from that generator with a
 relativistic VGG-style discriminator, the VGG19 conv5_4 perceptual loss and L1
-(`configs/esrgan_gan.yaml`, `train.stage: gan`); the three loss weights are config keys.
+(`configs/esrgan_gan.yaml`, `train.stage: gan`); the three loss weights are config keys. The generator
+starts from `train.pretrain_network_g` (or, in either stage, the config's `checkpoint:`; setting both is refused).
 Checkpoints load from our safetensors, BasicSR files (`params`/`params_ema`, `conv_first`, `body.N.rdb1`,
 `conv_upN`), the original ESRGAN layout (`model.0`, `model.1.sub.N.RDB1...`) and the layout of the ESRGAN
 repository's current release files (`RRDB_trunk.N.RDB1`, `trunk_conv`, `upconvN`, `HRconv`).
@@ -48,6 +49,9 @@ class ESRGAN(FeedForwardMethod):
     key_layouts = ("ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
                    "ESRGAN repository (RRDB_trunk.N.RDBK.convJ, trunk_conv, upconvN, HRconv)")
 
+    train_keys = FeedForwardMethod.train_keys | {"stage", "pretrain_network_g", "network_d", "optim_d", "perceptual_weight",
+                                                 "perceptual_layer", "vgg19_weights", "gan_weight"}
+
     def convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_esrgan_keys(state)
 
@@ -61,11 +65,14 @@ class ESRGAN(FeedForwardMethod):
             raise InputError(f"train.stage {stage!r} of esrgan", "unknown", "use psnr (L1 pre-training) or gan")
         self.stage = stage
         pretrained = train_cfg.get("pretrain_network_g")
+        if pretrained and self.config.get("checkpoint"):  # both name the generator's start weights
+            raise InputError("train.pretrain_network_g and checkpoint", "are both set, and both name the generator's start weights",
+                             "keep one (train.pretrain_network_g is the GAN stage's usual key)")
         if pretrained and not train_cfg.get("resuming"):  # a resumed run restores its own weights: the file may be gone
             self.load_checkpoint(pretrained)
         if stage == "psnr":
             return super().configure_optimizers(train_cfg)
-        if not pretrained:
+        if not pretrained and not self.config.get("checkpoint"):
             raise InputError("train.pretrain_network_g", "is empty but the GAN stage starts from the PSNR-oriented generator",
                              "set it to the model.safetensors of a `train.stage: psnr` run")
         d_opt = dict(train_cfg.get("network_d") or {})

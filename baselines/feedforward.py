@@ -39,6 +39,7 @@ class FeedForwardMethod(SRMethod):
     """A generator network mapping `lr` to SR. Subclasses set `scale_arg` and `convert_state`."""
 
     scale_arg = "scale"  # constructor argument of the architecture that holds the scale
+    train_keys = frozenset({"optim_g", "pixel_weight"})
     key_layouts = "ours"  # the checkpoint key layouts `convert_state` reads, named in load errors
 
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
@@ -74,7 +75,8 @@ class FeedForwardMethod(SRMethod):
 
     def match_checkpoint(self, state: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
         """Adopt (or refuse) build settings a checkpoint fixes that own no parameters, before the strict load;
-        `state` is as read (authors' keys and buffers), `meta` our safetensors metadata. Nothing by default."""
+        `state` is as read (authors' keys and buffers), `meta` our safetensors metadata. May replace `net_g`
+        (put back if the load then fails). Nothing by default."""
 
     def load_checkpoint(self, path: str | Path, param_key: str | None = None) -> None:
         path = Path(path)
@@ -95,15 +97,18 @@ class FeedForwardMethod(SRMethod):
         if ck_scale is not None and ck_scale != self.scale:
             raise InputError(f"checkpoint {path}", f"has the upsampler of a x{ck_scale} model but the method was built for x{self.scale}",
                              f"use a x{self.scale} checkpoint or build with scale {ck_scale}")
-        self.match_checkpoint(raw, meta, path)
-        load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale",
-                    self.key_layouts)
+        previous = self.net_g  # match_checkpoint may rebuild it: a failed load must leave the method as it was
+        try:
+            self.match_checkpoint(raw, meta, path)
+            load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale",
+                        self.key_layouts)
+        except BaseException:
+            self.net_g = previous
+            raise
+        self.loaded_from = path
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.net_g.state_dict())
-
-    def export_metadata(self) -> dict[str, Any]:
-        return {"method": self.spec.name, "scale": self.scale, "network": self.config.get("network", {})}
 
     # ---- training -------------------------------------------------------------------------------
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:

@@ -159,12 +159,15 @@ def resolve_class(spec: MethodSpec) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu"):
+def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu",
+          load_checkpoint: bool = True) -> Any:
     """Build a method with random init (or the frozen pretrained parts its config names).
 
     `config` may be a dict or a YAML path; it is merged over the method's default config. Its `checkpoint`
-    (any method) is loaded after the build; a method that reads it while building (SGDM: an official .ckpt
-    also carries the backbone, so no separate SD2.1 download is needed) sets `loaded_from` and is left as is.
+    (any method) is loaded after the build unless `load_checkpoint` is False (a resumed training run takes
+    its weights from its own checkpoint, and the start file may be gone). A method that reads it while
+    building (SGDM: an official .ckpt also carries the backbone, so no separate SD2.1 download is needed)
+    has set `loaded_from` and is left as is.
     """
     spec = get(name)
     if scale not in spec.scales:
@@ -175,6 +178,6 @@ def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = No
         cfg = merge_config(cfg, override)
     cls = resolve_class(spec)
     method = cls(spec=spec, scale=scale, config=cfg, device=device)
-    if cfg.get("checkpoint") and str(device) != "meta" and getattr(method, "loaded_from", None) is None:
+    if load_checkpoint and cfg.get("checkpoint") and str(device) != "meta" and method.loaded_from is None:
         method.load_checkpoint(cfg["checkpoint"])
     return method

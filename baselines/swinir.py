@@ -7,7 +7,11 @@ names; geometry-derived buffers `attn_mask` / `relative_position_index` are drop
 `network.img_size` is the official training LR patch size (KAIR: HR patch / scale). It decides the
 attention geometry: at x32 with 256 px HR the LR is 8 px, one whole window, so no block shifts. Left
 null it follows the data: 256 px HR tiles at build time (x16: 16, x32: 8), then the dataset's LR size
-when training starts, or the img_size a checkpoint was built with when one is loaded.
+when training starts, or the img_size a checkpoint was built with when one is loaded. `config["network"]`
+keeps what the user wrote; the img_size built is recorded in exported weights (`export_metadata`).
+
+Older checkpoints (trained before this rule, when the default was 64) carry `img_size: 64` in their
+metadata and are evaluated with that geometry, i.e. with shifted windows even where the LR fits one window.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ class SwinIRMethod(FeedForwardMethod):
     scale_arg = "upscale"
     key_layouts = "ours, and the official repository's (`params` / `params_ema`, official key names, with or without attn_mask buffers)"
     img_size_follows_data = False  # network.img_size left null
-    _weights_from: Path | None = None  # the checkpoint loaded last
 
     def resolve_network(self, net_opt: dict[str, Any]) -> dict[str, Any]:
         from cmsrd.layout import DatasetLayout
@@ -59,8 +62,8 @@ class SwinIRMethod(FeedForwardMethod):
     def use_img_size(self, img_size: int, source: str, keep_weights: bool = True) -> None:
         """Give the network the attention geometry of training patches of `img_size` px (from `source`).
 
-        Only a null `network.img_size` follows (and `config["network"]` then records the value used); an
-        explicit one that gives other windows is an error. With
+        Only a null `network.img_size` follows (`config` keeps the null; `export_metadata` records the value
+        built); an explicit one that gives other windows is an error. With
         `keep_weights` the weights are carried over, which fails only for loaded weights whose block window
         (the relative-position tables' shape) would change."""
         net = self.net_g
@@ -69,7 +72,6 @@ class SwinIRMethod(FeedForwardMethod):
                 raise InputError(f"network.img_size = {net.img_size}", f"gives other attention windows than {source} ({img_size} px)",
                                  f"set network.img_size to {img_size}, or to null to follow the data and checkpoints")
             return
-        self.config["network"]["img_size"] = img_size  # what the trainer's export records as the network built
         if img_size == net.img_size:
             return
         opt = {**self.config["network"], self.scale_arg: self.scale, "img_size": img_size}
@@ -77,8 +79,8 @@ class SwinIRMethod(FeedForwardMethod):
             new = build_arch(opt).to(next(net.parameters()).device)
         if keep_weights and describe_mismatch(new.state_dict(), net.state_dict()) is None:
             new.load_state_dict(net.state_dict())
-        elif keep_weights and self._weights_from is not None:
-            raise InputError(f"{source} ({img_size} px patches)", f"needs other relative-position tables than checkpoint {self._weights_from}",
+        elif keep_weights and self.loaded_from is not None:
+            raise InputError(f"{source} ({img_size} px patches)", f"needs other relative-position tables than checkpoint {self.loaded_from}",
                              f"train on data whose LR is {net.img_size} px, or start without that checkpoint")
         self.net_g = new
 
@@ -86,11 +88,20 @@ class SwinIRMethod(FeedForwardMethod):
         img_size = (meta.get("network") or {}).get("img_size") or official_img_size(state)
         if img_size is not None:
             self.use_img_size(int(img_size), f"checkpoint {path}", keep_weights=False)
-        self._weights_from = path
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
         if train_cfg.get("hr_px"):
-            self.use_img_size(int(train_cfg["hr_px"]) // self.scale, "the training LR patches")
+            try:
+                self.use_img_size(int(train_cfg["hr_px"]) // self.scale, "the training LR patches")
+            except InputError as e:
+                if not train_cfg.get("resuming"):
+                    raise
+                # a run recorded with the old default img_size 64 whose LR patches fit one window: changing
+                # img_size is refused by the resume check, so the usual fix would send the user in a circle
+                raise InputError(e.what, e.problem, "this run was trained with other attention windows than its LR patches "
+                                 "give (img_size recorded before the official single-window rule) and cannot continue under "
+                                 "that rule: train into a new --out (network.img_size null), or use its model.safetensors "
+                                 "as it is") from e
         return super().configure_optimizers(train_cfg)
 
     def export_metadata(self) -> dict[str, Any]:

@@ -18,13 +18,23 @@ counted, summed over resumes), so methods can be compared for the same training 
 last step is logged, validated and saved. `train.val_every_minutes` validates at fixed training times as
 well (every `val_every` steps still applies), so curves of different methods share their time points.
 
+Config: the method's default YAML with the user's config merged over it key by key, except that a block
+whose `type` changes (e.g. `optim_g: {type: AdamW, lr: ...}` over the default Adam) replaces the default
+block whole, so give all of its arguments. `train.*` keys other than the trainer's (`DEFAULTS`) and those the
+method reads (`SRMethod.train_keys`) are refused. A top-level `checkpoint:` initialises the method's weights
+when a run starts (ESRGAN/SwinIR: the generator; ESRGAN refuses it together with `train.pretrain_network_g`,
+which names the same start weights); a `--resume` does not read it, the weights come from the run's checkpoint.
+
 Output folder:
-    config.yaml            the effective config (trainer defaults filled in), written when the run starts
+    config.yaml            the effective config (trainer defaults filled in), written when the run starts; values
+                           left null to follow the data (SwinIR's network.img_size) stay null here, the values
+                           built are in model.safetensors' metadata
     resumes.jsonl          one line per `--resume`: time, step, run-control keys that changed
     train_log.csv          step, elapsed_s, lr per optimizer, the method's losses, images_per_s (images per
                            second of optimisation time in the window: data wait + forward/backward/step,
                            validation and checkpoint writes excluded)
-    val_log.csv            step, elapsed_s, condition, psnr_y, lpips, n_images
+    val_log.csv            step, elapsed_s, condition, psnr_y, n_images, crop_border, images_per_s (validation
+                           images per wall-clock second: data, conditions, method and PSNR; LPIPS excluded), lpips
     val_metrics.json       what the val_log columns mean: PSNR-Y / LPIPS definitions (the benchmark's own
                            text), crop border, condition, images, EMA or raw weights
     checkpoints/step_N/    method.safetensors, ema.safetensors, train_state.pt/json (resumable)
@@ -35,8 +45,9 @@ Output folder:
 A killed run resumed with `--resume` continues from the last checkpoint at the same step, with the
 same batch order, augmentation, RNG streams and optimizer/scheduler state. The config must be the
 run's own (config.yaml): only the run-control keys in `RUN_CONTROL_KEYS` (cadences, workers, time
-budget, LPIPS on/off, keep_best, the GAN stage's start file, which a resume does not read) may differ;
-anything else is refused, since the optimizer state and the schedule would silently keep the old values.
+budget, LPIPS on/off, keep_best, validation batch size, the GAN stage's start file, which a resume does not
+read) may differ; anything else is refused, since the optimizer state and the schedule would silently keep
+the old values.
 
 Ctrl-C stops the run after the step in progress finishes, saves a checkpoint there and raises
 KeyboardInterrupt; a second Ctrl-C aborts at once without saving. A checkpoint therefore never holds a
@@ -48,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import difflib
 import json
 import math
 import random
@@ -108,10 +120,11 @@ DEFAULTS: dict[str, Any] = {
 }
 DATASET_KINDS = ("lr", "sr", "map", "mask")
 # Config keys a `--resume` may change: how the run is driven and observed, not what it computes.
-# `pretrain_network_g` (ESRGAN's GAN stage start) is read only when a run starts, never on resume.
+# `pretrain_network_g` (ESRGAN's GAN stage start) is read only when a run starts, never on resume;
+# `val_batch_size` changes no score (one generator per image), so a resume may lower it after an OOM.
 RUN_CONTROL_KEYS = frozenset(f"train.{k}" for k in (
     "max_minutes", "log_every", "val_every", "val_every_minutes", "save_every", "keep_checkpoints",
-    "num_workers", "lpips", "keep_best", "pretrain_network_g"))
+    "num_workers", "lpips", "keep_best", "pretrain_network_g", "val_batch_size"))
 KEEP_BEST_METRICS = ("lpips", "psnr_y")
 
 
@@ -297,7 +310,9 @@ class Trainer:
         max_minutes: float | None = None,
     ):
         self.method, self.data_root, self.out_dir = method, Path(data_root), Path(out_dir)
-        self.cfg = {**DEFAULTS, **(method.config.get("train") or {})}
+        given = method.config.get("train") or {}
+        check_train_keys(given, method)
+        self.cfg = {**DEFAULTS, **given}
         self.device = resolve_device(device)
         self.total_steps = int(self.cfg["total_steps"])
         self.stop_at = min(self.total_steps, int(max_steps)) if max_steps is not None else self.total_steps
@@ -327,6 +342,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best validation (kept on resume)
         self.step = 0
         self._lpips: Any = None
+        self._val_metrics_text: str | None = None  # what val_metrics.json was last written with
 
     # ---- setup ----------------------------------------------------------------------------------
     def _datasets(self) -> tuple[Any, Any]:
@@ -592,8 +608,11 @@ class Trainer:
                "weights": f"EMA (decay {self.cfg['ema_decay']})" if ema is not None else "raw (no EMA)",
                "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
                "val_batch_size": int(self.cfg["val_batch_size"]), "precision": self.precision,
-               "images_per_s": "validation images per wall-clock second (method + metrics)"}
-        atomic_write_text(self.out_dir / "val_metrics.json", json.dumps(doc, indent=2) + "\n")
+               "images_per_s": "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)"}
+        text = json.dumps(doc, indent=2) + "\n"
+        if text != self._val_metrics_text:  # once per run, again only if e.g. LPIPS turned out unavailable
+            atomic_write_text(self.out_dir / "val_metrics.json", text)
+            self._val_metrics_text = text
 
     def _keep_if_best(self, val: dict[str, Any], ema: AveragedModel | None) -> None:
         """With `train.keep_best`, export the weights when the metric improves (direction aware)."""
@@ -642,8 +661,7 @@ class Trainer:
         method = self.method
         with _swap_generator(method, ema.module if ema is not None else None):
             weights = method.trainable_state_dict()
-        meta = {"method": method.spec.name, "scale": method.scale, "step": self.step, "ema": ema is not None,
-                "network": method.config.get("network", {})}
+            meta = {**method.export_metadata(), "step": self.step, "ema": ema is not None}
         save_weights(path, weights, meta)
 
     def _restore(self, folder: Path, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> dict[str, Any]:
@@ -671,6 +689,19 @@ class Trainer:
                        "is replaced by the next validation better than the best up to this step")
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
+
+
+def check_train_keys(train_cfg: dict[str, Any], method: SRMethod) -> None:
+    """Refuse `train.*` keys neither the trainer (`DEFAULTS`) nor the method (`train_keys`) reads: a misspelt
+    `btach_size` would otherwise train with the default. Methods that declare no `train_keys` are not checked."""
+    if method.train_keys is None:
+        return
+    accepted = DEFAULTS.keys() | method.train_keys
+    for key in train_cfg:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            raise InputError(f"train.{key}", f"is not a key of the trainer or of {method.spec.name}" + (f" (did you mean {close[0]}?)" if close else ""),
+                             f"use one of: {', '.join(sorted(accepted))}")
 
 
 def _lpips_mode(cfg: dict[str, Any]) -> str:
@@ -736,7 +767,9 @@ def train(
     override = registry.load_yaml(config) if isinstance(config, (str, Path)) else (config or {})
     seed = int((registry.merge_config(spec.default_config(), override).get("train") or {}).get("seed", DEFAULTS["seed"]))
     torch.manual_seed(seed)  # random init is part of the run: the same seed gives the same network
-    method = registry.build(method_name, layout.scale, override, device="cpu")
+    # a resumed run's weights come from its own checkpoint: `checkpoint:` (the start file) is not read again
+    resuming = stage == 1 and resume and latest_checkpoint(Path(out_dir) / "checkpoints") is not None
+    method = registry.build(method_name, layout.scale, override, device="cpu", load_checkpoint=not resuming)
     if stage > 1:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,51 @@ def test_swinir_trained_geometry_reaches_the_exported_weights(tiny_dataset, tmp_
                                     "save_every": 1, "val_max_images": 1, "lpips": "off"}}
     res = train("swinir", tiny_dataset, tmp_path / "run", config=config, progress=False)
     assert read_metadata(res["weights"])["network"]["img_size"] == 4
+    # config.yaml records the config as written (null: follows the data), so a resume compares equal
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["network"]["img_size"] is None
     method = registry.build("swinir", 16, SWIN_NET)
     method.load_checkpoint(res["weights"])
     assert _geometry(method) == [(4, 0), (4, 0)]
+
+
+def test_failed_swinir_load_keeps_the_network_and_reports_no_load(tmp_path):
+    """match_checkpoint rebuilds net_g for the file's geometry before the strict load; when that load fails
+    the method keeps its own network and weights, and `loaded_from` names only a checkpoint that loaded."""
+    from baselines.checkpoint import save_weights
+
+    wider = registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "embed_dim": 16}})
+    wider.configure_optimizers({"hr_px": 64})  # img_size 4 in its metadata: loading it rebuilds the reader's net_g
+    bad = save_weights(tmp_path / "wider.safetensors", wider.trainable_state_dict(), wider.export_metadata())
+    method = registry.build("swinir", 16, SWIN_NET)
+    net, weights = method.net_g, {k: v.clone() for k, v in method.net_g.state_dict().items()}
+    with pytest.raises(InputError, match="shape mismatch"):
+        method.load_checkpoint(bad)
+    assert method.net_g is net and method.net_g.img_size == 16 and method.loaded_from is None
+    assert all(torch.equal(weights[k], v) for k, v in method.net_g.state_dict().items())
+    assert method.config["network"].get("img_size") is None
+
+    good = save_weights(tmp_path / "good.safetensors", method.trainable_state_dict(), method.export_metadata())
+    method.load_checkpoint(good)
+    assert method.loaded_from == good
+
+
+def test_swinir_geometry_follows_without_rewriting_the_config():
+    """`config` keeps the user's null img_size (config.yaml records what was written); the geometry built is
+    reported by export_metadata, which the trainer's model.safetensors carries."""
+    method = registry.build("swinir", 16, SWIN_NET)
+    method.configure_optimizers({"hr_px": 64})
+    assert method.config["network"].get("img_size") is None
+    assert method.export_metadata()["network"]["img_size"] == 4 == method.net_g.img_size
+
+
+def test_swinir_resume_across_the_single_window_rule_does_not_loop():
+    """A run recorded with img_size 64 (the old default) on 4 px LR patches cannot continue; the error says
+    so instead of suggesting an img_size change that the resume check refuses."""
+    method = registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}})
+    with pytest.raises(InputError, match="set network.img_size to 4"):
+        method.configure_optimizers({"hr_px": 64})
+    with pytest.raises(InputError, match="cannot continue .* new --out") as e:
+        method.configure_optimizers({"hr_px": 64, "resuming": True})
+    assert "set network.img_size" not in str(e.value)

@@ -302,13 +302,14 @@ def test_resume_refuses_a_changed_config_and_records_run_control_changes(tiny_da
     assert (out / "config.yaml").read_text() == original_yaml and not (out / "resumes.jsonl").exists()
     assert seen == [False]  # refused before the method was configured
 
-    run_control = cfg(ESR, log_every=1, num_workers=1, val_every=1000)
+    run_control = cfg(ESR, log_every=1, num_workers=1, val_every=1000, val_batch_size=1)  # val_batch_size: e.g. after an OOM
     assert train("esrgan", tiny_dataset, out, config=run_control, max_steps=3, resume=True, progress=False)["step"] == 3
     assert seen == [False, True]
     assert (out / "config.yaml").read_text() == original_yaml
     (record,) = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
     assert record["step"] == 2 and record["max_steps"] == 3
-    assert record["changed"] == {"train.log_every": [2, 1], "train.num_workers": [0, 1], "train.val_every": [4, 1000]}
+    assert record["changed"] == {"train.log_every": [2, 1], "train.num_workers": [0, 1], "train.val_batch_size": [4, 1],
+                                 "train.val_every": [4, 1000]}
 
 
 def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monkeypatch):
@@ -332,16 +333,24 @@ def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monk
         assert float(r["images_per_s"]) == pytest.approx(4 / (t1 - t0), rel=0.05)  # 2 steps x batch 2
 
 
-def test_validation_definitions_sidecar(tiny_dataset, tmp_path):
+def test_validation_definitions_sidecar(tiny_dataset, tmp_path, monkeypatch):
     import json
 
+    import baselines.train as tr
     from benchmark.metrics import get
 
-    train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, ema_decay=0.9, val_crop_border=16), max_steps=4, progress=False)
+    writes = []
+    write = tr.atomic_write_text
+    monkeypatch.setattr(tr, "atomic_write_text", lambda path, text: (writes.append(path.name), write(path, text))[1])
+    train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, ema_decay=0.9, val_crop_border=16, val_every=1), max_steps=4, progress=False)
+    assert writes.count("val_metrics.json") == 1  # 4 validations, definitions unchanged: written once
     doc = json.loads((tmp_path / "run" / "val_metrics.json").read_text())
     assert doc["psnr_y"] == get("psnr_y").describe(16) and "BT.601" in doc["psnr_y"] and "crop_border=16" in doc["psnr_y"]
     assert doc["lpips"].startswith("not computed")  # lpips off in these tests
     assert doc["weights"].startswith("EMA") and doc["condition"] == "default" and doc["n_images"] == 4 and doc["crop_border"] == 16
+    assert "LPIPS excluded" in doc["images_per_s"]  # the timer stops before LPIPS
+    documented = tr.__doc__.split("val_log.csv", 1)[1].split("val_metrics.json", 1)[0]
+    assert all(col in documented for col in rows(tmp_path / "run" / "val_log.csv")[0])  # every column is described
 
 
 @pytest.mark.parametrize("metric,scores,best_step", [("psnr_y", [20.0, 25.0, 22.0, 24.0], 2), ("lpips", [0.5, 0.3, 0.4, 0.2], 4)])
@@ -373,3 +382,55 @@ def test_keep_best_input_errors(tiny_dataset, tmp_path):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, keep_best="ssim"), max_steps=1, progress=False)
     with pytest.raises(InputError, match="keep_best lpips.*train.lpips is off"):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, keep_best="lpips"), max_steps=1, progress=False)
+
+
+def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    """`checkpoint:` initialises a new run; a resume takes the weights from the run's own checkpoint, so the
+    start file may have moved (as for ESRGAN's train.pretrain_network_g). config.yaml still records the key."""
+    from baselines.checkpoint import save_weights
+    from baselines.feedforward import FeedForwardMethod
+
+    src = registry.build("esrgan", 16, ESR)
+    init = save_weights(tmp_path / "init" / "model.safetensors", src.trainable_state_dict(), src.export_metadata())
+    loads = []
+    load = FeedForwardMethod.load_checkpoint
+    monkeypatch.setattr(FeedForwardMethod, "load_checkpoint", lambda self, path, *a: (loads.append(path), load(self, path, *a))[1])
+    config = {**cfg(ESR), "checkpoint": str(init)}
+    train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=2, progress=False)
+    assert loads == [str(init)]
+    (tmp_path / "init" / "model.safetensors").unlink()
+    assert train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=3, resume=True, progress=False)["step"] == 3
+    assert loads == [str(init)]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["checkpoint"] == str(init)
+
+
+def test_esrgan_refuses_two_start_files(tiny_dataset, tmp_path):
+    """`checkpoint:` and train.pretrain_network_g both name the generator's start weights: one must go."""
+    from baselines.checkpoint import save_weights
+
+    src = registry.build("esrgan", 16, ESR)
+    init = save_weights(tmp_path / "init.safetensors", src.trainable_state_dict(), src.export_metadata())
+    with pytest.raises(InputError, match="train.pretrain_network_g and checkpoint: are both set"):
+        train("esrgan", tiny_dataset, tmp_path / "x", config={**cfg(ESR, pretrain_network_g=str(init)), "checkpoint": str(init)},
+              max_steps=1, progress=False)
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name,net,key,match", [
+    ("esrgan", ESR, "btach_size", r"train\.btach_size: .*did you mean batch_size"),
+    ("esrgan", ESR, "ema_decya", r"train\.ema_decya: .*did you mean ema_decay"),
+    ("swinir", SWIN, "gan_weight", r"train\.gan_weight: is not a key of the trainer or of swinir"),  # an ESRGAN key
+])
+def test_unknown_train_keys_are_refused(tiny_dataset, tmp_path, name, net, key, match):
+    with pytest.raises(InputError, match=match):
+        train(name, tiny_dataset, tmp_path / "x", config=cfg(net, **{key: 1}), max_steps=1, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_keys_of_the_method_and_undeclared_methods_are_accepted(tiny_dataset, tmp_path, monkeypatch):
+    from baselines.swinir import SwinIRMethod
+    from baselines.train import Trainer
+
+    Trainer(registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")), tiny_dataset, tmp_path / "e")
+    monkeypatch.setattr(SwinIRMethod, "train_keys", None)  # not declared (as SGDM today): not checked
+    Trainer(registry.build("swinir", 16, cfg(SWIN, anything=1)), tiny_dataset, tmp_path / "s")
