@@ -123,6 +123,12 @@ def stand_in_weights(tmp_path, monkeypatch):
     return make
 
 
+def _patches(images, size):
+    """Oracle: non-overlapping size x size crops of every image (partial edge strips dropped)."""
+    return [img[y: y + size, x: x + size] for img in images
+            for y in range(0, img.shape[0] - size + 1, size) for x in range(0, img.shape[1] - size + 1, size)]
+
+
 def _pairs(n=3, size=64, seed=0):
     rng = np.random.default_rng(seed)
     hr = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
@@ -163,19 +169,19 @@ def test_fid_kid_wiring(stand_in_weights, tmp_path):
     assert np.isfinite(res["fid"]) and res["fid"] > 0 and np.isfinite(res["kid"])
     assert res["kid_subset_size"] == 2 and res["kid_std"] > 0
     assert res["feature_layer"] == "2048" and "bilinear" in res["resize"]
-    from benchmark.metrics.distribution import patches
-
-    ps = patches(sr, 16)
+    ps = _patches(sr, 16)
     assert len(ps) == 4 * 4 and ps[0].shape == (16, 16, 3)
 
 
 def test_kid_subset_size_gives_differing_subsets_on_small_sets():
     from benchmark.metrics.distribution import kid_subset_size
 
-    assert [kid_subset_size(n) for n in (2, 3, 4, 100, 1000, 1001, 5000)] == [2, 2, 2, 50, 500, 1000, 1000]
+    # no step at N = 1000: 1001 images get subsets of 500 (not 1000 of 1001, nearly the same set every draw)
+    assert [kid_subset_size(n) for n in (2, 3, 4, 100, 1000, 1001, 1999, 2000, 5000)] == [2, 2, 2, 50, 500, 500, 999, 1000, 1000]
     assert "100 subsets of 2 images" in M.get("kid").describe(n_images=4)
     assert "no spread" in M.get("kid").describe(n_images=2)
     assert "max(2, N // 2)" in M.get("kid").describe()
+    assert "subsets of 500 images." in M.get("kid").describe(n_images=1001)
 
 
 def test_fid_kid_passes_subset_size_and_omits_a_meaningless_std(monkeypatch):
@@ -183,7 +189,8 @@ def test_fid_kid_passes_subset_size_and_omits_a_meaningless_std(monkeypatch):
 
     seen = []
 
-    def fake(sr, hr, device, kid, batch_size, seed, subset):
+    def fake(sr, hr, device, kid, batch_size, seed=D.FID_SEED, subset=None):
+        assert seed == D.FID_SEED
         seen.append(subset)
         return {"frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.1, "kernel_inception_distance_std": 0.0}
 
@@ -193,6 +200,10 @@ def test_fid_kid_passes_subset_size_and_omits_a_meaningless_std(monkeypatch):
     assert D.fid_kid([_img(1)] * 6, [_img(2)] * 6, subset_size=4)["kid_subset_size"] == 4
     with pytest.raises(InputError, match="KID subset size 7"):
         D.fid_kid([_img(1)] * 6, [_img(2)] * 6, subset_size=7)
+    assert [D.kid_has_spread(n) for n in (2, 3, 4)] == [False, True, True] and not D.kid_has_spread(6, 6)
+    seen.clear()
+    assert D.patch_fid([_img(1, 32)] * 2, [_img(2, 32)] * 2, patch_size=16)["n_patches"] == 8
+    assert seen == [None]  # FID only: no KID subset is passed
 
 
 def test_set_metric_images_are_read_lazily_once_per_image(tmp_path):
@@ -200,7 +211,7 @@ def test_set_metric_images_are_read_lazily_once_per_image(tmp_path):
 
     from tqdm import tqdm
 
-    from benchmark.metrics.distribution import _UInt8Images, patches
+    from benchmark.metrics.distribution import _UInt8Images
     from cmsrd.io import write_png
 
     sr, _ = _pairs(n=3, size=40)
@@ -212,7 +223,7 @@ def test_set_metric_images_are_read_lazily_once_per_image(tmp_path):
         assert len(ds) == 3 * 4 and bar.n == 0  # the patch grid comes from PNG headers, nothing decoded yet
         got = [ds[i] for i in range(len(ds))]
         assert bar.n == 3  # each image decoded once for its four patches
-    want = patches(sr, 16)
+    want = _patches(sr, 16)
     assert all(np.array_equal(g.permute(1, 2, 0).numpy(), w) for g, w in zip(got, want))
     whole = _UInt8Images(paths)
     assert len(whole) == 3 and whole[1].shape == (3, 40, 40) and np.array_equal(whole[1].permute(1, 2, 0).numpy(), sr[1])

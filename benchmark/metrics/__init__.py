@@ -35,10 +35,10 @@ class Metric:
             return _psnr_ssim_definition(self.name, crop_border)
         text = self.definition
         if self.name == "kid" and n_images is not None and n_images >= 2:
-            from .distribution import KID_SUBSETS, kid_subset_size
+            from .distribution import KID_SUBSETS, kid_has_spread, kid_subset_size
 
             k = kid_subset_size(n_images)
-            text += f" Here N = {n_images}: {KID_SUBSETS} subsets of {k} images" + (" (the whole set: no spread, kid_std omitted)." if k >= n_images else ".")
+            text += f" Here N = {n_images}: {KID_SUBSETS} subsets of {k} images" + ("." if kid_has_spread(n_images) else " (the whole set: no spread, kid_std omitted).")
         return text + (f" Licence: {self.licence}." if self.licence else "")
 
     @property
@@ -70,8 +70,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            f"FID of the SR set against the HR set; {_FID_NOTE}. Below 2048 images the covariance is "
            "rank-deficient: compare methods on the same set only.", "Apache-2.0"),
     Metric("kid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:fid_kid",
-           f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 random subsets of size 1000 for N > 1000, "
-           f"else max(2, N // 2) so that the subsets differ; {_FID_NOTE}.",
+           f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 random subsets of min(1000, max(2, N // 2)) "
+           f"of the N images, so that the subsets differ; {_FID_NOTE}.",
            "Apache-2.0"),
     Metric("patch_fid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:patch_fid",
            f"FID over non-overlapping patches (side = image side / 4, >= 16 px) of SR vs HR; {_FID_NOTE}.",

@@ -4,9 +4,9 @@ Settings are fixed and recorded, because FID numbers are only comparable under t
 feature extractor `inception-v3-compat` (the TF 2015-12-05 Inception graph), feature layer `2048`
 (pool3), images as uint8 3xHxW resized by torch-fidelity to 299x299 with its TF1.x-compatible bilinear
 ("legacy TF" mode, not clean-fid's PIL bicubic). KID uses an unbiased polynomial-kernel MMD over
-`kid_subsets` random subsets (`kid_subset_size`: 1000 above 1000 images, else half the set, at least 2,
-so that the subsets of a small remote-sensing test set differ and their spread means something; the
-size used is recorded in the outputs). FID on N < 2048 images has a rank-deficient covariance: valid
+`kid_subsets` random subsets (`kid_subset_size`: half the set, at least 2 and at most 1000, so that the
+subsets of a remote-sensing test set differ and their spread means something; the size used is recorded
+in the outputs). FID on N < 2048 images has a rank-deficient covariance: valid
 for comparing methods on the same set, not with published numbers; patch-FID (non-overlapping PxP
 crops of every image) is offered for such small sets.
 
@@ -34,6 +34,7 @@ FEATURE_LAYER = "2048"
 RESIZE_MODE = "torch-fidelity TF1.x-compatible bilinear to 299x299 (legacy TF mode), uint8 input"
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
+FID_SEED = 2020  # torch-fidelity's rng seed (KID subset draws); recorded implicitly by the fixed default
 MIN_PATCH = 16
 
 Image = Union[np.ndarray, str, os.PathLike]  # a uint8 HxWx3 array, or the path of a PNG read on access
@@ -83,23 +84,18 @@ class _UInt8Images(Dataset):
         return torch.tensor(img).permute(2, 0, 1).contiguous()  # a copy: inputs may be read-only views
 
 
-def patches(images: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
-    """Non-overlapping size x size crops of every image (partial edge strips dropped)."""
-    out = []
-    for img in images:
-        h, w = img.shape[:2]
-        for y in range(0, h - size + 1, size):
-            for x in range(0, w - size + 1, size):
-                out.append(img[y: y + size, x: x + size])
-    return out
-
-
 def kid_subset_size(n: int) -> int:
-    """KID subset size for n images: 1000 (the usual size) above 1000 images, else n // 2 (at least 2).
+    """KID subset size for n images: n // 2, at least 2 and at most 1000 (the usual size).
 
-    A subset of all n images would be the same set in every draw (MMD ignores order): 100 identical
-    estimates and a std of 0 that looks like precision."""
-    return KID_MAX_SUBSET if n > KID_MAX_SUBSET else max(2, n // 2)
+    Subsets of (nearly) all n images would be (nearly) the same set in every draw (MMD ignores order):
+    100 (nearly) identical estimates and a std close to 0 that looks like precision."""
+    return min(KID_MAX_SUBSET, max(2, n // 2))
+
+
+def kid_has_spread(n: int, subset: int | None = None) -> bool:
+    """Whether KID's subsets of `subset` (default `kid_subset_size(n)`) out of n images differ, so that
+    kid_std means something; subsets of the whole set are all the same set."""
+    return (subset or kid_subset_size(n)) < n
 
 
 def patch_size_for(side: int) -> int:
@@ -125,15 +121,16 @@ def check_set_size(names: Sequence[str], n_images: int, hr_size: tuple[int, int]
 
 
 def _run_fidelity(sr: _UInt8Images, hr: _UInt8Images, device: str | torch.device, kid: bool, batch_size: int,
-                  seed: int, subset: int) -> dict[str, Any]:
+                  seed: int = FID_SEED, subset: int | None = None) -> dict[str, Any]:
+    """FID (and, with `kid`, KID over `subset`-image subsets) with the fixed settings above."""
     import torch_fidelity
 
+    kid_args = {"kid_subset_size": subset, "kid_subsets": KID_SUBSETS} if kid else {}
     return torch_fidelity.calculate_metrics(
         input1=sr, input2=hr, cuda=torch.device(device).type == "cuda",
         batch_size=batch_size, fid=True, kid=kid, isc=False, prc=False, verbose=False, cache=False,
         feature_extractor=FEATURE_EXTRACTOR, feature_layer_fid=FEATURE_LAYER, feature_layer_kid=FEATURE_LAYER,
-        feature_extractor_weights_path=str(resolve("fidelity_inception")), kid_subset_size=subset,
-        kid_subsets=KID_SUBSETS, rng_seed=seed, save_cpu_ram=True,
+        feature_extractor_weights_path=str(resolve("fidelity_inception")), rng_seed=seed, save_cpu_ram=True, **kid_args,
     )
 
 
@@ -143,7 +140,7 @@ def fid_kid(
     device: str | torch.device = "cpu",
     kid: bool = True,
     batch_size: int = 32,
-    seed: int = 2020,
+    seed: int = FID_SEED,
     subset_size: int | None = None,
     desc: str = "FID/KID",
 ) -> dict[str, Any]:
@@ -158,14 +155,15 @@ def fid_kid(
     if kid and not 2 <= sub <= n:
         raise InputError(f"KID subset size {sub}", f"must be between 2 and the set size {n}")
     with tqdm(total=len(sr) + len(hr), desc=desc, unit="img", leave=False) as bar:
-        res = _run_fidelity(_UInt8Images(sr, bar=bar), _UInt8Images(hr, bar=bar), device, kid, batch_size, seed, sub)
+        res = _run_fidelity(_UInt8Images(sr, bar=bar), _UInt8Images(hr, bar=bar), device, kid=kid, batch_size=batch_size,
+                            seed=seed, subset=sub)
     out: dict[str, Any] = {
         "fid": float(res["frechet_inception_distance"]),
         "n_images": n, "feature_layer": FEATURE_LAYER, "resize": RESIZE_MODE,
     }
     if kid:
         out.update(kid=float(res["kernel_inception_distance_mean"]),
-                   kid_std=float(res["kernel_inception_distance_std"]) if sub < n else None,
+                   kid_std=float(res["kernel_inception_distance_std"]) if kid_has_spread(n, sub) else None,
                    kid_subset_size=sub, kid_subsets=KID_SUBSETS)
     return out
 
@@ -188,6 +186,6 @@ def patch_fid(
         if min(len(ps), len(ph)) < 2:
             raise InputError(f"patch-FID on {len(sr)} image(s)", f"gives {min(len(ps), len(ph))} patch(es) of {size} px; FID needs at least 2",
                              "run on more or larger images")
-        res = _run_fidelity(ps, ph, device, False, batch_size, 2020, 2)
+        res = _run_fidelity(ps, ph, device, kid=False, batch_size=batch_size)
     return {"patch_fid": float(res["frechet_inception_distance"]), "patch_size": size, "n_patches": min(len(ps), len(ph)),
             "feature_layer": FEATURE_LAYER, "resize": RESIZE_MODE}
