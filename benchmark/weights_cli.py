@@ -14,10 +14,15 @@ def metric_weights(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[st
 
     METRICS is what `cmsrd-bench run` resolves, so it (not the manifest's `used_by` tags, which a test keeps
     equal to it) decides which files gate `verify` and which `fetch` downloads by default. Keys the manifest
-    lacks are left out (a custom $CMSRD_WEIGHTS_MANIFEST may hold other entries)."""
+    lacks are kept: a custom $CMSRD_WEIGHTS_MANIFEST without them cannot run that metric, and `verify` says so."""
     from .metrics import METRICS
 
-    return {f"metric:{n}": [k for k in m.weights if k in manifest] for n, m in METRICS.items() if m.weights}
+    return {f"metric:{n}": list(m.weights) for n, m in METRICS.items() if m.weights}
+
+
+def _not_in_manifest(key: str) -> str:
+    return (f"  {'absent':8s} {key}: not in the manifest {wcache.manifest_path()}  -> add its entry "
+            f"(copy it from {wcache.MANIFEST_PATH})")
 
 
 def _users_by_key(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[str]]:
@@ -25,7 +30,8 @@ def _users_by_key(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[str
     users = {k: [u for u in e.used_by if not u.startswith("metric:")] for k, e in manifest.items()}
     for user, keys in metric_weights(manifest).items():
         for k in keys:
-            users[k].append(user)
+            if k in manifest:
+                users[k].append(user)
     return users
 
 
@@ -52,8 +58,9 @@ def list_command() -> None:
 def verify_command(keys: tuple[str, ...]) -> None:
     """Per metric and per method: which files are present, missing or corrupt, and where to put them.
 
-    Exits 1 when a file a benchmark metric loads is missing or corrupt; files used only by methods or by
-    cross-checks (`crosscheck:<name>`) are reported but do not fail the preflight."""
+    Exits 1 when a file a benchmark metric loads is missing or corrupt, or (without KEYS) has no entry in
+    the manifest; files used only by methods or by cross-checks (`crosscheck:<name>`) are reported but do
+    not fail the preflight."""
     manifest = wcache.load_manifest()
     selected = list(keys) or list(manifest)
     checks = {k: wcache.check(k, manifest) for k in selected}  # unknown key -> one clear error
@@ -62,11 +69,17 @@ def verify_command(keys: tuple[str, ...]) -> None:
     for k in selected:
         for u in by_key[k] or ["unused"]:
             users.setdefault(u, []).append(k)
-    bad_metric = False
+    absent = {} if keys else {u: [k for k in ks if k not in manifest] for u, ks in metric_weights(manifest).items()}
+    absent = {u: ks for u, ks in absent.items() if ks}
+    for u in absent:
+        users.setdefault(u, [])
+    bad_metric = bool(absent)
     for user in sorted(users, key=lambda u: (not u.startswith("metric:"), u)):
         states = [checks[k].status for k in users[user]]
-        ready = "ready" if all(s == "present" for s in states) else "NOT ready"
+        ready = "ready" if all(s == "present" for s in states) and user not in absent else "NOT ready"
         click.echo(f"{user}: {ready}")
+        for k in absent.get(user, []):
+            click.echo(_not_in_manifest(k))
         for k in users[user]:
             c, e = checks[k], manifest[k]
             line = f"  {c.status:8s} {e.file}"
@@ -94,6 +107,7 @@ def fetch_command(keys: tuple[str, ...], all_: bool, base_url: str | None, force
 
     Without KEYS or --all: the files the benchmark metrics load (cross-check and method weights are left out)."""
     manifest = wcache.load_manifest()
+    failed = 0
     if keys:
         selected = list(keys)
         for k in selected:
@@ -101,8 +115,12 @@ def fetch_command(keys: tuple[str, ...], all_: bool, base_url: str | None, force
     elif all_:
         selected = list(manifest)
     else:
-        selected = list(dict.fromkeys(k for keys_ in metric_weights(manifest).values() for k in keys_))
-    failed = 0
+        wanted = list(dict.fromkeys(k for keys_ in metric_weights(manifest).values() for k in keys_))
+        selected = [k for k in wanted if k in manifest]
+        for k in wanted:
+            if k not in manifest:  # a custom manifest without a metric's file: nothing to fetch it from
+                failed += 1
+                click.echo(f"{'failed':16s} {k}: not in the manifest {wcache.manifest_path()} (copy its entry from {wcache.MANIFEST_PATH})")
 
     def show(r: wcache.FetchResult) -> None:
         nonlocal failed

@@ -301,3 +301,22 @@ def test_fetch_default_selects_exactly_the_metric_weights(tmp_path, monkeypatch)
     assert listed == keys and "pyiqa_pt_inception" not in listed
     out = CliRunner().invoke(cli, ["weights", "fetch", "--metrics-only"])
     assert out.exit_code == 2 and "No such option" in out.output  # the dead flag is gone
+
+
+def test_verify_and_fetch_fail_when_a_custom_manifest_lacks_a_metric_entry(tmp_path, monkeypatch):
+    """A $CMSRD_WEIGHTS_MANIFEST without `fidelity_inception` cannot run fid/kid/patch_fid: the preflight says
+    so (exit 1) instead of passing and leaving `cmsrd-bench run` to fail."""
+    from benchmark.cli import cli
+
+    path, _ = _metric_files_present(tmp_path, monkeypatch)
+    data = yaml.safe_load(path.read_text())
+    del data["weights"]["fidelity_inception"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = CliRunner().invoke(cli, ["weights", "verify"])
+    assert out.exit_code == 1, out.output
+    for n in ("fid", "kid", "patch_fid"):
+        assert f"metric:{n}: NOT ready" in out.output
+    assert f"fidelity_inception: not in the manifest {path}" in out.output and "metric:lpips: ready" in out.output
+    out = CliRunner().invoke(cli, ["weights", "fetch"])  # the other metric files are present: nothing downloaded
+    assert out.exit_code == 1 and "failed           fidelity_inception: not in the manifest" in out.output
+    assert "present" in out.output
