@@ -271,9 +271,11 @@ def _digest(obj: Any) -> str:
 
 def config_files(config: Any, where: str = "") -> dict[str, Path]:
     """Config leaves naming an existing single file (SGDM's `flows.mean/std`, a `backbone.pretrained` .ckpt),
-    by dotted key. Folders (a diffusers backbone, a tokenizer) are not listed: hashing them is too costly."""
+    by dotted key. Folders (a diffusers backbone, a tokenizer) are not listed: hashing them is too costly;
+    nor is the trainer's `train` section, which inference does not read."""
     if isinstance(config, dict):
-        return {k: p for key, v in config.items() for k, p in config_files(v, f"{where}.{key}" if where else str(key)).items()}
+        return {k: p for key, v in config.items() if not (where == "" and key == "train")
+                for k, p in config_files(v, f"{where}.{key}" if where else str(key)).items()}
     if isinstance(config, str) and config:
         path = Path(config).expanduser()
         if path.is_file():
