@@ -457,24 +457,7 @@ class Trainer:
             with _StopRequest() as stop:
                 while self.step < self.stop_at and not self._out_of_time():
                     t_step = time.perf_counter()
-                    for micro in range(self.accumulate):
-                        batch = next(batches)
-                        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                        ctx = TrainContext(self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast)
-                        logs = method.training_step(batch, ctx)
-                        for k, v in logs.items():
-                            if not math.isfinite(v) and scaler is None:
-                                raise InputError(f"training of {method.spec.name!r}", f"{k} became {v} at step {self.step}",
-                                                 "lower the learning rate, enable train.grad_clip, or use precision fp32")
-                            window.setdefault(k, []).append(v)
-                        n_window += batch["hr"].shape[0]
-                    if scaler is not None:
-                        scaler.update()
-                    for s in schedulers.values():
-                        s.step()
-                    if ema is not None:
-                        self._update_ema(ema)
-                    self.step += 1
+                    n_window += self._one_step(batches, optimizers, schedulers, scaler, ema, autocast, window)
                     self.train_seconds += time.perf_counter() - t_step
                     bar.update(1)
                     # a whole step is done: from here on a Ctrl-C (stop.requested) saves this step and stops
@@ -509,6 +492,30 @@ class Trainer:
                 **({"best": dict(self.best, weights=str(self.out_dir / "model-best.safetensors"))} if self.best else {})}
 
     # ---- pieces ---------------------------------------------------------------------------------
+    def _one_step(self, batches: Iterator[dict], optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                  scaler: Any, ema: AveragedModel | None, autocast: Any, window: dict[str, list[float]]) -> int:
+        """One optimisation step (`accumulate` micro-batches, then scaler, schedules, EMA, `self.step += 1`);
+        appends the method's logged scalars to `window` and returns the number of images seen."""
+        method, n_images = self.method, 0
+        for micro in range(self.accumulate):
+            batch = next(batches)
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            ctx = TrainContext(self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast)
+            for k, v in method.training_step(batch, ctx).items():
+                if not math.isfinite(v) and scaler is None:
+                    raise InputError(f"training of {method.spec.name!r}", f"{k} became {v} at step {self.step}",
+                                     "lower the learning rate, enable train.grad_clip, or use precision fp32")
+                window.setdefault(k, []).append(v)
+            n_images += batch["hr"].shape[0]
+        if scaler is not None:
+            scaler.update()
+        for s in schedulers.values():
+            s.step()
+        if ema is not None:
+            self._update_ema(ema)
+        self.step += 1
+        return n_images
+
     def _out_of_time(self) -> bool:
         return self.budget_s is not None and self.train_seconds >= self.budget_s
 
