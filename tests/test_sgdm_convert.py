@@ -407,3 +407,60 @@ def test_partial_official_text_tower_is_refused(tiny_official, tmp_path):
         build("sgdm", 32, {**LPB2, "network": net}).load_checkpoint(bad)  # over a built backbone
     with pytest.raises(InputError, match="1 text encoder tensors missing"):
         build("sgdm", 32, {**LPB2, "network": net, "checkpoint": str(bad)})  # backbone from the file
+
+
+def _net(**backbone) -> dict:
+    return {**LPB2, "network": {**LPB2["network"], "backbone": {**LPB2["network"]["backbone"], **backbone}}}
+
+
+def test_official_ckpt_takes_the_tokenizer_from_pretrained(tiny_official, tmp_path, monkeypatch):
+    """Regression: with `tokenizer: null`, a `pretrained` diffusers folder or a cached hub id supplies the
+    tokenizer (only the tokenizer: the weights come from the .ckpt); with none of them one error names
+    `network.backbone.tokenizer` and every place looked in."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from cmsrd.errors import MissingWeightsError
+
+    src, ckpt, tok = tiny_official
+    lone = tmp_path / "lone" / "SGDM-syn.ckpt"  # no tokenizer folder beside it
+    lone.parent.mkdir()
+    lone.symlink_to(ckpt)
+    ids = src.tokenizer("water, land, ").input_ids
+    shutil.copytree(tok, tmp_path / "sd21" / "tokenizer")
+    m = build("sgdm", 32, {**_net(pretrained=str(tmp_path / "sd21"), tokenizer=None), "checkpoint": str(lone)})
+    assert m.backbone_source == f"official:{lone}" and m.tokenizer("water, land, ").input_ids == ids
+    assert _same(m.unet, src.unet)
+
+    repo = tmp_path / "hub" / "models--stabilityai--stable-diffusion-2-1-base"
+    shutil.copytree(tok, repo / "snapshots" / "abc" / "tokenizer")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = _net(pretrained="stabilityai/stable-diffusion-2-1-base", tokenizer=None)
+    m = build("sgdm", 32, {**hub, "checkpoint": str(lone)})
+    assert m.tokenizer("water, land, ").input_ids == ids
+
+    shutil.rmtree(repo / "snapshots" / "abc" / "tokenizer")
+    with pytest.raises(MissingWeightsError, match=r"network\.backbone\.tokenizer") as err:
+        build("sgdm", 32, {**hub, "checkpoint": str(lone)})
+    assert "hub id stabilityai/stable-diffusion-2-1-base" in str(err.value) and str(lone.parent / "tokenizer") in str(err.value)
+    assert "weights fetch" not in str(err.value)  # the weights manifest has no tokenizer
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingWeightsError, match="network.backbone.tokenizer = .*empty"):  # no vocab.json
+        build("sgdm", 32, {**_net(tokenizer=str(tmp_path / "empty")), "checkpoint": str(ckpt)})
+
+
+@pytest.mark.parametrize("override,part", [({"unet": {"block_out_channels": [32, 64, 128, 256]}}, "UNet"),
+                                           ({"vae": {"latent_channels": 8}}, "VAE")])
+def test_official_ckpt_of_another_geometry_is_one_input_error(tiny_official, override, part):
+    """Regression: a shape mismatch raised torch's RuntimeError (load_state_dict raises it even with
+    strict=False); now load_strict names the part and the mismatched tensors."""
+    _, ckpt, tok = tiny_official
+    overrides = {**LPB2["network"]["backbone"]["overrides"], **override}
+    if "unet" in override:
+        overrides["unet"] = {**LPB2["network"]["backbone"]["overrides"]["unet"], **override["unet"]}
+    with pytest.raises(InputError, match=rf"\({part}\): does not match the model.*shape mismatches \['"):
+        build("sgdm", 32, {**_net(tokenizer=str(tok), overrides=overrides), "checkpoint": str(ckpt)})

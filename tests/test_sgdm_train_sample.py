@@ -145,7 +145,9 @@ def test_sgdm_plus_without_style_image_or_trained_flows_is_an_input_error(plus):
 
 @pytest.mark.parametrize("key,value,match", [
     ("map", torch.rand(1, 3, 32, 32), r"map of shape \(1, 3, 32, 32\).*\(1, 3, 64, 64\)"),
-    ("style", torch.rand(1, 3, 128, 128), r"style of shape.*\(1, 3, 64, 64\)"),
+    ("style", torch.rand(2, 3, 64, 64), r"style of shape \(2, 3, 64, 64\).*N = 1"),
+    ("style", torch.rand(1, 3, 8, 64), r"style of shape \(1, 3, 8, 64\).*H, W >= 16"),
+    ("style", torch.rand(1, 3, 64, 64) * 255, r"style values.*expected \[0, 1\]"),
     ("map", torch.rand(1, 1, 64, 64), r"map of shape \(1, 1, 64, 64\)"),
     ("map", torch.rand(1, 3, 64, 64) * 255, r"map values.*expected \[0, 1\].*255"),
     ("sr", torch.rand(1, 3, 64, 64) * 255, r"sr values.*expected \[0, 1\]"),
@@ -156,6 +158,15 @@ def test_wrong_input_size_or_range_is_one_input_error(plus, key, value, match):
     b[key] = value
     with pytest.raises(InputError, match=match):
         plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0))
+
+
+def test_style_image_of_another_size_is_accepted(plus):
+    """Regression: the style encoder keeps only global channel mean/std, so a reference image of any size
+    works (a paper use case); only the map must match sr's size."""
+    b = _batch(1, 64)
+    del b["hr"]
+    b["style"] = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(1))
+    assert plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
 
 
 def test_style_flows_train_and_sample():
@@ -210,7 +221,7 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
     assert o1.shape == (2, 3, 64, 64) and torch.equal(o1, o2) and not torch.equal(o1, o3)
 
 
-def test_stage2_reads_the_lpips_best_stage1_weights(plus, tiny_dataset, tmp_path):
+def test_stage2_reads_the_lpips_best_stage1_weights(plus, tiny_dataset, tmp_path, caplog):
     """The sgdm configs keep the best val LPIPS (official ModelCheckpoint); stage 2 takes model-best.safetensors."""
     import yaml
     from safetensors.torch import save_file
@@ -229,6 +240,16 @@ def test_stage2_reads_the_lpips_best_stage1_weights(plus, tiny_dataset, tmp_path
     assert m.loaded_from == tmp_path / "model-best.safetensors"
     k = "adapter.conv_in.weight"
     assert torch.equal(m.trainable_state_dict()[k], best[k]) and (tmp_path / "flows.safetensors").is_file()
+    # the flows record which stage-1 file they model; loading another one beside them warns (regression)
+    from cmsrd.io import sha256_file
+
+    fitted = json.loads((tmp_path / "flows_history.json").read_text())["stage1_weights"]
+    assert fitted == {"name": "model-best.safetensors", "sha256": sha256_file(tmp_path / "model-best.safetensors")}
+    with caplog.at_level("WARNING"):
+        build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model-best.safetensors")})
+        assert "were fitted to" not in caplog.text
+        m = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
+    assert bool(m.flows.trained) and "fitted to the style encoder of model-best.safetensors" in caplog.text
 
 
 def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from torch import nn
 
 from cmsrd.errors import InputError, MissingWeightsError
 
-from .convert import load_torch_state
+from .convert import load_strict, load_torch_state
 
 log = logging.getLogger(__name__)
 
@@ -178,23 +178,23 @@ def backbone_from_original_state(
 ) -> Backbone:
     """Build diffusers modules from an original-layout SD state dict (`model.diffusion_model.*`,
     `first_stage_model.*`, `cond_stage_model.model.*`) using diffusers' own ldm converters."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
     u, v, t = geometry(geometry_name, overrides)
     unet, vae, text = _build_modules(u, v, t)
-    unet_sd = convert_ldm_unet_checkpoint(state, unet.config)
-    missing, unexpected = unet.load_state_dict(unet_sd, strict=False)
-    if missing or unexpected:
-        raise InputError(f"checkpoint {source}", f"UNet keys do not match SD2.1 ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:3]})",
-                         "use an SD2.1-base (v2-1_512) or SGDM checkpoint")
-    vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
-    if vae_state:
-        vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, vae.config), strict=True)
-    else:
-        raise InputError(f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint")
+    load_original_unet_vae(unet, vae, state, source)
     load_text_tower(text, state, source)
     return Backbone(unet, vae, text, tokenizer, source)
+
+
+def load_original_unet_vae(unet: nn.Module, vae: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """UNet (`model.diffusion_model.*`) and VAE (`first_stage_model.*`) of an original-layout state, through
+    diffusers' ldm converters; a key or shape mismatch (wrong `geometry`/`overrides`) is one InputError."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    load_strict(unet, convert_ldm_unet_checkpoint(state, unet.config), f"checkpoint {source} (UNet)")
+    vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    if not vae_state:
+        raise InputError(f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint")
+    load_strict(vae, convert_ldm_vae_checkpoint(vae_state, vae.config), f"checkpoint {source} (VAE)")
 
 
 def load_text_tower(text: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -221,25 +221,87 @@ def load_backbone(pretrained: str | None, geometry_name: str = "sd21-base", toke
         return random_backbone(geometry_name, overrides)
     path = Path(os.path.expanduser(str(pretrained)))
     if path.is_file():
-        tok = _load_tokenizer(tokenizer, pretrained)
+        tok = resolve_tokenizer(tokenizer, None, path)
         return backbone_from_original_state(load_torch_state(path), geometry_name, tok, str(path), overrides)
     if path.is_dir():
         return _from_diffusers(str(path), local_only=True)
-    if path.suffix in (".ckpt", ".safetensors", ".pt") or path.is_absolute() or str(pretrained).startswith("."):
+    if not _looks_like_hub_id(str(pretrained)):
         raise MissingWeightsError("Stable Diffusion 2.1-base", str(path), f"https://huggingface.co/{SD21_HUB_ID}")
     return _from_diffusers(str(pretrained), local_only=os.environ.get("HF_HUB_OFFLINE") == "1")
 
 
-def _load_tokenizer(tokenizer: str | None, pretrained: str):
+class MissingTokenizerError(MissingWeightsError):
+    """The SD2.1 tokenizer folder was found nowhere; says where it was looked for and which key names it
+    (`cmsrd-bench weights fetch` has no tokenizer entry, so the plain MissingWeightsError fix would mislead)."""
+
+    def __init__(self, tried: list[str]):
+        InputError.__init__(
+            self, "weights 'SD2.1 tokenizer' (a folder with vocab.json + merges.txt, or tokenizer.json)",
+            f"not found (looked in: {'; '.join(tried)})",
+            "set network.backbone.tokenizer to a tokenizer folder (download "
+            f"https://huggingface.co/{SD21_HUB_ID}/tree/main/tokenizer), or point backbone.pretrained at an SD2.1 "
+            "diffusers folder or a filled HF cache")
+        self.expected_path = tried[0]
+
+
+def resolve_tokenizer(tokenizer: str | None, pretrained: str | None, near: str | Path | None = None):
+    """The SD2.1 tokenizer, from the first that has it: `tokenizer` (a folder); `<pretrained>/tokenizer` when
+    `pretrained` is a diffusers folder; the hub id `pretrained` (the HF cache, or the network unless
+    HF_HUB_OFFLINE=1); a `tokenizer` folder beside the single-file checkpoint `near`.
+
+    Only the tokenizer is read from `pretrained` here: the weights then come from the single-file checkpoint."""
     from transformers import CLIPTokenizer
 
-    if tokenizer and Path(tokenizer).is_dir():
-        return CLIPTokenizer.from_pretrained(tokenizer)
-    expected = tokenizer or str(Path(pretrained).parent / "tokenizer")
-    if Path(expected).is_dir():
-        return CLIPTokenizer.from_pretrained(expected)
-    raise MissingWeightsError("SD2.1 tokenizer (vocab.json, merges.txt)", expected,
-                              f"https://huggingface.co/{SD21_HUB_ID}/tree/main/tokenizer")
+    if tokenizer:  # named explicitly: no silent fallback to another vocabulary
+        folder = Path(os.path.expanduser(str(tokenizer)))
+        if not _is_tokenizer_folder(folder):
+            raise MissingTokenizerError([f"network.backbone.tokenizer = {folder}"])
+        return CLIPTokenizer.from_pretrained(str(folder))
+    candidates: list[tuple[str, Any]] = []  # (what, folder or a callable giving one)
+    if pretrained:
+        path = Path(os.path.expanduser(str(pretrained)))
+        if path.is_dir():
+            candidates.append((str(path / "tokenizer"), path / "tokenizer"))
+        elif _looks_like_hub_id(str(pretrained)):
+            candidates.append((f"hub id {pretrained} (HF cache, or network unless HF_HUB_OFFLINE=1)",
+                               lambda: _hub_tokenizer_folder(str(pretrained))))
+    if near is not None:
+        candidates.append((str(Path(near).parent / "tokenizer"), Path(near).parent / "tokenizer"))
+    for _, where in candidates:
+        folder = where() if callable(where) else where
+        if folder is not None and _is_tokenizer_folder(folder):
+            return CLIPTokenizer.from_pretrained(str(folder))
+    raise MissingTokenizerError([what for what, _ in candidates] or ["network.backbone.tokenizer (unset)"])
+
+
+# the files a CLIP tokenizer folder holds: the SD2.1 repo's slow-tokenizer pair, or what transformers 5 saves
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+def _is_tokenizer_folder(folder: Path) -> bool:
+    # transformers 5 builds a 2-token tokenizer from a folder without these files instead of failing
+    return any(all((folder / f).is_file() for f in names) for names in TOKENIZER_FILES)
+
+
+def _hub_tokenizer_folder(repo: str) -> Path | None:
+    """The `tokenizer/` folder of hub repo `repo` in the HF cache (downloaded unless HF_HUB_OFFLINE=1), or None."""
+    from huggingface_hub import hf_hub_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    for names in TOKENIZER_FILES:
+        try:
+            files = [hf_hub_download(repo, name, subfolder="tokenizer", local_files_only=offline) for name in names]
+        except (OSError, ValueError) as e:  # not cached / no network / no such repo (hub errors are OSError)
+            log.debug("tokenizer %s of %s not available: %s", names, repo, e)
+            continue
+        return Path(files[0]).parent
+    return None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`owner/name` with no path-like start or weights suffix (`load_backbone` treats those as local files)."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and Path(name).suffix not in (".ckpt", ".safetensors", ".pt"))
 
 
 def _from_diffusers(where: str, local_only: bool) -> Backbone:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from cmsrd.classes import BY_NAME
 from cmsrd.errors import InputError
-from cmsrd.io import atomic_path, atomic_write_text
+from cmsrd.io import atomic_path, atomic_write_text, sha256_file
 
 from ..base import Batch, SRMethod, TrainContext
 from ..conditions import Conditions
@@ -34,7 +34,7 @@ from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, trai
 from ..seeding import Generators
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
 from .backbone import (
-    LATENT_SCALE, _load_tokenizer, backbone_from_original_state, load_backbone, load_text_tower, random_backbone,
+    LATENT_SCALE, backbone_from_original_state, load_backbone, load_text_tower, random_backbone, resolve_tokenizer,
     set_trainable,
 )
 from .convert import convert_official, detect_variant, find_flow_files, is_official, load_strict, load_torch_state
@@ -73,7 +73,10 @@ class SGDMBase(SRMethod):
             if on_meta:  # structure only (parameter counts): no weights are read, whatever the source
                 bb = random_backbone(geometry_name, overrides)
             elif official is not None:  # the authors' .ckpt holds the whole SD2.1 backbone
-                tok = _load_tokenizer(bcfg.get("tokenizer"), str(ckpt))
+                tok = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), ckpt)
+                if bcfg.get("pretrained") is not None:
+                    log.info("%s: backbone weights from %s; backbone.pretrained (%s) not read for weights",
+                             spec.name, ckpt, bcfg.get("pretrained"))
                 bb = backbone_from_original_state(official, geometry_name, tok, f"official:{Path(ckpt)}", overrides)
             else:
                 bb = load_backbone(bcfg.get("pretrained"), geometry_name, bcfg.get("tokenizer"), overrides)
@@ -225,7 +228,7 @@ class SGDMBase(SRMethod):
         else:
             self._load_ours(state, path)
         if self.flows is not None and not (self.config.get("flows") or {}).keys() & {"mean", "std"}:
-            self._load_flows_near(path.parent)
+            self._load_flows_near(path)
         self.loaded_from = path
 
     def _load_official_frozen(self, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -240,7 +243,7 @@ class SGDMBase(SRMethod):
         if any(k.startswith("cond_stage_model.model.") for k in state):
             if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
                 bcfg = (self.config.get("network") or {}).get("backbone") or {}
-                self.tokenizer = _load_tokenizer(bcfg.get("tokenizer"), str(path))
+                self.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
                 self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
             load_text_tower(self.text_encoder, state, str(path))
             self.prompt_encoder.clear()
@@ -269,13 +272,23 @@ class SGDMBase(SRMethod):
         if groups["flows"]:
             load_strict(self.flows, groups["flows"], f"checkpoint {path} (flows)")
 
-    def _load_flows_near(self, directory: Path) -> None:
-        """Stage-2 `flows.safetensors`, else the official flow files (`convert.FLOW_FILES`) in `directory`."""
+    def _load_flows_near(self, checkpoint: Path) -> None:
+        """Stage-2 `flows.safetensors`, else the official flow files (`convert.FLOW_FILES`), next to `checkpoint`.
+        Our flows are fitted to one stage-1 file's style encoder (recorded as `stage1_weights`): loading them
+        with another checkpoint is allowed (the style space drifts, not the shapes) but logged as a warning."""
+        directory = checkpoint.parent
         ours = directory / FLOWS_FILE
         if ours.is_file():
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             load_strict(self.flows, load_file(str(ours)), f"flows {ours}")
+            with safe_open(str(ours), "pt") as f:
+                fitted_to = json.loads((f.metadata() or {}).get("stage1_weights", "null"))
+            if fitted_to and (fitted_to.get("name") != checkpoint.name or fitted_to.get("sha256") != sha256_file(checkpoint)):
+                log.warning("%s: %s were fitted to the style encoder of %s (sha256 %.12s), not of %s; run that "
+                            "file, or re-run stage 2 for this one", self.spec.name, ours, fitted_to.get("name"),
+                            fitted_to.get("sha256"), checkpoint.name)
             log.info("%s: style flows from %s", self.spec.name, ours)
             return
         official = find_flow_files(directory)
@@ -364,7 +377,8 @@ class SGDMPlus(SGDMBase):
 
         Reads `model-best.safetensors` from `out_dir` when present (else `model.safetensors`) unless a
         checkpoint was loaded. Writes `style_mean.npy`, `style_std.npy`, `flows.safetensors` and
-        `flows_history.json` to `out_dir` (next to the stage-1 checkpoint, where `load_checkpoint` finds the flows)."""
+        `flows_history.json` to `out_dir` (next to the stage-1 checkpoint, where `load_checkpoint` finds the flows);
+        both record `stage1_weights` (name, sha256 of the stage-1 file whose style encoder the flows model)."""
         if stage != 2:
             return super().run_stage(stage, data_root, train_cfg, out_dir)
         from safetensors.torch import save_file
@@ -396,9 +410,12 @@ class SGDMPlus(SGDMBase):
         finally:
             self.flows.requires_grad_(False)
         state = {k: v.detach().cpu().contiguous() for k, v in self.flows.state_dict().items()}
+        # the flows model this file's style space: recorded so `_load_flows_near` can spot another stage-1 file
+        stage1_weights = {"name": self.loaded_from.name, "sha256": sha256_file(self.loaded_from)}
         with atomic_path(out_dir / FLOWS_FILE) as tmp:
-            save_file(state, str(tmp))
-        atomic_write_text(out_dir / "flows_history.json", json.dumps({"n": len(means), **history}))
+            save_file(state, str(tmp), metadata={"stage1_weights": json.dumps(stage1_weights)})
+        atomic_write_text(out_dir / "flows_history.json",
+                          json.dumps({"n": len(means), "stage1_weights": stage1_weights, **history}))
 
 
 FLOW_HINT = "`flows: {mean: PATH, std: PATH}` in the config, or flow_tanh_mini_mean/_std next to the checkpoint"
@@ -410,17 +427,29 @@ def _has_backbone(state: dict[str, torch.Tensor]) -> bool:
                                       for p in ("first_stage_model.", "cond_stage_model.model."))
 
 
+STYLE_MIN_PX = 16  # the style encoder downsamples 8x, then takes a spatial (unbiased) std: >= 2 x 2 values
+
+
 def _check_inputs(batch: Batch) -> None:
-    """sr/map/style must be N x 3 x H x W in [0, 1] with sr's size (the map is rendered at HR size): one
-    InputError instead of a shape error inside SPADE or a map matching no class colour."""
+    """sr/map/style must be N x 3 x H x W in [0, 1]; the map at sr's size (it is rendered at HR size), the
+    style image at any size of at least STYLE_MIN_PX (the style encoder keeps only global channel statistics,
+    so any reference image works): one InputError instead of a shape error inside SPADE, a NaN style or a
+    map matching no class colour."""
     sr = batch["sr"]
+    n = sr.shape[0]
     for key in ("sr", "map", "style"):
         x = batch.get(key)
         if x is None:
             continue
-        if tuple(x.shape) != tuple(sr.shape) or x.shape[1] != 3:
-            raise InputError(f"{key} of shape {tuple(x.shape)}", f"expected N x 3 x H x W = {(sr.shape[0], 3, *sr.shape[2:])}"
-                             " (the size of sr)", f"give {key} at the SR/HR size, e.g. render the map at HR size")
+        if key == "style":
+            if x.ndim != 4 or x.shape[:2] != (n, 3) or min(x.shape[2:]) < STYLE_MIN_PX:
+                raise InputError(f"style of shape {tuple(x.shape)}", f"expected N x 3 x H x W with N = {n} and "
+                                 f"H, W >= {STYLE_MIN_PX} (any size otherwise)",
+                                 "give one RGB style image per sr image")
+        elif tuple(x.shape) != (n, 3, *sr.shape[2:]):
+            raise InputError(f"{key} of shape {tuple(x.shape)}", f"expected N x 3 x H x W = {(n, 3, *sr.shape[2:])}"
+                             " (the size of sr)",
+                             "render the map at the SR/HR size" if key == "map" else "give sr as N x 3 x H x W")
         lo, hi = float(x.min()), float(x.max())
         if lo < -1e-4 or hi > 1 + 1e-4:
             raise InputError(f"{key} values", f"span [{lo:.3g}, {hi:.3g}], expected [0, 1]",
