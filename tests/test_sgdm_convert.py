@@ -464,3 +464,20 @@ def test_official_ckpt_of_another_geometry_is_one_input_error(tiny_official, ove
         overrides["unet"] = {**LPB2["network"]["backbone"]["overrides"]["unet"], **override["unet"]}
     with pytest.raises(InputError, match=rf"\({part}\): does not match the model.*shape mismatches \['"):
         build("sgdm", 32, {**_net(tokenizer=str(tok), overrides=overrides), "checkpoint": str(ckpt)})
+
+
+def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(tiny_official):
+    """`registry.build(load_checkpoint=False)` (a resumed training run) restores only trained tensors and
+    buffers from the run; the frozen UNet body, VAE and text tower exist only in the official file, so SGDM
+    reads it anyway (with `pretrained: null` a skip would resume on a random backbone)."""
+    from baselines import registry
+    from baselines.train import resumable_state
+
+    src, ckpt, tok = tiny_official
+    m = registry.build("sgdm", 32, {**_net(tokenizer=str(tok)), "checkpoint": str(ckpt)}, load_checkpoint=False)
+    assert m.loaded_from == ckpt
+    for part in ("unet", "vae", "text_encoder"):
+        assert _same(getattr(m, part), getattr(src, part)), part
+    saved = resumable_state(m, m.configure_optimizers({}))
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in saved)  # what a resume cannot restore
+    assert "unet.conv_in.weight" not in saved

@@ -295,3 +295,23 @@ def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path
     with pytest.raises(InputError, match="val_conditions 'default'.*style=gt"):
         train("sgdm+", tiny_dataset, tmp_path / "run3", config=cfg, progress=False)
     assert not (tmp_path / "run3" / "train_log.csv").exists()
+
+
+@pytest.mark.parametrize("name,scale", [("sgdm", 32), ("sgdm+", 16), ("sgdm-nomap", 32)])
+def test_shipped_configs_pass_the_train_key_check(name, scale):
+    """SGDM declares the `train.*` keys it reads, so the trainer refuses a misspelt one; every shipped
+    config (defaults and the small/tiny overlays) must pass."""
+    from baselines import registry
+    from baselines.train import check_train_keys
+
+    method = build(name, scale, TINY, device="meta")
+    for overlay in ("sgdm-small.yaml", "sgdm-tiny.yaml", None):
+        cfg = registry.get(name).default_config()
+        if overlay:
+            cfg = registry.merge_config(cfg, registry.load_yaml(registry.CONFIG_DIR / overlay))
+        check_train_keys(cfg["train"], method)
+    with pytest.raises(InputError, match="train.gradient_checkpoint.*did you mean gradient_checkpointing"):
+        check_train_keys({"gradient_checkpoint": True}, method)
+    if name != "sgdm+":  # only SGDM+ has stage-2 flows
+        with pytest.raises(InputError, match="train.flows"):
+            check_train_keys({"flows": {"epochs": 1}}, method)

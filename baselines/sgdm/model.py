@@ -53,9 +53,16 @@ class SGDMBase(SRMethod):
     trainer records in checkpoints, so the runner rebuilds the same geometry), `sampler` {name, steps},
     `train` {gradient_checkpointing, lr, ...}, `flows` (stage-2 training; sgdm+ also {mean, std}: flow files
     to load), `checkpoint` (loaded at build; an official SGDM .ckpt also supplies the UNet, VAE and text
-    encoder, so `pretrained` is not read and only the tokenizer is needed)."""
+    encoder, so `pretrained` is not read for weights and only the tokenizer is needed).
+
+    `checkpoint` is read at build even when `registry.build(load_checkpoint=False)` (a resumed training run):
+    besides the trained tensors, which the run's own checkpoint then replaces, it supplies frozen parts that
+    a training checkpoint does not store (`train.resumable_state`): the SD2.1 backbone of an official file and
+    style flows. Skipping it would resume on a different frozen backbone or on untrained flows."""
 
     variant = "simu"
+    # `train.*` keys read here beyond the trainer's own (configure_optimizers, __init__)
+    train_keys = frozenset({"lr", "weight_decay", "gradient_checkpointing"})
 
     def __init__(self, spec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
@@ -324,6 +331,7 @@ class SGDMPlus(SGDMBase):
     """Real-world x16 model with style guidance (image, GT, shuffled) or flow-sampled styles."""
 
     variant = "real"
+    train_keys = SGDMBase.train_keys | {"flows"}  # stage 2: `train.flows` over the top-level `flows`
 
     def _style_stats(self, batch: Batch, cond: Conditions, generator: Generators):
         """None (style from the batch's style image) or flow samples. With neither, an InputError: the
