@@ -481,3 +481,14 @@ def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(ti
     saved = resumable_state(m, m.configure_optimizers({}))
     assert not any(k.startswith(("vae.", "text_encoder.")) for k in saved)  # what a resume cannot restore
     assert "unet.conv_in.weight" not in saved
+
+
+def test_meta_build_reads_no_file_and_named_flows_need_sgdm_plus(tmp_path):
+    """Regression: a meta build (parameter counts) read the whole checkpoint (an official one also needed the
+    tokenizer); `flows: {mean, std}` was silently ignored by the variants without flows."""
+    gone = {"checkpoint": str(tmp_path / "absent.ckpt"), "flows": {"mean": str(tmp_path / "m"), "std": str(tmp_path / "s")}}
+    m = build("sgdm+", 16, {**TINY, **gone}, device="meta")
+    assert m.loaded_from is None and m.parameter_counts()[0] > 0
+    for name in ("sgdm", "sgdm-nomap"):
+        with pytest.raises(InputError, match=rf"config flows.mean: {name} has no style flows"):
+            build(name, 32, {**TINY, "flows": gone["flows"]})

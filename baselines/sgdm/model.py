@@ -106,11 +106,16 @@ class SGDMBase(SRMethod):
         make_scheduler(self.sampler_name, self.default_steps)  # validate early
         if (config.get("train") or {}).get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
-        if not on_meta:
-            self.to(device)
+        named_flows = (config.get("flows") or {}).keys() & {"mean", "std"}
+        if named_flows and self.flows is None:
+            raise InputError(f"config flows.{sorted(named_flows)[0]}", f"{spec.name} has no style flows (only sgdm+ does)",
+                             "remove flows.mean/flows.std from this config")
+        if on_meta:  # structure only: no file is read
+            return
+        self.to(device)
         if ckpt:
             self.load_checkpoint(ckpt, state)
-        if self.flows is not None and (config.get("flows") or {}).keys() & {"mean", "std"}:
+        if named_flows:
             self._load_named_flows(config["flows"])
 
     # ---- pieces ---------------------------------------------------------------------------------
