@@ -492,3 +492,21 @@ def test_meta_build_reads_no_file_and_named_flows_need_sgdm_plus(tmp_path):
     for name in ("sgdm", "sgdm-nomap"):
         with pytest.raises(InputError, match=rf"config flows.mean: {name} has no style flows"):
             build(name, 32, {**TINY, "flows": gone["flows"]})
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_metadata_the_safe_loader_cannot_rebuild_says_how_to_extract_the_weights(tmp_path, zip_format):
+    """Regression: a non-empty dict subclass in the metadata (weights_only refuses SETITEMS on it) or a legacy
+    non-zip file surfaced torch's advice to set weights_only=False, and the fix named the file just given."""
+    import collections
+
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "callbacks": collections.defaultdict(list, {"a": [1]})}, path,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(InputError, match="training metadata this loader cannot rebuild safely") as err:
+        load_torch_state(path)
+    msg = str(err.value)
+    assert "weights_only` set to `False`" not in msg and "extract its weights once" in msg and f"p = '{path}'" in msg
+    assert ("legacy non-zip torch format" in msg) != zip_format
+    if zip_format:
+        assert "collections.defaultdict" in msg

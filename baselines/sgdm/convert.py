@@ -16,6 +16,8 @@ everything but `state_dict`. A checkpoint naming anything else (e.g. `os.system`
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,11 @@ METADATA_MODULES = frozenset({"pytorch_lightning", "lightning", "lightning_fabri
 # builtin types that omegaconf metadata names (`object_type=dict`); never eval/exec/getattr and the like
 METADATA_BUILTINS = frozenset(f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float", "str", "bool",
                                                         "bytes", "frozenset", "object"))
+STATE_FIX = "pass the authors' .ckpt, a flow .pt state dict, or a .safetensors file"
+# what to do with a file whose metadata cannot be loaded safely: extract the weights once where it is trusted
+EXTRACT_FIX = ("in an environment where you trust the file, extract its weights once: python -c \"import torch; "
+               "p = 'FILE'; torch.save(torch.load(p, weights_only=False)['state_dict'], p + '.weights.pt')\" "
+               "(or save that dict with safetensors.torch.save_file) and pass the new file")
 
 
 class _Inert:
@@ -56,14 +63,15 @@ def _metadata_stubs(path: Path) -> list[tuple[type, str]]:
     when one is not training metadata."""
     try:
         names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # legacy (non-zip) or damaged file: the weights-only load below reports it
+    except Exception:  # legacy (non-zip) or damaged file: the weights-only load below reports which
         return []
     refused = [n for n in names if n.split(".")[0] not in METADATA_MODULES and n not in METADATA_BUILTINS]
     if refused:
         raise InputError(f"checkpoint {path}", f"its pickle references {', '.join(refused[:5])}, which is not "
                          "checkpoint metadata; refusing to unpickle it",
                          "load only the authors' released files, or re-save the weights as .safetensors")
-    return [(type(n.rpartition(".")[2], (_Inert,), {}), n) for n in names]
+    # each stub carries the real name, so an error naming it names what the file holds
+    return [(type(n.rpartition(".")[2], (_Inert,), {"__module__": n.rpartition(".")[0]}), n) for n in names]
 
 
 def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -79,18 +87,30 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals(stubs):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refused part of the pickle
+        legacy = "" if zipfile.is_zipfile(path) else " (legacy non-zip torch format: its pickle cannot be scanned first)"
+        raise InputError(f"checkpoint {path}", f"holds training metadata this loader cannot rebuild safely{legacy}: "
+                         f"{_unpickler_reason(e)}", EXTRACT_FIX.replace("FILE", str(path))) from e
+    except Exception as e:  # truncated or damaged files, non-torch files
         raise InputError(f"checkpoint {path}", f"cannot be read as a tensor state dict ({type(e).__name__}: {e})",
-                         "pass the authors' .ckpt, a flow .pt state dict, or a .safetensors file") from e
+                         STATE_FIX) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise InputError(f"checkpoint {path}", f"holds a {type(state).__name__}, not a state dict")
+        raise InputError(f"checkpoint {path}", f"holds a {type(state).__name__}, not a state dict", STATE_FIX)
     odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if odd:
-        raise InputError(f"checkpoint {path}", f"its state dict holds non-tensor entries, e.g. {odd[:3]}",
-                         "pass the authors' .ckpt, a flow state dict, or a .safetensors file")
+        raise InputError(f"checkpoint {path}", f"its state dict holds non-tensor entries, e.g. {odd[:3]}", STATE_FIX)
     return state
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The one informative sentence of torch's weights-only error (not its advice to set weights_only=False,
+    which this loader never does)."""
+    text = str(e)
+    head, found, tail = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (tail if found else text).split("Check the documentation")[0].splitlines() if ln.strip()]
+    return lines[0].split(". Please use")[0] if lines else type(e).__name__
 
 
 def is_official(state: dict[str, Any]) -> bool:
