@@ -510,3 +510,35 @@ def test_metadata_the_safe_loader_cannot_rebuild_says_how_to_extract_the_weights
     assert ("legacy non-zip torch format" in msg) != zip_format
     if zip_format:
         assert "collections.defaultdict" in msg
+
+
+def _with_metadata(path: Path, ops: bytes) -> None:
+    """A torch.save zip whose pickle also sets top-level "meta" to the result of the raw pickle opcodes `ops`."""
+    import zipfile
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    with zipfile.ZipFile(path) as z:
+        data = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in data if n.endswith("data.pkl"))
+    assert data[pkl].endswith(b".")
+    data[pkl] = data[pkl][:-1] + b"X\x04\x00\x00\x00meta" + ops + b"s."  # SETITEM on the top dict, STOP
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for n, b in data.items():
+            z.writestr(n, b)
+
+
+def _str(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw  # BINUNICODE
+
+
+@pytest.mark.parametrize("call", ["numpy\nsave", "numpy\nsavetxt", "pathlib\nPosixPath", "collections\nnamedtuple"])
+def test_importable_metadata_callables_are_never_run(tmp_path, call):
+    """Names from the metadata modules are importable (numpy.save would write a file): the loader must bind
+    them to inert stubs, never to the real objects. The REDUCE below would create `marker` if it ran."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "m.ckpt"
+    _with_metadata(path, b"c" + call.encode() + b"\n" + _str(str(marker)) + _str("x") + b"\x86R")  # f(marker, "x")
+    state = load_torch_state(path)
+    assert list(state) == ["w"]
+    assert not list(tmp_path.glob("marker*")), "a metadata callable ran"
