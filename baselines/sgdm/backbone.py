@@ -180,21 +180,30 @@ def backbone_from_original_state(
     `first_stage_model.*`, `cond_stage_model.model.*`) using diffusers' own ldm converters."""
     u, v, t = geometry(geometry_name, overrides)
     unet, vae, text = _build_modules(u, v, t)
-    load_original_unet_vae(unet, vae, state, source)
-    load_text_tower(text, state, source)
+    load_original_parts(unet, vae, text, state, source)
     return Backbone(unet, vae, text, tokenizer, source)
 
 
-def load_original_unet_vae(unet: nn.Module, vae: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """UNet (`model.diffusion_model.*`) and VAE (`first_stage_model.*`) of an original-layout state, through
-    diffusers' ldm converters; a key or shape mismatch (wrong `geometry`/`overrides`) is one InputError."""
+def load_original_parts(unet: nn.Module, vae: nn.Module, text: nn.Module, state: dict[str, torch.Tensor], source: str,
+                        required: bool = True) -> list[str]:
+    """Load an original-layout state (`model.diffusion_model.*`, `first_stage_model.*`,
+    `cond_stage_model.model.*`) into built modules through diffusers' ldm converters; returns the parts
+    loaded. The UNet is always loaded; the VAE and text tower only when present unless `required`. A key or
+    shape mismatch (wrong `geometry`/`overrides`) is one InputError, as for every other checkpoint."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     load_strict(unet, convert_ldm_unet_checkpoint(state, unet.config), f"checkpoint {source} (UNet)")
+    parts = ["UNet"]
     vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
-    if not vae_state:
+    if vae_state:
+        load_strict(vae, convert_ldm_vae_checkpoint(vae_state, vae.config), f"checkpoint {source} (VAE)")
+        parts.append("VAE")
+    elif required:
         raise InputError(f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint")
-    load_strict(vae, convert_ldm_vae_checkpoint(vae_state, vae.config), f"checkpoint {source} (VAE)")
+    if required or any(k.startswith("cond_stage_model.model.") for k in state):
+        load_text_tower(text, state, source)
+        parts.append("text encoder")
+    return parts
 
 
 def load_text_tower(text: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -87,11 +87,12 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals(stubs):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the weights-only unpickler refused part of the pickle
-        legacy = "" if zipfile.is_zipfile(path) else " (legacy non-zip torch format: its pickle cannot be scanned first)"
-        raise InputError(f"checkpoint {path}", f"holds training metadata this loader cannot rebuild safely{legacy}: "
-                         f"{_unpickler_reason(e)}", EXTRACT_FIX.replace("FILE", str(path))) from e
-    except Exception as e:  # truncated or damaged files, non-torch files
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and _is_torch_file(path):  # weights-only refused part of the pickle
+            legacy = "" if zipfile.is_zipfile(path) else " (legacy non-zip torch format: its pickle cannot be scanned first)"
+            raise InputError(f"checkpoint {path}", f"holds training metadata this loader cannot rebuild safely{legacy}: "
+                             f"{_unpickler_reason(e)}", EXTRACT_FIX.replace("FILE", str(path))) from e
+        # truncated or damaged files, non-torch files
         raise InputError(f"checkpoint {path}", f"cannot be read as a tensor state dict ({type(e).__name__}: {e})",
                          STATE_FIX) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -102,6 +103,14 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     if odd:
         raise InputError(f"checkpoint {path}", f"its state dict holds non-tensor entries, e.g. {odd[:3]}", STATE_FIX)
     return state
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A torch.save file: a zip, or the legacy format (a pickle: protocol 2+ starts with PROTO 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _unpickler_reason(e: Exception) -> str:
@@ -115,6 +124,12 @@ def _unpickler_reason(e: Exception) -> str:
 
 def is_official(state: dict[str, Any]) -> bool:
     return any(k.startswith(UNET_PREFIX) for k in state) and any(k.startswith(ADAPTER_PREFIX) for k in state)
+
+
+def has_backbone(state: dict[str, Any]) -> bool:
+    """An official SGDM checkpoint carrying the whole SD2.1 backbone (UNet, VAE, text tower), as released."""
+    return is_official(state) and all(any(k.startswith(p) for k in state)
+                                      for p in ("first_stage_model.", "cond_stage_model.model."))
 
 
 def detect_variant(state: dict[str, Any]) -> str:
@@ -135,8 +150,12 @@ def convert_official(state: dict[str, torch.Tensor], unet_config: Any) -> dict[s
     if not is_official(state):
         raise InputError("checkpoint", "is not an SGDM Lightning checkpoint (needs model.diffusion_model.* and adapter.*)")
     unet = convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}, unet_config)
-    adapter = {k[len(ADAPTER_PREFIX):]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
-    return {"unet": unet, "adapter": adapter}
+    return {"unet": unet, "adapter": adapter_state(state)}
+
+
+def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`SGDMAdapter` keys of an official state (the authors' attribute names: only the prefix goes)."""
+    return {k[len(ADAPTER_PREFIX):]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

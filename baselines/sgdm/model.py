@@ -34,10 +34,10 @@ from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, trai
 from ..seeding import Generators
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
 from .backbone import (
-    LATENT_SCALE, backbone_from_original_state, load_backbone, load_text_tower, random_backbone, resolve_tokenizer,
+    LATENT_SCALE, backbone_from_original_state, load_backbone, load_original_parts, random_backbone, resolve_tokenizer,
     set_trainable,
 )
-from .convert import convert_official, detect_variant, find_flow_files, is_official, load_strict, load_torch_state
+from .convert import adapter_state, detect_variant, find_flow_files, has_backbone, is_official, load_strict, load_torch_state
 from .flows import FlowTrainConfig, StyleFlows, train_style_flows
 from .prompt import PromptEncoder, prompts_from_maps
 
@@ -72,7 +72,7 @@ class SGDMBase(SRMethod):
         ckpt = config.get("checkpoint")
         # an official .ckpt is read once, here: it may carry the whole backbone
         state = None if on_meta or not ckpt or Path(ckpt).suffix == ".safetensors" else load_torch_state(Path(ckpt))
-        official = state if state is not None and _has_backbone(state) else None
+        official = state if state is not None and has_backbone(state) else None
         geometry_name, overrides = bcfg.get("geometry", "sd21-base"), bcfg.get("overrides")
         # random init is built directly on the target device (fast on GPU, free on meta)
         build_on = torch.device(device) if on_meta or (official is None and bcfg.get("pretrained") is None) else None
@@ -114,7 +114,7 @@ class SGDMBase(SRMethod):
             return
         self.to(device)
         if ckpt:
-            self.load_checkpoint(ckpt, state)
+            self.load_checkpoint(ckpt, state, backbone_loaded=official is not None)
         if named_flows:
             self._load_named_flows(config["flows"])
 
@@ -222,9 +222,11 @@ class SGDMBase(SRMethod):
             out.update({f"flows.{k}": v for k, v in self.flows.state_dict().items()})
         return out
 
-    def load_checkpoint(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    def load_checkpoint(self, path: str | Path, state: dict[str, torch.Tensor] | None = None,
+                        backbone_loaded: bool = False) -> None:
         """Load our safetensors (from the trainer) or the authors' Lightning `.ckpt` (`state`: that file,
-        already read); flows found next to it unless the config names them (`flows: {mean, std}`)."""
+        already read; `backbone_loaded`: its UNet, VAE and text tower were built from it, so only the adapter
+        is left); flows found next to it unless the config names them (`flows: {mean, std}`)."""
         path = Path(path)
         state = load_torch_state(path) if state is None else state
         if is_official(state):
@@ -232,35 +234,24 @@ class SGDMBase(SRMethod):
             if found != self.variant:
                 raise InputError(f"checkpoint {path}", f"is an official {found!r} model, this method is {self.variant!r}",
                                  "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap")
-            conv = convert_official(state, self.unet.config)
-            if self.backbone_source != f"official:{path}":  # else the UNet, VAE and text came from this file at build
-                load_strict(self.unet, conv["unet"], f"checkpoint {path} (UNet)")
-                self._load_official_frozen(state, path)
-            load_strict(self.adapter, conv["adapter"], f"checkpoint {path} (adapter)")
+            if not backbone_loaded:
+                self._load_official_backbone(state, path)
+            load_strict(self.adapter, adapter_state(state), f"checkpoint {path} (adapter)")
         else:
             self._load_ours(state, path)
         if self.flows is not None and not (self.config.get("flows") or {}).keys() & {"mean", "std"}:
             self._load_flows_near(path)
         self.loaded_from = path
 
-    def _load_official_frozen(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        """The VAE and text tower of an official checkpoint over an already built backbone."""
-        if not any(k.startswith("first_stage_model.") for k in state):
-            return
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-        vae_state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
-        self.vae.load_state_dict(convert_ldm_vae_checkpoint(vae_state, self.vae.config), strict=True)
-        parts = "UNet and VAE"
-        if any(k.startswith("cond_stage_model.model.") for k in state):
-            if self.backbone_source.startswith("random:"):  # real text weights need the real vocabulary
-                bcfg = (self.config.get("network") or {}).get("backbone") or {}
-                self.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
-                self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
-            load_text_tower(self.text_encoder, state, str(path))
-            self.prompt_encoder.clear()
-            parts = "UNet, VAE and text encoder"
-        log.info("%s: %s loaded from %s", self.spec.name, parts, path)
+    def _load_official_backbone(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """The UNet, and the VAE and text tower when present, of an official checkpoint over a built backbone."""
+        if self.backbone_source.startswith("random:") and any(k.startswith("cond_stage_model.model.") for k in state):
+            bcfg = (self.config.get("network") or {}).get("backbone") or {}  # real text weights need the real vocabulary
+            self.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
+            self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        parts = load_original_parts(self.unet, self.vae, self.text_encoder, state, str(path), required=False)
+        self.prompt_encoder.clear()
+        log.info("%s: %s loaded from %s", self.spec.name, ", ".join(parts), path)
         self.backbone_source = f"official:{path}"
 
     def _load_ours(self, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -432,12 +423,6 @@ class SGDMPlus(SGDMBase):
 
 
 FLOW_HINT = "`flows: {mean: PATH, std: PATH}` in the config, or flow_tanh_mini_mean/_std next to the checkpoint"
-
-
-def _has_backbone(state: dict[str, torch.Tensor]) -> bool:
-    """An official SGDM checkpoint carrying the whole SD2.1 backbone (UNet, VAE, text tower), as released."""
-    return is_official(state) and all(any(k.startswith(p) for k in state)
-                                      for p in ("first_stage_model.", "cond_stage_model.model."))
 
 
 STYLE_MIN_PX = 16  # the style encoder downsamples 8x, then takes a spatial (unbiased) std: >= 2 x 2 values
