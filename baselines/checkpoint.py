@@ -166,6 +166,19 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what
     raise InputError(what, f"does not match the model: {problem}", hint or "use a checkpoint of the same architecture, size and scale as the config")
 
 
+# ---- what a training run publishes ---------------------------------------------------------------------
+
+EXPORT_FILE = "model.safetensors"  # the weights of the last step (EMA when the method uses it)
+BEST_EXPORT_FILE = "model-best.safetensors"  # the best validation so far, with `train.keep_best`
+
+
+def run_weights(folder: str | Path) -> Path | None:
+    """The weights a training run folder publishes: its best-validated export when the run kept one
+    (`train.keep_best`, as the official SGDM ModelCheckpoint), else the last; None when it has neither."""
+    folder = Path(folder)
+    return next((p for p in (folder / BEST_EXPORT_FILE, folder / EXPORT_FILE) if p.is_file()), None)
+
+
 # ---- resumable training state ------------------------------------------------------------------------
 
 STATE_PT = "train_state.pt"

@@ -83,6 +83,8 @@ from cmsrd.io import atomic_path, atomic_write_text
 from .base import SRMethod, TrainContext
 from .conditions import Conditions, apply_conditions, partners
 from .checkpoint import (
+    BEST_EXPORT_FILE,
+    EXPORT_FILE,
     latest_checkpoint,
     load_strict,
     load_training_checkpoint,
@@ -488,8 +490,8 @@ class Trainer:
         finally:
             bar.close()
         return {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
-                "weights": str(self.out_dir / "model.safetensors"), "val": last_val,
-                **({"best": dict(self.best, weights=str(self.out_dir / "model-best.safetensors"))} if self.best else {})}
+                "weights": str(self.out_dir / EXPORT_FILE), "val": last_val,
+                **({"best": dict(self.best, weights=str(self.out_dir / BEST_EXPORT_FILE))} if self.best else {})}
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _one_step(self, batches: Iterator[dict], optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
@@ -630,8 +632,8 @@ class Trainer:
         if not math.isfinite(value) or (self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"])):
             return
         self.best = {"metric": self.keep_best, "value": value, "step": self.step}
-        self._export(self.out_dir / "model-best.safetensors", ema)
-        doc = {**self.best, "elapsed_s": round(self.train_seconds, 3), "condition": val["condition"], "weights": "model-best.safetensors",
+        self._export(self.out_dir / BEST_EXPORT_FILE, ema)
+        doc = {**self.best, "elapsed_s": round(self.train_seconds, 3), "condition": val["condition"], "weights": BEST_EXPORT_FILE,
                "definition": get_metric(self.keep_best).describe(int(self.cfg["val_crop_border"]))}
         atomic_write_text(self.out_dir / "best.json", json.dumps(doc, indent=2) + "\n")
 
@@ -661,7 +663,7 @@ class Trainer:
                                                    "train_seconds": self.train_seconds, "best": self.best},
             keep=int(self.cfg.get("keep_checkpoints") or 0),
         )
-        self._export(self.out_dir / "model.safetensors", ema)
+        self._export(self.out_dir / EXPORT_FILE, ema)
 
     def _export(self, path: Path, ema: AveragedModel | None) -> None:
         """The weights `method.load_checkpoint` reads (EMA when used), written atomically."""

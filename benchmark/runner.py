@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from baselines import registry
 from baselines import weights as wcache
-from baselines.checkpoint import read_metadata
+from baselines.checkpoint import BEST_EXPORT_FILE, EXPORT_FILE, read_metadata, run_weights
 from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
 from baselines.inference import method_inputs, super_resolve_batch
 from baselines.seeding import SEED_RULE, seeded_generators
@@ -127,10 +127,17 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict[str, Path]) -> Path | None:
-    """Weights file for a method: `--weights name=PATH`, else the manifest entry for (method, scale),
+    """Weights file for a method: `--weights name=PATH` (a file, or a training run folder: its
+    model-best.safetensors when kept, else model.safetensors), else the manifest entry for (method, scale),
     else none for interpolation methods. Raises MissingWeightsError / InputError otherwise."""
     if name in given:
         path = Path(given[name]).expanduser()
+        if path.is_dir():
+            found = run_weights(path)
+            if found is None:
+                raise InputError(f"--weights {name}={path}", f"is a folder without {BEST_EXPORT_FILE} or {EXPORT_FILE}",
+                                 "give a checkpoint file, or the --out folder of a `cmsrd-bench train` run")
+            return found
         if not path.is_file():
             raise InputError(f"--weights {name}={path}", "file not found", "give the path of a checkpoint file")
         return path

@@ -10,7 +10,7 @@ import click
 from cmsrd.errors import InputError
 
 
-def _parse_pairs(items: tuple[str, ...], option: str = "--weights", example: str = "esrgan=runs/esrgan/best.safetensors") -> dict[str, Path]:
+def _parse_pairs(items: tuple[str, ...], option: str = "--weights", example: str = "esrgan=runs/esrgan/model.safetensors") -> dict[str, Path]:
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -38,7 +38,8 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
                    "weights, config, seed, precision, dataset, split and condition; others are refused (see --overwrite).")
 @click.option("--overwrite", is_flag=True,
               help="Delete the SR folder of every method x condition of this run in --out first and redo it (no resume).")
-@click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Checkpoint of a method (repeatable).")
+@click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Checkpoint of a method, or a `cmsrd-bench train` run folder (its model-best.safetensors when "
+                   "kept, else model.safetensors); repeatable.")
 @click.option("--config", "configs", multiple=True, metavar="NAME=YAML",
               help="Method config merged over its default (repeatable), e.g. local SD2.1 backbone/tokenizer paths for "
                    "SGDM-real.ckpt. Over a checkpoint's recorded network it may change only pretrained/tokenizer paths.")

@@ -552,3 +552,20 @@ def test_method_setup_is_resolved_once_per_run(tiny_dataset, tmp_path, mapcopy_w
     monkeypatch.setattr(runner, "read_metadata", lambda p: calls.append(p) or orig(p))
     info = run_benchmark(cfg())  # both folders exist: checked up front, then resumed
     assert all(v["resumed"] for v in info["methods"].values()) and calls == [mapcopy_weights]
+
+
+def test_weights_may_name_a_training_run_folder(tiny_dataset, tmp_path):
+    """`--weights NAME=RUN` takes the run's best-validated export when it kept one, else its last one."""
+    run = tmp_path / "train-run"
+    run.mkdir()
+    last = _mapcopy_weights(run / "model.safetensors", 1.0)
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "a", methods=["test_mapcopy"], weights={"test_mapcopy": run}))
+    assert info["methods"]["test_mapcopy|default"]["weights_sha256"] == sha256_file(last)
+    best = _mapcopy_weights(run / "model-best.safetensors", 0.5)
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "b", methods=["test_mapcopy"], weights={"test_mapcopy": run}))
+    assert info["methods"]["test_mapcopy|default"]["weights_sha256"] == sha256_file(best)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "c", methods=["test_mapcopy"], weights={"test_mapcopy": empty}))
+    m = info["methods"]["test_mapcopy|default"]
+    assert m["status"] == "failed" and "model-best.safetensors or model.safetensors" in m["reason"]

@@ -29,6 +29,7 @@ from cmsrd.errors import InputError
 from cmsrd.io import atomic_path, atomic_write_text, sha256_file
 
 from ..base import Batch, SRMethod, TrainContext
+from ..checkpoint import run_weights
 from ..conditions import Conditions
 from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
 from ..seeding import Generators
@@ -390,7 +391,7 @@ class SGDMPlus(SGDMBase):
         out_dir = Path(out_dir)
         if self.loaded_from is None:
             # the LPIPS-best stage-1 weights (train.keep_best, as the official ModelCheckpoint), else the last
-            stage1 = next((p for p in (out_dir / "model-best.safetensors", out_dir / "model.safetensors") if p.is_file()), None)
+            stage1 = run_weights(out_dir)
             if stage1 is None:
                 raise InputError(
                     f"stage 2 of {self.spec.name}", "needs the stage-1 weights (the style encoder), none were loaded",
