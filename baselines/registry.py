@@ -167,7 +167,7 @@ def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = No
     (any method) is loaded after the build unless `load_checkpoint` is False (a resumed training run takes
     its weights from its own checkpoint, and the start file may be gone). A method that reads it while
     building (SGDM: an official .ckpt also carries the backbone, so no separate SD2.1 download is needed)
-    has set `loaded_from` and is left as is.
+    has set `loaded_from` and is left as is; `load_checkpoint=False` does not stop such a method reading it.
     """
     spec = get(name)
     if scale not in spec.scales:

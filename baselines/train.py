@@ -23,7 +23,9 @@ whose `type` changes (e.g. `optim_g: {type: AdamW, lr: ...}` over the default Ad
 block whole, so give all of its arguments. `train.*` keys other than the trainer's (`DEFAULTS`) and those the
 method reads (`SRMethod.train_keys`) are refused. A top-level `checkpoint:` initialises the method's weights
 when a run starts (ESRGAN/SwinIR: the generator; ESRGAN refuses it together with `train.pretrain_network_g`,
-which names the same start weights); a `--resume` does not read it, the weights come from the run's checkpoint.
+which names the same start weights); a `--resume` does not read it, the weights come from the run's checkpoint
+(ESRGAN/SwinIR; SGDM reads it on resume too, because its frozen backbone and flows are not in training
+checkpoints; see baselines/sgdm/README.md).
 
 Output folder:
     config.yaml            the effective config (trainer defaults filled in), written when the run starts; values
@@ -313,7 +315,7 @@ class Trainer:
     ):
         self.method, self.data_root, self.out_dir = method, Path(data_root), Path(out_dir)
         given = method.config.get("train") or {}
-        check_train_keys(given, method)
+        check_train_keys(given, method)  # train() checked already; this covers direct Trainer users
         self.cfg = {**DEFAULTS, **given}
         self.device = resolve_device(device)
         self.total_steps = int(self.cfg["total_steps"])
@@ -700,16 +702,20 @@ class Trainer:
         return state["rng"]
 
 
-def check_train_keys(train_cfg: dict[str, Any], method: SRMethod) -> None:
+def check_train_keys(train_cfg: dict[str, Any], method: SRMethod | type[SRMethod], name: str | None = None) -> None:
     """Refuse `train.*` keys neither the trainer (`DEFAULTS`) nor the method (`train_keys`) reads: a misspelt
-    `btach_size` would otherwise train with the default. Methods that declare no `train_keys` are not checked."""
-    if method.train_keys is None:
+    `btach_size` would otherwise train with the default. `method` may be the class, so `train()` can check
+    before building (an SGDM build reads GBs of weights); `name` then names it in the error.
+    Methods that declare no `train_keys` are not checked."""
+    keys = method.train_keys
+    if keys is None:
         return
-    accepted = DEFAULTS.keys() | method.train_keys
+    name = name or method.spec.name
+    accepted = DEFAULTS.keys() | keys
     for key in train_cfg:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)
-            raise InputError(f"train.{key}", f"is not a key of the trainer or of {method.spec.name}" + (f" (did you mean {close[0]}?)" if close else ""),
+            raise InputError(f"train.{key}", f"is not a key of the trainer or of {name}" + (f" (did you mean {close[0]}?)" if close else ""),
                              f"use one of: {', '.join(sorted(accepted))}")
 
 
@@ -774,7 +780,9 @@ def train(
         raise InputError(f"dataset {data_root}", f"has scale x{layout.scale} but --scale {scale} was asked for", f"use a x{scale} dataset or --scale {layout.scale}")
     spec = registry.get(method_name)
     override = registry.load_yaml(config) if isinstance(config, (str, Path)) else (config or {})
-    seed = int((registry.merge_config(spec.default_config(), override).get("train") or {}).get("seed", DEFAULTS["seed"]))
+    merged_train = registry.merge_config(spec.default_config(), override).get("train") or {}
+    check_train_keys(merged_train, registry.resolve_class(spec), spec.name)  # every stage, before the (costly) build
+    seed = int(merged_train.get("seed", DEFAULTS["seed"]))
     torch.manual_seed(seed)  # random init is part of the run: the same seed gives the same network
     # a resumed run's weights come from its own checkpoint: `checkpoint:` (the start file) is not read again
     resuming = stage == 1 and resume and latest_checkpoint(Path(out_dir) / "checkpoints") is not None

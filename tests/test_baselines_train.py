@@ -427,6 +427,18 @@ def test_unknown_train_keys_are_refused(tiny_dataset, tmp_path, name, net, key, 
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("name,stage,key,match", [
+    ("esrgan", 1, "btach_size", r"train\.btach_size: .*did you mean batch_size"),
+    ("sgdm+", 2, "flow", r"train\.flow: .*did you mean flows"),  # stage 2 goes to run_stage, not the Trainer
+])
+def test_train_keys_are_checked_before_the_build_at_every_stage(tiny_dataset, tmp_path, monkeypatch, name, stage, key, match):
+    """The check runs on the merged config before `registry.build`: an SGDM build reads GBs of weights first."""
+    monkeypatch.setattr(registry, "build", lambda *a, **k: pytest.fail("built before the train keys were checked"))
+    with pytest.raises(InputError, match=match):
+        train(name, tiny_dataset, tmp_path / "x", config={"train": {key: {"epochs": 1}}}, stage=stage, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_keys_of_the_method_and_undeclared_methods_are_accepted(tiny_dataset, tmp_path, monkeypatch):
     from baselines.swinir import SwinIRMethod
     from baselines.train import Trainer
