@@ -121,18 +121,41 @@ def group_runs(names: Sequence[str], infos: Sequence[dict[str, Any]]) -> tuple[l
     return groups, of_run
 
 
+def run_labels(runs: Sequence[str | Path]) -> list[str]:
+    """The shortest path suffix that tells each run apart (`exp_cpu/bench`, `exp_gpu/bench`; a lone name stays
+    `bench`): rows, notes and the per-device timing ranking are keyed by it, so two runs must never share one."""
+    paths = [Path(r).resolve() for r in runs]
+    seen: dict[Path, int] = {}
+    for i, p in enumerate(paths):
+        if p in seen:
+            raise InputError("RUN", f"{runs[i]} is given twice (also as {runs[seen[p]]})", "pass each run folder once")
+        seen[p] = i
+
+    def suffix(p: Path, k: int) -> str:
+        return "/".join(p.parts[-k:])
+
+    labels = []
+    for p in paths:
+        k = 1
+        while k < len(p.parts) and sum(suffix(q, k) == suffix(p, k) for q in paths) > 1:
+            k += 1
+        labels.append(suffix(p, k))
+    return labels
+
+
 def load_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, list[Group]]:
     """Merged leaderboard (with `run` and `group` columns) and the comparability groups."""
     if not runs:
         raise InputError("RUN", "no runs given", "pass one or more folders written by `cmsrd-bench run`")
+    labels = run_labels(runs)
     frames, infos = [], []
-    for r in runs:
+    for r, label in zip(runs, labels):
         board, _, info = lb.read_run(r)
-        board.insert(0, "run", Path(r).name)
+        board.insert(0, "run", label)
         board["_run_dir"] = str(Path(r).resolve())
         frames.append(board)
         infos.append(info)
-    groups, of_run = group_runs([Path(r).name for r in runs], infos)
+    groups, of_run = group_runs(labels, infos)
     for frame, g in zip(frames, of_run):
         frame.insert(1, "group", g)
     return pd.concat(frames, ignore_index=True), groups

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 from benchmark import leaderboard as lb
 from benchmark.report import best_rows, load_runs
 from benchmark.runner import RunConfig, run_benchmark
+from cmsrd.errors import InputError
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -217,6 +220,37 @@ def test_timing_is_marked_only_among_rows_of_one_device_and_precision(bench_runs
         assert _cell(sec, "cpu2", col).startswith("**") and not _cell(sec, "cpu", col).startswith("**")
     assert sum(_cell(sec, r, "psnr_y").startswith("**") for r in ("cpu", "gpu", "cpu2")) == 3  # ranked across: all equal
     assert "same device (GPU name, or CPU) and precision" in md
+
+
+def test_runs_sharing_a_folder_name_keep_their_own_label_and_timing_rank(bench_runs, tmp_path):
+    """`cpu/bench` and `h100/bench` (the Makefile always writes `.../bench`): each row is labelled by the
+    shortest distinguishing path and ranked on its own device, in report.md and in index.html alike."""
+    from benchmark.report import render_report
+
+    r1, _ = bench_runs
+    cpu = _copy_run(r1, tmp_path / "cpu" / "bench")
+    gpu = _copy_run(r1, tmp_path / "h100" / "bench", device={"device": "cuda", "gpu": "NVIDIA H100"}, precision="bf16")
+    board = pd.read_csv(gpu / lb.LEADERBOARD_CSV)
+    board["images_per_s"] *= 10
+    board["sec_per_image"] /= 10
+    board.to_csv(gpu / lb.LEADERBOARD_CSV, index=False)
+    render_report([cpu, gpu], tmp_path / "rep", samples=0)
+    sec = _sections((tmp_path / "rep" / "report.md").read_text())["Leaderboard"]
+    for col in ("images_per_s", "sec_per_image"):
+        assert _cell(sec, "cpu/bench", col).startswith("**") and _cell(sec, "h100/bench", col).startswith("**")
+    page = (tmp_path / "rep" / "index.html").read_text()
+    head = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+    col = next(i for i, h in enumerate(head) if h.startswith("images_per_s"))
+    for run in ("cpu/bench", "h100/bench"):
+        row = next(r for r in re.findall(r"<tr class=\"ok\">(.*?)</tr>", page, re.S) if f">{run}<" in r)
+        assert re.findall(r'<td class="([^"]*)"', row)[col] == "best"
+    assert set(pd.read_csv(tmp_path / "rep" / lb.LEADERBOARD_CSV)["run"]) == {"cpu/bench", "h100/bench"}
+
+
+def test_the_same_run_twice_is_refused(bench_runs):
+    r1, _ = bench_runs
+    with pytest.raises(InputError, match="given twice"):
+        load_runs([r1, Path(str(r1) + "/")])
 
 
 def test_merged_report_keeps_each_runs_metric_failure(tiny_dataset, tmp_path, monkeypatch):
