@@ -65,8 +65,8 @@ class Group:
         self.infos.append(info)
         self.runs.append(run)
         for n, m in info.get("metrics", {}).items():
-            if n not in self.metrics or self.metrics[n].get("status") in ("skipped", "failed"):  # not ok only if not ok everywhere
-                self.metrics[n] = dict(m)
+            # meaning only (equal within a group, see `conflicts`); why a run has no numbers is in `notes`
+            self.metrics.setdefault(n, {"direction": m.get("direction"), "definition": m.get("definition")})
             if lb.status_note(m):  # kept per run: another run's numbers must not hide why this run's cells are empty
                 self.notes.setdefault(n, []).append(f"{run}: {lb.status_note(m)}")
 
@@ -166,7 +166,7 @@ def merged_metrics(groups: Sequence[Group]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for n in dict.fromkeys(n for g in groups for n in g.metrics):
         defs = {g.number: g.metrics[n] for g in groups if n in g.metrics}
-        first = next((m for m in defs.values() if m.get("status") != "skipped"), next(iter(defs.values())))
+        first = next(iter(defs.values()))
         if len({m.get("definition") for m in defs.values()}) == 1:
             out[n] = {"direction": first.get("direction"), "definition": first.get("definition")}
         else:
