@@ -39,9 +39,9 @@ class SRMethod(nn.Module):
     """Base class. Subclasses build their networks in `__init__(spec, scale, config, device)`."""
 
     # `train.*` keys the method reads beyond the trainer's own (`baselines.train.DEFAULTS`); the trainer
-    # refuses any other key, so a misspelt one is an error instead of a silent default. None: not declared
-    # (the keys are then not checked).
-    train_keys: frozenset[str] | None = None
+    # refuses any other key, so a misspelt one is an error instead of a silent default. Empty by default:
+    # a method that forgets to declare its keys gets them refused, not silently unchecked.
+    train_keys: frozenset[str] = frozenset()
 
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__()

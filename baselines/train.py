@@ -705,13 +705,9 @@ class Trainer:
 def check_train_keys(train_cfg: dict[str, Any], method: SRMethod | type[SRMethod], name: str | None = None) -> None:
     """Refuse `train.*` keys neither the trainer (`DEFAULTS`) nor the method (`train_keys`) reads: a misspelt
     `btach_size` would otherwise train with the default. `method` may be the class, so `train()` can check
-    before building (an SGDM build reads GBs of weights); `name` then names it in the error.
-    Methods that declare no `train_keys` are not checked."""
-    keys = method.train_keys
-    if keys is None:
-        return
+    before building (an SGDM build reads GBs of weights); `name` then names it in the error."""
     name = name or method.spec.name
-    accepted = DEFAULTS.keys() | keys
+    accepted = DEFAULTS.keys() | method.train_keys
     for key in train_cfg:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)

@@ -439,10 +439,13 @@ def test_train_keys_are_checked_before_the_build_at_every_stage(tiny_dataset, tm
     assert not (tmp_path / "x").exists()
 
 
-def test_train_keys_of_the_method_and_undeclared_methods_are_accepted(tiny_dataset, tmp_path, monkeypatch):
+def test_train_keys_of_the_method_are_accepted_and_undeclared_ones_refused(tiny_dataset, tmp_path, monkeypatch):
+    from baselines.base import SRMethod
     from baselines.swinir import SwinIRMethod
     from baselines.train import Trainer
 
     Trainer(registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")), tiny_dataset, tmp_path / "e")
-    monkeypatch.setattr(SwinIRMethod, "train_keys", None)  # not declared (as SGDM today): not checked
-    Trainer(registry.build("swinir", 16, cfg(SWIN, anything=1)), tiny_dataset, tmp_path / "s")
+    # a method that forgets to declare its keys gets only the trainer's: a forgotten attribute is not an opt-out
+    monkeypatch.setattr(SwinIRMethod, "train_keys", SRMethod.train_keys)
+    with pytest.raises(InputError, match=r"train\.optim_g: is not a key of the trainer or of swinir"):
+        Trainer(registry.build("swinir", 16, cfg(SWIN)), tiny_dataset, tmp_path / "s")
