@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from baselines.sgdm import build
 from baselines.sgdm.adapter import SGDMAdapter
-from baselines.sgdm.backbone import SD21_UNET
+from baselines.sgdm.backbone import SD21_UNET, char_tokenizer
 from baselines.sgdm.convert import convert_official, detect_variant, load_strict, load_torch_state
 from baselines.sgdm.flows import create_flow
 from cmsrd.errors import InputError
@@ -432,6 +432,11 @@ def test_official_ckpt_takes_the_tokenizer_from_pretrained(tiny_official, tmp_pa
     m = build("sgdm", 32, {**_net(pretrained=str(tmp_path / "sd21"), tokenizer=None), "checkpoint": str(lone)})
     assert m.backbone_source == f"official:{lone}" and m.tokenizer("water, land, ").input_ids == ids
     assert _same(m.unet, src.unet)
+    # `pretrained:` as a single-file SD checkpoint: its folder's tokenizer/ (as load_backbone uses it)
+    (tmp_path / "sd21" / "v2-1_512-ema-pruned.ckpt").write_bytes(b"not read")
+    m = build("sgdm", 32, {**_net(pretrained=str(tmp_path / "sd21" / "v2-1_512-ema-pruned.ckpt"), tokenizer=None),
+                           "checkpoint": str(lone)})
+    assert m.tokenizer("water, land, ").input_ids == ids
 
     repo = tmp_path / "hub" / "models--stabilityai--stable-diffusion-2-1-base"
     shutil.copytree(tok, repo / "snapshots" / "abc" / "tokenizer")
@@ -451,6 +456,39 @@ def test_official_ckpt_takes_the_tokenizer_from_pretrained(tiny_official, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingWeightsError, match="network.backbone.tokenizer = .*empty"):  # no vocab.json
         build("sgdm", 32, {**_net(tokenizer=str(tmp_path / "empty")), "checkpoint": str(ckpt)})
+
+
+def test_incomplete_tokenizer_folder_is_refused_at_build(tiny_official, tmp_path):
+    """Regression: vocab.json + merges.txt alone loaded with model_max_length 1e30 and <|endoftext|> padding,
+    and the first super_resolve died with OverflowError; the folder is now refused when the model is built."""
+    import shutil
+
+    _, ckpt, _ = tiny_official
+    import os
+    import tempfile
+
+    char = char_tokenizer()  # writes its vocab.json + merges.txt there
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(Path(tempfile.gettempdir()) / f"cmsrd-char-tokenizer-{os.getuid()}" / f, tmp_path / f)
+    with pytest.raises(InputError, match=r"incomplete \(no tokenizer_config.json.*special_tokens_map.json"):
+        build("sgdm", 32, {**_net(tokenizer=str(tmp_path)), "checkpoint": str(ckpt)})
+    char.model_max_length = int(1e30)
+    char.save_pretrained(str(tmp_path / "long"))
+    with pytest.raises(InputError, match="model_max_length 1000000000000000019884624838656 \\(expected 77"):
+        build("sgdm", 32, {**_net(tokenizer=str(tmp_path / "long")), "checkpoint": str(ckpt)})
+
+
+def test_local_tokenizer_beside_the_ckpt_is_used_before_the_hub(tiny_official, tmp_path, monkeypatch):
+    """Regression: with the default hub id as `pretrained`, every build went to the network (about 47 s of
+    retries offline) before using the tokenizer/ folder beside the .ckpt."""
+    from baselines.sgdm import backbone
+
+    src, ckpt, tok = tiny_official
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(backbone, "_hub_tokenizer_folder", lambda *a, **k: pytest.fail("hub tried before local"))
+    m = build("sgdm", 32, {**_net(pretrained="stabilityai/stable-diffusion-2-1-base", tokenizer=None),
+                           "checkpoint": str(ckpt)})
+    assert m.tokenizer("water, ").input_ids == src.tokenizer("water, ").input_ids
 
 
 @pytest.mark.parametrize("override,part", [({"unet": {"block_out_channels": [32, 64, 128, 256]}}, "UNet"),

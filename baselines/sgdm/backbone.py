@@ -245,66 +245,94 @@ class MissingTokenizerError(MissingWeightsError):
 
     def __init__(self, tried: list[str]):
         InputError.__init__(
-            self, "weights 'SD2.1 tokenizer' (a folder with vocab.json + merges.txt, or tokenizer.json)",
+            self, f"weights 'SD2.1 tokenizer' (the {TOKENIZER_WHAT})",
             f"not found (looked in: {'; '.join(tried)})",
-            "set network.backbone.tokenizer to a tokenizer folder (download "
+            "set network.backbone.tokenizer to a tokenizer folder (download all files of "
             f"https://huggingface.co/{SD21_HUB_ID}/tree/main/tokenizer), or point backbone.pretrained at an SD2.1 "
             "diffusers folder or a filled HF cache")
         self.expected_path = tried[0]
 
 
 def resolve_tokenizer(tokenizer: str | None, pretrained: str | None, near: str | Path | None = None):
-    """The SD2.1 tokenizer, from the first that has it: `tokenizer` (a folder); `<pretrained>/tokenizer` when
-    `pretrained` is a diffusers folder; the hub id `pretrained` (the HF cache, or the network unless
-    HF_HUB_OFFLINE=1); a `tokenizer` folder beside the single-file checkpoint `near`.
+    """The SD2.1 tokenizer, from the first that has it: `tokenizer` (a folder); `<pretrained>/tokenizer` (a
+    diffusers folder) or `<its folder>/tokenizer` (a single-file SD checkpoint); a `tokenizer` folder beside the
+    single-file checkpoint `near`; the hub id `pretrained` in the HF cache; last, that hub id downloaded (unless
+    HF_HUB_OFFLINE=1). Local folders come first so a build never waits on the network when one is there.
 
     Only the tokenizer is read from `pretrained` here: the weights then come from the single-file checkpoint."""
-    from transformers import CLIPTokenizer
-
     if tokenizer:  # named explicitly: no silent fallback to another vocabulary
         folder = Path(os.path.expanduser(str(tokenizer)))
-        if not _is_tokenizer_folder(folder):
+        if not _has_tokenizer(folder):
             raise MissingTokenizerError([f"network.backbone.tokenizer = {folder}"])
-        return CLIPTokenizer.from_pretrained(str(folder))
+        return _load_tokenizer(folder)
     candidates: list[tuple[str, Any]] = []  # (what, folder or a callable giving one)
+    hub = None
     if pretrained:
         path = Path(os.path.expanduser(str(pretrained)))
         if path.is_dir():
             candidates.append((str(path / "tokenizer"), path / "tokenizer"))
+        elif path.is_file():
+            candidates.append((str(path.parent / "tokenizer"), path.parent / "tokenizer"))
         elif _looks_like_hub_id(str(pretrained)):
-            candidates.append((f"hub id {pretrained} (HF cache, or network unless HF_HUB_OFFLINE=1)",
-                               lambda: _hub_tokenizer_folder(str(pretrained))))
+            hub = str(pretrained)
     if near is not None:
         candidates.append((str(Path(near).parent / "tokenizer"), Path(near).parent / "tokenizer"))
+    if hub is not None:
+        candidates.append((f"hub id {hub} (HF cache)", lambda: _hub_tokenizer_folder(hub, local_only=True)))
+        if os.environ.get("HF_HUB_OFFLINE") != "1":
+            candidates.append((f"hub id {hub} (download)", lambda: _hub_tokenizer_folder(hub, local_only=False)))
     for _, where in candidates:
         folder = where() if callable(where) else where
-        if folder is not None and _is_tokenizer_folder(folder):
-            return CLIPTokenizer.from_pretrained(str(folder))
+        if folder is not None and _has_tokenizer(folder):
+            return _load_tokenizer(folder)
     raise MissingTokenizerError([what for what, _ in candidates] or ["network.backbone.tokenizer (unset)"])
 
 
-# the files a CLIP tokenizer folder holds: the SD2.1 repo's slow-tokenizer pair, or what transformers 5 saves
-TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+# A CLIP tokenizer folder: the SD2.1 repo's slow-tokenizer files, or what transformers 5 saves. Without
+# tokenizer_config.json transformers gives model_max_length 1e30 (padding then overflows) and, without the
+# special tokens of special_tokens_map.json / tokenizer_config.json, pads with <|endoftext|> instead of "!".
+TOKENIZER_FILES = (("vocab.json", "merges.txt", "tokenizer_config.json"), ("tokenizer.json", "tokenizer_config.json"))
+TOKENIZER_WHAT = ("SD2.1 tokenizer/ folder, all of its files: vocab.json, merges.txt, tokenizer_config.json, "
+                  "special_tokens_map.json")
+TEXT_MAX_LENGTH = 77  # max_position_embeddings of SD2.1's text tower (and of the tiny test geometry)
+SD21_VOCAB_SIZE, SD21_PAD_ID = 49408, 0  # OpenCLIP pads with "!" (id 0); SD2.1 was trained with that padding
 
 
-def _is_tokenizer_folder(folder: Path) -> bool:
-    # transformers 5 builds a 2-token tokenizer from a folder without these files instead of failing
-    return any(all((folder / f).is_file() for f in names) for names in TOKENIZER_FILES)
+def _has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer vocabulary at all (complete or not: `_load_tokenizer` checks that)."""
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
-def _hub_tokenizer_folder(repo: str) -> Path | None:
-    """The `tokenizer/` folder of hub repo `repo` in the HF cache (downloaded unless HF_HUB_OFFLINE=1), or None."""
-    from huggingface_hub import hf_hub_download
+def _load_tokenizer(folder: Path):
+    """The CLIP tokenizer in `folder`, or an InputError when the folder lacks the files that set its length and
+    padding (transformers 5 loads such a folder without complaint and the first prompt then fails)."""
+    from transformers import CLIPTokenizer
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    for names in TOKENIZER_FILES:
-        try:
-            files = [hf_hub_download(repo, name, subfolder="tokenizer", local_files_only=offline) for name in names]
-        except (OSError, ValueError) as e:  # not cached / no network / no such repo (hub errors are OSError)
-            log.debug("tokenizer %s of %s not available: %s", names, repo, e)
-            continue
-        return Path(files[0]).parent
-    return None
+    if not any(all((folder / f).is_file() for f in names) for names in TOKENIZER_FILES):
+        raise InputError(f"tokenizer folder {folder}", "is incomplete (no tokenizer_config.json next to the vocabulary)",
+                         f"use the {TOKENIZER_WHAT}")
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    wrong = []
+    if tok.model_max_length != TEXT_MAX_LENGTH:
+        wrong.append(f"model_max_length {tok.model_max_length} (expected {TEXT_MAX_LENGTH}, set in tokenizer_config.json)")
+    if len(tok) == SD21_VOCAB_SIZE and tok.pad_token_id != SD21_PAD_ID:
+        wrong.append(f"pad token {tok.pad_token!r} (expected '!' = id 0, set in special_tokens_map.json)")
+    if wrong:
+        raise InputError(f"tokenizer folder {folder}", "is not the SD2.1 tokenizer as configured: " + "; ".join(wrong),
+                         f"use the {TOKENIZER_WHAT}")
+    return tok
+
+
+def _hub_tokenizer_folder(repo: str, local_only: bool) -> Path | None:
+    """The `tokenizer/` folder of hub repo `repo` (all its files) in the HF cache, downloaded first unless
+    `local_only`, or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["tokenizer/*"], local_files_only=local_only)) / "tokenizer"
+    except (OSError, ValueError) as e:  # not cached / no network / no such repo (hub errors are OSError)
+        log.debug("tokenizer of %s not available (local_only=%s): %s", repo, local_only, e)
+        return None
 
 
 def _looks_like_hub_id(name: str) -> bool:
