@@ -9,7 +9,7 @@ import click
 from baselines import weights as wcache
 
 
-def metric_weights(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[str]]:
+def metric_weights() -> dict[str, list[str]]:
     """`metric:<name>` -> the manifest keys that metric loads, taken from `benchmark.metrics.METRICS`.
 
     METRICS is what `cmsrd-bench run` resolves, so it (not the manifest's `used_by` tags, which a test keeps
@@ -21,14 +21,14 @@ def metric_weights(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[st
 
 
 def _not_in_manifest(key: str) -> str:
-    return (f"  {'absent':8s} {key}: not in the manifest {wcache.manifest_path()}  -> add its entry "
-            f"(copy it from {wcache.MANIFEST_PATH})")
+    """One wording for `verify` and `fetch`: a metric's file the (custom) manifest has no entry for."""
+    return f"{key}: not in the manifest {wcache.manifest_path()} -> add its entry (copy it from {wcache.MANIFEST_PATH})"
 
 
 def _users_by_key(manifest: dict[str, wcache.WeightEntry]) -> dict[str, list[str]]:
     """key -> its users: metrics from METRICS, methods and cross-checks from the manifest's `used_by`."""
     users = {k: [u for u in e.used_by if not u.startswith("metric:")] for k, e in manifest.items()}
-    for user, keys in metric_weights(manifest).items():
+    for user, keys in metric_weights().items():
         for k in keys:
             if k in manifest:
                 users[k].append(user)
@@ -69,7 +69,7 @@ def verify_command(keys: tuple[str, ...]) -> None:
     for k in selected:
         for u in by_key[k] or ["unused"]:
             users.setdefault(u, []).append(k)
-    absent = {} if keys else {u: [k for k in ks if k not in manifest] for u, ks in metric_weights(manifest).items()}
+    absent = {} if keys else {u: [k for k in ks if k not in manifest] for u, ks in metric_weights().items()}
     absent = {u: ks for u, ks in absent.items() if ks}
     for u in absent:
         users.setdefault(u, [])
@@ -79,7 +79,7 @@ def verify_command(keys: tuple[str, ...]) -> None:
         ready = "ready" if all(s == "present" for s in states) and user not in absent else "NOT ready"
         click.echo(f"{user}: {ready}")
         for k in absent.get(user, []):
-            click.echo(_not_in_manifest(k))
+            click.echo(f"  {'absent':8s} {_not_in_manifest(k)}")
         for k in users[user]:
             c, e = checks[k], manifest[k]
             line = f"  {c.status:8s} {e.file}"
@@ -115,12 +115,12 @@ def fetch_command(keys: tuple[str, ...], all_: bool, base_url: str | None, force
     elif all_:
         selected = list(manifest)
     else:
-        wanted = list(dict.fromkeys(k for keys_ in metric_weights(manifest).values() for k in keys_))
+        wanted = list(dict.fromkeys(k for keys_ in metric_weights().values() for k in keys_))
         selected = [k for k in wanted if k in manifest]
         for k in wanted:
             if k not in manifest:  # a custom manifest without a metric's file: nothing to fetch it from
                 failed += 1
-                click.echo(f"{'failed':16s} {k}: not in the manifest {wcache.manifest_path()} (copy its entry from {wcache.MANIFEST_PATH})")
+                click.echo(f"{'failed':16s} {_not_in_manifest(k)}")
 
     def show(r: wcache.FetchResult) -> None:
         nonlocal failed
