@@ -61,7 +61,7 @@ def run_command(data, methods, conditions, split, out, overwrite, weights, confi
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}", "must be >= 1")
     cfg = RunConfig(
-        data=data, out=out, methods=[m.strip() for m in methods.split(",") if m.strip()],
+        data=data, out=out, methods=methods,  # split, stripped and checked by runner.parse_methods
         conditions=[c.strip() for c in conditions.split(";") if c.strip()] or ["default"], split=split,
         weights=_parse_weights(weights), configs=_parse_pairs(configs, "--config", "sgdm+=sgdm-local.yaml"), skip_missing=skip_missing, crop_border=crop_border, device=device,
         batch_size=batch_size, metrics=metrics, seed=seed, precision=precision, limit=limit, command=list(sys.argv),

@@ -227,9 +227,13 @@ def test_cli_run(tiny_dataset, tmp_path):
     from benchmark.cli import cli
 
     out = tmp_path / "cli"
-    res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--methods", "bicubic", "--out", str(out),
+    res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--methods", " bicubic,,bicubic ", "--out", str(out),
                                    "--metrics", "psnr_y,ssim_y", "--crop-border", "16", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(out / "leaderboard.csv").method) == ["bicubic"]  # split, stripped, deduped once
+    res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--methods", "all-available,bicubic", "--out", str(out),
+                                   "--metrics", "psnr_y"])
+    assert isinstance(res.exception, InputError) and "mixes all-available" in str(res.exception)
     run = json.loads((out / "run.json").read_text())
     assert run["crop_border"] == 16 and "crop_border=16" in run["metrics"]["ssim_y"]["definition"]
     res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--out", str(out), "--weights", "oops"])
