@@ -8,7 +8,6 @@ selects an architecture from `ARCHS` and passes the rest to its constructor, as 
 from __future__ import annotations
 
 import copy
-import difflib
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
-from cmsrd.errors import InputError
+from cmsrd.errors import InputError, unknown_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -98,9 +97,7 @@ def build_arch(opt: dict[str, Any]) -> Any:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = [k for k in opt if k not in params]
         if unknown:
-            close = difflib.get_close_matches(unknown[0], params, n=1)
-            raise InputError(f"network.{unknown[0]}", f"is not a parameter of {type_}" + (f" (did you mean {close[0]}?)" if close else ""),
-                             f"use one of: {accepted}")
+            raise unknown_name(f"network.{unknown[0]}", f"is not a parameter of {type_}", unknown[0], params)
     try:
         return cls(**opt)
     except InputError:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
-import difflib
 import json
 import math
 import random
@@ -79,7 +78,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from benchmark.metrics import get as get_metric
-from cmsrd.errors import InputError, MissingWeightsError
+from cmsrd.errors import InputError, MissingWeightsError, unknown_name
 from cmsrd.io import atomic_path, atomic_write_text
 
 from .base import SRMethod, TrainContext
@@ -710,9 +709,7 @@ def check_train_keys(train_cfg: dict[str, Any], method: SRMethod | type[SRMethod
     accepted = DEFAULTS.keys() | method.train_keys
     for key in train_cfg:
         if key not in accepted:
-            close = difflib.get_close_matches(str(key), accepted, n=1)
-            raise InputError(f"train.{key}", f"is not a key of the trainer or of {name}" + (f" (did you mean {close[0]}?)" if close else ""),
-                             f"use one of: {', '.join(sorted(accepted))}")
+            raise unknown_name(f"train.{key}", f"is not a key of the trainer or of {name}", key, accepted)
 
 
 def _lpips_mode(cfg: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ polygons or that wrap across the antimeridian, inconsistent sizes.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -24,7 +23,7 @@ import shapely.validation
 import yaml
 from shapely.geometry import shape
 
-from .errors import InputError
+from .errors import InputError, unknown_name
 from .grid import AOI, MAX_LAT
 
 REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -180,11 +179,6 @@ class DatasetConfig:
 
 # ---- generic typed loading ------------------------------------------------------------------------
 
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else f"valid keys: {', '.join(sorted(valid))}"
-
-
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     args = get_args(tp)
@@ -238,7 +232,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise InputError(f"{where}.{key}" if where else str(key), "unknown key", _suggest(str(key), list(fields)))
+            raise unknown_name(f"{where}.{key}" if where else str(key), "unknown key", key, fields)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     missing = [
         n for n, f in fields.items()
@@ -253,9 +247,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        fix = f"did you mean `{close[0]}`?" if close else f"use one of {list(choices)}"
-        raise InputError(where, f"unknown value {value!r}", fix)
+        raise unknown_name(where, f"unknown value {value!r}", value, choices)
 
 
 def validate_config(cfg: DatasetConfig) -> DatasetConfig:

@@ -6,6 +6,9 @@ checkpoint) is wrong. The message always names the input and says how to fix it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class CMSRDError(Exception):
     """Base class of the toolkit's own errors."""
@@ -20,6 +23,15 @@ class InputError(CMSRDError, ValueError):
         if fix:
             msg += f" (fix: {fix})"
         super().__init__(msg)
+
+
+def unknown_name(what: str, problem: str, name: object, valid: Iterable[object]) -> InputError:
+    """The one error for a name that is not among `valid` (a config key, a network parameter, a `train.*` key,
+    a choice): the closest valid name in the problem when one is close, every valid name in the fix, so a
+    typo reads the same wherever it is made. Returned, for the caller to `raise`."""
+    names = sorted(str(v) for v in valid)
+    close = difflib.get_close_matches(str(name), names, n=1)
+    return InputError(what, problem + (f" (did you mean `{close[0]}`?)" if close else ""), f"use one of: {', '.join(names)}")
 
 
 class MissingWeightsError(InputError):

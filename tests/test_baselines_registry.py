@@ -38,12 +38,12 @@ def test_config_type_selects_architecture_and_scale_follows_method():
 
 
 @pytest.mark.parametrize("name,network,match", [
-    ("esrgan", {"num_feats": 32}, r"network\.num_feats: is not a parameter of RRDBNet \(did you mean num_feat\?\).*num_grow_ch"),
+    ("esrgan", {"num_feats": 32}, r"network\.num_feats: is not a parameter of RRDBNet \(did you mean `num_feat`\?\).*num_grow_ch"),
     ("esrgan", {"num_block": "x"}, r"network \(RRDBNet\): invalid value: RRDBNet num_block must be a positive integer"),
     ("esrgan", {"num_feat": 0}, r"num_feat must be a positive integer"),
     ("swinir", {"upsampler": "nearest+conv"}, r"network \(SwinIR\): invalid value: .*'nearest\+conv'.*parameters of SwinIR: upscale"),
     ("swinir", {"depths": 6}, r"network \(SwinIR\): invalid value"),
-    ("swinir", {"window": 8}, r"network\.window: is not a parameter of SwinIR \(did you mean window_size\?\)"),
+    ("swinir", {"window": 8}, r"network\.window: is not a parameter of SwinIR \(did you mean `window_size`\?\)"),
 ])
 def test_network_config_mistakes_are_one_clear_error(name, network, match):
     with pytest.raises(InputError, match=match):

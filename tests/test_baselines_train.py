@@ -417,8 +417,8 @@ def test_esrgan_refuses_two_start_files(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("name,net,key,match", [
-    ("esrgan", ESR, "btach_size", r"train\.btach_size: .*did you mean batch_size"),
-    ("esrgan", ESR, "ema_decya", r"train\.ema_decya: .*did you mean ema_decay"),
+    ("esrgan", ESR, "btach_size", r"train\.btach_size: .*did you mean `batch_size`"),
+    ("esrgan", ESR, "ema_decya", r"train\.ema_decya: .*did you mean `ema_decay`"),
     ("swinir", SWIN, "gan_weight", r"train\.gan_weight: is not a key of the trainer or of swinir"),  # an ESRGAN key
 ])
 def test_unknown_train_keys_are_refused(tiny_dataset, tmp_path, name, net, key, match):
@@ -428,8 +428,8 @@ def test_unknown_train_keys_are_refused(tiny_dataset, tmp_path, name, net, key, 
 
 
 @pytest.mark.parametrize("name,stage,key,match", [
-    ("esrgan", 1, "btach_size", r"train\.btach_size: .*did you mean batch_size"),
-    ("sgdm+", 2, "flow", r"train\.flow: .*did you mean flows"),  # stage 2 goes to run_stage, not the Trainer
+    ("esrgan", 1, "btach_size", r"train\.btach_size: .*did you mean `batch_size`"),
+    ("sgdm+", 2, "flow", r"train\.flow: .*did you mean `flows`"),  # stage 2 goes to run_stage, not the Trainer
 ])
 def test_train_keys_are_checked_before_the_build_at_every_stage(tiny_dataset, tmp_path, monkeypatch, name, stage, key, match):
     """The check runs on the merged config before `registry.build`: an SGDM build reads GBs of weights first."""
