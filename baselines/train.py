@@ -345,7 +345,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best validation (kept on resume)
         self.step = 0
         self._lpips: Any = None
-        self._val_metrics_text: str | None = None  # what val_metrics.json was last written with
+        self._val_metrics_written = False  # val_metrics.json: written at this process's first validation
 
     # ---- setup ----------------------------------------------------------------------------------
     def _datasets(self) -> tuple[Any, Any]:
@@ -477,7 +477,9 @@ class Trainer:
                     if self.step % int(cfg["val_every"]) == 0 or last or time_due:
                         last_val = self.validate(test_ds, ema)
                         val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
-                        self._write_val_metrics(test_ds, ema)
+                        if not self._val_metrics_written:  # nothing in it changes within a run (LPIPS is settled by validate)
+                            self._write_val_metrics(test_ds, ema)
+                            self._val_metrics_written = True
                         self._keep_if_best(last_val, ema)
                     interrupted = stop.requested and not last
                     if self.step % int(cfg["save_every"]) == 0 or last or interrupted:
@@ -619,10 +621,7 @@ class Trainer:
                "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
                "val_batch_size": int(self.cfg["val_batch_size"]), "precision": self.precision,
                "images_per_s": "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)"}
-        text = json.dumps(doc, indent=2) + "\n"
-        if text != self._val_metrics_text:  # once per run, again only if e.g. LPIPS turned out unavailable
-            atomic_write_text(self.out_dir / "val_metrics.json", text)
-            self._val_metrics_text = text
+        atomic_write_text(self.out_dir / "val_metrics.json", json.dumps(doc, indent=2) + "\n")
 
     def _keep_if_best(self, val: dict[str, Any], ema: AveragedModel | None) -> None:
         """With `train.keep_best`, export the weights when the metric improves (direction aware)."""

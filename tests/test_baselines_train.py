@@ -339,11 +339,12 @@ def test_validation_definitions_sidecar(tiny_dataset, tmp_path, monkeypatch):
     import baselines.train as tr
     from benchmark.metrics import get
 
-    writes = []
-    write = tr.atomic_write_text
+    writes, built = [], []
+    write, make_doc = tr.atomic_write_text, tr.Trainer._write_val_metrics
     monkeypatch.setattr(tr, "atomic_write_text", lambda path, text: (writes.append(path.name), write(path, text))[1])
+    monkeypatch.setattr(tr.Trainer, "_write_val_metrics", lambda self, *a: (built.append(self.step), make_doc(self, *a))[1])
     train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, ema_decay=0.9, val_crop_border=16, val_every=1), max_steps=4, progress=False)
-    assert writes.count("val_metrics.json") == 1  # 4 validations, definitions unchanged: written once
+    assert writes.count("val_metrics.json") == 1 and built == [1]  # 4 validations: the doc is built and written once, at the first
     doc = json.loads((tmp_path / "run" / "val_metrics.json").read_text())
     assert doc["psnr_y"] == get("psnr_y").describe(16) and "BT.601" in doc["psnr_y"] and "crop_border=16" in doc["psnr_y"]
     assert doc["lpips"].startswith("not computed")  # lpips off in these tests
