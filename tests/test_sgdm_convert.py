@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from baselines.sgdm import build
 from baselines.sgdm.adapter import SGDMAdapter
 from baselines.sgdm.backbone import SD21_UNET, char_tokenizer
-from baselines.sgdm.convert import convert_official, detect_variant, load_strict, load_torch_state
+from baselines.sgdm.convert import (_Inert, _metadata_stubs, convert_official, detect_variant, load_strict,
+                                   load_torch_state)
 from baselines.sgdm.flows import create_flow
 from cmsrd.errors import InputError
 
@@ -538,16 +539,43 @@ def test_metadata_the_safe_loader_cannot_rebuild_says_how_to_extract_the_weights
     non-zip file surfaced torch's advice to set weights_only=False, and the fix named the file just given."""
     import collections
 
-    path = tmp_path / "odd.ckpt"
+    path = tmp_path / "it's odd.ckpt"  # a quote in the path must not break the suggested command
     torch.save({"state_dict": {"w": torch.zeros(2)}, "callbacks": collections.defaultdict(list, {"a": [1]})}, path,
                _use_new_zipfile_serialization=zip_format)
     with pytest.raises(InputError, match="training metadata this loader cannot rebuild safely") as err:
         load_torch_state(path)
     msg = str(err.value)
-    assert "weights_only` set to `False`" not in msg and "extract its weights once" in msg and f"p = '{path}'" in msg
+    assert "weights_only` set to `False`" not in msg and "extract its weights once" in msg
     assert ("legacy non-zip torch format" in msg) != zip_format
-    if zip_format:
-        assert "collections.defaultdict" in msg
+    assert "collections.defaultdict" in msg
+    import shlex
+
+    argv = shlex.split(msg.split("once: ")[1].split(" (or save")[0])  # the suggested command, as a shell parses it
+    assert argv[:2] == ["python", "-c"]
+    exec(argv[2])  # on this trusted file
+    assert list(load_torch_state(f"{path}.weights.pt")) == ["w"]
+
+
+class _System:
+    def __reduce__(self):
+        return (__import__("os").system, ("true",))
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "pickle"])
+def test_code_in_any_pickle_format_is_refused_without_weights_only_false_advice(tmp_path, kind):
+    """Regression: a legacy torch file or a raw pickle calling os.system was called "training metadata" and the
+    fix suggested torch.load(weights_only=False); every format is now scanned (pickletools runs nothing) first."""
+    import pickle
+
+    path = tmp_path / "evil.ckpt"
+    obj = {"state_dict": {"w": torch.zeros(1)}, "x": _System()}
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=kind == "zip")
+    with pytest.raises(InputError, match=r"references .*(posix|os|nt)\.system.*not checkpoint metadata; refusing") as err:
+        load_torch_state(path)
+    assert "weights_only=False" not in str(err.value) and "training metadata" not in str(err.value)
 
 
 def _with_metadata(path: Path, ops: bytes) -> None:
@@ -579,4 +607,6 @@ def test_importable_metadata_callables_are_never_run(tmp_path, call):
     _with_metadata(path, b"c" + call.encode() + b"\n" + _str(str(marker)) + _str("x") + b"\x86R")  # f(marker, "x")
     state = load_torch_state(path)
     assert list(state) == ["w"]
+    with torch.serialization.safe_globals(_metadata_stubs(path)):  # what the loader binds, seen directly
+        assert isinstance(torch.load(path, weights_only=True)["meta"], _Inert)  # a real PosixPath would pass the rest
     assert not list(tmp_path.glob("marker*")), "a metadata callable ran"

@@ -38,10 +38,17 @@ METADATA_MODULES = frozenset({"pytorch_lightning", "lightning", "lightning_fabri
 METADATA_BUILTINS = frozenset(f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float", "str", "bool",
                                                         "bytes", "frozenset", "object"))
 STATE_FIX = "pass the authors' .ckpt, a flow .pt state dict, or a .safetensors file"
-# what to do with a file whose metadata cannot be loaded safely: extract the weights once where it is trusted
-EXTRACT_FIX = ("in an environment where you trust the file, extract its weights once: python -c \"import torch; "
-               "p = 'FILE'; torch.save(torch.load(p, weights_only=False)['state_dict'], p + '.weights.pt')\" "
-               "(or save that dict with safetensors.torch.save_file) and pass the new file")
+
+
+def _extract_fix(path: Path) -> str:
+    """What to do with a file whose metadata cannot be loaded safely: extract its weights once where it is trusted
+    (a shell-quoted command, valid for any path; plain state dicts work as well as Lightning files)."""
+    import shlex
+
+    code = (f"import torch; p = {str(path)!r}; o = torch.load(p, weights_only=False); "
+            "torch.save(o.get('state_dict', o) if isinstance(o, dict) else o, p + '.weights.pt')")
+    return (f"in an environment where you trust the file, extract its weights once: python -c {shlex.quote(code)} "
+            "(or save that dict with safetensors.torch.save_file) and pass the new file")
 
 
 class _Inert:
@@ -61,9 +68,8 @@ class _Inert:
 def _metadata_stubs(path: Path) -> list[tuple[type, str]]:
     """(stub class, "module.Name") for every global outside torch's weights-only allowlist, or an InputError
     when one is not training metadata."""
-    try:
-        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # legacy (non-zip) or damaged file: the weights-only load below reports which
+    names = _unsafe_globals(path)
+    if names is None:  # damaged or not a pickle: the weights-only load below reports it
         return []
     refused = [n for n in names if n.split(".")[0] not in METADATA_MODULES and n not in METADATA_BUILTINS]
     if refused:
@@ -72,6 +78,52 @@ def _metadata_stubs(path: Path) -> list[tuple[type, str]]:
                          "load only the authors' released files, or re-save the weights as .safetensors")
     # each stub carries the real name, so an error naming it names what the file holds
     return [(type(n.rpartition(".")[2], (_Inert,), {"__module__": n.rpartition(".")[0]}), n) for n in names]
+
+
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """The "module.Name" globals the file's pickle names outside torch's weights-only allowlist (nothing is
+    executed), or None when the file cannot be scanned."""
+    if zipfile.is_zipfile(path):
+        try:
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # damaged zip
+            return None
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = _get_allowed_globals()
+    names = _legacy_pickle_globals(path)
+    return None if names is None else sorted(
+        n for n in names if n not in allowed and not (n.startswith("torch.") and n.endswith("Storage")))
+
+
+def _legacy_pickle_globals(path: Path) -> set[str] | None:
+    """Every global named by the pickles of a legacy torch.save file (magic, protocol, sys info, the object,
+    storage keys; raw storage bytes follow) or of a plain pickle, read with `pickletools.genops`, which runs
+    nothing. A STACK_GLOBAL whose strings cannot be followed is named "<unresolved>", so it is refused."""
+    import pickletools
+
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for i in range(5):
+            strings: list[str] = []  # strings pushed so far, for STACK_GLOBAL
+            memo: dict[int, str] = {}
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        module, _, name = str(arg).partition(" ")
+                        names.add(f"{'builtins' if module == '__builtin__' else module}.{name}")
+                    elif op.name == "STACK_GLOBAL":
+                        names.add(".".join(strings[-2:]) if len(strings) >= 2 else "<unresolved>")
+                        strings = []
+                    elif isinstance(arg, str) and "UNICODE" in op.name:
+                        strings.append(arg)
+                    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE") and strings:
+                        memo[arg if op.name != "MEMOIZE" else len(memo)] = strings[-1]
+                    elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                        strings.append(memo.get(arg, "<unresolved>"))
+            except ValueError:  # the raw storage bytes after the last pickle, or not a pickle at all
+                return names if i > 0 else None
+    return names
 
 
 def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -89,9 +141,12 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and _is_torch_file(path):  # weights-only refused part of the pickle
-            legacy = "" if zipfile.is_zipfile(path) else " (legacy non-zip torch format: its pickle cannot be scanned first)"
+            if not stubs and _unsafe_globals(path) != []:  # unscannable, or names outside metadata and allowlist
+                raise InputError(f"checkpoint {path}", f"its pickle cannot be loaded safely ({_unpickler_reason(e)}); "
+                                 "refusing to unpickle it", STATE_FIX) from e
+            legacy = "" if zipfile.is_zipfile(path) else " (legacy non-zip torch format)"
             raise InputError(f"checkpoint {path}", f"holds training metadata this loader cannot rebuild safely{legacy}: "
-                             f"{_unpickler_reason(e)}", EXTRACT_FIX.replace("FILE", str(path))) from e
+                             f"{_unpickler_reason(e)}", _extract_fix(path)) from e
         # truncated or damaged files, non-torch files
         raise InputError(f"checkpoint {path}", f"cannot be read as a tensor state dict ({type(e).__name__}: {e})",
                          STATE_FIX) from e
@@ -118,7 +173,8 @@ def _unpickler_reason(e: Exception) -> str:
     which this loader never does)."""
     text = str(e)
     head, found, tail = text.partition("WeightsUnpickler error:")
-    lines = [ln.strip() for ln in (tail if found else text).split("Check the documentation")[0].splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in (tail if found else text).split("Check the documentation")[0].splitlines()
+             if ln.strip() and "weights_only" not in ln and "Weights only load failed" not in ln]
     return lines[0].split(". Please use")[0] if lines else type(e).__name__
 
 
