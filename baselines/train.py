@@ -410,7 +410,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until `max_steps`/`total_steps`; returns {"step", "elapsed_s", "weights", "val"} (+ "best" with keep_best)."""
         self._check_out_dir()
-        resume_from = latest_checkpoint(self.out_dir / "checkpoints") if self.resume else None
+        resume_from = resume_checkpoint(self.out_dir, self.resume)
         config = self.effective_config()
         changes = self._check_resume_config(config) if resume_from is not None else {}
         if self.keep_best == "lpips":
@@ -700,6 +700,12 @@ class Trainer:
         return state["rng"]
 
 
+def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a `--resume` continues from (None: the run starts anew). The one rule for both
+    `train()` (which then skips `checkpoint:`) and `Trainer.fit` (which restores it), so they cannot disagree."""
+    return latest_checkpoint(out_dir / "checkpoints") if resume else None
+
+
 def check_train_keys(train_cfg: dict[str, Any], method: SRMethod | type[SRMethod], name: str | None = None) -> None:
     """Refuse `train.*` keys neither the trainer (`DEFAULTS`) nor the method (`train_keys`) reads: a misspelt
     `btach_size` would otherwise train with the default. `method` may be the class, so `train()` can check
@@ -777,7 +783,7 @@ def train(
     seed = int(merged_train.get("seed", DEFAULTS["seed"]))
     torch.manual_seed(seed)  # random init is part of the run: the same seed gives the same network
     # a resumed run's weights come from its own checkpoint: `checkpoint:` (the start file) is not read again
-    resuming = stage == 1 and resume and latest_checkpoint(Path(out_dir) / "checkpoints") is not None
+    resuming = stage == 1 and resume_checkpoint(Path(out_dir), resume) is not None
     method = registry.build(method_name, layout.scale, override, device="cpu", load_checkpoint=not resuming)
     if stage > 1:
         out = Path(out_dir)

@@ -400,8 +400,13 @@ def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monke
     train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=2, progress=False)
     assert loads == [str(init)]
     (tmp_path / "init" / "model.safetensors").unlink()
+    import baselines.train as tr
+
+    found, rule = [], tr.resume_checkpoint  # the build (skip the start file) and fit (restore) ask the one rule
+    monkeypatch.setattr(tr, "resume_checkpoint", lambda out, resume: (found.append(rule(out, resume)), found[-1])[1])
     assert train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=3, resume=True, progress=False)["step"] == 3
     assert loads == [str(init)]
+    assert len(found) == 2 and found[0] == found[1] and found[0].parent == tmp_path / "run" / "checkpoints"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["checkpoint"] == str(init)
 
 
