@@ -96,12 +96,11 @@ class SwinIRMethod(FeedForwardMethod):
             except InputError as e:
                 if not train_cfg.get("resuming"):
                     raise
-                # a run recorded with the old default img_size 64 whose LR patches fit one window: changing
-                # img_size is refused by the resume check, so the usual fix would send the user in a circle
-                raise InputError(e.what, e.problem, "this run was trained with other attention windows than its LR patches "
-                                 "give (img_size recorded before the official single-window rule) and cannot continue under "
-                                 "that rule: train into a new --out (network.img_size null), or use its model.safetensors "
-                                 "as it is") from e
+                # changing img_size is refused by the resume check, so the usual fix would send the user in a
+                # circle. Two causes: a run recorded before the single-window rule, or another dataset (other LR px)
+                raise InputError(e.what, e.problem, "if this run's img_size was recorded before the official single-window rule "
+                                 "(old default 64), it cannot continue under that rule: train into a new --out (network.img_size "
+                                 "null), or use its model.safetensors as it is. Otherwise resume on the run's own dataset") from e
         return super().configure_optimizers(train_cfg)
 
     def export_metadata(self) -> dict[str, Any]:

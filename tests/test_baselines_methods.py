@@ -154,3 +154,4 @@ def test_swinir_resume_across_the_single_window_rule_does_not_loop():
     with pytest.raises(InputError, match="cannot continue .* new --out") as e:
         method.configure_optimizers({"hr_px": 64, "resuming": True})
     assert "set network.img_size" not in str(e.value)
+    assert "Otherwise resume on the run's own dataset" in e.value.fix  # the same error on another dataset's LR px
