@@ -217,8 +217,7 @@ class Outcome:
 class MethodSetup:
     """What a method x condition is built from, resolved without building it (so resume can be decided cheaply)."""
     spec: registry.MethodSpec
-    weights: Path | None
-    weights_sha256: str | None
+    weights: Path | None  # hashed at each use (`fingerprint`), not here: the file may be rewritten mid-run
     network: dict[str, Any] | None  # geometry recorded by the checkpoint
     config_record: dict[str, Any]  # what run.json says about --config
     override: dict[str, Any]  # merged over the default config when building
@@ -268,7 +267,7 @@ def _setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
     network = read_metadata(wpath).get("network") if wpath is not None else None
     user, config_record = load_user_config(name, cfg.configs.get(name))
     override = build_config(name, user, network)
-    return MethodSetup(spec, wpath, ctx.sha256(wpath) if wpath else None, network, config_record, override,
+    return MethodSetup(spec, wpath, network, config_record, override,
                        registry.merge_config(spec.default_config(), override))
 
 
@@ -300,7 +299,8 @@ def fingerprint(setup: MethodSetup, cond: Conditions, cfg: RunConfig, ctx: RunCo
     (SGDM's flows.safetensors / released flow files): replacing those in place is not detected."""
     shuffled = cond.map == "shuffle" or cond.style == "shuffle"
     files = {k: ctx.sha256(p) for k, p in config_files(setup.effective_config).items()}
-    return {"method": setup.spec.name, "weights_sha256": setup.weights_sha256, "config_sha256": _digest(setup.effective_config),
+    weights = ctx.sha256(setup.weights) if setup.weights else None  # a stat when the file is unchanged
+    return {"method": setup.spec.name, "weights_sha256": weights, "config_sha256": _digest(setup.effective_config),
             "config_files_sha256": files or None, "seed": cfg.seed, "device": torch.device(ctx.device).type,
             "precision": ctx.precision, "dataset_manifest_sha256": ctx.dataset_sha256,
             "scale": ctx.layout.scale, "split": cfg.split, "condition": cond.name,
@@ -438,7 +438,7 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         method = method.to(ctx.device).eval()
         total, trainable = method.parameter_counts()
         info = {"nfe": method.nfe(cond), "params_m": total / 1e6, "trainable_params_m": trainable / 1e6,
-                "weights": str(setup.weights) if setup.weights else None, "weights_sha256": setup.weights_sha256,
+                "weights": str(setup.weights) if setup.weights else None, "weights_sha256": fp["weights_sha256"],
                 "kind": setup.spec.kind, "license": setup.spec.license, "resumed_images": len(ids) - len(todo),
                 "config": {**setup.config_record, "network_from_checkpoint": setup.network, "effective_override": setup.override}}
         out_dir.mkdir(parents=True, exist_ok=True)

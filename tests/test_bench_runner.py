@@ -4,6 +4,7 @@ or consume the map; resume; unsupported conditions; missing metric weights."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,32 @@ def _mapcopy_weights(path: Path, gain: float) -> Path:
 
     save_file({"gain": torch.full((1,), gain)}, str(path))
     return path
+
+
+def test_weights_rewritten_mid_run_are_recorded_per_condition(tiny_dataset, tmp_path, monkeypatch):
+    """A training run in the same folder rewrites the weights between two conditions: each condition records
+    the hash of the file it was built from, not the one seen at run start."""
+    from benchmark import runner
+
+    w = _mapcopy_weights(tmp_path / "w.safetensors", 1.0)
+    first = sha256_file(w)
+    real_infer, calls = runner.infer, []
+
+    def infer_then_retrain(*a, **k):
+        result = real_infer(*a, **k)
+        if not calls:
+            _mapcopy_weights(w, 0.5)
+            os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))  # a coarse clock still sees it
+        calls.append(1)
+        return result
+
+    monkeypatch.setattr(runner, "infer", infer_then_retrain)
+    out = tmp_path / "run"
+    info = run_benchmark(_cfg(tiny_dataset, out, methods=["test_mapcopy"], conditions=["default", "map=shuffle"], weights={"test_mapcopy": w}))
+    hashes = [info["methods"][f"test_mapcopy|{c}"]["weights_sha256"] for c in ("default", "map=shuffle")]
+    assert hashes == [first, sha256_file(w)] and hashes[0] != hashes[1]
+    record = json.loads((lb.sr_dir(out, "test_mapcopy", "map=shuffle") / "inference.json").read_text())
+    assert record["fingerprint"]["weights_sha256"] == record["info"]["weights_sha256"] == hashes[1]
 
 
 def test_resume_refuses_a_folder_made_by_other_weights_or_settings(tiny_dataset, tmp_path):
