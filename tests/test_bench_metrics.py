@@ -182,6 +182,11 @@ def test_kid_subset_size_gives_differing_subsets_on_small_sets():
     assert "no spread" in M.get("kid").describe(n_images=2)
     assert "max(2, N // 2)" in M.get("kid").describe()
     assert "subsets of 500 images." in M.get("kid").describe(n_images=1001)
+    from benchmark.metrics.distribution import FID_SEED, KID_MAX_SUBSET, KID_SUBSETS
+
+    # run.json must say which subsets were drawn: count, size and the seed torch-fidelity draws them with
+    assert f"{KID_SUBSETS} random subsets of min({KID_MAX_SUBSET}," in M.get("kid").definition
+    assert f"rng seed {FID_SEED})" in M.get("kid").definition
 
 
 def test_fid_kid_passes_subset_size_and_omits_a_meaningless_std(monkeypatch):

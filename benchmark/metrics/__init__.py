@@ -71,7 +71,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "rank-deficient: compare methods on the same set only.", "Apache-2.0"),
     Metric("kid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:fid_kid",
            f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 random subsets of min(1000, max(2, N // 2)) "
-           f"of the N images, so that the subsets differ; {_FID_NOTE}.",
+           f"of the N images (torch-fidelity rng seed 2020), so that the subsets differ; {_FID_NOTE}.",
            "Apache-2.0"),
     Metric("patch_fid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:patch_fid",
            f"FID over non-overlapping patches (side = image side / 4, >= 16 px) of SR vs HR; {_FID_NOTE}.",

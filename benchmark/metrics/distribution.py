@@ -34,7 +34,7 @@ FEATURE_LAYER = "2048"
 RESIZE_MODE = "torch-fidelity TF1.x-compatible bilinear to 299x299 (legacy TF mode), uint8 input"
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
-FID_SEED = 2020  # torch-fidelity's rng seed (KID subset draws); recorded implicitly by the fixed default
+FID_SEED = 2020  # torch-fidelity's rng seed (KID subset draws); named in the `kid` definition run.json records
 MIN_PATCH = 16
 
 Image = Union[np.ndarray, str, os.PathLike]  # a uint8 HxWx3 array, or the path of a PNG read on access
