@@ -479,6 +479,16 @@ def test_incomplete_tokenizer_folder_is_refused_at_build(tiny_official, tmp_path
         build("sgdm", 32, {**_net(tokenizer=str(tmp_path / "long")), "checkpoint": str(ckpt)})
 
 
+def test_official_ckpt_of_another_variant_fails_before_the_tokenizer_and_the_conversion(tiny_official, tmp_path):
+    """Regression: SGDM-syn.ckpt given to sgdm+ first asked for a tokenizer, then converted the whole backbone,
+    and only then said it was the wrong variant."""
+    _, ckpt, _ = tiny_official
+    lone = tmp_path / "SGDM-syn.ckpt"  # no tokenizer anywhere
+    lone.symlink_to(ckpt)
+    with pytest.raises(InputError, match="is an official 'simu' model, this method is 'real'"):
+        build("sgdm+", 16, {**_net(pretrained=None, tokenizer=None), "checkpoint": str(lone)})
+
+
 def test_local_tokenizer_beside_the_ckpt_is_used_before_the_hub(tiny_official, tmp_path, monkeypatch):
     """Regression: with the default hub id as `pretrained`, every build went to the network (about 47 s of
     retries offline) before using the tokenizer/ folder beside the .ckpt."""

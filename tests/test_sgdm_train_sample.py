@@ -223,6 +223,8 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
 
 def test_stage2_reads_the_lpips_best_stage1_weights(plus, tiny_dataset, tmp_path, caplog):
     """The sgdm configs keep the best val LPIPS (official ModelCheckpoint); stage 2 takes model-best.safetensors."""
+    import shutil
+
     import yaml
     from safetensors.torch import save_file
 
@@ -248,8 +250,20 @@ def test_stage2_reads_the_lpips_best_stage1_weights(plus, tiny_dataset, tmp_path
     with caplog.at_level("WARNING"):
         build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model-best.safetensors")})
         assert "were fitted to" not in caplog.text
+        shutil.copy(tmp_path / "model-best.safetensors", tmp_path / "sgdm+-final.safetensors")  # same bytes, new name
+        build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "sgdm+-final.safetensors")})
+        assert "were fitted to" not in caplog.text
         m = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
     assert bool(m.flows.trained) and "fitted to the style encoder of model-best.safetensors" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["config", "train"])
+def test_misspelt_stage2_setting_is_refused(plus, tiny_dataset, tmp_path, where):
+    """Regression: `flows.epoch` / `train.flows.lrr` were dropped silently and stage 2 ran with defaults."""
+    flows = {"epoch": 1}
+    m = build("sgdm+", 16, {**TINY, "flows": flows}) if where == "config" else plus
+    with pytest.raises(InputError, match=r"flows\.epoch .*is not a stage-2 setting \(did you mean `epochs`"):
+        m.run_stage(2, tiny_dataset, {"flows": flows} if where == "train" else {}, tmp_path)
 
 
 def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path, monkeypatch):

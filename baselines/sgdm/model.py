@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from cmsrd.classes import BY_NAME
-from cmsrd.errors import InputError
+from cmsrd.errors import InputError, unknown_name
 from cmsrd.io import atomic_path, atomic_write_text, sha256_file
 
 from ..base import Batch, SRMethod, TrainContext
@@ -74,6 +74,8 @@ class SGDMBase(SRMethod):
         # an official .ckpt is read once, here: it may carry the whole backbone
         state = None if on_meta or not ckpt or Path(ckpt).suffix == ".safetensors" else load_torch_state(Path(ckpt))
         official = state if state is not None and has_backbone(state) else None
+        if official is not None:  # before the tokenizer and an SD2.1-size conversion, not after
+            self._check_variant(official, Path(ckpt))
         geometry_name, overrides = bcfg.get("geometry", "sd21-base"), bcfg.get("overrides")
         # random init is built directly on the target device (fast on GPU, free on meta)
         build_on = torch.device(device) if on_meta or (official is None and bcfg.get("pretrained") is None) else None
@@ -231,10 +233,7 @@ class SGDMBase(SRMethod):
         path = Path(path)
         state = load_torch_state(path) if state is None else state
         if is_official(state):
-            found = detect_variant(state)
-            if found != self.variant:
-                raise InputError(f"checkpoint {path}", f"is an official {found!r} model, this method is {self.variant!r}",
-                                 "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap")
+            self._check_variant(state, path)
             if not backbone_loaded:
                 self._load_official_backbone(state, path)
             load_strict(self.adapter, adapter_state(state), f"checkpoint {path} (adapter)")
@@ -243,6 +242,13 @@ class SGDMBase(SRMethod):
         if self.flows is not None and not (self.config.get("flows") or {}).keys() & {"mean", "std"}:
             self._load_flows_near(path)
         self.loaded_from = path
+
+    def _check_variant(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """An official checkpoint of another variant (SGDM-syn.ckpt given to sgdm+) is one clear error."""
+        found = detect_variant(state)
+        if found != self.variant:
+            raise InputError(f"checkpoint {path}", f"is an official {found!r} model, this method is {self.variant!r}",
+                             "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap")
 
     def _load_official_backbone(self, state: dict[str, torch.Tensor], path: Path) -> None:
         """The UNet, and the VAE and text tower when present, of an official checkpoint over a built backbone."""
@@ -289,7 +295,8 @@ class SGDMBase(SRMethod):
             load_strict(self.flows, load_file(str(ours)), f"flows {ours}")
             with safe_open(str(ours), "pt") as f:
                 fitted_to = json.loads((f.metadata() or {}).get("stage1_weights", "null"))
-            if fitted_to and (fitted_to.get("name") != checkpoint.name or fitted_to.get("sha256") != sha256_file(checkpoint)):
+            # the bytes decide, not the name: a copied or renamed stage-1 file is the same style encoder
+            if fitted_to and fitted_to.get("sha256") != sha256_file(checkpoint):
                 log.warning("%s: %s were fitted to the style encoder of %s (sha256 %.12s), not of %s; run that "
                             "file, or re-run stage 2 for this one", self.spec.name, ours, fitted_to.get("name"),
                             fitted_to.get("sha256"), checkpoint.name)
@@ -388,6 +395,10 @@ class SGDMPlus(SGDMBase):
             return super().run_stage(stage, data_root, train_cfg, out_dir)
         from safetensors.torch import save_file
 
+        fcfg = {**(self.config.get("flows") or {}), **(train_cfg.get("flows") or {})}
+        known = set(FlowTrainConfig.__dataclass_fields__) | {"collect_batch_size", "augment", "mean", "std"}
+        for key in sorted(set(fcfg) - known):  # a misspelt stage-2 setting would otherwise be ignored silently
+            raise unknown_name(f"config flows.{key} (or train.flows.{key})", "is not a stage-2 setting", key, known)
         out_dir = Path(out_dir)
         if self.loaded_from is None:
             # the LPIPS-best stage-1 weights (train.keep_best, as the official ModelCheckpoint), else the last
@@ -401,7 +412,6 @@ class SGDMPlus(SGDMBase):
             self.load_checkpoint(stage1)
         if torch.cuda.is_available() and self.device.type == "cpu":
             self.to("cuda")
-        fcfg = {**(self.config.get("flows") or {}), **(train_cfg.get("flows") or {})}
         means, stds = self.collect_style_stats(Path(data_root), int(fcfg.get("collect_batch_size", 16)),
                                                bool(fcfg.get("augment", True)), int(train_cfg.get("seed", 0)))
         for name, arr in (("style_mean.npy", means), ("style_std.npy", stds)):
