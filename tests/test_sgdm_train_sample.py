@@ -324,7 +324,7 @@ def test_shipped_configs_pass_the_train_key_check(name, scale):
         if overlay:
             cfg = registry.merge_config(cfg, registry.load_yaml(registry.CONFIG_DIR / overlay))
         check_train_keys(cfg["train"], method)
-    with pytest.raises(InputError, match="train.gradient_checkpoint.*did you mean gradient_checkpointing"):
+    with pytest.raises(InputError, match="train.gradient_checkpoint.*did you mean `?gradient_checkpointing"):
         check_train_keys({"gradient_checkpoint": True}, method)
     if name != "sgdm+":  # only SGDM+ has stage-2 flows
         with pytest.raises(InputError, match="train.flows"):
