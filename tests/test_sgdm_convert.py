@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from baselines.sgdm import build
 from baselines.sgdm.adapter import SGDMAdapter
-from baselines.sgdm.backbone import SD21_UNET, char_tokenizer
-from baselines.sgdm.convert import (_Inert, _metadata_stubs, convert_official, detect_variant, load_strict,
+from baselines.sgdm.backbone import SD21_UNET, char_tokenizer, load_original_parts
+from baselines.sgdm.convert import (_Inert, _metadata_stubs, adapter_state, detect_variant, load_strict,
                                    load_torch_state)
 from baselines.sgdm.flows import create_flow
 from cmsrd.errors import InputError
@@ -60,14 +60,11 @@ def test_official_keys_convert_and_load_strictly(official_keys, variant):
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD21_UNET)
-    conv = convert_official(state, unet.config)
-    own = unet.state_dict()
-    assert set(conv["unet"]) == set(own)
-    assert all(tuple(conv["unet"][k].shape) == tuple(own[k].shape) for k in own)
-    load_strict(unet, conv["unet"], "unet")
+    # the load path an official .ckpt takes (every UNet key, no extra, shapes equal: else one InputError)
+    assert load_original_parts(unet, None, None, state, "key list", required=False) == ["UNet"]
 
     adapter = SGDMAdapter(variant)
-    load_strict(adapter, conv["adapter"], "adapter")
+    load_strict(adapter, adapter_state(state), "adapter")
     sd = adapter.state_dict()
     for k in ("conv_in.weight", "body.3.block2.weight"):
         assert torch.equal(sd[k], state[f"adapter.{k}"])

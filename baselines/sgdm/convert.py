@@ -199,16 +199,6 @@ def detect_variant(state: dict[str, Any]) -> str:
     raise InputError("checkpoint", "has no recognisable SGDM adapter (adapter.merge_encoder.*)")
 
 
-def convert_official(state: dict[str, torch.Tensor], unet_config: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """Official Lightning state -> {"unet": diffusers UNet keys, "adapter": SGDMAdapter keys}."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    if not is_official(state):
-        raise InputError("checkpoint", "is not an SGDM Lightning checkpoint (needs model.diffusion_model.* and adapter.*)")
-    unet = convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}, unet_config)
-    return {"unet": unet, "adapter": adapter_state(state)}
-
-
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`SGDMAdapter` keys of an official state (the authors' attribute names: only the prefix goes)."""
     return {k[len(ADAPTER_PREFIX):]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
