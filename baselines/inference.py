@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -117,3 +118,9 @@ def super_resolve_loader(
         sr = super_resolve_batch(method, batch, cond, dev, precision, generator)
         ids: Any = batch.get("id", [])
         yield list(ids) if not isinstance(ids, str) else [ids], sr.cpu(), batch
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """N x 3 x H x W in [0, 1] -> N x H x W x 3 uint8, rounded as BasicSR's tensor2img: the bytes the runner
+    saves and scores, and what training validation scores, so both see the same images."""
+    return x.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

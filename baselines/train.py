@@ -95,7 +95,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .feedforward import build_optimizer  # noqa: F401  (re-exported for methods)
-from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_batch
+from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_batch, to_uint8_images
 from .seeding import SEED_RULE, seeded_generators
 
 DEFAULTS: dict[str, Any] = {
@@ -288,10 +288,6 @@ def _swap_generator(method: SRMethod, module: nn.Module | None) -> Iterator[None
         yield
     finally:
         method.net_g = original
-
-
-def _to_uint8_images(x: torch.Tensor) -> list[np.ndarray]:
-    return list((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
 class Trainer:
@@ -599,7 +595,7 @@ class Trainer:
                 batch = apply_conditions(dict(batch), cond, test_ds.layout, test_ds.split, partner)
                 gens = seeded_generators(seed, [index_of[i] for i in batch["id"]], self.device)
                 sr = super_resolve_batch(self.method, batch, cond, self.device, self.precision, gens).cpu()
-                for a, b in zip(_to_uint8_images(sr), _to_uint8_images(hr)):
+                for a, b in zip(to_uint8_images(sr), to_uint8_images(hr)):
                     psnrs.append(psnr(a, b, crop_border=crop, y_channel=True))
                     sr_imgs.append(a)
                     hr_imgs.append(b)

@@ -43,7 +43,7 @@ from baselines import registry
 from baselines import weights as wcache
 from baselines.checkpoint import BEST_EXPORT_FILE, EXPORT_FILE, read_metadata, run_weights
 from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
-from baselines.inference import method_inputs, super_resolve_batch
+from baselines.inference import method_inputs, super_resolve_batch, to_uint8_images
 from baselines.seeding import SEED_RULE, seeded_generators
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
@@ -329,10 +329,6 @@ def resume_state(out_dir: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
     raise InputError(f"SR folder {out_dir}", why, "use a new --out, or pass --overwrite to delete this folder and redo it")
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _timing(n_timed: int, model_s: float, wall_s: float, peak: float | None, bs: int, halvings: int, precision: str) -> dict[str, Any]:
     return {"n_timed": n_timed, "model_seconds": model_s, "wall_seconds": wall_s,
             "images_per_s": (n_timed / model_s) if model_s > 0 else None,
@@ -402,7 +398,7 @@ def infer(method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: 
                 torch.cuda.reset_peak_memory_stats()
             log.warning("%s: out of memory, retrying with batch size %d", method.spec.name, bs)
             continue
-        for sid, arr in zip(batch["id"], _to_uint8(out)):
+        for sid, arr in zip(batch["id"], to_uint8_images(out)):
             write_png(out_dir / f"{sid}.png", arr)
         n_timed += len(items)
         pos += len(items)
