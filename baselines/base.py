@@ -8,8 +8,9 @@ once by `baselines.inference` and `baselines.train`, not per method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

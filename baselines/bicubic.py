@@ -15,18 +15,20 @@ from .conditions import Conditions
 from .registry import MethodSpec, register
 from .seeding import Generators
 
-SPEC = register(MethodSpec(
-    name="bicubic",
-    target="baselines.bicubic:Bicubic",
-    kind="interp",
-    scales=(2, 4, 8, 16, 32),
-    inputs=("lr",),
-    nfe=0,
-    license="n/a (classical interpolation; MATLAB imresize semantics)",
-    citation="R. Keys, Cubic convolution interpolation for digital image processing, IEEE TASSP 29(6), 1981",
-    config="bicubic.yaml",
-    description="MATLAB-compatible bicubic upsampling of the LR (antialiasing kernel, a = -0.5).",
-))
+SPEC = register(
+    MethodSpec(
+        name="bicubic",
+        target="baselines.bicubic:Bicubic",
+        kind="interp",
+        scales=(2, 4, 8, 16, 32),
+        inputs=("lr",),
+        nfe=0,
+        license="n/a (classical interpolation; MATLAB imresize semantics)",
+        citation="R. Keys, Cubic convolution interpolation for digital image processing, IEEE TASSP 29(6), 1981",
+        config="bicubic.yaml",
+        description="MATLAB-compatible bicubic upsampling of the LR (antialiasing kernel, a = -0.5).",
+    )
+)
 
 
 class Bicubic(SRMethod):
@@ -47,4 +49,6 @@ class Bicubic(SRMethod):
         raise InputError(f"checkpoint {path}", "bicubic has no weights to load", "drop the checkpoint for this method")
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        raise InputError("method 'bicubic'", "has no trainable parameters", "train a learned method (esrgan, swinir, sgdm)")
+        raise InputError(
+            "method 'bicubic'", "has no trainable parameters", "train a learned method (esrgan, swinir, sgdm)"
+        )

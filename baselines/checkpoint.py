@@ -19,8 +19,9 @@ import re
 import shutil
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,9 @@ _CORRUPT = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, str
 WRAPPER_KEYS = ("params_ema", "params-ema", "params", "state_dict", "model_state_dict", "model", "net", "netG")
 
 
-def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> Path:
+def save_weights(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write tensors as safetensors atomically; `metadata` values are stored JSON-encoded."""
     path = Path(path)
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
@@ -60,7 +63,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise InputError(f"checkpoint {path}", f"is not a readable safetensors file ({e})", "re-export or re-download it") from e
+        raise InputError(
+            f"checkpoint {path}", f"is not a readable safetensors file ({e})", "re-export or re-download it"
+        ) from e
     out = {}
     for k, v in raw.items():
         try:
@@ -76,7 +81,11 @@ def _unwrap(obj: Any, path: Path, param_key: str | None, strip_module: bool = Tr
     if param_key is not None:
         if not isinstance(obj, dict) or param_key not in obj:
             keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise InputError(f"checkpoint {path}", f"has no {param_key!r} entry (top level: {keys})", "drop the param key or pick one that exists")
+            raise InputError(
+                f"checkpoint {path}",
+                f"has no {param_key!r} entry (top level: {keys})",
+                "drop the param key or pick one that exists",
+            )
         obj = obj[param_key]
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
@@ -84,10 +93,18 @@ def _unwrap(obj: Any, path: Path, param_key: str | None, strip_module: bool = Tr
             if len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
                 obj = next(iter(obj.values()))
                 continue
-            raise InputError(f"checkpoint {path}", f"holds no tensors at top level nor under {list(WRAPPER_KEYS)}", "pass a state dict file")
+            raise InputError(
+                f"checkpoint {path}",
+                f"holds no tensors at top level nor under {list(WRAPPER_KEYS)}",
+                "pass a state dict file",
+            )
         obj = obj[key]
     if not isinstance(obj, dict):
-        raise InputError(f"checkpoint {path}", f"contains a {type(obj).__name__}, not a state dict", "save model.state_dict(), not the model object")
+        raise InputError(
+            f"checkpoint {path}",
+            f"contains a {type(obj).__name__}, not a state dict",
+            "save model.state_dict(), not the model object",
+        )
     out = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
@@ -95,7 +112,9 @@ def _unwrap(obj: Any, path: Path, param_key: str | None, strip_module: bool = Tr
     return out
 
 
-def read_state_dict(path: str | os.PathLike, param_key: str | None = None, strip_module: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, param_key: str | None = None, strip_module: bool = True
+) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (safetensors or a weights-only torch pickle), on CPU.
     DataParallel's `module.` prefix is stripped unless `strip_module` is False.
 
@@ -105,35 +124,53 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = None, strip
     if not path.is_file():
         raise InputError(f"checkpoint {path}", "file not found", "check the path")
     if path.stat().st_size == 0:
-        raise InputError(f"checkpoint {path}", "is empty (0 bytes)", "the copy or download was interrupted; fetch it again")
+        raise InputError(
+            f"checkpoint {path}", "is empty (0 bytes)", "the copy or download was interrupted; fetch it again"
+        )
     with open(path, "rb") as f:
         head = f.read(8)
     if not head.startswith((b"PK", b"\x80")):  # neither a torch zip nor a legacy pickle
         try:
             state = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"checkpoint {path}", f"is truncated or not a valid safetensors file ({e})", "fetch or export it again") from e
-        return _unwrap(state, path, None, strip_module) if param_key is None else _unwrap({param_key: state}, path, param_key, strip_module)
+            raise InputError(
+                f"checkpoint {path}", f"is truncated or not a valid safetensors file ({e})", "fetch or export it again"
+            ) from e
+        return (
+            _unwrap(state, path, None, strip_module)
+            if param_key is None
+            else _unwrap({param_key: state}, path, param_key, strip_module)
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise InputError(
-                f"checkpoint {path}", "is a pickle that is not weights-only (it stores code objects, which could run on load)",
+                f"checkpoint {path}",
+                "is a pickle that is not weights-only (it stores code objects, which could run on load)",
                 "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors from a trusted environment",
             ) from e
         raise InputError(f"checkpoint {path}", f"is corrupt ({e})", "fetch it again") from e
     except _CORRUPT as e:
-        raise InputError(f"checkpoint {path}", f"is truncated or corrupt ({type(e).__name__}: {str(e)[:120]})", "fetch or copy it again") from e
+        raise InputError(
+            f"checkpoint {path}",
+            f"is truncated or corrupt ({type(e).__name__}: {str(e)[:120]})",
+            "fetch or copy it again",
+        ) from e
     return _unwrap(obj, path, param_key, strip_module)
 
 
-def describe_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 6) -> str | None:
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 6
+) -> str | None:
     """None when keys and shapes agree; otherwise which keys are missing/unexpected and which shapes differ."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in got and tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
     parts = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
@@ -149,7 +186,9 @@ def foreign_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.T
     return [k for k in got if k not in expected and re.sub(r"\d+", "#", k) not in names]
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str = "", layouts: str = "") -> None:
+def load_strict(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str = "", layouts: str = ""
+) -> None:
     """load_state_dict(strict) with one clear error naming the keys/shapes that differ.
 
     `hint` is the fix for a size or scale mismatch; when the names themselves are foreign (another key
@@ -161,9 +200,17 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what
         return
     if foreign := foreign_keys(expected, state):
         known = f" in one of the key layouts it reads: {layouts}" if layouts else ""
-        raise InputError(what, f"uses parameter names this network has at no size (e.g. {foreign[0]!r}), so it is another architecture "
-                               f"or a key layout this loader does not know: {problem}", f"use a checkpoint of this architecture{known}")
-    raise InputError(what, f"does not match the model: {problem}", hint or "use a checkpoint of the same architecture, size and scale as the config")
+        raise InputError(
+            what,
+            f"uses parameter names this network has at no size (e.g. {foreign[0]!r}), so it is another architecture "
+            f"or a key layout this loader does not know: {problem}",
+            f"use a checkpoint of this architecture{known}",
+        )
+    raise InputError(
+        what,
+        f"does not match the model: {problem}",
+        hint or "use a checkpoint of the same architecture, size and scale as the config",
+    )
 
 
 # ---- what a training run publishes ---------------------------------------------------------------------
@@ -206,7 +253,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], *state["numpy_gauss"]))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], *state["numpy_gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -253,13 +302,16 @@ def save_training_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(tmp / MODEL_FILE))
     if ema_state is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
-    torch.save({
-        "step": step,
-        "optimizers": {k: _plain(o.state_dict()) for k, o in optimizers.items()},
-        "schedulers": {k: _plain(s.state_dict()) for k, s in schedulers.items()},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-    }, tmp / STATE_PT)
+    torch.save(
+        {
+            "step": step,
+            "optimizers": {k: _plain(o.state_dict()) for k, o in optimizers.items()},
+            "schedulers": {k: _plain(s.state_dict()) for k, s in schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        },
+        tmp / STATE_PT,
+    )
     (tmp / STATE_JSON).write_text(json.dumps({"step": step, **(extra or {})}, indent=2, default=str))
     if final.exists():
         shutil.rmtree(final)
@@ -297,10 +349,20 @@ def load_training_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
 def read_state_dict_file(path: Path) -> dict[str, Any]:
     """A training-state pickle loaded weights-only, with the same clear errors as `read_state_dict`."""
     if not path.is_file():
-        raise InputError(f"training state {path}", "file not found", "point --resume at an output folder with checkpoints")
+        raise InputError(
+            f"training state {path}", "file not found", "point --resume at an output folder with checkpoints"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise InputError(f"training state {path}", f"is not a weights-only file ({str(e)[:120]})", "resume from a checkpoint this toolkit wrote") from e
+        raise InputError(
+            f"training state {path}",
+            f"is not a weights-only file ({str(e)[:120]})",
+            "resume from a checkpoint this toolkit wrote",
+        ) from e
     except _CORRUPT as e:
-        raise InputError(f"training state {path}", f"is truncated or corrupt ({type(e).__name__})", "resume from an earlier checkpoint folder") from e
+        raise InputError(
+            f"training state {path}",
+            f"is truncated or corrupt ({type(e).__name__})",
+            "resume from an earlier checkpoint folder",
+        ) from e

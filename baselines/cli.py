@@ -46,7 +46,9 @@ def _offline():
     """Counting parameters must never reach the network (Hugging Face config look-ups included)."""
     from unittest import mock
 
-    return mock.patch.dict(os.environ, {k: "1" for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")})
+    return mock.patch.dict(
+        os.environ, {k: "1" for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    )
 
 
 def method_rows(with_params: bool) -> list[dict[str, Any]]:
@@ -57,8 +59,13 @@ def method_rows(with_params: bool) -> list[dict[str, Any]]:
         spec = registry.get(name)
         scale = default_scale(spec)
         row: dict[str, Any] = {
-            "name": name, "kind": spec.kind, "scales": list(spec.scales), "inputs": list(spec.inputs),
-            "nfe": spec.nfe, "license": spec.license, "citation": spec.citation,
+            "name": name,
+            "kind": spec.kind,
+            "scales": list(spec.scales),
+            "inputs": list(spec.inputs),
+            "nfe": spec.nfe,
+            "license": spec.license,
+            "citation": spec.citation,
             "conditions": list(spec.conditions),
             "weights": {str(s): _weights_status(name, s) for s in spec.scales if s in (16, 32)},
         }
@@ -81,10 +88,19 @@ def list_command(as_json: bool) -> None:
         click.echo(json.dumps({"methods": rows}, indent=2))
         return
     header = ("name", "kind", "scales", "inputs", "NFE", "licence", "weights x16", "weights x32")
-    table = [header] + [(
-        r["name"], r["kind"], ",".join(map(str, r["scales"])), ",".join(r["inputs"]), str(r["nfe"]),
-        r["license"].split(" (")[0], r["weights"].get("16", "-"), r["weights"].get("32", "-"),
-    ) for r in rows]
+    table = [header] + [
+        (
+            r["name"],
+            r["kind"],
+            ",".join(map(str, r["scales"])),
+            ",".join(r["inputs"]),
+            str(r["nfe"]),
+            r["license"].split(" (")[0],
+            r["weights"].get("16", "-"),
+            r["weights"].get("32", "-"),
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -111,25 +127,56 @@ def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
 
 @click.command("train")
 @click.option("--method", "method_name", required=True, help="Registered method name (see `cmsrd-bench list`).")
-@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path), help="Built dataset root (dataset.json).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML merged over the method's default config.")
+@click.option(
+    "--data", "data_root", required=True, type=click.Path(path_type=Path), help="Built dataset root (dataset.json)."
+)
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), help="YAML merged over the method's default config."
+)
 @click.option("--set", "overrides", multiple=True, help="Config override KEY=VALUE (dotted keys), repeatable.")
 @click.option("--max-steps", type=int, help="Stop after this global step (schedules still follow train.total_steps).")
 @click.option("--max-minutes", type=float, help="Stop once the run has trained this many minutes (train.max_minutes).")
 @click.option("--stage", type=int, default=1, show_default=True, help="Training stage; >1 runs the method's own stage.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (logs, checkpoints, model).")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (logs, checkpoints, model)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the run's config "
-              "(only run-control keys such as cadences, num_workers, max_minutes may change; see resumes.jsonl).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last checkpoint, with the run's config "
+    "(only run-control keys such as cadences, num_workers, max_minutes may change; see resumes.jsonl).",
+)
 @click.option("--scale", type=int, help="Expected scale; must match the dataset's.")
-def train_command(method_name: str, data_root: Path, config_path: Path | None, overrides: tuple[str, ...], max_steps: int | None,
-                  max_minutes: float | None, stage: int, out_dir: Path, device: str, resume: bool, scale: int | None) -> None:
+def train_command(
+    method_name: str,
+    data_root: Path,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    max_steps: int | None,
+    max_minutes: float | None,
+    stage: int,
+    out_dir: Path,
+    device: str,
+    resume: bool,
+    scale: int | None,
+) -> None:
     """Train a method on a built dataset's train split, validating on its test split."""
     from . import registry
     from .train import train
 
     config: dict[str, Any] = registry.load_yaml(config_path) if config_path else {}
     config = registry.merge_config(config, _parse_set(overrides))
-    result = train(method_name, data_root, out_dir, scale=scale, config=config, max_steps=max_steps, stage=stage,
-                   device=None if device == "auto" else device, resume=resume, max_minutes=max_minutes)
+    result = train(
+        method_name,
+        data_root,
+        out_dir,
+        scale=scale,
+        config=config,
+        max_steps=max_steps,
+        stage=stage,
+        device=None if device == "auto" else device,
+        resume=resume,
+        max_minutes=max_minutes,
+    )
     click.echo(json.dumps(result, indent=2, default=str))

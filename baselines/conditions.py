@@ -16,8 +16,9 @@ benchmarked one see the same inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Conditions:
     start_t: int | None = None  # start=lr@t: start from the noised upsampled LR at timestep t
 
     @classmethod
-    def parse(cls, text: str | None) -> "Conditions":
+    def parse(cls, text: str | None) -> Conditions:
         """`"map=shuffle,steps=20"` -> Conditions. Empty / "default" -> defaults."""
         cond = cls()
         if not text or text == "default":
@@ -54,7 +55,9 @@ class Conditions:
             if not part:
                 continue
             if "=" not in part:
-                raise InputError(f"condition {part!r}", "expected key=value", "e.g. map=shuffle, style=gt, steps=20, start=lr@400")
+                raise InputError(
+                    f"condition {part!r}", "expected key=value", "e.g. map=shuffle, style=gt, steps=20, start=lr@400"
+                )
             key, value = (s.strip() for s in part.split("=", 1))
             if key == "map":
                 if value not in MAP_VALUES:
@@ -70,7 +73,9 @@ class Conditions:
                 cond = replace(cond, steps=int(value))
             elif key == "start":
                 if not value.startswith("lr@") or not value[3:].isdigit():
-                    raise InputError(f"condition start={value}", "expected lr@T with an integer timestep T", "e.g. start=lr@400")
+                    raise InputError(
+                        f"condition start={value}", "expected lr@T with an integer timestep T", "e.g. start=lr@400"
+                    )
                 cond = replace(cond, start_t=int(value[3:]))
             else:
                 raise InputError(f"condition key {key!r}", "unknown", "use map, style, steps or start")
@@ -130,8 +135,9 @@ def partners(ids: Sequence[str], seed: int) -> dict[str, str]:
     return {ids[i]: ids[int(p[i])] for i in range(len(ids))}
 
 
-def apply_conditions(batch: dict[str, Any], cond: Conditions, layout: "DatasetLayout", split: str,
-                     partner: dict[str, str]) -> dict[str, Any]:
+def apply_conditions(
+    batch: dict[str, Any], cond: Conditions, layout: DatasetLayout, split: str, partner: dict[str, str]
+) -> dict[str, Any]:
     """Resolve map=shuffle|none and style=gt|shuffle on a loaded batch, in place (sampler settings pass
     through). The batch needs `id`, and `hr` for style=gt; `hr` is removed afterwards, so a method never
     sees the HR unless it is the asked-for style (keep a reference first if you score against it)."""
@@ -139,7 +145,7 @@ def apply_conditions(batch: dict[str, Any], cond: Conditions, layout: "DatasetLa
 
     from cmsrd.io import read_png
 
-    def load(kind: str, ids: Sequence[str]) -> "torch.Tensor":
+    def load(kind: str, ids: Sequence[str]) -> torch.Tensor:
         arrs = [read_png(layout.image_path(split, kind, partner[i])) for i in ids]
         return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
 
@@ -150,7 +156,11 @@ def apply_conditions(batch: dict[str, Any], cond: Conditions, layout: "DatasetLa
         batch.pop("map", None)
     if cond.style == "gt":
         if "hr" not in batch:
-            raise InputError("condition style=gt", "the batch has no HR image to use as the style", "load the split with the hr input")
+            raise InputError(
+                "condition style=gt",
+                "the batch has no HR image to use as the style",
+                "load the split with the hr input",
+            )
         batch["style"] = batch["hr"]
     elif cond.style == "shuffle":
         batch["style"] = load("hr", ids)

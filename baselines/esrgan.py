@@ -27,30 +27,42 @@ from .feedforward import FeedForwardMethod, build_optimizer
 from .losses import L1Loss, PerceptualLoss, RelativisticGANLoss
 from .registry import MethodSpec, register
 
-SPEC = register(MethodSpec(
-    name="esrgan",
-    target="baselines.esrgan:ESRGAN",
-    kind="gan",
-    scales=(4, 8, 16, 32),
-    inputs=("lr",),
-    nfe=1,
-    license="Apache-2.0 (xinntao/ESRGAN; RRDBNet via BasicSR)",
-    citation="X. Wang et al., ESRGAN: Enhanced Super-Resolution Generative Adversarial Networks, ECCV Workshops 2018",
-    config="esrgan.yaml",
-    description="RRDBNet (nf 64, nb 23, gc 32) with log2(scale) nearest+conv stages; L1 pre-training then RaGAN + VGG19 conv5_4.",
-    extra={"default_scale": 16, "stages": ("psnr", "gan")},
-))
+SPEC = register(
+    MethodSpec(
+        name="esrgan",
+        target="baselines.esrgan:ESRGAN",
+        kind="gan",
+        scales=(4, 8, 16, 32),
+        inputs=("lr",),
+        nfe=1,
+        license="Apache-2.0 (xinntao/ESRGAN; RRDBNet via BasicSR)",
+        citation="X. Wang et al., ESRGAN: Enhanced Super-Resolution Generative Adversarial Networks, ECCV Workshops 2018",
+        config="esrgan.yaml",
+        description="RRDBNet (nf 64, nb 23, gc 32) with log2(scale) nearest+conv stages; L1 pre-training then RaGAN + VGG19 conv5_4.",
+        extra={"default_scale": 16, "stages": ("psnr", "gan")},
+    )
+)
 
 _UP = re.compile(r"^conv_up(\d+)\.weight$")
 
 
 class ESRGAN(FeedForwardMethod):
     scale_arg = "scale"
-    key_layouts = ("ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
-                   "ESRGAN repository (RRDB_trunk.N.RDBK.convJ, trunk_conv, upconvN, HRconv)")
+    key_layouts = (
+        "ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
+        "ESRGAN repository (RRDB_trunk.N.RDBK.convJ, trunk_conv, upconvN, HRconv)"
+    )
 
-    train_keys = FeedForwardMethod.train_keys | {"stage", "pretrain_network_g", "network_d", "optim_d", "perceptual_weight",
-                                                 "perceptual_layer", "vgg19_weights", "gan_weight"}
+    train_keys = FeedForwardMethod.train_keys | {
+        "stage",
+        "pretrain_network_g",
+        "network_d",
+        "optim_d",
+        "perceptual_weight",
+        "perceptual_layer",
+        "vgg19_weights",
+        "gan_weight",
+    }
 
     def convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_esrgan_keys(state)
@@ -66,36 +78,56 @@ class ESRGAN(FeedForwardMethod):
         self.stage = stage
         pretrained = train_cfg.get("pretrain_network_g")
         if pretrained and self.config.get("checkpoint"):  # both name the generator's start weights
-            raise InputError("train.pretrain_network_g and checkpoint", "are both set, and both name the generator's start weights",
-                             "keep one (train.pretrain_network_g is the GAN stage's usual key)")
+            raise InputError(
+                "train.pretrain_network_g and checkpoint",
+                "are both set, and both name the generator's start weights",
+                "keep one (train.pretrain_network_g is the GAN stage's usual key)",
+            )
         if pretrained and not train_cfg.get("resuming"):  # a resumed run restores its own weights: the file may be gone
             self.load_checkpoint(pretrained)
         if stage == "psnr":
             return super().configure_optimizers(train_cfg)
         if not pretrained and not self.config.get("checkpoint"):
-            raise InputError("train.pretrain_network_g", "is empty but the GAN stage starts from the PSNR-oriented generator",
-                             "set it to the model.safetensors of a `train.stage: psnr` run")
+            raise InputError(
+                "train.pretrain_network_g",
+                "is empty but the GAN stage starts from the PSNR-oriented generator",
+                "set it to the model.safetensors of a `train.stage: psnr` run",
+            )
         d_opt = dict(train_cfg.get("network_d") or {})
         d_opt.pop("type", None)
         hr_px = int(train_cfg.get("hr_px", 256))
         if d_opt.setdefault("input_size", hr_px) != hr_px:
-            raise InputError("train.network_d.input_size", f"is {d_opt['input_size']} but the dataset's HR is {hr_px} px", "drop it (it follows the dataset)")
+            raise InputError(
+                "train.network_d.input_size",
+                f"is {d_opt['input_size']} but the dataset's HR is {hr_px} px",
+                "drop it (it follows the dataset)",
+            )
         device = next(self.net_g.parameters()).device
         self.net_d = VGGStyleDiscriminator(**d_opt).to(device)
         self.losses["pixel"] = L1Loss(float(train_cfg.get("pixel_weight", 1e-2)))
-        self.losses["perceptual"] = PerceptualLoss(float(train_cfg.get("perceptual_weight", 1.0)), train_cfg.get("perceptual_layer", "conv5_4"),
-                                                   train_cfg.get("vgg19_weights")).to(device)
+        self.losses["perceptual"] = PerceptualLoss(
+            float(train_cfg.get("perceptual_weight", 1.0)),
+            train_cfg.get("perceptual_layer", "conv5_4"),
+            train_cfg.get("vgg19_weights"),
+        ).to(device)
         self.losses["gan"] = RelativisticGANLoss(float(train_cfg.get("gan_weight", 5e-3)))
         return {
-            "g": build_optimizer(train_cfg.get("optim_g") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_g.parameters()),
-            "d": build_optimizer(train_cfg.get("optim_d") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_d.parameters()),
+            "g": build_optimizer(
+                train_cfg.get("optim_g") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_g.parameters()
+            ),
+            "d": build_optimizer(
+                train_cfg.get("optim_d") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_d.parameters()
+            ),
         }
 
     def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
         """ESRGAN's second stage (GAN training) is a config of the shared loop, not a `--stage`."""
-        raise InputError(f"--stage {stage}", "esrgan's GAN stage is chosen by its config (train.stage: gan), not by --stage",
-                         "drop --stage and run `cmsrd-bench train --method esrgan --config baselines/configs/esrgan_gan.yaml "
-                         "--set train.pretrain_network_g=RUN/model.safetensors ...`, RUN being the output folder of the psnr-stage run")
+        raise InputError(
+            f"--stage {stage}",
+            "esrgan's GAN stage is chosen by its config (train.stage: gan), not by --stage",
+            "drop --stage and run `cmsrd-bench train --method esrgan --config baselines/configs/esrgan_gan.yaml "
+            "--set train.pretrain_network_g=RUN/model.safetensors ...`, RUN being the output folder of the psnr-stage run",
+        )
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         if getattr(self, "stage", "psnr") == "psnr":
@@ -119,7 +151,12 @@ class ESRGAN(FeedForwardMethod):
         with ctx.autocast():
             l_d = self.losses["gan"].discriminator_loss(self.net_d(hr).float(), self.net_d(sr.detach()).float())
         ctx.backward(l_d, "d")
-        return {"l_pix": float(l_pix.detach()), "l_percep": float(l_percep.detach()), "l_gan": float(l_gan.detach()),
-                "l_g": float(l_g.detach()), "l_d": float(l_d.detach()),
-                "d_real": float(real_logits.mean()), "d_fake": float(fake_logits.detach().mean())}
-
+        return {
+            "l_pix": float(l_pix.detach()),
+            "l_percep": float(l_percep.detach()),
+            "l_gan": float(l_gan.detach()),
+            "l_g": float(l_g.detach()),
+            "l_d": float(l_d.detach()),
+            "d_real": float(real_logits.mean()),
+            "d_fake": float(fake_logits.detach().mean()),
+        }

@@ -49,8 +49,11 @@ class FeedForwardMethod(SRMethod):
             raise InputError(f"config of method {spec.name!r}", "has no `network: {type: ...}` block")
         given = net_opt.get(self.scale_arg)
         if given is not None and int(given) != scale:
-            raise InputError(f"network.{self.scale_arg} = {given} in the {spec.name} config", f"disagrees with the requested scale x{scale}",
-                             f"drop network.{self.scale_arg} (it follows --scale) or set it to {scale}")
+            raise InputError(
+                f"network.{self.scale_arg} = {given} in the {spec.name} config",
+                f"disagrees with the requested scale x{scale}",
+                f"drop network.{self.scale_arg} (it follows --scale) or set it to {scale}",
+            )
         net_opt[self.scale_arg] = scale
         self.net_g = build_arch(self.resolve_network(net_opt)).to(device)
         self.losses: dict[str, nn.Module] = {}  # not submodules: never saved in checkpoints
@@ -82,9 +85,17 @@ class FeedForwardMethod(SRMethod):
         path = Path(path)
         meta = read_metadata(path)
         if meta.get("method") not in (None, self.spec.name):
-            raise InputError(f"checkpoint {path}", f"was saved by method {meta['method']!r}, not {self.spec.name!r}", f"load it with --method {meta['method']}")
+            raise InputError(
+                f"checkpoint {path}",
+                f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
+                f"load it with --method {meta['method']}",
+            )
         if meta.get("scale") not in (None, self.scale):
-            raise InputError(f"checkpoint {path}", f"is a x{meta['scale']} model but the method was built for x{self.scale}", f"use --scale {meta['scale']} or a x{self.scale} checkpoint")
+            raise InputError(
+                f"checkpoint {path}",
+                f"is a x{meta['scale']} model but the method was built for x{self.scale}",
+                f"use --scale {meta['scale']} or a x{self.scale} checkpoint",
+            )
         param_key = param_key or (self.config.get("path") or {}).get("param_key")
         try:
             raw = read_state_dict(path, param_key)
@@ -92,16 +103,28 @@ class FeedForwardMethod(SRMethod):
         except InputError:
             raise
         except ValueError as e:  # a layout recognised by its keys but not convertible
-            raise InputError(f"checkpoint {path}", str(e), f"use a checkpoint in one of the key layouts {self.spec.name} reads: {self.key_layouts}") from e
+            raise InputError(
+                f"checkpoint {path}",
+                str(e),
+                f"use a checkpoint in one of the key layouts {self.spec.name} reads: {self.key_layouts}",
+            ) from e
         ck_scale = self.checkpoint_scale(state)
         if ck_scale is not None and ck_scale != self.scale:
-            raise InputError(f"checkpoint {path}", f"has the upsampler of a x{ck_scale} model but the method was built for x{self.scale}",
-                             f"use a x{self.scale} checkpoint or build with scale {ck_scale}")
+            raise InputError(
+                f"checkpoint {path}",
+                f"has the upsampler of a x{ck_scale} model but the method was built for x{self.scale}",
+                f"use a x{self.scale} checkpoint or build with scale {ck_scale}",
+            )
         previous = self.net_g  # match_checkpoint may rebuild it: a failed load must leave the method as it was
         try:
             self.match_checkpoint(raw, meta, path)
-            load_strict(self.net_g, state, f"checkpoint {path}", "use a checkpoint of the same network size (see `network:` in the config) and scale",
-                        self.key_layouts)
+            load_strict(
+                self.net_g,
+                state,
+                f"checkpoint {path}",
+                "use a checkpoint of the same network size (see `network:` in the config) and scale",
+                self.key_layouts,
+            )
         except BaseException:
             self.net_g = previous
             raise
@@ -113,7 +136,11 @@ class FeedForwardMethod(SRMethod):
     # ---- training -------------------------------------------------------------------------------
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
         self.losses["pixel"] = L1Loss(float(train_cfg.get("pixel_weight", 1.0)))
-        return {"g": build_optimizer(train_cfg.get("optim_g") or {"type": "Adam", "lr": 2e-4, "betas": [0.9, 0.99]}, self.net_g.parameters())}
+        return {
+            "g": build_optimizer(
+                train_cfg.get("optim_g") or {"type": "Adam", "lr": 2e-4, "betas": [0.9, 0.99]}, self.net_g.parameters()
+            )
+        }
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         with ctx.autocast():

@@ -11,7 +11,8 @@ that needs just `lr` never pays for copying maps and HR images.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,8 +53,11 @@ def method_inputs(method: SRMethod, batch: Batch, cond: Conditions) -> dict[str,
     optional = {"style"} | ({"map"} if cond.map == "none" else set())
     missing = [k for k in method.spec.inputs if k not in batch and k not in optional]
     if missing:
-        raise InputError(f"batch for method {method.spec.name!r}", f"lacks {missing} (has {sorted(k for k in batch if isinstance(batch[k], torch.Tensor))})",
-                         f"load the dataset with inputs {list(method.spec.inputs)}")
+        raise InputError(
+            f"batch for method {method.spec.name!r}",
+            f"lacks {missing} (has {sorted(k for k in batch if isinstance(batch[k], torch.Tensor))})",
+            f"load the dataset with inputs {list(method.spec.inputs)}",
+        )
     return {k: batch[k] for k in method.spec.inputs if k in batch and isinstance(batch[k], torch.Tensor)}
 
 
@@ -95,8 +99,15 @@ def super_resolve_batch(
         sr = method.super_resolve(inputs, cond, generator)
     want = expected_hr_size(method, batch)
     n = next(iter(inputs.values())).shape[0] if inputs else sr.shape[0]
-    if sr.ndim != 4 or sr.shape[0] != n or sr.shape[1] != 3 or (want is not None and tuple(sr.shape[-2:]) != tuple(want)):
-        raise ValueError(f"method {method.spec.name!r} returned shape {tuple(sr.shape)}, expected ({n}, 3, {want[0] if want else 'H'}, {want[1] if want else 'W'})")
+    if (
+        sr.ndim != 4
+        or sr.shape[0] != n
+        or sr.shape[1] != 3
+        or (want is not None and tuple(sr.shape[-2:]) != tuple(want))
+    ):
+        raise ValueError(
+            f"method {method.spec.name!r} returned shape {tuple(sr.shape)}, expected ({n}, 3, {want[0] if want else 'H'}, {want[1] if want else 'W'})"
+        )
     return sr.float().clamp(0.0, 1.0)
 
 
@@ -114,7 +125,9 @@ def super_resolve_loader(
     dev = resolve_device(device)
     method.to(dev)
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    for batch in tqdm(loader, total=total, desc=desc or f"{method.spec.name} x{method.scale}", disable=not progress, leave=False):
+    for batch in tqdm(
+        loader, total=total, desc=desc or f"{method.spec.name} x{method.scale}", disable=not progress, leave=False
+    ):
         sr = super_resolve_batch(method, batch, cond, dev, precision, generator)
         ids: Any = batch.get("id", [])
         yield list(ids) if not isinstance(ids, str) else [ids], sr.cpu(), batch

@@ -19,10 +19,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision vgg19().features indices of the convolutions, named as in the VGG paper / BasicSR.
 VGG19_CONVS = {
-    "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7,
-    "conv3_1": 10, "conv3_2": 12, "conv3_3": 14, "conv3_4": 16,
-    "conv4_1": 19, "conv4_2": 21, "conv4_3": 23, "conv4_4": 25,
-    "conv5_1": 28, "conv5_2": 30, "conv5_3": 32, "conv5_4": 34,
+    "conv1_1": 0,
+    "conv1_2": 2,
+    "conv2_1": 5,
+    "conv2_2": 7,
+    "conv3_1": 10,
+    "conv3_2": 12,
+    "conv3_3": 14,
+    "conv3_4": 16,
+    "conv4_1": 19,
+    "conv4_2": 21,
+    "conv4_3": 23,
+    "conv4_4": 25,
+    "conv5_1": 28,
+    "conv5_2": 30,
+    "conv5_3": 32,
+    "conv5_4": 34,
 }
 VGG19_WEIGHTS_KEY = "tv_vgg19"
 
@@ -59,10 +71,14 @@ def load_vgg19_features(last_layer: str = "conv5_4", path: str | None = None) ->
     wanted = model.state_dict()
     missing = [k for k in wanted if k not in feats]
     if missing:
-        raise InputError(f"VGG19 weights {path}", f"lack features {missing[:4]}", "use torchvision's vgg19-dcbb9e9d.pth")
+        raise InputError(
+            f"VGG19 weights {path}", f"lack features {missing[:4]}", "use torchvision's vgg19-dcbb9e9d.pth"
+        )
     bad = [k for k in wanted if feats[k].shape != wanted[k].shape]
     if bad:
-        raise InputError(f"VGG19 weights {path}", f"shape mismatch at {bad[:4]}", "use torchvision's vgg19-dcbb9e9d.pth")
+        raise InputError(
+            f"VGG19 weights {path}", f"shape mismatch at {bad[:4]}", "use torchvision's vgg19-dcbb9e9d.pth"
+        )
     model.load_state_dict({k: feats[k] for k in wanted})
     return model.eval().requires_grad_(False)
 
@@ -77,7 +93,7 @@ class PerceptualLoss(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> "PerceptualLoss":
+    def train(self, mode: bool = True) -> PerceptualLoss:
         super().train(mode)
         self.vgg.eval()  # the frozen feature extractor never switches to training behaviour
         return self

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -103,7 +104,11 @@ def build_arch(opt: dict[str, Any]) -> Any:
     except InputError:
         raise
     except (TypeError, ValueError) as e:
-        raise InputError(f"network ({type_})", f"invalid value: {e}", f"correct it in the config's `network:` block (parameters of {type_}: {accepted})") from e
+        raise InputError(
+            f"network ({type_})",
+            f"invalid value: {e}",
+            f"correct it in the config's `network:` block (parameters of {type_}: {accepted})",
+        ) from e
 
 
 def load_all() -> None:
@@ -119,7 +124,9 @@ def names() -> list[str]:
 def get(name: str) -> MethodSpec:
     load_all()
     if name not in _METHODS:
-        raise InputError(f"method {name!r}", "not in the registry", f"choose from {sorted(_METHODS)} (`cmsrd-bench list`)")
+        raise InputError(
+            f"method {name!r}", "not in the registry", f"choose from {sorted(_METHODS)} (`cmsrd-bench list`)"
+        )
     return _METHODS[name]
 
 
@@ -143,7 +150,11 @@ def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     so switching `scheduler.type` to CosineAnnealingLR must not inherit MultiStepLR's milestones."""
     out = copy.deepcopy(base)
     for k, v in override.items():
-        retyped = isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("type", out[k].get("type")) != out[k].get("type")
+        retyped = (
+            isinstance(v, dict)
+            and isinstance(out.get(k), dict)
+            and v.get("type", out[k].get("type")) != out[k].get("type")
+        )
         if isinstance(v, dict) and isinstance(out.get(k), dict) and not retyped:
             out[k] = merge_config(out[k], v)
         else:
@@ -156,8 +167,13 @@ def resolve_class(spec: MethodSpec) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu",
-          load_checkpoint: bool = True) -> Any:
+def build(
+    name: str,
+    scale: int,
+    config: dict[str, Any] | str | Path | None = None,
+    device: Any = "cpu",
+    load_checkpoint: bool = True,
+) -> Any:
     """Build a method with random init (or the frozen pretrained parts its config names).
 
     `config` may be a dict or a YAML path; it is merged over the method's default config. Its `checkpoint`

@@ -10,7 +10,8 @@ same convention as a diffusers pipeline given a list of generators). A single ge
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -25,7 +26,9 @@ def seeded_generators(seed: int, indices: Sequence[int], device: str | torch.dev
     return [torch.Generator(device=device).manual_seed(int(seed) + int(i)) for i in indices]
 
 
-def randn(shape: Sequence[int], generator: Generators, device: str | torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn(
+    shape: Sequence[int], generator: Generators, device: str | torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Standard-normal noise of `shape` drawn in float32 where the generator(s) live, then moved to
     `device`/`dtype`; with a list, sample i (along dim 0) comes from generator i alone."""
     if isinstance(generator, list) and len(generator) != shape[0]:

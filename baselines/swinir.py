@@ -29,19 +29,21 @@ from .checkpoint import describe_mismatch
 from .feedforward import FeedForwardMethod
 from .registry import MethodSpec, build_arch, register
 
-SPEC = register(MethodSpec(
-    name="swinir",
-    target="baselines.swinir:SwinIRMethod",
-    kind="regression",
-    scales=(2, 4, 8, 16, 32),
-    inputs=("lr",),
-    nfe=1,
-    license="Apache-2.0 (JingyunLiang/SwinIR)",
-    citation="J. Liang et al., SwinIR: Image Restoration Using Swin Transformer, ICCV Workshops 2021",
-    config="swinir.yaml",
-    description="Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) with log2(scale) pixel-shuffle stages; L1.",
-    extra={"default_scale": 16},
-))
+SPEC = register(
+    MethodSpec(
+        name="swinir",
+        target="baselines.swinir:SwinIRMethod",
+        kind="regression",
+        scales=(2, 4, 8, 16, 32),
+        inputs=("lr",),
+        nfe=1,
+        license="Apache-2.0 (JingyunLiang/SwinIR)",
+        citation="J. Liang et al., SwinIR: Image Restoration Using Swin Transformer, ICCV Workshops 2021",
+        config="swinir.yaml",
+        description="Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) with log2(scale) pixel-shuffle stages; L1.",
+        extra={"default_scale": 16},
+    )
+)
 
 _UP = re.compile(r"^upsample\.(\d+)\.weight$")
 
@@ -69,8 +71,11 @@ class SwinIRMethod(FeedForwardMethod):
         net = self.net_g
         if not self.img_size_follows_data:
             if block_geometry(img_size, net.window_size) != block_geometry(net.img_size, net.window_size):
-                raise InputError(f"network.img_size = {net.img_size}", f"gives other attention windows than {source} ({img_size} px)",
-                                 f"set network.img_size to {img_size}, or to null to follow the data and checkpoints")
+                raise InputError(
+                    f"network.img_size = {net.img_size}",
+                    f"gives other attention windows than {source} ({img_size} px)",
+                    f"set network.img_size to {img_size}, or to null to follow the data and checkpoints",
+                )
             return
         if img_size == net.img_size:
             return
@@ -80,8 +85,11 @@ class SwinIRMethod(FeedForwardMethod):
         if keep_weights and describe_mismatch(new.state_dict(), net.state_dict()) is None:
             new.load_state_dict(net.state_dict())
         elif keep_weights and self.loaded_from is not None:
-            raise InputError(f"{source} ({img_size} px patches)", f"needs other relative-position tables than checkpoint {self.loaded_from}",
-                             f"train on data whose LR is {net.img_size} px, or start without that checkpoint")
+            raise InputError(
+                f"{source} ({img_size} px patches)",
+                f"needs other relative-position tables than checkpoint {self.loaded_from}",
+                f"train on data whose LR is {net.img_size} px, or start without that checkpoint",
+            )
         self.net_g = new
 
     def match_checkpoint(self, state: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
@@ -98,9 +106,13 @@ class SwinIRMethod(FeedForwardMethod):
                     raise
                 # changing img_size is refused by the resume check, so the usual fix would send the user in a
                 # circle. Two causes: a run recorded before the single-window rule, or another dataset (other LR px)
-                raise InputError(e.what, e.problem, "if this run's img_size was recorded before the official single-window rule "
-                                 "(old default 64), it cannot continue under that rule: train into a new --out (network.img_size "
-                                 "null), or use its model.safetensors as it is. Otherwise resume on the run's own dataset") from e
+                raise InputError(
+                    e.what,
+                    e.problem,
+                    "if this run's img_size was recorded before the official single-window rule "
+                    "(old default 64), it cannot continue under that rule: train into a new --out (network.img_size "
+                    "null), or use its model.safetensors as it is. Otherwise resume on the run's own dataset",
+                ) from e
         return super().configure_optimizers(train_cfg)
 
     def export_metadata(self) -> dict[str, Any]:

@@ -67,8 +67,9 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,6 @@ from cmsrd.errors import InputError, MissingWeightsError, unknown_name
 from cmsrd.io import atomic_path, atomic_write_text
 
 from .base import SRMethod, TrainContext
-from .conditions import Conditions, apply_conditions, partners
 from .checkpoint import (
     BEST_EXPORT_FILE,
     EXPORT_FILE,
@@ -94,6 +94,7 @@ from .checkpoint import (
     save_weights,
     set_rng_state,
 )
+from .conditions import Conditions, apply_conditions, partners
 from .feedforward import build_optimizer  # noqa: F401  (re-exported for methods)
 from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_batch, to_uint8_images
 from .seeding import SEED_RULE, seeded_generators
@@ -125,16 +126,31 @@ DATASET_KINDS = ("lr", "sr", "map", "mask")
 # Config keys a `--resume` may change: how the run is driven and observed, not what it computes.
 # `pretrain_network_g` (ESRGAN's GAN stage start) is read only when a run starts, never on resume;
 # `val_batch_size` changes no score (one generator per image), so a resume may lower it after an OOM.
-RUN_CONTROL_KEYS = frozenset(f"train.{k}" for k in (
-    "max_minutes", "log_every", "val_every", "val_every_minutes", "save_every", "keep_checkpoints",
-    "num_workers", "lpips", "keep_best", "pretrain_network_g", "val_batch_size"))
+RUN_CONTROL_KEYS = frozenset(
+    f"train.{k}"
+    for k in (
+        "max_minutes",
+        "log_every",
+        "val_every",
+        "val_every_minutes",
+        "save_every",
+        "keep_checkpoints",
+        "num_workers",
+        "lpips",
+        "keep_best",
+        "pretrain_network_g",
+        "val_batch_size",
+    )
+)
 KEEP_BEST_METRICS = ("lpips", "psnr_y")
 
 
 SCHEDULER_KEYS = {"MultiStepLR": {"milestones", "gamma"}, "CosineAnnealingLR": {"T_max", "eta_min"}, "constant": set()}
 
 
-def build_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """`{type: MultiStepLR, milestones, gamma}` | `{type: CosineAnnealingLR, T_max, eta_min}` | `{type: constant}`,
     stepped once per optimisation step. Unknown keys are refused: a misspelt `milestone:` would otherwise
     silently train at a constant learning rate."""
@@ -145,14 +161,24 @@ def build_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total
     allowed = SCHEDULER_KEYS[kind]
     for key in cfg:
         if key not in allowed:
-            raise InputError(f"train.scheduler.{key}", f"is not a {kind} parameter", f"use {sorted(allowed) or 'no parameters'}")
+            raise InputError(
+                f"train.scheduler.{key}", f"is not a {kind} parameter", f"use {sorted(allowed) or 'no parameters'}"
+            )
     sched = torch.optim.lr_scheduler
     if kind == "MultiStepLR":
         if not cfg.get("milestones"):
-            raise InputError("train.scheduler.milestones", "is missing or empty for MultiStepLR", "give the steps at which lr is multiplied by gamma, or use type: constant")
-        return sched.MultiStepLR(optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg.get("gamma", 0.5)))
+            raise InputError(
+                "train.scheduler.milestones",
+                "is missing or empty for MultiStepLR",
+                "give the steps at which lr is multiplied by gamma, or use type: constant",
+            )
+        return sched.MultiStepLR(
+            optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg.get("gamma", 0.5))
+        )
     if kind == "CosineAnnealingLR":
-        return sched.CosineAnnealingLR(optimizer, T_max=int(cfg.get("T_max", total_steps)), eta_min=float(cfg.get("eta_min", 0.0)))
+        return sched.CosineAnnealingLR(
+            optimizer, T_max=int(cfg.get("T_max", total_steps)), eta_min=float(cfg.get("eta_min", 0.0))
+        )
     return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -187,7 +213,7 @@ class _ResumableBatches(torch.utils.data.Sampler):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n, generator=g).tolist()
             for p in range(pos, self.per_epoch):
-                yield [(epoch, i) for i in perm[p * self.batch_size:(p + 1) * self.batch_size]]
+                yield [(epoch, i) for i in perm[p * self.batch_size : (p + 1) * self.batch_size]]
                 b += 1
 
     def __len__(self) -> int:  # batches per epoch (the sampler itself never ends)
@@ -235,7 +261,7 @@ class _StopRequest:
         self._installed = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True
@@ -249,7 +275,9 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again aborts without saving)")
+        tqdm.write(
+            "Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again aborts without saving)"
+        )
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -273,7 +301,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old, new) for every leaf that differs (`(absent)` where a side lacks the key)."""
     a, b = _flatten(old), _flatten(new)
-    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(a.keys() | b.keys()) if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+    return {
+        k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    }
 
 
 @contextlib.contextmanager
@@ -335,9 +367,15 @@ class Trainer:
         self.val_cond = _val_condition(method, self.cfg["val_conditions"])
         self.keep_best = self.cfg.get("keep_best")
         if self.keep_best not in (None, *KEEP_BEST_METRICS):
-            raise InputError(f"train.keep_best {self.keep_best!r}", f"unknown; choose from {list(KEEP_BEST_METRICS)} or null")
+            raise InputError(
+                f"train.keep_best {self.keep_best!r}", f"unknown; choose from {list(KEEP_BEST_METRICS)} or null"
+            )
         if self.keep_best == "lpips" and _lpips_mode(self.cfg) == "off":
-            raise InputError("train.keep_best lpips", "needs LPIPS but train.lpips is off", "set train.lpips to auto, or keep_best psnr_y")
+            raise InputError(
+                "train.keep_best lpips",
+                "needs LPIPS but train.lpips is off",
+                "set train.lpips to auto, or keep_best psnr_y",
+            )
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best validation (kept on resume)
         self.step = 0
         self._lpips: Any = None
@@ -359,15 +397,24 @@ class Trainer:
     def _loader(self, train: Any, batch_size: int, start_batch: int) -> Iterator[dict]:
         sampler = _ResumableBatches(len(train), batch_size, int(self.cfg["seed"]), start_batch)
         workers = int(self.cfg["num_workers"])
-        loader = torch.utils.data.DataLoader(_EpochIndexed(train), batch_sampler=sampler, num_workers=workers,
-                                             pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                             worker_init_fn=_ignore_sigint if workers > 0 else None)
+        loader = torch.utils.data.DataLoader(
+            _EpochIndexed(train),
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            worker_init_fn=_ignore_sigint if workers > 0 else None,
+        )
         return iter(loader)
 
     def _check_out_dir(self) -> None:
         ckpts = self.out_dir / "checkpoints"
         if not self.resume and latest_checkpoint(ckpts) is not None:
-            raise InputError(f"--out {self.out_dir}", "already holds a training run", "pass --resume to continue it, or choose a new --out")
+            raise InputError(
+                f"--out {self.out_dir}",
+                "already holds a training run",
+                "pass --resume to continue it, or choose a new --out",
+            )
 
     def effective_config(self) -> dict[str, Any]:
         """What config.yaml records: method, scale, the method's config, `train` with the trainer defaults
@@ -388,17 +435,24 @@ class Trainer:
         if refused:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:12])
             listed += f"; and {len(refused) - 12} more" if len(refused) > 12 else ""
-            raise InputError(f"--resume {self.out_dir}", f"the config differs from the run's config.yaml: {listed}",
-                             f"resume with the run's config (e.g. --config {path}), or train the new settings into a new --out; "
-                             f"only {', '.join(sorted(RUN_CONTROL_KEYS))} may change on resume")
+            raise InputError(
+                f"--resume {self.out_dir}",
+                f"the config differs from the run's config.yaml: {listed}",
+                f"resume with the run's config (e.g. --config {path}), or train the new settings into a new --out; "
+                f"only {', '.join(sorted(RUN_CONTROL_KEYS))} may change on resume",
+            )
         return changes
 
     def _record_resume(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """Append one line to resumes.jsonl (rewritten atomically): when, from which step, what changed."""
         path = self.out_dir / "resumes.jsonl"
-        record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": self.step,
-                  "max_steps": self.stop_at, "max_minutes": self.budget_s / 60 if self.budget_s is not None else None,
-                  "changed": {k: list(v) for k, v in changes.items()}}
+        record = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "step": self.step,
+            "max_steps": self.stop_at,
+            "max_minutes": self.budget_s / 60 if self.budget_s is not None else None,
+            "changed": {k: list(v) for k, v in changes.items()},
+        }
         before = path.read_text() if path.is_file() else ""
         atomic_write_text(path, before + json.dumps(record, default=str) + "\n")
 
@@ -451,7 +505,12 @@ class Trainer:
         window: dict[str, list[float]] = {}
         window_start_s, n_window = self.train_seconds, 0  # images/s over optimisation time only
         last_val: dict[str, Any] = {}
-        bar = tqdm(total=self.stop_at, initial=self.step, desc=f"train {method.spec.name} x{method.scale}", disable=not self.progress)
+        bar = tqdm(
+            total=self.stop_at,
+            initial=self.step,
+            desc=f"train {method.spec.name} x{method.scale}",
+            disable=not self.progress,
+        )
         try:
             with _StopRequest() as stop:
                 while self.step < self.stop_at and not self._out_of_time():
@@ -463,9 +522,13 @@ class Trainer:
                     last = self.step == self.stop_at or self._out_of_time()
                     if self.step % int(cfg["log_every"]) == 0 or last or stop.requested:
                         dt = self.train_seconds - window_start_s
-                        row = {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
-                               **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
-                               **{k: float(np.mean(v)) for k, v in window.items()}, "images_per_s": n_window / dt if dt > 0 else float("nan")}
+                        row = {
+                            "step": self.step,
+                            "elapsed_s": round(self.train_seconds, 3),
+                            **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in optimizers.items()},
+                            **{k: float(np.mean(v)) for k, v in window.items()},
+                            "images_per_s": n_window / dt if dt > 0 else float("nan"),
+                        }
                         train_log.log(row)
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
                         window, window_start_s, n_window = {}, self.train_seconds, 0
@@ -473,7 +536,9 @@ class Trainer:
                     if self.step % int(cfg["val_every"]) == 0 or last or time_due:
                         last_val = self.validate(test_ds, ema)
                         val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
-                        if not self._val_metrics_written:  # nothing in it changes within a run (LPIPS is settled by validate)
+                        if (
+                            not self._val_metrics_written
+                        ):  # nothing in it changes within a run (LPIPS is settled by validate)
                             self._write_val_metrics(test_ds, ema)
                             self._val_metrics_written = True
                         self._keep_if_best(last_val, ema)
@@ -481,31 +546,52 @@ class Trainer:
                     if self.step % int(cfg["save_every"]) == 0 or last or interrupted:
                         self._save(optimizers, schedulers, scaler, ema)
                     if self._out_of_time():
-                        tqdm.write(f"time budget of {self.budget_s / 60:g} min reached at step {self.step}; "
-                                   "continue with --resume and a larger --max-minutes")
+                        tqdm.write(
+                            f"time budget of {self.budget_s / 60:g} min reached at step {self.step}; "
+                            "continue with --resume and a larger --max-minutes"
+                        )
                     if interrupted:
                         tqdm.write(f"interrupted: checkpoint saved at step {self.step}; continue with --resume")
                         raise KeyboardInterrupt
         finally:
             bar.close()
-        return {"step": self.step, "elapsed_s": round(self.train_seconds, 3),
-                "weights": str(self.out_dir / EXPORT_FILE), "val": last_val,
-                **({"best": dict(self.best, weights=str(self.out_dir / BEST_EXPORT_FILE))} if self.best else {})}
+        return {
+            "step": self.step,
+            "elapsed_s": round(self.train_seconds, 3),
+            "weights": str(self.out_dir / EXPORT_FILE),
+            "val": last_val,
+            **({"best": dict(self.best, weights=str(self.out_dir / BEST_EXPORT_FILE))} if self.best else {}),
+        }
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def _one_step(self, batches: Iterator[dict], optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-                  scaler: Any, ema: AveragedModel | None, autocast: Any, window: dict[str, list[float]]) -> int:
+    def _one_step(
+        self,
+        batches: Iterator[dict],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+        scaler: Any,
+        ema: AveragedModel | None,
+        autocast: Any,
+        window: dict[str, list[float]],
+    ) -> int:
         """One optimisation step (`accumulate` micro-batches, then scaler, schedules, EMA, `self.step += 1`);
         appends the method's logged scalars to `window` and returns the number of images seen."""
         method, n_images = self.method, 0
         for micro in range(self.accumulate):
             batch = next(batches)
-            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            ctx = TrainContext(self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast)
+            batch = {
+                k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            }
+            ctx = TrainContext(
+                self.step, self._backward_fn(optimizers, scaler, boundary=micro == self.accumulate - 1), autocast
+            )
             for k, v in method.training_step(batch, ctx).items():
                 if not math.isfinite(v) and scaler is None:
-                    raise InputError(f"training of {method.spec.name!r}", f"{k} became {v} at step {self.step}",
-                                     "lower the learning rate, enable train.grad_clip, or use precision fp32")
+                    raise InputError(
+                        f"training of {method.spec.name!r}",
+                        f"{k} became {v} at step {self.step}",
+                        "lower the learning rate, enable train.grad_clip, or use precision fp32",
+                    )
                 window.setdefault(k, []).append(v)
             n_images += batch["hr"].shape[0]
         if scaler is not None:
@@ -536,7 +622,9 @@ class Trainer:
 
         def backward(loss: torch.Tensor, name: str) -> None:
             if name not in optimizers:
-                raise KeyError(f"training_step called backward for optimizer {name!r}; configure_optimizers returned {sorted(optimizers)}")
+                raise KeyError(
+                    f"training_step called backward for optimizer {name!r}; configure_optimizers returned {sorted(optimizers)}"
+                )
             opt = optimizers[name]
             loss = loss / self.accumulate
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -600,8 +688,13 @@ class Trainer:
                     sr_imgs.append(a)
                     hr_imgs.append(b)
         self.method.train()
-        out: dict[str, Any] = {"condition": cond.name, "psnr_y": float(np.mean(psnrs)), "n_images": len(psnrs), "crop_border": crop,
-                               "images_per_s": len(psnrs) / max(time.perf_counter() - t0, 1e-9)}
+        out: dict[str, Any] = {
+            "condition": cond.name,
+            "psnr_y": float(np.mean(psnrs)),
+            "n_images": len(psnrs),
+            "crop_border": crop,
+            "images_per_s": len(psnrs) / max(time.perf_counter() - t0, 1e-9),
+        }
         lp = self._lpips_metric()
         out["lpips"] = float(np.mean(lp(sr_imgs, hr_imgs))) if lp is not None else float("nan")
         return out
@@ -610,13 +703,24 @@ class Trainer:
         """val_metrics.json: the definitions behind val_log.csv (the benchmark's own text), so a
         validation curve quoted beside leaderboard numbers says what it measured."""
         crop = int(self.cfg["val_crop_border"])
-        lpips = get_metric("lpips").describe() if self._lpips not in (None, False) else "not computed (train.lpips off or weights not cached)"
-        doc = {"psnr_y": get_metric("psnr_y").describe(crop), "lpips": lpips, "crop_border": crop,
-               "condition": self.val_cond.name, "n_images": len(test_ds), "split": test_ds.split,
-               "weights": f"EMA (decay {self.cfg['ema_decay']})" if ema is not None else "raw (no EMA)",
-               "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
-               "val_batch_size": int(self.cfg["val_batch_size"]), "precision": self.precision,
-               "images_per_s": "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)"}
+        lpips = (
+            get_metric("lpips").describe()
+            if self._lpips not in (None, False)
+            else "not computed (train.lpips off or weights not cached)"
+        )
+        doc = {
+            "psnr_y": get_metric("psnr_y").describe(crop),
+            "lpips": lpips,
+            "crop_border": crop,
+            "condition": self.val_cond.name,
+            "n_images": len(test_ds),
+            "split": test_ds.split,
+            "weights": f"EMA (decay {self.cfg['ema_decay']})" if ema is not None else "raw (no EMA)",
+            "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
+            "val_batch_size": int(self.cfg["val_batch_size"]),
+            "precision": self.precision,
+            "images_per_s": "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)",
+        }
         atomic_write_text(self.out_dir / "val_metrics.json", json.dumps(doc, indent=2) + "\n")
 
     def _keep_if_best(self, val: dict[str, Any], ema: AveragedModel | None) -> None:
@@ -625,12 +729,19 @@ class Trainer:
             return
         value = float(val[self.keep_best])
         higher = get_metric(self.keep_best).direction == "higher"
-        if not math.isfinite(value) or (self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"])):
+        if not math.isfinite(value) or (
+            self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"])
+        ):
             return
         self.best = {"metric": self.keep_best, "value": value, "step": self.step}
         self._export(self.out_dir / BEST_EXPORT_FILE, ema)
-        doc = {**self.best, "elapsed_s": round(self.train_seconds, 3), "condition": val["condition"], "weights": BEST_EXPORT_FILE,
-               "definition": get_metric(self.keep_best).describe(int(self.cfg["val_crop_border"]))}
+        doc = {
+            **self.best,
+            "elapsed_s": round(self.train_seconds, 3),
+            "condition": val["condition"],
+            "weights": BEST_EXPORT_FILE,
+            "definition": get_metric(self.keep_best).describe(int(self.cfg["val_crop_border"])),
+        }
         atomic_write_text(self.out_dir / "best.json", json.dumps(doc, indent=2) + "\n")
 
     def _lpips_metric(self) -> Any:
@@ -653,10 +764,20 @@ class Trainer:
     def _save(self, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> None:
         method = self.method
         save_training_checkpoint(
-            self.out_dir / "checkpoints", self.step, resumable_state(method, optimizers),
+            self.out_dir / "checkpoints",
+            self.step,
+            resumable_state(method, optimizers),
             ema.state_dict() if ema is not None else None,
-            optimizers, schedulers, scaler, extra={"method": method.spec.name, "scale": method.scale, "total_steps": self.total_steps,
-                                                   "train_seconds": self.train_seconds, "best": self.best},
+            optimizers,
+            schedulers,
+            scaler,
+            extra={
+                "method": method.spec.name,
+                "scale": method.scale,
+                "total_steps": self.total_steps,
+                "train_seconds": self.train_seconds,
+                "best": self.best,
+            },
             keep=int(self.cfg.get("keep_checkpoints") or 0),
         )
         self._export(self.out_dir / EXPORT_FILE, ema)
@@ -669,13 +790,17 @@ class Trainer:
             meta = {**method.export_metadata(), "step": self.step, "ema": ema is not None}
         save_weights(path, weights, meta)
 
-    def _restore(self, folder: Path, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None) -> dict[str, Any]:
+    def _restore(
+        self, folder: Path, optimizers: dict, schedulers: dict, scaler: Any, ema: AveragedModel | None
+    ) -> dict[str, Any]:
         """Load weights, optimizer/scheduler/scaler state and the step; return the RNG state to set."""
         state = load_training_checkpoint(folder)
         load_resumable_state(self.method, state["method"], f"checkpoint {folder}")
         if ema is not None:
             if state["ema"] is None:
-                raise InputError(f"checkpoint {folder}", "has no EMA weights but train.ema_decay > 0", "resume with the run's config")
+                raise InputError(
+                    f"checkpoint {folder}", "has no EMA weights but train.ema_decay > 0", "resume with the run's config"
+                )
             load_strict(ema, state["ema"], f"EMA of checkpoint {folder}")
         for k, o in optimizers.items():
             o.load_state_dict(state["optimizers"][k])
@@ -690,8 +815,10 @@ class Trainer:
         self.best = best if best and best.get("metric") == self.keep_best else None  # keep_best switched: track anew
         on_disk = self.out_dir / "best.json"
         if self.keep_best and on_disk.is_file() and json.loads(on_disk.read_text()).get("step", 0) > self.step:
-            tqdm.write(f"{on_disk} is from a step after the resumed step {self.step} (that part is trained again); model-best.safetensors "
-                       "is replaced by the next validation better than the best up to this step")
+            tqdm.write(
+                f"{on_disk} is from a step after the resumed step {self.step} (that part is trained again); model-best.safetensors "
+                "is replaced by the next validation better than the best up to this step"
+            )
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
 
@@ -725,7 +852,9 @@ def _val_condition(method: SRMethod, text: Any) -> Conditions:
         cond = Conditions.parse(None if text is None else str(text))
         cond.check_supported(method.spec.name, method.spec.conditions)
     except InputError as e:
-        raise InputError(f"train.val_conditions {text!r}", e.problem, e.fix or "use a condition the method supports, or default") from e
+        raise InputError(
+            f"train.val_conditions {text!r}", e.problem, e.fix or "use a condition the method supports, or default"
+        ) from e
     return cond
 
 
@@ -745,9 +874,18 @@ def load_resumable_state(method: nn.Module, state: dict[str, torch.Tensor], what
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))
     if unexpected or wrong:
-        detail = "; ".join(filter(None, [f"unexpected keys {unexpected[:6]}" if unexpected else "",
-                                         f"shape mismatch {wrong[:6]}" if wrong else ""]))
-        raise InputError(what, f"does not match the model: {detail}", "resume with the same method, config and scale as the run")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"unexpected keys {unexpected[:6]}" if unexpected else "",
+                    f"shape mismatch {wrong[:6]}" if wrong else "",
+                ],
+            )
+        )
+        raise InputError(
+            what, f"does not match the model: {detail}", "resume with the same method, config and scale as the run"
+        )
     method.load_state_dict(state, strict=False)
 
 
@@ -771,7 +909,11 @@ def train(
 
     layout = DatasetLayout.open(data_root)
     if scale is not None and scale != layout.scale:
-        raise InputError(f"dataset {data_root}", f"has scale x{layout.scale} but --scale {scale} was asked for", f"use a x{scale} dataset or --scale {layout.scale}")
+        raise InputError(
+            f"dataset {data_root}",
+            f"has scale x{layout.scale} but --scale {scale} was asked for",
+            f"use a x{scale} dataset or --scale {layout.scale}",
+        )
     spec = registry.get(method_name)
     override = registry.load_yaml(config) if isinstance(config, (str, Path)) else (config or {})
     merged_train = registry.merge_config(spec.default_config(), override).get("train") or {}
@@ -786,5 +928,13 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         method.run_stage(stage, Path(data_root), method.config.get("train") or {}, out)
         return {"stage": stage, "out": str(out)}
-    return Trainer(method, data_root, out_dir, device=device, max_steps=max_steps, resume=resume, progress=progress,
-                   max_minutes=max_minutes).fit()
+    return Trainer(
+        method,
+        data_root,
+        out_dir,
+        device=device,
+        max_steps=max_steps,
+        resume=resume,
+        progress=progress,
+        max_minutes=max_minutes,
+    ).fit()

@@ -20,9 +20,10 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -95,7 +96,9 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict[str, WeightEntr
     """Parse a weights manifest (default: $CMSRD_WEIGHTS_MANIFEST or manifests/weights.yaml)."""
     path = Path(path) if path else manifest_path()
     if not path.exists():
-        raise InputError(f"weights manifest {path}", "file not found", f"unset {MANIFEST_ENV} or point it at a weights YAML")
+        raise InputError(
+            f"weights manifest {path}", "file not found", f"unset {MANIFEST_ENV} or point it at a weights YAML"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -112,14 +115,20 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict[str, WeightEntr
         for h in ("sha256", "sha256_prefix"):
             if known.get(h) is not None:
                 known[h] = str(known[h]).lower()
-        out[str(key)] = WeightEntry(key=str(key), extra={k: v for k, v in raw.items() if k not in _KNOWN_FIELDS}, **known)
+        out[str(key)] = WeightEntry(
+            key=str(key), extra={k: v for k, v in raw.items() if k not in _KNOWN_FIELDS}, **known
+        )
     return out
 
 
 def _entry(key: str, manifest: dict[str, WeightEntry] | None) -> WeightEntry:
     manifest = manifest if manifest is not None else load_manifest()
     if key not in manifest:
-        raise InputError(f"weights key {key!r}", "not in the weights manifest", f"choose from {sorted(manifest)} (`cmsrd-bench weights list`)")
+        raise InputError(
+            f"weights key {key!r}",
+            "not in the weights manifest",
+            f"choose from {sorted(manifest)} (`cmsrd-bench weights list`)",
+        )
     return manifest[key]
 
 
@@ -214,7 +223,9 @@ def check(key: str, manifest: dict[str, WeightEntry] | None = None) -> Check:
     if not entry.hash_matches(digest):
         want = entry.sha256 or f"{entry.sha256_prefix}..."
         return Check(key, "corrupt", path, True, digest, f"sha256 {digest[:16]}... does not match {want}")
-    return Check(key, "present", path, entry.verifiable, digest, "" if entry.verifiable else "hash unknown, not verified")
+    return Check(
+        key, "present", path, entry.verifiable, digest, "" if entry.verifiable else "hash unknown, not verified"
+    )
 
 
 def status(key: str, manifest: dict[str, WeightEntry] | None = None) -> Status:
@@ -241,7 +252,8 @@ def resolve(key: str, manifest: dict[str, WeightEntry] | None = None, verify: bo
         raise MissingWeightsError(entry.file, str(entry.expected_path()), entry.source())
     if res.status == "corrupt":
         raise InputError(
-            f"weights '{entry.file}' at {res.path}", res.detail,
+            f"weights '{entry.file}' at {res.path}",
+            res.detail,
             f"delete it and run `cmsrd-bench weights fetch {key}` (or copy a good file from {entry.source()})",
         )
     return res.path
@@ -306,6 +318,7 @@ def _download(client, url: str, dest: Path, entry: WeightEntry, progress: bool) 
             raise ValueError(f"sha256 {digest[:16]}... does not match {entry.sha256 or entry.sha256_prefix + '...'}")
 
     with tqdm(unit="B", unit_scale=True, desc=entry.file, disable=not progress, leave=False) as bar:
+
         def on_progress(done: int, total: int | None) -> None:
             bar.total = total
             bar.n = done

@@ -17,9 +17,10 @@ import json
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -33,8 +34,19 @@ RUN_JSON = "run.json"
 SR_DIR = "sr"
 
 HEAD_COLUMNS = ["method", "condition", "split", "n_images", "scale", "status", "reason"]
-TAIL_COLUMNS = ["images_per_s", "sec_per_image", "peak_mem_gb", "nfe", "params_m", "trainable_params_m", "weights_sha256",
-                "n_timed", "final_batch_size", "oom_halvings", "metric_errors"]
+TAIL_COLUMNS = [
+    "images_per_s",
+    "sec_per_image",
+    "peak_mem_gb",
+    "nfe",
+    "params_m",
+    "trainable_params_m",
+    "weights_sha256",
+    "n_timed",
+    "final_batch_size",
+    "oom_halvings",
+    "metric_errors",
+]
 TIMING_DIRECTIONS = {"images_per_s": "higher", "sec_per_image": "lower", "peak_mem_gb": "lower"}
 # What the timer holds; the one text behind both run.json's definitions.timing and the columns sidecar.
 TIMED_WINDOW = (
@@ -49,16 +61,16 @@ TIMING_COLUMNS = {
     "sec_per_image": "Seconds per image: model_seconds / n_timed (model_seconds as for images_per_s).",
     "peak_mem_gb": "torch.cuda.max_memory_allocated since the last out-of-memory halving, GB (1e9 bytes); empty on CPU.",
     "n_timed": "Images inside the timer, super-resolved by the session that finished the row: fewer than n_images "
-               "when a killed run was resumed; a rerun that finds every image made keeps that session's timing when "
-               "it covered the same images, else reports 0.",
+    "when a killed run was resumed; a rerun that finds every image made keeps that session's timing when "
+    "it covered the same images, else reports 0.",
     "final_batch_size": "Inference batch size after any out-of-memory halving.",
     "oom_halvings": "How many times the batch size was halved after running out of memory.",
 }
 COLUMN_DEFINITIONS = {
     "run": "Benchmark run folder the row comes from (merged report).",
     "group": "Comparability group of the merged report: rows are ranked only against rows of the same group "
-             "(same dataset manifest, split, scale, images and metric definitions); timing columns only against "
-             "rows that also ran on the same device (GPU name, or CPU) and precision.",
+    "(same dataset manifest, split, scale, images and metric definitions); timing columns only against "
+    "rows that also ran on the same device (GPU name, or CPU) and precision.",
     "method": "Method name in the baselines registry.",
     "condition": "Inference condition (default, or e.g. map=shuffle / style=shuffle ablations).",
     "split": "Dataset split the images come from.",
@@ -73,8 +85,19 @@ COLUMN_DEFINITIONS = {
     "metric_errors": "Metrics that failed for this row and why (their cells are empty); see run.json metrics_failed.",
     **TIMING_COLUMNS,
 }
-PACKAGES = ("cmsrd", "torch", "torchvision", "numpy", "lpips", "pyiqa", "torch-fidelity", "opencv-python-headless",
-            "scikit-image", "diffusers", "spandrel")
+PACKAGES = (
+    "cmsrd",
+    "torch",
+    "torchvision",
+    "numpy",
+    "lpips",
+    "pyiqa",
+    "torch-fidelity",
+    "opencv-python-headless",
+    "scikit-image",
+    "diffusers",
+    "spandrel",
+)
 
 
 def condition_slug(condition: str) -> str:
@@ -163,7 +186,11 @@ def read_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any
     """(leaderboard, per_image, run.json) of a finished run."""
     run = Path(run)
     if not (run / LEADERBOARD_CSV).exists() or not (run / RUN_JSON).exists():
-        raise InputError(f"benchmark run {run}", f"has no {LEADERBOARD_CSV} / {RUN_JSON}", "point at an output folder of `cmsrd-bench run`")
+        raise InputError(
+            f"benchmark run {run}",
+            f"has no {LEADERBOARD_CSV} / {RUN_JSON}",
+            "point at an output folder of `cmsrd-bench run`",
+        )
     lb = pd.read_csv(run / LEADERBOARD_CSV, keep_default_na=True)
     pi = pd.read_csv(run / PER_IMAGE_CSV) if (run / PER_IMAGE_CSV).exists() else pd.DataFrame()
     info = json.loads((run / RUN_JSON).read_text())
@@ -186,8 +213,18 @@ def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None
 def git_info(repo: Path | None = None) -> dict[str, Any]:
     repo = repo or Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=20).stdout.strip() != ""
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            != ""
+        )
         return {"sha": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
@@ -196,13 +233,22 @@ def git_info(repo: Path | None = None) -> dict[str, Any]:
 def device_info(device: str) -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"device": device, "platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "device": device,
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         idx = torch.device(device).index or 0
         p = torch.cuda.get_device_properties(idx)
-        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 1e9, 2), capability=f"{p.major}.{p.minor}",
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=p.name,
+            gpu_memory_gb=round(p.total_memory / 1e9, 2),
+            capability=f"{p.major}.{p.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 import numpy as np
@@ -56,6 +57,7 @@ class Group:
 
     def conflicts(self, metrics: dict[str, dict[str, Any]]) -> list[str]:
         """Metrics that `metrics` defines differently from this group."""
+
         def meaning(m: dict[str, Any]) -> tuple[Any, Any]:
             return m.get("direction"), m.get("definition")
 
@@ -82,9 +84,11 @@ class Group:
     def header(self) -> str:
         d = self.info.get("dataset", {})
         sha = d.get("manifest_sha256")
-        return (f"{d.get('name')} v{d.get('version')}, x{d.get('scale')}, split {self.info.get('split')}, "
-                f"{self.n_images} images; dataset manifest sha256 {sha[:12] + '…' if sha else 'unknown'}; "
-                f"runs: {', '.join(self.runs)}" + (f". Not ranked with {self.apart}" if self.apart else ""))
+        return (
+            f"{d.get('name')} v{d.get('version')}, x{d.get('scale')}, split {self.info.get('split')}, "
+            f"{self.n_images} images; dataset manifest sha256 {sha[:12] + '…' if sha else 'unknown'}; "
+            f"runs: {', '.join(self.runs)}" + (f". Not ranked with {self.apart}" if self.apart else "")
+        )
 
 
 def comparability_key(info: dict[str, Any]) -> tuple[Any, ...]:
@@ -258,8 +262,10 @@ def image_grid(sample_id: str, board: pd.DataFrame, info: dict[str, Any], path: 
     split = info["split"]
     try:
         hr = read_png(layout.image_path(split, "hr", sample_id))
-        panels = [("LR (nearest)", _upsample_nearest(read_png(layout.image_path(split, "lr", sample_id)), hr.shape[0])),
-                  ("map", read_png(layout.image_path(split, "map", sample_id)))]
+        panels = [
+            ("LR (nearest)", _upsample_nearest(read_png(layout.image_path(split, "lr", sample_id)), hr.shape[0])),
+            ("map", read_png(layout.image_path(split, "map", sample_id))),
+        ]
     except (FileNotFoundError, OSError):
         return False
     with_run = board.run.nunique() > 1
@@ -301,8 +307,9 @@ class Section:
         return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
 
 
-def _section(group: Group, board: pd.DataFrame, figures: Path, n_groups: int, samples: int,
-             ids: Sequence[str] | None) -> Section:
+def _section(
+    group: Group, board: pd.DataFrame, figures: Path, n_groups: int, samples: int, ids: Sequence[str] | None
+) -> Section:
     rows = board[board["group"] == group.number]
     cols = _columns(rows, group.metrics)
     best = {(c, i) for c, d in cols if d and c not in lb.TIMING_DIRECTIONS for i in best_rows(rows, c, d)}
@@ -320,18 +327,27 @@ def _section(group: Group, board: pd.DataFrame, figures: Path, n_groups: int, sa
     return Section(group, rows, cols, best, plot, grids)
 
 
-_INTRO = ("Rows are ranked only within a comparability group (same dataset manifest, split, scale, images and "
-          "metric definitions); the best value per column within its group is {best}. Throughput and memory "
-          "(images_per_s, sec_per_image, peak_mem_gb) are marked only among rows of the same device (GPU name, "
-          "or CPU) and precision. ↑ higher is better, ↓ lower is better.")
+_INTRO = (
+    "Rows are ranked only within a comparability group (same dataset manifest, split, scale, images and "
+    "metric definitions); the best value per column within its group is {best}. Throughput and memory "
+    "(images_per_s, sec_per_image, peak_mem_gb) are marked only among rows of the same device (GPU name, "
+    "or CPU) and precision. ↑ higher is better, ↓ lower is better."
+)
 
 
 def _markdown(sections: Sequence[Section]) -> str:
     lines = ["# CMSRD benchmark leaderboard", "", _INTRO.format(best="in **bold**")]
     for sec in sections:
         head = [f"{c} {'↑' if d == 'higher' else '↓'}" if d else c for c, d in sec.cols]
-        lines += ["", f"## {sec.title(len(sections))}", "", f"Dataset {sec.group.header()}.", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            "",
+            f"## {sec.title(len(sections))}",
+            "",
+            f"Dataset {sec.group.header()}.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for i, r in sec.board.iterrows():
             cells = []
             for c, _ in sec.cols:
@@ -339,11 +355,16 @@ def _markdown(sections: Sequence[Section]) -> str:
                 cells.append(f"**{v}**" if (c, i) in sec.best else v)
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "### Metric definitions", ""]
-        lines += [f"- **{n}** ({'↑' if m['direction'] == 'higher' else '↓'}): {m['definition']}"
-                  + (f" *{sec.group.note(n)}*" if sec.group.note(n) else "") for n, m in sec.group.metrics.items()]
+        lines += [
+            f"- **{n}** ({'↑' if m['direction'] == 'higher' else '↓'}): {m['definition']}"
+            + (f" *{sec.group.note(n)}*" if sec.group.note(n) else "")
+            for n, m in sec.group.metrics.items()
+        ]
         failed = sec.board[sec.board.status != "ok"]
         if not failed.empty:
-            lines += ["", "### Not run", ""] + [f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()]
+            lines += ["", "### Not run", ""] + [
+                f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()
+            ]
         if sec.plot:
             lines += ["", "### Perception–distortion", "", f"![PSNR-Y vs LPIPS](figures/{sec.plot})"]
         if sec.grids:
@@ -351,15 +372,19 @@ def _markdown(sections: Sequence[Section]) -> str:
     lines += ["", "## Provenance", ""]
     for sec in sections:
         for name, info in zip(sec.group.runs, sec.group.infos):
-            lines.append(f"- {name} (group {sec.group.number}): `{' '.join(info.get('command', []))}` — git {info.get('git', {}).get('sha')}, "
-                         f"device {info.get('device', {}).get('gpu') or info.get('device', {}).get('device')}, "
-                         f"torch {info.get('versions', {}).get('torch')}, seed {info.get('seeds', {}).get('seed')}")
+            lines.append(
+                f"- {name} (group {sec.group.number}): `{' '.join(info.get('command', []))}` — git {info.get('git', {}).get('sha')}, "
+                f"device {info.get('device', {}).get('gpu') or info.get('device', {}).get('device')}, "
+                f"torch {info.get('versions', {}).get('torch')}, seed {info.get('seeds', {}).get('seed')}"
+            )
     return "\n".join(lines) + "\n"
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
-        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.t{text-align:left}"
-        "td.best{font-weight:bold;background:#e6f4ea}tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
+    "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.t{text-align:left}"
+    "td.best{font-weight:bold;background:#e6f4ea}tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}"
+)
 
 
 def _data_uri(path: Path) -> str:
@@ -369,12 +394,26 @@ def _data_uri(path: Path) -> str:
 
 def _html(sections: Sequence[Section], figures: Path) -> str:
     e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', "<title>CMSRD benchmark leaderboard</title>",
-           f"<style>{_CSS}</style>", "</head>", "<body>", "<h1>CMSRD benchmark leaderboard</h1>",
-           f"<p>{e(_INTRO.format(best='highlighted'))}</p>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        "<title>CMSRD benchmark leaderboard</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        "<h1>CMSRD benchmark leaderboard</h1>",
+        f"<p>{e(_INTRO.format(best='highlighted'))}</p>",
+    ]
     for sec in sections:
-        out += [f"<h2>{e(sec.title(len(sections)))}</h2>", f"<p>Dataset {e(sec.group.header())}.</p>",
-                "<table>", "<thead>", "<tr>"]
+        out += [
+            f"<h2>{e(sec.title(len(sections)))}</h2>",
+            f"<p>Dataset {e(sec.group.header())}.</p>",
+            "<table>",
+            "<thead>",
+            "<tr>",
+        ]
         for c, d in sec.cols:
             arrow = ("↑" if d == "higher" else "↓") if d else ""
             title = f' title="{e(sec.group.metrics[c]["definition"])}"' if c in sec.group.metrics else ""
@@ -390,28 +429,43 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
         out += ["</tbody>", "</table>", "<h3>Metric definitions</h3>", "<ul>"]
         for n, m in sec.group.metrics.items():
             note = f" <em>{e(sec.group.note(n))}</em>" if sec.group.note(n) else ""
-            out.append(f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{note}</li>")
+            out.append(
+                f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{note}</li>"
+            )
         out.append("</ul>")
         failed = sec.board[sec.board.status != "ok"]
         if not failed.empty:
-            out += ["<h3>Not run</h3>", "<ul>"] + [f"<li>{e(r.run)}: {e(r.method)} [{e(r.condition)}]: {e(r.status)} — {e(str(r.reason))}</li>"
-                                                   for _, r in failed.iterrows()] + ["</ul>"]
+            out += (
+                ["<h3>Not run</h3>", "<ul>"]
+                + [
+                    f"<li>{e(r.run)}: {e(r.method)} [{e(r.condition)}]: {e(r.status)} — {e(str(r.reason))}</li>"
+                    for _, r in failed.iterrows()
+                ]
+                + ["</ul>"]
+            )
         if sec.plot:
-            out += ["<h3>Perception–distortion</h3>", f'<img src="{_data_uri(figures / sec.plot)}" alt="PSNR-Y vs LPIPS">']
+            out += [
+                "<h3>Perception–distortion</h3>",
+                f'<img src="{_data_uri(figures / sec.plot)}" alt="PSNR-Y vs LPIPS">',
+            ]
         if sec.grids:
             out.append("<h3>Samples (LR | map | methods | HR)</h3>")
             out += [f'<p><img src="{_data_uri(figures / g)}" alt="{e(g)}"></p>' for g in sec.grids]
     out += ["<h2>Provenance</h2>", "<ul>"]
     for sec in sections:
         for name, info in zip(sec.group.runs, sec.group.infos):
-            out.append(f"<li>{e(name)} (group {sec.group.number}): <code>{e(' '.join(info.get('command', [])))}</code> — "
-                       f"git {e(str(info.get('git', {}).get('sha')))}, torch {e(str(info.get('versions', {}).get('torch')))}, "
-                       f"seed {e(str(info.get('seeds', {}).get('seed')))}</li>")
+            out.append(
+                f"<li>{e(name)} (group {sec.group.number}): <code>{e(' '.join(info.get('command', [])))}</code> — "
+                f"git {e(str(info.get('git', {}).get('sha')))}, torch {e(str(info.get('versions', {}).get('torch')))}, "
+                f"seed {e(str(info.get('seeds', {}).get('seed')))}</li>"
+            )
     out += ["</ul>", "</body>", "</html>"]
     return "\n".join(out) + "\n"
 
 
-def render_report(runs: Sequence[str | Path], out: str | Path, samples: int = 3, ids: Sequence[str] | None = None) -> Path:
+def render_report(
+    runs: Sequence[str | Path], out: str | Path, samples: int = 3, ids: Sequence[str] | None = None
+) -> Path:
     """Merge runs and write report.md, index.html, leaderboard.csv (+ its columns sidecar) and figures/ into `out`."""
     out = Path(out)
     figures = out / "figures"
@@ -430,7 +484,9 @@ def render_report(runs: Sequence[str | Path], out: str | Path, samples: int = 3,
 @click.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder (Markdown, HTML, figures).")
-@click.option("--samples", default=3, show_default=True, help="Number of image grids per group (first N ids of its first run).")
+@click.option(
+    "--samples", default=3, show_default=True, help="Number of image grids per group (first N ids of its first run)."
+)
 @click.option("--ids", default=None, help="Comma-separated sample ids for the image grids.")
 def report_command(runs, out, samples, ids) -> None:
     """Merge benchmark runs into report.md and a self-contained index.html (one table per comparable group)."""

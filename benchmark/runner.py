@@ -31,9 +31,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,8 +136,11 @@ def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict
         if path.is_dir():
             found = run_weights(path)
             if found is None:
-                raise InputError(f"--weights {name}={path}", f"is a folder without {BEST_EXPORT_FILE} or {EXPORT_FILE}",
-                                 "give a checkpoint file, or the --out folder of a `cmsrd-bench train` run")
+                raise InputError(
+                    f"--weights {name}={path}",
+                    f"is a folder without {BEST_EXPORT_FILE} or {EXPORT_FILE}",
+                    "give a checkpoint file, or the --out folder of a `cmsrd-bench train` run",
+                )
             return found
         if not path.is_file():
             raise InputError(f"--weights {name}={path}", "file not found", "give the path of a checkpoint file")
@@ -146,8 +150,11 @@ def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict
         return wcache.resolve(key)
     if spec.kind == "interp":
         return None
-    raise InputError(f"method {name!r}", f"needs trained x{scale} weights and none were given",
-                     f"pass --weights {name}=PATH (train with `cmsrd-bench train {name}`)")
+    raise InputError(
+        f"method {name!r}",
+        f"needs trained x{scale} weights and none were given",
+        f"pass --weights {name}=PATH (train with `cmsrd-bench train {name}`)",
+    )
 
 
 # ---- method configs --------------------------------------------------------------------------------
@@ -188,8 +195,11 @@ def build_config(name: str, user: dict[str, Any], recorded_network: dict[str, An
         return user
     conflicts = _geometry_conflicts(user.get("network") or {}, recorded_network)
     if conflicts:
-        raise InputError(f"--config {name}", "changes the network geometry the checkpoint was trained with: " + "; ".join(conflicts),
-                         f"drop those keys (only {sorted(LOCATION_KEYS)} may differ), or give the checkpoint that matches the config")
+        raise InputError(
+            f"--config {name}",
+            "changes the network geometry the checkpoint was trained with: " + "; ".join(conflicts),
+            f"drop those keys (only {sorted(LOCATION_KEYS)} may differ), or give the checkpoint that matches the config",
+        )
     return registry.merge_config({"network": recorded_network}, user)
 
 
@@ -216,6 +226,7 @@ class Outcome:
 @dataclass
 class MethodSetup:
     """What a method x condition is built from, resolved without building it (so resume can be decided cheaply)."""
+
     spec: registry.MethodSpec
     weights: Path | None  # hashed at each use (`fingerprint`), not here: the file may be rewritten mid-run
     network: dict[str, Any] | None  # geometry recorded by the checkpoint
@@ -227,6 +238,7 @@ class MethodSetup:
 @dataclass
 class RunContext:
     """Per-run facts every method x condition needs (computed once)."""
+
     layout: DatasetLayout
     ids: list[str]
     device: str
@@ -259,7 +271,9 @@ def setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
 def _setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
     spec = registry.get(name)
     if ctx.layout.scale not in spec.scales:
-        raise InputError(f"method {name!r}", f"does not support x{ctx.layout.scale}", f"it supports {list(spec.scales)}")
+        raise InputError(
+            f"method {name!r}", f"does not support x{ctx.layout.scale}", f"it supports {list(spec.scales)}"
+        )
     wpath = method_weights(name, spec, ctx.layout.scale, cfg.weights)
     # A checkpoint saved by our trainer names its network geometry; build that geometry so a small
     # model trained with a non-default config loads without the user repeating the config. A user
@@ -267,8 +281,9 @@ def _setup_method(name: str, cfg: RunConfig, ctx: RunContext) -> MethodSetup:
     network = read_metadata(wpath).get("network") if wpath is not None else None
     user, config_record = load_user_config(name, cfg.configs.get(name))
     override = build_config(name, user, network)
-    return MethodSetup(spec, wpath, network, config_record, override,
-                       registry.merge_config(spec.default_config(), override))
+    return MethodSetup(
+        spec, wpath, network, config_record, override, registry.merge_config(spec.default_config(), override)
+    )
 
 
 def _digest(obj: Any) -> str:
@@ -280,8 +295,12 @@ def config_files(config: Any, where: str = "") -> dict[str, Path]:
     by dotted key. Folders (a diffusers backbone, a tokenizer) are not listed: hashing them is too costly;
     nor is the trainer's `train` section, which inference does not read."""
     if isinstance(config, dict):
-        return {k: p for key, v in config.items() if not (where == "" and key == "train")
-                for k, p in config_files(v, f"{where}.{key}" if where else str(key)).items()}
+        return {
+            k: p
+            for key, v in config.items()
+            if not (where == "" and key == "train")
+            for k, p in config_files(v, f"{where}.{key}" if where else str(key)).items()
+        }
     if isinstance(config, str) and config:
         path = Path(config).expanduser()
         if path.is_file():
@@ -300,11 +319,20 @@ def fingerprint(setup: MethodSetup, cond: Conditions, cfg: RunConfig, ctx: RunCo
     shuffled = cond.map == "shuffle" or cond.style == "shuffle"
     files = {k: ctx.sha256(p) for k, p in config_files(setup.effective_config).items()}
     weights = ctx.sha256(setup.weights) if setup.weights else None  # a stat when the file is unchanged
-    return {"method": setup.spec.name, "weights_sha256": weights, "config_sha256": _digest(setup.effective_config),
-            "config_files_sha256": files or None, "seed": cfg.seed, "device": torch.device(ctx.device).type,
-            "precision": ctx.precision, "dataset_manifest_sha256": ctx.dataset_sha256,
-            "scale": ctx.layout.scale, "split": cfg.split, "condition": cond.name,
-            "partners_sha256": _digest(ctx.partner) if shuffled else None}
+    return {
+        "method": setup.spec.name,
+        "weights_sha256": weights,
+        "config_sha256": _digest(setup.effective_config),
+        "config_files_sha256": files or None,
+        "seed": cfg.seed,
+        "device": torch.device(ctx.device).type,
+        "precision": ctx.precision,
+        "dataset_manifest_sha256": ctx.dataset_sha256,
+        "scale": ctx.layout.scale,
+        "split": cfg.split,
+        "condition": cond.name,
+        "partners_sha256": _digest(ctx.partner) if shuffled else None,
+    }
 
 
 def resume_state(out_dir: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
@@ -322,21 +350,36 @@ def resume_state(out_dir: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
         why = f"was written by an older version ({INFERENCE_JSON} has no fingerprint)"
     else:
         old = prev["fingerprint"]
-        diff = [f"{k} {old.get(k)!r} -> {fp.get(k)!r}" for k in sorted(fp.keys() | old.keys()) if old.get(k) != fp.get(k)]
+        diff = [
+            f"{k} {old.get(k)!r} -> {fp.get(k)!r}" for k in sorted(fp.keys() | old.keys()) if old.get(k) != fp.get(k)
+        ]
         if not diff:
             return prev
         why = "was made with different settings: " + "; ".join(diff)
-    raise InputError(f"SR folder {out_dir}", why, "use a new --out, or pass --overwrite to delete this folder and redo it")
+    raise InputError(
+        f"SR folder {out_dir}", why, "use a new --out, or pass --overwrite to delete this folder and redo it"
+    )
 
 
-def _timing(n_timed: int, model_s: float, wall_s: float, peak: float | None, bs: int, halvings: int, precision: str) -> dict[str, Any]:
-    return {"n_timed": n_timed, "model_seconds": model_s, "wall_seconds": wall_s,
-            "images_per_s": (n_timed / model_s) if model_s > 0 else None,
-            "sec_per_image": (model_s / n_timed) if n_timed and model_s > 0 else None,
-            "peak_mem_gb": peak, "final_batch_size": bs, "oom_halvings": halvings, "autocast": precision}
+def _timing(
+    n_timed: int, model_s: float, wall_s: float, peak: float | None, bs: int, halvings: int, precision: str
+) -> dict[str, Any]:
+    return {
+        "n_timed": n_timed,
+        "model_seconds": model_s,
+        "wall_seconds": wall_s,
+        "images_per_s": (n_timed / model_s) if model_s > 0 else None,
+        "sec_per_image": (model_s / n_timed) if n_timed and model_s > 0 else None,
+        "peak_mem_gb": peak,
+        "final_batch_size": bs,
+        "oom_halvings": halvings,
+        "autocast": precision,
+    }
 
 
-def infer(method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: Sequence[str], out_dir: Path) -> dict[str, Any]:
+def infer(
+    method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: Sequence[str], out_dir: Path
+) -> dict[str, Any]:
     """Super-resolve `todo` ids, write PNGs, return timing (`TIMING_DEFINITION`). On out of memory the
     batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again."""
     from cmsrd.data import CMSRDDataset
@@ -424,7 +467,9 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         if not todo and prev is not None:  # same model, same data, every image there: nothing to build
             # the old session's timing describes this row only if it super-resolved the same images
             same_images = prev.get("ids_sha256") == _digest(ids) and prev.get("timing")
-            outcome.timing = prev["timing"] if same_images else _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, ctx.precision)
+            outcome.timing = (
+                prev["timing"] if same_images else _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, ctx.precision)
+            )
             outcome.info = {**prev["info"], "resumed": True, "resumed_images": len(ids)}
             return outcome
         # the weights go in as `checkpoint:`, so a method whose file carries its frozen parts too (the authors'
@@ -433,17 +478,36 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         method = registry.build(name, ctx.layout.scale, config={**(setup.override or {}), **weights}, device=ctx.device)
         method = method.to(ctx.device).eval()
         total, trainable = method.parameter_counts()
-        info = {"nfe": method.nfe(cond), "params_m": total / 1e6, "trainable_params_m": trainable / 1e6,
-                "weights": str(setup.weights) if setup.weights else None, "weights_sha256": fp["weights_sha256"],
-                "kind": setup.spec.kind, "license": setup.spec.license, "resumed_images": len(ids) - len(todo),
-                "config": {**setup.config_record, "network_from_checkpoint": setup.network, "effective_override": setup.override}}
+        info = {
+            "nfe": method.nfe(cond),
+            "params_m": total / 1e6,
+            "trainable_params_m": trainable / 1e6,
+            "weights": str(setup.weights) if setup.weights else None,
+            "weights_sha256": fp["weights_sha256"],
+            "kind": setup.spec.kind,
+            "license": setup.spec.license,
+            "resumed_images": len(ids) - len(todo),
+            "config": {
+                **setup.config_record,
+                "network_from_checkpoint": setup.network,
+                "effective_override": setup.override,
+            },
+        }
         out_dir.mkdir(parents=True, exist_ok=True)
         # written before the first image, so a killed run leaves a record of what its images came from
-        atomic_write_text(done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str))
+        atomic_write_text(
+            done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str)
+        )
         timing = infer(method, cond, cfg, ctx, todo, out_dir)
         outcome.timing, outcome.info = timing, info
-        atomic_write_text(done_file, json.dumps({"status": "done", "fingerprint": fp, "ids_sha256": _digest(ids), "timing": timing,
-                                                 "info": info}, indent=2, default=str))
+        atomic_write_text(
+            done_file,
+            json.dumps(
+                {"status": "done", "fingerprint": fp, "ids_sha256": _digest(ids), "timing": timing, "info": info},
+                indent=2,
+                default=str,
+            ),
+        )
         del method
         if ctx.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -476,7 +540,8 @@ def check_metric_weights(names: Sequence[str], skip_missing: bool) -> tuple[list
                 e = manifest[c.key]
                 lines.append(f"  {n}: {e.file} {c.status} -> {e.expected_path()} (from {e.source()})")
         raise InputError(
-            "metric weights", "missing or corrupt:\n" + "\n".join(lines) + "\n",
+            "metric weights",
+            "missing or corrupt:\n" + "\n".join(lines) + "\n",
             "put the files there (`cmsrd-bench weights fetch` on a machine with network, then copy the cache), "
             "or pass --skip-missing to run without these metrics, or --metrics to choose others",
         )
@@ -493,8 +558,14 @@ def _row_mean(vals: Sequence[float]) -> tuple[float, int]:
     return (float(np.mean(vals)) if len(vals) else float("nan")), 0
 
 
-def score(outcome: Outcome, cfg: RunConfig, ctx: RunContext, metric_names: Sequence[str], scorers: dict[str, Any],
-          failures: dict[str, dict[str, str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score(
+    outcome: Outcome,
+    cfg: RunConfig,
+    ctx: RunContext,
+    metric_names: Sequence[str],
+    scorers: dict[str, Any],
+    failures: dict[str, dict[str, str]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Image-level metrics per image (averaged for the row) and set-level metrics on the saved PNGs.
 
     Images are read from disk `SCORE_CHUNK` at a time per metric (a bar per metric), never the whole split.
@@ -523,10 +594,12 @@ def score(outcome: Outcome, cfg: RunConfig, ctx: RunContext, metric_names: Seque
             continue
         vals: list[float] = []
         try:
-            with tqdm(total=len(ids), desc=f"scoring {name} {outcome.method} [{outcome.condition}]", unit="img", leave=False) as bar:
+            with tqdm(
+                total=len(ids), desc=f"scoring {name} {outcome.method} [{outcome.condition}]", unit="img", leave=False
+            ) as bar:
                 for a in range(0, len(ids), SCORE_CHUNK):
-                    sr = [read_png(p) for p in sr_paths[a: a + SCORE_CHUNK]]
-                    hr = [read_png(p) for p in hr_paths[a: a + SCORE_CHUNK]] if m.reference else None
+                    sr = [read_png(p) for p in sr_paths[a : a + SCORE_CHUNK]]
+                    hr = [read_png(p) for p in hr_paths[a : a + SCORE_CHUNK]] if m.reference else None
                     vals += [float(v) for v in scorers[name](sr, hr)]
                     bar.update(len(sr))
         except Exception as e:
@@ -539,7 +612,9 @@ def score(outcome: Outcome, cfg: RunConfig, ctx: RunContext, metric_names: Seque
     set_names = [n for n in metric_names if M.get(n).level == "set"]
     if set_names:
         try:
-            res = M.compute_set_metrics(set_names, sr_paths, hr_paths, device=ctx.device, label=f"{outcome.method} [{outcome.condition}]")
+            res = M.compute_set_metrics(
+                set_names, sr_paths, hr_paths, device=ctx.device, label=f"{outcome.method} [{outcome.condition}]"
+            )
             row.update({k: v for k, v in res.items() if k in set_names})
             outcome.info["set_metric_settings"] = {k: v for k, v in res.items() if k not in set_names}
         except Exception as e:
@@ -575,9 +650,15 @@ def available_methods(scale: int, given: dict[str, Path]) -> tuple[list[str], di
 
 def dataset_identity(layout: DatasetLayout) -> dict[str, Any]:
     meta = read_dataset_json(layout.root)
-    return {"root": str(layout.root), "name": meta.get("name"), "version": meta.get("version"), "scale": layout.scale,
-            "hr_px": layout.hr_px, "lr_px": layout.lr_px,
-            "manifest_sha256": sha256_file(layout.manifest_parquet) if layout.manifest_parquet.exists() else None}
+    return {
+        "root": str(layout.root),
+        "name": meta.get("name"),
+        "version": meta.get("version"),
+        "scale": layout.scale,
+        "hr_px": layout.hr_px,
+        "lr_px": layout.lr_px,
+        "manifest_sha256": sha256_file(layout.manifest_parquet) if layout.manifest_parquet.exists() else None,
+    }
 
 
 def parse_methods(methods: Sequence[str] | str) -> list[str]:
@@ -586,8 +667,11 @@ def parse_methods(methods: Sequence[str] | str) -> list[str]:
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     names = list(dict.fromkeys(n for n in names if n))
     if ALL_AVAILABLE in names and len(names) > 1:
-        raise InputError(f"--methods {','.join(names)}", f"mixes {ALL_AVAILABLE} with method names",
-                         f"pass either {ALL_AVAILABLE} or the names of the methods to run")
+        raise InputError(
+            f"--methods {','.join(names)}",
+            f"mixes {ALL_AVAILABLE} with method names",
+            f"pass either {ALL_AVAILABLE} or the names of the methods to run",
+        )
     return names
 
 
@@ -596,15 +680,20 @@ def _check_methods(names: Sequence[str]) -> None:
     known = registry.names()
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise InputError(f"--methods {','.join(unknown)}", "not in the registry", f"choose from {known} (`cmsrd-bench list`)")
+        raise InputError(
+            f"--methods {','.join(unknown)}", "not in the registry", f"choose from {known} (`cmsrd-bench list`)"
+        )
 
 
 def _check_conditions(conditions: Sequence[str], n_images: int) -> None:
     """A shuffle condition needs a partner other than the sample itself, so at least 2 images."""
     shuffled = [c.name for c in map(Conditions.parse, conditions) if "shuffle" in (c.map, c.style)]
     if shuffled and n_images < 2:
-        raise InputError(f"--conditions {';'.join(shuffled)}", f"shuffles maps/styles between samples, but the run has {n_images} image(s)",
-                         "run on at least 2 images (--limit, --split) or drop the shuffle conditions")
+        raise InputError(
+            f"--conditions {';'.join(shuffled)}",
+            f"shuffles maps/styles between samples, but the run has {n_images} image(s)",
+            "run on at least 2 images (--limit, --split) or drop the shuffle conditions",
+        )
 
 
 def _prepare_folders(cfg: RunConfig, ctx: RunContext, pairs: Sequence[tuple[str, str]]) -> None:
@@ -629,8 +718,11 @@ def _prepare_folders(cfg: RunConfig, ctx: RunContext, pairs: Sequence[tuple[str,
         except InputError as e:
             problems.append(f"  {name} [{cond.name}]: {e.problem}")
     if problems:
-        raise InputError(f"--out {cfg.out}", "holds SR images that this run would mix with its own:\n" + "\n".join(problems) + "\n",
-                         "use a new --out, or pass --overwrite to delete these method x condition folders and redo them")
+        raise InputError(
+            f"--out {cfg.out}",
+            "holds SR images that this run would mix with its own:\n" + "\n".join(problems) + "\n",
+            "use a new --out, or pass --overwrite to delete these method x condition folders and redo them",
+        )
 
 
 def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -664,12 +756,18 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         methods = asked
         _check_methods(methods)
     if not methods:
-        raise InputError("--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH")
+        raise InputError(
+            "--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH"
+        )
     conditions = list(dict.fromkeys(Conditions.parse(c).name for c in cfg.conditions)) or ["default"]
     _check_conditions(conditions, len(ids))
     for name, source in cfg.configs.items():  # typos and unreadable files fail once, before any method runs
         if name not in methods:
-            raise InputError(f"--config {name}=...", f"names no method of this run ({', '.join(methods)})", "use NAME=YAML with a method in --methods")
+            raise InputError(
+                f"--config {name}=...",
+                f"names no method of this run ({', '.join(methods)})",
+                "use NAME=YAML with a method in --methods",
+            )
         load_user_config(name, source)
 
     ctx = RunContext(layout, ids, device, amp, dataset_identity(layout)["manifest_sha256"], partners(ids, cfg.seed))
@@ -683,17 +781,32 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     for name, cond in pairs:
         say(f"{name} [{cond}]")
         o = run_method_condition(name, cond, cfg, ctx)
-        row = {"method": name, "condition": o.condition, "split": cfg.split, "n_images": len(ids) if o.status == "ok" else 0,
-               "scale": layout.scale, "status": o.status, "reason": o.reason}
+        row = {
+            "method": name,
+            "condition": o.condition,
+            "split": cfg.split,
+            "n_images": len(ids) if o.status == "ok" else 0,
+            "scale": layout.scale,
+            "status": o.status,
+            "reason": o.reason,
+        }
         if o.status == "ok":
             values, per_image = score(o, cfg, ctx, runnable_metrics, scorers, failures)
             row.update(values)
             per_image_rows += per_image
             t = o.timing
-            row.update(images_per_s=t.get("images_per_s"), sec_per_image=t.get("sec_per_image"), peak_mem_gb=t.get("peak_mem_gb"),
-                       nfe=o.info.get("nfe"), params_m=o.info.get("params_m"), trainable_params_m=o.info.get("trainable_params_m"),
-                       weights_sha256=o.info.get("weights_sha256"), n_timed=t.get("n_timed"),
-                       final_batch_size=t.get("final_batch_size"), oom_halvings=t.get("oom_halvings"))
+            row.update(
+                images_per_s=t.get("images_per_s"),
+                sec_per_image=t.get("sec_per_image"),
+                peak_mem_gb=t.get("peak_mem_gb"),
+                nfe=o.info.get("nfe"),
+                params_m=o.info.get("params_m"),
+                trainable_params_m=o.info.get("trainable_params_m"),
+                weights_sha256=o.info.get("weights_sha256"),
+                n_timed=t.get("n_timed"),
+                final_batch_size=t.get("final_batch_size"),
+                oom_halvings=t.get("oom_halvings"),
+            )
         rows.append(row)
         outcomes.append(o)
         say(f"  -> {o.status}{': ' + o.reason if o.reason else ''}")
@@ -705,7 +818,12 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     for n in runnable_metrics:
         for k in M.get(n).weights:
             c = wcache.check(k, manifest)
-            weights_hashes[k] = {"file": manifest[k].file, "path": str(c.path), "sha256": c.sha256, "verified": c.verified}
+            weights_hashes[k] = {
+                "file": manifest[k].file,
+                "path": str(c.path),
+                "sha256": c.sha256,
+                "verified": c.verified,
+            }
     for o in outcomes:
         if o.info.get("weights"):
             weights_hashes[f"method:{o.method}"] = {"path": o.info["weights"], "sha256": o.info["weights_sha256"]}
@@ -714,24 +832,45 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         if n in skipped_metrics:
             return {"status": "skipped", "reason": skipped_metrics[n]}
         if n in failures:
-            return {"status": "failed", "reason": "; ".join(f"{k}: {why}" for k, why in failures[n].items()), "failed_for": failures[n]}
+            return {
+                "status": "failed",
+                "reason": "; ".join(f"{k}: {why}" for k, why in failures[n].items()),
+                "failed_for": failures[n],
+            }
         return {"status": "ok"}
 
     info = {
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": cfg.command or lb.command_line(),
-        "versions": lb.package_versions(), "git": lb.git_info(), "device": lb.device_info(device),
+        "versions": lb.package_versions(),
+        "git": lb.git_info(),
+        "device": lb.device_info(device),
         "precision": ctx.precision,
-        "seeds": {"seed": cfg.seed, "generator": SEED_RULE,
-                  "derangement_seed": cfg.seed},
-        "dataset": dataset_identity(layout), "split": cfg.split, "n_images": len(ids), "ids": ids,
-        "crop_border": cfg.crop_border, "batch_size": cfg.batch_size,
-        "metrics": {n: {"direction": M.get(n).direction, "level": M.get(n).level, "definition": M.get(n).describe(cfg.crop_border, len(ids)),
-                        "weights": list(M.get(n).weights), **metric_status(n)} for n in metric_names},
+        "seeds": {"seed": cfg.seed, "generator": SEED_RULE, "derangement_seed": cfg.seed},
+        "dataset": dataset_identity(layout),
+        "split": cfg.split,
+        "n_images": len(ids),
+        "ids": ids,
+        "crop_border": cfg.crop_border,
+        "batch_size": cfg.batch_size,
+        "metrics": {
+            n: {
+                "direction": M.get(n).direction,
+                "level": M.get(n).level,
+                "definition": M.get(n).describe(cfg.crop_border, len(ids)),
+                "weights": list(M.get(n).weights),
+                **metric_status(n),
+            }
+            for n in metric_names
+        },
         "metrics_skipped": skipped_metrics,
         "metrics_failed": failures,
         "definitions": {"timing": TIMING_DEFINITION, "image_metric_mean": AGGREGATION_DEFINITION},
-        "methods": {f"{o.method}|{o.condition}": {"status": o.status, "reason": o.reason, "timing": o.timing, **o.info} for o in outcomes},
+        "methods": {
+            f"{o.method}|{o.condition}": {"status": o.status, "reason": o.reason, "timing": o.timing, **o.info}
+            for o in outcomes
+        },
         "methods_skipped": skipped_methods,
         "conditions": conditions,
         "configs": {n: (str(v) if not isinstance(v, dict) else v) for n, v in cfg.configs.items()},

@@ -10,7 +10,9 @@ import click
 from cmsrd.errors import InputError
 
 
-def _parse_pairs(items: tuple[str, ...], option: str = "--weights", example: str = "esrgan=runs/esrgan/model.safetensors") -> dict[str, Path]:
+def _parse_pairs(
+    items: tuple[str, ...], option: str = "--weights", example: str = "esrgan=runs/esrgan/model.safetensors"
+) -> dict[str, Path]:
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -28,49 +30,117 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
 
 @click.command("run")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="A dataset built by `cmsrd build`.")
-@click.option("--methods", default="all-available", show_default=True,
-              help="Comma-separated registry names, or all-available (every method with weights at hand).")
-@click.option("--conditions", default="default", show_default=True,
-              help='Semicolon-separated conditions, e.g. "default;map=shuffle;style=gt,steps=20".')
+@click.option(
+    "--methods",
+    default="all-available",
+    show_default=True,
+    help="Comma-separated registry names, or all-available (every method with weights at hand).",
+)
+@click.option(
+    "--conditions",
+    default="default",
+    show_default=True,
+    help='Semicolon-separated conditions, e.g. "default;map=shuffle;style=gt,steps=20".',
+)
 @click.option("--split", default="test", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Run folder. An existing one is resumed, but only the method x condition folders made with the same "
-                   "weights, config, seed, precision, dataset, split and condition; others are refused (see --overwrite).")
-@click.option("--overwrite", is_flag=True,
-              help="Delete the SR folder of every method x condition of this run in --out first and redo it (no resume).")
-@click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Checkpoint of a method, or a `cmsrd-bench train` run folder (its model-best.safetensors when "
-                   "kept, else model.safetensors); repeatable.")
-@click.option("--config", "configs", multiple=True, metavar="NAME=YAML",
-              help="Method config merged over its default (repeatable), e.g. local SD2.1 backbone/tokenizer paths for "
-                   "SGDM-real.ckpt. Over a checkpoint's recorded network it may change only pretrained/tokenizer paths.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run folder. An existing one is resumed, but only the method x condition folders made with the same "
+    "weights, config, seed, precision, dataset, split and condition; others are refused (see --overwrite).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete the SR folder of every method x condition of this run in --out first and redo it (no resume).",
+)
+@click.option(
+    "--weights",
+    "weights",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Checkpoint of a method, or a `cmsrd-bench train` run folder (its model-best.safetensors when "
+    "kept, else model.safetensors); repeatable.",
+)
+@click.option(
+    "--config",
+    "configs",
+    multiple=True,
+    metavar="NAME=YAML",
+    help="Method config merged over its default (repeatable), e.g. local SD2.1 backbone/tokenizer paths for "
+    "SGDM-real.ckpt. Over a checkpoint's recorded network it may change only pretrained/tokenizer paths.",
+)
 @click.option("--metrics", default="default", show_default=True, help="Comma-separated metric names, default or all.")
-@click.option("--skip-missing", is_flag=True, help="Skip metrics/methods whose weights are missing (recorded in run.json).")
-@click.option("--crop-border", default=0, show_default=True, type=int,
-              help="Pixels cropped from each edge for PSNR/SSIM (0 as in the SGDM paper; the scale for BasicSR's convention).")
+@click.option(
+    "--skip-missing", is_flag=True, help="Skip metrics/methods whose weights are missing (recorded in run.json)."
+)
+@click.option(
+    "--crop-border",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Pixels cropped from each edge for PSNR/SSIM (0 as in the SGDM paper; the scale for BasicSR's convention).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
-def run_command(data, methods, conditions, split, out, overwrite, weights, configs, metrics, skip_missing, crop_border, device,
-                batch_size, precision, seed, limit) -> None:
+def run_command(
+    data,
+    methods,
+    conditions,
+    split,
+    out,
+    overwrite,
+    weights,
+    configs,
+    metrics,
+    skip_missing,
+    crop_border,
+    device,
+    batch_size,
+    precision,
+    seed,
+    limit,
+) -> None:
     """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json."""
     from .runner import RunConfig, run_benchmark
 
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}", "must be >= 1")
     cfg = RunConfig(
-        data=data, out=out, methods=methods,  # split, stripped and checked by runner.parse_methods
-        conditions=[c.strip() for c in conditions.split(";") if c.strip()] or ["default"], split=split,
-        weights=_parse_weights(weights), configs=_parse_pairs(configs, "--config", "sgdm+=sgdm-local.yaml"), skip_missing=skip_missing, crop_border=crop_border, device=device,
-        batch_size=batch_size, metrics=metrics, seed=seed, precision=precision, limit=limit, command=list(sys.argv),
+        data=data,
+        out=out,
+        methods=methods,  # split, stripped and checked by runner.parse_methods
+        conditions=[c.strip() for c in conditions.split(";") if c.strip()] or ["default"],
+        split=split,
+        weights=_parse_weights(weights),
+        configs=_parse_pairs(configs, "--config", "sgdm+=sgdm-local.yaml"),
+        skip_missing=skip_missing,
+        crop_border=crop_border,
+        device=device,
+        batch_size=batch_size,
+        metrics=metrics,
+        seed=seed,
+        precision=precision,
+        limit=limit,
+        command=list(sys.argv),
         overwrite=overwrite,
     )
     info = run_benchmark(cfg, progress=lambda s: click.echo(s, err=True))
     failed = [k for k, v in info["methods"].items() if v["status"] == "failed"]
-    click.echo(f"wrote {out / 'leaderboard.csv'} ({len(info['methods'])} method x condition rows"
-               f"{', ' + str(len(failed)) + ' failed' if failed else ''})")
+    click.echo(
+        f"wrote {out / 'leaderboard.csv'} ({len(info['methods'])} method x condition rows"
+        f"{', ' + str(len(failed)) + ' failed' if failed else ''})"
+    )
     for name, why in info["metrics_skipped"].items():
         click.echo(f"metric {name} skipped: {why}", err=True)
     for name, where in info["metrics_failed"].items():

@@ -12,8 +12,8 @@ present.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 from unittest import mock
 
 import torch
@@ -27,7 +27,11 @@ _BIG = 1 << 16
 def compact_state_dict(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """Random state dict of `module`'s shapes; tensors above 64k elements are stride-0 expansions."""
     g = torch.Generator().manual_seed(seed)
-    norms = {n for n, m in module.named_modules() if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm))}
+    norms = {
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm))
+    }
     out = {}
     for k, v in module.state_dict().items():
         owner, _, leaf = k.rpartition(".")
@@ -67,8 +71,10 @@ def _dists() -> dict[str, torch.Tensor]:
 def _fidelity_inception() -> dict[str, torch.Tensor]:
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-            mock.patch.object(fe.torch, "load", lambda *a, **k: {}):
+    with (
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+        mock.patch.object(fe.torch, "load", lambda *a, **k: {}),
+    ):
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
     return compact_state_dict(net, seed=4)
 
@@ -97,9 +103,18 @@ def sliding_random(shape: tuple[int, ...], generator: torch.Generator, std: floa
 
 # OpenAI CLIP RN50 hyper-parameters (CLIP(...) argument order). pyiqa's `clip_model.build_model` reads
 # them back from the state dict's shapes and key names, so the stand-in must reproduce both exactly.
-CLIP_RN50_CONFIG = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-                        vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
-                        transformer_heads=8, transformer_layers=12)
+CLIP_RN50_CONFIG = dict(
+    embed_dim=1024,
+    image_resolution=224,
+    vision_layers=(3, 4, 6, 3),
+    vision_width=64,
+    vision_patch_size=None,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=12,
+)
 
 
 class _TensorArchive(torch.nn.Module):
@@ -136,7 +151,9 @@ def _clip_rn50_state() -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         net = CLIP(**CLIP_RN50_CONFIG)
     g = torch.Generator().manual_seed(6)
-    norms = {n for n, m in net.named_modules() if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm))}
+    norms = {
+        n for n, m in net.named_modules() if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm))
+    }
     out: dict[str, torch.Tensor] = {}
     for k, v in net.state_dict().items():
         owner, _, leaf = k.rpartition(".")
@@ -151,12 +168,15 @@ def _clip_rn50_state() -> dict[str, torch.Tensor]:
             out[k] = torch.tensor(math.log(100.0))
         elif v.ndim >= 2:
             fan_in = shape[0] if k == "text_projection" else v.numel() // shape[0]  # text: x @ text_projection
-            out[k] = sliding_random(shape, g, fan_in ** -0.5)
+            out[k] = sliding_random(shape, g, fan_in**-0.5)
         else:
             out[k] = torch.randn(shape, generator=g) * 0.01
     c = CLIP_RN50_CONFIG
-    out.update(input_resolution=torch.tensor(c["image_resolution"]), context_length=torch.tensor(c["context_length"]),
-               vocab_size=torch.tensor(c["vocab_size"]))
+    out.update(
+        input_resolution=torch.tensor(c["image_resolution"]),
+        context_length=torch.tensor(c["context_length"]),
+        vocab_size=torch.tensor(c["vocab_size"]),
+    )
     return out
 
 

@@ -125,7 +125,9 @@ def fetch_command(keys: tuple[str, ...], all_: bool, base_url: str | None, force
     def show(r: wcache.FetchResult) -> None:
         nonlocal failed
         failed += r.outcome == "failed"
-        click.echo(f"{r.outcome:16s} {r.key}: {r.path}" + (f"  ({r.detail})" if r.detail and r.outcome != "fetched" else ""))
+        click.echo(
+            f"{r.outcome:16s} {r.key}: {r.path}" + (f"  ({r.detail})" if r.detail and r.outcome != "fetched" else "")
+        )
 
     wcache.fetch(selected, base_url_override=base_url, manifest=manifest, timeout=timeout, force=force, on_result=show)
     if failed:

@@ -58,8 +58,6 @@ class Shift:
         return math.hypot(self.dx, self.dy)
 
 
-
-
 def _bands(img: np.ndarray, band: int | None, what: str) -> np.ndarray:
     """H x W x C float: the chosen band, or the first `MAX_BANDS` bands."""
     a = np.asarray(img, dtype=np.float64)
@@ -70,7 +68,7 @@ def _bands(img: np.ndarray, band: int | None, what: str) -> np.ndarray:
     if band is not None:
         if not 0 <= band < a.shape[2]:
             raise InputError(f"band {band}", f"{what} has {a.shape[2]} bands", "pick an existing band index")
-        return a[..., band: band + 1]
+        return a[..., band : band + 1]
     return a[..., :MAX_BANDS]
 
 
@@ -79,7 +77,8 @@ def _matrix(in_len: int, out_len: int, offset: float) -> np.ndarray:
     idx, wts = contributions(in_len, out_len, out_len / in_len, True, offset)
     rows = np.repeat(np.arange(out_len), idx.shape[1])
     return np.bincount(rows * in_len + idx.ravel(), weights=wts.ravel(), minlength=out_len * in_len).reshape(
-        out_len, in_len)  # taps mirrored onto one pixel add up
+        out_len, in_len
+    )  # taps mirrored onto one pixel add up
 
 
 class _Fit:
@@ -89,14 +88,14 @@ class _Fit:
         self.hr, self.m, self.shape = hr, margin, lr.shape[:2]
         y = lr[margin:-margin, margin:-margin].reshape(-1, lr.shape[2])
         self.y = y - y.mean(axis=0)
-        self.total = float((self.y ** 2).sum())
+        self.total = float((self.y**2).sum())
         self._rows: dict[float, np.ndarray] = {}
 
     def rows(self, dy: float) -> np.ndarray:
         """HR bands resampled along rows (bands x kept LR rows x HR cols), cached per grid value."""
         got = self._rows.get(dy)
         if got is None:
-            my = _matrix(self.hr.shape[0], self.shape[0], dy)[self.m:-self.m]
+            my = _matrix(self.hr.shape[0], self.shape[0], dy)[self.m : -self.m]
             got = np.einsum("rh,hwc->crw", my, self.hr)
             if len(self._rows) < 64:
                 self._rows[dy] = got
@@ -104,7 +103,7 @@ class _Fit:
 
     def residual(self, dy: float, dx: float) -> float:
         """Unexplained share of the LR variance (0 = perfect fit, 1 = nothing explained)."""
-        mx = _matrix(self.hr.shape[1], self.shape[1], dx)[self.m:-self.m]
+        mx = _matrix(self.hr.shape[1], self.shape[1], dx)[self.m : -self.m]
         x = (self.rows(dy) @ mx.T).reshape(self.hr.shape[2], -1).T
         x = x - x.mean(axis=0)
         coef, *_ = np.linalg.lstsq(x, self.y, rcond=None)
@@ -118,8 +117,9 @@ class _Fit:
         return math.sqrt(max(0.0, r2))
 
 
-def measure_shift(lr: np.ndarray, hr: np.ndarray, band: int | None = None, refine: bool = True,
-                  max_shift: float | None = None) -> Shift:
+def measure_shift(
+    lr: np.ndarray, hr: np.ndarray, band: int | None = None, refine: bool = True, max_shift: float | None = None
+) -> Shift:
     """Shift of `lr` against `hr` (same footprint, any size ratio) in LR pixels; see the module docstring.
 
     `band` picks one band of both images (e.g. NIR); default: the first three bands of each, related by a
@@ -132,8 +132,9 @@ def measure_shift(lr: np.ndarray, hr: np.ndarray, band: int | None = None, refin
     if min(h, w) < 8:
         raise InputError("LR image", f"{h}x{w} px is too small to measure a shift", "use at least 8 x 8 px")
     if hr_b.shape[0] < h or hr_b.shape[1] < w:
-        raise InputError("HR image", f"{hr_b.shape[:2]} is smaller than the LR {lr_b.shape[:2]}",
-                         "pass the HR of the LR")
+        raise InputError(
+            "HR image", f"{hr_b.shape[:2]} is smaller than the LR {lr_b.shape[:2]}", "pass the HR of the LR"
+        )
     if not (lr_b.reshape(-1, lr_b.shape[2]).std(axis=0).max() > 0 and hr_b.std() > 0):
         raise InputError("LR/HR pair", "one image is flat: no texture to correlate", "skip this sample's shift")
     limit = float(max_shift) if max_shift is not None else max(1.5, min(h, w) / 8.0)
@@ -141,8 +142,11 @@ def measure_shift(lr: np.ndarray, hr: np.ndarray, band: int | None = None, refin
         raise InputError(f"max_shift {max_shift!r}", "is not a positive number of LR pixels", "use e.g. 2")
     m = int(math.ceil(limit)) + 1  # bicubic taps of a shifted LR pixel reach ~2 px further
     if min(h, w) - 2 * m < 6:
-        raise InputError(f"max_shift {limit:g}", f"leaves no interior of the {h}x{w} LR to compare",
-                         f"use at most {max(0, (min(h, w) - 6) // 2 - 2)} LR px or a larger LR")
+        raise InputError(
+            f"max_shift {limit:g}",
+            f"leaves no interior of the {h}x{w} LR to compare",
+            f"use at most {max(0, (min(h, w) - 6) // 2 - 2)} LR px or a larger LR",
+        )
     fit = _Fit(lr_b, hr_b, m)
     dy, dx = _search(fit, limit, refine)
     corr = fit.correlation(dy, dx)
@@ -163,8 +167,13 @@ def _search(fit: _Fit, limit: float, refine: bool) -> tuple[float, float]:
     if not refine:
         return float(best[0]), float(best[1])
     bounds = [(max(-limit, b - 0.25), min(limit, b + 0.25)) for b in best]
-    res = optimize.minimize(lambda p: fit.residual(p[0], p[1]), x0=list(best), method="Powell", bounds=bounds,
-                            options={"xtol": 1e-4, "ftol": 1e-10})
+    res = optimize.minimize(
+        lambda p: fit.residual(p[0], p[1]),
+        x0=list(best),
+        method="Powell",
+        bounds=bounds,
+        options={"xtol": 1e-4, "ftol": 1e-10},
+    )
     if res.fun <= scores[best]:
         return float(res.x[0]), float(res.x[1])
     return float(best[0]), float(best[1])

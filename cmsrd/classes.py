@@ -31,7 +31,9 @@ CLASSES: tuple[MapClass, ...] = (
     MapClass("road", 2, (254, 254, 254), "highway=residential/service/unclassified/living_street/track/footway/..."),
     MapClass("major_road", 3, (255, 204, 133), "highway=motorway/trunk/primary/secondary/tertiary (+ _link)"),
     MapClass("railway", 4, (170, 166, 160), "railway=rail/light_rail/tram/narrow_gauge"),
-    MapClass("water", 5, (133, 203, 249), "natural=water, waterway=riverbank, water=*, waterway=river/stream/canal lines"),
+    MapClass(
+        "water", 5, (133, 203, 249), "natural=water, waterway=riverbank, water=*, waterway=river/stream/canal lines"
+    ),
     MapClass("forest", 6, (217, 233, 198), "landuse=forest"),
     MapClass("wood", 7, (208, 230, 190), "natural=wood"),
     MapClass("park", 8, (228, 236, 213), "leisure=park/garden, landuse=grass/meadow/recreation_ground"),
@@ -42,7 +44,15 @@ BY_NAME: dict[str, MapClass] = {c.name: c for c in CLASSES}
 
 # Rasterisation order (later classes paint over earlier ones). Land is the background fill.
 DRAW_ORDER: tuple[str, ...] = (
-    "farmland", "park", "forest", "wood", "water", "railway", "road", "major_road", "building",
+    "farmland",
+    "park",
+    "forest",
+    "wood",
+    "water",
+    "railway",
+    "road",
+    "major_road",
+    "building",
 )
 
 # Official SGDM prompt rule (dataset/LRHRRef.py): exact RGB matches -> words, fixed order.
@@ -63,5 +73,5 @@ def palette() -> list[int]:
     """Flat 768-entry PIL palette mapping mask id -> RGB (unused entries black)."""
     pal = [0] * 768
     for c in CLASSES:
-        pal[3 * c.id: 3 * c.id + 3] = list(c.rgb)
+        pal[3 * c.id : 3 * c.id + 3] = list(c.rgb)
     return pal

@@ -173,11 +173,12 @@ class DatasetConfig:
                 return base / path
         return (Path(self.base_dir) if self.base_dir else Path.cwd()) / path
 
-    def with_overrides(self, **changes: Any) -> "DatasetConfig":
+    def with_overrides(self, **changes: Any) -> DatasetConfig:
         return dataclasses.replace(self, **changes)
 
 
 # ---- generic typed loading ------------------------------------------------------------------------
+
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
@@ -235,7 +236,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
             raise unknown_name(f"{where}.{key}" if where else str(key), "unknown key", key, fields)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -244,6 +246,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 # ---- validation ------------------------------------------------------------------------------------
+
 
 def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -260,22 +263,31 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
         if getattr(cfg, key) < 1:
             raise InputError(key, f"is {getattr(cfg, key)}", "use a positive pixel size")
     if cfg.hr_px % cfg.lr_px:
-        raise InputError("lr_px", f"hr_px {cfg.hr_px} is not a multiple of lr_px {cfg.lr_px}",
-                         "use e.g. hr_px 256 with lr_px 16 (x16) or 8 (x32)")
+        raise InputError(
+            "lr_px",
+            f"hr_px {cfg.hr_px} is not a multiple of lr_px {cfg.lr_px}",
+            "use e.g. hr_px 256 with lr_px 16 (x16) or 8 (x32)",
+        )
     _check_choice("hr.source", cfg.hr.source, ("worldimagery", "raster"))
     if cfg.hr.source == "raster" and not cfg.hr.raster:
         raise InputError("hr.raster", "is required when hr.source is raster", "give the path of a GeoTIFF")
     if cfg.hr.source == "worldimagery" and not all(t in cfg.hr.url for t in ("{z}", "{x}", "{y}")):
-        raise InputError("hr.url", f"{cfg.hr.url!r} lacks {{z}}/{{x}}/{{y}}", "give an XYZ template such as .../tile/{z}/{y}/{x}")
+        raise InputError(
+            "hr.url", f"{cfg.hr.url!r} lacks {{z}}/{{x}}/{{y}}", "give an XYZ template such as .../tile/{z}/{y}/{x}"
+        )
     _check_choice("lr.source", cfg.lr.source, ("bicubic", "sentinel-2"))
     _check_choice("lr.backend", cfg.lr.backend, ("stac", "sentinelhub"))
     _check_choice("map.source", cfg.map.source, ("osm",))
     if not (0.0 <= cfg.split.test_fraction < 1.0):
         raise InputError("split.test_fraction", f"is {cfg.split.test_fraction}", "use a fraction in [0, 1), e.g. 0.1")
     if cfg.split.block_tiles < 1:
-        raise InputError("split.block_tiles", f"is {cfg.split.block_tiles}", "use a positive block edge in tiles, e.g. 8")
+        raise InputError(
+            "split.block_tiles", f"is {cfg.split.block_tiles}", "use a positive block edge in tiles, e.g. 8"
+        )
     if cfg.build.abort_after_failures < 0:
-        raise InputError("build.abort_after_failures", f"is {cfg.build.abort_after_failures}", "use 0 (never) or a positive count")
+        raise InputError(
+            "build.abort_after_failures", f"is {cfg.build.abort_after_failures}", "use 0 (never) or a positive count"
+        )
     if cfg.build.partition_size < 1:
         raise InputError("build.partition_size", f"is {cfg.build.partition_size}", "use a positive number, e.g. 64")
     for f in dataclasses.fields(QAConfig):
@@ -284,6 +296,7 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
             raise InputError(f"qa.{f.name}", f"is {v}", "use a non-negative threshold")
     for key in ("start", "end"):
         import datetime as _dt
+
         try:
             _dt.date.fromisoformat(getattr(cfg.lr, key))
         except ValueError:
@@ -291,7 +304,9 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
     if not cfg.aois:
         raise InputError("aois", "is empty", "list GeoJSON files under manifests/aois/ (or `world` for demo presets)")
     if "world" in cfg.aois and cfg.world is None:
-        raise InputError("aois", "`world` is only valid in presets with a `world:` section", "add `world: {}` or list GeoJSON AOIs")
+        raise InputError(
+            "aois", "`world` is only valid in presets with a `world:` section", "add `world: {}` or list GeoJSON AOIs"
+        )
     return cfg
 
 
@@ -324,6 +339,7 @@ def load_config(source: str | os.PathLike | dict, **overrides: Any) -> DatasetCo
 
 # ---- AOIs ------------------------------------------------------------------------------------------
 
+
 def check_aoi_geometry(geom: Any, where: str) -> None:
     """Polygon/MultiPolygon, valid, in lon/lat range and not wrapped across the antimeridian."""
     if geom.geom_type not in ("Polygon", "MultiPolygon"):
@@ -331,28 +347,42 @@ def check_aoi_geometry(geom: Any, where: str) -> None:
     if geom.is_empty:
         raise InputError(where, "is empty", "give a non-empty polygon")
     if not geom.is_valid:
-        raise InputError(where, f"is not a valid polygon ({shapely.validation.explain_validity(geom)})",
-                         "fix self-intersections, e.g. with shapely.make_valid or QGIS 'Fix geometries'")
+        raise InputError(
+            where,
+            f"is not a valid polygon ({shapely.validation.explain_validity(geom)})",
+            "fix self-intersections, e.g. with shapely.make_valid or QGIS 'Fix geometries'",
+        )
     w, s, e, n = geom.bounds
     if w < -180 or e > 180 or s < -90 or n > 90:
-        raise InputError(where, f"has coordinates outside lon/lat range (bounds {geom.bounds})",
-                         "give WGS84 longitude/latitude (GeoJSON order: lon, lat); wrap longitudes into [-180, 180]")
+        raise InputError(
+            where,
+            f"has coordinates outside lon/lat range (bounds {geom.bounds})",
+            "give WGS84 longitude/latitude (GeoJSON order: lon, lat); wrap longitudes into [-180, 180]",
+        )
     if s < -MAX_LAT or n > MAX_LAT:
-        raise InputError(where, f"reaches latitude beyond ±{MAX_LAT:.2f}, outside Web Mercator tiles",
-                         "clip the AOI to the tiled latitude range")
+        raise InputError(
+            where,
+            f"reaches latitude beyond ±{MAX_LAT:.2f}, outside Web Mercator tiles",
+            "clip the AOI to the tiled latitude range",
+        )
     parts = list(geom.geoms) if geom.geom_type == "MultiPolygon" else [geom]
     for p in parts:
         pw, _, pe, _ = p.bounds
         if pe - pw > 180:
-            raise InputError(where, f"spans {pe - pw:.1f}° of longitude, i.e. it wraps the wrong way across the antimeridian",
-                             "split it at ±180° into a MultiPolygon of two parts, one on each side")
+            raise InputError(
+                where,
+                f"spans {pe - pw:.1f}° of longitude, i.e. it wraps the wrong way across the antimeridian",
+                "split it at ±180° into a MultiPolygon of two parts, one on each side",
+            )
 
 
 def load_aoi_file(path: Path) -> list[AOI]:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"AOI file {path}", f"cannot be read as GeoJSON ({e})", "give a GeoJSON FeatureCollection") from None
+        raise InputError(
+            f"AOI file {path}", f"cannot be read as GeoJSON ({e})", "give a GeoJSON FeatureCollection"
+        ) from None
     feats = []
     if doc.get("type") == "FeatureCollection":
         feats = doc.get("features", [])
@@ -383,13 +413,18 @@ def load_aois(cfg: DatasetConfig, world_bounds_lonlat: tuple[float, float, float
     for entry in cfg.aois:
         if entry == "world":
             if world_bounds_lonlat is None:
-                raise InputError("aois: world", "needs the offline world's bounds", "build demo presets with `cmsrd build`")
+                raise InputError(
+                    "aois: world", "needs the offline world's bounds", "build demo presets with `cmsrd build`"
+                )
             aois.append(AOI("world", box(*world_bounds_lonlat)))
             continue
         path = cfg.resolve(entry)
         if not path.exists():
-            raise InputError(f"AOI {entry}", f"file not found (looked at {path})",
-                             f"give a GeoJSON path relative to the preset or one of {sorted(p.name for p in AOIS_DIR.glob('*.geojson'))}")
+            raise InputError(
+                f"AOI {entry}",
+                f"file not found (looked at {path})",
+                f"give a GeoJSON path relative to the preset or one of {sorted(p.name for p in AOIS_DIR.glob('*.geojson'))}",
+            )
         aois.extend(load_aoi_file(path))
     names = [a.name for a in aois]
     dup = sorted({n for n in names if names.count(n) > 1})

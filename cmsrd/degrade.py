@@ -78,9 +78,7 @@ def contributions(
 
 
 @lru_cache(maxsize=64)
-def weight_matrix(
-    in_len: int, out_len: int, scale: float, antialias: bool = True, offset: float = 0.0
-) -> np.ndarray:
+def weight_matrix(in_len: int, out_len: int, scale: float, antialias: bool = True, offset: float = 0.0) -> np.ndarray:
     """Dense `out_len x in_len` float64 matrix of one resize pass (taps that mirror to one pixel add up)."""
     idx, w = contributions(in_len, out_len, scale, antialias, offset)
     m = np.zeros((out_len, in_len), dtype=np.float64)
@@ -100,8 +98,9 @@ def resolve_sizes(
 ) -> tuple[tuple[float, float], tuple[int, int]]:
     """MATLAB's size rules: (per-axis scale, output shape) from either a scale or an output shape."""
     if (scale is None) == (output_shape is None):
-        raise InputError("imresize arguments", "give exactly one of scale and output_shape",
-                         "pass scale=1/32 or output_shape=(8, 8)")
+        raise InputError(
+            "imresize arguments", "give exactly one of scale and output_shape", "pass scale=1/32 or output_shape=(8, 8)"
+        )
     if scale is not None:
         scales = tuple(float(s) for s in (scale if isinstance(scale, (tuple, list)) else (scale, scale)))
         if len(scales) != 2 or not all(math.isfinite(s) and s > 0 for s in scales):
@@ -110,8 +109,9 @@ def resolve_sizes(
         return scales, out  # type: ignore[return-value]
     out = tuple(int(v) for v in output_shape)  # type: ignore[union-attr]
     if len(out) != 2 or min(out) < 1:
-        raise InputError("imresize output_shape", f"{output_shape!r} is not two positive sizes",
-                         "use e.g. output_shape=(8, 8)")
+        raise InputError(
+            "imresize output_shape", f"{output_shape!r} is not two positive sizes", "use e.g. output_shape=(8, 8)"
+        )
     return (out[0] / in_shape[0], out[1] / in_shape[1]), out  # type: ignore[return-value]
 
 
@@ -155,7 +155,7 @@ def imresize(
 
 
 @lru_cache(maxsize=64)
-def _torch_matrix(in_len: int, out_len: int, scale: float, antialias: bool, device: str, dtype: "torch.dtype"):
+def _torch_matrix(in_len: int, out_len: int, scale: float, antialias: bool, device: str, dtype: torch.dtype):
     import torch
 
     return torch.from_numpy(np.array(weight_matrix(in_len, out_len, scale, antialias))).to(device=device, dtype=dtype)
@@ -174,8 +174,11 @@ def imresize_torch(
     import torch
 
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        raise InputError("imresize_torch input", "expected a float N x C x H x W tensor",
-                         "convert with x.float() and add batch/channel dims")
+        raise InputError(
+            "imresize_torch input",
+            "expected a float N x C x H x W tensor",
+            "convert with x.float() and add batch/channel dims",
+        )
     if isinstance(size, int):
         size = (size, size)
     scales, out_shape = resolve_sizes(tuple(x.shape[-2:]), scale, size)
@@ -190,8 +193,11 @@ def imresize_torch(
 def _check_u8_image(arr: np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-        raise InputError(what, f"expected a uint8 HxW or HxWxC image, got {arr.dtype} {arr.shape}",
-                         "pass the 8-bit image as read by cmsrd.io.read_png")
+        raise InputError(
+            what,
+            f"expected a uint8 HxW or HxWxC image, got {arr.dtype} {arr.shape}",
+            "pass the 8-bit image as read by cmsrd.io.read_png",
+        )
     return arr
 
 
@@ -203,8 +209,11 @@ def synthetic_lr(hr: np.ndarray, factor: int = 32) -> np.ndarray:
     factor = int(factor)
     h, w = hr.shape[:2]
     if h % factor or w % factor:
-        raise InputError("HR image", f"size {h}x{w} is not divisible by the factor {factor}",
-                         f"use an HR size that is a multiple of {factor}")
+        raise InputError(
+            "HR image",
+            f"size {h}x{w} is not divisible by the factor {factor}",
+            f"use an HR size that is a multiple of {factor}",
+        )
     return imresize(hr, output_shape=(h // factor, w // factor))
 
 

@@ -31,7 +31,9 @@ def unknown_name(what: str, problem: str, name: object, valid: Iterable[object])
     typo reads the same wherever it is made. Returned, for the caller to `raise`."""
     names = sorted(str(v) for v in valid)
     close = difflib.get_close_matches(str(name), names, n=1)
-    return InputError(what, problem + (f" (did you mean `{close[0]}`?)" if close else ""), f"use one of: {', '.join(names)}")
+    return InputError(
+        what, problem + (f" (did you mean `{close[0]}`?)" if close else ""), f"use one of: {', '.join(names)}"
+    )
 
 
 class MissingWeightsError(InputError):

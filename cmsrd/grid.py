@@ -13,8 +13,8 @@ SGDM split is a random draw over tiles, which lets adjacent, nearly identical ti
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import mercantile
 import numpy as np
@@ -54,6 +54,7 @@ def zoom_for_gsd(gsd_m: float, lat: float, px: int = 256) -> int:
 
 
 # ---- vectorised tile math -------------------------------------------------------------------------
+
 
 def lonlat_to_tile_xy(lon: np.ndarray, lat: np.ndarray, z: int) -> tuple[np.ndarray, np.ndarray]:
     """Fractional tile coordinates of lon/lat arrays at zoom z."""
@@ -105,7 +106,7 @@ def tiles_in_polygon(geom: BaseGeometry, z: int, max_tiles: int = 50_000_000) ->
     # Row by row keeps memory at one row of candidates for very wide AOIs.
     chunk = max(1, 2_000_000 // max(len(xs), 1))
     for i in range(0, len(ys), chunk):
-        yy, xx = np.meshgrid(ys[i:i + chunk], xs, indexing="ij")
+        yy, xx = np.meshgrid(ys[i : i + chunk], xs, indexing="ij")
         lon, lat = tile_xy_to_lonlat(xx.ravel() + 0.5, yy.ravel() + 0.5, z)
         inside = shapely.contains_xy(geom, lon, lat)
         out.append(np.stack([xx.ravel()[inside], yy.ravel()[inside]], axis=1))
@@ -113,6 +114,7 @@ def tiles_in_polygon(geom: BaseGeometry, z: int, max_tiles: int = 50_000_000) ->
 
 
 # ---- blocked split --------------------------------------------------------------------------------
+
 
 def _mix64(v: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a fast, well-mixed, platform-independent hash of uint64 values."""
@@ -127,9 +129,11 @@ def _mix64(v: np.ndarray) -> np.ndarray:
 def block_uniform(bx: np.ndarray, by: np.ndarray, seed: int) -> np.ndarray:
     """Deterministic U[0, 1) per block, from (seed, bx, by); independent of which tiles are planned."""
     with np.errstate(over="ignore"):
-        key = (np.asarray(bx, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
-            np.asarray(by, np.int64).astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)
-        ) ^ (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0xD1B54A32D192ED03))
+        key = (
+            (np.asarray(bx, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+            ^ (np.asarray(by, np.int64).astype(np.uint64) + np.uint64(0x632BE59BD9B4E019))
+            ^ (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0xD1B54A32D192ED03))
+        )
     return (_mix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
@@ -163,6 +167,7 @@ def assign_split(
 
 
 # ---- sampling --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AOI:
@@ -232,8 +237,12 @@ def sample_tiles(
         chosen.append(pool[np.asarray(pick, np.int64)])
     sel = np.concatenate(chosen)
     return {
-        "x": xy[sel, 0], "y": xy[sel, 1], "aoi": aoi_idx[sel],
-        "bx": bx[sel], "by": by[sel], "split": split[sel],
+        "x": xy[sel, 0],
+        "y": xy[sel, 1],
+        "aoi": aoi_idx[sel],
+        "bx": bx[sel],
+        "by": by[sel],
+        "split": split[sel],
     }
 
 
@@ -249,7 +258,18 @@ def tiles_touch(a: Iterable[tuple[int, int]], b: Iterable[tuple[int, int]]) -> b
 
 
 __all__ = [
-    "AOI", "assign_split", "candidate_tiles", "ground_gsd_m", "lonlat_to_tile_xy", "sample_tiles",
-    "tile_bounds_3857", "tile_bounds_3857_arrays", "tile_center_lonlat", "tile_id", "tile_xy_to_lonlat",
-    "tiles_in_polygon", "tiles_touch", "zoom_for_gsd",
+    "AOI",
+    "assign_split",
+    "candidate_tiles",
+    "ground_gsd_m",
+    "lonlat_to_tile_xy",
+    "sample_tiles",
+    "tile_bounds_3857",
+    "tile_bounds_3857_arrays",
+    "tile_center_lonlat",
+    "tile_id",
+    "tile_xy_to_lonlat",
+    "tiles_in_polygon",
+    "tiles_touch",
+    "zoom_for_gsd",
 ]

@@ -15,8 +15,9 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import InputError
 from .io import atomic_write_text
@@ -57,7 +58,7 @@ class Journal:
         if not self._fh.closed:
             self._fh.close()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -124,8 +125,11 @@ class BuildState:
         except BlockingIOError:
             self._lock_fh.close()
             self._lock_fh = None
-            raise InputError(f"output dir {self.out}", "another `cmsrd build` is writing into it",
-                             "wait for it to finish or choose another --out") from None
+            raise InputError(
+                f"output dir {self.out}",
+                "another `cmsrd build` is writing into it",
+                "wait for it to finish or choose another --out",
+            ) from None
 
     def unlock(self) -> None:
         if self._lock_fh is not None:
@@ -160,8 +164,11 @@ class BuildState:
                     "choose another --out, or pass --force to discard it and rebuild",
                 )
         elif foreign and not force:
-            raise InputError(f"output dir {self.out}", "holds a dataset not built by this cmsrd (no .cmsrd/build.json)",
-                             "choose another --out, or pass --force to overwrite it")
+            raise InputError(
+                f"output dir {self.out}",
+                "holds a dataset not built by this cmsrd (no .cmsrd/build.json)",
+                "choose another --out, or pass --force to overwrite it",
+            )
         return False
 
     def reset(self, layout_dirs: list[Path]) -> None:
@@ -176,5 +183,11 @@ class BuildState:
 
     def write_identity(self, name: str, fingerprint: str, config: dict, versions: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.build_json, json.dumps(
-            {"name": name, "fingerprint": fingerprint, "config": config, "versions": versions}, indent=2, default=str))
+        atomic_write_text(
+            self.build_json,
+            json.dumps(
+                {"name": name, "fingerprint": fingerprint, "config": config, "versions": versions},
+                indent=2,
+                default=str,
+            ),
+        )

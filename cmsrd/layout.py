@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -105,7 +106,7 @@ class DatasetLayout:
         return self.root / MANIFEST_CSV
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "DatasetLayout":
+    def open(cls, root: str | os.PathLike) -> DatasetLayout:
         """Layout of an existing dataset, read from its dataset.json."""
         meta = read_dataset_json(root)
         return cls(Path(root), int(meta["hr_px"]), int(meta["lr_px"]))
@@ -198,7 +199,9 @@ def validate_manifest_schema(df: pd.DataFrame) -> list[str]:
 def read_manifest(root: str | os.PathLike) -> pd.DataFrame:
     path = Path(root) / MANIFEST_PARQUET
     if not path.exists():
-        raise InputError(f"dataset {root}", f"has no {MANIFEST_PARQUET}", "build it with `cmsrd build` or point at a built dataset")
+        raise InputError(
+            f"dataset {root}", f"has no {MANIFEST_PARQUET}", "build it with `cmsrd build` or point at a built dataset"
+        )
     return pd.read_parquet(path)
 
 

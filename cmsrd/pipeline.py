@@ -24,29 +24,41 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from . import qa
 from .classes import CLASSES, palette
 from .config import DatasetConfig
 from .errors import InputError, SampleError
 from .io import atomic_path, sha256_file, write_png
 from .journal import BuildState, Journal
-from .layout import (IMAGE_KINDS, MANIFEST_COLUMNS, SPLITS, DatasetLayout, conform_manifest, write_dataset_json)
+from .layout import IMAGE_KINDS, MANIFEST_COLUMNS, SPLITS, DatasetLayout, conform_manifest, write_dataset_json
 from .plan import make_plan, write_plan
-from . import qa
 
 log = logging.getLogger(__name__)
 
 # Manifest columns beyond the layout's schema that every row carries (fixed, so streamed chunks agree).
-EXTRA_COLUMNS = ("aoi", "block", "lr_collection", "lr_baseline", "lr_scene_cloud_cover", "shift_correlation",
-                 "path_geo_hr", "sha256_geo_hr", "path_geo_lr", "sha256_geo_lr")
-EXTRA_DTYPES = {c: ("float64" if c in ("lr_scene_cloud_cover", "shift_correlation") else "string")
-                for c in EXTRA_COLUMNS}
+EXTRA_COLUMNS = (
+    "aoi",
+    "block",
+    "lr_collection",
+    "lr_baseline",
+    "lr_scene_cloud_cover",
+    "shift_correlation",
+    "path_geo_hr",
+    "sha256_geo_hr",
+    "path_geo_lr",
+    "sha256_geo_lr",
+)
+EXTRA_DTYPES = {
+    c: ("float64" if c in ("lr_scene_cloud_cover", "shift_correlation") else "string") for c in EXTRA_COLUMNS
+}
 ROW_COLUMNS = tuple(MANIFEST_COLUMNS) + EXTRA_COLUMNS
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
@@ -60,6 +72,7 @@ def redact(text: str | None) -> str:
 
 
 # ---- build spec and worker-side sources -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BuildSpec:
@@ -104,9 +117,16 @@ def _hr_source(spec: BuildSpec):
             from .sources.worldimagery import WorldImageryHR
 
             b = spec.cfg.build
-            src["hr"] = WorldImageryHR(cfg.url, cache_dir=spec.cache_dir, identify_url=cfg.identify_url,
-                                       timeout=(10.0, b.timeout_s), retry=_retry_policy(spec),
-                                       rate=b.rate_per_worker or None, attribution=cfg.attribution, terms=cfg.terms)
+            src["hr"] = WorldImageryHR(
+                cfg.url,
+                cache_dir=spec.cache_dir,
+                identify_url=cfg.identify_url,
+                timeout=(10.0, b.timeout_s),
+                retry=_retry_policy(spec),
+                rate=b.rate_per_worker or None,
+                attribution=cfg.attribution,
+                terms=cfg.terms,
+            )
     return src["hr"]
 
 
@@ -120,8 +140,11 @@ def sentinelhub_source(cfg: DatasetConfig):
     """Sentinel Hub LR (credentials from SH_CLIENT_ID / SH_CLIENT_SECRET; checked when constructed)."""
     from .sources.sentinelhub_backend import SentinelHubLR
 
-    return SentinelHubLR(window_days=int(cfg.qa.max_days_from_hr), max_cloud=cfg.lr.max_scene_cloud,
-                         max_footprint_cloud=cfg.qa.max_cloud_fraction)
+    return SentinelHubLR(
+        window_days=int(cfg.qa.max_days_from_hr),
+        max_cloud=cfg.lr.max_scene_cloud,
+        max_footprint_cloud=cfg.qa.max_cloud_fraction,
+    )
 
 
 def _uses_catalogue(cfg: DatasetConfig) -> bool:
@@ -147,10 +170,16 @@ def _lr_source(spec: BuildSpec):
 
             qa_cfg = spec.cfg.qa
             # The QA thresholds drive scene selection: the source tries the next-best scene before giving up.
-            src["lr"] = Sentinel2STAC(cfg.stac_url, cfg.collection, window_days=int(qa_cfg.max_days_from_hr),
-                                      max_cloud=cfg.max_scene_cloud, max_footprint_cloud=qa_cfg.max_cloud_fraction,
-                                      timeout=(10.0, spec.cfg.build.timeout_s), retry=_retry_policy(spec),
-                                      rate=spec.cfg.build.rate_per_worker or None)
+            src["lr"] = Sentinel2STAC(
+                cfg.stac_url,
+                cfg.collection,
+                window_days=int(qa_cfg.max_days_from_hr),
+                max_cloud=cfg.max_scene_cloud,
+                max_footprint_cloud=qa_cfg.max_cloud_fraction,
+                timeout=(10.0, spec.cfg.build.timeout_s),
+                retry=_retry_policy(spec),
+                rate=spec.cfg.build.rate_per_worker or None,
+            )
     return src["lr"]
 
 
@@ -167,6 +196,7 @@ def _osm_features(spec: BuildSpec, aoi: str):
 
 
 # ---- stages ----------------------------------------------------------------------------------------
+
 
 def search_catalogue(spec: BuildSpec, bbox_lonlat: tuple[float, float, float, float]) -> dict[str, Any]:
     """One STAC search for a whole block of samples; failures are returned, not raised, so the
@@ -219,8 +249,9 @@ CONTEXT_LEVELS = 2  # co-registration window: the ancestor tile 2 zooms up (4 x 
 SHIFT_SEARCH_M = 20.0
 
 
-def coregister(spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: dict | None
-               ) -> tuple[float, float, float, float] | None:
+def coregister(
+    spec: BuildSpec, task: dict, hr, lr: np.ndarray, lr_res, search: dict | None
+) -> tuple[float, float, float, float] | None:
     """Measured (dx, dy, error, correlation), LR pixels (+x east, +y south), or None for synthetic LR (bicubic from
     the HR itself: aligned by construction).
 
@@ -288,8 +319,17 @@ def write_geotiff(path: Path, image: np.ndarray, bounds_3857: tuple[float, float
     h, w = image.shape[:2]
     minx, miny, maxx, maxy = bounds_3857
     transform = Affine((maxx - minx) / w, 0.0, minx, 0.0, -(maxy - miny) / h, maxy)
-    profile = dict(driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs="EPSG:3857",
-                   transform=transform, compress="deflate", photometric="RGB")
+    profile = dict(
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=transform,
+        compress="deflate",
+        photometric="RGB",
+    )
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(np.moveaxis(image, -1, 0))
@@ -330,10 +370,16 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
         qa.check_hr(hr.image, cfg.qa)
         lr, lr_res = make_lr(spec, task, hr, search)
         if lr_res is not None:
-            row.update(lr_scene_id=lr_res.scene_id, lr_datetime=lr_res.datetime,
-                       lr_cloud_fraction=lr_res.cloud_fraction, lr_days_from_hr=lr_res.days_from_hr,
-                       lr_radiometry=lr_res.radiometry, lr_collection=lr_res.collection,
-                       lr_baseline=lr_res.baseline, lr_scene_cloud_cover=lr_res.scene_cloud_cover)
+            row.update(
+                lr_scene_id=lr_res.scene_id,
+                lr_datetime=lr_res.datetime,
+                lr_cloud_fraction=lr_res.cloud_fraction,
+                lr_days_from_hr=lr_res.days_from_hr,
+                lr_radiometry=lr_res.radiometry,
+                lr_collection=lr_res.collection,
+                lr_baseline=lr_res.baseline,
+                lr_scene_cloud_cover=lr_res.scene_cloud_cover,
+            )
         else:
             row["lr_radiometry"] = f"MATLAB bicubic x{cfg.scale} (antialiased) of the HR"
         lap("lr")
@@ -354,8 +400,9 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
         else:
             row["shift_x_lrpx"], row["shift_y_lrpx"], row["shift_error"], row["shift_correlation"] = 0.0, 0.0, 0.0, 1.0
         lap("coregister")
-        files = write_sample(spec, task, {"hr": hr.image, "lr": lr, "sr": sr, "map": map_rgb, "mask": mask},
-                             cfg.output.geotiff)
+        files = write_sample(
+            spec, task, {"hr": hr.image, "lr": lr, "sr": sr, "map": map_rgb, "mask": mask}, cfg.output.geotiff
+        )
         row.update(files)
         lap("write")
         row.update(qa_status="ok", qa_reason="", qa_detail="")
@@ -373,6 +420,7 @@ def process_sample(spec: BuildSpec, task: dict, search: dict | None = None) -> d
 
 
 # ---- world (demo presets) --------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CMSRD_CACHE", Path.home() / ".cache" / "cmsrd"))
@@ -417,19 +465,27 @@ def resolved_sources(cfg: DatasetConfig, faults: Any = None) -> Iterator[tuple[D
         faults = FaultConfig(**cfg.world.faults)
     meta = json.loads((world / "world.json").read_text())
     with serve_world(world, host="127.0.0.1", port=0, faults=faults) as srv:
-        hr = dataclasses.replace(cfg.hr, source="worldimagery", url=srv.tile_template, identify_url=srv.identify_url,
-                                 attribution=meta.get("attribution", cfg.hr.attribution),
-                                 terms="synthetic offline world (no real data)")
+        hr = dataclasses.replace(
+            cfg.hr,
+            source="worldimagery",
+            url=srv.tile_template,
+            identify_url=srv.identify_url,
+            attribution=meta.get("attribution", cfg.hr.attribution),
+            terms="synthetic offline world (no real data)",
+        )
         lr = dataclasses.replace(cfg.lr, stac_url=srv.stac_url)
-        mp = dataclasses.replace(cfg.map, pbf=cfg.map.pbf or str(world / "osm" / "world.osm.pbf"),
-                                 attribution="synthetic OSM data of the offline world")
+        mp = dataclasses.replace(
+            cfg.map,
+            pbf=cfg.map.pbf or str(world / "osm" / "world.osm.pbf"),
+            attribution="synthetic OSM data of the offline world",
+        )
         yield dataclasses.replace(cfg, hr=hr, lr=lr, map=mp), tuple(meta["bounds_lonlat"])
 
 
 def prepare_osm(cfg: DatasetConfig, plan: pd.DataFrame, state_dir: Path) -> dict[str, str]:
     """Per-AOI map features as GeoParquet (done once per build; workers read them by AOI)."""
-    from .sources.osm import OSMFeatures
     from .grid import tile_xy_to_lonlat
+    from .sources.osm import OSMFeatures
 
     out: dict[str, str] = {}
     for aoi, rows in plan.groupby("aoi", sort=True):
@@ -453,6 +509,7 @@ def prepare_osm(cfg: DatasetConfig, plan: pd.DataFrame, state_dir: Path) -> dict
 
 # ---- driver -----------------------------------------------------------------------------------------
 
+
 @dataclass
 class BuildReport:
     root: Path
@@ -471,8 +528,21 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("cmsrd", "numpy", "pandas", "pyarrow", "dask", "distributed", "rasterio", "shapely",
-                "geopandas", "osmium", "mercantile", "pystac-client", "pillow"):
+    for pkg in (
+        "cmsrd",
+        "numpy",
+        "pandas",
+        "pyarrow",
+        "dask",
+        "distributed",
+        "rasterio",
+        "shapely",
+        "geopandas",
+        "osmium",
+        "mercantile",
+        "pystac-client",
+        "pillow",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -494,19 +564,28 @@ def _open_client(workers: int, threads: int, scheduler: str | None):
         try:
             return Client(scheduler, timeout="20s"), None
         except OSError as e:
-            raise InputError(f"--scheduler {scheduler}", f"cannot connect ({e})",
-                             "start one with `dask scheduler` + `dask worker ADDRESS`, or omit --scheduler") from None
+            raise InputError(
+                f"--scheduler {scheduler}",
+                f"cannot connect ({e})",
+                "start one with `dask scheduler` + `dask worker ADDRESS`, or omit --scheduler",
+            ) from None
     # No dashboard; distributed's always-on HTTP endpoint is bound to loopback on a free port.
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
-                           silence_logs=logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.ERROR,
+    )
     return Client(cluster), cluster
 
 
 def _partitions(todo: pd.DataFrame, size: int) -> Iterator[list[dict]]:
     cols = ["id", "split", "z", "x", "y", "lon", "lat", "minx", "miny", "maxx", "maxy", "hr_gsd_m", "aoi", "block"]
     for start in range(0, len(todo), size):
-        chunk = todo.iloc[start:start + size][cols]
+        chunk = todo.iloc[start : start + size][cols]
         recs = chunk.to_dict("records")
         for r in recs:
             for k in ("z", "x", "y"):
@@ -520,8 +599,10 @@ def _block_bbox(tasks: list[dict]) -> tuple[float, float, float, float]:
     from pyproj import Transformer
 
     tr = Transformer.from_crs(3857, 4326, always_xy=True)
-    minx = min(t["minx"] for t in tasks); miny = min(t["miny"] for t in tasks)
-    maxx = max(t["maxx"] for t in tasks); maxy = max(t["maxy"] for t in tasks)
+    minx = min(t["minx"] for t in tasks)
+    miny = min(t["miny"] for t in tasks)
+    maxx = max(t["maxx"] for t in tasks)
+    maxy = max(t["maxy"] for t in tasks)
     w, s = tr.transform(minx, miny)
     e, n = tr.transform(maxx, maxy)
     return (w, s, e, n)
@@ -563,8 +644,16 @@ def run_build(
             resuming = state.check_identity(cfg.name, fp, cfg.content_dict(), force)
             layout = DatasetLayout(root, cfg.hr_px, cfg.lr_px)
             if force or not resuming:
-                state.reset([root / s for s in SPLITS] + [root / "geo", layout.manifest_parquet, layout.manifest_csv,
-                                                          layout.dataset_json, state.dir / "osm"])
+                state.reset(
+                    [root / s for s in SPLITS]
+                    + [
+                        root / "geo",
+                        layout.manifest_parquet,
+                        layout.manifest_csv,
+                        layout.dataset_json,
+                        state.dir / "osm",
+                    ]
+                )
             state.write_identity(cfg.name, fp, cfg.content_dict(), versions())
             write_plan(plan, state.dir / "plan.parquet")
             _remove_temp_files(root)
@@ -574,8 +663,9 @@ def run_build(
                 done = {sid for sid, (_, status) in journal.index().items() if status in ("ok", "rejected")}
                 selected = plan if limit is None else plan.iloc[: int(limit)]
                 todo = selected[~selected["id"].astype(str).isin(done)]
-                processed = _execute(spec, todo, journal, workers, threads, scheduler, progress,
-                                     skipped=len(selected) - len(todo))
+                processed = _execute(
+                    spec, todo, journal, workers, threads, scheduler, progress, skipped=len(selected) - len(todo)
+                )
             counts = finalize(spec, cfg, plan, state)
         return BuildReport(root, len(selected), len(selected) - len(todo), processed, counts, time.perf_counter() - t0)
     finally:
@@ -594,13 +684,27 @@ def _remove_temp_files(root: Path) -> None:
                 p.unlink()
 
 
-def _execute(spec: BuildSpec, todo: pd.DataFrame, journal: Journal, workers: int, threads: int,
-             scheduler: str | None, progress: bool, skipped: int) -> int:
+def _execute(
+    spec: BuildSpec,
+    todo: pd.DataFrame,
+    journal: Journal,
+    workers: int,
+    threads: int,
+    scheduler: str | None,
+    progress: bool,
+    skipped: int,
+) -> int:
     from tqdm import tqdm
 
     stats = {"ok": 0, "rejected": 0, "failed": 0}
-    bar = tqdm(total=len(todo), disable=not progress, unit="sample", desc=f"build {spec.cfg.name}",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=len(todo),
+        disable=not progress,
+        unit="sample",
+        desc=f"build {spec.cfg.name}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     if skipped:
         bar.write(f"resuming: {skipped} samples already done")
 
@@ -656,8 +760,14 @@ def _group_by_block(part: list[dict]) -> list[tuple[str, list[dict]]]:
     return list(groups.items())
 
 
-def _run_distributed(spec: BuildSpec, todo: pd.DataFrame, workers: int, threads: int, scheduler: str | None,
-                     record: Callable[[dict], None]) -> None:
+def _run_distributed(
+    spec: BuildSpec,
+    todo: pd.DataFrame,
+    workers: int,
+    threads: int,
+    scheduler: str | None,
+    record: Callable[[dict], None],
+) -> None:
     from distributed import as_completed
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
@@ -710,6 +820,7 @@ def _run_distributed(spec: BuildSpec, todo: pd.DataFrame, workers: int, threads:
 
 # ---- manifest + dataset.json -------------------------------------------------------------------------
 
+
 def finalize(spec: BuildSpec, cfg: DatasetConfig, plan: pd.DataFrame, state: BuildState, chunk: int = 5000) -> dict:
     """Manifest (Parquet + CSV, streamed in plan order, last journal record per id) and dataset.json;
     files of samples that are not ok in their split are removed from the split folders."""
@@ -726,7 +837,7 @@ def finalize(spec: BuildSpec, cfg: DatasetConfig, plan: pd.DataFrame, state: Bui
         with atomic_path(layout.manifest_parquet) as ptmp, atomic_path(layout.manifest_csv) as ctmp:
             writer = None
             for start in range(0, max(len(ids), 1), chunk):
-                recs = list(journal.read_at([index[s][0] for s in ids[start:start + chunk]]))
+                recs = list(journal.read_at([index[s][0] for s in ids[start : start + chunk]]))
                 rows = [{k: r.get(k) for k in ROW_COLUMNS} for r in recs]
                 df = conform_manifest(pd.DataFrame(rows, columns=list(ROW_COLUMNS)))
                 for c, dt in EXTRA_DTYPES.items():  # fixed dtypes: every streamed chunk has one schema
@@ -776,25 +887,49 @@ def _prune_split_folders(layout: DatasetLayout, ok_ids: dict[str, set[str]]) -> 
 
 def dataset_meta(cfg: DatasetConfig, rcfg: DatasetConfig, counts: dict) -> dict[str, Any]:
     sources = {
-        "hr": {"source": rcfg.hr.source, "url": redact(rcfg.hr.url), "attribution": rcfg.hr.attribution,
-               "terms": rcfg.hr.terms},
-        "lr": {"source": rcfg.lr.source, "attribution": rcfg.lr.attribution if rcfg.lr.source != "bicubic" else "",
-               "terms": rcfg.lr.terms if rcfg.lr.source != "bicubic" else "",
-               **({"backend": rcfg.lr.backend, "catalogue": redact(rcfg.lr.stac_url), "collection": rcfg.lr.collection}
-                  if rcfg.lr.source == "sentinel-2" else {"method": f"MATLAB bicubic x{cfg.scale}, antialiased"})},
-        "map": {"source": rcfg.map.source, "attribution": rcfg.map.attribution, "terms": rcfg.map.terms,
-                "legend": {c.name: {"id": c.id, "rgb": list(c.rgb)} for c in CLASSES}},
+        "hr": {
+            "source": rcfg.hr.source,
+            "url": redact(rcfg.hr.url),
+            "attribution": rcfg.hr.attribution,
+            "terms": rcfg.hr.terms,
+        },
+        "lr": {
+            "source": rcfg.lr.source,
+            "attribution": rcfg.lr.attribution if rcfg.lr.source != "bicubic" else "",
+            "terms": rcfg.lr.terms if rcfg.lr.source != "bicubic" else "",
+            **(
+                {"backend": rcfg.lr.backend, "catalogue": redact(rcfg.lr.stac_url), "collection": rcfg.lr.collection}
+                if rcfg.lr.source == "sentinel-2"
+                else {"method": f"MATLAB bicubic x{cfg.scale}, antialiased"}
+            ),
+        },
+        "map": {
+            "source": rcfg.map.source,
+            "attribution": rcfg.map.attribution,
+            "terms": rcfg.map.terms,
+            "legend": {c.name: {"id": c.id, "rgb": list(c.rgb)} for c in CLASSES},
+        },
     }
     return {
-        "name": cfg.name, "version": cfg.version, "description": cfg.description,
-        "scale": cfg.scale, "hr_px": cfg.hr_px, "lr_px": cfg.lr_px, "zoom": cfg.zoom, "crs": "EPSG:3857",
-        "sources": sources, "counts": counts, "config": cfg.content_dict(), "fingerprint": cfg.fingerprint(),
+        "name": cfg.name,
+        "version": cfg.version,
+        "description": cfg.description,
+        "scale": cfg.scale,
+        "hr_px": cfg.hr_px,
+        "lr_px": cfg.lr_px,
+        "zoom": cfg.zoom,
+        "crs": "EPSG:3857",
+        "sources": sources,
+        "counts": counts,
+        "config": cfg.content_dict(),
+        "fingerprint": cfg.fingerprint(),
         "versions": versions(),
         "official_layout": "SGDM LRHRRefDataset: <split>/hr_<H>, ref_<H>, sr_<L>_<H> paired by sorted z_x_y names",
     }
 
 
 # ---- validation --------------------------------------------------------------------------------------
+
 
 def validate_dataset(root: str | os.PathLike, progress: bool = False) -> tuple[list[str], str]:
     """Recompute every checksum and check sizes, georeference and split disjointness.
@@ -863,8 +998,10 @@ def validate_dataset(root: str | os.PathLike, progress: bool = False) -> tuple[l
     if touching:
         problems.append(f"split: {touching} test tiles touch (share an edge or corner with) train tiles")
     counts = df.groupby("qa_status").size().to_dict()
-    summary = (f"{meta['name']}: {len(df)} samples ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
-               f"{n_files} files checked, {len(problems)} problems")
+    summary = (
+        f"{meta['name']}: {len(df)} samples ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
+        f"{n_files} files checked, {len(problems)} problems"
+    )
     return problems, summary
 
 

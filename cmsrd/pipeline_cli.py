@@ -35,18 +35,27 @@ def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -
         df = make_plan(cfg)
     write_plan(df, out)
     counts = df["split"].value_counts().to_dict()
-    click.echo(f"planned {len(df)} samples ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}) "
-               f"in {df['aoi'].nunique()} AOIs, {df['block'].nunique()} blocks -> {out}")
+    click.echo(
+        f"planned {len(df)} samples ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}) "
+        f"in {df['aoi'].nunique()} AOIs, {df['block'].nunique()} blocks -> {out}"
+    )
 
 
 @click.command("build")
 @click.argument("preset")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Dataset directory.")
-@click.option("--workers", type=int, default=2, show_default=True, help="LocalCluster worker processes (0: in-process).")
+@click.option(
+    "--workers", type=int, default=2, show_default=True, help="LocalCluster worker processes (0: in-process)."
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads per worker (I/O bound stages).")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (tcp://host:port).")
-@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Use this (edited) plan instead of sampling from the preset.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Use this (edited) plan instead of sampling from the preset.",
+)
 @click.option("--force", is_flag=True, help="Discard a previous build in --out and redo everything.")
 @click.option("--limit", type=int, default=None, help="Build only the first N planned samples.")
 @click.option("--samples", type=int, default=None, help="Override the preset's sample count.")
@@ -64,12 +73,23 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     if cfg.world is None and not quiet:
         click.echo(needs(cfg), err=True)
     plan = read_plan(plan_path) if plan_path else None
-    rep = run_build(cfg, out, plan=plan, workers=workers, threads=threads, scheduler=scheduler, force=force,
-                    limit=limit, progress=not quiet)
+    rep = run_build(
+        cfg,
+        out,
+        plan=plan,
+        workers=workers,
+        threads=threads,
+        scheduler=scheduler,
+        force=force,
+        limit=limit,
+        progress=not quiet,
+    )
     st = rep.counts.get("by_status", {})
-    click.echo(f"{cfg.name}: {rep.processed} processed ({rep.skipped} already done) in {rep.seconds:.1f}s "
-               f"({rep.rate:.2f} samples/s); manifest: ok {st.get('ok', 0)}, rejected {st.get('rejected', 0)}, "
-               f"failed {st.get('failed', 0)} -> {out}")
+    click.echo(
+        f"{cfg.name}: {rep.processed} processed ({rep.skipped} already done) in {rep.seconds:.1f}s "
+        f"({rep.rate:.2f} samples/s); manifest: ok {st.get('ok', 0)}, rejected {st.get('rejected', 0)}, "
+        f"failed {st.get('failed', 0)} -> {out}"
+    )
     reasons = rep.counts.get("by_reason", {})
     if reasons:
         click.echo("reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
@@ -83,8 +103,11 @@ def needs(cfg) -> str:
 
     hosts = [urlsplit(cfg.hr.url).netloc] if cfg.hr.source == "worldimagery" else [f"raster {cfg.hr.raster}"]
     if cfg.lr.source == "sentinel-2":
-        hosts.append("Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set)" if cfg.lr.backend == "sentinelhub"
-                     else urlsplit(cfg.lr.stac_url).netloc + " (STAC) + the scenes' COG hosts")
+        hosts.append(
+            "Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set)"
+            if cfg.lr.backend == "sentinelhub"
+            else urlsplit(cfg.lr.stac_url).netloc + " (STAC) + the scenes' COG hosts"
+        )
     hosts.append(f"local OSM file {cfg.map.pbf}" if cfg.map.pbf else urlsplit(cfg.map.geofabrik_index).netloc)
     return redact(f"{cfg.name}: needs network access to " + ", ".join(hosts))
 
@@ -106,16 +129,25 @@ def sample_command(tile: str, preset: str, out: str, force: bool) -> None:
     z, x, y = parse_tile_id(tile)
     cfg = _load(preset)
     if z != cfg.zoom:
-        raise InputError(f"tile {tile}", f"is at zoom {z} but preset {cfg.name} builds zoom {cfg.zoom}",
-                         f"give a zoom-{cfg.zoom} tile id")
+        raise InputError(
+            f"tile {tile}",
+            f"is at zoom {z} but preset {cfg.name} builds zoom {cfg.zoom}",
+            f"give a zoom-{cfg.zoom} tile id",
+        )
     _, _, split = assign_split(np.array([x]), np.array([y]), cfg.split.block_tiles, cfg.split.test_fraction, cfg.seed)
     split = np.where(split == "test", "test", "train")
     aoi = "world" if cfg.world is not None else _aoi_of(cfg, z, x, y)
     plan = plan_from_tiles(z, np.array([x]), np.array([y]), split, np.array([aoi]), cfg.split.block_tiles, cfg.hr_px)
     run_build(cfg, out, plan=plan, workers=0, force=force, progress=False)
     row = read_manifest(out).iloc[0]
-    click.echo(f"{tile}: {row['qa_status']}" + (f" ({row['qa_reason']}: {row['qa_detail']})" if row["qa_status"] != "ok" else
-                                              f" -> {Path(out) / str(row['path_hr'])}"))
+    click.echo(
+        f"{tile}: {row['qa_status']}"
+        + (
+            f" ({row['qa_reason']}: {row['qa_detail']})"
+            if row["qa_status"] != "ok"
+            else f" -> {Path(out) / str(row['path_hr'])}"
+        )
+    )
 
 
 def _aoi_of(cfg, z: int, x: int, y: int) -> str:
@@ -128,8 +160,11 @@ def _aoi_of(cfg, z: int, x: int, y: int) -> str:
     for a in load_aois(cfg):
         if a.geometry.contains(Point(lon, lat)):
             return a.name
-    raise InputError(f"tile {z}_{x}_{y}", f"lies outside every AOI of preset {cfg.name}",
-                     "pick a tile inside an AOI (see `cmsrd plan`)")
+    raise InputError(
+        f"tile {z}_{x}_{y}",
+        f"lies outside every AOI of preset {cfg.name}",
+        "pick a tile inside an AOI (see `cmsrd plan`)",
+    )
 
 
 @click.command("validate")
@@ -161,8 +196,10 @@ def info_command(root: str, as_json: bool) -> None:
         click.echo(json.dumps(meta, indent=2))
         return
     df = read_manifest(root)
-    click.echo(f"{meta['name']} v{meta['version']}: x{meta['scale']} ({meta['lr_px']} -> {meta['hr_px']} px), "
-               f"zoom {meta.get('zoom')}, {meta['crs']}")
+    click.echo(
+        f"{meta['name']} v{meta['version']}: x{meta['scale']} ({meta['lr_px']} -> {meta['hr_px']} px), "
+        f"zoom {meta.get('zoom')}, {meta['crs']}"
+    )
     for k, s in meta["sources"].items():
         click.echo(f"  {k}: {s.get('source')}  ({s.get('attribution', '')})")
     tab = df.groupby(["split", "qa_status"]).size().unstack(fill_value=0)
@@ -172,5 +209,7 @@ def info_command(root: str, as_json: bool) -> None:
         click.echo("reasons: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
     ok = df[df["qa_status"] == "ok"]
     if len(ok):
-        click.echo(f"HR ground GSD {ok['hr_gsd_m'].min():.3f}-{ok['hr_gsd_m'].max():.3f} m; "
-                   f"map building fraction {ok['frac_building'].mean():.3f} mean")
+        click.echo(
+            f"HR ground GSD {ok['hr_gsd_m'].min():.3f}-{ok['hr_gsd_m'].max():.3f} m; "
+            f"map building fraction {ok['frac_building'].mean():.3f} mean"
+        )

@@ -22,9 +22,20 @@ from .grid import WORLD_M, sample_tiles, tile_bounds_3857_arrays, tile_xy_to_lon
 from .io import atomic_path
 
 PLAN_COLUMNS: dict[str, str] = {
-    "id": "string", "z": "int32", "x": "int64", "y": "int64", "lon": "float64", "lat": "float64",
-    "minx": "float64", "miny": "float64", "maxx": "float64", "maxy": "float64", "hr_gsd_m": "float64",
-    "block": "string", "split": "string", "aoi": "string",
+    "id": "string",
+    "z": "int32",
+    "x": "int64",
+    "y": "int64",
+    "lon": "float64",
+    "lat": "float64",
+    "minx": "float64",
+    "miny": "float64",
+    "maxx": "float64",
+    "maxy": "float64",
+    "hr_gsd_m": "float64",
+    "block": "string",
+    "split": "string",
+    "aoi": "string",
 }
 PLAN_SPLITS = ("train", "test")
 
@@ -39,14 +50,24 @@ def plan_from_tiles(
     b = tile_bounds_3857_arrays(z, x, y)
     gsd = WORLD_M / 2**z / hr_px * np.cos(np.radians(lat))
     bx, by = x // block_tiles, y // block_tiles
-    df = pd.DataFrame({
-        "id": pd.array([f"{z}_{a}_{c}" for a, c in zip(x.tolist(), y.tolist())], dtype="string"),
-        "z": np.full(len(x), z, np.int32), "x": x, "y": y, "lon": lon, "lat": lat,
-        "minx": b[:, 0], "miny": b[:, 1], "maxx": b[:, 2], "maxy": b[:, 3], "hr_gsd_m": gsd,
-        "block": pd.array([f"{z}/{block_tiles}/{p}_{q}" for p, q in zip(bx.tolist(), by.tolist())], dtype="string"),
-        "split": pd.array(np.asarray(split, str), dtype="string"),
-        "aoi": pd.array(np.asarray(aoi, str), dtype="string"),
-    })
+    df = pd.DataFrame(
+        {
+            "id": pd.array([f"{z}_{a}_{c}" for a, c in zip(x.tolist(), y.tolist())], dtype="string"),
+            "z": np.full(len(x), z, np.int32),
+            "x": x,
+            "y": y,
+            "lon": lon,
+            "lat": lat,
+            "minx": b[:, 0],
+            "miny": b[:, 1],
+            "maxx": b[:, 2],
+            "maxy": b[:, 3],
+            "hr_gsd_m": gsd,
+            "block": pd.array([f"{z}/{block_tiles}/{p}_{q}" for p, q in zip(bx.tolist(), by.tolist())], dtype="string"),
+            "split": pd.array(np.asarray(split, str), dtype="string"),
+            "aoi": pd.array(np.asarray(aoi, str), dtype="string"),
+        }
+    )
     return df
 
 
@@ -95,9 +116,16 @@ def check_plan(df: pd.DataFrame, where: str = "plan") -> pd.DataFrame:
         raise InputError(where, f"unknown split value(s) {wrong}", f"use {list(PLAN_SPLITS)}")
     ids = pd.Series([f"{zz}_{a}_{b}" for a, b in zip(x.tolist(), y.tolist())])
     if ids.duplicated().any():
-        raise InputError(where, f"duplicate tiles {sorted(ids[ids.duplicated()].unique())[:5]}", "drop the repeated rows")
+        raise InputError(
+            where, f"duplicate tiles {sorted(ids[ids.duplicated()].unique())[:5]}", "drop the repeated rows"
+        )
     block_tiles = 8
-    if "block" in df.columns and len(df) and isinstance(df["block"].iloc[0], str) and df["block"].iloc[0].count("/") == 2:
+    if (
+        "block" in df.columns
+        and len(df)
+        and isinstance(df["block"].iloc[0], str)
+        and df["block"].iloc[0].count("/") == 2
+    ):
         block_tiles = int(df["block"].iloc[0].split("/")[1])
     hr_px = 256
     aoi = df["aoi"].astype(str).to_numpy() if "aoi" in df.columns else np.full(len(df), "user")
@@ -116,5 +144,7 @@ def read_plan(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several types for non-Parquet input
-        raise InputError(f"plan {path}", f"is not a readable Parquet file ({e})", "regenerate it with `cmsrd plan`") from None
+        raise InputError(
+            f"plan {path}", f"is not a readable Parquet file ({e})", "regenerate it with `cmsrd plan`"
+        ) from None
     return check_plan(df, f"plan {path}")

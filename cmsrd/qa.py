@@ -46,10 +46,14 @@ def check_hr(hr: np.ndarray, qa: QAConfig) -> None:
     fill = np.all(hr == 0, axis=-1) | np.all(hr == 255, axis=-1)
     nodata = float(fill.mean())
     if nodata > qa.max_nodata_fraction and nodata > 0:
-        raise QARejected("nodata", f"{nodata:.1%} of the HR is pure black/white fill (max {qa.max_nodata_fraction:.1%})")
+        raise QARejected(
+            "nodata", f"{nodata:.1%} of the HR is pure black/white fill (max {qa.max_nodata_fraction:.1%})"
+        )
     flat = _dominant_colour_fraction(hr)
     if flat > qa.max_placeholder_fraction:
-        raise QARejected("hr_placeholder", f"{flat:.1%} of the HR is one colour (max {qa.max_placeholder_fraction:.1%})")
+        raise QARejected(
+            "hr_placeholder", f"{flat:.1%} of the HR is one colour (max {qa.max_placeholder_fraction:.1%})"
+        )
     std = float(grey.std())
     if std < qa.min_hr_std:
         raise QARejected("hr_blank", f"HR grey-level std {std:.2f} < {qa.min_hr_std}")
@@ -63,7 +67,9 @@ def check_lr(lr_image: np.ndarray, cloud_fraction: float | None, days_from_hr: f
     if cloud_fraction is not None and cloud_fraction > qa.max_cloud_fraction:
         raise QARejected("cloud", f"cloud/shadow fraction {cloud_fraction:.1%} > {qa.max_cloud_fraction:.1%}")
     if days_from_hr is not None and abs(days_from_hr) > qa.max_days_from_hr:
-        raise QARejected("time_gap", f"LR scene is {abs(days_from_hr):.0f} days from the HR (max {qa.max_days_from_hr:.0f})")
+        raise QARejected(
+            "time_gap", f"LR scene is {abs(days_from_hr):.0f} days from the HR (max {qa.max_days_from_hr:.0f})"
+        )
 
 
 def map_fractions(mask: np.ndarray) -> dict[str, float]:
@@ -91,5 +97,7 @@ def check_shift(dx: float | None, dy: float | None, correlation: float | None, q
         return
     mag = math.hypot(dx, dy)
     if mag > qa.max_shift_lrpx:
-        raise QARejected("misregistered", f"LR/HR shift {mag:.2f} LR px ({dx:+.2f}, {dy:+.2f}) > {qa.max_shift_lrpx} "
-                                          f"(correlation {correlation:.2f})")
+        raise QARejected(
+            "misregistered",
+            f"LR/HR shift {mag:.2f} LR px ({dx:+.2f}, {dy:+.2f}) > {qa.max_shift_lrpx} (correlation {correlation:.2f})",
+        )

@@ -47,9 +47,9 @@ from pathlib import Path
 import click
 import geopandas as gpd
 import numpy as np
+from affine import Affine
 from rasterio.features import rasterize
 from shapely.geometry import box
-from affine import Affine
 
 from .classes import BY_NAME, CLASSES, DRAW_ORDER, legend, palette
 from .errors import InputError
@@ -57,12 +57,36 @@ from .io import atomic_write_text, write_png
 
 EARTH_RADIUS = 6378137.0
 LINE_WIDTHS_M: dict[str, float] = {
-    "motorway": 22, "trunk": 18, "primary": 14, "secondary": 12, "tertiary": 10,
-    "motorway_link": 8, "trunk_link": 8, "primary_link": 8, "secondary_link": 8, "tertiary_link": 8,
-    "residential": 8, "unclassified": 7, "living_street": 6, "pedestrian": 6, "service": 5, "busway": 6,
-    "road": 6, "track": 3.5, "footway": 2.5, "path": 2.5, "cycleway": 2.5, "steps": 2.5, "bridleway": 2.5,
-    "rail": 5, "light_rail": 4, "narrow_gauge": 3.5, "tram": 3,
-    "river": 20, "canal": 10, "stream": 3,
+    "motorway": 22,
+    "trunk": 18,
+    "primary": 14,
+    "secondary": 12,
+    "tertiary": 10,
+    "motorway_link": 8,
+    "trunk_link": 8,
+    "primary_link": 8,
+    "secondary_link": 8,
+    "tertiary_link": 8,
+    "residential": 8,
+    "unclassified": 7,
+    "living_street": 6,
+    "pedestrian": 6,
+    "service": 5,
+    "busway": 6,
+    "road": 6,
+    "track": 3.5,
+    "footway": 2.5,
+    "path": 2.5,
+    "cycleway": 2.5,
+    "steps": 2.5,
+    "bridleway": 2.5,
+    "rail": 5,
+    "light_rail": 4,
+    "narrow_gauge": 3.5,
+    "tram": 3,
+    "river": 20,
+    "canal": 10,
+    "stream": 3,
 }
 CLASS_DEFAULT_WIDTH_M: dict[str, float] = {"road": 5, "major_road": 12, "railway": 4, "water": 5}
 MAX_WIDTH_M = max(LINE_WIDTHS_M.values())
@@ -88,12 +112,18 @@ def _check_bounds(bounds_3857) -> tuple[float, float, float, float]:
     try:
         left, bottom, right, top = (float(v) for v in bounds_3857)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"map bounds {bounds_3857!r}", "not (left, bottom, right, top)",
-                         "pass EPSG:3857 metres, e.g. cmsrd.sources.base.tile_bounds_3857(z, x, y)") from exc
+        raise InputError(
+            f"map bounds {bounds_3857!r}",
+            "not (left, bottom, right, top)",
+            "pass EPSG:3857 metres, e.g. cmsrd.sources.base.tile_bounds_3857(z, x, y)",
+        ) from exc
     lim = math.pi * EARTH_RADIUS
     if not (left < right and bottom < top and -lim <= left and right <= lim and -lim <= bottom and top <= lim):
-        raise InputError(f"map bounds {bounds_3857!r}", "not a valid EPSG:3857 box",
-                         "pass (left, bottom, right, top) in Web Mercator metres")
+        raise InputError(
+            f"map bounds {bounds_3857!r}",
+            "not a valid EPSG:3857 box",
+            "pass (left, bottom, right, top) in Web Mercator metres",
+        )
     return left, bottom, right, top
 
 
@@ -112,17 +142,26 @@ def render_map(features_gdf, bounds_3857, size: int = 256) -> tuple[np.ndarray, 
     else:
         gdf = features_gdf
         if not isinstance(gdf, gpd.GeoDataFrame) or not {"class", "geometry"} <= set(gdf.columns):
-            raise InputError("map features", "not a GeoDataFrame with 'class' and geometry columns",
-                             "pass cmsrd.sources.osm.OSMFeatures or its .gdf")
+            raise InputError(
+                "map features",
+                "not a GeoDataFrame with 'class' and geometry columns",
+                "pass cmsrd.sources.osm.OSMFeatures or its .gdf",
+            )
         if gdf.crs is not None and gdf.crs.to_epsg() != 3857:
             gdf = gdf.to_crs(3857)
         if len(gdf):
-            gdf = gdf.iloc[gdf.sindex.query(box(left - margin, bottom - margin, right + margin, top + margin),
-                                            predicate="intersects")]
+            gdf = gdf.iloc[
+                gdf.sindex.query(
+                    box(left - margin, bottom - margin, right + margin, top + margin), predicate="intersects"
+                )
+            ]
     unknown = set(gdf["class"]) - set(BY_NAME)
     if unknown:
-        raise InputError("map features", f"unknown classes {sorted(unknown)}",
-                         f"use the class names of cmsrd.classes: {sorted(BY_NAME)}")
+        raise InputError(
+            "map features",
+            f"unknown classes {sorted(unknown)}",
+            f"use the class names of cmsrd.classes: {sorted(BY_NAME)}",
+        )
     shapes = []
     geoms = gdf.geometry.to_numpy()
     classes = gdf["class"].to_numpy()
@@ -142,8 +181,13 @@ def render_map(features_gdf, bounds_3857, size: int = 256) -> tuple[np.ndarray, 
             shapes.append((g, cid))
     mask = np.full((size, size), BY_NAME["land"].id, np.uint8)
     if shapes:
-        rasterize(shapes, out=mask, transform=Affine((right - left) / size, 0, left, 0, -(top - bottom) / size, top),
-                  all_touched=False, dtype=np.uint8)
+        rasterize(
+            shapes,
+            out=mask,
+            transform=Affine((right - left) / size, 0, left, 0, -(top - bottom) / size, top),
+            all_touched=False,
+            dtype=np.uint8,
+        )
     return _LUT[mask], mask
 
 
@@ -191,5 +235,7 @@ def map_command(source: str, tile: str, size: int, out_dir: str) -> None:
     write_png(out / f"{sid}_mask.png", mask, palette=palette())
     atomic_write_text(out / "legend.json", json.dumps(legend(), indent=2) + "\n")
     fr = {k: round(v, 4) for k, v in class_fractions(mask).items() if v > 0}
-    click.echo(f"{sid}: {len(feats)} features read in {t1 - t0:.2f}s, rendered {size}px in {t2 - t1:.3f}s; "
-               f"fractions {fr}; wrote {out}")
+    click.echo(
+        f"{sid}: {len(feats)} features read in {t1 - t0:.2f}s, rendered {size}px in {t2 - t1:.3f}s; "
+        f"fractions {fr}; wrote {out}"
+    )

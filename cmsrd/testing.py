@@ -26,22 +26,28 @@ def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     # water strip
     if rng.random() < 0.5:
         x0 = int(rng.uniform(0, size * 0.8))
-        mask[:, x0: x0 + size // 10] = BY_NAME["water"].id
+        mask[:, x0 : x0 + size // 10] = BY_NAME["water"].id
     # roads
     for _ in range(2):
         w = max(2, size // 32)
         if rng.random() < 0.5:
-            y0 = int(rng.uniform(0, size - w)); mask[y0: y0 + w, :] = BY_NAME["road"].id
+            y0 = int(rng.uniform(0, size - w))
+            mask[y0 : y0 + w, :] = BY_NAME["road"].id
         else:
-            x0 = int(rng.uniform(0, size - w)); mask[:, x0: x0 + w] = BY_NAME["major_road"].id
+            x0 = int(rng.uniform(0, size - w))
+            mask[:, x0 : x0 + w] = BY_NAME["major_road"].id
     # buildings
     for _ in range(int(rng.integers(3, 9))):
         w, h = (int(v) for v in rng.integers(size // 16, size // 6, 2))
         x0, y0 = (int(v) for v in rng.integers(0, size - max(w, h), 2))
-        mask[y0: y0 + h, x0: x0 + w] = BY_NAME["building"].id
+        mask[y0 : y0 + h, x0 : x0 + w] = BY_NAME["building"].id
     base = {
-        "park": (96, 128, 70), "forest": (45, 75, 40), "water": (40, 70, 95), "road": (150, 148, 140),
-        "major_road": (120, 118, 112), "building": (170, 110, 90),
+        "park": (96, 128, 70),
+        "forest": (45, 75, 40),
+        "water": (40, 70, 95),
+        "road": (150, 148, 140),
+        "major_road": (120, 118, 112),
+        "building": (170, 110, 90),
     }
     img = np.zeros((size, size, 3), np.float32)
     for name, rgb in base.items():
@@ -74,9 +80,25 @@ def make_tiny_dataset(
         sid = tile_id(z, x, y)
         mask, hr = _scene(rng, hr_px)
         lr = imresize(hr, output_shape=(lr_px, lr_px))
-        images = {"hr": hr, "lr": lr, "sr": imresize(lr, output_shape=(hr_px, hr_px)), "map": palette[mask], "mask": mask}
-        row = {"id": sid, "split": split, "z": z, "x": x, "y": y, "qa_status": "ok", "qa_reason": "",
-               "hr_source": "testing", "lr_source": "bicubic", "map_source": "testing"}
+        images = {
+            "hr": hr,
+            "lr": lr,
+            "sr": imresize(lr, output_shape=(hr_px, hr_px)),
+            "map": palette[mask],
+            "mask": mask,
+        }
+        row = {
+            "id": sid,
+            "split": split,
+            "z": z,
+            "x": x,
+            "y": y,
+            "qa_status": "ok",
+            "qa_reason": "",
+            "hr_source": "testing",
+            "lr_source": "bicubic",
+            "map_source": "testing",
+        }
         for kind, arr in images.items():
             path = layout.image_path(split, kind, sid)
             write_png(path, arr)
@@ -86,9 +108,18 @@ def make_tiny_dataset(
             row[f"frac_{c.name}"] = float((mask == c.id).mean())
         rows.append(row)
     write_manifest(layout.root, rows)
-    write_dataset_json(layout.root, {
-        "name": "tiny-test", "version": "0", "scale": layout.scale, "hr_px": hr_px, "lr_px": lr_px,
-        "crs": "EPSG:3857", "sources": {"hr": "testing", "lr": "bicubic", "map": "testing"},
-        "counts": {"train": n_train, "test": n_test}, "config": {"seed": seed},
-    })
+    write_dataset_json(
+        layout.root,
+        {
+            "name": "tiny-test",
+            "version": "0",
+            "scale": layout.scale,
+            "hr_px": hr_px,
+            "lr_px": lr_px,
+            "crs": "EPSG:3857",
+            "sources": {"hr": "testing", "lr": "bicubic", "map": "testing"},
+            "counts": {"train": n_train, "test": n_test},
+            "config": {"seed": seed},
+        },
+    )
     return layout

@@ -24,11 +24,11 @@ def _urban_scene(n: int = 640, seed: int = 0) -> np.ndarray:
     for _ in range(260):
         y, x = rng.integers(0, n - 40, 2)
         h, w = rng.integers(8, 40, 2)
-        img[y: y + h, x: x + w] = rng.uniform(60, 230, 3)
-        img[y + h: y + h + 4, x + 3: x + w + 3] *= 0.55  # shadow
+        img[y : y + h, x : x + w] = rng.uniform(60, 230, 3)
+        img[y + h : y + h + 4, x + 3 : x + w + 3] *= 0.55  # shadow
     for c in range(0, n, 97):
-        img[:, c: c + 9] = (200, 200, 195)
-        img[c: c + 7, :] = (190, 190, 185)
+        img[:, c : c + 9] = (200, 200, 195)
+        img[c : c + 7, :] = (190, 190, 185)
     trees = ndimage.gaussian_filter(rng.random((n, n)), 6) > 0.52
     img[trees] = (60, 95, 50)
     img += rng.normal(0, 6, img.shape)
@@ -37,8 +37,8 @@ def _urban_scene(n: int = 640, seed: int = 0) -> np.ndarray:
 
 def _pair(scene: np.ndarray, sx: int, sy: int, hr: int = 256, lr: int = 16, at: tuple[int, int] = (180, 200)):
     oy, ox = at
-    hr_img = scene[oy: oy + hr, ox: ox + hr]
-    lr_img = imresize(scene[oy + sy: oy + sy + hr, ox + sx: ox + sx + hr], output_shape=(lr, lr))
+    hr_img = scene[oy : oy + hr, ox : ox + hr]
+    lr_img = imresize(scene[oy + sy : oy + sy + hr, ox + sx : ox + sx + hr], output_shape=(lr, lr))
     return lr_img, hr_img
 
 
@@ -160,7 +160,10 @@ def test_offline_world_windows_match_the_injected_shift(small_world):
     epsg = json.loads((small_world / "world.json").read_text())["utm_epsg"]
     item = json.loads((small_world / "stac" / "items" / "S2B_32UPU_20230627_0_L2A.json").read_text())  # clear date
     src = Sentinel2STAC("http://127.0.0.1:9/", href_map=lambda h: str(small_world / h))
-    to_utm, from_utm = Transformer.from_crs(3857, epsg, always_xy=True), Transformer.from_crs(epsg, 3857, always_xy=True)
+    to_utm, from_utm = (
+        Transformer.from_crs(3857, epsg, always_xy=True),
+        Transformer.from_crs(epsg, 3857, always_xy=True),
+    )
     errors = []
     for tile in sorted((small_world / "tiles" / "16").glob("*/*.jpg")):
         x, y = int(tile.parent.name), int(tile.stem)

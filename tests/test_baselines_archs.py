@@ -12,7 +12,9 @@ from baselines.archs.swinir import SwinIR, official_img_size, official_state_dic
 from baselines.losses import RelativisticGANLoss
 
 TINY_RRDB = dict(num_feat=8, num_block=2, num_grow_ch=4)
-TINY_SWIN = dict(embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=8, num_feat=64, img_size=16)  # official code fixes num_feat at 64
+TINY_SWIN = dict(
+    embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=8, num_feat=64, img_size=16
+)  # official code fixes num_feat at 64
 
 
 def to_old_esrgan_layout(state: dict[str, torch.Tensor], n_up: int) -> dict[str, torch.Tensor]:
@@ -103,7 +105,15 @@ def test_swinir_single_window_patch_matches_official_code(img_size):
     pytest.importorskip("spandrel")
     from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR as OfficialSwinIR
 
-    kw = dict(embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=8, mlp_ratio=2.0, upsampler="pixelshuffle", resi_connection="1conv")
+    kw = dict(
+        embed_dim=12,
+        depths=(2, 2),
+        num_heads=(2, 2),
+        window_size=8,
+        mlp_ratio=2.0,
+        upsampler="pixelshuffle",
+        resi_connection="1conv",
+    )
     torch.manual_seed(0)
     official = OfficialSwinIR(upscale=32, in_chans=3, img_size=img_size, **kw).eval()
     with torch.no_grad():  # sharpen attention (a trained model is far from uniform) so a masked-out window shows
@@ -143,7 +153,14 @@ def test_swinir_single_window_input_x32():
 def test_discriminator_256_has_basicsr_layout():
     d = VGGStyleDiscriminator(num_feat=8, input_size=256)
     names = set(d.state_dict())
-    assert {"conv0_0.weight", "conv0_0.bias", "conv5_1.weight", "bn5_1.running_mean", "linear1.weight", "linear2.bias"} <= names
+    assert {
+        "conv0_0.weight",
+        "conv0_0.bias",
+        "conv5_1.weight",
+        "bn5_1.running_mean",
+        "linear1.weight",
+        "linear2.bias",
+    } <= names
     assert "conv0_1.bias" not in names  # strided convs have no bias (followed by BatchNorm)
     assert d.linear1.in_features == 8 * 8 * 4 * 4
     assert d(torch.rand(2, 3, 256, 256)).shape == (2, 1)
@@ -157,7 +174,9 @@ def test_relativistic_loss_direction():
     # D is rewarded when real looks more realistic than fake, G when the opposite holds
     assert gan.discriminator_loss(real, fake) < gan.discriminator_loss(fake, real)
     assert gan.generator_loss(real, fake) > gan.generator_loss(fake, real)
-    assert RelativisticGANLoss(weight=5e-3).generator_loss(real, fake) == pytest.approx(5e-3 * gan.generator_loss(real, fake).item())
+    assert RelativisticGANLoss(weight=5e-3).generator_loss(real, fake) == pytest.approx(
+        5e-3 * gan.generator_loss(real, fake).item()
+    )
     # G's loss reaches the generated logits (and only them: real logits are treated as constants)
     f = fake.clone().requires_grad_(True)
     r = real.clone().requires_grad_(True)

@@ -7,14 +7,13 @@ import re
 
 import pytest
 import torch
+from test_baselines_archs import to_old_esrgan_layout
 
 from baselines import registry
 from baselines.archs.swinir import official_state_dict
 from baselines.checkpoint import read_state_dict, save_weights
 from baselines.inference import super_resolve_batch
 from cmsrd.errors import InputError
-
-from test_baselines_archs import to_old_esrgan_layout
 
 ESR_NET = {"network": {"num_feat": 8, "num_block": 2, "num_grow_ch": 4}}
 SWIN_NET = {"network": {"embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4}}
@@ -76,8 +75,16 @@ def test_esrgan_loads_repository_release_layout_from_official_code(tmp_path):
     torch.manual_seed(0)
     official = OfficialRRDBNet(num_filters=8, num_blocks=2, scale=4).eval()
     repo = to_esrgan_repo_layout(official.state_dict())
-    assert {"RRDB_trunk.1.RDB3.conv5.bias", "trunk_conv.weight", "upconv2.weight", "HRconv.weight", "conv_last.bias"} <= set(repo)
-    desc = spandrel.ModelLoader().load_from_state_dict(dict(repo))  # spandrel reads this layout too: the renaming is the real one
+    assert {
+        "RRDB_trunk.1.RDB3.conv5.bias",
+        "trunk_conv.weight",
+        "upconv2.weight",
+        "HRconv.weight",
+        "conv_last.bias",
+    } <= set(repo)
+    desc = spandrel.ModelLoader().load_from_state_dict(
+        dict(repo)
+    )  # spandrel reads this layout too: the renaming is the real one
     assert desc.architecture.name == "ESRGAN" and desc.scale == 4
     path = tmp_path / "RRDB_ESRGAN_x4.pth"
     torch.save(repo, path, _use_new_zipfile_serialization=False)
@@ -95,7 +102,10 @@ def test_unknown_key_layout_is_not_called_a_size_mismatch(tmp_path):
     with pytest.raises(InputError) as e:
         m.load_checkpoint(tmp_path / "other.pth")
     msg = str(e.value)
-    assert "another architecture or a key layout this loader does not know" in msg and "'trunk.blocks.0.rdb1.conv1.weight'" in msg
+    assert (
+        "another architecture or a key layout this loader does not know" in msg
+        and "'trunk.blocks.0.rdb1.conv1.weight'" in msg
+    )
     assert "RRDB_trunk" in msg and "same network size" not in msg  # names the layouts it reads, not a size problem
 
 
@@ -174,10 +184,15 @@ def test_architecture_mismatch_names_keys_and_shapes(tmp_path):
     with pytest.raises(InputError) as e:
         wider.load_checkpoint(path)
     msg = str(e.value)
-    assert "missing keys: body.2." in msg and "shape mismatches" in msg and "conv_first.weight: checkpoint (8, 3, 3, 3) vs model (16, 3, 3, 3)" in msg
+    assert (
+        "missing keys: body.2." in msg
+        and "shape mismatches" in msg
+        and "conv_first.weight: checkpoint (8, 3, 3, 3) vs model (16, 3, 3, 3)" in msg
+    )
     with pytest.raises(InputError, match="saved by method 'esrgan'"):
         registry.build("swinir", 16, SWIN_NET).load_checkpoint(
-            save_weights(tmp_path / "e.safetensors", small.trainable_state_dict(), small.export_metadata()))
+            save_weights(tmp_path / "e.safetensors", small.trainable_state_dict(), small.export_metadata())
+        )
 
 
 def test_bicubic_has_no_checkpoint(tmp_path):

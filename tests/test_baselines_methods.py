@@ -14,15 +14,24 @@ ESR_NET = {"network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}}
 
 
 def test_esrgan_gan_stage_resume_does_not_need_the_psnr_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(esrgan, "PerceptualLoss", lambda *a, **k: torch.nn.Identity())  # no VGG19 (weights, 7 s to build)
-    cfg = {"stage": "gan", "pretrain_network_g": str(tmp_path / "moved" / "model.safetensors"), "network_d": {"num_feat": 8}, "hr_px": 64}
+    monkeypatch.setattr(
+        esrgan, "PerceptualLoss", lambda *a, **k: torch.nn.Identity()
+    )  # no VGG19 (weights, 7 s to build)
+    cfg = {
+        "stage": "gan",
+        "pretrain_network_g": str(tmp_path / "moved" / "model.safetensors"),
+        "network_d": {"num_feat": 8},
+        "hr_px": 64,
+    }
     with pytest.raises(InputError, match="file not found"):  # a fresh GAN run does start from it
         registry.build("esrgan", 16, ESR_NET).configure_optimizers(cfg)
     method = registry.build("esrgan", 16, ESR_NET)
     optimizers = method.configure_optimizers({**cfg, "resuming": True})  # the checkpoint restores G (and D)
     assert set(optimizers) == {"g", "d"} and method.stage == "gan"
     with pytest.raises(InputError, match="pretrain_network_g"):  # the config must still name the PSNR generator
-        registry.build("esrgan", 16, ESR_NET).configure_optimizers({**cfg, "pretrain_network_g": None, "resuming": True})
+        registry.build("esrgan", 16, ESR_NET).configure_optimizers(
+            {**cfg, "pretrain_network_g": None, "resuming": True}
+        )
 
 
 def test_esrgan_stage_2_says_how_to_run_the_gan_stage(tmp_path):
@@ -30,7 +39,9 @@ def test_esrgan_stage_2_says_how_to_run_the_gan_stage(tmp_path):
     with pytest.raises(InputError) as e:
         method.run_stage(2, tmp_path, {}, tmp_path)
     msg = str(e.value)
-    assert "--config baselines/configs/esrgan_gan.yaml" in msg and "train.pretrain_network_g=RUN/model.safetensors" in msg
+    assert (
+        "--config baselines/configs/esrgan_gan.yaml" in msg and "train.pretrain_network_g=RUN/model.safetensors" in msg
+    )
     assert "only one training stage" not in msg
 
 
@@ -75,12 +86,18 @@ def test_swinir_img_size_follows_training_data_and_checkpoints(tmp_path):
         torch.testing.assert_close(reader.net_g.eval()(x), method.net_g.eval()(x))
 
     explicit = {"network": {**SWIN_NET["network"], "img_size": 16}}
-    with pytest.raises(InputError, match=r"network\.img_size = 16: gives other attention windows than checkpoint .* \(4 px\)"):
+    with pytest.raises(
+        InputError, match=r"network\.img_size = 16: gives other attention windows than checkpoint .* \(4 px\)"
+    ):
         registry.build("swinir", 16, explicit).load_checkpoint(path)
-    with pytest.raises(InputError, match=r"network\.img_size = 16: gives other attention windows than the training LR patches \(4 px\)"):
+    with pytest.raises(
+        InputError, match=r"network\.img_size = 16: gives other attention windows than the training LR patches \(4 px\)"
+    ):
         registry.build("swinir", 16, explicit).configure_optimizers({"hr_px": 64})
     # an explicit value with the same windows is no conflict (img_size 64 and 16 both shift at window 4)
-    registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}}).configure_optimizers({"hr_px": 256})
+    registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}}).configure_optimizers(
+        {"hr_px": 256}
+    )
 
 
 def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
@@ -102,8 +119,19 @@ def test_swinir_trained_geometry_reaches_the_exported_weights(tiny_dataset, tmp_
     from baselines.checkpoint import read_metadata
     from baselines.train import train
 
-    config = {**SWIN_NET, "train": {"batch_size": 2, "num_workers": 0, "total_steps": 1, "log_every": 1, "val_every": 1,
-                                    "save_every": 1, "val_max_images": 1, "lpips": "off"}}
+    config = {
+        **SWIN_NET,
+        "train": {
+            "batch_size": 2,
+            "num_workers": 0,
+            "total_steps": 1,
+            "log_every": 1,
+            "val_every": 1,
+            "save_every": 1,
+            "val_max_images": 1,
+            "lpips": "off",
+        },
+    }
     res = train("swinir", tiny_dataset, tmp_path / "run", config=config, progress=False)
     assert read_metadata(res["weights"])["network"]["img_size"] == 4
     # config.yaml records the config as written (null: follows the data), so a resume compares equal

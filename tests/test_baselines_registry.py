@@ -18,7 +18,10 @@ from cmsrd.data import CMSRDDataset
 from cmsrd.errors import InputError
 
 
-@pytest.mark.parametrize("name,kind,nfe,licence", [("bicubic", "interp", 0, "n/a"), ("esrgan", "gan", 1, "Apache-2.0"), ("swinir", "regression", 1, "Apache-2.0")])
+@pytest.mark.parametrize(
+    "name,kind,nfe,licence",
+    [("bicubic", "interp", 0, "n/a"), ("esrgan", "gan", 1, "Apache-2.0"), ("swinir", "regression", 1, "Apache-2.0")],
+)
 def test_specs(name, kind, nfe, licence):
     spec = registry.get(name)
     assert spec.kind == kind and spec.nfe == nfe and spec.license.startswith(licence)
@@ -37,14 +40,29 @@ def test_config_type_selects_architecture_and_scale_follows_method():
         registry.build("esrgan", 3)
 
 
-@pytest.mark.parametrize("name,network,match", [
-    ("esrgan", {"num_feats": 32}, r"network\.num_feats: is not a parameter of RRDBNet \(did you mean `num_feat`\?\).*num_grow_ch"),
-    ("esrgan", {"num_block": "x"}, r"network \(RRDBNet\): invalid value: RRDBNet num_block must be a positive integer"),
-    ("esrgan", {"num_feat": 0}, r"num_feat must be a positive integer"),
-    ("swinir", {"upsampler": "nearest+conv"}, r"network \(SwinIR\): invalid value: .*'nearest\+conv'.*parameters of SwinIR: upscale"),
-    ("swinir", {"depths": 6}, r"network \(SwinIR\): invalid value"),
-    ("swinir", {"window": 8}, r"network\.window: is not a parameter of SwinIR \(did you mean `window_size`\?\)"),
-])
+@pytest.mark.parametrize(
+    "name,network,match",
+    [
+        (
+            "esrgan",
+            {"num_feats": 32},
+            r"network\.num_feats: is not a parameter of RRDBNet \(did you mean `num_feat`\?\).*num_grow_ch",
+        ),
+        (
+            "esrgan",
+            {"num_block": "x"},
+            r"network \(RRDBNet\): invalid value: RRDBNet num_block must be a positive integer",
+        ),
+        ("esrgan", {"num_feat": 0}, r"num_feat must be a positive integer"),
+        (
+            "swinir",
+            {"upsampler": "nearest+conv"},
+            r"network \(SwinIR\): invalid value: .*'nearest\+conv'.*parameters of SwinIR: upscale",
+        ),
+        ("swinir", {"depths": 6}, r"network \(SwinIR\): invalid value"),
+        ("swinir", {"window": 8}, r"network\.window: is not a parameter of SwinIR \(did you mean `window_size`\?\)"),
+    ],
+)
 def test_network_config_mistakes_are_one_clear_error(name, network, match):
     with pytest.raises(InputError, match=match):
         registry.build(name, 16, {"network": network})
@@ -66,7 +84,12 @@ def test_bicubic_matches_dataset_bicubic(tiny_dataset):
 
 def test_inference_moves_only_declared_inputs_and_checks_conditions():
     method = registry.build("bicubic", 16)
-    batch = {"lr": torch.rand(2, 3, 4, 4), "hr": torch.rand(2, 3, 64, 64), "map": torch.rand(2, 3, 64, 64), "id": ["a", "b"]}
+    batch = {
+        "lr": torch.rand(2, 3, 4, 4),
+        "hr": torch.rand(2, 3, 64, 64),
+        "map": torch.rand(2, 3, 64, 64),
+        "id": ["a", "b"],
+    }
     assert set(method_inputs(method, batch, Conditions())) == {"lr"}
     with pytest.raises(InputError, match=r"lacks \['lr'\]"):
         super_resolve_batch(method, {"hr": batch["hr"]})

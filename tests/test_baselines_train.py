@@ -21,8 +21,16 @@ from cmsrd.errors import InputError, MissingWeightsError
 
 ESR = {"network": {"num_feat": 16, "num_block": 1, "num_grow_ch": 8}}
 SWIN = {"network": {"embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4}}
-TRAIN = {"batch_size": 2, "num_workers": 0, "total_steps": 100, "log_every": 2, "val_every": 4, "save_every": 4,
-         "optim_g": {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.99]}, "lpips": "off"}
+TRAIN = {
+    "batch_size": 2,
+    "num_workers": 0,
+    "total_steps": 100,
+    "log_every": 2,
+    "val_every": 4,
+    "save_every": 4,
+    "optim_g": {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.99]},
+    "lpips": "off",
+}
 
 
 def cfg(net, **train_kw):
@@ -96,8 +104,20 @@ def write_random_vgg19(tmp_path, monkeypatch):
     torch.save(feats, path)
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     manifest = tmp_path / "weights.yaml"
-    manifest.write_text(yaml.safe_dump({"weights": {"tv_vgg19": {"file": "vgg19-dcbb9e9d.pth", "subdir": "checkpoints", "sha256": digest,
-                                                                 "url": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"}}}))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "weights": {
+                    "tv_vgg19": {
+                        "file": "vgg19-dcbb9e9d.pth",
+                        "subdir": "checkpoints",
+                        "sha256": digest,
+                        "url": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+                    }
+                }
+            }
+        )
+    )
     monkeypatch.setenv("CMSRD_WEIGHTS_MANIFEST", str(manifest))
 
 
@@ -106,7 +126,9 @@ def test_esrgan_gan_stage_from_psnr_generator(tiny_dataset, tmp_path, monkeypatc
     gan_cfg = registry.merge_config(registry.load_yaml(registry.CONFIG_DIR / "esrgan_gan.yaml"), cfg(ESR))
     gan_cfg["train"].update(pretrain_network_g=psnr["weights"], network_d={"num_feat": 8}, total_steps=100)
     monkeypatch.setenv("CMSRD_WEIGHTS_MANIFEST", str(tmp_path / "none.yaml"))
-    (tmp_path / "none.yaml").write_text(yaml.safe_dump({"weights": {"tv_vgg19": {"file": "vgg19-dcbb9e9d.pth", "subdir": "checkpoints"}}}))
+    (tmp_path / "none.yaml").write_text(
+        yaml.safe_dump({"weights": {"tv_vgg19": {"file": "vgg19-dcbb9e9d.pth", "subdir": "checkpoints"}}})
+    )
     with pytest.raises(MissingWeightsError, match="vgg19-dcbb9e9d.pth"):
         train("esrgan", tiny_dataset, tmp_path / "gan0", config=gan_cfg, max_steps=2, progress=False)
     write_random_vgg19(tmp_path, monkeypatch)
@@ -120,12 +142,23 @@ def test_esrgan_gan_stage_from_psnr_generator(tiny_dataset, tmp_path, monkeypatc
     m.load_checkpoint(res["weights"])  # generator-only export
     # the run moved without its PSNR-stage file: a resume restores G from its own checkpoint
     (tmp_path / "psnr" / "model.safetensors").unlink()
-    assert train("esrgan", tiny_dataset, tmp_path / "gan", config=gan_cfg, max_steps=3, resume=True, progress=False)["step"] == 3
+    assert (
+        train("esrgan", tiny_dataset, tmp_path / "gan", config=gan_cfg, max_steps=3, resume=True, progress=False)[
+            "step"
+        ]
+        == 3
+    )
 
 
 def test_mixed_precision_and_accumulation_run(tiny_dataset, tmp_path):
-    res = train("swinir", tiny_dataset, tmp_path / "bf16", config=cfg(SWIN, precision="bf16", accumulate=2, grad_clip=1.0),
-                max_steps=2, progress=False)
+    res = train(
+        "swinir",
+        tiny_dataset,
+        tmp_path / "bf16",
+        config=cfg(SWIN, precision="bf16", accumulate=2, grad_clip=1.0),
+        max_steps=2,
+        progress=False,
+    )
     assert res["step"] == 2 and res["val"]["psnr_y"] > 0
 
 
@@ -140,12 +173,21 @@ def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, stage="gan"), max_steps=1, progress=False)
 
 
-@pytest.mark.parametrize("scheduler, match", [
-    ({"type": "MultiStepLR", "milestone": [10], "gamma": 0.5}, "train.scheduler.milestone"),  # typo: would be a constant lr
-    ({"type": "MultiStepLR", "milestones": [], "gamma": 0.5}, "train.scheduler.milestones"),
-    ({"type": "CosineAnnealingLR", "T_max": 10, "gamma": 0.5}, "train.scheduler.gamma"),  # not MultiStepLR's milestones
-    ({"type": "StepLR"}, "train.scheduler.type"),
-])
+@pytest.mark.parametrize(
+    "scheduler, match",
+    [
+        (
+            {"type": "MultiStepLR", "milestone": [10], "gamma": 0.5},
+            "train.scheduler.milestone",
+        ),  # typo: would be a constant lr
+        ({"type": "MultiStepLR", "milestones": [], "gamma": 0.5}, "train.scheduler.milestones"),
+        (
+            {"type": "CosineAnnealingLR", "T_max": 10, "gamma": 0.5},
+            "train.scheduler.gamma",
+        ),  # not MultiStepLR's milestones
+        ({"type": "StepLR"}, "train.scheduler.type"),
+    ],
+)
 def test_scheduler_config_mistakes_are_refused(tiny_dataset, tmp_path, scheduler, match):
     with pytest.raises(InputError, match=match):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, scheduler=scheduler), max_steps=1, progress=False)
@@ -154,16 +196,33 @@ def test_scheduler_config_mistakes_are_refused(tiny_dataset, tmp_path, scheduler
 def test_cli_train(tiny_dataset, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg(ESR)))
     out = tmp_path / "cli"
-    args = ["--method", "esrgan", "--data", str(tiny_dataset), "--config", str(tmp_path / "c.yaml"), "--set", "train.log_every=1",
-            "--max-steps", "2", "--out", str(out), "--device", "cpu"]
+    args = [
+        "--method",
+        "esrgan",
+        "--data",
+        str(tiny_dataset),
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--set",
+        "train.log_every=1",
+        "--max-steps",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     r = CliRunner().invoke(train_command, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert [x["step"] for x in rows(out / "train_log.csv")] == ["1", "2"]
-    r = CliRunner().invoke(train_command, args[:-6] + ["--max-steps", "3", "--out", str(out), "--resume"], catch_exceptions=False)
+    r = CliRunner().invoke(
+        train_command, args[:-6] + ["--max-steps", "3", "--out", str(out), "--resume"], catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output
     assert [x["step"] for x in rows(out / "train_log.csv")] == ["1", "2", "3"]
-    r = CliRunner().invoke(train_command, args[:-6] + ["--max-minutes", "0.000001", "--out", str(out), "--resume"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        train_command, args[:-6] + ["--max-minutes", "0.000001", "--out", str(out), "--resume"], catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output  # the run's training time already exceeds the budget: nothing more is done
     assert [x["step"] for x in rows(out / "train_log.csv")] == ["1", "2", "3"]
 
@@ -208,7 +267,9 @@ def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch)
     slots = [int(t // 3) for t in times[:-1]]
     assert slots == sorted(set(slots))
     with pytest.raises(InputError, match="val_every_minutes"):
-        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_every_minutes=-1), max_steps=1, progress=False)
+        train(
+            "esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_every_minutes=-1), max_steps=1, progress=False
+        )
 
 
 def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tmp_path):
@@ -218,11 +279,24 @@ def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tm
     assert res["val"]["condition"] == "default"
     assert [r["condition"] for r in rows(tmp_path / "run" / "val_log.csv")] == ["default"]
     with pytest.raises(InputError, match="val_conditions.*does not support"):
-        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_conditions="style=gt"), max_steps=1, progress=False)
+        train(
+            "esrgan",
+            tiny_dataset,
+            tmp_path / "bad",
+            config=cfg(ESR, val_conditions="style=gt"),
+            max_steps=1,
+            progress=False,
+        )
     with pytest.raises(InputError, match="val_conditions"):
-        train("esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_conditions="map=sideways"), max_steps=1, progress=False)
+        train(
+            "esrgan",
+            tiny_dataset,
+            tmp_path / "bad",
+            config=cfg(ESR, val_conditions="map=sideways"),
+            max_steps=1,
+            progress=False,
+        )
     assert not (tmp_path / "bad").exists()  # rejected before anything was written
-
 
 
 def test_ctrl_c_stops_after_the_whole_step_and_resumes_bit_exactly(tiny_dataset, tmp_path, monkeypatch):
@@ -251,7 +325,10 @@ def test_ctrl_c_stops_after_the_whole_step_and_resumes_bit_exactly(tiny_dataset,
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert (tmp_path / "a" / "checkpoints" / "latest.txt").read_text().strip() == "step_00000003"  # the whole step 3
     monkeypatch.setattr(FeedForwardMethod, "training_step", original)
-    assert train("esrgan", tiny_dataset, tmp_path / "a", config=config, max_steps=5, resume=True, progress=False)["step"] == 5
+    assert (
+        train("esrgan", tiny_dataset, tmp_path / "a", config=config, max_steps=5, resume=True, progress=False)["step"]
+        == 5
+    )
     train("esrgan", tiny_dataset, tmp_path / "b", config=config, max_steps=5, progress=False)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -289,7 +366,9 @@ def test_resume_refuses_a_changed_config_and_records_run_control_changes(tiny_da
 
     seen = []
     configure = FeedForwardMethod.configure_optimizers
-    monkeypatch.setattr(FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c["resuming"]), configure(self, c))[1])
+    monkeypatch.setattr(
+        FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c["resuming"]), configure(self, c))[1]
+    )
     out = tmp_path / "run"
     train("esrgan", tiny_dataset, out, config=cfg(ESR), max_steps=2, progress=False)
     original_yaml = (out / "config.yaml").read_text()
@@ -297,19 +376,29 @@ def test_resume_refuses_a_changed_config_and_records_run_control_changes(tiny_da
     with pytest.raises(InputError) as e:
         train("esrgan", tiny_dataset, out, config=changed, max_steps=4, resume=True, progress=False)
     msg = str(e.value)
-    assert "train.batch_size: 2 -> 3" in msg and "train.optim_g.type: 'Adam' -> 'AdamW'" in msg and "train.optim_g.lr" in msg
+    assert (
+        "train.batch_size: 2 -> 3" in msg
+        and "train.optim_g.type: 'Adam' -> 'AdamW'" in msg
+        and "train.optim_g.lr" in msg
+    )
     assert "--config" in msg and "config.yaml" in msg
     assert (out / "config.yaml").read_text() == original_yaml and not (out / "resumes.jsonl").exists()
     assert seen == [False]  # refused before the method was configured
 
-    run_control = cfg(ESR, log_every=1, num_workers=1, val_every=1000, val_batch_size=1)  # val_batch_size: e.g. after an OOM
+    run_control = cfg(
+        ESR, log_every=1, num_workers=1, val_every=1000, val_batch_size=1
+    )  # val_batch_size: e.g. after an OOM
     assert train("esrgan", tiny_dataset, out, config=run_control, max_steps=3, resume=True, progress=False)["step"] == 3
     assert seen == [False, True]
     assert (out / "config.yaml").read_text() == original_yaml
     (record,) = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
     assert record["step"] == 2 and record["max_steps"] == 3
-    assert record["changed"] == {"train.log_every": [2, 1], "train.num_workers": [0, 1], "train.val_batch_size": [4, 1],
-                                 "train.val_every": [4, 1000]}
+    assert record["changed"] == {
+        "train.log_every": [2, 1],
+        "train.num_workers": [0, 1],
+        "train.val_batch_size": [4, 1],
+        "train.val_every": [4, 1000],
+    }
 
 
 def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monkeypatch):
@@ -326,7 +415,14 @@ def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monk
         return validate(self, *a, **k)
 
     monkeypatch.setattr(tr.Trainer, "validate", slow_validate)
-    train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, log_every=2, val_every=2, save_every=100), max_steps=4, progress=False)
+    train(
+        "esrgan",
+        tiny_dataset,
+        tmp_path / "run",
+        config=cfg(ESR, log_every=2, val_every=2, save_every=100),
+        max_steps=4,
+        progress=False,
+    )
     log = rows(tmp_path / "run" / "train_log.csv")
     elapsed = [0.0] + [float(r["elapsed_s"]) for r in log]
     for r, t0, t1 in zip(log, elapsed, elapsed[1:]):
@@ -342,20 +438,42 @@ def test_validation_definitions_sidecar(tiny_dataset, tmp_path, monkeypatch):
     writes, built = [], []
     write, make_doc = tr.atomic_write_text, tr.Trainer._write_val_metrics
     monkeypatch.setattr(tr, "atomic_write_text", lambda path, text: (writes.append(path.name), write(path, text))[1])
-    monkeypatch.setattr(tr.Trainer, "_write_val_metrics", lambda self, *a: (built.append(self.step), make_doc(self, *a))[1])
-    train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR, ema_decay=0.9, val_crop_border=16, val_every=1), max_steps=4, progress=False)
-    assert writes.count("val_metrics.json") == 1 and built == [1]  # 4 validations: the doc is built and written once, at the first
+    monkeypatch.setattr(
+        tr.Trainer, "_write_val_metrics", lambda self, *a: (built.append(self.step), make_doc(self, *a))[1]
+    )
+    train(
+        "esrgan",
+        tiny_dataset,
+        tmp_path / "run",
+        config=cfg(ESR, ema_decay=0.9, val_crop_border=16, val_every=1),
+        max_steps=4,
+        progress=False,
+    )
+    assert writes.count("val_metrics.json") == 1 and built == [
+        1
+    ]  # 4 validations: the doc is built and written once, at the first
     doc = json.loads((tmp_path / "run" / "val_metrics.json").read_text())
-    assert doc["psnr_y"] == get("psnr_y").describe(16) and "BT.601" in doc["psnr_y"] and "crop_border=16" in doc["psnr_y"]
+    assert (
+        doc["psnr_y"] == get("psnr_y").describe(16) and "BT.601" in doc["psnr_y"] and "crop_border=16" in doc["psnr_y"]
+    )
     assert doc["lpips"].startswith("not computed")  # lpips off in these tests
-    assert doc["weights"].startswith("EMA") and doc["condition"] == "default" and doc["n_images"] == 4 and doc["crop_border"] == 16
+    assert (
+        doc["weights"].startswith("EMA")
+        and doc["condition"] == "default"
+        and doc["n_images"] == 4
+        and doc["crop_border"] == 16
+    )
     assert "LPIPS excluded" in doc["images_per_s"]  # the timer stops before LPIPS
     documented = tr.__doc__.split("val_log.csv", 1)[1].split("val_metrics.json", 1)[0]
     assert all(col in documented for col in rows(tmp_path / "run" / "val_log.csv")[0])  # every column is described
 
 
-@pytest.mark.parametrize("metric,scores,best_step", [("psnr_y", [20.0, 25.0, 22.0, 24.0], 2), ("lpips", [0.5, 0.3, 0.4, 0.2], 4)])
-def test_keep_best_exports_the_best_validation_and_survives_resume(tiny_dataset, tmp_path, monkeypatch, metric, scores, best_step):
+@pytest.mark.parametrize(
+    "metric,scores,best_step", [("psnr_y", [20.0, 25.0, 22.0, 24.0], 2), ("lpips", [0.5, 0.3, 0.4, 0.2], 4)]
+)
+def test_keep_best_exports_the_best_validation_and_survives_resume(
+    tiny_dataset, tmp_path, monkeypatch, metric, scores, best_step
+):
     """train.keep_best writes model-best.safetensors + best.json when the metric improves (higher PSNR,
     lower LPIPS); the best value is part of the resumable state. Scores are scripted per validation."""
     import json
@@ -363,8 +481,17 @@ def test_keep_best_exports_the_best_validation_and_survives_resume(tiny_dataset,
     import baselines.train as tr
 
     script = iter(scores)
-    monkeypatch.setattr(tr.Trainer, "_validate", lambda self, ds, ema: {"condition": "default", "psnr_y": float("nan"),
-                                                                        "lpips": float("nan"), metric: next(script), "n_images": 4})
+    monkeypatch.setattr(
+        tr.Trainer,
+        "_validate",
+        lambda self, ds, ema: {
+            "condition": "default",
+            "psnr_y": float("nan"),
+            "lpips": float("nan"),
+            metric: next(script),
+            "n_images": 4,
+        },
+    )
     monkeypatch.setattr(tr.Trainer, "_lpips_metric", lambda self: None)
     config = cfg(ESR, keep_best=metric, lpips="auto", keep_checkpoints=0, val_every=1, save_every=1, ema_decay=0.9)
     out = tmp_path / "run"
@@ -395,7 +522,9 @@ def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monke
     init = save_weights(tmp_path / "init" / "model.safetensors", src.trainable_state_dict(), src.export_metadata())
     loads = []
     load = FeedForwardMethod.load_checkpoint
-    monkeypatch.setattr(FeedForwardMethod, "load_checkpoint", lambda self, path, *a: (loads.append(path), load(self, path, *a))[1])
+    monkeypatch.setattr(
+        FeedForwardMethod, "load_checkpoint", lambda self, path, *a: (loads.append(path), load(self, path, *a))[1]
+    )
     config = {**cfg(ESR), "checkpoint": str(init)}
     train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=2, progress=False)
     assert loads == [str(init)]
@@ -404,7 +533,10 @@ def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monke
 
     found, rule = [], tr.resume_checkpoint  # the build (skip the start file) and fit (restore) ask the one rule
     monkeypatch.setattr(tr, "resume_checkpoint", lambda out, resume: (found.append(rule(out, resume)), found[-1])[1])
-    assert train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=3, resume=True, progress=False)["step"] == 3
+    assert (
+        train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=3, resume=True, progress=False)["step"]
+        == 3
+    )
     assert loads == [str(init)]
     assert len(found) == 2 and found[0] == found[1] and found[0].parent == tmp_path / "run" / "checkpoints"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["checkpoint"] == str(init)
@@ -417,27 +549,41 @@ def test_esrgan_refuses_two_start_files(tiny_dataset, tmp_path):
     src = registry.build("esrgan", 16, ESR)
     init = save_weights(tmp_path / "init.safetensors", src.trainable_state_dict(), src.export_metadata())
     with pytest.raises(InputError, match="train.pretrain_network_g and checkpoint: are both set"):
-        train("esrgan", tiny_dataset, tmp_path / "x", config={**cfg(ESR, pretrain_network_g=str(init)), "checkpoint": str(init)},
-              max_steps=1, progress=False)
+        train(
+            "esrgan",
+            tiny_dataset,
+            tmp_path / "x",
+            config={**cfg(ESR, pretrain_network_g=str(init)), "checkpoint": str(init)},
+            max_steps=1,
+            progress=False,
+        )
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("name,net,key,match", [
-    ("esrgan", ESR, "btach_size", r"train\.btach_size: .*did you mean `batch_size`"),
-    ("esrgan", ESR, "ema_decya", r"train\.ema_decya: .*did you mean `ema_decay`"),
-    ("swinir", SWIN, "gan_weight", r"train\.gan_weight: is not a key of the trainer or of swinir"),  # an ESRGAN key
-])
+@pytest.mark.parametrize(
+    "name,net,key,match",
+    [
+        ("esrgan", ESR, "btach_size", r"train\.btach_size: .*did you mean `batch_size`"),
+        ("esrgan", ESR, "ema_decya", r"train\.ema_decya: .*did you mean `ema_decay`"),
+        ("swinir", SWIN, "gan_weight", r"train\.gan_weight: is not a key of the trainer or of swinir"),  # an ESRGAN key
+    ],
+)
 def test_unknown_train_keys_are_refused(tiny_dataset, tmp_path, name, net, key, match):
     with pytest.raises(InputError, match=match):
         train(name, tiny_dataset, tmp_path / "x", config=cfg(net, **{key: 1}), max_steps=1, progress=False)
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name,stage,key,match", [
-    ("esrgan", 1, "btach_size", r"train\.btach_size: .*did you mean `batch_size`"),
-    ("sgdm+", 2, "flow", r"train\.flow: .*did you mean `flows`"),  # stage 2 goes to run_stage, not the Trainer
-])
-def test_train_keys_are_checked_before_the_build_at_every_stage(tiny_dataset, tmp_path, monkeypatch, name, stage, key, match):
+@pytest.mark.parametrize(
+    "name,stage,key,match",
+    [
+        ("esrgan", 1, "btach_size", r"train\.btach_size: .*did you mean `batch_size`"),
+        ("sgdm+", 2, "flow", r"train\.flow: .*did you mean `flows`"),  # stage 2 goes to run_stage, not the Trainer
+    ],
+)
+def test_train_keys_are_checked_before_the_build_at_every_stage(
+    tiny_dataset, tmp_path, monkeypatch, name, stage, key, match
+):
     """The check runs on the merged config before `registry.build`: an SGDM build reads GBs of weights first."""
     monkeypatch.setattr(registry, "build", lambda *a, **k: pytest.fail("built before the train keys were checked"))
     with pytest.raises(InputError, match=match):
@@ -450,7 +596,11 @@ def test_train_keys_of_the_method_are_accepted_and_undeclared_ones_refused(tiny_
     from baselines.swinir import SwinIRMethod
     from baselines.train import Trainer
 
-    Trainer(registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")), tiny_dataset, tmp_path / "e")
+    Trainer(
+        registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")),
+        tiny_dataset,
+        tmp_path / "e",
+    )
     # a method that forgets to declare its keys gets only the trainer's: a forgotten attribute is not an opt-out
     monkeypatch.setattr(SwinIRMethod, "train_keys", SRMethod.train_keys)
     with pytest.raises(InputError, match=r"train\.optim_g: is not a key of the trainer or of swinir"):

@@ -22,9 +22,12 @@ def _img(v, size=16):
 def test_bt601_y_values():
     assert rgb_to_y(_img(0))[0, 0] == pytest.approx(16.0)
     assert rgb_to_y(_img(255))[0, 0] == pytest.approx(235.0)  # 16 + 65.481 + 128.553 + 24.966
-    red = np.zeros((1, 1, 3), np.uint8); red[..., 0] = 255
-    green = np.zeros((1, 1, 3), np.uint8); green[..., 1] = 255
-    blue = np.zeros((1, 1, 3), np.uint8); blue[..., 2] = 255
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    green = np.zeros((1, 1, 3), np.uint8)
+    green[..., 1] = 255
+    blue = np.zeros((1, 1, 3), np.uint8)
+    blue[..., 2] = 255
     assert rgb_to_y(red)[0, 0] == pytest.approx(81.481)
     assert rgb_to_y(green)[0, 0] == pytest.approx(144.553)
     assert rgb_to_y(blue)[0, 0] == pytest.approx(40.966)
@@ -71,10 +74,12 @@ def test_psnr_ssim_match_skimage(crop):
     kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
     assert ssim(sr, hr, crop_border=crop) == pytest.approx(structural_similarity(ys, yh, **kw), abs=1e-9)
     assert ssim(sr, hr, crop_border=crop, y_channel=False) == pytest.approx(
-        structural_similarity(sr[c, c].astype(float), hr[c, c].astype(float), channel_axis=2, **kw), abs=1e-9)
+        structural_similarity(sr[c, c].astype(float), hr[c, c].astype(float), channel_axis=2, **kw), abs=1e-9
+    )
     assert psnr(sr, hr, crop_border=crop) == pytest.approx(peak_signal_noise_ratio(yh, ys, data_range=255), abs=1e-9)
     assert psnr(sr, hr, crop_border=crop, y_channel=False) == pytest.approx(
-        peak_signal_noise_ratio(hr[c, c], sr[c, c], data_range=255), abs=1e-9)
+        peak_signal_noise_ratio(hr[c, c], sr[c, c], data_range=255), abs=1e-9
+    )
 
 
 def test_bad_inputs_are_clear():
@@ -125,8 +130,12 @@ def stand_in_weights(tmp_path, monkeypatch):
 
 def _patches(images, size):
     """Oracle: non-overlapping size x size crops of every image (partial edge strips dropped)."""
-    return [img[y: y + size, x: x + size] for img in images
-            for y in range(0, img.shape[0] - size + 1, size) for x in range(0, img.shape[1] - size + 1, size)]
+    return [
+        img[y : y + size, x : x + size]
+        for img in images
+        for y in range(0, img.shape[0] - size + 1, size)
+        for x in range(0, img.shape[1] - size + 1, size)
+    ]
 
 
 def _pairs(n=3, size=64, seed=0):
@@ -177,7 +186,17 @@ def test_kid_subset_size_gives_differing_subsets_on_small_sets():
     from benchmark.metrics.distribution import kid_subset_size
 
     # no step at N = 1000: 1001 images get subsets of 500 (not 1000 of 1001, nearly the same set every draw)
-    assert [kid_subset_size(n) for n in (2, 3, 4, 100, 1000, 1001, 1999, 2000, 5000)] == [2, 2, 2, 50, 500, 500, 999, 1000, 1000]
+    assert [kid_subset_size(n) for n in (2, 3, 4, 100, 1000, 1001, 1999, 2000, 5000)] == [
+        2,
+        2,
+        2,
+        50,
+        500,
+        500,
+        999,
+        1000,
+        1000,
+    ]
     assert "100 subsets of 2 images" in M.get("kid").describe(n_images=4)
     assert "no spread" in M.get("kid").describe(n_images=2)
     assert "max(2, N // 2)" in M.get("kid").describe()
@@ -197,7 +216,11 @@ def test_fid_kid_passes_subset_size_and_omits_a_meaningless_std(monkeypatch):
     def fake(sr, hr, device, kid, batch_size, seed=D.FID_SEED, subset=None):
         assert seed == D.FID_SEED
         seen.append(subset)
-        return {"frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.1, "kernel_inception_distance_std": 0.0}
+        return {
+            "frechet_inception_distance": 1.0,
+            "kernel_inception_distance_mean": 0.1,
+            "kernel_inception_distance_std": 0.0,
+        }
 
     monkeypatch.setattr(D, "_run_fidelity", fake)
     assert D.fid_kid([_img(1)] * 2, [_img(2)] * 2)["kid_std"] is None  # subsets of 2 out of 2: all the same set
@@ -231,7 +254,9 @@ def test_set_metric_images_are_read_lazily_once_per_image(tmp_path):
     want = _patches(sr, 16)
     assert all(np.array_equal(g.permute(1, 2, 0).numpy(), w) for g, w in zip(got, want))
     whole = _UInt8Images(paths)
-    assert len(whole) == 3 and whole[1].shape == (3, 40, 40) and np.array_equal(whole[1].permute(1, 2, 0).numpy(), sr[1])
+    assert (
+        len(whole) == 3 and whole[1].shape == (3, 40, 40) and np.array_equal(whole[1].permute(1, 2, 0).numpy(), sr[1])
+    )
 
 
 def test_set_sizes_checked_up_front():
@@ -269,6 +294,7 @@ def no_network(monkeypatch):
 
 def test_clip_rn50_stand_in_is_compact_torchscript(stand_in_weights):
     import torch
+
     from baselines import weights as w
     from benchmark.testing import CLIP_RN50_CONFIG
 

@@ -46,10 +46,20 @@ class _Checker(HTMLParser):
 @pytest.fixture(scope="module")
 def bench_runs(tiny_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    run_benchmark(RunConfig(data=tiny_dataset, out=base / "r1", methods=["bicubic"], metrics=["psnr_y", "ssim_y"], device="cpu"))
+    run_benchmark(
+        RunConfig(data=tiny_dataset, out=base / "r1", methods=["bicubic"], metrics=["psnr_y", "ssim_y"], device="cpu")
+    )
     # a second run at another crop border with fake LPIPS values to exercise the plot and best marking
-    run_benchmark(RunConfig(data=tiny_dataset, out=base / "r2", methods=["bicubic"], metrics=["psnr_y", "ssim_y"],
-                            device="cpu", crop_border=4))
+    run_benchmark(
+        RunConfig(
+            data=tiny_dataset,
+            out=base / "r2",
+            methods=["bicubic"],
+            metrics=["psnr_y", "ssim_y"],
+            device="cpu",
+            crop_border=4,
+        )
+    )
     return base / "r1", base / "r2"
 
 
@@ -76,7 +86,12 @@ def test_report_html_valid_and_self_contained(bench_runs, tmp_path):
     board["lpips"] = 0.4
     board.to_csv(r2 / "leaderboard.csv", index=False)
     info = json.loads((r2 / "run.json").read_text())
-    info["metrics"]["lpips"] = {"direction": "lower", "level": "image", "definition": "LPIPS test column", "status": "ok"}
+    info["metrics"]["lpips"] = {
+        "direction": "lower",
+        "level": "image",
+        "definition": "LPIPS test column",
+        "status": "ok",
+    }
     (r2 / "run.json").write_text(json.dumps(info))
 
     out = tmp_path / "report"
@@ -141,7 +156,9 @@ def test_runs_on_different_datasets_are_separate_groups(bench_runs, tmp_path):
     r1, _ = bench_runs
     other = tmp_path / "other_dataset"
     make_tiny_dataset(other, seed=1)
-    run_benchmark(RunConfig(data=other, out=tmp_path / "r_other", methods=["bicubic"], metrics=["psnr_y", "ssim_y"], device="cpu"))
+    run_benchmark(
+        RunConfig(data=other, out=tmp_path / "r_other", methods=["bicubic"], metrics=["psnr_y", "ssim_y"], device="cpu")
+    )
     board, groups = load_runs([r1, tmp_path / "r_other"])
     assert len(groups) == 2 and groups[0].info["ids"] == groups[1].info["ids"]
     assert groups[0].key[0] != groups[1].key[0]  # the dataset manifest sha256
@@ -163,7 +180,7 @@ def test_run_leaderboard_has_a_column_sidecar(bench_runs):
     r1, _ = bench_runs
     header = list(pd.read_csv(r1 / lb.LEADERBOARD_CSV, nrows=0).columns)
     expected = lb.leaderboard_columns(["psnr_y", "ssim_y"])
-    assert header[:len(expected)] == expected
+    assert header[: len(expected)] == expected
     cols = pd.read_csv(r1 / lb.COLUMNS_CSV, keep_default_na=False)
     assert list(cols.column) == header
     by = cols.set_index("column")
@@ -218,7 +235,9 @@ def test_timing_is_marked_only_among_rows_of_one_device_and_precision(bench_runs
     for col in ("images_per_s", "sec_per_image"):
         assert _cell(sec, "gpu", col).startswith("**")  # alone on its device: best of its kind
         assert _cell(sec, "cpu2", col).startswith("**") and not _cell(sec, "cpu", col).startswith("**")
-    assert sum(_cell(sec, r, "psnr_y").startswith("**") for r in ("cpu", "gpu", "cpu2")) == 3  # ranked across: all equal
+    assert (
+        sum(_cell(sec, r, "psnr_y").startswith("**") for r in ("cpu", "gpu", "cpu2")) == 3
+    )  # ranked across: all equal
     assert "same device (GPU name, or CPU) and precision" in md
 
 
@@ -266,7 +285,11 @@ def test_merged_report_keeps_each_runs_metric_failure(tiny_dataset, tmp_path, mo
 
     for run, fn in (("A", boom), ("B", lambda names, sr, hr, **k: {"fid": 12.5})):
         monkeypatch.setattr(runner.M, "compute_set_metrics", fn)
-        run_benchmark(RunConfig(data=tiny_dataset, out=tmp_path / run, methods=["bicubic"], metrics=["psnr_y", "fid"], device="cpu"))
+        run_benchmark(
+            RunConfig(
+                data=tiny_dataset, out=tmp_path / run, methods=["bicubic"], metrics=["psnr_y", "fid"], device="cpu"
+            )
+        )
     own = pd.read_csv(tmp_path / "A" / lb.COLUMNS_CSV).set_index("column")
     assert "Failed: bicubic|default: RuntimeError: inception exploded" in own.loc["fid", "definition"]
     render_report([tmp_path / "A", tmp_path / "B"], tmp_path / "rep", samples=0)

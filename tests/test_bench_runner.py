@@ -76,14 +76,41 @@ class _Noisy(SRMethod):
 
 
 _COMMON = dict(license="test", citation="test", scales=(16,), nfe=1)
-registry.register(MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON))
-registry.register(MethodSpec(name="test_mapcopy", target=f"{__name__}:_MapCopy", kind="regression", inputs=("lr", "map"),
-                             conditions=("map",), **_COMMON))
-registry.register(MethodSpec(name="test_noisy", target=f"{__name__}:_Noisy", kind="interp",  # interp: needs no weights
-                             inputs=("lr",), **_COMMON))
-registry.register(MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON))
-registry.register(MethodSpec(name="test_stylecopy", target=f"{__name__}:_StyleCopy", kind="interp", inputs=("lr", "style"),
-                             conditions=("style",), **_COMMON))
+registry.register(
+    MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON)
+)
+registry.register(
+    MethodSpec(
+        name="test_mapcopy",
+        target=f"{__name__}:_MapCopy",
+        kind="regression",
+        inputs=("lr", "map"),
+        conditions=("map",),
+        **_COMMON,
+    )
+)
+registry.register(
+    MethodSpec(
+        name="test_noisy",
+        target=f"{__name__}:_Noisy",
+        kind="interp",  # interp: needs no weights
+        inputs=("lr",),
+        **_COMMON,
+    )
+)
+registry.register(
+    MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON)
+)
+registry.register(
+    MethodSpec(
+        name="test_stylecopy",
+        target=f"{__name__}:_StyleCopy",
+        kind="interp",
+        inputs=("lr", "style"),
+        conditions=("style",),
+        **_COMMON,
+    )
+)
 
 FAST_METRICS = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"]
 
@@ -129,7 +156,9 @@ def test_bicubic_end_to_end_outputs(tiny_dataset, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["dataset"]["manifest_sha256"] and run["dataset"]["name"] == "tiny-test"
     assert run["metrics"]["psnr_y"]["direction"] == "higher"
-    assert "BT.601" in run["metrics"]["psnr_y"]["definition"] and "crop_border=0" in run["metrics"]["psnr_y"]["definition"]
+    assert (
+        "BT.601" in run["metrics"]["psnr_y"]["definition"] and "crop_border=0" in run["metrics"]["psnr_y"]["definition"]
+    )
     assert run["seeds"]["seed"] == 0 and run["versions"]["torch"]
     assert "git" in run and "device" in run
 
@@ -146,7 +175,11 @@ def test_resume_skips_done_images(tiny_dataset, tmp_path, monkeypatch):
 
     calls = []
     orig = bicubic.Bicubic.super_resolve
-    monkeypatch.setattr(bicubic.Bicubic, "super_resolve", lambda self, b, c, generator=None: calls.append(b["lr"].shape[0]) or orig(self, b, c, generator))
+    monkeypatch.setattr(
+        bicubic.Bicubic,
+        "super_resolve",
+        lambda self, b, c, generator=None: calls.append(b["lr"].shape[0]) or orig(self, b, c, generator),
+    )
     info = run_benchmark(_cfg(tiny_dataset, out, warmup=False))
     assert calls == [1]  # only the missing image was super-resolved
     assert pngs[0].exists()
@@ -164,8 +197,15 @@ def test_resume_skips_done_images(tiny_dataset, tmp_path, monkeypatch):
 
 def test_conditions_shuffle_none_and_unsupported(tiny_dataset, tmp_path, mapcopy_weights):
     out = tmp_path / "run"
-    run_benchmark(_cfg(tiny_dataset, out, methods=["test_mapcopy", "bicubic"], conditions=["default", "map=shuffle", "map=none"],
-                       weights={"test_mapcopy": mapcopy_weights}))
+    run_benchmark(
+        _cfg(
+            tiny_dataset,
+            out,
+            methods=["test_mapcopy", "bicubic"],
+            conditions=["default", "map=shuffle", "map=none"],
+            weights={"test_mapcopy": mapcopy_weights},
+        )
+    )
     board = pd.read_csv(out / "leaderboard.csv").set_index(["method", "condition"])
     assert board.loc[("test_mapcopy", "default"), "status"] == "ok"
     assert board.loc[("test_mapcopy", "map=shuffle"), "status"] == "ok"
@@ -191,7 +231,10 @@ def test_method_without_weights_recorded_and_all_available(tiny_dataset, tmp_pat
     out = tmp_path / "run"
     run_benchmark(_cfg(tiny_dataset, out, methods=["test_mapcopy", "bicubic"]))
     board = pd.read_csv(out / "leaderboard.csv").set_index("method")
-    assert board.loc["test_mapcopy", "status"] == "failed" and "--weights test_mapcopy=PATH" in board.loc["test_mapcopy", "reason"]
+    assert (
+        board.loc["test_mapcopy", "status"] == "failed"
+        and "--weights test_mapcopy=PATH" in board.loc["test_mapcopy", "reason"]
+    )
     assert board.loc["bicubic", "status"] == "ok"
     info = run_benchmark(_cfg(tiny_dataset, tmp_path / "avail", methods="all-available"))
     assert "bicubic" in {k.split("|")[0] for k in info["methods"]}
@@ -228,20 +271,61 @@ def test_cli_run(tiny_dataset, tmp_path):
     from benchmark.cli import cli
 
     out = tmp_path / "cli"
-    res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--methods", " bicubic,,bicubic ", "--out", str(out),
-                                   "--metrics", "psnr_y,ssim_y", "--crop-border", "16", "--device", "cpu"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--data",
+            str(tiny_dataset),
+            "--methods",
+            " bicubic,,bicubic ",
+            "--out",
+            str(out),
+            "--metrics",
+            "psnr_y,ssim_y",
+            "--crop-border",
+            "16",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert list(pd.read_csv(out / "leaderboard.csv").method) == ["bicubic"]  # split, stripped, deduped once
-    res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--methods", "all-available,bicubic", "--out", str(out),
-                                   "--metrics", "psnr_y"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--data",
+            str(tiny_dataset),
+            "--methods",
+            "all-available,bicubic",
+            "--out",
+            str(out),
+            "--metrics",
+            "psnr_y",
+        ],
+    )
     assert isinstance(res.exception, InputError) and "mixes all-available" in str(res.exception)
     run = json.loads((out / "run.json").read_text())
     assert run["crop_border"] == 16 and "crop_border=16" in run["metrics"]["ssim_y"]["definition"]
     res = CliRunner().invoke(cli, ["run", "--data", str(tiny_dataset), "--out", str(out), "--weights", "oops"])
     assert res.exit_code != 0 and "NAME=PATH" in str(res.exception)
     # another seed into the same --out is refused (naming the fix); --overwrite redoes the pair
-    again = ["run", "--data", str(tiny_dataset), "--methods", "bicubic", "--out", str(out), "--metrics", "psnr_y",
-             "--device", "cpu", "--seed", "3"]
+    again = [
+        "run",
+        "--data",
+        str(tiny_dataset),
+        "--methods",
+        "bicubic",
+        "--out",
+        str(out),
+        "--metrics",
+        "psnr_y",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+    ]
     res = CliRunner().invoke(cli, again)
     assert res.exit_code != 0 and "seed 0 -> 3" in str(res.exception) and "--overwrite" in str(res.exception)
     res = CliRunner().invoke(cli, again + ["--overwrite"])
@@ -253,14 +337,23 @@ def test_config_precedence_rules():
     """default < checkpoint-recorded network < --config; recorded geometry may not be changed, locations may."""
     from benchmark.runner import build_config
 
-    recorded = {"backbone": {"pretrained": "stabilityai/stable-diffusion-2-1-base", "geometry": "tiny", "tokenizer": None},
-                "cond_channels": 64}
-    user = {"network": {"backbone": {"pretrained": "/w/v2-1_512-ema-pruned.ckpt", "tokenizer": "/w/tokenizer"}}, "sampler": {"steps": 5}}
+    recorded = {
+        "backbone": {"pretrained": "stabilityai/stable-diffusion-2-1-base", "geometry": "tiny", "tokenizer": None},
+        "cond_channels": 64,
+    }
+    user = {
+        "network": {"backbone": {"pretrained": "/w/v2-1_512-ema-pruned.ckpt", "tokenizer": "/w/tokenizer"}},
+        "sampler": {"steps": 5},
+    }
     merged = build_config("sgdm+", user, recorded)
-    assert merged["network"] == {"backbone": {"pretrained": "/w/v2-1_512-ema-pruned.ckpt", "geometry": "tiny", "tokenizer": "/w/tokenizer"},
-                                 "cond_channels": 64}
+    assert merged["network"] == {
+        "backbone": {"pretrained": "/w/v2-1_512-ema-pruned.ckpt", "geometry": "tiny", "tokenizer": "/w/tokenizer"},
+        "cond_channels": 64,
+    }
     assert merged["sampler"] == {"steps": 5}
-    assert build_config("sgdm+", {"network": {"cond_channels": 64}}, recorded)["network"]["cond_channels"] == 64  # same value: fine
+    assert (
+        build_config("sgdm+", {"network": {"cond_channels": 64}}, recorded)["network"]["cond_channels"] == 64
+    )  # same value: fine
     with pytest.raises(InputError, match=r"network.cond_channels: 32 \(config\) vs 64 \(checkpoint\)"):
         build_config("sgdm+", {"network": {"cond_channels": 32}}, recorded)
     assert build_config("sgdm+", user, None) == user  # no recorded geometry: the config alone
@@ -277,8 +370,25 @@ def test_cli_config_builds_sgdm_plus_from_a_checkpoint_without_geometry(tiny_dat
     m = registry.build("sgdm+", 16, tiny_yaml)
     ckpt = save_weights(tmp_path / "foreign.safetensors", m.trainable_state_dict(), {"method": "sgdm+"})  # no `network`
     out = tmp_path / "run"
-    base = ["run", "--data", str(tiny_dataset), "--methods", "sgdm+", "--weights", f"sgdm+={ckpt}", "--conditions", "style=gt",
-            "--metrics", "psnr_y", "--device", "cpu", "--limit", "2", "--batch-size", "2"]
+    base = [
+        "run",
+        "--data",
+        str(tiny_dataset),
+        "--methods",
+        "sgdm+",
+        "--weights",
+        f"sgdm+={ckpt}",
+        "--conditions",
+        "style=gt",
+        "--metrics",
+        "psnr_y",
+        "--device",
+        "cpu",
+        "--limit",
+        "2",
+        "--batch-size",
+        "2",
+    ]
     res = CliRunner().invoke(cli, base + ["--out", str(out), "--config", f"sgdm+={tiny_yaml}"])
     assert res.exit_code == 0, res.output
     board = pd.read_csv(out / "leaderboard.csv")
@@ -291,15 +401,26 @@ def test_cli_config_builds_sgdm_plus_from_a_checkpoint_without_geometry(tiny_dat
     assert rec["override"]["network"]["backbone"]["geometry"] == "tiny" and rec["network_from_checkpoint"] is None
     assert run["configs"] == {"sgdm+": str(tiny_yaml)}
     # a checkpoint that records its geometry wins over a config that contradicts it: that pair fails, named
-    ours = save_weights(tmp_path / "ours.safetensors", m.trainable_state_dict(), {"method": "sgdm+", "network": m.config["network"]})
+    ours = save_weights(
+        tmp_path / "ours.safetensors", m.trainable_state_dict(), {"method": "sgdm+", "network": m.config["network"]}
+    )
     (tmp_path / "wide.yaml").write_text("network:\n  cond_channels: 32\n")
-    res = CliRunner().invoke(cli, base[:6] + [f"sgdm+={ours}"] + base[7:] + ["--out", str(tmp_path / "r2"), "--config", f"sgdm+={tmp_path / 'wide.yaml'}"])
+    res = CliRunner().invoke(
+        cli,
+        base[:6]
+        + [f"sgdm+={ours}"]
+        + base[7:]
+        + ["--out", str(tmp_path / "r2"), "--config", f"sgdm+={tmp_path / 'wide.yaml'}"],
+    )
     assert res.exit_code == 0, res.output
     bad = pd.read_csv(tmp_path / "r2" / "leaderboard.csv").iloc[0]
     assert bad.status == "failed" and "cond_channels: 32 (config) vs 64 (checkpoint)" in bad.reason
     # a config for a method not in the run, a missing file, a malformed pair: one clear error each, nothing run
-    for cfg_arg, msg in [(f"esrgan={tiny_yaml}", "names no method of this run"), ("sgdm+=/nope.yaml", "file not found"),
-                         ("sgdm+", "NAME=PATH")]:
+    for cfg_arg, msg in [
+        (f"esrgan={tiny_yaml}", "names no method of this run"),
+        ("sgdm+=/nope.yaml", "file not found"),
+        ("sgdm+", "NAME=PATH"),
+    ]:
         res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "r3"), "--config", cfg_arg])
         assert res.exit_code != 0 and msg in str(res.exception), (cfg_arg, res.output, res.exception)
     assert not (tmp_path / "r3" / "leaderboard.csv").exists()
@@ -331,7 +452,15 @@ def test_weights_rewritten_mid_run_are_recorded_per_condition(tiny_dataset, tmp_
 
     monkeypatch.setattr(runner, "infer", infer_then_retrain)
     out = tmp_path / "run"
-    info = run_benchmark(_cfg(tiny_dataset, out, methods=["test_mapcopy"], conditions=["default", "map=shuffle"], weights={"test_mapcopy": w}))
+    info = run_benchmark(
+        _cfg(
+            tiny_dataset,
+            out,
+            methods=["test_mapcopy"],
+            conditions=["default", "map=shuffle"],
+            weights={"test_mapcopy": w},
+        )
+    )
     hashes = [info["methods"][f"test_mapcopy|{c}"]["weights_sha256"] for c in ("default", "map=shuffle")]
     assert hashes == [first, sha256_file(w)] and hashes[0] != hashes[1]
     record = json.loads((lb.sr_dir(out, "test_mapcopy", "map=shuffle") / "inference.json").read_text())
@@ -343,7 +472,9 @@ def test_resume_refuses_a_folder_made_by_other_weights_or_settings(tiny_dataset,
     refused up front, also after a partial run, instead of publishing old or mixed images; --overwrite redoes."""
     out = tmp_path / "run"
     w1, w2 = _mapcopy_weights(tmp_path / "w1.safetensors", 1.0), _mapcopy_weights(tmp_path / "w2.safetensors", 0.5)
-    cfg = lambda w, **kw: _cfg(tiny_dataset, out, methods=["test_mapcopy", "bicubic"], weights={"test_mapcopy": w}, **kw)  # noqa: E731
+    cfg = lambda w, **kw: _cfg(
+        tiny_dataset, out, methods=["test_mapcopy", "bicubic"], weights={"test_mapcopy": w}, **kw
+    )  # noqa: E731
     run_benchmark(cfg(w1))
     d = out / "sr" / "test_mapcopy" / "default"
     record = json.loads((d / "inference.json").read_text())
@@ -417,10 +548,14 @@ def test_set_metric_failure_is_recorded_as_failed(tiny_dataset, tmp_path, monkey
     from benchmark.report import render_report  # the published page says why the FID cell is empty
 
     render_report([tmp_path / "run"], tmp_path / "report")
-    assert "Failed: bicubic|default: RuntimeError: inception exploded" in (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "Failed: bicubic|default: RuntimeError: inception exploded" in (tmp_path / "report" / "report.md").read_text()
+    )
 
 
-def test_too_few_images_for_set_metrics_or_shuffle_and_unknown_methods_fail_before_inference(tiny_dataset, tmp_path, monkeypatch):
+def test_too_few_images_for_set_metrics_or_shuffle_and_unknown_methods_fail_before_inference(
+    tiny_dataset, tmp_path, monkeypatch
+):
     from benchmark import runner
 
     monkeypatch.setattr(runner, "check_metric_weights", lambda names, skip: (list(names), {}))
@@ -474,8 +609,15 @@ def test_non_finite_values_are_counted_and_the_rule_stated(tiny_dataset, tmp_pat
     from benchmark import runner
 
     monkeypatch.setattr(runner, "SCORE_CHUNK", 3)  # 4 images: two chunks
-    info = run_benchmark(_cfg(tiny_dataset, tmp_path / "run", methods=["test_stylecopy", "bicubic"], conditions=["style=gt", "default"]))
-    assert info["methods"]["test_stylecopy|style=gt"]["n_finite"] == {"psnr_y": 0, "ssim_y": 4, "psnr_rgb": 0, "ssim_rgb": 4}
+    info = run_benchmark(
+        _cfg(tiny_dataset, tmp_path / "run", methods=["test_stylecopy", "bicubic"], conditions=["style=gt", "default"])
+    )
+    assert info["methods"]["test_stylecopy|style=gt"]["n_finite"] == {
+        "psnr_y": 0,
+        "ssim_y": 4,
+        "psnr_rgb": 0,
+        "ssim_rgb": 4,
+    }
     assert info["methods"]["bicubic|default"]["n_finite"]["psnr_y"] == 4
     assert "finite" in info["definitions"]["image_metric_mean"]
     board = pd.read_csv(tmp_path / "run" / "leaderboard.csv").set_index(["method", "condition"])
@@ -502,6 +644,7 @@ def test_row_mean_rule():
 def test_stochastic_outputs_do_not_depend_on_batch_size_or_resume(tiny_dataset, tmp_path):
     """Same seed -> the same SR bytes at batch size 1 or 3, and after a resume that redoes only some images
     (one generator per image, seeded by its index in the split)."""
+
     def pngs(out):
         folder = out / "sr" / "test_noisy" / "default"
         return {p.name: read_png(p) for p in sorted(folder.glob("*.png"))}
@@ -542,8 +685,14 @@ def test_fingerprint_keys_device_type_and_files_the_config_names(tiny_dataset, t
     flow = tmp_path / "flow_mean.pt"
     flow.write_bytes(b"flow v1")
     out = tmp_path / "run"
-    cfg = lambda **kw: _cfg(tiny_dataset, out, methods=["test_mapcopy"], weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
-                            configs={"test_mapcopy": {"flows": {"mean": str(flow)}}}, **kw)
+    cfg = lambda **kw: _cfg(
+        tiny_dataset,
+        out,
+        methods=["test_mapcopy"],
+        weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
+        configs={"test_mapcopy": {"flows": {"mean": str(flow)}}},
+        **kw,
+    )
     run_benchmark(cfg())
     record_file = out / "sr" / "test_mapcopy" / "default" / "inference.json"
     fp = json.loads(record_file.read_text())["fingerprint"]
@@ -575,8 +724,14 @@ def test_method_setup_is_resolved_once_per_run(tiny_dataset, tmp_path, mapcopy_w
     from benchmark import runner
 
     out = tmp_path / "run"
-    cfg = lambda: _cfg(tiny_dataset, out, methods=["test_mapcopy"], weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
-                       conditions=["default", "map=shuffle"], metrics=["psnr_y"])
+    cfg = lambda: _cfg(
+        tiny_dataset,
+        out,
+        methods=["test_mapcopy"],
+        weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
+        conditions=["default", "map=shuffle"],
+        metrics=["psnr_y"],
+    )
     run_benchmark(cfg())
     calls = []
     orig = runner.read_metadata

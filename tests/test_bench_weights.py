@@ -37,11 +37,19 @@ class _Server:
                 outer.hits.append(self.path)
                 if outer.fail_first.get(self.path, 0) > 0:
                     outer.fail_first[self.path] -= 1
-                    self.send_response(503); self.send_header("Content-Length", "0"); self.end_headers(); return
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = outer.files.get(self.path)
                 if body is None:
-                    self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
-                self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 self.wfile.write(body)
 
             def log_message(self, *a):
@@ -59,14 +67,26 @@ class _Server:
 def test_shipped_manifest_covers_metrics_and_methods():
     m = w.load_manifest(w.MANIFEST_PATH)
     files = {e.file for e in m.values()}
-    for f in ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "vgg19-dcbb9e9d.pth", "LPIPS_v0.1_alex-df73285e.pth",
-              "DISTS_weights-f5e65c96.pth", "musiq_koniq_ckpt-e95806b9.pth", "RN50.pt",
-              "pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth"):
+    for f in (
+        "alexnet-owt-7be5be79.pth",
+        "vgg16-397923af.pth",
+        "vgg19-dcbb9e9d.pth",
+        "LPIPS_v0.1_alex-df73285e.pth",
+        "DISTS_weights-f5e65c96.pth",
+        "musiq_koniq_ckpt-e95806b9.pth",
+        "RN50.pt",
+        "pt_inception-2015-12-05-6726825d.pth",
+        "weights-inception-2015-12-05-6726825d.pth",
+    ):
         assert f in files
     # torch.hub file-name convention: the -xxxxxxxx suffix is the sha256 prefix that gets checked
     assert m["tv_alexnet"].sha256_prefix == "7be5be79" and m["tv_alexnet"].subdir == "checkpoints"
     assert m["clip_rn50"].sha256 and m["clip_rn50"].sha256 in m["clip_rn50"].url
-    assert m["fidelity_inception"].subdir == "checkpoints" and m["dists"].subdir == "pyiqa" and m["clip_rn50"].subdir == "clip"
+    assert (
+        m["fidelity_inception"].subdir == "checkpoints"
+        and m["dists"].subdir == "pyiqa"
+        and m["clip_rn50"].subdir == "clip"
+    )
     for k in ("esrgan_x16", "esrgan_x32", "swinir_x16", "swinir_x32"):
         assert m[k].url is None and "not published" in m[k].note.lower()
     assert w.method_weights_key("esrgan", 32, m) == "esrgan_x32"
@@ -78,11 +98,16 @@ def test_resolve_status_respect_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     data = b"weights-bytes"
     digest = hashlib.sha256(data).hexdigest()
-    m = w.load_manifest(_manifest(tmp_path, {
-        "full": {"file": "a.pth", "subdir": "checkpoints", "sha256": digest, "url": "http://127.0.0.1:9/a.pth"},
-        "prefix": {"file": f"b-{digest[:8]}.pth", "subdir": "pyiqa", "sha256_prefix": digest[:8]},
-        "nohash": {"file": "c.ckpt", "subdir": "cmsrd"},
-    }))
+    m = w.load_manifest(
+        _manifest(
+            tmp_path,
+            {
+                "full": {"file": "a.pth", "subdir": "checkpoints", "sha256": digest, "url": "http://127.0.0.1:9/a.pth"},
+                "prefix": {"file": f"b-{digest[:8]}.pth", "subdir": "pyiqa", "sha256_prefix": digest[:8]},
+                "nohash": {"file": "c.ckpt", "subdir": "cmsrd"},
+            },
+        )
+    )
     with pytest.raises(MissingWeightsError) as e:
         w.resolve("full", m)
     assert "a.pth" in str(e.value) and str(tmp_path / "th" / "hub" / "checkpoints" / "a.pth") in str(e.value)
@@ -107,21 +132,38 @@ def test_resolve_status_respect_torch_home(tmp_path, monkeypatch):
 def test_fetch_from_loopback_server(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     good, other = b"A" * 5000, b"B" * 3000
-    srv = _Server({"/x/good.pth": good, "/mirror/flaky.pth": other, "/x/bad.pth": b"not the right bytes"},
-                  fail_first={"/mirror/flaky.pth": 2})
+    srv = _Server(
+        {"/x/good.pth": good, "/mirror/flaky.pth": other, "/x/bad.pth": b"not the right bytes"},
+        fail_first={"/mirror/flaky.pth": 2},
+    )
     try:
         sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
-        mpath = _manifest(tmp_path, {
-            "good": {"file": "good.pth", "subdir": "checkpoints", "sha256": sha(good), "url": f"{srv.url}/x/good.pth"},
-            "flaky": {"file": "flaky.pth", "subdir": "pyiqa", "sha256_prefix": sha(other)[:8], "url": f"{srv.url}/x/flaky.pth"},
-            "bad": {"file": "bad.pth", "subdir": "pyiqa", "sha256": sha(good), "url": f"{srv.url}/x/bad.pth"},
-            "gone": {"file": "gone.pth", "subdir": "pyiqa", "url": f"{srv.url}/x/gone.pth"},
-            "unpublished": {"file": "u.safetensors", "subdir": "cmsrd", "url": None},
-        })
+        mpath = _manifest(
+            tmp_path,
+            {
+                "good": {
+                    "file": "good.pth",
+                    "subdir": "checkpoints",
+                    "sha256": sha(good),
+                    "url": f"{srv.url}/x/good.pth",
+                },
+                "flaky": {
+                    "file": "flaky.pth",
+                    "subdir": "pyiqa",
+                    "sha256_prefix": sha(other)[:8],
+                    "url": f"{srv.url}/x/flaky.pth",
+                },
+                "bad": {"file": "bad.pth", "subdir": "pyiqa", "sha256": sha(good), "url": f"{srv.url}/x/bad.pth"},
+                "gone": {"file": "gone.pth", "subdir": "pyiqa", "url": f"{srv.url}/x/gone.pth"},
+                "unpublished": {"file": "u.safetensors", "subdir": "cmsrd", "url": None},
+            },
+        )
         m = w.load_manifest(mpath)
         old_umask = os.umask(0o022)
         try:
-            res = {r.key: r for r in w.fetch(["good", "bad", "gone", "unpublished"], manifest=m, timeout=5, progress=False)}
+            res = {
+                r.key: r for r in w.fetch(["good", "bad", "gone", "unpublished"], manifest=m, timeout=5, progress=False)
+            }
         finally:
             os.umask(old_umask)
         assert res["good"].outcome == "fetched" and m["good"].expected_path().read_bytes() == good
@@ -186,11 +228,17 @@ class _ScriptedServer(_Server):
             kind, arg = steps.pop(0)
             outer.hits.append(path)
             if kind == "429":
-                h.send_response(429); h.send_header("Retry-After", str(arg)); h.send_header("Content-Length", "0"); h.end_headers()
+                h.send_response(429)
+                h.send_header("Retry-After", str(arg))
+                h.send_header("Content-Length", "0")
+                h.end_headers()
             elif kind == "short":  # declares the whole file, sends `arg` bytes, closes: a truncated download
                 body = outer.files[path]
-                h.send_response(200); h.send_header("Content-Length", str(len(body))); h.end_headers()
-                h.wfile.write(body[:arg]); h.wfile.flush()
+                h.send_response(200)
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body[:arg])
+                h.wfile.flush()
                 h.close_connection = True
 
         handler.do_GET = do_get
@@ -202,14 +250,30 @@ def test_fetch_uses_the_polite_client_retry_after_truncation_redaction(tmp_path,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     body = bytes(range(256)) * 40
     sha = hashlib.sha256(body).hexdigest()
-    srv = _ScriptedServer({"/w/slow.pth": body, "/w/cut.pth": body},
-                          {"/w/slow.pth": [("429", 1)], "/w/cut.pth": [("short", 1000), ("short", 10)]})
+    srv = _ScriptedServer(
+        {"/w/slow.pth": body, "/w/cut.pth": body},
+        {"/w/slow.pth": [("429", 1)], "/w/cut.pth": [("short", 1000), ("short", 10)]},
+    )
     try:
-        m = w.load_manifest(_manifest(tmp_path, {
-            "slow": {"file": "slow.pth", "subdir": "checkpoints", "sha256": sha, "url": f"{srv.url}/w/slow.pth"},
-            "cut": {"file": "cut.pth", "subdir": "checkpoints", "sha256": sha, "url": f"{srv.url}/w/cut.pth"},
-            "secret": {"file": "s.pth", "subdir": "checkpoints", "url": f"{srv.url}/w/missing.pth?sig=SeCrEtSiGnAtUrE"},
-        }))
+        m = w.load_manifest(
+            _manifest(
+                tmp_path,
+                {
+                    "slow": {
+                        "file": "slow.pth",
+                        "subdir": "checkpoints",
+                        "sha256": sha,
+                        "url": f"{srv.url}/w/slow.pth",
+                    },
+                    "cut": {"file": "cut.pth", "subdir": "checkpoints", "sha256": sha, "url": f"{srv.url}/w/cut.pth"},
+                    "secret": {
+                        "file": "s.pth",
+                        "subdir": "checkpoints",
+                        "url": f"{srv.url}/w/missing.pth?sig=SeCrEtSiGnAtUrE",
+                    },
+                },
+            )
+        )
         res = {r.key: r for r in w.fetch(["slow", "cut", "secret"], manifest=m, timeout=5, progress=False)}
         assert res["slow"].outcome == "fetched" and m["slow"].expected_path().read_bytes() == body
         assert srv.times[1] - srv.times[0] >= 0.95  # waited for Retry-After: 1 (own backoff is < 0.8 s)
@@ -230,7 +294,9 @@ def test_fetch_gives_up_on_a_retry_after_longer_than_allowed(tmp_path, monkeypat
     srv = _ScriptedServer({"/w/a.pth": b"abc"}, {"/w/a.pth": [("429", 3600)]})
     slept: list[float] = []
     try:
-        m = w.load_manifest(_manifest(tmp_path, {"a": {"file": "a.pth", "subdir": "checkpoints", "url": f"{srv.url}/w/a.pth"}}))
+        m = w.load_manifest(
+            _manifest(tmp_path, {"a": {"file": "a.pth", "subdir": "checkpoints", "url": f"{srv.url}/w/a.pth"}})
+        )
         client = HttpClient(rate=None, retry=RetryPolicy(retries=2, max_retry_after=60), sleep=slept.append)
         r = w.fetch(["a"], manifest=m, progress=False, client=client)[0]
         assert r.outcome == "failed" and "429" in r.detail and "3600" in r.detail and slept == []

@@ -27,7 +27,7 @@ def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     base = 120 + 60 * np.sin(9 * xx + 3 * yy)[..., None] + rng.normal(0, 20, (h, w, 3))
-    base[h // 4: h // 2, w // 3: w // 2] += 70  # a "roof"
+    base[h // 4 : h // 2, w // 3 : w // 2] += 70  # a "roof"
     return np.clip(base, 0, 255).astype(np.uint8)
 
 
@@ -147,5 +147,6 @@ def test_torch_on_gpu_matches_cpu():
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
     up = imresize_torch(cpu.double().cuda(), size=256).cpu().numpy()
-    np.testing.assert_allclose(up[0].transpose(1, 2, 0), imresize(cpu[0].double().permute(1, 2, 0).numpy(),
-                                                                    output_shape=(256, 256)), atol=1e-9)
+    np.testing.assert_allclose(
+        up[0].transpose(1, 2, 0), imresize(cpu[0].double().permute(1, 2, 0).numpy(), output_shape=(256, 256)), atol=1e-9
+    )

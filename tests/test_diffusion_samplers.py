@@ -21,7 +21,7 @@ def test_official_50_step_timesteps():
 
 def test_training_schedule_is_ldm_linear():
     s = training_scheduler()
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     assert torch.allclose(s.betas.double(), betas, atol=1e-9)
     assert float(s.alphas_cumprod[999]) == pytest.approx(0.00466, abs=1e-5)
 
@@ -51,14 +51,16 @@ def _oracle(x0: torch.Tensor):
     def eps(z, t):
         a = ac[t.long()].view(-1, 1, 1, 1).to(z)
         return (z - a.sqrt() * x0) / (1 - a).sqrt()
+
     return eps
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 50), ("ddpm", 7), ("ddim", 13), ("dpm-solver", 20)])
 def test_samplers_recover_x0_with_exact_eps(sampler, steps):
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8
-    z, nfe = sample_latents(_oracle(x0), tuple(x0.shape), sampler=sampler, steps=steps,
-                            generator=torch.Generator().manual_seed(3))
+    z, nfe = sample_latents(
+        _oracle(x0), tuple(x0.shape), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(3)
+    )
     assert nfe == steps
     assert torch.allclose(z, x0, atol=2e-3), float((z - x0).abs().max())
 
@@ -77,8 +79,15 @@ def test_lr_start_runs_fewer_steps_and_starts_from_noised_lr(sampler):
             first.append(z.clone())
         return oracle(z, t)
 
-    z, nfe = sample_latents(eps, tuple(x0.shape), sampler=sampler, steps=50, start_latent=lr_latent, start_t=400,
-                            generator=torch.Generator().manual_seed(2))
+    z, nfe = sample_latents(
+        eps,
+        tuple(x0.shape),
+        sampler=sampler,
+        steps=50,
+        start_latent=lr_latent,
+        start_t=400,
+        generator=torch.Generator().manual_seed(2),
+    )
     full = make_scheduler(sampler, 50).timesteps
     kept = [t for t in full.tolist() if t <= 400]
     assert seen == kept and nfe == len(kept) < 50
@@ -118,7 +127,10 @@ def test_per_sample_generators_make_samples_independent_of_the_batch(sampler):
 
     f = lambda z, t: 0.1 * z  # noqa: E731
     batch, _ = sample_latents(f, (3, 4, 4, 4), sampler=sampler, steps=5, generator=seeded_generators(7, [0, 1, 2]))
-    alone = [sample_latents(f, (1, 4, 4, 4), sampler=sampler, steps=5, generator=seeded_generators(7, [i]))[0] for i in range(3)]
+    alone = [
+        sample_latents(f, (1, 4, 4, 4), sampler=sampler, steps=5, generator=seeded_generators(7, [i]))[0]
+        for i in range(3)
+    ]
     assert torch.equal(batch, torch.cat(alone))
     assert not torch.allclose(alone[0], alone[1])
     with pytest.raises(ValueError, match="one per sample"):

@@ -1,6 +1,6 @@
-"""The GPU runbook's own code (benchmarks/gpu): the pruned datasets it carries still load for training and
+"""The GPU runbook's own code (perf/gpu): the pruned datasets it carries still load for training and
 benchmarking, every carried wheel is pinned, and the collector turns a real training run into its
-summary. The device calls themselves need a GPU session (benchmarks/gpu/README.md)."""
+summary. The device calls themselves need a GPU session (perf/gpu/README.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cmsrd.data import CMSRDDataset
 
-GPU_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
+GPU_DIR = Path(__file__).resolve().parents[1] / "perf" / "gpu"
 
 
 def load(name: str):
@@ -44,9 +44,17 @@ def test_every_carried_wheel_is_pinned_in_the_lock():
 def test_collect_summarises_a_training_run(tiny_dataset, tmp_path):
     from baselines.train import train
 
-    config = {"network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4},
-              "train": {"batch_size": 2, "num_workers": 0, "log_every": 1, "val_every": 2, "lpips": "off",
-                        "optim_g": {"type": "Adam", "lr": 1e-3}}}
+    config = {
+        "network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4},
+        "train": {
+            "batch_size": 2,
+            "num_workers": 0,
+            "log_every": 1,
+            "val_every": 2,
+            "lpips": "off",
+            "optim_g": {"type": "Adam", "lr": 1e-3},
+        },
+    }
     run = tmp_path / "esrgan"
     train("esrgan", tiny_dataset, run, config=config, max_steps=3, progress=False)
     collect = load("collect")
@@ -65,6 +73,10 @@ def test_collect_summarises_a_training_run(tiny_dataset, tmp_path):
 def test_session_script_rejects_unknown_parts(tmp_path):
     import subprocess
 
-    res = subprocess.run(["bash", str(GPU_DIR / "session.sh"), "bogus"], capture_output=True, text=True,
-                         env={"OUT": str(tmp_path / "o"), "RUNS": str(tmp_path / "r"), "PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        ["bash", str(GPU_DIR / "session.sh"), "bogus"],
+        capture_output=True,
+        text=True,
+        env={"OUT": str(tmp_path / "o"), "RUNS": str(tmp_path / "r"), "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 2 and "unknown part" in res.stderr

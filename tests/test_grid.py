@@ -11,9 +11,21 @@ import pytest
 from shapely.geometry import Point, Polygon, box
 
 from cmsrd.errors import InputError
-from cmsrd.grid import (AOI, assign_split, candidate_tiles, ground_gsd_m, lonlat_to_tile_xy, sample_tiles,
-                        tile_bounds_3857, tile_bounds_3857_arrays, tile_center_lonlat, tile_xy_to_lonlat,
-                        tiles_in_polygon, tiles_touch, zoom_for_gsd)
+from cmsrd.grid import (
+    AOI,
+    assign_split,
+    candidate_tiles,
+    ground_gsd_m,
+    lonlat_to_tile_xy,
+    sample_tiles,
+    tile_bounds_3857,
+    tile_bounds_3857_arrays,
+    tile_center_lonlat,
+    tile_xy_to_lonlat,
+    tiles_in_polygon,
+    tiles_touch,
+    zoom_for_gsd,
+)
 
 PARIS = box(2.29, 48.83, 2.41, 48.90)
 # An L-shaped AOI (a polygon, not a box) so "inside" is really tested.

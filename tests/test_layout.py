@@ -43,8 +43,18 @@ def test_tile_ids_round_trip_and_reject_garbage():
 
 
 def test_manifest_round_trip_keeps_schema_and_extra_columns(tmp_path):
-    rows = [{"id": "18_1_2", "split": "train", "z": 18, "x": 1, "y": 2, "qa_status": "ok", "note": "kept"},
-            {"id": "18_1_3", "split": "test", "z": 18, "x": 1, "y": 3, "qa_status": "rejected", "qa_reason": "hr_placeholder"}]
+    rows = [
+        {"id": "18_1_2", "split": "train", "z": 18, "x": 1, "y": 2, "qa_status": "ok", "note": "kept"},
+        {
+            "id": "18_1_3",
+            "split": "test",
+            "z": 18,
+            "x": 1,
+            "y": 3,
+            "qa_status": "rejected",
+            "qa_reason": "hr_placeholder",
+        },
+    ]
     write_manifest(tmp_path, rows)
     df = read_manifest(tmp_path)
     assert list(df.columns[: len(MANIFEST_COLUMNS)]) == list(MANIFEST_COLUMNS)
@@ -67,8 +77,17 @@ def test_schema_validation_names_problems():
 def test_dataset_json_requires_the_contract_keys(tmp_path):
     with pytest.raises(ValueError, match="missing required keys"):
         write_dataset_json(tmp_path, {"name": "x"})
-    meta = {"name": "x", "version": "1", "scale": 32, "hr_px": 256, "lr_px": 8, "crs": "EPSG:3857",
-            "sources": {}, "counts": {}, "config": {}}
+    meta = {
+        "name": "x",
+        "version": "1",
+        "scale": 32,
+        "hr_px": 256,
+        "lr_px": 8,
+        "crs": "EPSG:3857",
+        "sources": {},
+        "counts": {},
+        "config": {},
+    }
     write_dataset_json(tmp_path, meta)
     assert read_dataset_json(tmp_path)["layout_version"]
     assert DatasetLayout.open(tmp_path).scale == 32

@@ -1,4 +1,4 @@
-"""benchmarks/metrics_bench.py: rows, statuses and JSON of a tiny CPU run with stand-in weights; missing
+"""perf/metrics_bench.py: rows, statuses and JSON of a tiny CPU run with stand-in weights; missing
 weights recorded as skipped; pairs from a built dataset (dihedral fill-up); no geo-stack imports."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "metrics_bench.py"
+SCRIPT = REPO / "perf" / "metrics_bench.py"
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,25 @@ def test_stand_in_run_rows_and_json(mb, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CMSRD_WEIGHTS_MANIFEST", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))  # stand-ins must not land here
     out = tmp_path / "bench.json"
-    rc = mb.main(["--n", "8", "--size", "64", "--scale", "16", "--device", "cpu", "--stand-in-weights",
-                  "--metrics", "psnr_y,ssim_y,lpips,fid", "--batch-size", "4", "--out", str(out)])
+    rc = mb.main(
+        [
+            "--n",
+            "8",
+            "--size",
+            "64",
+            "--scale",
+            "16",
+            "--device",
+            "cpu",
+            "--stand-in-weights",
+            "--metrics",
+            "psnr_y,ssim_y,lpips,fid",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out.splitlines()
     lines = [json.loads(line) for line in printed if line.startswith("{")]
@@ -61,8 +78,11 @@ def test_stand_in_run_rows_and_json(mb, tmp_path, monkeypatch, capsys):
 def test_missing_weights_are_skipped_and_failures_recorded(mb, tmp_path, monkeypatch):
     monkeypatch.delenv("CMSRD_WEIGHTS_MANIFEST", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    report = mb.run(mb.build_parser().parse_args(["--n", "3", "--size", "32", "--scale", "8", "--device", "cpu",
-                                                  "--metrics", "psnr_rgb,lpips,musiq"]))
+    report = mb.run(
+        mb.build_parser().parse_args(
+            ["--n", "3", "--size", "32", "--scale", "8", "--device", "cpu", "--metrics", "psnr_rgb,lpips,musiq"]
+        )
+    )
     rows = {r["metric"]: r for r in report["rows"]}
     assert rows["psnr_rgb"]["status"] == "ran" and rows["psnr_rgb"]["values"] == "real weights where needed"
     for name, file in (("lpips", "alexnet-owt-7be5be79.pth"), ("musiq", "musiq_koniq_ckpt-e95806b9.pth")):
@@ -70,12 +90,15 @@ def test_missing_weights_are_skipped_and_failures_recorded(mb, tmp_path, monkeyp
         assert str(tmp_path / "empty") in rows[name]["reason"] and rows[name]["run_s"] is None
     table = mb.markdown_table(report["rows"])
     assert "| lpips ↓ | skipped: weights 'alexnet-owt-7be5be79.pth': file not found" in table
+
     # any other exception is a failed row with its type, and the next metric still runs
     def boom(values):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(mb, "_mean", boom)
-    row = mb.bench_metric("psnr_y", [np.zeros((16, 16, 3), np.uint8)], [np.ones((16, 16, 3), np.uint8)], "cpu", None, 0, False)
+    row = mb.bench_metric(
+        "psnr_y", [np.zeros((16, 16, 3), np.uint8)], [np.ones((16, 16, 3), np.uint8)], "cpu", None, 0, False
+    )
     assert row["status"] == "failed" and row["reason"] == "RuntimeError: boom"
 
 
@@ -94,7 +117,8 @@ def test_dataset_pairs_fill_up_with_dihedral_variants(mb, tiny_dataset):
     assert np.array_equal(hr[len(hr_paths)], np.rot90(first, 1))  # second round: rotated by 90 degrees
     assert np.array_equal(sr[0], upsample(synthetic_lr(first, layout.scale), first.shape[:2]))
     assert {mb.dihedral(first, k).tobytes() for k in range(8)} == {
-        a.tobytes() for k in range(4) for a in (np.rot90(first, k), np.rot90(first, k)[:, ::-1])}
+        a.tobytes() for k in range(4) for a in (np.rot90(first, k), np.rot90(first, k)[:, ::-1])
+    }
     # more pairs than 8 x the images: the list repeats and says so
     _, _, info = mb.dataset_pairs(tiny_dataset, 8 * len(hr_paths) + 3, split="test")
     assert info["unique_pairs"] == 8 * len(hr_paths)

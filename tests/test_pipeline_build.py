@@ -42,8 +42,14 @@ def cluster():
     """A scheduler and two worker processes started by the tests (used through `--scheduler`)."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False}) as c:
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+    ) as c:
         yield c
 
 
@@ -61,8 +67,12 @@ def synthetic_build(world, tmp_path_factory) -> Path:
 
 def _preset(world: Path, tmp: Path, variant: str, faults: dict | None = None, **extra) -> Path:
     base = load_config(f"demo-{variant}").to_dict()
-    base.update(samples=N_SAMPLES, world={"path": str(world), "faults": faults or {}},
-                split={"test_fraction": 0.25, "block_tiles": 2}, build={"partition_size": 4, "rate_per_worker": 0})
+    base.update(
+        samples=N_SAMPLES,
+        world={"path": str(world), "faults": faults or {}},
+        split={"test_fraction": 0.25, "block_tiles": 2},
+        build={"partition_size": 4, "rate_per_worker": 0},
+    )
     base.update(extra)
     path = tmp / f"demo-{variant}.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -154,8 +164,11 @@ def test_demo_real_build_on_an_external_scheduler(world, cluster, tmp_path):
     want_x = ok["lr_scene_id"].map(lambda sid: truth["s2_items"][sid]["shift_m"][0]) / lr_px_m
     want_y = -ok["lr_scene_id"].map(lambda sid: truth["s2_items"][sid]["shift_m"][1]) / lr_px_m
     err = pd.concat([ok["shift_x_lrpx"] - want_x, ok["shift_y_lrpx"] - want_y]).abs()
-    assert err.median() < 0.2 and err.max() < 0.45, (ok[["shift_x_lrpx", "shift_y_lrpx"]].values.tolist(),
-                                                     want_x.tolist(), want_y.tolist())
+    assert err.median() < 0.2 and err.max() < 0.45, (
+        ok[["shift_x_lrpx", "shift_y_lrpx"]].values.tolist(),
+        want_x.tolist(),
+        want_y.tolist(),
+    )
 
 
 def _cli(*args: str) -> list[str]:
@@ -168,8 +181,9 @@ def test_killed_build_resumes_to_the_same_dataset(world, cluster, synthetic_buil
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "killed"
     args = ("build", str(preset), "--out", str(out), "--scheduler", cluster.scheduler_address)
-    proc = subprocess.Popen(_cli(*args, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(*args, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     journal = out / ".cmsrd" / "journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -204,17 +218,34 @@ def test_real_preset_on_faulty_services_records_every_failure(world, cluster, tm
     monkeypatch.setenv("CMSRD_CACHE", str(tmp_path / "cache"))
     w, s, e, n = json.loads((world / "world.json").read_text())["bounds_lonlat"]
     aoi = tmp_path / "world.geojson"
-    aoi.write_text(json.dumps({"type": "Feature", "properties": {"name": "freising"}, "geometry": {
-        "type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}}))
-    faults = FaultConfig(error_rate=0.3, error_codes=(429, 500, 503), corrupt_rate=0.1, retry_after_s=0, seed=3,
-                         paths=("/arcgis/", "/stac/", "/files/"))
+    aoi.write_text(
+        json.dumps(
+            {
+                "type": "Feature",
+                "properties": {"name": "freising"},
+                "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
+            }
+        )
+    )
+    faults = FaultConfig(
+        error_rate=0.3,
+        error_codes=(429, 500, 503),
+        corrupt_rate=0.1,
+        retry_after_s=0,
+        seed=3,
+        paths=("/arcgis/", "/stac/", "/files/"),
+    )
     with serve_world(world, faults=faults) as srv:
         d = load_config("cmsrd-real").to_dict()
-        d.update(samples=N_SAMPLES, aois=[str(aoi)], split={"test_fraction": 0.25, "block_tiles": 2},
-                 build={"partition_size": 4, "http_retries": 1, "http_backoff_s": 0.05},
-                 hr={"url": srv.tile_template, "identify_url": srv.identify_url},
-                 lr={"source": "sentinel-2", "stac_url": srv.stac_url, "start": "2023-01-01", "end": "2023-12-31"},
-                 map={"geofabrik_index": srv.geofabrik_index_url})
+        d.update(
+            samples=N_SAMPLES,
+            aois=[str(aoi)],
+            split={"test_fraction": 0.25, "block_tiles": 2},
+            build={"partition_size": 4, "http_retries": 1, "http_backoff_s": 0.05},
+            hr={"url": srv.tile_template, "identify_url": srv.identify_url},
+            lr={"source": "sentinel-2", "stac_url": srv.stac_url, "start": "2023-01-01", "end": "2023-12-31"},
+            map={"geofabrik_index": srv.geofabrik_index_url},
+        )
         cfg = load_config(d)
         rep = run_build(cfg, tmp_path / "ds", scheduler=cluster.scheduler_address, progress=False)
         stats = srv.stats.snapshot()
@@ -252,10 +283,13 @@ def test_writer_manifest_and_validate_catch_corruption(tmp_path):
                 row.update(qa_status="rejected", qa_reason="cloud", qa_detail="42%")
             else:
                 mask = rng.integers(0, 3, (256, 256)).astype(np.uint8)
-                imgs = {"hr": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-                        "lr": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
-                        "sr": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-                        "map": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), "mask": mask}
+                imgs = {
+                    "hr": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+                    "lr": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                    "sr": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+                    "map": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+                    "mask": mask,
+                }
                 row.update(write_sample(spec, task, imgs, geo=(i == 0)), qa_status="ok", qa_reason="", qa_detail="")
             j.append(row)
     # A stray file left by an earlier attempt of the rejected sample is pruned by finalize.
@@ -349,10 +383,17 @@ def test_a_systematic_failure_stops_the_build_early(world, tmp_path, monkeypatch
 
     monkeypatch.setenv("CMSRD_CACHE", str(tmp_path / "cache"))
     faults = {"error_rate": 1.0, "error_codes": [503], "retry_after_s": 0, "paths": ["/arcgis/"]}
-    preset = _preset(world, tmp_path, "synthetic", faults=faults,
-                     build={"abort_after_failures": 3, "http_retries": 0, "rate_per_worker": 0, "partition_size": 4})
+    preset = _preset(
+        world,
+        tmp_path,
+        "synthetic",
+        faults=faults,
+        build={"abort_after_failures": 3, "http_retries": 0, "rate_per_worker": 0, "partition_size": 4},
+    )
     with pytest.raises(InputError, match=r"first 3 samples all failed \(hr_fetch_failed x3\)"):
         run_build(load_config(preset), tmp_path / "ds", workers=0, progress=False)
-    rows = [json.loads(line) for f in (tmp_path / "ds" / ".cmsrd").glob("*.jsonl") for line in f.read_text().splitlines()]
+    rows = [
+        json.loads(line) for f in (tmp_path / "ds" / ".cmsrd").glob("*.jsonl") for line in f.read_text().splitlines()
+    ]
     rows = [r for r in rows if "qa_status" in r]
     assert len(rows) == 3 and {r["qa_status"] for r in rows} == {"failed"}

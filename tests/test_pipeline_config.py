@@ -18,8 +18,14 @@ from cmsrd.plan import make_plan, read_plan, write_plan
 
 def _aoi_file(tmp_path: Path, geometry: dict, name: str = "area") -> Path:
     p = tmp_path / f"{name}.geojson"
-    p.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"name": name}, "geometry": geometry}]}))
+    p.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [{"type": "Feature", "properties": {"name": name}, "geometry": geometry}],
+            }
+        )
+    )
     return p
 
 
@@ -34,8 +40,15 @@ def _preset(tmp_path: Path, **kw) -> dict:
     return d
 
 
-@pytest.mark.parametrize("name,scale,lr", [("cmsrd-real", 16, "sentinel-2"), ("cmsrd-synthetic", 32, "bicubic"),
-                                           ("demo-real", 16, "sentinel-2"), ("demo-synthetic", 32, "bicubic")])
+@pytest.mark.parametrize(
+    "name,scale,lr",
+    [
+        ("cmsrd-real", 16, "sentinel-2"),
+        ("cmsrd-synthetic", 32, "bicubic"),
+        ("demo-real", 16, "sentinel-2"),
+        ("demo-synthetic", 32, "bicubic"),
+    ],
+)
 def test_shipped_presets_load(name, scale, lr):
     cfg = load_config(name)
     assert cfg.scale == scale and cfg.lr.source == lr and cfg.hr_px == 256
@@ -92,14 +105,25 @@ def test_aois_must_be_valid_lonlat_polygons(tmp_path):
     swapped = _aoi_file(tmp_path, _box(48.84, 2.30, 48.86, 200.0), "swapped")
     with pytest.raises(InputError, match="outside lon/lat range"):
         load_aois(load_config(_preset(tmp_path, aois=[str(swapped)])))
-    bowtie = _aoi_file(tmp_path, {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}, "bowtie")
+    bowtie = _aoi_file(
+        tmp_path, {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}, "bowtie"
+    )
     with pytest.raises(InputError, match="not a valid polygon"):
         load_aois(load_config(_preset(tmp_path, aois=[str(bowtie)])))
     with pytest.raises(InputError, match="file not found"):
         load_aois(load_config(_preset(tmp_path, aois=["nowhere.geojson"])))
     # A correct antimeridian area: two parts, one each side.
-    ok = _aoi_file(tmp_path, {"type": "MultiPolygon", "coordinates": [
-        _box(179.5, -17.0, 180.0, -16.5)["coordinates"], _box(-180.0, -17.0, -179.5, -16.5)["coordinates"]]}, "fiji2")
+    ok = _aoi_file(
+        tmp_path,
+        {
+            "type": "MultiPolygon",
+            "coordinates": [
+                _box(179.5, -17.0, 180.0, -16.5)["coordinates"],
+                _box(-180.0, -17.0, -179.5, -16.5)["coordinates"],
+            ],
+        },
+        "fiji2",
+    )
     assert load_aois(load_config(_preset(tmp_path, aois=[str(ok)])))[0].name == "fiji2"
 
 
@@ -113,8 +137,22 @@ def test_plan_is_deterministic_and_round_trips_through_parquet(tmp_path):
     cfg = load_config(_preset(tmp_path))
     a, b = make_plan(cfg), make_plan(cfg)
     pd.testing.assert_frame_equal(a, b)
-    assert list(a.columns) == ["id", "z", "x", "y", "lon", "lat", "minx", "miny", "maxx", "maxy", "hr_gsd_m",
-                               "block", "split", "aoi"]
+    assert list(a.columns) == [
+        "id",
+        "z",
+        "x",
+        "y",
+        "lon",
+        "lat",
+        "minx",
+        "miny",
+        "maxx",
+        "maxy",
+        "hr_gsd_m",
+        "block",
+        "split",
+        "aoi",
+    ]
     assert (a["id"] == a["z"].astype(str) + "_" + a["x"].astype(str) + "_" + a["y"].astype(str)).all()
     path = write_plan(a, tmp_path / "plan.parquet")
     pd.testing.assert_frame_equal(read_plan(path), a)
@@ -158,7 +196,7 @@ def test_journal_drops_torn_line_and_last_record_wins(tmp_path):
     assert rec["v"] == 0.5
     j.append({"id": "18_1_3", "qa_status": "ok"})
     j.close()
-    assert path.read_text().count("\n") == 4 and "qa_st\"" not in path.read_text()
+    assert path.read_text().count("\n") == 4 and 'qa_st"' not in path.read_text()
 
 
 def test_output_dir_of_another_dataset_is_refused_before_any_work(tmp_path):

@@ -70,8 +70,11 @@ def _road_px(lat: float, z: int = 18) -> tuple[float, float]:
     t = mercantile.tile(10.0, lat, z)
     bounds = tile_bounds_3857(z, t.x, t.y)
     ymid = (bounds[1] + bounds[3]) / 2
-    road = gpd.GeoDataFrame({"class": ["road"], "kind": ["residential"]},
-                            geometry=[LineString([(bounds[0] - 50, ymid), (bounds[2] + 50, ymid)])], crs=3857)
+    road = gpd.GeoDataFrame(
+        {"class": ["road"], "kind": ["residential"]},
+        geometry=[LineString([(bounds[0] - 50, ymid), (bounds[2] + 50, ymid)])],
+        crs=3857,
+    )
     _, mask = render_map(road, bounds, size=256)
     across = (mask[:, 128] == BY_NAME["road"].id).sum()
     lat_c = np.degrees(np.arctan(np.sinh(ymid / 6378137.0)))
@@ -93,7 +96,8 @@ def test_draw_order_and_bad_input():
     bounds = (0.0, 0.0, 256.0, 256.0)
     gdf = gpd.GeoDataFrame(
         {"class": ["building", "park"], "kind": ["yes", "park"]},
-        geometry=[box(64, 64, 192, 192), box(0, 0, 256, 256)], crs=3857,
+        geometry=[box(64, 64, 192, 192), box(0, 0, 256, 256)],
+        crs=3857,
     )
     _, mask = render_map(gdf, bounds, size=16)  # park listed last but drawn first
     assert (mask[4:12, 4:12] == BY_NAME["building"].id).all()
@@ -112,8 +116,9 @@ def test_map_cli_writes_map_mask_legend(shared_data, tmp_path, rendered):
 
     out = tmp_path / "out"
     tile = "_".join(map(str, TILE))
-    res = CliRunner().invoke(cli, ["map", str(shared_data / "osm" / "Helsinki.osm.pbf"), "--tile", tile,
-                                   "--out", str(out)])
+    res = CliRunner().invoke(
+        cli, ["map", str(shared_data / "osm" / "Helsinki.osm.pbf"), "--tile", tile, "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     rgb = read_png(out / f"{tile}_map.png")
     mask = read_png(out / f"{tile}_mask.png", indices=True)
@@ -124,8 +129,9 @@ def test_map_cli_writes_map_mask_legend(shared_data, tmp_path, rendered):
     assert {k: v["id"] for k, v in leg.items()} == {c.name: c.id for c in CLASSES}
     assert not list(out.glob(".*part"))  # atomic writes leave no temp files
 
-    bad = CliRunner().invoke(cli, ["map", str(shared_data / "osm" / "Helsinki.osm.pbf"), "--tile", "17_1_1",
-                                   "--out", str(out)])
+    bad = CliRunner().invoke(
+        cli, ["map", str(shared_data / "osm" / "Helsinki.osm.pbf"), "--tile", "17_1_1", "--out", str(out)]
+    )
     assert isinstance(bad.exception, InputError) and "not the AOI" in str(bad.exception)  # run_cli prints it
 
 

@@ -24,11 +24,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("name,scale,trainable,adapter", [
-    ("sgdm+", 16, 148_127_904, 48_201_504),
-    ("sgdm", 32, 152_913_408, 52_987_008),
-    ("sgdm-nomap", 32, 149_682_944, 49_756_544),
-])
+@pytest.mark.parametrize(
+    "name,scale,trainable,adapter",
+    [
+        ("sgdm+", 16, 148_127_904, 48_201_504),
+        ("sgdm", 32, 152_913_408, 52_987_008),
+        ("sgdm-nomap", 32, 149_682_944, 49_756_544),
+    ],
+)
 def test_official_parameter_counts_at_sd21_geometry(name, scale, trainable, adapter):
     m = build(name, scale, device="meta")  # default config (SD2.1-base from the hub): meta needs no weights
     assert sum(p.numel() for p in m.unet.parameters()) == 865_910_724
@@ -88,6 +91,7 @@ def test_synthetic_encoder_uses_map_and_nomap_ignores_it():
 
 # ---- injection points ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)
@@ -105,8 +109,13 @@ def test_injection_modules_are_the_official_six(tiny_unet):
     pairs = injection_modules(tiny_unet)
     u = tiny_unet
     assert [(m, i) for m, i in pairs] == [
-        (u.down_blocks[0].attentions[0], 0), (u.down_blocks[1].attentions[0], 1), (u.down_blocks[2].attentions[0], 2),
-        (u.up_blocks[1].attentions[0], 2), (u.up_blocks[2].attentions[0], 1), (u.up_blocks[3].attentions[0], 0)]
+        (u.down_blocks[0].attentions[0], 0),
+        (u.down_blocks[1].attentions[0], 1),
+        (u.down_blocks[2].attentions[0], 2),
+        (u.up_blocks[1].attentions[0], 2),
+        (u.up_blocks[2].attentions[0], 1),
+        (u.up_blocks[3].attentions[0], 0),
+    ]
 
 
 def test_zero_features_equal_plain_unet_and_features_add_exactly_at_the_six_points(tiny_unet):
@@ -116,11 +125,15 @@ def test_zero_features_equal_plain_unet_and_features_add_exactly_at_the_six_poin
     pairs = injection_modules(tiny_unet)
     before: dict[int, torch.Tensor] = {}
     after: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, k=k: before.__setitem__(k, out[0].clone()))
-             for k, (m, _) in enumerate(pairs)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out, k=k: before.__setitem__(k, out[0].clone()))
+        for k, (m, _) in enumerate(pairs)
+    ]
     inj = FeatureInjector(tiny_unet)
-    hooks += [m.register_forward_hook(lambda mod, a, out, k=k: after.__setitem__(k, out[0].clone()))
-              for k, (m, _) in enumerate(pairs)]
+    hooks += [
+        m.register_forward_hook(lambda mod, a, out, k=k: after.__setitem__(k, out[0].clone()))
+        for k, (m, _) in enumerate(pairs)
+    ]
     try:
         zeros = [torch.zeros(1, 32, 8, 8), torch.zeros(1, 64, 4, 4), torch.zeros(1, 64, 2, 2)]
         with torch.no_grad(), inj.inject(zeros):
@@ -146,8 +159,12 @@ def test_deepest_feature_changes_only_what_depends_on_it(tiny_unet):
     """f2 enters at down level 2 and up level 1: levels 0-1 of the encoder must not change."""
     z, t, ctx = _inputs()
     outs: dict[str, torch.Tensor] = {}
-    hooks = [tiny_unet.down_blocks[i].register_forward_hook(
-        lambda m, a, out, i=i: outs.__setitem__(f"down{i}", out[0].clone())) for i in range(4)]
+    hooks = [
+        tiny_unet.down_blocks[i].register_forward_hook(
+            lambda m, a, out, i=i: outs.__setitem__(f"down{i}", out[0].clone())
+        )
+        for i in range(4)
+    ]
     inj = FeatureInjector(tiny_unet)
     try:
         with torch.no_grad():
@@ -169,13 +186,17 @@ def test_trainable_selection_on_tiny_unet(tiny_unet):
 
     u = copy.deepcopy(tiny_unet)
     n = set_trainable(u)
-    expected = sum(p.numel() for name, p in u.named_parameters()
-                   if any(f".{a}.{q}." in f".{name}" for a in ("attn1", "attn2") for q in ("to_q", "to_k", "to_v", "to_out.0")))
+    expected = sum(
+        p.numel()
+        for name, p in u.named_parameters()
+        if any(f".{a}.{q}." in f".{name}" for a in ("attn1", "attn2") for q in ("to_q", "to_k", "to_v", "to_out.0"))
+    )
     assert n == expected > 0
     assert not any(p.requires_grad for name, p in u.named_parameters() if ".ff." in name or "resnets" in name)
 
 
 # ---- prompt rule ----------------------------------------------------------------------------------------
+
 
 def _map(*names: str, size: int = 16) -> np.ndarray:
     arr = np.zeros((size, size, 3), np.uint8)
@@ -185,14 +206,17 @@ def _map(*names: str, size: int = 16) -> np.ndarray:
     return arr
 
 
-@pytest.mark.parametrize("names,prompt", [
-    ((), "land, "),
-    (("water",), "land, water area, "),
-    (("major_road",), "land, road, "),
-    (("park",), "land, woods, "),
-    (("water", "building", "forest", "road"), "land, building of regular shape, road, woods, water area, "),
-    (("railway", "farmland"), "land, "),  # classes the official rule does not know
-])
+@pytest.mark.parametrize(
+    "names,prompt",
+    [
+        ((), "land, "),
+        (("water",), "land, water area, "),
+        (("major_road",), "land, road, "),
+        (("park",), "land, woods, "),
+        (("water", "building", "forest", "road"), "land, building of regular shape, road, woods, water area, "),
+        (("railway", "farmland"), "land, "),  # classes the official rule does not know
+    ],
+)
 def test_prompt_rule_exact_colours_and_fixed_order(names, prompt):
     assert prompt_from_map(_map(*names)) == prompt
     as_tensor = torch.from_numpy(_map(*names)).permute(2, 0, 1).float() / 255

@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 from baselines.sgdm import build
 from baselines.sgdm.adapter import SGDMAdapter
 from baselines.sgdm.backbone import SD21_UNET, char_tokenizer, load_original_parts
-from baselines.sgdm.convert import (_Inert, _metadata_stubs, adapter_state, detect_variant, load_strict,
-                                   load_torch_state)
+from baselines.sgdm.convert import _Inert, _metadata_stubs, adapter_state, detect_variant, load_strict, load_torch_state
 from baselines.sgdm.flows import create_flow
 from cmsrd.errors import InputError
 
@@ -229,13 +228,27 @@ def _write_lightning_14_checkpoint(path: Path, state: dict, tmp_path: Path, monk
     mc = importlib.import_module("pytorch_lightning.callbacks.model_checkpoint")
     oc = importlib.import_module("omegaconf.dictconfig")
     ckpt = {
-        "epoch": 3, "global_step": 119999, "pytorch-lightning_version": "1.4.2", "state_dict": state,
-        "callbacks": {mc.ModelCheckpoint: {"monitor": "val_lpips", "best_model_score": torch.tensor(0.515),
-                                           "best_model_path": "step=119999-val_lpips=0.515.ckpt", "dirpath": "ckpts"}},
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(2)}},
-                              "param_groups": [{"lr": 5e-5, "betas": (0.9, 0.999), "params": [0]}]}],
+        "epoch": 3,
+        "global_step": 119999,
+        "pytorch-lightning_version": "1.4.2",
+        "state_dict": state,
+        "callbacks": {
+            mc.ModelCheckpoint: {
+                "monitor": "val_lpips",
+                "best_model_score": torch.tensor(0.515),
+                "best_model_path": "step=119999-val_lpips=0.515.ckpt",
+                "dirpath": "ckpts",
+            }
+        },
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(2)}},
+                "param_groups": [{"lr": 5e-5, "betas": (0.9, 0.999), "params": [0]}],
+            }
+        ],
         "lr_schedulers": [{"base_lrs": [5e-5], "last_epoch": 5, "_last_lr": [5e-5]}],
-        "hparams_name": "kwargs", "hyper_parameters": {"unet_config": oc.DictConfig({"in_channels": 4})},
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"unet_config": oc.DictConfig({"in_channels": 4})},
     }
     torch.save(ckpt, path)
     for name in [m for m in sys.modules if m.split(".")[0] in ("pytorch_lightning", "omegaconf")]:
@@ -251,8 +264,13 @@ def test_lightning_1_4_checkpoint_with_training_metadata_loads(official_keys, tm
     _write_lightning_14_checkpoint(path, state, tmp_path, monkeypatch)
     assert "pytorch_lightning" not in sys.modules and "omegaconf" not in sys.modules
     unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    assert {"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "omegaconf.dictconfig.DictConfig",
-            "omegaconf.dictconfig.Flag", "typing.Any", "builtins.dict"} <= unsafe
+    assert {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "omegaconf.dictconfig.DictConfig",
+        "omegaconf.dictconfig.Flag",
+        "typing.Any",
+        "builtins.dict",
+    } <= unsafe
     with pytest.raises(Exception, match="Unsupported global"):  # what plain weights_only does with this file
         torch.load(path, weights_only=True)
     loaded = load_torch_state(path)
@@ -286,8 +304,17 @@ def test_checkpoint_calling_code_is_refused(tmp_path):
 # ---- an official-layout checkpoint at a tiny geometry (UNet, VAE, OpenCLIP text tower, adapter) ----------------
 # Two resnets per level and widths changing where SD2.1's do give the UNet SD2.1's ldm key names (those in
 # sgdm-official-keys.json) at tiny widths.
-LPB2 = {"network": {"backbone": {"pretrained": None, "geometry": "tiny", "overrides": {"unet": {
-    "layers_per_block": 2, "block_out_channels": [32, 64, 128, 128]}}}, "cond_channels": 64}, "sampler": {"steps": 2}}
+LPB2 = {
+    "network": {
+        "backbone": {
+            "pretrained": None,
+            "geometry": "tiny",
+            "overrides": {"unet": {"layers_per_block": 2, "block_out_channels": [32, 64, 128, 128]}},
+        },
+        "cond_channels": 64,
+    },
+    "sampler": {"steps": 2},
+}
 
 
 def _unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
@@ -310,30 +337,44 @@ def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
         k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
+        k = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k
+        )
         k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
         if ".mid_block.attentions.0." in k:
             head, _, tail = k.partition(".mid_block.attentions.0.")
             name, _, param = tail.rpartition(".")
             k, v = f"{head}.mid.attn_1.{attn[name]}.{param}", v[:, :, None, None] if v.ndim == 2 else v
-        out["first_stage_model." + k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")] = v.clone()
+        out["first_stage_model." + k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")] = (
+            v.clone()
+        )
     return out
 
 
 def _text_to_open_clip(text) -> dict[str, torch.Tensor]:
     p = "cond_stage_model.model."
-    sd = {k if k.startswith("text_model.") else f"text_model.{k}": v  # transformers 5 dropped that level
-          for k, v in text.state_dict().items() if "position_ids" not in k}
-    out = {p + "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
-           p + "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
-           p + "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
-           p + "ln_final.bias": sd.pop("text_model.final_layer_norm.bias")}
+    sd = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v  # transformers 5 dropped that level
+        for k, v in text.state_dict().items()
+        if "position_ids" not in k
+    }
+    out = {
+        p + "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+        p + "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
+        p + "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
+        p + "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
+    }
     for i in range(text.config.num_hidden_layers):
         src, dst = f"text_model.encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{src}self_attn.{x}_proj.{kind}") for x in "qkv"])
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for a, b in (
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
                 out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
     assert not sd, sorted(sd)
     return {k: v.clone() for k, v in out.items()}
@@ -363,9 +404,18 @@ def test_official_ckpt_as_checkpoint_builds_the_backbone_from_that_file(tiny_off
     """Only the tokenizer is needed: `pretrained` (here a hub id, unreachable offline) is not read, and there
     is no random-init warning."""
     src, ckpt, tok = tiny_official
-    cfg = {**LPB2, "checkpoint": str(ckpt),
-           "network": {**LPB2["network"], "backbone": {**LPB2["network"]["backbone"],
-                                                      "pretrained": "stabilityai/stable-diffusion-2-1-base", "tokenizer": str(tok)}}}
+    cfg = {
+        **LPB2,
+        "checkpoint": str(ckpt),
+        "network": {
+            **LPB2["network"],
+            "backbone": {
+                **LPB2["network"]["backbone"],
+                "pretrained": "stabilityai/stable-diffusion-2-1-base",
+                "tokenizer": str(tok),
+            },
+        },
+    }
     with caplog.at_level("WARNING"):
         m = build("sgdm", 32, cfg)
     assert "random init" not in caplog.text
@@ -384,11 +434,26 @@ def test_runner_builds_the_backbone_from_the_authors_ckpt(tiny_official, tmp_pat
     src, ckpt, tok = tiny_official
     make_tiny_dataset(tmp_path / "x32", n_train=2, n_test=2, hr_px=64, lr_px=2)
     user = tmp_path / "sgdm.yaml"
-    net = {**LPB2["network"], "backbone": {**LPB2["network"]["backbone"],
-                                          "pretrained": "stabilityai/stable-diffusion-2-1-base", "tokenizer": str(tok)}}
+    net = {
+        **LPB2["network"],
+        "backbone": {
+            **LPB2["network"]["backbone"],
+            "pretrained": "stabilityai/stable-diffusion-2-1-base",
+            "tokenizer": str(tok),
+        },
+    }
     user.write_text(yaml.safe_dump({**LPB2, "network": net}))
-    info = run_benchmark(RunConfig(data=tmp_path / "x32", out=tmp_path / "run", methods=["sgdm"], metrics=["psnr_y"],
-                                   weights={"sgdm": ckpt}, configs={"sgdm": user}, device="cpu"))
+    info = run_benchmark(
+        RunConfig(
+            data=tmp_path / "x32",
+            out=tmp_path / "run",
+            methods=["sgdm"],
+            metrics=["psnr_y"],
+            weights={"sgdm": ckpt},
+            configs={"sgdm": user},
+            device="cpu",
+        )
+    )
     m = info["methods"]["sgdm|default"]
     assert m["status"] == "ok", m
     assert m["weights_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
@@ -432,8 +497,14 @@ def test_official_ckpt_takes_the_tokenizer_from_pretrained(tiny_official, tmp_pa
     assert _same(m.unet, src.unet)
     # `pretrained:` as a single-file SD checkpoint: its folder's tokenizer/ (as load_backbone uses it)
     (tmp_path / "sd21" / "v2-1_512-ema-pruned.ckpt").write_bytes(b"not read")
-    m = build("sgdm", 32, {**_net(pretrained=str(tmp_path / "sd21" / "v2-1_512-ema-pruned.ckpt"), tokenizer=None),
-                           "checkpoint": str(lone)})
+    m = build(
+        "sgdm",
+        32,
+        {
+            **_net(pretrained=str(tmp_path / "sd21" / "v2-1_512-ema-pruned.ckpt"), tokenizer=None),
+            "checkpoint": str(lone),
+        },
+    )
     assert m.tokenizer("water, land, ").input_ids == ids
 
     repo = tmp_path / "hub" / "models--stabilityai--stable-diffusion-2-1-base"
@@ -449,7 +520,9 @@ def test_official_ckpt_takes_the_tokenizer_from_pretrained(tiny_official, tmp_pa
     shutil.rmtree(repo / "snapshots" / "abc" / "tokenizer")
     with pytest.raises(MissingWeightsError, match=r"network\.backbone\.tokenizer") as err:
         build("sgdm", 32, {**hub, "checkpoint": str(lone)})
-    assert "hub id stabilityai/stable-diffusion-2-1-base" in str(err.value) and str(lone.parent / "tokenizer") in str(err.value)
+    assert "hub id stabilityai/stable-diffusion-2-1-base" in str(err.value) and str(lone.parent / "tokenizer") in str(
+        err.value
+    )
     assert "weights fetch" not in str(err.value)  # the weights manifest has no tokenizer
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingWeightsError, match="network.backbone.tokenizer = .*empty"):  # no vocab.json
@@ -494,13 +567,18 @@ def test_local_tokenizer_beside_the_ckpt_is_used_before_the_hub(tiny_official, t
     src, ckpt, tok = tiny_official
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(backbone, "_hub_tokenizer_folder", lambda *a, **k: pytest.fail("hub tried before local"))
-    m = build("sgdm", 32, {**_net(pretrained="stabilityai/stable-diffusion-2-1-base", tokenizer=None),
-                           "checkpoint": str(ckpt)})
+    m = build(
+        "sgdm",
+        32,
+        {**_net(pretrained="stabilityai/stable-diffusion-2-1-base", tokenizer=None), "checkpoint": str(ckpt)},
+    )
     assert m.tokenizer("water, ").input_ids == src.tokenizer("water, ").input_ids
 
 
-@pytest.mark.parametrize("override,part", [({"unet": {"block_out_channels": [32, 64, 128, 256]}}, "UNet"),
-                                           ({"vae": {"latent_channels": 8}}, "VAE")])
+@pytest.mark.parametrize(
+    "override,part",
+    [({"unet": {"block_out_channels": [32, 64, 128, 256]}}, "UNet"), ({"vae": {"latent_channels": 8}}, "VAE")],
+)
 def test_official_ckpt_of_another_geometry_is_one_input_error(tiny_official, override, part):
     """Regression: a shape mismatch raised torch's RuntimeError (load_state_dict raises it even with
     strict=False); now load_strict names the part and the mismatched tensors."""
@@ -532,7 +610,10 @@ def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(ti
 def test_meta_build_reads_no_file_and_named_flows_need_sgdm_plus(tmp_path):
     """Regression: a meta build (parameter counts) read the whole checkpoint (an official one also needed the
     tokenizer); `flows: {mean, std}` was silently ignored by the variants without flows."""
-    gone = {"checkpoint": str(tmp_path / "absent.ckpt"), "flows": {"mean": str(tmp_path / "m"), "std": str(tmp_path / "s")}}
+    gone = {
+        "checkpoint": str(tmp_path / "absent.ckpt"),
+        "flows": {"mean": str(tmp_path / "m"), "std": str(tmp_path / "s")},
+    }
     m = build("sgdm+", 16, {**TINY, **gone}, device="meta")
     assert m.loaded_from is None and m.parameter_counts()[0] > 0
     for name in ("sgdm", "sgdm-nomap"):
@@ -547,8 +628,11 @@ def test_metadata_the_safe_loader_cannot_rebuild_says_how_to_extract_the_weights
     import collections
 
     path = tmp_path / "it's odd.ckpt"  # a quote in the path must not break the suggested command
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "callbacks": collections.defaultdict(list, {"a": [1]})}, path,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {"state_dict": {"w": torch.zeros(2)}, "callbacks": collections.defaultdict(list, {"a": [1]})},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
     with pytest.raises(InputError, match="training metadata this loader cannot rebuild safely") as err:
         load_torch_state(path)
     msg = str(err.value)
@@ -580,7 +664,9 @@ def test_code_in_any_pickle_format_is_refused_without_weights_only_false_advice(
         path.write_bytes(pickle.dumps(obj, protocol=2))
     else:
         torch.save(obj, path, _use_new_zipfile_serialization=kind == "zip")
-    with pytest.raises(InputError, match=r"references .*(posix|os|nt)\.system.*not checkpoint metadata; refusing") as err:
+    with pytest.raises(
+        InputError, match=r"references .*(posix|os|nt)\.system.*not checkpoint metadata; refusing"
+    ) as err:
         load_torch_state(path)
     assert "weights_only=False" not in str(err.value) and "training metadata" not in str(err.value)
 

@@ -45,7 +45,7 @@ def _batch(n: int, size: int, seed: int = 0, lr: int | None = None) -> dict:
     hr = torch.rand(n, 3, size, size, generator=g)
     mp = torch.zeros(n, 3, size, size)
     mp[:, :, : size // 2] = torch.tensor([133, 203, 249]).view(1, 3, 1, 1) / 255  # water
-    mp[:, :, size // 2:] = torch.tensor([226, 224, 210]).view(1, 3, 1, 1) / 255  # building
+    mp[:, :, size // 2 :] = torch.tensor([226, 224, 210]).view(1, 3, 1, 1) / 255  # building
     lr_px = lr or size // 16
     low = torch.nn.functional.interpolate(hr, size=(lr_px, lr_px), mode="area")
     sr = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -57,6 +57,7 @@ def _ctx(opts, autocast=contextlib.nullcontext):
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
         opts[name].step()
+
     return TrainContext(0, backward, autocast)
 
 
@@ -143,15 +144,18 @@ def test_sgdm_plus_without_style_image_or_trained_flows_is_an_input_error(plus):
     assert plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("map", torch.rand(1, 3, 32, 32), r"map of shape \(1, 3, 32, 32\).*\(1, 3, 64, 64\)"),
-    ("style", torch.rand(2, 3, 64, 64), r"style of shape \(2, 3, 64, 64\).*N = 1"),
-    ("style", torch.rand(1, 3, 8, 64), r"style of shape \(1, 3, 8, 64\).*H, W >= 16"),
-    ("style", torch.rand(1, 3, 64, 64) * 255, r"style values.*expected \[0, 1\]"),
-    ("map", torch.rand(1, 1, 64, 64), r"map of shape \(1, 1, 64, 64\)"),
-    ("map", torch.rand(1, 3, 64, 64) * 255, r"map values.*expected \[0, 1\].*255"),
-    ("sr", torch.rand(1, 3, 64, 64) * 255, r"sr values.*expected \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("map", torch.rand(1, 3, 32, 32), r"map of shape \(1, 3, 32, 32\).*\(1, 3, 64, 64\)"),
+        ("style", torch.rand(2, 3, 64, 64), r"style of shape \(2, 3, 64, 64\).*N = 1"),
+        ("style", torch.rand(1, 3, 8, 64), r"style of shape \(1, 3, 8, 64\).*H, W >= 16"),
+        ("style", torch.rand(1, 3, 64, 64) * 255, r"style values.*expected \[0, 1\]"),
+        ("map", torch.rand(1, 1, 64, 64), r"map of shape \(1, 1, 64, 64\)"),
+        ("map", torch.rand(1, 3, 64, 64) * 255, r"map values.*expected \[0, 1\].*255"),
+        ("sr", torch.rand(1, 3, 64, 64) * 255, r"sr values.*expected \[0, 1\]"),
+    ],
+)
 def test_wrong_input_size_or_range_is_one_input_error(plus, key, value, match):
     b = _batch(1, 64)
     b["style"] = b.pop("hr")
@@ -188,7 +192,9 @@ def test_style_flows_train_and_sample():
     mb, sb = flows.sample(3, seeded_generators(0, [0, 1, 2]))
     alone = [flows.sample(1, seeded_generators(0, [i])) for i in range(3)]
     # same noise per sample; the flow's matmuls may round differently at another batch size
-    assert torch.allclose(mb, torch.cat([m for m, _ in alone]), atol=1e-5) and torch.allclose(sb, torch.cat([s for _, s in alone]), atol=1e-5)
+    assert torch.allclose(mb, torch.cat([m for m, _ in alone]), atol=1e-5) and torch.allclose(
+        sb, torch.cat([s for _, s in alone]), atol=1e-5
+    )
     assert not torch.allclose(alone[0][0], alone[1][0])
 
 
@@ -196,9 +202,20 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
     """`cmsrd-bench train --method sgdm+` then `--stage 2` through baselines.train, then load and sample."""
     from baselines.train import train
 
-    cfg = {**TINY, "train": {"batch_size": 2, "total_steps": 2, "val_every": 2, "save_every": 2, "val_max_images": 1,
-                             "lpips": "off", "keep_best": None, "log_every": 1},
-           "flows": {"epochs": 3, "batch_size": 4}}
+    cfg = {
+        **TINY,
+        "train": {
+            "batch_size": 2,
+            "total_steps": 2,
+            "val_every": 2,
+            "save_every": 2,
+            "val_max_images": 1,
+            "lpips": "off",
+            "keep_best": None,
+            "log_every": 1,
+        },
+        "flows": {"epochs": 3, "batch_size": 4},
+    }
     with pytest.raises(InputError, match="stage-1"):
         train("sgdm+", tiny_dataset, tmp_path / "empty", config=cfg, stage=2, progress=False)
     run = tmp_path / "run"
@@ -284,15 +301,32 @@ def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path
         return orig(self, batch, cond, generator)
 
     monkeypatch.setattr(SGDMPlus, "super_resolve", spy)
-    cfg = {**TINY, "train": {"batch_size": 2, "total_steps": 1, "val_every": 1, "save_every": 1, "val_max_images": 2,
-                             "val_batch_size": 2, "lpips": "off", "keep_best": None, "log_every": 1}}
+    cfg = {
+        **TINY,
+        "train": {
+            "batch_size": 2,
+            "total_steps": 1,
+            "val_every": 1,
+            "save_every": 1,
+            "val_max_images": 2,
+            "val_batch_size": 2,
+            "lpips": "off",
+            "keep_best": None,
+            "log_every": 1,
+        },
+    }
     train("sgdm+", tiny_dataset, tmp_path / "run", config=cfg, progress=False)
     assert len(seen) == 1
     cond, batch = seen[0]
     assert cond.style == "gt" and "hr" not in batch  # the method never sees the HR except as the style
     ids = sorted(p.stem for p in (tiny_dataset / "test" / "hr_64").glob("*.png"))[:2]
     for i, sid in enumerate(ids):
-        want = torch.from_numpy(np.array(read_png(tiny_dataset / "test" / "hr_64" / f"{sid}.png"))).permute(2, 0, 1).float() / 255
+        want = (
+            torch.from_numpy(np.array(read_png(tiny_dataset / "test" / "hr_64" / f"{sid}.png")))
+            .permute(2, 0, 1)
+            .float()
+            / 255
+        )
         assert torch.allclose(batch["style"][i], want)
     with open(tmp_path / "run" / "val_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -21,8 +21,9 @@ BOUNDS = (11.50, 48.10, 11.56, 48.14)  # the world's own region; its parent is 2
 def _write_world(root: Path) -> Path:
     """The part of the world-directory contract the Geofabrik endpoints use: world.json + osm/world.osm.pbf."""
     w, s, e, n = BOUNDS
-    (root / "world.json").write_text(json.dumps({"name": "Geo Test", "bounds_lonlat": list(BOUNDS),
-                                                 "hr_capture_date": "2023-06-01"}))
+    (root / "world.json").write_text(
+        json.dumps({"name": "Geo Test", "bounds_lonlat": list(BOUNDS), "hr_capture_date": "2023-06-01"})
+    )
     pbf = root / "osm" / "world.osm.pbf"
     pbf.parent.mkdir(parents=True)
     with osmium.SimpleWriter(str(pbf)) as wr:
@@ -66,14 +67,26 @@ def test_smallest_covering_extract_from_the_index(srv, client, tmp_path):
 def test_covering_uses_the_real_boundary_not_the_bbox():
     # An L-shaped region: its bbox covers the AOI but its boundary does not -> the larger parent is chosen.
     l_shape = [[[0, 0], [4, 0], [4, 1], [1, 1], [1, 4], [0, 4], [0, 0]]]
-    doc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"id": "l", "urls": {"pbf": "http://x/l.osm.pbf"}, "parent": "big"},
-         "geometry": {"type": "Polygon", "coordinates": l_shape}},
-        {"type": "Feature", "properties": {"id": "big", "urls": {"pbf": "http://x/big.osm.pbf"}},
-         "geometry": {"type": "Polygon", "coordinates": [[[-1, -1], [9, -1], [9, 9], [-1, 9], [-1, -1]]]}},
-        {"type": "Feature", "properties": {"id": "no-pbf", "urls": {}},
-         "geometry": {"type": "Polygon", "coordinates": l_shape}},
-    ]}
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"id": "l", "urls": {"pbf": "http://x/l.osm.pbf"}, "parent": "big"},
+                "geometry": {"type": "Polygon", "coordinates": l_shape},
+            },
+            {
+                "type": "Feature",
+                "properties": {"id": "big", "urls": {"pbf": "http://x/big.osm.pbf"}},
+                "geometry": {"type": "Polygon", "coordinates": [[[-1, -1], [9, -1], [9, 9], [-1, 9], [-1, -1]]]},
+            },
+            {
+                "type": "Feature",
+                "properties": {"id": "no-pbf", "urls": {}},
+                "geometry": {"type": "Polygon", "coordinates": l_shape},
+            },
+        ],
+    }
     ex = parse_index(doc)
     assert [x.id for x in ex] == ["l", "big"]
     assert find_extract((2, 2, 3, 3), ex).id == "big"
@@ -83,8 +96,9 @@ def test_covering_uses_the_real_boundary_not_the_bbox():
 
 
 def test_download_is_md5_checked_cached_and_repaired(srv, client, tmp_path):
-    ext, path = extract_for_aoi((11.52, 48.11, 11.53, 48.12), tmp_path, index_url=srv.geofabrik_index_url,
-                                client=client)
+    ext, path = extract_for_aoi(
+        (11.52, 48.11, 11.53, 48.12), tmp_path, index_url=srv.geofabrik_index_url, client=client
+    )
     assert path.read_bytes() == srv.pbf.read_bytes()
     meta = json.loads(path.with_name(path.name + ".json").read_text())
     assert meta["md5"] == hashlib.md5(srv.pbf.read_bytes()).hexdigest() and meta["md5_verified"] is True
@@ -98,8 +112,11 @@ def test_download_is_md5_checked_cached_and_repaired(srv, client, tmp_path):
 
 
 def test_corrupt_and_failing_downloads_are_retried(srv, client, tmp_path):
-    srv.set_faults(FaultConfig(corrupt_rate=0.4, error_rate=0.2, error_codes=(503,), seed=3,
-                               paths=("/geofabrik/geo-test-latest.osm.pbf",)))  # PBF and its .md5
+    srv.set_faults(
+        FaultConfig(
+            corrupt_rate=0.4, error_rate=0.2, error_codes=(503,), seed=3, paths=("/geofabrik/geo-test-latest.osm.pbf",)
+        )
+    )  # PBF and its .md5
     try:
         extracts = load_index(srv.geofabrik_index_url, client=client)
         ext = find_extract((11.52, 48.11, 11.53, 48.12), extracts)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -101,7 +101,7 @@ def test_429_retry_after_is_honoured(server):
 
 
 def test_retry_after_http_date_and_cap():
-    now = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2024, 1, 1, tzinfo=UTC)
     assert parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now) == 30.0
     assert parse_retry_after("garbage") is None
     assert parse_retry_after(None) is None
@@ -211,8 +211,9 @@ def test_map_bounded_concurrency_and_per_item_failures(server):
 
 
 def test_redaction_of_tokens_signatures_and_userinfo():
-    url = ("https://user:hunter22@example.com/a.tif?st=2024&se=2025&sp=rl&sig=AbCdEf%2Bsecret"
-           "&X-Amz-Signature=deadbeef&x=1")
+    url = (
+        "https://user:hunter22@example.com/a.tif?st=2024&se=2025&sp=rl&sig=AbCdEf%2Bsecret&X-Amz-Signature=deadbeef&x=1"
+    )
     red = redact(url)
     for secret in ("hunter22", "AbCdEf%2Bsecret", "deadbeef"):
         assert secret not in red

@@ -177,10 +177,15 @@ def _is_water(feats, lonlat) -> bool:
 
 @pytest.fixture(scope="module")
 def coast_pbf(tmp_path_factory):
-    return _write_pbf(tmp_path_factory.mktemp("coast") / "coast.osm.pbf",
-                      [(COAST, COASTLINE), (ISLAND[:3], COASTLINE), (ISLAND[2:], COASTLINE),  # 2 ways
-                       ([(10.001, 54.008), (10.004, 54.009)],
-                                                                 {"highway": "residential"})])
+    return _write_pbf(
+        tmp_path_factory.mktemp("coast") / "coast.osm.pbf",
+        [
+            (COAST, COASTLINE),
+            (ISLAND[:3], COASTLINE),
+            (ISLAND[2:], COASTLINE),  # 2 ways
+            ([(10.001, 54.008), (10.004, 54.009)], {"highway": "residential"}),
+        ],
+    )
 
 
 def test_sea_is_on_the_right_of_the_coastline(coast_pbf):
@@ -236,8 +241,7 @@ def test_cut_and_dangling_coastlines(tmp_path):
     # to the box edge, and a stray coastline piece ending in the middle is counted as dangling
     cut = [(9.990, 54.006), (10.0005, 54.006), (10.010, 54.005), (10.0195, 54.006), (10.030, 54.006)]
     stray = [(10.008, 54.004), (10.010, 54.0041)]  # > 300 m from every edge
-    path = _write_pbf(tmp_path / "cut.osm.pbf", [(cut, COASTLINE), (stray, COASTLINE)],
-                      missing={cut[0], cut[-1]})
+    path = _write_pbf(tmp_path / "cut.osm.pbf", [(cut, COASTLINE), (stray, COASTLINE)], missing={cut[0], cut[-1]})
     feats = OSMFeatures.from_pbf(path)
     s = feats.stats
     assert (s.coastline_ways, s.coastline_ends_snapped, s.coastlines_dangling) == (2, 2, 1)

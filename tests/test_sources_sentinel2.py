@@ -32,21 +32,39 @@ S2_DIR = "sentinel2/S2A_29RKH_20200219_0_L2A"
 # Radiometry
 
 
-@pytest.mark.parametrize("props,collection,catalog,offset", [
-    ({"s2:processing_baseline": "02.14", "earthsearch:boa_offset_applied": False}, "sentinel-2-l2a", "earth-search", 0.0),
-    ({"s2:processing_baseline": "05.09", "earthsearch:boa_offset_applied": True}, "sentinel-2-l2a", "earth-search", 0.0),
-    ({"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": False}, "sentinel-2-l2a", "earth-search", -0.1),
-    ({"s2:processing_baseline": "05.11"}, "sentinel-2-c1-l2a", "earth-search", -0.1),
-    ({"s2:processing_baseline": "03.01"}, "sentinel-2-c1-l2a", "earth-search", 0.0),
-    ({"s2:processing_baseline": "05.09"}, "sentinel-2-l2a", "planetary-computer", -0.1),
-])
+@pytest.mark.parametrize(
+    "props,collection,catalog,offset",
+    [
+        (
+            {"s2:processing_baseline": "02.14", "earthsearch:boa_offset_applied": False},
+            "sentinel-2-l2a",
+            "earth-search",
+            0.0,
+        ),
+        (
+            {"s2:processing_baseline": "05.09", "earthsearch:boa_offset_applied": True},
+            "sentinel-2-l2a",
+            "earth-search",
+            0.0,
+        ),
+        (
+            {"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": False},
+            "sentinel-2-l2a",
+            "earth-search",
+            -0.1,
+        ),
+        ({"s2:processing_baseline": "05.11"}, "sentinel-2-c1-l2a", "earth-search", -0.1),
+        ({"s2:processing_baseline": "03.01"}, "sentinel-2-c1-l2a", "earth-search", 0.0),
+        ({"s2:processing_baseline": "05.09"}, "sentinel-2-l2a", "planetary-computer", -0.1),
+    ],
+)
 def test_reflectance_recipe(props, collection, catalog, offset):
     asset = {"raster:bands": [{"scale": 0.0001, "offset": -0.1}]}  # what every asset says, applied or not
     r = reflectance_recipe(props, collection, catalog, asset)
     assert r.scale == 1e-4 and r.offset == offset
     refl = r.apply(np.array([0, 1000, 3000], np.uint16))
     assert np.isnan(refl[0]) and refl[2] == pytest.approx(0.3 + offset)
-    assert f"DN * 0.0001" in r.text() and f"{GAIN:g}" in r.text()
+    assert "DN * 0.0001" in r.text() and f"{GAIN:g}" in r.text()
 
 
 def test_recipe_without_baseline_is_a_recorded_failure():
@@ -56,8 +74,7 @@ def test_recipe_without_baseline_is_a_recorded_failure():
 
 
 def test_to_uint8_fixed_gain():
-    np.testing.assert_array_equal(to_uint8(np.array([np.nan, 0.0, 0.2, 0.4, 0.9], np.float32)),
-                                  [0, 0, 128, 255, 255])
+    np.testing.assert_array_equal(to_uint8(np.array([np.nan, 0.0, 0.2, 0.4, 0.9], np.float32)), [0, 0, 128, 255, 255])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,15 +110,17 @@ def test_real_cogs_through_the_same_code(real_item):
     assert lr.cloud_fraction <= 0.05
     # Reflectance is DN * 1e-4 of the footprint window (desert: ~0.2-0.4), checked independently.
     with rasterio.open(d / "B04.tif") as b04:
-        win = rasterio.windows.from_bounds(*transform_bounds("EPSG:4326", b04.crs, *mercantile.bounds(t)),
-                                           transform=b04.transform)
+        win = rasterio.windows.from_bounds(
+            *transform_bounds("EPSG:4326", b04.crs, *mercantile.bounds(t)), transform=b04.transform
+        )
         dn = b04.read(1, window=win).astype(float)
     assert np.nanmean(lr.native[..., 0]) == pytest.approx(dn[dn > 0].mean() * 1e-4, rel=0.03)
     # The LR agrees with ESA's own true-colour product (TCI) over the same footprint (blue: TCI's red
     # and green saturate over this desert).
     with rasterio.open(d / "TCI.tif") as tci:
-        win = rasterio.windows.from_bounds(*transform_bounds("EPSG:4326", tci.crs, *mercantile.bounds(t)),
-                                           transform=tci.transform)
+        win = rasterio.windows.from_bounds(
+            *transform_bounds("EPSG:4326", tci.crs, *mercantile.bounds(t)), transform=tci.transform
+        )
         ref = tci.read(3, window=win, out_shape=(16, 16)).astype(float)
     assert (lr.image == 255).mean() < 0.05 and lr.image.std() > 2
     assert ref.std() > 2 and np.corrcoef(ref.ravel(), lr.image[..., 2].astype(float).ravel())[0, 1] > 0.8
@@ -288,7 +307,9 @@ def test_world_search_retries_429_and_503(world):
     t = _world_tile(meta, 17)
     faults = FaultConfig(error_rate=0.5, error_codes=(429, 503), retry_after_s=0, seed=2, paths=("/stac/",))
     with serve_world(root, faults=faults) as srv:
-        lr = Sentinel2STAC(srv.stac_url, window_days=400, rate=None).fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"])
+        lr = Sentinel2STAC(srv.stac_url, window_days=400, rate=None).fetch(
+            t.z, t.x, t.y, hr_date=meta["hr_capture_date"]
+        )
         assert srv.stats.faults["error"] >= 1
     assert lr.image.shape == (16, 16, 3)
 
@@ -330,15 +351,22 @@ def test_planetary_computer_signing_and_uppercase_keys(world, caplog):
         items = es.search_area(meta["bounds_lonlat"], "2023-01-01", "2023-12-31")
         pc_items = []
         for it in copy.deepcopy(items):  # Planetary Computer shape: band-name keys, blob URLs
-            it["assets"] = {new: it["assets"][old] for old, new in
-                            (("red", "B04"), ("green", "B03"), ("blue", "B02"), ("scl", "SCL"))}
+            it["assets"] = {
+                new: it["assets"][old]
+                for old, new in (("red", "B04"), ("green", "B03"), ("blue", "B02"), ("scl", "SCL"))
+            }
             for a in it["assets"].values():
                 a["href"] = a["href"].replace("/files/", "/blob/")
             it["properties"]["s2:processing_baseline"] = "03.00"
             pc_items.append(it)
         caplog.set_level(logging.DEBUG)
-        pc = Sentinel2STAC(srv.stac_url, catalog="planetary-computer", sas_url=srv.base_url + "/api/sas/v1/token",
-                           window_days=400, rate=None)
+        pc = Sentinel2STAC(
+            srv.stac_url,
+            catalog="planetary-computer",
+            sas_url=srv.base_url + "/api/sas/v1/token",
+            window_days=400,
+            rate=None,
+        )
         lr = pc.fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"], items=pc_items)
         kid = mercantile.children(t)[0]
         pc.fetch(kid.z, kid.x, kid.y, hr_date=meta["hr_capture_date"], items=pc_items)

@@ -100,7 +100,9 @@ def test_env_credentials_are_used(world, server, monkeypatch):
     cfg.sh_client_id = cfg.sh_client_secret = ""
     cfg.sh_base_url, cfg.sh_token_url = server.base_url, server.token_url
     t = tile(world[1])
-    assert SentinelHubLR(cfg, window_days=400).fetch(t.z, t.x, t.y, hr_date=world[1]["hr_capture_date"]).image.shape == (16, 16, 3)
+    assert SentinelHubLR(cfg, window_days=400).fetch(
+        t.z, t.x, t.y, hr_date=world[1]["hr_capture_date"]
+    ).image.shape == (16, 16, 3)
 
 
 def test_invalid_credentials_one_clear_error_without_the_secret(world, server, caplog):
@@ -161,6 +163,7 @@ def test_process_api_503_is_retried(world):
     faults = FaultConfig(error_rate=0.5, error_codes=(503,), retry_after_s=0, seed=4, paths=("/api/v1/process",))
     with SentinelHubServer(root, client_id="cid-123", client_secret=SECRET, faults=faults) as srv:
         lr = SentinelHubLR(config(srv), window_days=400, max_attempts=6, retry_sleep_s=0.01).fetch(
-            t.z, t.x, t.y, hr_date=meta["hr_capture_date"])
+            t.z, t.x, t.y, hr_date=meta["hr_capture_date"]
+        )
         assert srv.stats.faults["error:503"] >= 1
     assert lr.image.shape == (16, 16, 3)

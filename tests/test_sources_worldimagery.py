@@ -82,7 +82,7 @@ def test_512px_footprint_is_mosaic_of_four_children(world, server):
     assert hr.image.shape == (512, 512, 3) and hr.info["tile_zoom"] == 17
     for c in mercantile.children(t16):
         r, col = (c.y - 2 * t16.y) * 256, (c.x - 2 * t16.x) * 256
-        np.testing.assert_array_equal(hr.image[r:r + 256, col:col + 256], disk_tile(root, c.z, c.x, c.y))
+        np.testing.assert_array_equal(hr.image[r : r + 256, col : col + 256], disk_tile(root, c.z, c.x, c.y))
 
 
 @pytest.mark.parametrize("size", [64, 384])
@@ -134,15 +134,22 @@ def test_faulty_server_retries_429_503_corrupt_truncated(world, tmp_path):
     from cmsrd.world.servers import serve_world
 
     root, _, t16 = world
-    faults = FaultConfig(error_rate=0.3, error_codes=(429, 503), retry_after_s=0, corrupt_rate=0.15,
-                         truncate_rate=0.15, seed=3, paths=("/arcgis/",))
+    faults = FaultConfig(
+        error_rate=0.3,
+        error_codes=(429, 503),
+        retry_after_s=0,
+        corrupt_rate=0.15,
+        truncate_rate=0.15,
+        seed=3,
+        paths=("/arcgis/",),
+    )
     with serve_world(root, faults=faults) as srv:
         hr = source(srv, tmp_path).fetch(t16.z, t16.x, t16.y, size=512)
         f = srv.stats.faults
     assert f["error"] + f["corrupt"] + f["truncate"] > 0
     for c in mercantile.children(t16):
         r, col = (c.y - 2 * t16.y) * 256, (c.x - 2 * t16.x) * 256
-        np.testing.assert_array_equal(hr.image[r:r + 256, col:col + 256], disk_tile(root, c.z, c.x, c.y))
+        np.testing.assert_array_equal(hr.image[r : r + 256, col : col + 256], disk_tile(root, c.z, c.x, c.y))
 
 
 def test_persistent_failure_is_recorded_not_raised_as_crash(world):
@@ -150,7 +157,12 @@ def test_persistent_failure_is_recorded_not_raised_as_crash(world):
     from cmsrd.world.servers import serve_world
 
     root, _, t16 = world
-    with serve_world(root, faults=FaultConfig(error_rate=1.0, error_codes=(500,), paths=("/arcgis/rest/services/World_Imagery/MapServer/tile",))) as srv:
+    with serve_world(
+        root,
+        faults=FaultConfig(
+            error_rate=1.0, error_codes=(500,), paths=("/arcgis/rest/services/World_Imagery/MapServer/tile",)
+        ),
+    ) as srv:
         src = source(srv, retry=RetryPolicy(retries=2, backoff=0.0, jitter=0.0))
         with pytest.raises(SampleError) as ei:
             src.fetch(t16.z, t16.x, t16.y)
@@ -178,8 +190,9 @@ def test_identify_failure_leaves_date_unknown_but_sample_ok(world, server):
     assert hr.date is None and "identify failed" in hr.info["date_error"]
 
 
-@pytest.mark.parametrize("template", ["https://tiles.example.com/{z}/{x}.png", "https://a/{z}/{x}/{y}/{s}.png",
-                                      "tiles/{z}/{x}/{y}.png", ""])
+@pytest.mark.parametrize(
+    "template", ["https://tiles.example.com/{z}/{x}.png", "https://a/{z}/{x}/{y}/{s}.png", "tiles/{z}/{x}/{y}.png", ""]
+)
 def test_bad_templates_are_input_errors(template):
     with pytest.raises(InputError, match="tile template"):
         validate_template(template)
@@ -230,6 +243,7 @@ def test_tiles_per_second_with_latency_uses_concurrency(world):
 # ----------------------------------------------------------------------------------------------------
 # Local rasters (real aerial GeoTIFFs)
 
+
 def _inside_tile(path, z):
     import rasterio
     from rasterio.warp import transform_bounds
@@ -263,9 +277,9 @@ def test_raster_hr_reprojects_real_aerial_onto_the_tile(shared_data, name, z):
         for fr, fc in [(0.3, 0.3), (0.5, 0.5), (0.7, 0.2), (0.25, 0.75)]:
             mx, my = left + (right - left) * fc, top - (top - bottom) * fr
             row, col = s.index(*to_src.transform(mx, my))
-            win = arr[:, max(row - 2, 0):row + 3, max(col - 2, 0):col + 3].reshape(3, -1).mean(1)
+            win = arr[:, max(row - 2, 0) : row + 3, max(col - 2, 0) : col + 3].reshape(3, -1).mean(1)
             r, c = int(fr * 256), int(fc * 256)
-            out = hr.image[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].reshape(-1, 3).mean(0)
+            out = hr.image[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].reshape(-1, 3).mean(0)
             errs.append(np.abs(out - win).mean())
     assert np.median(errs) < 20
 
@@ -323,8 +337,17 @@ def test_raster_hr_uint16_uses_fixed_recorded_gain(tmp_path):
     pad = 50.0
     p = tmp_path / "gf2.tif"
     data = np.linspace(0, 1023, 64 * 64, dtype=np.float32).reshape(64, 64).astype(np.uint16)
-    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16", crs="EPSG:3857",
-                       transform=from_bounds(b[0] - pad, b[1] - pad, b[2] + pad, b[3] + pad, 64, 64)) as d:
+    with rasterio.open(
+        p,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint16",
+        crs="EPSG:3857",
+        transform=from_bounds(b[0] - pad, b[1] - pad, b[2] + pad, b[3] + pad, 64, 64),
+    ) as d:
         d.write(np.stack([data] * 3))
     hr = RasterHR(p, value_range=(0, 1023)).fetch(t.z, t.x, t.y, 128)
     assert hr.info["value_range"] == [0, 1023]

@@ -30,8 +30,11 @@ def _tiny(seed: int) -> WorldConfig:
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _json(p: Path) -> dict:
@@ -144,9 +147,24 @@ def test_hr_geotiff_and_class_truth_are_georeferenced_on_the_z18_grid(small_worl
         rgb = hr.read()
     frac = np.bincount(classes.ravel(), minlength=10) / classes.size
     assert set(np.unique(classes)) == set(range(10))  # every legend class is present
-    assert frac == pytest.approx([truth["class_pixel_fractions"][n] for n in
-                                  ("land", "building", "road", "major_road", "railway", "water", "forest",
-                                   "wood", "park", "farmland")], abs=1e-5)
+    assert frac == pytest.approx(
+        [
+            truth["class_pixel_fractions"][n]
+            for n in (
+                "land",
+                "building",
+                "road",
+                "major_road",
+                "railway",
+                "water",
+                "forest",
+                "wood",
+                "park",
+                "farmland",
+            )
+        ],
+        abs=1e-5,
+    )
     # aerial look, not a flat map: texture inside classes and distinct class colours
     farmland = rgb[:, classes == 9].astype(float)
     assert farmland.std(axis=1).min() > 8
@@ -208,11 +226,27 @@ def _hr_on_s2_grid(small_world, ds) -> tuple[np.ndarray, np.ndarray]:
     """HR RGB and class truth resampled to an S2 raster's grid (average / mode)."""
     with rasterio.open(small_world / "hr" / "hr.tif") as hr, rasterio.open(small_world / "truth" / "classes.tif") as cl:
         rgb = np.zeros((3,) + ds.shape, np.float32)
-        reproject(hr.read().astype(np.float32), rgb, src_transform=hr.transform, src_crs=hr.crs,
-                  dst_transform=ds.transform, dst_crs=ds.crs, resampling=Resampling.average, dst_nodata=np.nan)
+        reproject(
+            hr.read().astype(np.float32),
+            rgb,
+            src_transform=hr.transform,
+            src_crs=hr.crs,
+            dst_transform=ds.transform,
+            dst_crs=ds.crs,
+            resampling=Resampling.average,
+            dst_nodata=np.nan,
+        )
         cls = np.full(ds.shape, 255, np.uint8)
-        reproject(cl.read(1), cls, src_transform=cl.transform, src_crs=cl.crs, dst_transform=ds.transform,
-                  dst_crs=ds.crs, resampling=Resampling.mode, dst_nodata=255)
+        reproject(
+            cl.read(1),
+            cls,
+            src_transform=cl.transform,
+            src_crs=cl.crs,
+            dst_transform=ds.transform,
+            dst_crs=ds.crs,
+            resampling=Resampling.mode,
+            dst_nodata=255,
+        )
     return rgb, cls
 
 
@@ -254,8 +288,10 @@ def test_scl_marks_the_cloud_patch_and_the_bands_show_it(small_world, meta, trut
     assert (np.isin(patch, [8, 9]).mean()) > 0.3 and (scl == 9).any() and (scl == 3).any()
     with rasterio.open(small_world / "sentinel2" / clear[0] / "SCL.tif") as ds:
         assert not np.isin(ds.read(1), [3, 8, 9, 10]).any()
-    with rasterio.open(small_world / "sentinel2" / cloudy[0] / "B02.tif") as a, \
-            rasterio.open(small_world / "sentinel2" / clear[0] / "B02.tif") as b:
+    with (
+        rasterio.open(small_world / "sentinel2" / cloudy[0] / "B02.tif") as a,
+        rasterio.open(small_world / "sentinel2" / clear[0] / "B02.tif") as b,
+    ):
         sl = a.window(*bbox)
         core = np.repeat(np.repeat(patch == 9, 2, axis=0), 2, axis=1)
         ca, cb = a.read(1, window=sl), b.read(1, window=sl)
@@ -293,19 +329,22 @@ def test_stac_items_have_the_earth_search_v1_shape(small_world, meta):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kw, needle", [
-    ({"center_lat": 86.0}, "latitude"),
-    ({"center_lon": 200.0}, "longitude"),
-    ({"extent_m": 10.0}, "extent"),
-    ({"extent_m": 1e6}, "extent"),
-    ({"zooms": (16, 18)}, "zooms"),
-    ({"zooms": (15, 16, 17), "hr_zoom": 17}, "HR zoom"),
-    ({"hr_capture_date": "June 2022"}, "hr_capture_date"),
-    ({"cloudy_dates": ("2020-01-01",)}, "cloudy_dates"),
-    ({"s2_dates": ("2023-06-27", "2023-06-12")}, "s2_dates"),
-    ({"s2_shift_px": (1.5, 0.0)}, "s2_shift_px"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"center_lat": 86.0}, "latitude"),
+        ({"center_lon": 200.0}, "longitude"),
+        ({"extent_m": 10.0}, "extent"),
+        ({"extent_m": 1e6}, "extent"),
+        ({"zooms": (16, 18)}, "zooms"),
+        ({"zooms": (15, 16, 17), "hr_zoom": 17}, "HR zoom"),
+        ({"hr_capture_date": "June 2022"}, "hr_capture_date"),
+        ({"cloudy_dates": ("2020-01-01",)}, "cloudy_dates"),
+        ({"s2_dates": ("2023-06-27", "2023-06-12")}, "s2_dates"),
+        ({"s2_shift_px": (1.5, 0.0)}, "s2_shift_px"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_impossible_configs_raise_one_input_error(kw, needle):
     with pytest.raises(InputError, match=needle) as e:
         WorldConfig(**kw)
@@ -336,8 +375,9 @@ def test_cli_generate_writes_a_world_and_rejects_a_bad_center(tmp_path):
 
     from cmsrd.world.cli import world
 
-    r = CliRunner().invoke(world, ["generate", "--out", str(tmp_path / "w"), "--small", "--extent-m", "400",
-                                   "--seed", "5", "--quiet"])
+    r = CliRunner().invoke(
+        world, ["generate", "--out", str(tmp_path / "w"), "--small", "--extent-m", "400", "--seed", "5", "--quiet"]
+    )
     assert r.exit_code == 0, r.output
     assert "S2" in r.output and (tmp_path / "w" / "world.json").is_file()
     assert _json(tmp_path / "w" / "world.json")["seed"] == 5

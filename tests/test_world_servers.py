@@ -44,11 +44,22 @@ def _write_world(root: Path) -> dict:
 
     w, s, e, n = BOUNDS
     wm = [mercantile.xy(w, s), mercantile.xy(e, n)]
-    (root / "world.json").write_text(json.dumps({
-        "name": "Test World", "seed": 0, "bounds_lonlat": list(BOUNDS),
-        "bounds_3857": [wm[0][0], wm[0][1], wm[1][0], wm[1][1]], "hr_gsd_m": 0.597, "zooms": [16, 17, 18],
-        "utm_epsg": 32632, "hr_capture_date": HR_DATE, "s2_items": [i[0] for i in ITEMS],
-        "attribution": "cmsrd offline world (synthetic)"}))
+    (root / "world.json").write_text(
+        json.dumps(
+            {
+                "name": "Test World",
+                "seed": 0,
+                "bounds_lonlat": list(BOUNDS),
+                "bounds_3857": [wm[0][0], wm[0][1], wm[1][0], wm[1][1]],
+                "hr_gsd_m": 0.597,
+                "zooms": [16, 17, 18],
+                "utm_epsg": 32632,
+                "hr_capture_date": HR_DATE,
+                "s2_items": [i[0] for i in ITEMS],
+                "attribution": "cmsrd offline world (synthetic)",
+            }
+        )
+    )
 
     rng = np.random.default_rng(0)
     tiles = list(mercantile.tiles(w, s, e, n, zooms=[17]))
@@ -60,21 +71,48 @@ def _write_world(root: Path) -> dict:
     cog = root / "sentinel2" / COG_ITEM / "B04.tif"
     cog.parent.mkdir(parents=True)
     data = rng.integers(1, 10000, (1024, 1024), dtype=np.uint16)
-    with rasterio.open(cog, "w", driver="COG", width=1024, height=1024, count=1, dtype="uint16", nodata=0,
-                       crs="EPSG:32632", transform=from_origin(690000, 5370000, 10, 10), blocksize=256,
-                       compress="deflate") as dst:
+    with rasterio.open(
+        cog,
+        "w",
+        driver="COG",
+        width=1024,
+        height=1024,
+        count=1,
+        dtype="uint16",
+        nodata=0,
+        crs="EPSG:32632",
+        transform=from_origin(690000, 5370000, 10, 10),
+        blocksize=256,
+        compress="deflate",
+    ) as dst:
         dst.write(data, 1)
 
     (root / "stac" / "items").mkdir(parents=True)
     poly = [[[w, s], [e, s], [e, n], [w, n], [w, s]]]
     for iid, when, cc in ITEMS:
-        item = {"type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": "sentinel-2-l2a",
-                "bbox": list(BOUNDS), "geometry": {"type": "Polygon", "coordinates": poly},
-                "properties": {"datetime": when, "eo:cloud_cover": cc, "proj:epsg": 32632,
-                               "s2:processing_baseline": "05.09", "earthsearch:boa_offset_applied": True},
-                "links": [], "assets": {"red": {"href": f"sentinel2/{iid}/B04.tif",
-                                                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                                                "roles": ["data"]}}}
+        item = {
+            "type": "Feature",
+            "stac_version": "1.0.0",
+            "id": iid,
+            "collection": "sentinel-2-l2a",
+            "bbox": list(BOUNDS),
+            "geometry": {"type": "Polygon", "coordinates": poly},
+            "properties": {
+                "datetime": when,
+                "eo:cloud_cover": cc,
+                "proj:epsg": 32632,
+                "s2:processing_baseline": "05.09",
+                "earthsearch:boa_offset_applied": True,
+            },
+            "links": [],
+            "assets": {
+                "red": {
+                    "href": f"sentinel2/{iid}/B04.tif",
+                    "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                    "roles": ["data"],
+                }
+            },
+        }
         (root / "stac" / "items" / f"{iid}.json").write_text(json.dumps(item))
 
     pbf = root / "osm" / "world.osm.pbf"
@@ -140,9 +178,15 @@ def test_missing_tile_is_grey_placeholder_or_404_with_blanktile_false(srv, world
 
 def test_identify_returns_capture_date_inside_and_nothing_outside(srv):
     lon, lat = (BOUNDS[0] + BOUNDS[2]) / 2, (BOUNDS[1] + BOUNDS[3]) / 2
-    base = {"geometryType": "esriGeometryPoint", "layers": "all", "tolerance": 2, "returnGeometry": "false",
-            "mapExtent": f"{lon - .01},{lat - .01},{lon + .01},{lat + .01}", "imageDisplay": "400,400,96",
-            "f": "json"}
+    base = {
+        "geometryType": "esriGeometryPoint",
+        "layers": "all",
+        "tolerance": 2,
+        "returnGeometry": "false",
+        "mapExtent": f"{lon - 0.01},{lat - 0.01},{lon + 0.01},{lat + 0.01}",
+        "imageDisplay": "400,400,96",
+        "f": "json",
+    }
     r = requests.get(srv.identify_url, params={**base, "geometry": f"{lon},{lat}", "sr": 4326}, timeout=5)
     res = r.json()["results"]
     assert r.status_code == 200 and len(res) == 1
@@ -171,9 +215,15 @@ def test_pystac_client_search_filters_sorts_and_pages(srv):
     client = Client.open(srv.stac_url)
     assert client.conforms_to("ITEM_SEARCH") and client.conforms_to("QUERY") and client.conforms_to("SORT")
     for method in ("POST", "GET"):
-        search = client.search(collections=["sentinel-2-l2a"], bbox=list(BOUNDS), method=method,
-                               datetime="2023-06-01/2023-07-31", query={"eo:cloud_cover": {"lt": 20}},
-                               sortby="-properties.datetime", limit=1)
+        search = client.search(
+            collections=["sentinel-2-l2a"],
+            bbox=list(BOUNDS),
+            method=method,
+            datetime="2023-06-01/2023-07-31",
+            query={"eo:cloud_cover": {"lt": 20}},
+            sortby="-properties.datetime",
+            limit=1,
+        )
         pages = list(search.pages())
         assert len(pages) == 2  # limit 1, two matches -> paged through the next link
         assert [it.id for it in search.items()] == [ITEMS[2][0], ITEMS[1][0]]
@@ -189,12 +239,15 @@ def test_pystac_client_search_filters_sorts_and_pages(srv):
     assert sorted(it.id for it in coll.get_items()) == sorted(i[0] for i in ITEMS)
 
 
-@pytest.mark.parametrize("dt, expected", [
-    ("2023-06-27T10:25:59.024Z", [ITEMS[1][0]]),                   # instant
-    ("2023-06-13T00:00:00Z/..", [ITEMS[2][0], ITEMS[1][0]]),        # open end
-    ("../2023-06-27T00:00:00Z", [ITEMS[0][0]]),                    # open start
-    ("2023-06-12T00:00:00Z/2023-06-30T00:00:00Z", [ITEMS[1][0], ITEMS[0][0]]),
-])
+@pytest.mark.parametrize(
+    "dt, expected",
+    [
+        ("2023-06-27T10:25:59.024Z", [ITEMS[1][0]]),  # instant
+        ("2023-06-13T00:00:00Z/..", [ITEMS[2][0], ITEMS[1][0]]),  # open end
+        ("../2023-06-27T00:00:00Z", [ITEMS[0][0]]),  # open start
+        ("2023-06-12T00:00:00Z/2023-06-30T00:00:00Z", [ITEMS[1][0], ITEMS[0][0]]),
+    ],
+)
 def test_search_datetime_instants_and_intervals(srv, dt, expected):
     r = requests.post(srv.stac_url + "/search", json={"datetime": dt}, timeout=5)
     assert [f["id"] for f in r.json()["features"]] == expected
@@ -202,9 +255,14 @@ def test_search_datetime_instants_and_intervals(srv, dt, expected):
 
 def test_search_rejects_bad_parameters_with_a_clear_400(srv):
     url = srv.stac_url + "/search"
-    cases = [{"bbox": [1, 2, 3]}, {"datetime": "yesterday"}, {"datetime": "../.."},
-             {"query": {"eo:cloud_cover": {"approx": 3}}}, {"limit": 0},
-             {"filter": {"op": "<", "args": [{"property": "eo:cloud_cover"}, 5]}}]
+    cases = [
+        {"bbox": [1, 2, 3]},
+        {"datetime": "yesterday"},
+        {"datetime": "../.."},
+        {"query": {"eo:cloud_cover": {"approx": 3}}},
+        {"limit": 0},
+        {"filter": {"op": "<", "args": [{"property": "eo:cloud_cover"}, 5]}},
+    ]
     for body in cases:
         r = requests.post(url, json=body, timeout=5)
         assert r.status_code == 400 and r.json()["description"], body
@@ -441,8 +499,23 @@ def test_serve_command_prints_urls_serves_and_stops_on_ctrl_c(world):
     import sys
 
     code = "from cmsrd.world.servers import serve_command; serve_command()"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(world[0]), "--error-rate", "1", "--error-codes", "503",
-                             "--fault-path", "/stac/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(world[0]),
+            "--error-rate",
+            "1",
+            "--error-codes",
+            "503",
+            "--fault-path",
+            "/stac/",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stdout.readline()
         assert first.startswith("serving ") and " at http://127.0.0.1:" in first
@@ -466,8 +539,11 @@ def test_generated_world_stac_items_and_assets_resolve(world_server, small_world
     from pystac_client import Client
 
     meta = json.loads((small_world / "world.json").read_text())
-    items = list(Client.open(world_server.stac_url).search(
-        collections=["sentinel-2-l2a"], bbox=meta["bounds_lonlat"], sortby="properties.eo:cloud_cover").items())
+    items = list(
+        Client.open(world_server.stac_url)
+        .search(collections=["sentinel-2-l2a"], bbox=meta["bounds_lonlat"], sortby="properties.eo:cloud_cover")
+        .items()
+    )
     assert sorted(it.id for it in items) == sorted(meta["s2_items"])
     covers = [it.properties["eo:cloud_cover"] for it in items]
     assert covers == sorted(covers)
@@ -513,8 +589,16 @@ def test_generated_world_tiles_identify_and_geofabrik(world_server, small_world,
     assert requests.get(outside + "?blankTile=false", timeout=5).status_code == 404
     assert requests.get(outside, timeout=5).status_code == 200
     w, s, e, n = meta["bounds_lonlat"]
-    r = requests.get(world_server.identify_url, timeout=5, params={
-        "geometry": f"{(w + e) / 2},{(s + n) / 2}", "geometryType": "esriGeometryPoint", "sr": 4326, "f": "json"})
+    r = requests.get(
+        world_server.identify_url,
+        timeout=5,
+        params={
+            "geometry": f"{(w + e) / 2},{(s + n) / 2}",
+            "geometryType": "esriGeometryPoint",
+            "sr": 4326,
+            "f": "json",
+        },
+    )
     assert r.json()["results"][0]["attributes"]["SRC_DATE"] == meta["hr_capture_date"].replace("-", "")
     index = requests.get(world_server.geofabrik_index_url, timeout=5).json()
     child = next(f for f in index["features"] if "parent" in f["properties"])

@@ -42,7 +42,9 @@ class VGGStyleDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"discriminator expects {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"discriminator expects {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}"
+            )
         for i in range(self.num_stages):
             x = getattr(self, f"conv{i}_0")(x)
             if i > 0:

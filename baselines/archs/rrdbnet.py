@@ -85,7 +85,13 @@ class RRDBNet(nn.Module):
         num_grow_ch: int = 32,
     ):
         super().__init__()
-        sizes = {"num_in_ch": num_in_ch, "num_out_ch": num_out_ch, "num_feat": num_feat, "num_block": num_block, "num_grow_ch": num_grow_ch}
+        sizes = {
+            "num_in_ch": num_in_ch,
+            "num_out_ch": num_out_ch,
+            "num_feat": num_feat,
+            "num_block": num_block,
+            "num_grow_ch": num_grow_ch,
+        }
         for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RRDBNet {name} must be a positive integer, got {value!r}")

@@ -20,8 +20,8 @@ relative-position bias (and the shifted-window mask) as an additive float mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 from timm.layers import DropPath, trunc_normal_
@@ -105,7 +105,15 @@ class Mlp(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside a window with a learned relative-position bias."""
 
-    def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
@@ -127,7 +135,9 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).repeat(bw // nw, 1, 1, 1)
         attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
@@ -160,7 +170,16 @@ class SwinTransformerBlock(nn.Module):
 
 
 class BasicLayer(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int, mlp_ratio: float, drop_path: Sequence[float]):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        shift: int,
+        mlp_ratio: float,
+        drop_path: Sequence[float],
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(dim, num_heads, window, 0 if i % 2 == 0 else shift, mlp_ratio, drop_path[i])
@@ -176,16 +195,27 @@ class BasicLayer(nn.Module):
 class RSTB(nn.Module):
     """Residual Swin Transformer block: a BasicLayer, a conv in image space, and a long skip."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int, mlp_ratio: float, drop_path: Sequence[float],
-                 resi_connection: str):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        shift: int,
+        mlp_ratio: float,
+        drop_path: Sequence[float],
+        resi_connection: str,
+    ):
         super().__init__()
         self.residual_group = BasicLayer(dim, depth, num_heads, window, shift, mlp_ratio, drop_path)
         if resi_connection == "1conv":
             self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
         elif resi_connection == "3conv":
             self.conv = nn.Sequential(
-                nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(dim, dim // 4, 3, 1, 1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+                nn.LeakyReLU(0.2, inplace=True),
                 nn.Conv2d(dim // 4, dim, 3, 1, 1),
             )
         else:
@@ -225,7 +255,9 @@ class SwinIR(nn.Module):
             raise ValueError(f"only the classical 'pixelshuffle' upsampler is implemented (got {upsampler!r})")
         n_up = int(round(math.log2(upscale))) if upscale >= 2 else 0
         if 2**n_up != upscale or n_up < 1:
-            raise ValueError(f"SwinIR upscale must be a power of two >= 2 for the pixelshuffle upsampler, got {upscale}")
+            raise ValueError(
+                f"SwinIR upscale must be a power of two >= 2 for the pixelshuffle upsampler, got {upscale}"
+            )
         if len(depths) != len(num_heads):
             raise ValueError("depths and num_heads must have the same length")
         if embed_dim % num_heads[0]:
@@ -235,7 +267,9 @@ class SwinIR(nn.Module):
                 raise ValueError(f"SwinIR {name} must be a positive integer, got {value!r}")
         self.upscale, self.window_size, self.img_range, self.img_size = upscale, window_size, img_range, img_size
         window, shift = block_geometry(img_size, window_size)
-        self.pad_multiple = math.lcm(window_size, window)  # the official pads to window_size; lcm also fits a smaller block window
+        self.pad_multiple = math.lcm(
+            window_size, window
+        )  # the official pads to window_size; lcm also fits a smaller block window
         mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
 
@@ -247,14 +281,21 @@ class SwinIR(nn.Module):
         self.layers = nn.ModuleList()
         start = 0
         for depth, heads in zip(depths, num_heads):
-            self.layers.append(RSTB(embed_dim, depth, heads, window, shift, mlp_ratio, dpr[start:start + depth], resi_connection))
+            self.layers.append(
+                RSTB(embed_dim, depth, heads, window, shift, mlp_ratio, dpr[start : start + depth], resi_connection)
+            )
             start += depth
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = (
-            nn.Conv2d(embed_dim, embed_dim, 3, 1, 1) if resi_connection == "1conv" else nn.Sequential(
-                nn.Conv2d(embed_dim, embed_dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(embed_dim // 4, embed_dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(embed_dim // 4, embed_dim, 3, 1, 1))
+            nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+            if resi_connection == "1conv"
+            else nn.Sequential(
+                nn.Conv2d(embed_dim, embed_dim // 4, 3, 1, 1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(embed_dim // 4, embed_dim // 4, 1, 1, 0),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(embed_dim // 4, embed_dim, 3, 1, 1),
+            )
         )
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
         ups: list[nn.Module] = []

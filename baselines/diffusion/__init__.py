@@ -9,6 +9,11 @@ from .sampling import lr_start_timesteps, sample_latents
 from .schedules import SAMPLERS, TRAIN_SCHEDULE, add_noise, make_scheduler, training_scheduler
 
 __all__ = [
-    "SAMPLERS", "TRAIN_SCHEDULE", "add_noise", "make_scheduler", "training_scheduler",
-    "sample_latents", "lr_start_timesteps",
+    "SAMPLERS",
+    "TRAIN_SCHEDULE",
+    "add_noise",
+    "make_scheduler",
+    "training_scheduler",
+    "sample_latents",
+    "lr_start_timesteps",
 ]

@@ -7,7 +7,7 @@ training schedule, and denoised from there, so only the sampler steps at or belo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -74,7 +74,11 @@ def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS):
     elif name == "dpm-solver":
         common = {k: v for k, v in TRAIN_SCHEDULE.items() if k != "clip_sample"}
         sched = DPMSolverMultistepScheduler(
-            **common, thresholding=False, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            **common,
+            thresholding=False,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing="trailing",
             final_sigmas_type="zero",
         )
     else:

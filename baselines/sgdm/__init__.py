@@ -8,8 +8,10 @@ from typing import Any
 
 from ..registry import MethodSpec, load_yaml, merge_config, register, resolve_class
 
-_CITATION = ("Wang et al., Semantic Guided Large Scale Factor Remote Sensing Image Super-resolution with "
-             "Generative Diffusion Prior, ISPRS J. Photogramm. Remote Sens., 2025 (github.com/wwangcece/SGDM)")
+_CITATION = (
+    "Wang et al., Semantic Guided Large Scale Factor Remote Sensing Image Super-resolution with "
+    "Generative Diffusion Prior, ISPRS J. Photogramm. Remote Sens., 2025 (github.com/wwangcece/SGDM)"
+)
 SPECS: dict[str, MethodSpec] = {}
 
 
@@ -17,26 +19,53 @@ def _register(spec: MethodSpec) -> None:
     SPECS[spec.name] = register(spec)
 
 
-_LICENSE = ("no LICENSE file in the official repo; backbone Stable Diffusion 2.1-base under "
-            "CreativeML Open RAIL++-M")
+_LICENSE = "no LICENSE file in the official repo; backbone Stable Diffusion 2.1-base under CreativeML Open RAIL++-M"
 
-_register(MethodSpec(
-    name="sgdm", target="baselines.sgdm.model:SGDM", kind="diffusion", scales=(32,), inputs=("sr", "map"),
-    nfe=50, license=_LICENSE, citation=_CITATION, conditions=("map", "steps", "start"), config="sgdm.yaml",
-    description="SGDM, synthetic CMSRD x32: map-SPADE CS-encoder + adapter on SD2.1-base, 50-step DDPM",
-))
-_register(MethodSpec(
-    name="sgdm+", target="baselines.sgdm.model:SGDMPlus", kind="diffusion", scales=(16,),
-    inputs=("sr", "map", "style"), nfe=50, license=_LICENSE, citation=_CITATION,
-    conditions=("map", "style", "steps", "start"), config="sgdm+.yaml",
-    description="SGDM+, real CMSRD x16: content-style encoder with AdaIN, style flows, SD2.1-base",
-))
-_register(MethodSpec(
-    name="sgdm-nomap", target="baselines.sgdm.model:SGDMNoMap", kind="diffusion", scales=(32,),
-    inputs=("sr", "map"), nfe=50, license=_LICENSE, citation=_CITATION, conditions=("map", "steps", "start"),
-    config="sgdm-nomap.yaml",
-    description="SGDM ablation without the map encoder (map used only for the text prompt)",
-))
+_register(
+    MethodSpec(
+        name="sgdm",
+        target="baselines.sgdm.model:SGDM",
+        kind="diffusion",
+        scales=(32,),
+        inputs=("sr", "map"),
+        nfe=50,
+        license=_LICENSE,
+        citation=_CITATION,
+        conditions=("map", "steps", "start"),
+        config="sgdm.yaml",
+        description="SGDM, synthetic CMSRD x32: map-SPADE CS-encoder + adapter on SD2.1-base, 50-step DDPM",
+    )
+)
+_register(
+    MethodSpec(
+        name="sgdm+",
+        target="baselines.sgdm.model:SGDMPlus",
+        kind="diffusion",
+        scales=(16,),
+        inputs=("sr", "map", "style"),
+        nfe=50,
+        license=_LICENSE,
+        citation=_CITATION,
+        conditions=("map", "style", "steps", "start"),
+        config="sgdm+.yaml",
+        description="SGDM+, real CMSRD x16: content-style encoder with AdaIN, style flows, SD2.1-base",
+    )
+)
+_register(
+    MethodSpec(
+        name="sgdm-nomap",
+        target="baselines.sgdm.model:SGDMNoMap",
+        kind="diffusion",
+        scales=(32,),
+        inputs=("sr", "map"),
+        nfe=50,
+        license=_LICENSE,
+        citation=_CITATION,
+        conditions=("map", "steps", "start"),
+        config="sgdm-nomap.yaml",
+        description="SGDM ablation without the map encoder (map used only for the text prompt)",
+    )
+)
 
 
 def build(name: str, scale: int, config: dict[str, Any] | str | Path | None = None, device: Any = "cpu"):

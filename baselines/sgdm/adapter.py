@@ -12,7 +12,7 @@ decoder path, so we use forward hooks instead (measured in the reference to matc
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -69,13 +69,22 @@ class SGDMAdapter(nn.Module):
         enc_out = c0 if variant == "real" else cond_channels
         self.merge_encoder = ENCODERS[variant](enc_out)
         self.conv_in = nn.Conv2d(enc_out, c0, 3, 1, 1)
-        self.body = nn.ModuleList([
-            ResnetBlock(c0, c1, down=True), ResnetBlock(c1, c1, down=False),
-            ResnetBlock(c1, c2, down=True), ResnetBlock(c2, c2, down=False),
-        ])
+        self.body = nn.ModuleList(
+            [
+                ResnetBlock(c0, c1, down=True),
+                ResnetBlock(c1, c1, down=False),
+                ResnetBlock(c1, c2, down=True),
+                ResnetBlock(c2, c2, down=False),
+            ]
+        )
 
-    def forward(self, sr: torch.Tensor, ref: torch.Tensor | None, style: torch.Tensor | None = None,
-                style_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        sr: torch.Tensor,
+        ref: torch.Tensor | None,
+        style: torch.Tensor | None = None,
+        style_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         if self.variant == "real":
             cond = self.merge_encoder(sr, ref, style=style, style_stats=style_stats)
         else:
@@ -114,6 +123,7 @@ class FeatureInjector:
                 return (output[0] + feat.to(output[0].dtype),) + tuple(output[1:])
             output.sample = output.sample + feat.to(output.sample.dtype)
             return output
+
         return hook
 
     @contextlib.contextmanager

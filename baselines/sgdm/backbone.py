@@ -38,46 +38,98 @@ LATENT_SCALE = 0.18215
 SD21_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
 
 SD21_UNET: dict[str, Any] = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
 }
 SD21_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu",
-    "norm_num_groups": 32, "sample_size": 512, "scaling_factor": LATENT_SCALE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": LATENT_SCALE,
 }
 SD21_TEXT: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
-    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512,
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
 }
 
 # A tiny geometry with the same structure (4 levels, cross-attention at levels 0-2, factor-8 VAE) for
 # tests and CPU demos. Adapter widths follow `block_out_channels[:3]`.
 TINY_UNET: dict[str, Any] = {
-    **SD21_UNET, "sample_size": 8, "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1,
-    "norm_num_groups": 8, "cross_attention_dim": 32, "attention_head_dim": [2, 4, 4, 4],
+    **SD21_UNET,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 64, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
+    "attention_head_dim": [2, 4, 4, 4],
 }
-TINY_VAE: dict[str, Any] = {**SD21_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
-                            "norm_num_groups": 8, "sample_size": 64}
-TINY_TEXT: dict[str, Any] = {**SD21_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                             "num_attention_heads": 4, "projection_dim": 32}
+TINY_VAE: dict[str, Any] = {
+    **SD21_VAE,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+TINY_TEXT: dict[str, Any] = {
+    **SD21_TEXT,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
 
 # A small geometry for short GPU comparisons (e.g. sgdm vs sgdm-nomap at a fixed time budget): ~1/5 of
 # SD2.1's widths, one resnet per level, a 4-layer text encoder.
 SMALL_UNET: dict[str, Any] = {
-    **SD21_UNET, "block_out_channels": [64, 128, 256, 256], "layers_per_block": 1, "cross_attention_dim": 256,
+    **SD21_UNET,
+    "block_out_channels": [64, 128, 256, 256],
+    "layers_per_block": 1,
+    "cross_attention_dim": 256,
     "attention_head_dim": [2, 4, 8, 8],
 }
 SMALL_VAE: dict[str, Any] = {**SD21_VAE, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1}
-SMALL_TEXT: dict[str, Any] = {**SD21_TEXT, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-                              "num_attention_heads": 4, "projection_dim": 256}
+SMALL_TEXT: dict[str, Any] = {
+    **SD21_TEXT,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "projection_dim": 256,
+}
 
 GEOMETRIES = {
     "sd21-base": (SD21_UNET, SD21_VAE, SD21_TEXT),
@@ -173,7 +225,10 @@ class _nullcontext:
 
 
 def backbone_from_original_state(
-    state: dict[str, torch.Tensor], geometry_name: str = "sd21-base", tokenizer: Any = None, source: str = "state",
+    state: dict[str, torch.Tensor],
+    geometry_name: str = "sd21-base",
+    tokenizer: Any = None,
+    source: str = "state",
     overrides: dict | None = None,
 ) -> Backbone:
     """Build diffusers modules from an original-layout SD state dict (`model.diffusion_model.*`,
@@ -184,8 +239,9 @@ def backbone_from_original_state(
     return Backbone(unet, vae, text, tokenizer, source)
 
 
-def load_original_parts(unet: nn.Module, vae: nn.Module, text: nn.Module, state: dict[str, torch.Tensor], source: str,
-                        required: bool = True) -> list[str]:
+def load_original_parts(
+    unet: nn.Module, vae: nn.Module, text: nn.Module, state: dict[str, torch.Tensor], source: str, required: bool = True
+) -> list[str]:
     """Load an original-layout state (`model.diffusion_model.*`, `first_stage_model.*`,
     `cond_stage_model.model.*`) into built modules through diffusers' ldm converters; returns the parts
     loaded. The UNet is always loaded; the VAE and text tower only when present unless `required`. A key or
@@ -199,7 +255,9 @@ def load_original_parts(unet: nn.Module, vae: nn.Module, text: nn.Module, state:
         load_strict(vae, convert_ldm_vae_checkpoint(vae_state, vae.config), f"checkpoint {source} (VAE)")
         parts.append("VAE")
     elif required:
-        raise InputError(f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint")
+        raise InputError(
+            f"checkpoint {source}", "has no first_stage_model.* (VAE) tensors", "use a full SD/SGDM checkpoint"
+        )
     if required or any(k.startswith("cond_stage_model.model.") for k in state):
         load_text_tower(text, state, source)
         parts.append("text encoder")
@@ -217,16 +275,26 @@ def load_text_tower(text: nn.Module, state: dict[str, torch.Tensor], source: str
     missing, _ = text.load_state_dict(converted, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     if missing:
-        raise InputError(f"checkpoint {source}", f"{len(missing)} text encoder tensors missing, e.g. {missing[:3]}",
-                         "use a checkpoint with all of cond_stage_model.model.* (OpenCLIP ViT-H/14)")
+        raise InputError(
+            f"checkpoint {source}",
+            f"{len(missing)} text encoder tensors missing, e.g. {missing[:3]}",
+            "use a checkpoint with all of cond_stage_model.model.* (OpenCLIP ViT-H/14)",
+        )
 
 
-def load_backbone(pretrained: str | None, geometry_name: str = "sd21-base", tokenizer: str | None = None,
-                  overrides: dict | None = None) -> Backbone:
+def load_backbone(
+    pretrained: str | None,
+    geometry_name: str = "sd21-base",
+    tokenizer: str | None = None,
+    overrides: dict | None = None,
+) -> Backbone:
     """Resolve `pretrained` (None, a diffusers folder, a single-file checkpoint or a hub id)."""
     if pretrained is None:
-        log.warning("SGDM backbone: random init (%s geometry); real weights come from backbone.pretrained or from "
-                    "an official SGDM .ckpt given as `checkpoint:`", geometry_name)
+        log.warning(
+            "SGDM backbone: random init (%s geometry); real weights come from backbone.pretrained or from "
+            "an official SGDM .ckpt given as `checkpoint:`",
+            geometry_name,
+        )
         return random_backbone(geometry_name, overrides)
     path = Path(os.path.expanduser(str(pretrained)))
     if path.is_file():
@@ -245,11 +313,13 @@ class MissingTokenizerError(MissingWeightsError):
 
     def __init__(self, tried: list[str]):
         InputError.__init__(
-            self, f"weights 'SD2.1 tokenizer' (the {TOKENIZER_WHAT})",
+            self,
+            f"weights 'SD2.1 tokenizer' (the {TOKENIZER_WHAT})",
             f"not found (looked in: {'; '.join(tried)})",
             "set network.backbone.tokenizer to a tokenizer folder (download all files of "
             f"https://huggingface.co/{SD21_HUB_ID}/tree/main/tokenizer), or point backbone.pretrained at an SD2.1 "
-            "diffusers folder or a filled HF cache")
+            "diffusers folder or a filled HF cache",
+        )
         self.expected_path = tried[0]
 
 
@@ -292,8 +362,9 @@ def resolve_tokenizer(tokenizer: str | None, pretrained: str | None, near: str |
 # tokenizer_config.json transformers gives model_max_length 1e30 (padding then overflows) and, without the
 # special tokens of special_tokens_map.json / tokenizer_config.json, pads with <|endoftext|> instead of "!".
 TOKENIZER_FILES = (("vocab.json", "merges.txt", "tokenizer_config.json"), ("tokenizer.json", "tokenizer_config.json"))
-TOKENIZER_WHAT = ("SD2.1 tokenizer/ folder, all of its files: vocab.json, merges.txt, tokenizer_config.json, "
-                  "special_tokens_map.json")
+TOKENIZER_WHAT = (
+    "SD2.1 tokenizer/ folder, all of its files: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json"
+)
 TEXT_MAX_LENGTH = 77  # max_position_embeddings of SD2.1's text tower (and of the tiny test geometry)
 SD21_VOCAB_SIZE, SD21_PAD_ID = 49408, 0  # OpenCLIP pads with "!" (id 0); SD2.1 was trained with that padding
 
@@ -309,17 +380,25 @@ def _load_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     if not any(all((folder / f).is_file() for f in names) for names in TOKENIZER_FILES):
-        raise InputError(f"tokenizer folder {folder}", "is incomplete (no tokenizer_config.json next to the vocabulary)",
-                         f"use the {TOKENIZER_WHAT}")
+        raise InputError(
+            f"tokenizer folder {folder}",
+            "is incomplete (no tokenizer_config.json next to the vocabulary)",
+            f"use the {TOKENIZER_WHAT}",
+        )
     tok = CLIPTokenizer.from_pretrained(str(folder))
     wrong = []
     if tok.model_max_length != TEXT_MAX_LENGTH:
-        wrong.append(f"model_max_length {tok.model_max_length} (expected {TEXT_MAX_LENGTH}, set in tokenizer_config.json)")
+        wrong.append(
+            f"model_max_length {tok.model_max_length} (expected {TEXT_MAX_LENGTH}, set in tokenizer_config.json)"
+        )
     if len(tok) == SD21_VOCAB_SIZE and tok.pad_token_id != SD21_PAD_ID:
         wrong.append(f"pad token {tok.pad_token!r} (expected '!' = id 0, set in special_tokens_map.json)")
     if wrong:
-        raise InputError(f"tokenizer folder {folder}", "is not the SD2.1 tokenizer as configured: " + "; ".join(wrong),
-                         f"use the {TOKENIZER_WHAT}")
+        raise InputError(
+            f"tokenizer folder {folder}",
+            "is not the SD2.1 tokenizer as configured: " + "; ".join(wrong),
+            f"use the {TOKENIZER_WHAT}",
+        )
     return tok
 
 
@@ -337,8 +416,11 @@ def _hub_tokenizer_folder(repo: str, local_only: bool) -> Path | None:
 
 def _looks_like_hub_id(name: str) -> bool:
     """`owner/name` with no path-like start or weights suffix (`load_backbone` treats those as local files)."""
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            and Path(name).suffix not in (".ckpt", ".safetensors", ".pt"))
+    return (
+        name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and Path(name).suffix not in (".ckpt", ".safetensors", ".pt")
+    )
 
 
 def _from_diffusers(where: str, local_only: bool) -> Backbone:
@@ -354,8 +436,9 @@ def _from_diffusers(where: str, local_only: bool) -> Backbone:
     except (OSError, ValueError) as e:
         raise MissingWeightsError(
             f"Stable Diffusion 2.1-base ({where}; {type(e).__name__})",
-            f"{where}/{{unet,vae,text_encoder,tokenizer}}" if Path(where).is_dir() else
-            f"a diffusers folder with unet/ vae/ text_encoder/ tokenizer/ (set backbone.pretrained to it), "
+            f"{where}/{{unet,vae,text_encoder,tokenizer}}"
+            if Path(where).is_dir()
+            else f"a diffusers folder with unet/ vae/ text_encoder/ tokenizer/ (set backbone.pretrained to it), "
             f"a v2-1_512-ema-pruned.ckpt path, or the HF cache for {where}",
             f"https://huggingface.co/{SD21_HUB_ID}",
         ) from e

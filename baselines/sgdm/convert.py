@@ -29,14 +29,33 @@ UNET_PREFIX = "model.diffusion_model."
 ADAPTER_PREFIX = "adapter."
 # flow file pairs looked for next to a checkpoint, in order: the released names (official repo
 # `model/Flows/checkpoints/`, README `checkpoints/`), then what the official training script saves
-FLOW_FILES = (("flow_tanh_mini_mean", "flow_tanh_mini_std"), ("flow_tanh_mini_mean.pt", "flow_tanh_mini_std.pt"),
-              ("flow_mean.pt", "flow_std.pt"), ("flow_mean", "flow_std"))
+FLOW_FILES = (
+    ("flow_tanh_mini_mean", "flow_tanh_mini_std"),
+    ("flow_tanh_mini_mean.pt", "flow_tanh_mini_std.pt"),
+    ("flow_mean.pt", "flow_std.pt"),
+    ("flow_mean", "flow_std"),
+)
 # Where the classes pickled in Lightning/ldm training metadata live (`model.*`, `ldm.*`: the official repo).
-METADATA_MODULES = frozenset({"pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "ldm", "model",
-                              "argparse", "pathlib", "typing", "collections", "enum", "numpy"})
+METADATA_MODULES = frozenset(
+    {
+        "pytorch_lightning",
+        "lightning",
+        "lightning_fabric",
+        "omegaconf",
+        "ldm",
+        "model",
+        "argparse",
+        "pathlib",
+        "typing",
+        "collections",
+        "enum",
+        "numpy",
+    }
+)
 # builtin types that omegaconf metadata names (`object_type=dict`); never eval/exec/getattr and the like
-METADATA_BUILTINS = frozenset(f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float", "str", "bool",
-                                                        "bytes", "frozenset", "object"))
+METADATA_BUILTINS = frozenset(
+    f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float", "str", "bool", "bytes", "frozenset", "object")
+)
 STATE_FIX = "pass the authors' .ckpt, a flow .pt state dict, or a .safetensors file"
 
 
@@ -45,17 +64,21 @@ def _extract_fix(path: Path) -> str:
     (a shell-quoted command, valid for any path; plain state dicts work as well as Lightning files)."""
     import shlex
 
-    code = (f"import torch; p = {str(path)!r}; o = torch.load(p, weights_only=False); "
-            "torch.save(o.get('state_dict', o) if isinstance(o, dict) else o, p + '.weights.pt')")
-    return (f"in an environment where you trust the file, extract its weights once: python -c {shlex.quote(code)} "
-            "(or save that dict with safetensors.torch.save_file) and pass the new file")
+    code = (
+        f"import torch; p = {str(path)!r}; o = torch.load(p, weights_only=False); "
+        "torch.save(o.get('state_dict', o) if isinstance(o, dict) else o, p + '.weights.pt')"
+    )
+    return (
+        f"in an environment where you trust the file, extract its weights once: python -c {shlex.quote(code)} "
+        "(or save that dict with safetensors.torch.save_file) and pass the new file"
+    )
 
 
 class _Inert:
     """Stand-in for a class or function named by checkpoint metadata: creating, calling or restoring it runs
     no code of that package and keeps nothing (only `state_dict` is used)."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -73,9 +96,12 @@ def _metadata_stubs(path: Path) -> list[tuple[type, str]]:
         return []
     refused = [n for n in names if n.split(".")[0] not in METADATA_MODULES and n not in METADATA_BUILTINS]
     if refused:
-        raise InputError(f"checkpoint {path}", f"its pickle references {', '.join(refused[:5])}, which is not "
-                         "checkpoint metadata; refusing to unpickle it",
-                         "load only the authors' released files, or re-save the weights as .safetensors")
+        raise InputError(
+            f"checkpoint {path}",
+            f"its pickle references {', '.join(refused[:5])}, which is not "
+            "checkpoint metadata; refusing to unpickle it",
+            "load only the authors' released files, or re-save the weights as .safetensors",
+        )
     # each stub carries the real name, so an error naming it names what the file holds
     return [(type(n.rpartition(".")[2], (_Inert,), {"__module__": n.rpartition(".")[0]}), n) for n in names]
 
@@ -92,8 +118,11 @@ def _unsafe_globals(path: Path) -> list[str] | None:
 
     allowed = _get_allowed_globals()
     names = _legacy_pickle_globals(path)
-    return None if names is None else sorted(
-        n for n in names if n not in allowed and not (n.startswith("torch.") and n.endswith("Storage")))
+    return (
+        None
+        if names is None
+        else sorted(n for n in names if n not in allowed and not (n.startswith("torch.") and n.endswith("Storage")))
+    )
 
 
 def _legacy_pickle_globals(path: Path) -> set[str] | None:
@@ -142,14 +171,21 @@ def load_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and _is_torch_file(path):  # weights-only refused part of the pickle
             if not stubs and _unsafe_globals(path) != []:  # unscannable, or names outside metadata and allowlist
-                raise InputError(f"checkpoint {path}", f"its pickle cannot be loaded safely ({_unpickler_reason(e)}); "
-                                 "refusing to unpickle it", STATE_FIX) from e
+                raise InputError(
+                    f"checkpoint {path}",
+                    f"its pickle cannot be loaded safely ({_unpickler_reason(e)}); refusing to unpickle it",
+                    STATE_FIX,
+                ) from e
             legacy = "" if zipfile.is_zipfile(path) else " (legacy non-zip torch format)"
-            raise InputError(f"checkpoint {path}", f"holds training metadata this loader cannot rebuild safely{legacy}: "
-                             f"{_unpickler_reason(e)}", _extract_fix(path)) from e
+            raise InputError(
+                f"checkpoint {path}",
+                f"holds training metadata this loader cannot rebuild safely{legacy}: {_unpickler_reason(e)}",
+                _extract_fix(path),
+            ) from e
         # truncated or damaged files, non-torch files
-        raise InputError(f"checkpoint {path}", f"cannot be read as a tensor state dict ({type(e).__name__}: {e})",
-                         STATE_FIX) from e
+        raise InputError(
+            f"checkpoint {path}", f"cannot be read as a tensor state dict ({type(e).__name__}: {e})", STATE_FIX
+        ) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -173,8 +209,11 @@ def _unpickler_reason(e: Exception) -> str:
     which this loader never does)."""
     text = str(e)
     head, found, tail = text.partition("WeightsUnpickler error:")
-    lines = [ln.strip() for ln in (tail if found else text).split("Check the documentation")[0].splitlines()
-             if ln.strip() and "weights_only" not in ln and "Weights only load failed" not in ln]
+    lines = [
+        ln.strip()
+        for ln in (tail if found else text).split("Check the documentation")[0].splitlines()
+        if ln.strip() and "weights_only" not in ln and "Weights only load failed" not in ln
+    ]
     return lines[0].split(". Please use")[0] if lines else type(e).__name__
 
 
@@ -184,8 +223,9 @@ def is_official(state: dict[str, Any]) -> bool:
 
 def has_backbone(state: dict[str, Any]) -> bool:
     """An official SGDM checkpoint carrying the whole SD2.1 backbone (UNet, VAE, text tower), as released."""
-    return is_official(state) and all(any(k.startswith(p) for k in state)
-                                      for p in ("first_stage_model.", "cond_stage_model.model."))
+    return is_official(state) and all(
+        any(k.startswith(p) for k in state) for p in ("first_stage_model.", "cond_stage_model.model.")
+    )
 
 
 def detect_variant(state: dict[str, Any]) -> str:
@@ -201,7 +241,7 @@ def detect_variant(state: dict[str, Any]) -> str:
 
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`SGDMAdapter` keys of an official state (the authors' attribute names: only the prefix goes)."""
-    return {k[len(ADAPTER_PREFIX):]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+    return {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -209,12 +249,18 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
-        raise InputError(what, f"does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), shape mismatches {shapes[:3]}",
-                         "check the checkpoint variant (sgdm / sgdm+ / sgdm-nomap) and backbone geometry")
+        raise InputError(
+            what,
+            f"does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), shape mismatches {shapes[:3]}",
+            "check the checkpoint variant (sgdm / sgdm+ / sgdm-nomap) and backbone geometry",
+        )
     module.load_state_dict(state, strict=True)
 
 

@@ -94,8 +94,13 @@ class StyleEncoder(nn.Module):
         super().__init__()
         self.first_layer_sr = nn.Conv2d(3, ch, 3, 1, 1)
         for i in (1, 2, 3):
-            setattr(self, f"layer{i}_sr", nn.Sequential(
-                nn.Conv2d(ch, ch, 3, 1, 1), nn.LeakyReLU(0.01), nn.Conv2d(ch, ch, 3, 2, 1), nn.LeakyReLU(0.01)))
+            setattr(
+                self,
+                f"layer{i}_sr",
+                nn.Sequential(
+                    nn.Conv2d(ch, ch, 3, 1, 1), nn.LeakyReLU(0.01), nn.Conv2d(ch, ch, 3, 2, 1), nn.LeakyReLU(0.01)
+                ),
+            )
         self.last_layer = nn.Sequential(nn.Conv2d(ch, ch, 3, 1, 1), nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +126,9 @@ class ContentEncoder(nn.Module):
             setattr(self, f"spade{i}", SPADE(ch, 2 * ch))
         self.last_linear = nn.Conv2d(3 * ch, out_channels, 1, bias=False)
 
-    def forward(self, sr: torch.Tensor, ref: torch.Tensor, style_mean: torch.Tensor, style_std: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sr: torch.Tensor, ref: torch.Tensor, style_mean: torch.Tensor, style_std: torch.Tensor
+    ) -> torch.Tensor:
         lr, mp = self.first_layer_sr(sr), self.first_layer_ref(ref)
         for i in (1, 2, 3):
             mp = getattr(self, f"layer{i}_ref")(mp)
@@ -186,8 +193,16 @@ class LREncoder(nn.Module):
         self.first_layer_sr = nn.Conv2d(3, widths[0], 3, 1, 1)
         for i in (1, 2, 3):
             cin, cout = widths[i - 1], widths[i]
-            setattr(self, f"layer{i}_sr", nn.Sequential(
-                nn.Conv2d(cin, cout, 3, 1, 1), nn.LeakyReLU(0.01), nn.Conv2d(cout, cout, 3, 2, 1), nn.LeakyReLU(0.01)))
+            setattr(
+                self,
+                f"layer{i}_sr",
+                nn.Sequential(
+                    nn.Conv2d(cin, cout, 3, 1, 1),
+                    nn.LeakyReLU(0.01),
+                    nn.Conv2d(cout, cout, 3, 2, 1),
+                    nn.LeakyReLU(0.01),
+                ),
+            )
         self.last_linear = nn.Conv2d(widths[3], out_channels, 3, 1, 1, bias=False)
 
     def forward(self, sr: torch.Tensor, ref: torch.Tensor | None = None, **_: object) -> torch.Tensor:

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 import normflows as nf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..seeding import Generators, randn
-from tqdm.auto import tqdm
 
 STYLE_DIM = 32
 
 
-def create_flow(dim: int = STYLE_DIM, num_layers: int = 16, hidden: tuple[int, ...] = (16, 64, 64, 32)) -> nf.NormalizingFlow:
+def create_flow(
+    dim: int = STYLE_DIM, num_layers: int = 16, hidden: tuple[int, ...] = (16, 64, 64, 32)
+) -> nf.NormalizingFlow:
     """The official flow architecture (117,312 parameters at the default size)."""
     if hidden[0] != dim // 2 or hidden[-1] != dim:
         raise ValueError(f"coupling MLP {hidden} must map dim/2={dim // 2} -> dim={dim}")
@@ -69,8 +71,9 @@ class FlowTrainConfig:
     seed: int = 0
 
 
-def train_flow(flow: nf.NormalizingFlow, data: np.ndarray | torch.Tensor, cfg: FlowTrainConfig,
-               desc: str = "flow") -> list[float]:
+def train_flow(
+    flow: nf.NormalizingFlow, data: np.ndarray | torch.Tensor, cfg: FlowTrainConfig, desc: str = "flow"
+) -> list[float]:
     """Fit one flow by maximum likelihood (forward KL); returns the mean loss per epoch."""
     x = torch.as_tensor(np.asarray(data), dtype=torch.float32)
     if x.ndim != 2 or x.shape[1] != flow.q0.d:
@@ -85,7 +88,7 @@ def train_flow(flow: nf.NormalizingFlow, data: np.ndarray | torch.Tensor, cfg: F
         perm = torch.randperm(len(x), generator=g)
         losses = []
         for i in range(0, len(x), cfg.batch_size):
-            batch = x[perm[i:i + cfg.batch_size]].to(device)
+            batch = x[perm[i : i + cfg.batch_size]].to(device)
             loss = flow.forward_kld(batch)
             if not torch.isfinite(loss):
                 continue  # the official script skips NaN/Inf steps
@@ -99,8 +102,13 @@ def train_flow(flow: nf.NormalizingFlow, data: np.ndarray | torch.Tensor, cfg: F
     return history
 
 
-def train_style_flows(flows: StyleFlows, means: np.ndarray, stds: np.ndarray, cfg: FlowTrainConfig) -> dict[str, list[float]]:
+def train_style_flows(
+    flows: StyleFlows, means: np.ndarray, stds: np.ndarray, cfg: FlowTrainConfig
+) -> dict[str, list[float]]:
     """Train both flows on the collected N x 32 style statistics."""
-    hist = {"mean": train_flow(flows.mean, means, cfg, "flow(mean)"), "std": train_flow(flows.std, stds, cfg, "flow(std)")}
+    hist = {
+        "mean": train_flow(flows.mean, means, cfg, "flow(mean)"),
+        "std": train_flow(flows.std, stds, cfg, "flow(std)"),
+    }
     flows.trained.fill_(True)
     return hist

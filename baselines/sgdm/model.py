@@ -35,10 +35,23 @@ from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, trai
 from ..seeding import Generators
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
 from .backbone import (
-    LATENT_SCALE, backbone_from_original_state, load_backbone, load_original_parts, random_backbone, resolve_tokenizer,
+    LATENT_SCALE,
+    backbone_from_original_state,
+    load_backbone,
+    load_original_parts,
+    random_backbone,
+    resolve_tokenizer,
     set_trainable,
 )
-from .convert import adapter_state, detect_variant, find_flow_files, has_backbone, is_official, load_strict, load_torch_state
+from .convert import (
+    adapter_state,
+    detect_variant,
+    find_flow_files,
+    has_backbone,
+    is_official,
+    load_strict,
+    load_torch_state,
+)
 from .flows import FlowTrainConfig, StyleFlows, train_style_flows
 from .prompt import PromptEncoder, prompts_from_maps
 
@@ -85,14 +98,19 @@ class SGDMBase(SRMethod):
             elif official is not None:  # the authors' .ckpt holds the whole SD2.1 backbone
                 tok = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), ckpt)
                 if bcfg.get("pretrained") is not None:
-                    log.info("%s: backbone weights from %s; backbone.pretrained (%s) not read for weights",
-                             spec.name, ckpt, bcfg.get("pretrained"))
+                    log.info(
+                        "%s: backbone weights from %s; backbone.pretrained (%s) not read for weights",
+                        spec.name,
+                        ckpt,
+                        bcfg.get("pretrained"),
+                    )
                 bb = backbone_from_original_state(official, geometry_name, tok, f"official:{Path(ckpt)}", overrides)
             else:
                 bb = load_backbone(bcfg.get("pretrained"), geometry_name, bcfg.get("tokenizer"), overrides)
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
-            self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3],
-                                       int(net.get("cond_channels", 384)))
+            self.adapter = SGDMAdapter(
+                self.variant, self.unet.config.block_out_channels[:3], int(net.get("cond_channels", 384))
+            )
             self.flows = StyleFlows() if self.variant == "real" else None
         self.tokenizer, self.backbone_source = bb.tokenizer, bb.source
         self.loaded_from: Path | None = None
@@ -111,8 +129,11 @@ class SGDMBase(SRMethod):
             self.unet.enable_gradient_checkpointing()
         named_flows = (config.get("flows") or {}).keys() & {"mean", "std"}
         if named_flows and self.flows is None:
-            raise InputError(f"config flows.{sorted(named_flows)[0]}", f"{spec.name} has no style flows (only sgdm+ does)",
-                             "remove flows.mean/flows.std from this config")
+            raise InputError(
+                f"config flows.{sorted(named_flows)[0]}",
+                f"{spec.name} has no style flows (only sgdm+ does)",
+                "remove flows.mean/flows.std from this config",
+            )
         if on_meta:  # structure only: no file is read
             return
         self.to(device)
@@ -149,7 +170,9 @@ class SGDMBase(SRMethod):
             return LAND_RGB.to(like).view(1, 3, 1, 1).expand_as(like)
         return m
 
-    def adapter_features(self, batch: Batch, style_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def adapter_features(
+        self, batch: Batch, style_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """The three scaled adapter features for a batch (inputs mapped [0, 1] -> [-1, 1])."""
         sr = batch["sr"]
         ref = self._map(batch, sr) * 2 - 1
@@ -160,8 +183,7 @@ class SGDMBase(SRMethod):
 
     def text_context(self, batch: Batch, dtype: torch.dtype | None = None) -> torch.Tensor:
         n = batch["sr"].shape[0]
-        return self.prompt_encoder(prompts_from_maps(batch.get("map"), n), self.device,
-                                   dtype or self.unet.dtype)
+        return self.prompt_encoder(prompts_from_maps(batch.get("map"), n), self.device, dtype or self.unet.dtype)
 
     def eps(self, zt: torch.Tensor, t: torch.Tensor, context: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         with self.injector.inject(feats):
@@ -210,9 +232,15 @@ class SGDMBase(SRMethod):
         context = self.text_context(batch)
         start_latent = self.encode(sr, sample=False) if cond.start_t is not None else None
         z, _ = sample_latents(
-            lambda z, t: self.eps(z, t, context, feats), (n, self.unet.config.in_channels, h // 8, w // 8),
-            sampler=self.sampler_name, steps=cond.steps or self.default_steps, start_latent=start_latent,
-            start_t=cond.start_t, generator=generator, device=sr.device, dtype=self.unet.dtype,
+            lambda z, t: self.eps(z, t, context, feats),
+            (n, self.unet.config.in_channels, h // 8, w // 8),
+            sampler=self.sampler_name,
+            steps=cond.steps or self.default_steps,
+            start_latent=start_latent,
+            start_t=cond.start_t,
+            generator=generator,
+            device=sr.device,
+            dtype=self.unet.dtype,
         )
         return self.decode(z).float().clamp(0, 1)
 
@@ -225,8 +253,9 @@ class SGDMBase(SRMethod):
             out.update({f"flows.{k}": v for k, v in self.flows.state_dict().items()})
         return out
 
-    def load_checkpoint(self, path: str | Path, state: dict[str, torch.Tensor] | None = None,
-                        backbone_loaded: bool = False) -> None:
+    def load_checkpoint(
+        self, path: str | Path, state: dict[str, torch.Tensor] | None = None, backbone_loaded: bool = False
+    ) -> None:
         """Load our safetensors (from the trainer) or the authors' Lightning `.ckpt` (`state`: that file,
         already read; `backbone_loaded`: its UNet, VAE and text tower were built from it, so only the adapter
         is left); flows found next to it unless the config names them (`flows: {mean, std}`)."""
@@ -247,13 +276,18 @@ class SGDMBase(SRMethod):
         """An official checkpoint of another variant (SGDM-syn.ckpt given to sgdm+) is one clear error."""
         found = detect_variant(state)
         if found != self.variant:
-            raise InputError(f"checkpoint {path}", f"is an official {found!r} model, this method is {self.variant!r}",
-                             "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap")
+            raise InputError(
+                f"checkpoint {path}",
+                f"is an official {found!r} model, this method is {self.variant!r}",
+                "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap",
+            )
 
     def _load_official_backbone(self, state: dict[str, torch.Tensor], path: Path) -> None:
         """The UNet, and the VAE and text tower when present, of an official checkpoint over a built backbone."""
         if self.backbone_source.startswith("random:") and any(k.startswith("cond_stage_model.model.") for k in state):
-            bcfg = (self.config.get("network") or {}).get("backbone") or {}  # real text weights need the real vocabulary
+            bcfg = (self.config.get("network") or {}).get(
+                "backbone"
+            ) or {}  # real text weights need the real vocabulary
             self.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
             self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
         parts = load_original_parts(self.unet, self.vae, self.text_encoder, state, str(path), required=False)
@@ -266,8 +300,11 @@ class SGDMBase(SRMethod):
         for k, v in state.items():
             head, _, rest = k.partition(".")
             if head not in groups or (head == "flows" and self.flows is None):
-                raise InputError(f"checkpoint {path}", f"unexpected tensor {k!r} for {self.spec.name}",
-                                 "load a checkpoint trained for this method")
+                raise InputError(
+                    f"checkpoint {path}",
+                    f"unexpected tensor {k!r} for {self.spec.name}",
+                    "load a checkpoint trained for this method",
+                )
             groups[head][rest] = v
         load_strict(self.adapter, groups["adapter"], f"checkpoint {path} (adapter)")
         unet_own = dict(self.unet.named_parameters())
@@ -277,7 +314,9 @@ class SGDMBase(SRMethod):
         with torch.no_grad():
             for k, v in groups["unet"].items():
                 if v.shape != unet_own[k].shape:
-                    raise InputError(f"checkpoint {path}", f"{k} has shape {tuple(v.shape)}, expected {tuple(unet_own[k].shape)}")
+                    raise InputError(
+                        f"checkpoint {path}", f"{k} has shape {tuple(v.shape)}, expected {tuple(unet_own[k].shape)}"
+                    )
                 unet_own[k].copy_(v)
         if groups["flows"]:
             load_strict(self.flows, groups["flows"], f"checkpoint {path} (flows)")
@@ -297,9 +336,15 @@ class SGDMBase(SRMethod):
                 fitted_to = json.loads((f.metadata() or {}).get("stage1_weights", "null"))
             # the bytes decide, not the name: a copied or renamed stage-1 file is the same style encoder
             if fitted_to and fitted_to.get("sha256") != sha256_file(checkpoint):
-                log.warning("%s: %s were fitted to the style encoder of %s (sha256 %.12s), not of %s; run that "
-                            "file, or re-run stage 2 for this one", self.spec.name, ours, fitted_to.get("name"),
-                            fitted_to.get("sha256"), checkpoint.name)
+                log.warning(
+                    "%s: %s were fitted to the style encoder of %s (sha256 %.12s), not of %s; run that "
+                    "file, or re-run stage 2 for this one",
+                    self.spec.name,
+                    ours,
+                    fitted_to.get("name"),
+                    fitted_to.get("sha256"),
+                    checkpoint.name,
+                )
             log.info("%s: style flows from %s", self.spec.name, ours)
             return
         official = find_flow_files(directory)
@@ -344,9 +389,11 @@ class SGDMPlus(SGDMBase):
             return None  # encoded from the style image by the adapter
         if not bool(self.flows.trained):
             raise InputError(
-                f"{self.spec.name} condition {cond.name!r}", "needs a style: no style image, and the style flows are untrained",
+                f"{self.spec.name} condition {cond.name!r}",
+                "needs a style: no style image, and the style flows are untrained",
                 f"run with style=gt or style=shuffle, name trained flows ({FLOW_HINT}), or train stage 2 "
-                "(`cmsrd-bench train --method sgdm+ --stage 2`)")
+                "(`cmsrd-bench train --method sgdm+ --stage 2`)",
+            )
         n = batch["sr"].shape[0]
         dt = batch["sr"].dtype
         mean, std = self.flows.sample(n, generator)
@@ -359,13 +406,16 @@ class SGDMPlus(SGDMBase):
         cond = Conditions.parse(None if text is None else str(text))
         if "val_conditions" in train_cfg and cond.style in (None, "sample") and not bool(self.flows.trained):
             raise InputError(
-                f"train.val_conditions {cond.name!r} for {self.spec.name}", "validation would have no style (no style "
-                "image, flows not trained before stage 2)",
-                "use style=gt (official: the HR is the style image; the default in sgdm+.yaml) or style=shuffle")
+                f"train.val_conditions {cond.name!r} for {self.spec.name}",
+                "validation would have no style (no style image, flows not trained before stage 2)",
+                "use style=gt (official: the HR is the style image; the default in sgdm+.yaml) or style=shuffle",
+            )
         return super().configure_optimizers(train_cfg)
 
     @torch.no_grad()
-    def collect_style_stats(self, data_root: Path, batch_size: int = 16, augment: bool = True, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def collect_style_stats(
+        self, data_root: Path, batch_size: int = 16, augment: bool = True, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Style-encoder mean/std (N x 32 each) of the HR training images in [-1, 1]."""
         from tqdm.auto import tqdm
 
@@ -405,15 +455,21 @@ class SGDMPlus(SGDMBase):
             stage1 = run_weights(out_dir)
             if stage1 is None:
                 raise InputError(
-                    f"stage 2 of {self.spec.name}", "needs the stage-1 weights (the style encoder), none were loaded",
+                    f"stage 2 of {self.spec.name}",
+                    "needs the stage-1 weights (the style encoder), none were loaded",
                     "run it with --out set to the stage-1 run folder (holding model.safetensors), or set "
-                    "`checkpoint:` in the config")
+                    "`checkpoint:` in the config",
+                )
             log.info("%s stage 2: style encoder from %s", self.spec.name, stage1)
             self.load_checkpoint(stage1)
         if torch.cuda.is_available() and self.device.type == "cpu":
             self.to("cuda")
-        means, stds = self.collect_style_stats(Path(data_root), int(fcfg.get("collect_batch_size", 16)),
-                                               bool(fcfg.get("augment", True)), int(train_cfg.get("seed", 0)))
+        means, stds = self.collect_style_stats(
+            Path(data_root),
+            int(fcfg.get("collect_batch_size", 16)),
+            bool(fcfg.get("augment", True)),
+            int(train_cfg.get("seed", 0)),
+        )
         for name, arr in (("style_mean.npy", means), ("style_std.npy", stds)):
             with atomic_path(out_dir / name) as tmp:
                 with open(tmp, "wb") as f:
@@ -429,8 +485,9 @@ class SGDMPlus(SGDMBase):
         stage1_weights = {"name": self.loaded_from.name, "sha256": sha256_file(self.loaded_from)}
         with atomic_path(out_dir / FLOWS_FILE) as tmp:
             save_file(state, str(tmp), metadata={"stage1_weights": json.dumps(stage1_weights)})
-        atomic_write_text(out_dir / "flows_history.json",
-                          json.dumps({"n": len(means), "stage1_weights": stage1_weights, **history}))
+        atomic_write_text(
+            out_dir / "flows_history.json", json.dumps({"n": len(means), "stage1_weights": stage1_weights, **history})
+        )
 
 
 FLOW_HINT = "`flows: {mean: PATH, std: PATH}` in the config, or flow_tanh_mini_mean/_std next to the checkpoint"
@@ -452,17 +509,24 @@ def _check_inputs(batch: Batch) -> None:
             continue
         if key == "style":
             if x.ndim != 4 or x.shape[:2] != (n, 3) or min(x.shape[2:]) < STYLE_MIN_PX:
-                raise InputError(f"style of shape {tuple(x.shape)}", f"expected N x 3 x H x W with N = {n} and "
-                                 f"H, W >= {STYLE_MIN_PX} (any size otherwise)",
-                                 "give one RGB style image per sr image")
+                raise InputError(
+                    f"style of shape {tuple(x.shape)}",
+                    f"expected N x 3 x H x W with N = {n} and H, W >= {STYLE_MIN_PX} (any size otherwise)",
+                    "give one RGB style image per sr image",
+                )
         elif tuple(x.shape) != (n, 3, *sr.shape[2:]):
-            raise InputError(f"{key} of shape {tuple(x.shape)}", f"expected N x 3 x H x W = {(n, 3, *sr.shape[2:])}"
-                             " (the size of sr)",
-                             "render the map at the SR/HR size" if key == "map" else "give sr as N x 3 x H x W")
+            raise InputError(
+                f"{key} of shape {tuple(x.shape)}",
+                f"expected N x 3 x H x W = {(n, 3, *sr.shape[2:])} (the size of sr)",
+                "render the map at the SR/HR size" if key == "map" else "give sr as N x 3 x H x W",
+            )
         lo, hi = float(x.min()), float(x.max())
         if lo < -1e-4 or hi > 1 + 1e-4:
-            raise InputError(f"{key} values", f"span [{lo:.3g}, {hi:.3g}], expected [0, 1]",
-                             "divide 8-bit images by 255 (and clamp interpolated images to [0, 1])")
+            raise InputError(
+                f"{key} values",
+                f"span [{lo:.3g}, {hi:.3g}], expected [0, 1]",
+                "divide 8-bit images by 255 (and clamp interpolated images to [0, 1])",
+            )
 
 
 class _null:

@@ -54,8 +54,13 @@ class PromptEncoder:
     def _encode(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (prompt, str(device), dtype)
         if key not in self._cache:
-            ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             enc_device = next(self.text_encoder.parameters()).device
             out = self.text_encoder(ids.to(enc_device)).last_hidden_state[0]
             if len(self._cache) >= self.max_cache:
@@ -63,7 +68,9 @@ class PromptEncoder:
             self._cache[key] = out.to(device=device, dtype=dtype)
         return self._cache[key]
 
-    def __call__(self, prompts: list[str], device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def __call__(
+        self, prompts: list[str], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         device = torch.device(device)
         return torch.stack([self._encode(p, device, dtype) for p in prompts])
 

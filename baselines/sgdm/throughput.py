@@ -25,7 +25,9 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE = {"sgdm": 32, "sgdm+": 16, "sgdm-nomap": 32}
 
 
-def measure(method: Any, batch: int, size: int, precision: str, cond: Conditions, repeats: int = 2, seed: int = 0) -> dict[str, Any]:
+def measure(
+    method: Any, batch: int, size: int, precision: str, cond: Conditions, repeats: int = 2, seed: int = 0
+) -> dict[str, Any]:
     """images/s of `method.super_resolve` on random inputs of `batch` x 3 x size x size."""
     dev = method.device
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -47,11 +49,19 @@ def measure(method: Any, batch: int, size: int, precision: str, cond: Conditions
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / repeats
     return {
-        "method": method.spec.name, "geometry": method.backbone_source, "batch": batch, "size": size, "precision": precision, "condition": cond.name,
-        "nfe": method.nfe(cond), "seconds_per_batch": round(dt, 3), "images_per_s": round(batch / dt, 3),
+        "method": method.spec.name,
+        "geometry": method.backbone_source,
+        "batch": batch,
+        "size": size,
+        "precision": precision,
+        "condition": cond.name,
+        "nfe": method.nfe(cond),
+        "seconds_per_batch": round(dt, 3),
+        "images_per_s": round(batch / dt, 3),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
     }
 
 

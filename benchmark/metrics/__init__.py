@@ -8,8 +8,9 @@ never stands without saying what it is. Heavy libraries are imported only when a
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,9 @@ class Metric:
             from .distribution import KID_SUBSETS, kid_has_spread, kid_subset_size
 
             k = kid_subset_size(n_images)
-            text += f" Here N = {n_images}: {KID_SUBSETS} subsets of {k} images" + ("." if kid_has_spread(n_images) else " (the whole set: no spread, kid_std omitted).")
+            text += f" Here N = {n_images}: {KID_SUBSETS} subsets of {k} images" + (
+                "." if kid_has_spread(n_images) else " (the whole set: no spread, kid_std omitted)."
+            )
         return text + (f" Licence: {self.licence}." if self.licence else "")
 
     @property
@@ -46,37 +49,93 @@ class Metric:
         return "↑" if self.direction == "higher" else "↓"
 
 
-_FID_NOTE = ("torch-fidelity inception-v3-compat, feature layer 2048, TF1.x-compatible bilinear resize to 299 "
-             "(legacy TF mode), uint8 input")
+_FID_NOTE = (
+    "torch-fidelity inception-v3-compat, feature layer 2048, TF1.x-compatible bilinear resize to 299 "
+    "(legacy TF mode), uint8 input"
+)
 _PYIQA_LICENCE = "pyiqa 0.1.16 is PolyForm-Noncommercial-1.0.0 (non-commercial use only)"
 
-METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("psnr_y", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:psnr", "PSNR on BT.601 Y"),
-    Metric("ssim_y", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:ssim", "SSIM on BT.601 Y"),
-    Metric("psnr_rgb", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:psnr", "PSNR on RGB"),
-    Metric("ssim_rgb", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:ssim", "SSIM on RGB"),
-    Metric("lpips", "lower", "image", True, ("tv_alexnet", "lpips_alex_v0.1"), "benchmark.metrics.perceptual:LPIPS",
-           "LPIPS v0.1, AlexNet backbone (lpips package, spatial average), inputs [0,1] from uint8 PNGs.",
-           "BSD-2-Clause"),
-    Metric("dists", "lower", "image", True, ("tv_vgg16", "dists"), "benchmark.metrics.perceptual:DISTS",
-           "DISTS (Ding et al. 2020), pyiqa implementation, VGG16 backbone, inputs [0,1] from uint8 PNGs.",
-           _PYIQA_LICENCE),
-    Metric("musiq", "higher", "image", False, ("musiq_koniq",), "benchmark.metrics.nr_iqa:MUSIQ",
-           "MUSIQ multi-scale transformer trained on KonIQ-10k (pyiqa `musiq`), MOS ~0..100, no reference.",
-           _PYIQA_LICENCE),
-    Metric("clipiqa", "higher", "image", False, ("clip_rn50",), "benchmark.metrics.nr_iqa:CLIPIQA",
-           "CLIP-IQA (pyiqa `clipiqa`), CLIP RN50, antonym prompt pairs, 0..1, no reference.", _PYIQA_LICENCE),
-    Metric("fid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:fid_kid",
-           f"FID of the SR set against the HR set; {_FID_NOTE}. Below 2048 images the covariance is "
-           "rank-deficient: compare methods on the same set only.", "Apache-2.0"),
-    Metric("kid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:fid_kid",
-           f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 random subsets of min(1000, max(2, N // 2)) "
-           f"of the N images (torch-fidelity rng seed 2020), so that the subsets differ; {_FID_NOTE}.",
-           "Apache-2.0"),
-    Metric("patch_fid", "lower", "set", True, ("fidelity_inception",), "benchmark.metrics.distribution:patch_fid",
-           f"FID over non-overlapping patches (side = image side / 4, >= 16 px) of SR vs HR; {_FID_NOTE}.",
-           "Apache-2.0"),
-]}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        Metric("psnr_y", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:psnr", "PSNR on BT.601 Y"),
+        Metric("ssim_y", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:ssim", "SSIM on BT.601 Y"),
+        Metric("psnr_rgb", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:psnr", "PSNR on RGB"),
+        Metric("ssim_rgb", "higher", "image", True, (), "benchmark.metrics.psnr_ssim:ssim", "SSIM on RGB"),
+        Metric(
+            "lpips",
+            "lower",
+            "image",
+            True,
+            ("tv_alexnet", "lpips_alex_v0.1"),
+            "benchmark.metrics.perceptual:LPIPS",
+            "LPIPS v0.1, AlexNet backbone (lpips package, spatial average), inputs [0,1] from uint8 PNGs.",
+            "BSD-2-Clause",
+        ),
+        Metric(
+            "dists",
+            "lower",
+            "image",
+            True,
+            ("tv_vgg16", "dists"),
+            "benchmark.metrics.perceptual:DISTS",
+            "DISTS (Ding et al. 2020), pyiqa implementation, VGG16 backbone, inputs [0,1] from uint8 PNGs.",
+            _PYIQA_LICENCE,
+        ),
+        Metric(
+            "musiq",
+            "higher",
+            "image",
+            False,
+            ("musiq_koniq",),
+            "benchmark.metrics.nr_iqa:MUSIQ",
+            "MUSIQ multi-scale transformer trained on KonIQ-10k (pyiqa `musiq`), MOS ~0..100, no reference.",
+            _PYIQA_LICENCE,
+        ),
+        Metric(
+            "clipiqa",
+            "higher",
+            "image",
+            False,
+            ("clip_rn50",),
+            "benchmark.metrics.nr_iqa:CLIPIQA",
+            "CLIP-IQA (pyiqa `clipiqa`), CLIP RN50, antonym prompt pairs, 0..1, no reference.",
+            _PYIQA_LICENCE,
+        ),
+        Metric(
+            "fid",
+            "lower",
+            "set",
+            True,
+            ("fidelity_inception",),
+            "benchmark.metrics.distribution:fid_kid",
+            f"FID of the SR set against the HR set; {_FID_NOTE}. Below 2048 images the covariance is "
+            "rank-deficient: compare methods on the same set only.",
+            "Apache-2.0",
+        ),
+        Metric(
+            "kid",
+            "lower",
+            "set",
+            True,
+            ("fidelity_inception",),
+            "benchmark.metrics.distribution:fid_kid",
+            f"KID (unbiased MMD, cubic polynomial kernel) mean over 100 random subsets of min(1000, max(2, N // 2)) "
+            f"of the N images (torch-fidelity rng seed 2020), so that the subsets differ; {_FID_NOTE}.",
+            "Apache-2.0",
+        ),
+        Metric(
+            "patch_fid",
+            "lower",
+            "set",
+            True,
+            ("fidelity_inception",),
+            "benchmark.metrics.distribution:patch_fid",
+            f"FID over non-overlapping patches (side = image side / 4, >= 16 px) of SR vs HR; {_FID_NOTE}.",
+            "Apache-2.0",
+        ),
+    ]
+}
 
 DEFAULT_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "lpips", "dists", "musiq", "clipiqa", "fid", "kid")
 
@@ -104,7 +163,9 @@ def _attr(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_image_metric(name: str, device: str = "cpu", crop_border: int = 0) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], list[float]]:
+def build_image_metric(
+    name: str, device: str = "cpu", crop_border: int = 0
+) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], list[float]]:
     """An image-level metric as `f(sr_images, hr_images) -> per-image values` (uint8 HxWx3 inputs)."""
     m = get(name)
     if m.level != "image":
@@ -116,7 +177,9 @@ def build_image_metric(name: str, device: str = "cpu", crop_border: int = 0) -> 
     return fn(device=device)
 
 
-def compute_set_metrics(names: Sequence[str], sr: Sequence[Any], hr: Sequence[Any], device: str = "cpu", label: str = "") -> dict[str, Any]:
+def compute_set_metrics(
+    names: Sequence[str], sr: Sequence[Any], hr: Sequence[Any], device: str = "cpu", label: str = ""
+) -> dict[str, Any]:
     """Set-level metrics (FID/KID in one torch-fidelity pass, patch-FID) -> values and their settings.
 
     `sr`/`hr` are uint8 HxWx3 arrays or PNG paths (read lazily); `label` names the progress bars."""

@@ -17,7 +17,8 @@ iterates, so memory stays bounded by its batch, not by the split.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -62,8 +63,13 @@ class _UInt8Images(Dataset):
         if patch is None:
             self.index = [(k, 0, 0) for k in range(len(images))]
         else:
-            self.index = [(k, y, x) for k, img in enumerate(images) for h, w in [_shape(img)]
-                          for y in range(0, h - patch + 1, patch) for x in range(0, w - patch + 1, patch)]
+            self.index = [
+                (k, y, x)
+                for k, img in enumerate(images)
+                for h, w in [_shape(img)]
+                for y in range(0, h - patch + 1, patch)
+                for x in range(0, w - patch + 1, patch)
+            ]
 
     def _image(self, k: int) -> np.ndarray:
         if self._last is None or self._last[0] != k:
@@ -80,7 +86,7 @@ class _UInt8Images(Dataset):
         k, y, x = self.index[i]
         img = self._image(k)
         if self.patch is not None:
-            img = img[y: y + self.patch, x: x + self.patch]
+            img = img[y : y + self.patch, x : x + self.patch]
         return torch.tensor(img).permute(2, 0, 1).contiguous()  # a copy: inputs may be read-only views
 
 
@@ -113,24 +119,49 @@ def check_set_size(names: Sequence[str], n_images: int, hr_size: tuple[int, int]
         size = patch_size_for(min(hr_size))
         n_patches = n_images * (hr_size[0] // size) * (hr_size[1] // size)
         if n_patches < 2:
-            problems.append(f"patch-FID needs at least 2 patches of {size} px, {n_images} image(s) of {hr_size[0]}x{hr_size[1]} give {n_patches}")
+            problems.append(
+                f"patch-FID needs at least 2 patches of {size} px, {n_images} image(s) of {hr_size[0]}x{hr_size[1]} give {n_patches}"
+            )
     if problems:
         asked = [n for n in names if n in ("fid", "kid", "patch_fid")]
-        raise InputError(f"--metrics {','.join(asked)}", "; ".join(problems),
-                         "run on more images (a larger --limit or split), or leave these metrics out of --metrics")
+        raise InputError(
+            f"--metrics {','.join(asked)}",
+            "; ".join(problems),
+            "run on more images (a larger --limit or split), or leave these metrics out of --metrics",
+        )
 
 
-def _run_fidelity(sr: _UInt8Images, hr: _UInt8Images, device: str | torch.device, kid: bool, batch_size: int,
-                  seed: int = FID_SEED, subset: int | None = None) -> dict[str, Any]:
+def _run_fidelity(
+    sr: _UInt8Images,
+    hr: _UInt8Images,
+    device: str | torch.device,
+    kid: bool,
+    batch_size: int,
+    seed: int = FID_SEED,
+    subset: int | None = None,
+) -> dict[str, Any]:
     """FID (and, with `kid`, KID over `subset`-image subsets) with the fixed settings above."""
     import torch_fidelity
 
     kid_args = {"kid_subset_size": subset, "kid_subsets": KID_SUBSETS} if kid else {}
     return torch_fidelity.calculate_metrics(
-        input1=sr, input2=hr, cuda=torch.device(device).type == "cuda",
-        batch_size=batch_size, fid=True, kid=kid, isc=False, prc=False, verbose=False, cache=False,
-        feature_extractor=FEATURE_EXTRACTOR, feature_layer_fid=FEATURE_LAYER, feature_layer_kid=FEATURE_LAYER,
-        feature_extractor_weights_path=str(resolve("fidelity_inception")), rng_seed=seed, save_cpu_ram=True, **kid_args,
+        input1=sr,
+        input2=hr,
+        cuda=torch.device(device).type == "cuda",
+        batch_size=batch_size,
+        fid=True,
+        kid=kid,
+        isc=False,
+        prc=False,
+        verbose=False,
+        cache=False,
+        feature_extractor=FEATURE_EXTRACTOR,
+        feature_layer_fid=FEATURE_LAYER,
+        feature_layer_kid=FEATURE_LAYER,
+        feature_extractor_weights_path=str(resolve("fidelity_inception")),
+        rng_seed=seed,
+        save_cpu_ram=True,
+        **kid_args,
     )
 
 
@@ -150,21 +181,35 @@ def fid_kid(
     same set, so `kid_std` is None instead of a meaningless 0."""
     n = min(len(sr), len(hr))
     if n < 2:
-        raise InputError(f"{n} image(s)", "FID/KID need at least 2 images per set", "run on a larger split or drop fid/kid")
+        raise InputError(
+            f"{n} image(s)", "FID/KID need at least 2 images per set", "run on a larger split or drop fid/kid"
+        )
     sub = subset_size or kid_subset_size(n)
     if kid and not 2 <= sub <= n:
         raise InputError(f"KID subset size {sub}", f"must be between 2 and the set size {n}")
     with tqdm(total=len(sr) + len(hr), desc=desc, unit="img", leave=False) as bar:
-        res = _run_fidelity(_UInt8Images(sr, bar=bar), _UInt8Images(hr, bar=bar), device, kid=kid, batch_size=batch_size,
-                            seed=seed, subset=sub)
+        res = _run_fidelity(
+            _UInt8Images(sr, bar=bar),
+            _UInt8Images(hr, bar=bar),
+            device,
+            kid=kid,
+            batch_size=batch_size,
+            seed=seed,
+            subset=sub,
+        )
     out: dict[str, Any] = {
         "fid": float(res["frechet_inception_distance"]),
-        "n_images": n, "feature_layer": FEATURE_LAYER, "resize": RESIZE_MODE,
+        "n_images": n,
+        "feature_layer": FEATURE_LAYER,
+        "resize": RESIZE_MODE,
     }
     if kid:
-        out.update(kid=float(res["kernel_inception_distance_mean"]),
-                   kid_std=float(res["kernel_inception_distance_std"]) if kid_has_spread(n, sub) else None,
-                   kid_subset_size=sub, kid_subsets=KID_SUBSETS)
+        out.update(
+            kid=float(res["kernel_inception_distance_mean"]),
+            kid_std=float(res["kernel_inception_distance_std"]) if kid_has_spread(n, sub) else None,
+            kid_subset_size=sub,
+            kid_subsets=KID_SUBSETS,
+        )
     return out
 
 
@@ -184,8 +229,16 @@ def patch_fid(
     with tqdm(total=len(sr) + len(hr), desc=desc, unit="img", leave=False) as bar:
         ps, ph = _UInt8Images(sr, patch=size, bar=bar), _UInt8Images(hr, patch=size, bar=bar)
         if min(len(ps), len(ph)) < 2:
-            raise InputError(f"patch-FID on {len(sr)} image(s)", f"gives {min(len(ps), len(ph))} patch(es) of {size} px; FID needs at least 2",
-                             "run on more or larger images")
+            raise InputError(
+                f"patch-FID on {len(sr)} image(s)",
+                f"gives {min(len(ps), len(ph))} patch(es) of {size} px; FID needs at least 2",
+                "run on more or larger images",
+            )
         res = _run_fidelity(ps, ph, device, kid=False, batch_size=batch_size)
-    return {"patch_fid": float(res["frechet_inception_distance"]), "patch_size": size, "n_patches": min(len(ps), len(ph)),
-            "feature_layer": FEATURE_LAYER, "resize": RESIZE_MODE}
+    return {
+        "patch_fid": float(res["frechet_inception_distance"]),
+        "patch_size": size,
+        "n_patches": min(len(ps), len(ph)),
+        "feature_layer": FEATURE_LAYER,
+        "resize": RESIZE_MODE,
+    }

@@ -13,7 +13,7 @@ path is what pyiqa is given, so its own hash-and-download step never runs). CLIP
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class _NRMetric:
     def __call__(self, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray] | None = None) -> list[float]:
         out: list[float] = []
         for i in range(0, len(sr), self.batch_size):
-            x = images_to_tensor(sr[i: i + self.batch_size], self.device)
+            x = images_to_tensor(sr[i : i + self.batch_size], self.device)
             out += self.metric(x).flatten().float().cpu().tolist()
         return out
 
@@ -66,9 +66,11 @@ class CLIPIQA(_NRMetric):
             import pyiqa.archs.clip_imports  # noqa: F401  (openai-clip: the prompt tokenizer)
         except ImportError as e:
             raise InputError(
-                "python package `clip` (PyPI: openai-clip)", f"cannot be imported ({type(e).__name__}: {e})",
+                "python package `clip` (PyPI: openai-clip)",
+                f"cannot be imported ({type(e).__name__}: {e})",
                 "install openai-clip==1.0.1 with ftfy; it imports `pkg_resources`, which setuptools>=81 no "
-                "longer ships, so keep setuptools<81 beside it") from e
+                "longer ships, so keep setuptools<81 beside it",
+            ) from e
         # pyiqa's `load("RN50")` re-hashes the file against OpenAI's URL and downloads it on a mismatch;
         # given the resolved path it loads exactly the file checked above (the manifest is the authority,
         # CMSRD_WEIGHTS_MANIFEST included) and never reaches the network

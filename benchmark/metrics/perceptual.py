@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ class _PairedMetric:
     def __call__(self, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(sr), self.batch_size):
-            a = images_to_tensor(sr[i: i + self.batch_size], self.device)
-            b = images_to_tensor(hr[i: i + self.batch_size], self.device)
+            a = images_to_tensor(sr[i : i + self.batch_size], self.device)
+            b = images_to_tensor(hr[i : i + self.batch_size], self.device)
             out += self.score(a, b).flatten().float().cpu().tolist()
         return out
 
@@ -65,7 +65,9 @@ class LPIPS(_PairedMetric):
         alex_path, head_path = (resolve(k) for k in LPIPS_WEIGHTS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = lpips.LPIPS(pretrained=True, net="alex", version="0.1", pnet_rand=True, model_path=str(head_path), verbose=False)
+            model = lpips.LPIPS(
+                pretrained=True, net="alex", version="0.1", pnet_rand=True, model_path=str(head_path), verbose=False
+            )
         sd = _load_state_dict(alex_path)
         mapped = {}
         for name, _ in model.net.named_parameters():
@@ -90,8 +92,11 @@ class DISTS(_PairedMetric):
         metric = pyiqa.create_metric("dists", pretrained=False, device=torch.device("cpu"))
         sd = _load_state_dict(dists_path)
         if not {"alpha", "beta"} <= set(sd):
-            raise InputError(f"weights {dists_path}", "is not a DISTS checkpoint (no alpha/beta tensors)",
-                             "delete it and run `cmsrd-bench weights fetch dists`")
+            raise InputError(
+                f"weights {dists_path}",
+                "is not a DISTS checkpoint (no alpha/beta tensors)",
+                "delete it and run `cmsrd-bench weights fetch dists`",
+            )
         metric.net.load_state_dict(sd, strict=False)  # the file holds alpha/beta (VGG16 comes from torchvision)
         self.metric = metric.eval().requires_grad_(False).to(device)
         self.device, self.batch_size = torch.device(device), batch_size

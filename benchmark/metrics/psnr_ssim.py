@@ -51,13 +51,20 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
         raise InputError(f"image of shape {a.shape}", "expected an RGB image HxWx3")
     a = a.astype(np.float64)
     # element-wise (not a BLAS matmul) so the result is bit-identical whatever the array's memory layout
-    return a[..., 0] * (BT601_Y[0] / 255.0) + a[..., 1] * (BT601_Y[1] / 255.0) + a[..., 2] * (BT601_Y[2] / 255.0) + Y_OFFSET
+    return (
+        a[..., 0] * (BT601_Y[0] / 255.0)
+        + a[..., 1] * (BT601_Y[1] / 255.0)
+        + a[..., 2] * (BT601_Y[2] / 255.0)
+        + Y_OFFSET
+    )
 
 
 def _prepare(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     sr, hr = to_uint8(sr), to_uint8(hr)
     if sr.shape != hr.shape:
-        raise InputError(f"SR image of shape {sr.shape}", f"does not match HR shape {hr.shape}", "compare images of the same size")
+        raise InputError(
+            f"SR image of shape {sr.shape}", f"does not match HR shape {hr.shape}", "compare images of the same size"
+        )
     if crop_border < 0:
         raise InputError(f"crop_border={crop_border}", "must be >= 0")
     if y_channel:
@@ -68,7 +75,11 @@ def _prepare(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool) 
             a, b = a[..., None], b[..., None]
     if crop_border:
         if 2 * crop_border >= a.shape[0] or 2 * crop_border >= a.shape[1]:
-            raise InputError(f"crop_border={crop_border}", f"leaves nothing of a {a.shape[0]}x{a.shape[1]} image", "use a smaller crop border")
+            raise InputError(
+                f"crop_border={crop_border}",
+                f"leaves nothing of a {a.shape[0]}x{a.shape[1]} image",
+                "use a smaller crop border",
+            )
         a = a[crop_border:-crop_border, crop_border:-crop_border]
         b = b[crop_border:-crop_border, crop_border:-crop_border]
     return a, b
@@ -80,7 +91,7 @@ def psnr(sr: np.ndarray, hr: np.ndarray, crop_border: int = 0, y_channel: bool =
     mse = float(np.mean((a - b) ** 2))
     if mse == 0:
         return float("inf")
-    return float(10.0 * np.log10(255.0 ** 2 / mse))
+    return float(10.0 * np.log10(255.0**2 / mse))
 
 
 def _gaussian_window() -> np.ndarray:
@@ -111,17 +122,25 @@ def ssim(sr: np.ndarray, hr: np.ndarray, crop_border: int = 0, y_channel: bool =
     """SSIM (BasicSR `calculate_ssim`, MATLAB-compatible); RGB variant averages the per-channel SSIM."""
     a, b = _prepare(sr, hr, crop_border, y_channel)
     if a.shape[0] < SSIM_WINDOW or a.shape[1] < SSIM_WINDOW:
-        raise InputError(f"image of {a.shape[0]}x{a.shape[1]} px after cropping", f"is smaller than the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window", "use a smaller crop border")
+        raise InputError(
+            f"image of {a.shape[0]}x{a.shape[1]} px after cropping",
+            f"is smaller than the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window",
+            "use a smaller crop border",
+        )
     window = _gaussian_window()
     return float(np.mean([_ssim_channel(a[..., c], b[..., c], window) for c in range(a.shape[-1])]))
 
 
 def definition(name: str, crop_border: int) -> str:
     """Text recorded beside the numbers, so every column says exactly what it is."""
-    where = "BT.601 Y (MATLAB rgb2ycbcr, Y in [16, 235], float64)" if name.endswith("_y") else "RGB (0..255, all channels)"
+    where = (
+        "BT.601 Y (MATLAB rgb2ycbcr, Y in [16, 235], float64)" if name.endswith("_y") else "RGB (0..255, all channels)"
+    )
     rule = f"uint8-rounded images, crop_border={crop_border} px"
     if name.startswith("psnr"):
         return f"PSNR = 10 log10(255^2/MSE) on {where}; {rule}; BasicSR calculate_psnr semantics"
-    return (f"SSIM on {where}; 11x11 Gaussian window sigma 1.5, valid filtering, C1=(0.01*255)^2, "
-            f"C2=(0.03*255)^2, mean of the map{'' if name.endswith('_y') else ' averaged over channels'}; {rule}; "
-            "BasicSR calculate_ssim semantics")
+    return (
+        f"SSIM on {where}; 11x11 Gaussian window sigma 1.5, valid filtering, C1=(0.01*255)^2, "
+        f"C2=(0.03*255)^2, mean of the map{'' if name.endswith('_y') else ' averaged over channels'}; {rule}; "
+        "BasicSR calculate_ssim semantics"
+    )

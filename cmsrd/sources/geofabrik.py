@@ -66,23 +66,37 @@ class Extract:
 def parse_index(doc: dict[str, Any], source: str = "index-v1.json") -> list[Extract]:
     """Extracts of a Geofabrik `index-v1.json` document (features without a PBF url are skipped)."""
     if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection" or not isinstance(doc.get("features"), list):
-        raise InputError(f"Geofabrik index {source}", "is not a GeoJSON FeatureCollection",
-                         f"point index_url at Geofabrik's index-v1.json (default {DEFAULT_INDEX_URL})")
+        raise InputError(
+            f"Geofabrik index {source}",
+            "is not a GeoJSON FeatureCollection",
+            f"point index_url at Geofabrik's index-v1.json (default {DEFAULT_INDEX_URL})",
+        )
     out = []
     for f in doc["features"]:
         props = f.get("properties") or {}
         url = (props.get("urls") or {}).get("pbf")
         if not url or not f.get("geometry") or not props.get("id"):
             continue
-        out.append(Extract(str(props["id"]), str(props.get("name", props["id"])), str(url),
-                           props.get("parent"), shape(f["geometry"])))
+        out.append(
+            Extract(
+                str(props["id"]),
+                str(props.get("name", props["id"])),
+                str(url),
+                props.get("parent"),
+                shape(f["geometry"]),
+            )
+        )
     if not out:
         raise InputError(f"Geofabrik index {source}", "lists no region with a PBF url", "check the index URL")
     return out
 
 
-def load_index(index_url: str = DEFAULT_INDEX_URL, client: HttpClient | None = None,
-               cache_dir: str | os.PathLike | None = None, max_age_s: float = INDEX_MAX_AGE_S) -> list[Extract]:
+def load_index(
+    index_url: str = DEFAULT_INDEX_URL,
+    client: HttpClient | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_age_s: float = INDEX_MAX_AGE_S,
+) -> list[Extract]:
     """Fetch (or reuse a cached copy younger than `max_age_s` of) the index and parse it."""
     key = hashlib.sha1(index_url.encode()).hexdigest()[:12]  # one cached index per mirror
     cached = Path(cache_dir) / f"index-v1.{key}.json" if cache_dir else None
@@ -103,8 +117,11 @@ def load_index(index_url: str = DEFAULT_INDEX_URL, client: HttpClient | None = N
     try:
         resp = client.get(index_url, validate=_is_json)
     except HTTPFetchError as exc:
-        raise InputError(f"Geofabrik index {client.redact(index_url)}", f"could not be fetched ({exc.problem})",
-                         "check the network or pass index_url of a reachable mirror") from exc
+        raise InputError(
+            f"Geofabrik index {client.redact(index_url)}",
+            f"could not be fetched ({exc.problem})",
+            "check the network or pass index_url of a reachable mirror",
+        ) from exc
     finally:
         if own:
             client.close()
@@ -118,13 +135,19 @@ def find_extract(aoi_lonlat: tuple[float, float, float, float], extracts: list[E
     """Smallest region whose boundary covers the AOI box (west, south, east, north in degrees)."""
     w, s, e, n = (float(v) for v in aoi_lonlat)
     if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-        raise InputError(f"AOI {tuple(aoi_lonlat)}", "is not (west, south, east, north) in degrees",
-                         "pass e.g. (24.93, 60.16, 24.96, 60.18)")
+        raise InputError(
+            f"AOI {tuple(aoi_lonlat)}",
+            "is not (west, south, east, north) in degrees",
+            "pass e.g. (24.93, 60.16, 24.96, 60.18)",
+        )
     aoi = box(w, s, e, n)
     covering = [x for x in extracts if x.geometry.covers(aoi)]
     if not covering:
-        raise InputError(f"AOI {tuple(aoi_lonlat)}", "is not covered by any single Geofabrik extract",
-                         "split the AOI, or use a larger extract (e.g. from planet.openstreetmap.org)")
+        raise InputError(
+            f"AOI {tuple(aoi_lonlat)}",
+            "is not covered by any single Geofabrik extract",
+            "split the AOI, or use a larger extract (e.g. from planet.openstreetmap.org)",
+        )
     return min(covering, key=lambda x: (x.ground_area, x.id))
 
 
@@ -162,8 +185,13 @@ def _published_md5(client: HttpClient, extract: Extract) -> str | None:
         raise
 
 
-def download_extract(extract: Extract, cache_dir: str | os.PathLike, client: HttpClient | None = None,
-                     refresh: bool = False, verify_md5: bool = True) -> Path:
+def download_extract(
+    extract: Extract,
+    cache_dir: str | os.PathLike,
+    client: HttpClient | None = None,
+    refresh: bool = False,
+    verify_md5: bool = True,
+) -> Path:
     """Download `extract`'s PBF into `cache_dir` (atomically, md5-checked); reuse a matching cached copy."""
     cache = Path(cache_dir)
     target = cache / extract.filename
@@ -189,8 +217,11 @@ def download_extract(extract: Extract, cache_dir: str | os.PathLike, client: Htt
 
         resp = client.get(extract.pbf_url, validate=_check)
     except HTTPFetchError as exc:
-        raise InputError(f"Geofabrik extract {extract.id}", f"download failed: {exc}",
-                         "retry later, or download the file by hand into " + str(target)) from exc
+        raise InputError(
+            f"Geofabrik extract {extract.id}",
+            f"download failed: {exc}",
+            "retry later, or download the file by hand into " + str(target),
+        ) from exc
     finally:
         if own:
             client.close()
@@ -198,17 +229,35 @@ def download_extract(extract: Extract, cache_dir: str | os.PathLike, client: Htt
     with atomic_path(target) as tmp:
         tmp.write_bytes(body)
     md5 = hashlib.md5(body).hexdigest()
-    atomic_write_text(sidecar, json.dumps({
-        "id": extract.id, "name": extract.name, "url": extract.pbf_url, "md5": md5, "bytes": len(body),
-        "md5_verified": expected is not None, "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }, indent=2) + "\n")
-    log.info("downloaded %s (%d bytes, md5 %s)", extract.pbf_url, len(body), "verified" if expected else "not published")
+    atomic_write_text(
+        sidecar,
+        json.dumps(
+            {
+                "id": extract.id,
+                "name": extract.name,
+                "url": extract.pbf_url,
+                "md5": md5,
+                "bytes": len(body),
+                "md5_verified": expected is not None,
+                "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    log.info(
+        "downloaded %s (%d bytes, md5 %s)", extract.pbf_url, len(body), "verified" if expected else "not published"
+    )
     return target
 
 
-def extract_for_aoi(aoi_lonlat: tuple[float, float, float, float], cache_dir: str | os.PathLike,
-                    index_url: str = DEFAULT_INDEX_URL, client: HttpClient | None = None,
-                    refresh: bool = False) -> tuple[Extract, Path]:
+def extract_for_aoi(
+    aoi_lonlat: tuple[float, float, float, float],
+    cache_dir: str | os.PathLike,
+    index_url: str = DEFAULT_INDEX_URL,
+    client: HttpClient | None = None,
+    refresh: bool = False,
+) -> tuple[Extract, Path]:
     """Index -> smallest covering extract -> cached download; returns the extract and the local PBF path."""
     extracts = load_index(index_url, client=client, cache_dir=cache_dir)
     ext = find_extract(aoi_lonlat, extracts)

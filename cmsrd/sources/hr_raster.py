@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,24 +62,34 @@ class RasterHR:
                 tags = src.tags()
                 self.native_res = src.res
         except rasterio.errors.RasterioIOError as e:
-            raise InputError(f"HR raster {self.path}", f"cannot be opened ({e})", "give a readable GeoTIFF/COG") from None
+            raise InputError(
+                f"HR raster {self.path}", f"cannot be opened ({e})", "give a readable GeoTIFF/COG"
+            ) from None
         if crs is None:
-            raise InputError(f"HR raster {self.path}", "has no CRS", "georeference it (e.g. gdal_edit.py -a_srs EPSG:xxxx)")
+            raise InputError(
+                f"HR raster {self.path}", "has no CRS", "georeference it (e.g. gdal_edit.py -a_srs EPSG:xxxx)"
+            )
         try:
             from pyproj import CRS
 
             CRS.from_user_input(crs.to_wkt())
         except Exception:  # noqa: BLE001 - pyproj raises several types for unusable CRSs
-            raise InputError(f"HR raster {self.path}", f"has an unknown CRS ({crs})", "reproject it to a known CRS") from None
+            raise InputError(
+                f"HR raster {self.path}", f"has an unknown CRS ({crs})", "reproject it to a known CRS"
+            ) from None
         bands = tuple(int(b) for b in bands)
         if len(bands) not in (1, 3) or any(b < 1 or b > count for b in bands):
-            raise InputError(f"HR raster bands {bands}", f"the raster has {count} band(s)",
-                             "give 3 band indexes (R, G, B) or 1 for grey, 1-based")
+            raise InputError(
+                f"HR raster bands {bands}",
+                f"the raster has {count} band(s)",
+                "give 3 band indexes (R, G, B) or 1 for grey, 1-based",
+            )
         try:
             self.resampling = Resampling[resampling]
         except KeyError:
-            raise InputError(f"resampling {resampling!r}", "unknown",
-                             f"use one of {[r.name for r in Resampling][:10]}") from None
+            raise InputError(
+                f"resampling {resampling!r}", "unknown", f"use one of {[r.name for r in Resampling][:10]}"
+            ) from None
         self.crs = crs.to_string()
         self.bands = bands
         self.dtype = dtype
@@ -99,8 +110,15 @@ class RasterHR:
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "raster", "name": self.name, "path": self.path, "crs": self.crs,
-                "bands": list(self.bands), "value_range": self.value_range, "attribution": self.attribution}
+        return {
+            "type": "raster",
+            "name": self.name,
+            "path": self.path,
+            "crs": self.crs,
+            "bands": list(self.bands),
+            "value_range": self.value_range,
+            "attribution": self.attribution,
+        }
 
     def _range(self) -> tuple[float, float]:
         if self.value_range is None:
@@ -108,8 +126,11 @@ class RasterHR:
 
             with self._lock, rasterio.open(self._gdal) as src:
                 step = max(1, max(src.width, src.height) // 1024)
-                data = src.read(list(self.bands), out_shape=(len(self.bands), src.height // step or 1,
-                                                             src.width // step or 1), masked=True)
+                data = src.read(
+                    list(self.bands),
+                    out_shape=(len(self.bands), src.height // step or 1, src.width // step or 1),
+                    masked=True,
+                )
                 valid = data.compressed()
                 if valid.size == 0:
                     raise SampleError("hr_empty_raster", f"{self.path} holds no valid pixels")
@@ -126,16 +147,25 @@ class RasterHR:
         check_tile(z, x, y)
         bounds = tile_bounds_3857(z, x, y)
         transform = from_bounds(*bounds, width=size, height=size)
-        with rasterio.open(self._gdal) as src, WarpedVRT(src, crs=WEB_MERCATOR, transform=transform, width=size,
-                                                          height=size, resampling=self.resampling) as vrt:
+        with (
+            rasterio.open(self._gdal) as src,
+            WarpedVRT(
+                src, crs=WEB_MERCATOR, transform=transform, width=size, height=size, resampling=self.resampling
+            ) as vrt,
+        ):
             data = vrt.read(list(self.bands))
             mask = vrt.dataset_mask() > 0
         coverage = float(mask.mean())
         if coverage < self.min_coverage:
             reason = "hr_outside_raster" if coverage == 0 else "hr_partial_coverage"
             raise SampleError(reason, f"{self.name} covers {coverage:.1%} of tile {z}/{x}/{y}")
-        info: dict[str, Any] = {"coverage": coverage, "gsd_m": ground_gsd_m(z, y, size), "src_crs": self.crs,
-                                "src_res": list(self.native_res), "resampling": self.resampling.name}
+        info: dict[str, Any] = {
+            "coverage": coverage,
+            "gsd_m": ground_gsd_m(z, y, size),
+            "src_crs": self.crs,
+            "src_res": list(self.native_res),
+            "resampling": self.resampling.name,
+        }
         if data.dtype != np.uint8:
             lo, hi = self._range()
             data = np.clip((data.astype(np.float32) - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
@@ -143,8 +173,9 @@ class RasterHR:
         if data.shape[0] == 1:
             data = np.repeat(data, 3, axis=0)
         image = np.ascontiguousarray(np.moveaxis(data, 0, -1))
-        return HRResult(image=image, bounds_3857=bounds, source=self.name, date=self.date,
-                        attribution=self.attribution, info=info)
+        return HRResult(
+            image=image, bounds_3857=bounds, source=self.name, date=self.date, attribution=self.attribution, info=info
+        )
 
 
 def _tiff_date(tags: dict[str, str]) -> str | None:

@@ -22,11 +22,12 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
 
 
 def _version() -> str:
@@ -55,19 +55,50 @@ def _version() -> str:
 
 
 __version__ = _version()
-USER_AGENT = f"cmsrd/{__version__} (remote-sensing super-resolution dataset builder; python-requests/{requests.__version__})"
+USER_AGENT = (
+    f"cmsrd/{__version__} (remote-sensing super-resolution dataset builder; python-requests/{requests.__version__})"
+)
 
 # Query parameters and header-ish keys whose values are secrets (SAS tokens, S3 signatures, API keys).
 SECRET_KEYS = (
-    "sig", "signature", "se", "st", "sp", "sv", "skoid", "sktid", "skt", "ske", "sks", "skv", "token",
-    "access_token", "refresh_token", "id_token", "apikey", "api_key", "key", "client_secret", "password",
-    "passwd", "secret", "code", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
-    "x-goog-signature", "x-goog-credential", "awsaccesskeyid", "subscription-key",
+    "sig",
+    "signature",
+    "se",
+    "st",
+    "sp",
+    "sv",
+    "skoid",
+    "sktid",
+    "skt",
+    "ske",
+    "sks",
+    "skv",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "apikey",
+    "api_key",
+    "key",
+    "client_secret",
+    "password",
+    "passwd",
+    "secret",
+    "code",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "awsaccesskeyid",
+    "subscription-key",
 )
 _SECRET_PARAM = re.compile(r"(?i)([?&;]|\b)(" + "|".join(re.escape(k) for k in SECRET_KEYS) + r")=([^&\s'\"<>#]+)")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:'\"]+(?::[^/\s@'\"]*)?@")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-_JSON_SECRET = re.compile(r"(?i)([\"']?(?:client_secret|access_token|refresh_token|password|token)[\"']?\s*[:=]\s*[\"']?)([^\"',\s}&]+)")
+_JSON_SECRET = re.compile(
+    r"(?i)([\"']?(?:client_secret|access_token|refresh_token|password|token)[\"']?\s*[:=]\s*[\"']?)([^\"',\s}&]+)"
+)
 
 REDACTED = "REDACTED"
 
@@ -103,11 +134,25 @@ class RedactingFilter(logging.Filter):
 
 
 _GLOBAL_FILTER = RedactingFilter()
-_FILTERED_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry", "requests_oauthlib.oauth2_session",
-                     "oauthlib", "sentinelhub.download.client", "sentinelhub.download.sentinelhub_client",
-                     # rasterio logs dataset names, i.e. signed /vsicurl/ URLs, at DEBUG
-                     "rasterio", "rasterio._base", "rasterio._env", "rasterio.env", "rasterio._io", "rasterio.vrt",
-                     "rasterio._warp", "rasterio._filepath", "rasterio._err", "rasterio.session")
+_FILTERED_LOGGERS = (
+    "urllib3.connectionpool",
+    "urllib3.util.retry",
+    "requests_oauthlib.oauth2_session",
+    "oauthlib",
+    "sentinelhub.download.client",
+    "sentinelhub.download.sentinelhub_client",
+    # rasterio logs dataset names, i.e. signed /vsicurl/ URLs, at DEBUG
+    "rasterio",
+    "rasterio._base",
+    "rasterio._env",
+    "rasterio.env",
+    "rasterio._io",
+    "rasterio.vrt",
+    "rasterio._warp",
+    "rasterio._filepath",
+    "rasterio._err",
+    "rasterio.session",
+)
 
 
 def install_log_redaction(secrets: Iterable[str] = ()) -> None:
@@ -135,8 +180,13 @@ class CorruptBody(ValueError):
 class TokenBucket:
     """Thread-shared token bucket: at most `rate` requests/s on average, bursts of up to `burst`."""
 
-    def __init__(self, rate: float, burst: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        rate: float,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if rate <= 0:
             raise ValueError("rate must be > 0 requests per second")
         self.rate = float(rate)
@@ -177,7 +227,7 @@ class RetryPolicy:
     retry_statuses: frozenset[int] = field(default_factory=lambda: frozenset({408, 425, 429, 500, 502, 503, 504}))
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        d = min(self.max_backoff, self.backoff * (2 ** attempt)) * (1.0 + self.jitter * random.random())
+        d = min(self.max_backoff, self.backoff * (2**attempt)) * (1.0 + self.jitter * random.random())
         if retry_after is not None:
             d = max(d, retry_after)
         return d
@@ -197,8 +247,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
     return max(0.0, (when - now).total_seconds())
 
 
@@ -290,8 +340,13 @@ class HttpClient:
             self._count("requests")
             retry_after: float | None = None
             try:
-                resp = self.session.request(method, url, timeout=timeout or self.timeout,
-                                            **({"stream": True} if consume is not None else {}), **kw)
+                resp = self.session.request(
+                    method,
+                    url,
+                    timeout=timeout or self.timeout,
+                    **({"stream": True} if consume is not None else {}),
+                    **kw,
+                )
                 status = resp.status_code
                 if consume is not None and status in ok:
                     with resp:
@@ -310,9 +365,13 @@ class HttpClient:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 if retry_after is not None and retry_after > self.retry.max_retry_after:
                     self._count("failures")
-                    raise HTTPFetchError(url, f"{problem}; server asks to wait {retry_after:.0f} s "
-                                         f"(more than max_retry_after={self.retry.max_retry_after:.0f} s)",
-                                         status, attempt + 1)
+                    raise HTTPFetchError(
+                        url,
+                        f"{problem}; server asks to wait {retry_after:.0f} s "
+                        f"(more than max_retry_after={self.retry.max_retry_after:.0f} s)",
+                        status,
+                        attempt + 1,
+                    )
             except HTTPFetchError:
                 raise
             except CorruptBody as e:
@@ -322,15 +381,25 @@ class HttpClient:
             except requests.exceptions.Timeout as e:
                 problem = f"timeout: {type(e).__name__}"
                 status = None
-            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as e:
+            except (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as e:
                 problem = f"connection error: {type(e).__name__}: {e}"
                 status = None
             if attempt + 1 < attempts:
                 delay = self.retry.delay(attempt, retry_after)
                 self._count("retries")
-                log.warning("retry %d/%d in %.2fs for %s %s: %s", attempt + 1, self.retry.retries, delay,
-                            method, self.redact(url), self.redact(problem))
+                log.warning(
+                    "retry %d/%d in %.2fs for %s %s: %s",
+                    attempt + 1,
+                    self.retry.retries,
+                    delay,
+                    method,
+                    self.redact(url),
+                    self.redact(problem),
+                )
                 self._sleep(delay)
         self._count("failures")
         raise HTTPFetchError(url, self.redact(problem), status, attempts)
@@ -379,8 +448,9 @@ class HttpClient:
         self.request("GET", url, consume=consume, **kw)
         return dest
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T], *, desc: str | None = None,
-            progress: bool = False) -> list[R | BaseException]:
+    def map(
+        self, fn: Callable[[T], R], items: Iterable[T], *, desc: str | None = None, progress: bool = False
+    ) -> list[R | BaseException]:
         """Run `fn` over `items` with at most `max_workers` threads; results in input order.
 
         An item whose call raises yields the exception object in its slot instead of stopping the rest,
@@ -404,8 +474,7 @@ class HttpClient:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), desc=desc, unit="req", leave=False)
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items)),
-                                thread_name_prefix="cmsrd-http") as pool:
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items)), thread_name_prefix="cmsrd-http") as pool:
             for _ in pool.map(run, range(len(items))):
                 if bar is not None:
                     bar.update(1)
@@ -416,7 +485,7 @@ class HttpClient:
     def close(self) -> None:
         self.session.close()
 
-    def __enter__(self) -> "HttpClient":
+    def __enter__(self) -> HttpClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

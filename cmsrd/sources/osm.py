@@ -48,8 +48,8 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import osmium
-import pyproj
 import pandas as pd
+import pyproj
 import shapely
 from shapely.geometry import box
 from tqdm.auto import tqdm
@@ -64,10 +64,23 @@ CRS = "EPSG:3857"
 MAJOR_HIGHWAYS = frozenset(
     f"{k}{s}" for k in ("motorway", "trunk", "primary", "secondary", "tertiary") for s in ("", "_link")
 )
-ROAD_HIGHWAYS = frozenset({
-    "residential", "service", "unclassified", "living_street", "track", "footway", "path", "cycleway",
-    "pedestrian", "steps", "bridleway", "road", "busway",
-})
+ROAD_HIGHWAYS = frozenset(
+    {
+        "residential",
+        "service",
+        "unclassified",
+        "living_street",
+        "track",
+        "footway",
+        "path",
+        "cycleway",
+        "pedestrian",
+        "steps",
+        "bridleway",
+        "road",
+        "busway",
+    }
+)
 RAILWAYS = frozenset({"rail", "light_rail", "tram", "narrow_gauge"})
 WATER_LINES = frozenset({"river", "stream", "canal"})
 PARK = {"leisure": {"park", "garden"}, "landuse": {"grass", "meadow", "recreation_ground"}}
@@ -198,8 +211,12 @@ def _segments_in_box(coords: np.ndarray, box_: tuple[float, float, float, float]
     return mid, d[keep] / length[keep, None]
 
 
-def sea_polygons(coastlines: list[np.ndarray], extent_3857: tuple[float, float, float, float],
-                 snap: float = 0.0, probe: float = SEA_PROBE_M) -> tuple[list, int, int]:
+def sea_polygons(
+    coastlines: list[np.ndarray],
+    extent_3857: tuple[float, float, float, float],
+    snap: float = 0.0,
+    probe: float = SEA_PROBE_M,
+) -> tuple[list, int, int]:
     """Sea polygons of the extent box from directed coastline polylines (EPSG:3857 vertex arrays).
 
     Coastline ends inside the extent and within `snap` of its edge are joined to the nearest edge; the box is
@@ -247,8 +264,9 @@ def sea_polygons(coastlines: list[np.ndarray], extent_3857: tuple[float, float, 
     in_ext = shapely.intersects(np.array(pieces + connectors, dtype=object), ext)
     if not in_ext.any():
         return [], dangling, int(to_snap.sum())
-    clipped = shapely.clip_by_rect(np.array(pieces + connectors, dtype=object)[in_ext],
-                                   left - pad, bottom - pad, right + pad, top + pad)
+    clipped = shapely.clip_by_rect(
+        np.array(pieces + connectors, dtype=object)[in_ext], left - pad, bottom - pad, right + pad, top + pad
+    )
     noded = shapely.union_all(np.concatenate([[ext.boundary], clipped]))
     faces = shapely.get_parts(shapely.polygonize([noded]))
     faces = faces[shapely.within(shapely.point_on_surface(faces), ext)] if len(faces) else faces
@@ -256,8 +274,9 @@ def sea_polygons(coastlines: list[np.ndarray], extent_3857: tuple[float, float, 
         return [], dangling, int(to_snap.sum())
 
     # right-hand rule: probes beside the midpoints of the coastline segments, as the ways run in OSM
-    mids, dirs = _segments_in_box(np.concatenate([np.vstack([c, [np.nan, np.nan]]) for c in lines]),
-                                  (left, bottom, right, top))
+    mids, dirs = _segments_in_box(
+        np.concatenate([np.vstack([c, [np.nan, np.nan]]) for c in lines]), (left, bottom, right, top)
+    )
     ok = np.isfinite(mids).all(axis=1)
     mids, dirs = mids[ok], dirs[ok]
     normal_right = np.stack([dirs[:, 1], -dirs[:, 0]], axis=1)
@@ -286,22 +305,30 @@ def _read_bbox(path: Path) -> tuple[float, float, float, float] | None:
         finally:
             reader.close()
     except Exception as exc:  # libosmium raises RuntimeError / osmium.io errors on bad input
-        raise InputError(f"OSM file {path}", f"cannot be read as OSM data ({exc})",
-                         "re-download the extract (e.g. `cmsrd.sources.geofabrik`) and check its md5") from exc
+        raise InputError(
+            f"OSM file {path}",
+            f"cannot be read as OSM data ({exc})",
+            "re-download the extract (e.g. `cmsrd.sources.geofabrik`) and check its md5",
+        ) from exc
     if not b.valid():
         return None
     return (b.bottom_left.lon, b.bottom_left.lat, b.top_right.lon, b.top_right.lat)
 
 
-def _sea_features(coast, stats: IngestStats, bbox_lonlat, margin_deg: float, header_bbox, data_bounds
-                  ) -> gpd.GeoDataFrame:
+def _sea_features(
+    coast, stats: IngestStats, bbox_lonlat, margin_deg: float, header_bbox, data_bounds
+) -> gpd.GeoDataFrame:
     """Water/sea rows (EPSG:3857) from the coastline runs inside the working extent; fills the sea stats."""
     if bbox_lonlat is not None:
         w, s, e, n = bbox_lonlat
         extent = (w - margin_deg, s - margin_deg, e + margin_deg, n + margin_deg)
         if header_bbox is not None:
-            extent = (max(extent[0], header_bbox[0]), max(extent[1], header_bbox[1]),
-                      min(extent[2], header_bbox[2]), min(extent[3], header_bbox[3]))
+            extent = (
+                max(extent[0], header_bbox[0]),
+                max(extent[1], header_bbox[1]),
+                min(extent[2], header_bbox[2]),
+                min(extent[3], header_bbox[3]),
+            )
     elif header_bbox is not None:
         extent = header_bbox
     else:
@@ -327,14 +354,25 @@ def _sea_features(coast, stats: IngestStats, bbox_lonlat, margin_deg: float, hea
     stats.sea_polygons += len(polys)
     if not polys:
         return empty
-    return gpd.GeoDataFrame({"class": "water", "kind": "sea", "osm_type": "coastline",
-                             "osm_id": -np.arange(1, len(polys) + 1, dtype=np.int64)},
-                            geometry=[shapely.MultiPolygon([p]) for p in polys], crs=CRS)
+    return gpd.GeoDataFrame(
+        {
+            "class": "water",
+            "kind": "sea",
+            "osm_type": "coastline",
+            "osm_id": -np.arange(1, len(polys) + 1, dtype=np.int64),
+        },
+        geometry=[shapely.MultiPolygon([p]) for p in polys],
+        crs=CRS,
+    )
 
 
 def _contains(outer, inner, tol: float = 1e-7) -> bool:
-    return (outer[0] - tol <= inner[0] and outer[1] - tol <= inner[1]
-            and outer[2] + tol >= inner[2] and outer[3] + tol >= inner[3])
+    return (
+        outer[0] - tol <= inner[0]
+        and outer[1] - tol <= inner[1]
+        and outer[2] + tol >= inner[2]
+        and outer[3] + tol >= inner[3]
+    )
 
 
 class OSMFeatures:
@@ -367,14 +405,19 @@ class OSMFeatures:
         if bbox_lonlat is not None:
             w, s, e, n = (float(v) for v in bbox_lonlat)
             if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-                raise InputError(f"AOI bbox {bbox_lonlat}", "is not (west, south, east, north) in degrees",
-                                 "pass e.g. (24.94, 60.165, 24.95, 60.17)")
+                raise InputError(
+                    f"AOI bbox {bbox_lonlat}",
+                    "is not (west, south, east, north) in degrees",
+                    "pass e.g. (24.94, 60.165, 24.95, 60.17)",
+                )
         t0 = time.perf_counter()
         header_bbox = _read_bbox(path)
         if bbox_lonlat is not None and header_bbox is not None and not _contains(header_bbox, bbox_lonlat):
-            raise InputError(f"OSM file {path}", f"covers {tuple(round(v, 5) for v in header_bbox)}, "
-                             f"not the AOI {tuple(bbox_lonlat)}", "use an extract that covers the AOI "
-                             "(cmsrd.sources.geofabrik.find_extract picks one)")
+            raise InputError(
+                f"OSM file {path}",
+                f"covers {tuple(round(v, 5) for v in header_bbox)}, not the AOI {tuple(bbox_lonlat)}",
+                "use an extract that covers the AOI (cmsrd.sources.geofabrik.find_extract picks one)",
+            )
         stats = IngestStats()
         rows: list[tuple] = []
         wkb = osmium.geom.WKBFactory()
@@ -382,9 +425,7 @@ class OSMFeatures:
         assembled = {"w": set(), "r": set()}
         coast: list[list[tuple[float, float]]] = []  # located runs of natural=coastline ways, (lon, lat)
         try:
-            fp = (osmium.FileProcessor(str(path))
-                  .with_areas()
-                  .with_filter(osmium.filter.KeyFilter(*KEYS)))
+            fp = osmium.FileProcessor(str(path)).with_areas().with_filter(osmium.filter.KeyFilter(*KEYS))
             objects = tqdm(fp, desc=f"reading {path.name}", unit=" obj", mininterval=1.0) if progress else fp
             for obj in objects:
                 if obj.is_way():
@@ -422,8 +463,9 @@ class OSMFeatures:
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"OSM file {path}", f"is corrupt or truncated ({exc})",
-                             "re-download the extract and verify its md5") from exc
+            raise InputError(
+                f"OSM file {path}", f"is corrupt or truncated ({exc})", "re-download the extract and verify its md5"
+            ) from exc
         stats.unassembled_ways = len(area_candidates["w"] - assembled["w"])
         stats.unassembled_relations = len(area_candidates["r"] - assembled["r"])
 
@@ -439,8 +481,11 @@ class OSMFeatures:
         if bbox_lonlat is not None:
             if header_bbox is None:  # no header box: the data extent must cover the AOI
                 if gdf.empty or not _contains(tuple(gdf.total_bounds), bbox_lonlat, tol=1e-3):
-                    raise InputError(f"OSM file {path}", f"has no data over the AOI {tuple(bbox_lonlat)}",
-                                     "use an extract that covers the AOI")
+                    raise InputError(
+                        f"OSM file {path}",
+                        f"has no data over the AOI {tuple(bbox_lonlat)}",
+                        "use an extract that covers the AOI",
+                    )
         data_bounds = tuple(gdf.total_bounds) if len(gdf) else None
         if bbox_lonlat is not None:
             w, s, e, n = bbox_lonlat
@@ -455,8 +500,13 @@ class OSMFeatures:
         stats.invalid_areas = stats.unassembled_ways + stats.unassembled_relations + stats.invalid_geometries
         stats.seconds = time.perf_counter() - t0
         feats = cls(gdf, stats, source=str(path))
-        log.info("read %s: %s, %d invalid areas skipped in %.2fs", path.name, feats.counts,
-                 stats.invalid_areas, stats.seconds)
+        log.info(
+            "read %s: %s, %d invalid areas skipped in %.2fs",
+            path.name,
+            feats.counts,
+            stats.invalid_areas,
+            stats.seconds,
+        )
         return feats
 
     # -- storage ------------------------------------------------------------------------------
@@ -468,19 +518,26 @@ class OSMFeatures:
         return path
 
     @classmethod
-    def from_parquet(cls, path: str | os.PathLike, bounds_3857: tuple[float, float, float, float] | None = None
-                     ) -> OSMFeatures:
+    def from_parquet(
+        cls, path: str | os.PathLike, bounds_3857: tuple[float, float, float, float] | None = None
+    ) -> OSMFeatures:
         """Read features written by `to_parquet`; with `bounds_3857` read only the row groups touching it."""
         path = Path(path)
         try:
             gdf = gpd.read_parquet(path, bbox=bounds_3857) if bounds_3857 else gpd.read_parquet(path)
         except Exception as exc:
-            raise InputError(f"OSM features {path}", f"not readable as GeoParquet ({exc})",
-                             "rebuild it with OSMFeatures.from_pbf(...).to_parquet(...)") from exc
+            raise InputError(
+                f"OSM features {path}",
+                f"not readable as GeoParquet ({exc})",
+                "rebuild it with OSMFeatures.from_pbf(...).to_parquet(...)",
+            ) from exc
         missing = set(COLUMNS) - set(gdf.columns)
         if missing:
-            raise InputError(f"OSM features {path}", f"missing columns {sorted(missing)}",
-                             "rebuild it with OSMFeatures.from_pbf(...).to_parquet(...)")
+            raise InputError(
+                f"OSM features {path}",
+                f"missing columns {sorted(missing)}",
+                "rebuild it with OSMFeatures.from_pbf(...).to_parquet(...)",
+            )
         return cls(gdf.to_crs(CRS), source=str(path))
 
     # -- access -------------------------------------------------------------------------------

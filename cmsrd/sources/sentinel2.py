@@ -26,10 +26,11 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +89,10 @@ class Recipe:
 
     def text(self, gain: float = GAIN) -> str:
         off = f" - {abs(self.offset):g}" if self.offset < 0 else (f" + {self.offset:g}" if self.offset else "")
-        return (f"reflectance = DN * {self.scale:g}{off} ({self.why}); DN 0 = no data; "
-                f"uint8 = clip(round(255 * {gain:g} * reflectance), 0, 255)")
+        return (
+            f"reflectance = DN * {self.scale:g}{off} ({self.why}); DN 0 = no data; "
+            f"uint8 = clip(round(255 * {gain:g} * reflectance), 0, 255)"
+        )
 
 
 def _baseline_tuple(baseline: str | None) -> tuple[int, int] | None:
@@ -97,8 +100,12 @@ def _baseline_tuple(baseline: str | None) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def reflectance_recipe(properties: dict[str, Any], collection: str | None, catalog: str = "earth-search",
-                       asset: dict[str, Any] | None = None) -> Recipe:
+def reflectance_recipe(
+    properties: dict[str, Any],
+    collection: str | None,
+    catalog: str = "earth-search",
+    asset: dict[str, Any] | None = None,
+) -> Recipe:
     """The DN -> BOA reflectance recipe of one L2A item.
 
     From processing baseline 04.00 (Jan 2022) ESA adds BOA_ADD_OFFSET = -1000 to the DNs, so
@@ -115,13 +122,18 @@ def reflectance_recipe(properties: dict[str, Any], collection: str | None, catal
         scale = float(bands[0].get("scale", scale) or scale)
     coll = (collection or "").lower()
     if bt is None:
-        raise SampleError("lr_unknown_baseline",
-                          f"item has no usable s2:processing_baseline ({baseline!r}); cannot choose the offset")
+        raise SampleError(
+            "lr_unknown_baseline", f"item has no usable s2:processing_baseline ({baseline!r}); cannot choose the offset"
+        )
     if bt < (4, 0):
         return Recipe(scale, 0.0, f"baseline {baseline} < 04.00: no BOA offset")
     if catalog == "earth-search" and coll == "sentinel-2-l2a" and properties.get("earthsearch:boa_offset_applied"):
-        return Recipe(scale, 0.0, f"Earth Search {coll}, baseline {baseline}: BOA offset already applied "
-                                  "at ingest (earthsearch:boa_offset_applied=true)")
+        return Recipe(
+            scale,
+            0.0,
+            f"Earth Search {coll}, baseline {baseline}: BOA offset already applied "
+            "at ingest (earthsearch:boa_offset_applied=true)",
+        )
     return Recipe(scale, -0.1, f"{catalog} {coll or 'L2A'}, baseline {baseline} >= 04.00: BOA_ADD_OFFSET -1000")
 
 
@@ -181,7 +193,7 @@ class SasSigner:
 def _parse_iso(text: str) -> datetime:
     t = str(text).strip().replace("Z", "+00:00")
     dt = datetime.fromisoformat(t)
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _parse_day(value: str | date | datetime, what: str) -> date:
@@ -307,10 +319,17 @@ class Sentinel2STAC:
         return self._signer
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "stac", "url": redact(self.url), "catalog": self.catalog, "collection": self.collection,
-                "window_days": self.window_days, "max_cloud": self.max_cloud,
-                "max_footprint_cloud": self.max_footprint_cloud, "gain": self.gain,
-                "attribution": "Contains modified Copernicus Sentinel data"}
+        return {
+            "type": "stac",
+            "url": redact(self.url),
+            "catalog": self.catalog,
+            "collection": self.collection,
+            "window_days": self.window_days,
+            "max_cloud": self.max_cloud,
+            "max_footprint_cloud": self.max_footprint_cloud,
+            "gain": self.gain,
+            "attribution": "Contains modified Copernicus Sentinel data",
+        }
 
     # -- search ---------------------------------------------------------------------------------
     def search_area(self, bbox_lonlat: Sequence[float], start: str | date, end: str | date) -> list[dict]:
@@ -321,13 +340,21 @@ class Sentinel2STAC:
         """
         w, s, e, n = (float(v) for v in bbox_lonlat)
         if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-            raise InputError(f"bbox {list(bbox_lonlat)}", "is not west < east, south < north in degrees",
-                             "give (west, south, east, north) in EPSG:4326")
+            raise InputError(
+                f"bbox {list(bbox_lonlat)}",
+                "is not west < east, south < north in degrees",
+                "give (west, south, east, north) in EPSG:4326",
+            )
         d0, d1 = _parse_day(start, "search start"), _parse_day(end, "search end")
         if d1 < d0:
             raise InputError("search dates", f"end {d1} is before start {d0}", "swap them")
-        body = {"bbox": [round(v, 6) for v in (w, s, e, n)], "datetime": f"{d0}T00:00:00Z/{d1}T23:59:59Z",
-                "collections": [self.collection], "max_cloud": self.max_cloud, "url": self.url}
+        body = {
+            "bbox": [round(v, 6) for v in (w, s, e, n)],
+            "datetime": f"{d0}T00:00:00Z/{d1}T23:59:59Z",
+            "collections": [self.collection],
+            "max_cloud": self.max_cloud,
+            "url": self.url,
+        }
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
         with self._lock:
             if key in self._searches:
@@ -354,30 +381,50 @@ class Sentinel2STAC:
         from urllib3.util.retry import Retry
 
         pol = self.client.retry  # the same policy as every other request of the toolkit
-        retry = Retry(total=pol.retries, backoff_factor=pol.backoff, backoff_max=pol.max_backoff,
-                      backoff_jitter=pol.jitter, status_forcelist=tuple(sorted(pol.retry_statuses)),
-                      allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
-        io = StacApiIO(headers={"User-Agent": USER_AGENT}, parameters=self.params or None,
-                       timeout=self.client.timeout, max_retries=retry)
+        retry = Retry(
+            total=pol.retries,
+            backoff_factor=pol.backoff,
+            backoff_max=pol.max_backoff,
+            backoff_jitter=pol.jitter,
+            status_forcelist=tuple(sorted(pol.retry_statuses)),
+            allowed_methods=None,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        io = StacApiIO(
+            headers={"User-Agent": USER_AGENT},
+            parameters=self.params or None,
+            timeout=self.client.timeout,
+            max_retries=retry,
+        )
         return Client.open(self.url, stac_io=io)
 
     def _search(self, bbox: list[float], dt: str) -> list[dict]:
-        from pystac_client.exceptions import APIError
-
         from pystac_client.conformance import ConformanceClasses
+        from pystac_client.exceptions import APIError
 
         try:
             client = self._stac_client()
-            query = {"eo:cloud_cover": {"lte": self.max_cloud}} if client.conforms_to(ConformanceClasses.QUERY) else None
-            search = client.search(collections=[self.collection], bbox=bbox, datetime=dt, query=query,
-                                   max_items=self.max_items, limit=min(100, self.max_items))
+            query = (
+                {"eo:cloud_cover": {"lte": self.max_cloud}} if client.conforms_to(ConformanceClasses.QUERY) else None
+            )
+            search = client.search(
+                collections=[self.collection],
+                bbox=bbox,
+                datetime=dt,
+                query=query,
+                max_items=self.max_items,
+                limit=min(100, self.max_items),
+            )
             items = [it.to_dict(transform_hrefs=False) for it in search.items()]
             # also filter here: a catalog without the query extension returns every cloud cover
             items = [it for it in items if float(it["properties"].get("eo:cloud_cover", 0) or 0) <= self.max_cloud]
         except APIError as e:
             raise SampleError("lr_search_failed", f"{redact(self.url)}: {redact(e)[:300]}") from None
         except Exception as e:  # noqa: BLE001 - requests/urllib3/pystac raise many types; all mean the same
-            raise SampleError("lr_search_failed", f"{redact(self.url)}: {type(e).__name__}: {redact(e)[:300]}") from None
+            raise SampleError(
+                "lr_search_failed", f"{redact(self.url)}: {type(e).__name__}: {redact(e)[:300]}"
+            ) from None
         log.info("STAC search %s %s: %d item(s)", bbox, dt, len(items))
         return items
 
@@ -408,16 +455,20 @@ class Sentinel2STAC:
         out.sort(key=lambda t: t[:3])
         return [t[3] for t in out]
 
-    def fetch(self, z: int, x: int, y: int, lr_px: int = 16, hr_date: str | None = None,
-              items: Iterable[Any] | None = None) -> LRResult:
+    def fetch(
+        self, z: int, x: int, y: int, lr_px: int = 16, hr_date: str | None = None, items: Iterable[Any] | None = None
+    ) -> LRResult:
         """The real LR of footprint (z, x, y): best scene, reflectance, 8-bit lr_px x lr_px image."""
         check_tile(z, x, y)
         if not isinstance(lr_px, int) or lr_px < 1:
             raise InputError(f"lr_px {lr_px!r}", "must be a positive integer", "use e.g. 16")
         if items is None:
             if not hr_date:
-                raise InputError("hr_date", "is needed to search scenes when no items are given",
-                                 "pass hr_date='YYYY-MM-DD' or items from search_area()")
+                raise InputError(
+                    "hr_date",
+                    "is needed to search scenes when no items are given",
+                    "pass hr_date='YYYY-MM-DD' or items from search_area()",
+                )
             d = _parse_day(hr_date, "HR date")
             # Search the enclosing tile at `search_zoom` so neighbouring footprints share one search.
             zs = min(self.search_zoom, z)
@@ -425,8 +476,11 @@ class Sentinel2STAC:
             items = self.search_area(area, d - timedelta(days=self.window_days), d + timedelta(days=self.window_days))
         cands = self.candidates(z, x, y, items, hr_date)
         if not cands:
-            raise SampleError("lr_no_scene", f"no {self.collection} scene covers tile {z}/{x}/{y}"
-                              + (f" within {self.window_days} days of {hr_date}" if hr_date else ""))
+            raise SampleError(
+                "lr_no_scene",
+                f"no {self.collection} scene covers tile {z}/{x}/{y}"
+                + (f" within {self.window_days} days of {hr_date}" if hr_date else ""),
+            )
         n = native_size(z, x, y)
         tried: list[dict[str, Any]] = []
         for d in cands[: self.max_candidates]:
@@ -435,16 +489,25 @@ class Sentinel2STAC:
             except SampleError as e:
                 tried.append({"id": d["id"], "error": e.reason})
                 continue
-            tried.append({"id": d["id"], "bad_fraction": round(frac["bad"], 4), "nodata": round(frac["nodata"], 4),
-                          "eo:cloud_cover": d["properties"].get("eo:cloud_cover")})
+            tried.append(
+                {
+                    "id": d["id"],
+                    "bad_fraction": round(frac["bad"], 4),
+                    "nodata": round(frac["nodata"], 4),
+                    "eo:cloud_cover": d["properties"].get("eo:cloud_cover"),
+                }
+            )
             if frac["bad"] <= self.max_footprint_cloud:
                 return self._build(d, z, x, y, n, lr_px, hr_date, frac["bad"], tried)
         if tried and all("error" in t for t in tried):
             raise SampleError(tried[0]["error"], f"tile {z}/{x}/{y}: every candidate failed to read: {tried}")
         if tried and all(t.get("nodata", 0) > 0.5 for t in tried if "nodata" in t):
             raise SampleError("lr_nodata", f"tile {z}/{x}/{y} is outside the data of every scene: {tried}")
-        raise SampleError("lr_cloudy", f"tile {z}/{x}/{y}: no scene has <= {self.max_footprint_cloud:.0%} "
-                          f"cloud/shadow/no-data inside the footprint: {tried}")
+        raise SampleError(
+            "lr_cloudy",
+            f"tile {z}/{x}/{y}: no scene has <= {self.max_footprint_cloud:.0%} "
+            f"cloud/shadow/no-data inside the footprint: {tried}",
+        )
 
     # -- reading --------------------------------------------------------------------------------
     def _href(self, d: dict, role: str) -> tuple[str, dict]:
@@ -470,20 +533,30 @@ class Sentinel2STAC:
         try:
             with rasterio.Env(**GDAL_ENV), rasterio.open(_gdal_path(href)) as src:
                 nodata = src.nodata if src.nodata is not None else 0
-                with WarpedVRT(src, crs=WEB_MERCATOR, transform=transform, width=n, height=n,
-                               resampling=Resampling[resampling], src_nodata=nodata, nodata=nodata) as vrt:
+                with WarpedVRT(
+                    src,
+                    crs=WEB_MERCATOR,
+                    transform=transform,
+                    width=n,
+                    height=n,
+                    resampling=Resampling[resampling],
+                    src_nodata=nodata,
+                    nodata=nodata,
+                ) as vrt:
                     return vrt.read(1)
         except rasterio.errors.RasterioError as e:
-            raise SampleError("lr_read_failed", f"{redact(href, self.client.secrets)}: "
-                              f"{redact(e, self.client.secrets)[:300]}") from None
+            raise SampleError(
+                "lr_read_failed", f"{redact(href, self.client.secrets)}: {redact(e, self.client.secrets)[:300]}"
+            ) from None
 
     def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
         href, _ = self._href(d, "scl")
         scl = self._read(href, z, x, y, n, "nearest")
         return {"bad": float(np.isin(scl, SCL_BAD).mean()), "nodata": float((scl == 0).mean())}
 
-    def _build(self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None,
-               bad: float, tried: list[dict]) -> LRResult:
+    def _build(
+        self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None, bad: float, tried: list[dict]
+    ) -> LRResult:
         from ..degrade import imresize
 
         props = d["properties"]
@@ -507,14 +580,27 @@ class Sentinel2STAC:
         days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
         assert recipe is not None
         return LRResult(
-            image=to_uint8(lr_refl, self.gain), native=native, scene_id=d["id"],
-            datetime=when.isoformat().replace("+00:00", "Z"), cloud_fraction=bad,
-            scene_cloud_cover=props.get("eo:cloud_cover"), days_from_hr=days,
-            baseline=props.get("s2:processing_baseline"), radiometry=recipe.text(self.gain),
+            image=to_uint8(lr_refl, self.gain),
+            native=native,
+            scene_id=d["id"],
+            datetime=when.isoformat().replace("+00:00", "Z"),
+            cloud_fraction=bad,
+            scene_cloud_cover=props.get("eo:cloud_cover"),
+            days_from_hr=days,
+            baseline=props.get("s2:processing_baseline"),
+            radiometry=recipe.text(self.gain),
             collection=d.get("collection") or self.collection,
-            info={"catalog": self.catalog, "stac_url": redact(self.url), "native_px": n,
-                  "native_gsd_m": NATIVE_GSD_M, "gain": self.gain, "assets": hrefs, "candidates": tried,
-                  "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
-                  "warp_resampling": "cubic (bands), nearest (SCL)", "scl_bad_classes": list(SCL_BAD),
-                  "boa_offset_applied": props.get("earthsearch:boa_offset_applied")},
+            info={
+                "catalog": self.catalog,
+                "stac_url": redact(self.url),
+                "native_px": n,
+                "native_gsd_m": NATIVE_GSD_M,
+                "gain": self.gain,
+                "assets": hrefs,
+                "candidates": tried,
+                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
+                "warp_resampling": "cubic (bands), nearest (SCL)",
+                "scl_bad_classes": list(SCL_BAD),
+                "boa_offset_applied": props.get("earthsearch:boa_offset_applied"),
+            },
         )

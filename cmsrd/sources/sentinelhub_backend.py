@@ -54,16 +54,21 @@ function evaluatePixel(s) {
 }
 """
 
-RADIOMETRY = ("reflectance = Sentinel Hub Process API SENTINEL2_L2A units=REFLECTANCE (harmonizeValues=true: the "
-              "BOA_ADD_OFFSET of baseline >= 04.00 removed server-side); dataMask 0 = no data; "
-              "uint8 = clip(round(255 * {gain:g} * reflectance), 0, 255)")
+RADIOMETRY = (
+    "reflectance = Sentinel Hub Process API SENTINEL2_L2A units=REFLECTANCE (harmonizeValues=true: the "
+    "BOA_ADD_OFFSET of baseline >= 04.00 removed server-side); dataMask 0 = no data; "
+    "uint8 = clip(round(255 * {gain:g} * reflectance), 0, 255)"
+)
 
 
 def _credentials_error(problem: str) -> InputError:
-    return InputError("Sentinel Hub credentials (SH_CLIENT_ID / SH_CLIENT_SECRET or the sentinelhub config)",
-                      problem, "create an OAuth client in your Sentinel Hub / Copernicus Data Space dashboard and "
-                      "export SH_CLIENT_ID and SH_CLIENT_SECRET, or run `sentinelhub.config --sh_client_id ... "
-                      "--sh_client_secret ...`")
+    return InputError(
+        "Sentinel Hub credentials (SH_CLIENT_ID / SH_CLIENT_SECRET or the sentinelhub config)",
+        problem,
+        "create an OAuth client in your Sentinel Hub / Copernicus Data Space dashboard and "
+        "export SH_CLIENT_ID and SH_CLIENT_SECRET, or run `sentinelhub.config --sh_client_id ... "
+        "--sh_client_secret ...`",
+    )
 
 
 class SentinelHubLR:
@@ -75,9 +80,18 @@ class SentinelHubLR:
     `max_footprint_cloud`: tolerated SCL cloud/shadow/no-data share inside the footprint.
     """
 
-    def __init__(self, config: Any = None, *, cdse: bool = False, window_days: int = 30, max_cloud: float = 60.0,
-                 max_footprint_cloud: float = 0.05, gain: float = GAIN, max_attempts: int = 4,
-                 retry_sleep_s: float = 5.0):
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        cdse: bool = False,
+        window_days: int = 30,
+        max_cloud: float = 60.0,
+        max_footprint_cloud: float = 0.05,
+        gain: float = GAIN,
+        max_attempts: int = 4,
+        retry_sleep_s: float = 5.0,
+    ):
         from sentinelhub import SHConfig
 
         cfg = config.copy() if config is not None else SHConfig()
@@ -86,8 +100,9 @@ class SentinelHubLR:
         if cdse:
             cfg.sh_base_url, cfg.sh_token_url = CDSE_BASE_URL, CDSE_TOKEN_URL
         if not cfg.sh_client_id or not cfg.sh_client_secret:
-            missing = [n for n, v in (("SH_CLIENT_ID", cfg.sh_client_id), ("SH_CLIENT_SECRET", cfg.sh_client_secret))
-                       if not v]
+            missing = [
+                n for n, v in (("SH_CLIENT_ID", cfg.sh_client_id), ("SH_CLIENT_SECRET", cfg.sh_client_secret)) if not v
+            ]
             raise _credentials_error(f"{' and '.join(missing)} not set")
         cfg.max_download_attempts = int(max_attempts)
         cfg.download_sleep_time = float(retry_sleep_s)
@@ -102,18 +117,26 @@ class SentinelHubLR:
         return f"SentinelHubLR(base_url={self.config.sh_base_url!r}, client_id={self.config.sh_client_id[:4]}...)"
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "sentinelhub", "base_url": self.config.sh_base_url, "token_url": self.config.sh_token_url,
-                "collection": "SENTINEL2_L2A", "mosaicking": "leastCC", "window_days": self.window_days,
-                "max_cloud": self.max_cloud, "gain": self.gain,
-                "attribution": "Contains modified Copernicus Sentinel data"}
+        return {
+            "type": "sentinelhub",
+            "base_url": self.config.sh_base_url,
+            "token_url": self.config.sh_token_url,
+            "collection": "SENTINEL2_L2A",
+            "mosaicking": "leastCC",
+            "window_days": self.window_days,
+            "max_cloud": self.max_cloud,
+            "gain": self.gain,
+            "attribution": "Contains modified Copernicus Sentinel data",
+        }
 
     def _collection(self) -> Any:
         from sentinelhub import DataCollection
 
         base = DataCollection.SENTINEL2_L2A
         if self.config.sh_base_url.rstrip("/") != "https://services.sentinel-hub.com":
-            return base.define_from(f"SENTINEL2_L2A_{abs(hash(self.config.sh_base_url)) % 10**8}",
-                                    service_url=self.config.sh_base_url)
+            return base.define_from(
+                f"SENTINEL2_L2A_{abs(hash(self.config.sh_base_url)) % 10**8}", service_url=self.config.sh_base_url
+            )
         return base
 
     def request(self, z: int, x: int, y: int, start: date, end: date, n: int) -> tuple[np.ndarray, dict]:
@@ -122,12 +145,22 @@ class SentinelHubLR:
 
         req = SentinelHubRequest(
             evalscript=EVALSCRIPT,
-            input_data=[SentinelHubRequest.input_data(
-                data_collection=self._collection(), time_interval=(start.isoformat(), end.isoformat()),
-                mosaicking_order=MosaickingOrder.LEAST_CC, maxcc=self.max_cloud / 100.0)],
-            responses=[SentinelHubRequest.output_response("default", MimeType.TIFF),
-                       SentinelHubRequest.output_response("userdata", MimeType.JSON)],
-            bbox=BBox(tile_bounds_3857(z, x, y), crs=CRS.POP_WEB), size=(n, n), config=self.config)
+            input_data=[
+                SentinelHubRequest.input_data(
+                    data_collection=self._collection(),
+                    time_interval=(start.isoformat(), end.isoformat()),
+                    mosaicking_order=MosaickingOrder.LEAST_CC,
+                    maxcc=self.max_cloud / 100.0,
+                )
+            ],
+            responses=[
+                SentinelHubRequest.output_response("default", MimeType.TIFF),
+                SentinelHubRequest.output_response("userdata", MimeType.JSON),
+            ],
+            bbox=BBox(tile_bounds_3857(z, x, y), crs=CRS.POP_WEB),
+            size=(n, n),
+            config=self.config,
+        )
         try:
             out = req.get_data()[0]
         except Exception as e:  # noqa: BLE001 - sentinelhub/oauthlib raise many types; sort them below
@@ -154,13 +187,17 @@ class SentinelHubLR:
         tiles = list(user.get("tiles") or [])
         mask = arr[..., 4] > 0
         if not tiles or not mask.any():
-            raise SampleError("lr_no_scene", f"Sentinel Hub has no SENTINEL2_L2A data for tile {z}/{x}/{y} "
-                              f"within {self.window_days} days of {hr_date}")
+            raise SampleError(
+                "lr_no_scene",
+                f"Sentinel Hub has no SENTINEL2_L2A data for tile {z}/{x}/{y} "
+                f"within {self.window_days} days of {hr_date}",
+            )
         scl = np.rint(arr[..., 3]).astype(np.int16)
         bad = float((np.isin(scl, SCL_BAD) | ~mask).mean())
         if bad > self.max_footprint_cloud:
-            raise SampleError("lr_cloudy", f"least-cloudy mosaic still has {bad:.0%} cloud/shadow/no-data "
-                              f"inside tile {z}/{x}/{y}")
+            raise SampleError(
+                "lr_cloudy", f"least-cloudy mosaic still has {bad:.0%} cloud/shadow/no-data inside tile {z}/{x}/{y}"
+            )
         native = arr[..., :3].copy()
         native[~mask] = np.nan
         filled = np.where(np.isnan(native), np.nanmean(native.reshape(-1, 3), axis=0), native).astype(np.float32)
@@ -168,13 +205,24 @@ class SentinelHubLR:
         first = tiles[0]
         when = _parse_iso(first.get("date")) if first.get("date") else None
         return LRResult(
-            image=to_uint8(lr, self.gain), native=native.astype(np.float32),
+            image=to_uint8(lr, self.gain),
+            native=native.astype(np.float32),
             scene_id=str(first.get("tileId") or first.get("dataPath") or "unknown"),
             datetime=when.isoformat().replace("+00:00", "Z") if when else "",
-            cloud_fraction=bad, scene_cloud_cover=first.get("cloudCoverage"),
-            days_from_hr=float(abs((when.date() - d).days)) if when else None, baseline=None,
-            radiometry=RADIOMETRY.format(gain=self.gain), collection="SENTINEL2_L2A",
-            info={"backend": "sentinelhub", "base_url": self.config.sh_base_url, "mosaicking": "leastCC",
-                  "tiles": tiles, "native_px": n, "native_gsd_m": NATIVE_GSD_M, "gain": self.gain,
-                  "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance"},
+            cloud_fraction=bad,
+            scene_cloud_cover=first.get("cloudCoverage"),
+            days_from_hr=float(abs((when.date() - d).days)) if when else None,
+            baseline=None,
+            radiometry=RADIOMETRY.format(gain=self.gain),
+            collection="SENTINEL2_L2A",
+            info={
+                "backend": "sentinelhub",
+                "base_url": self.config.sh_base_url,
+                "mosaicking": "leastCC",
+                "tiles": tiles,
+                "native_px": n,
+                "native_gsd_m": NATIVE_GSD_M,
+                "gain": self.gain,
+                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
+            },
         )

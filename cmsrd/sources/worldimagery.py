@@ -17,16 +17,18 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..errors import InputError, SampleError
 from ..io import atomic_write_bytes, atomic_write_text
-from .base import HRResult, ground_gsd_m, subtile_zoom, tile_bounds_3857, check_tile
+from .base import HRResult, check_tile, ground_gsd_m, subtile_zoom, tile_bounds_3857
 from .http import CorruptBody, HttpClient, HTTPFetchError, RetryPolicy, redact
 
 log = logging.getLogger(__name__)
@@ -55,17 +57,26 @@ def validate_template(template: str) -> str:
         raise InputError("tile template", "is empty", f"use e.g. {DEFAULT_TEMPLATE}")
     missing = [k for k in ("{z}", "{x}", "{y}") if k not in template]
     if missing:
-        raise InputError(f"tile template {redact(template)!r}", f"lacks {', '.join(missing)}",
-                         "write the URL with {z}, {x} and {y} placeholders, e.g. " + DEFAULT_TEMPLATE)
+        raise InputError(
+            f"tile template {redact(template)!r}",
+            f"lacks {', '.join(missing)}",
+            "write the URL with {z}, {x} and {y} placeholders, e.g. " + DEFAULT_TEMPLATE,
+        )
     scheme = urlsplit(template).scheme.lower()
     if scheme not in ("http", "https", "file"):
-        raise InputError(f"tile template {redact(template)!r}", f"scheme {scheme or '(none)'!r} is not supported",
-                         "use an http(s):// or file:// URL")
+        raise InputError(
+            f"tile template {redact(template)!r}",
+            f"scheme {scheme or '(none)'!r} is not supported",
+            "use an http(s):// or file:// URL",
+        )
     try:
         template.format(z=0, x=0, y=0)
     except (KeyError, IndexError, ValueError) as e:
-        raise InputError(f"tile template {redact(template)!r}", f"has an unknown placeholder ({e})",
-                         "only {z}, {x} and {y} may appear in braces") from None
+        raise InputError(
+            f"tile template {redact(template)!r}",
+            f"has an unknown placeholder ({e})",
+            "only {z}, {x} and {y} may appear in braces",
+        ) from None
     return template
 
 
@@ -112,9 +123,9 @@ def parse_src_date(value: Any) -> str | None:
             return f"{y:04d}-{m:02d}-{d:02d}"
         return None
     if re.fullmatch(r"-?\d{10,14}", text):  # epoch milliseconds
-        from datetime import datetime, timezone
+        from datetime import datetime
 
-        return datetime.fromtimestamp(int(text) / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+        return datetime.fromtimestamp(int(text) / 1000, tz=UTC).strftime("%Y-%m-%d")
     m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2}).*", text)
     return f"{m.group(1)}-{m.group(2)}-{m.group(3)}" if m else None
 
@@ -179,9 +190,14 @@ class WorldImageryHR:
 
     def describe(self) -> dict[str, Any]:
         """What dataset.json records about this source (URLs redacted)."""
-        return {"type": "xyz", "name": self.name, "template": redact(self.template),
-                "identify_url": redact(self.identify_url) if self.identify_url else None,
-                "attribution": self.attribution, "terms": self.terms}
+        return {
+            "type": "xyz",
+            "name": self.name,
+            "template": redact(self.template),
+            "identify_url": redact(self.identify_url) if self.identify_url else None,
+            "attribution": self.attribution,
+            "terms": self.terms,
+        }
 
     # -- tiles ----------------------------------------------------------------------------------
     def tile_url(self, z: int, x: int, y: int) -> str:
@@ -250,14 +266,26 @@ class WorldImageryHR:
             tile, hit = res
             hits += hit
             r, c = (ty - y * n) * TILE_PX, (tx - x * n) * TILE_PX
-            mosaic[r:r + TILE_PX, c:c + TILE_PX] = tile
+            mosaic[r : r + TILE_PX, c : c + TILE_PX] = tile
         image = mosaic if mosaic.shape[0] == size else _resize(mosaic, size)
         date, ident = self.capture_date(z, x, y)
-        info = {"tile_zoom": zz, "tiles": len(coords), "cache_hits": hits, "gsd_m": ground_gsd_m(z, y, size),
-                "template": redact(self.template), "resampled": mosaic.shape[0] != size}
+        info = {
+            "tile_zoom": zz,
+            "tiles": len(coords),
+            "cache_hits": hits,
+            "gsd_m": ground_gsd_m(z, y, size),
+            "template": redact(self.template),
+            "resampled": mosaic.shape[0] != size,
+        }
         info.update(ident)
-        return HRResult(image=image, bounds_3857=tile_bounds_3857(z, x, y), source=self.name, date=date,
-                        attribution=self.attribution, info=info)
+        return HRResult(
+            image=image,
+            bounds_3857=tile_bounds_3857(z, x, y),
+            source=self.name,
+            date=date,
+            attribution=self.attribution,
+            info=info,
+        )
 
     def _one(self, c: tuple[int, int, int]) -> Any:
         try:
@@ -265,8 +293,9 @@ class WorldImageryHR:
         except Exception as e:  # noqa: BLE001 - reported like the threaded path
             return e
 
-    def fetch_many(self, footprints: Iterable[tuple[int, int, int]], size: int = 256,
-                   progress: bool = True) -> list[HRResult | SampleError]:
+    def fetch_many(
+        self, footprints: Iterable[tuple[int, int, int]], size: int = 256, progress: bool = True
+    ) -> list[HRResult | SampleError]:
         """Fetch many footprints with bounded concurrency; a failed one yields its SampleError in place."""
         from tqdm.auto import tqdm
 
@@ -280,8 +309,14 @@ class WorldImageryHR:
                 out[i] = e
 
         with ThreadPoolExecutor(max_workers=self.client.max_workers, thread_name_prefix="cmsrd-hr") as pool:
-            for _ in tqdm(pool.map(run, range(len(fps))), total=len(fps), desc="HR tiles", unit="fp",
-                          disable=not progress, leave=False):
+            for _ in tqdm(
+                pool.map(run, range(len(fps))),
+                total=len(fps),
+                desc="HR tiles",
+                unit="fp",
+                disable=not progress,
+                leave=False,
+            ):
                 pass
         return out
 
@@ -306,10 +341,17 @@ class WorldImageryHR:
             except ValueError:
                 pass
         left, bottom, right, top = tile_bounds_3857(z, x, y)
-        params = {"geometry": f"{(left + right) / 2:.3f},{(bottom + top) / 2:.3f}",
-                  "geometryType": "esriGeometryPoint", "sr": "3857", "layers": "all", "tolerance": "0",
-                  "mapExtent": f"{left:.3f},{bottom:.3f},{right:.3f},{top:.3f}", "imageDisplay": "256,256,96",
-                  "returnGeometry": "false", "f": "json"}
+        params = {
+            "geometry": f"{(left + right) / 2:.3f},{(bottom + top) / 2:.3f}",
+            "geometryType": "esriGeometryPoint",
+            "sr": "3857",
+            "layers": "all",
+            "tolerance": "0",
+            "mapExtent": f"{left:.3f},{bottom:.3f},{right:.3f},{top:.3f}",
+            "imageDisplay": "256,256,96",
+            "returnGeometry": "false",
+            "f": "json",
+        }
         try:
             resp = self.client.get(self.identify_url, params=params, validate=_json_body)
             results = resp.json().get("results") or []

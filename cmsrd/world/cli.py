@@ -55,8 +55,22 @@ def world() -> None:
 @click.option("--shift-px", default=None, help="Fixed S2 shift 'EAST,NORTH' in S2 pixels (default: from seed).")
 @click.option("--small", is_flag=True, help="Start from the small test world instead of the default one.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate_command(out: Path, seed, name, center, extent_m, zooms, hr_zoom, hr_date, s2_dates, cloudy_dates,
-                     s2_margin_m, shift_px, small, quiet) -> None:
+def generate_command(
+    out: Path,
+    seed,
+    name,
+    center,
+    extent_m,
+    zooms,
+    hr_zoom,
+    hr_date,
+    s2_dates,
+    cloudy_dates,
+    s2_margin_m,
+    shift_px,
+    small,
+    quiet,
+) -> None:
     """Generate a deterministic offline world into OUT (atomic; reuses OUT if it holds the same world)."""
     from .generate import generate_world
 

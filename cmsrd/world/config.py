@@ -30,7 +30,7 @@ MAX_HR_PIXELS = 12288  # per side; keeps one world render within a few GB of RAM
 
 def tile_size_3857(zoom: int) -> float:
     """Width of one XYZ tile at `zoom`, in EPSG:3857 metres."""
-    return EARTH_CIRCUMFERENCE_3857 / (2 ** zoom)
+    return EARTH_CIRCUMFERENCE_3857 / (2**zoom)
 
 
 def pixel_size_3857(zoom: int) -> float:
@@ -75,7 +75,7 @@ class WorldConfig:
         self.validate()
 
     @classmethod
-    def small(cls, seed: int = 7, **overrides) -> "WorldConfig":
+    def small(cls, seed: int = 7, **overrides) -> WorldConfig:
         """The test/demo world: ~0.87 km x 0.87 km (2 x 2 z16 tiles), z16-18, two S2 dates (one cloudy)."""
         kw = {"name": "small-test-world", "seed": seed, "extent_m": 800.0, "s2_margin_m": 300.0}
         kw.update(overrides)
@@ -84,38 +84,61 @@ class WorldConfig:
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         if not self.name or any(c in self.name for c in "/\\\0"):
-            raise InputError("world name", f"{self.name!r} is empty or contains a path separator",
-                             "use letters, digits, '-' and '_'")
+            raise InputError(
+                "world name", f"{self.name!r} is empty or contains a path separator", "use letters, digits, '-' and '_'"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise InputError("world seed", f"{self.seed!r} is not a non-negative integer", "pass e.g. --seed 0")
         if not (-180.0 <= self.center_lon <= 180.0) or math.isnan(self.center_lon):
-            raise InputError("world center longitude", f"{self.center_lon} is outside [-180, 180]",
-                             "give --center LON,LAT in degrees, longitude first")
+            raise InputError(
+                "world center longitude",
+                f"{self.center_lon} is outside [-180, 180]",
+                "give --center LON,LAT in degrees, longitude first",
+            )
         if not (-MAX_MERCATOR_LAT < self.center_lat < MAX_MERCATOR_LAT) or math.isnan(self.center_lat):
-            raise InputError("world center latitude",
-                             f"{self.center_lat} is beyond Web Mercator's +-{MAX_MERCATOR_LAT:.4f} deg",
-                             "choose a latitude inside +-85 deg (XYZ tiles do not exist beyond it)")
+            raise InputError(
+                "world center latitude",
+                f"{self.center_lat} is beyond Web Mercator's +-{MAX_MERCATOR_LAT:.4f} deg",
+                "choose a latitude inside +-85 deg (XYZ tiles do not exist beyond it)",
+            )
         if abs(self.center_lat) > 80.0:
-            raise InputError("world center latitude", f"{self.center_lat} is outside Sentinel-2's UTM "
-                             "coverage (+-80 deg; polar areas use UPS)", "choose a latitude inside +-80 deg")
+            raise InputError(
+                "world center latitude",
+                f"{self.center_lat} is outside Sentinel-2's UTM coverage (+-80 deg; polar areas use UPS)",
+                "choose a latitude inside +-80 deg",
+            )
         if not (math.isfinite(self.extent_m) and 100.0 <= self.extent_m <= 20000.0):
-            raise InputError("world extent", f"{self.extent_m} m is impossible for an offline world",
-                             "give --extent-m between 100 and 20000 (ground metres)")
+            raise InputError(
+                "world extent",
+                f"{self.extent_m} m is impossible for an offline world",
+                "give --extent-m between 100 and 20000 (ground metres)",
+            )
         if not self.zooms or sorted(set(self.zooms)) != list(self.zooms):
-            raise InputError("world zooms", f"{self.zooms} must be a non-empty increasing list",
-                             "e.g. --zooms 16,17,18")
+            raise InputError(
+                "world zooms", f"{self.zooms} must be a non-empty increasing list", "e.g. --zooms 16,17,18"
+            )
         if list(self.zooms) != list(range(self.zooms[0], self.zooms[-1] + 1)):
             raise InputError("world zooms", f"{self.zooms} has gaps", "give consecutive zooms, e.g. 16,17,18")
         if not (18 <= self.hr_zoom <= 19):
-            raise InputError("HR zoom", f"z{self.hr_zoom} gives {pixel_size_3857(self.hr_zoom):.3f} m/px; "
-                             "the HR must be <= 0.6 m/px and renderable", "use --hr-zoom 18 or 19")
+            raise InputError(
+                "HR zoom",
+                f"z{self.hr_zoom} gives {pixel_size_3857(self.hr_zoom):.3f} m/px; "
+                "the HR must be <= 0.6 m/px and renderable",
+                "use --hr-zoom 18 or 19",
+            )
         if self.zooms[-1] != self.hr_zoom or self.zooms[0] < 10:
-            raise InputError("world zooms", f"{self.zooms} must end at the HR zoom z{self.hr_zoom} and "
-                             "start at z10 or finer", f"e.g. --zooms 16,17,{self.hr_zoom}")
+            raise InputError(
+                "world zooms",
+                f"{self.zooms} must end at the HR zoom z{self.hr_zoom} and start at z10 or finer",
+                f"e.g. --zooms 16,17,{self.hr_zoom}",
+            )
         n = self.n_coarse_tiles * 2 ** (self.hr_zoom - self.zooms[0]) * 256
         if n > MAX_HR_PIXELS:
-            raise InputError("world extent", f"{self.extent_m} m at z{self.hr_zoom} needs a {n} px HR raster "
-                             f"(limit {MAX_HR_PIXELS} px per side)", "reduce --extent-m or --hr-zoom")
+            raise InputError(
+                "world extent",
+                f"{self.extent_m} m at z{self.hr_zoom} needs a {n} px HR raster (limit {MAX_HR_PIXELS} px per side)",
+                "reduce --extent-m or --hr-zoom",
+            )
         _parse_date("hr_capture_date", self.hr_capture_date)
         if not self.s2_dates:
             raise InputError("s2_dates", "no Sentinel-2 dates given", "give at least one YYYY-MM-DD date")
@@ -124,14 +147,20 @@ class WorldConfig:
             raise InputError("s2_dates", f"{self.s2_dates} must be distinct and increasing", "sort and dedupe them")
         for d in self.cloudy_dates:
             if d not in self.s2_dates:
-                raise InputError("cloudy_dates", f"{d} is not one of the S2 dates {self.s2_dates}",
-                                 "list only dates that are in s2_dates")
+                raise InputError(
+                    "cloudy_dates",
+                    f"{d} is not one of the S2 dates {self.s2_dates}",
+                    "list only dates that are in s2_dates",
+                )
         if not (0.0 <= self.s2_margin_m <= 5000.0):
             raise InputError("s2_margin_m", f"{self.s2_margin_m} m is outside [0, 5000]", "use e.g. 600")
         if self.s2_shift_px is not None:
             if len(self.s2_shift_px) != 2 or any(not math.isfinite(v) or abs(v) >= 1.0 for v in self.s2_shift_px):
-                raise InputError("s2_shift_px", f"{self.s2_shift_px} is not a sub-pixel (east, north) pair",
-                                 "give two numbers in (-1, 1) S2 pixels, or leave it to the seed")
+                raise InputError(
+                    "s2_shift_px",
+                    f"{self.s2_shift_px} is not a sub-pixel (east, north) pair",
+                    "give two numbers in (-1, 1) S2 pixels, or leave it to the seed",
+                )
         if not (50 <= self.jpeg_quality <= 100):
             raise InputError("jpeg_quality", f"{self.jpeg_quality} is outside [50, 100]", "use e.g. 90")
 
@@ -164,8 +193,8 @@ class WorldConfig:
         fy = (EARTH_CIRCUMFERENCE_3857 / 2 - cy) / size
         x0 = int(math.floor(fx - n / 2 + 0.5))
         y0 = int(math.floor(fy - n / 2 + 0.5))
-        x0 = min(max(x0, 0), 2 ** z - n)
-        y0 = min(max(y0, 0), 2 ** z - n)
+        x0 = min(max(x0, 0), 2**z - n)
+        y0 = min(max(y0, 0), 2**z - n)
         return x0, y0, x0 + n - 1, y0 + n - 1
 
     @property
@@ -200,7 +229,7 @@ class WorldConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorldConfig":
+    def from_dict(cls, d: dict) -> WorldConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

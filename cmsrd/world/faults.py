@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from ..errors import InputError
 
@@ -62,7 +62,8 @@ class FaultConfig:
         total = self.error_rate + self.timeout_rate + self.corrupt_rate + self.truncate_rate
         if total > 1.0 + 1e-9:
             raise InputError(
-                "fault rates", f"error+timeout+corrupt+truncate rates sum to {total:.3f} > 1",
+                "fault rates",
+                f"error+timeout+corrupt+truncate rates sum to {total:.3f} > 1",
                 "lower the rates so that at most one fault per request is needed",
             )
         if self.latency_s < 0 or self.timeout_s < 0 or self.retry_after_s < 0:
@@ -141,8 +142,12 @@ def decide_index(config: FaultConfig, n: int) -> FaultDecision:
     kind: str | None = None
     status = None
     edge = 0.0
-    for name, rate in (("error", config.error_rate), ("timeout", config.timeout_rate),
-                       ("corrupt", config.corrupt_rate), ("truncate", config.truncate_rate)):
+    for name, rate in (
+        ("error", config.error_rate),
+        ("timeout", config.timeout_rate),
+        ("corrupt", config.corrupt_rate),
+        ("truncate", config.truncate_rate),
+    ):
         edge += rate
         if rate > 0 and u < edge:
             kind = name
@@ -173,7 +178,7 @@ class BodyFaulter:
     limit: int | None = None
 
     @classmethod
-    def for_decision(cls, decision: FaultDecision | None, length: int) -> "BodyFaulter":
+    def for_decision(cls, decision: FaultDecision | None, length: int) -> BodyFaulter:
         if decision is None or length <= 0:
             return cls(length)
         if decision.kind == "corrupt":

@@ -28,8 +28,17 @@ from .config import WorldConfig
 
 # Ground widths (m) of linear features when they are turned into areas (maps, truth, rendering).
 LINE_WIDTH_M: dict[str, float] = {
-    "primary": 10.0, "secondary": 8.5, "tertiary": 7.5, "residential": 6.0, "unclassified": 5.5,
-    "living_street": 5.0, "service": 4.0, "track": 3.0, "footway": 2.0, "rail": 4.5, "river": 16.0,
+    "primary": 10.0,
+    "secondary": 8.5,
+    "tertiary": 7.5,
+    "residential": 6.0,
+    "unclassified": 5.5,
+    "living_street": 5.0,
+    "service": 4.0,
+    "track": 3.0,
+    "footway": 2.0,
+    "rail": 4.5,
+    "river": 16.0,
 }
 MAJOR_HIGHWAYS = {"motorway", "trunk", "primary", "secondary", "tertiary"}
 
@@ -118,12 +127,30 @@ def _house_shape(cx, cy, w, d, ang, kind: str) -> Polygon:
         pts = np.array([[-w / 2, -d / 2], [w / 2, -d / 2], [w / 2, d / 2], [-w / 2, d / 2]])
     elif kind == "L":
         a, b = 0.55 * w, 0.5 * d
-        pts = np.array([[-w / 2, -d / 2], [w / 2, -d / 2], [w / 2, -d / 2 + b], [-w / 2 + a, -d / 2 + b],
-                        [-w / 2 + a, d / 2], [-w / 2, d / 2]])
+        pts = np.array(
+            [
+                [-w / 2, -d / 2],
+                [w / 2, -d / 2],
+                [w / 2, -d / 2 + b],
+                [-w / 2 + a, -d / 2 + b],
+                [-w / 2 + a, d / 2],
+                [-w / 2, d / 2],
+            ]
+        )
     else:  # T
         a = 0.4 * w
-        pts = np.array([[-w / 2, -d / 2], [w / 2, -d / 2], [w / 2, 0.0], [a / 2, 0.0], [a / 2, d / 2],
-                        [-a / 2, d / 2], [-a / 2, 0.0], [-w / 2, 0.0]])
+        pts = np.array(
+            [
+                [-w / 2, -d / 2],
+                [w / 2, -d / 2],
+                [w / 2, 0.0],
+                [a / 2, 0.0],
+                [a / 2, d / 2],
+                [-a / 2, d / 2],
+                [-a / 2, 0.0],
+                [-w / 2, 0.0],
+            ]
+        )
     c, s = math.cos(ang), math.sin(ang)
     return Polygon(np.c_[cx + pts[:, 0] * c - pts[:, 1] * s, cy + pts[:, 0] * s + pts[:, 1] * c])
 
@@ -179,22 +206,41 @@ class _Builder:
         # --- corridors: river, railway, major roads
         river = _meander((0.17 * L, L + 60), (0.12 * L + rng.uniform(0, 0.1) * L, -60), 0.05 * L, 1.3, rng)
         rail = LineString([(-60, L * rng.uniform(0.12, 0.22)), (L + 60, L * rng.uniform(0.25, 0.35))])
-        primary = _meander((-60, tcy + rng.uniform(-0.05, 0.05) * L), (L + 60, tcy + rng.uniform(-0.1, 0.1) * L),
-                           0.03 * L, 0.8, rng)
-        secondary = _meander((tcx + rng.uniform(-0.08, 0.0) * L, L + 60), (tcx + rng.uniform(0.0, 0.1) * L, -60),
-                             0.02 * L, 0.7, rng)
+        primary = _meander(
+            (-60, tcy + rng.uniform(-0.05, 0.05) * L), (L + 60, tcy + rng.uniform(-0.1, 0.1) * L), 0.03 * L, 0.8, rng
+        )
+        secondary = _meander(
+            (tcx + rng.uniform(-0.08, 0.0) * L, L + 60), (tcx + rng.uniform(0.0, 0.1) * L, -60), 0.02 * L, 0.7, rng
+        )
         tertiary = _meander((tcx, tcy), (L + 60, 0.92 * L), 0.02 * L, 0.6, rng)
         bank = river.buffer(LINE_WIDTH_M["river"] / 2 + rng.uniform(0, 3))
         self.add("area", bank.intersection(self.data), {"waterway": "riverbank"}, "water", "water")
         self.add_line(river, {"waterway": "river", "name": "Mühlbach"}, "water", "water", "river", z=-1)
-        self.add_line(rail, {"railway": "rail", "gauge": "1435", "electrified": "contact_line"},
-                      "railway", "ballast", "rail", rails=True)
-        for ln, hw, name in ((primary, "primary", "B 301"), (secondary, "secondary", "St 2084"),
-                             (tertiary, "tertiary", "Moosweg")):
-            self.add_line(ln, {"highway": hw, "name": name, "surface": "asphalt"}, "major_road", "asphalt_dark",
-                          hw, markings=True)
-        corridors = unary_union([bank.buffer(4), rail.buffer(LINE_WIDTH_M["rail"] / 2 + 3),
-                                 primary.buffer(8), secondary.buffer(7), tertiary.buffer(7)])
+        self.add_line(
+            rail,
+            {"railway": "rail", "gauge": "1435", "electrified": "contact_line"},
+            "railway",
+            "ballast",
+            "rail",
+            rails=True,
+        )
+        for ln, hw, name in (
+            (primary, "primary", "B 301"),
+            (secondary, "secondary", "St 2084"),
+            (tertiary, "tertiary", "Moosweg"),
+        ):
+            self.add_line(
+                ln, {"highway": hw, "name": name, "surface": "asphalt"}, "major_road", "asphalt_dark", hw, markings=True
+            )
+        corridors = unary_union(
+            [
+                bank.buffer(4),
+                rail.buffer(LINE_WIDTH_M["rail"] / 2 + 3),
+                primary.buffer(8),
+                secondary.buffer(7),
+                tertiary.buffer(7),
+            ]
+        )
 
         # --- town street grid
         su, sv = rng.uniform(85, 115), rng.uniform(60, 80)
@@ -215,13 +261,25 @@ class _Builder:
             streets.append(("v", j, LineString(pts)))
         street_lines = []
         for axis, i, ln in streets:
-            hw = "unclassified" if (axis == "u" and i % 4 == 1) else ("living_street" if rng.random() < 0.12 else "residential")
+            hw = (
+                "unclassified"
+                if (axis == "u" and i % 4 == 1)
+                else ("living_street" if rng.random() < 0.12 else "residential")
+            )
             clipped = ln.intersection(town)
             for part in _lines(clipped):
                 if part.length > 40:
-                    self.add_line(part, {"highway": hw, "name": f"{'Ahorn Birken Eichen Linden Ulmen'.split()[i % 5]}"
-                                                              f"{'straße' if axis == 'u' else 'weg'}"},
-                                  "road", "asphalt", hw)
+                    self.add_line(
+                        part,
+                        {
+                            "highway": hw,
+                            "name": f"{'Ahorn Birken Eichen Linden Ulmen'.split()[i % 5]}"
+                            f"{'straße' if axis == 'u' else 'weg'}",
+                        },
+                        "road",
+                        "asphalt",
+                        hw,
+                    )
                     street_lines.append(part.buffer(LINE_WIDTH_M[hw] / 2 + 0.5))
         street_union = unary_union(street_lines) if street_lines else Polygon()
         blocked = unary_union([corridors, street_union])
@@ -251,8 +309,9 @@ class _Builder:
                 self.add("area", block, {"leisure": "park", "name": "Stadtpark"}, "park", "lawn")
                 cu, cv = (u0 + u1) / 2, (v0 + v1) / 2
                 path = LineString([to_xy(u0 + 4, cv - 10), to_xy(cu, cv + 8), to_xy(u1 - 4, cv - 4)])
-                self.add_line(path.intersection(block), {"highway": "footway", "surface": "gravel"}, "road",
-                              "gravel", "footway")
+                self.add_line(
+                    path.intersection(block), {"highway": "footway", "surface": "gravel"}, "road", "gravel", "footway"
+                )
                 for _ in range(rng.integers(14, 26)):
                     self._tree(block, rng, "park")
                 continue
@@ -269,12 +328,26 @@ class _Builder:
                         hx, hy = to_xy(uu, vv + side * setback)
                         poly = _house_shape(hx, hy, w, d, theta + (0 if side > 0 else math.pi), shape)
                         roof = str(rng.choice(house_roofs))
-                        buildings.append((poly, {"building": "house", "roof:shape": "hipped",
-                                                 "building:levels": str(int(rng.integers(1, 3)))}, roof))
+                        buildings.append(
+                            (
+                                poly,
+                                {
+                                    "building": "house",
+                                    "roof:shape": "hipped",
+                                    "building:levels": str(int(rng.integers(1, 3))),
+                                },
+                                roof,
+                            )
+                        )
                         if rng.random() < 0.35:
                             gx, gy = to_xy(uu + side * (w / 2 + 2.2), vv + side * (setback - d / 2 + 3.5))
-                            buildings.append((Polygon(_rect(gx, gy, 3.2, 6.0, theta)),
-                                              {"building": "garage", "roof:shape": "flat"}, "roof_flat_dark"))
+                            buildings.append(
+                                (
+                                    Polygon(_rect(gx, gy, 3.2, 6.0, theta)),
+                                    {"building": "garage", "roof:shape": "flat"},
+                                    "roof_flat_dark",
+                                )
+                            )
                         tx, ty = to_xy(uu + rng.uniform(-5, 5), vv + side * (setback + d / 2 + rng.uniform(4, 9)))
                         if rng.random() < 0.8:
                             self._tree_at(tx, ty, rng, "garden")
@@ -286,10 +359,17 @@ class _Builder:
                     cu = u0 + 10 + span * (k + 0.5)
                     hx, hy = to_xy(cu, (v0 + v1) / 2 + rng.uniform(-4, 4))
                     w, d = min(span - 6, rng.uniform(12, 16)), min(v1 - v0 - 22, rng.uniform(30, 50))
-                    buildings.append((Polygon(_rect(hx, hy, w, d, theta)),
-                                      {"building": "apartments", "roof:shape": "flat",
-                                       "building:levels": str(int(rng.integers(3, 6)))},
-                                      str(rng.choice(["roof_flat_light", "roof_grey", "roof_flat_dark"]))))
+                    buildings.append(
+                        (
+                            Polygon(_rect(hx, hy, w, d, theta)),
+                            {
+                                "building": "apartments",
+                                "roof:shape": "flat",
+                                "building:levels": str(int(rng.integers(3, 6))),
+                            },
+                            str(rng.choice(["roof_flat_light", "roof_grey", "roof_flat_dark"])),
+                        )
+                    )
                 for _ in range(6):
                     self._tree(inner, rng, "garden")
             else:
@@ -299,21 +379,37 @@ class _Builder:
                     cu = u0 + 6 + span * (k + 0.5)
                     hx, hy = to_xy(cu, (v0 + v1) / 2)
                     w, d = span - 8, v1 - v0 - 20
-                    buildings.append((Polygon(_rect(hx, hy, w, d, theta)),
-                                      {"building": "industrial", "roof:shape": "flat"},
-                                      str(rng.choice(["roof_metal", "roof_flat_light"]))))
+                    buildings.append(
+                        (
+                            Polygon(_rect(hx, hy, w, d, theta)),
+                            {"building": "industrial", "roof:shape": "flat"},
+                            str(rng.choice(["roof_metal", "roof_flat_light"])),
+                        )
+                    )
                 sx0, sy0 = to_xy((u0 + u1) / 2, v0 - 2)
                 sx1, sy1 = to_xy((u0 + u1) / 2, v0 + 9)
-                self.add_line(LineString([(sx0, sy0), (sx1, sy1)]), {"highway": "service", "service": "driveway"},
-                              "road", "asphalt", "service")
+                self.add_line(
+                    LineString([(sx0, sy0), (sx1, sy1)]),
+                    {"highway": "service", "service": "driveway"},
+                    "road",
+                    "asphalt",
+                    "service",
+                )
             # keep buildings fully inside their block (corridors, streets and neighbours excluded)
             if buildings:
                 polys = np.array([b[0] for b in buildings], dtype=object)
                 ok = shapely.contains(inner, polys)
                 for keep, b in zip(ok, buildings):
                     if keep:
-                        self.add("area", b[0], b[1], "building", b[2],
-                                 height_m=self._height(b[1]), pitch_deg=35.0 if b[1].get("roof:shape") == "hipped" else 0.0)
+                        self.add(
+                            "area",
+                            b[0],
+                            b[1],
+                            "building",
+                            b[2],
+                            height_m=self._height(b[1]),
+                            pitch_deg=35.0 if b[1].get("roof:shape") == "hipped" else 0.0,
+                        )
                 buildings = []
 
         # --- street trees
@@ -332,8 +428,11 @@ class _Builder:
         for _ in range(200):
             cx, cy = rng.uniform(0.2 * L, 0.85 * L), rng.uniform(0.62 * L, 0.88 * L)
             cand = _blob(cx, cy, r, rng, rough=0.25)
-            if (cand.buffer(15).disjoint(corridors) and cand.buffer(25).disjoint(town)
-                    and self.world.buffer(-10).contains(cand)):
+            if (
+                cand.buffer(15).disjoint(corridors)
+                and cand.buffer(25).disjoint(town)
+                and self.world.buffer(-10).contains(cand)
+            ):
                 lake = cand
                 break
         if lake is None:  # tiny worlds: carve the lake free of everything else
@@ -345,8 +444,14 @@ class _Builder:
         if not lake.buffer(-6).contains(island):
             island = _blob(ctr.x, ctr.y, 0.12 * r, rng, rough=0.05).intersection(lake.buffer(-5))
         lake_poly = Polygon(lake.exterior.coords, [island.exterior.coords])
-        self.add("area", lake_poly, {"type": "multipolygon", "natural": "water", "water": "lake",
-                                     "name": "Weiher"}, "water", "water", split_outer=True)
+        self.add(
+            "area",
+            lake_poly,
+            {"type": "multipolygon", "natural": "water", "water": "lake", "name": "Weiher"},
+            "water",
+            "water",
+            split_outer=True,
+        )
         for _ in range(int(rng.integers(3, 6))):
             self._tree(island.buffer(-2), rng, "park")
         lake_zone = lake.buffer(12)
@@ -396,9 +501,15 @@ class _Builder:
                         continue  # unmapped land (background)
                     else:
                         crop = str(rng.choice(crops))
-                        self.add("area", p, {"landuse": "farmland", "crop": crop.replace("crop_", "")},
-                                 "farmland", crop, row_angle=float(phi + (math.pi / 2 if rng.random() < 0.5 else 0)),
-                                 row_period_m=float(rng.uniform(1.6, 3.2)))
+                        self.add(
+                            "area",
+                            p,
+                            {"landuse": "farmland", "crop": crop.replace("crop_", "")},
+                            "farmland",
+                            crop,
+                            row_angle=float(phi + (math.pi / 2 if rng.random() < 0.5 else 0)),
+                            row_period_m=float(rng.uniform(1.6, 3.2)),
+                        )
                 if rng.random() < 0.25:
                     x0, y0 = (L / 2 + a * pc - b * ps, L / 2 + a * ps + b * pc)
                     x1, y1 = (L / 2 + a * pc - (b + ph) * ps, L / 2 + a * ps + (b + ph) * pc)
@@ -439,8 +550,16 @@ class _Builder:
         crown = float(rng.uniform(2.2, 4.5))
         height = float(rng.uniform(7, 17))
         leaf = "needleleaved" if rng.random() < 0.2 else "broadleaved"
-        self.add("node", Point(x, y), {"natural": "tree", "leaf_type": leaf}, None,
-                 "conifer" if leaf == "needleleaved" else "broadleaf", crown_m=crown, height_m=height, where=where)
+        self.add(
+            "node",
+            Point(x, y),
+            {"natural": "tree", "leaf_type": leaf},
+            None,
+            "conifer" if leaf == "needleleaved" else "broadleaf",
+            crown_m=crown,
+            height_m=height,
+            where=where,
+        )
 
     def _farmyard(self, parcel: Polygon, rng, theta: float) -> None:
         c = parcel.representative_point()
@@ -448,8 +567,11 @@ class _Builder:
         if yard.is_empty or yard.area < 1500:
             return
         self.add("area", yard, {"landuse": "farmyard"}, "farmland", "farmyard")
-        specs = [(0, 8, 14, 24, "house", "roof_terracotta"),
-                 (-18, -10, 16, 36, "barn", "roof_metal"), (20, -10, 12, 22, "farm_auxiliary", "roof_red_brown")]
+        specs = [
+            (0, 8, 14, 24, "house", "roof_terracotta"),
+            (-18, -10, 16, 36, "barn", "roof_metal"),
+            (20, -10, 12, 22, "farm_auxiliary", "roof_red_brown"),
+        ]
         inner = yard.buffer(-2)
         for du, dv, w, d, b, roof in specs:
             cs, sn = math.cos(theta), math.sin(theta)
@@ -457,8 +579,15 @@ class _Builder:
             poly = Polygon(_rect(x, y, w, d, theta))
             if inner.contains(poly):
                 tags = {"building": b, "roof:shape": "hipped" if b != "barn" else "gabled"}
-                self.add("area", poly, tags, "building", roof, height_m=self._height(tags),
-                         pitch_deg=35.0 if b != "barn" else 25.0)
+                self.add(
+                    "area",
+                    poly,
+                    tags,
+                    "building",
+                    roof,
+                    height_m=self._height(tags),
+                    pitch_deg=35.0 if b != "barn" else 25.0,
+                )
 
     def to_3857(self) -> list[Feature]:
         ox, oy = self.origin

@@ -33,9 +33,11 @@ from .osm_writer import mercator_to_lonlat, write_pbf
 from .sentinel2_sim import SCL, simulate_s2
 from .stac_items import COLLECTION_ID, collection_dict, item_dict
 
-SHIFT_CONVENTION = ("shift (dx, dy) in metres, +x east, +y north: where S2 content sits relative to the "
-                    "truth/HR; a feature at true (E, N) appears in S2 at (E+dx, N+dy). Register S2 onto the HR "
-                    "by moving it (-dx, -dy). In S2 pixels: columns +dx/10, rows -dy/10.")
+SHIFT_CONVENTION = (
+    "shift (dx, dy) in metres, +x east, +y north: where S2 content sits relative to the "
+    "truth/HR; a feature at true (E, N) appears in S2 at (E+dx, N+dy). Register S2 onto the HR "
+    "by moving it (-dx, -dy). In S2 pixels: columns +dx/10, rows -dy/10."
+)
 
 
 def _json(path: Path, obj) -> None:
@@ -57,17 +59,34 @@ def _check_out(out: Path, cfg: WorldConfig) -> bool:
             have = None
         if have == cfg.config_hash():
             return True
-        raise InputError(f"world output {out}", "already holds a different world (other seed or settings)",
-                         "delete it or choose another --out directory")
-    raise InputError(f"world output {out}", "is not empty and is not an offline world",
-                     "choose an empty or new directory for --out")
+        raise InputError(
+            f"world output {out}",
+            "already holds a different world (other seed or settings)",
+            "delete it or choose another --out directory",
+        )
+    raise InputError(
+        f"world output {out}", "is not empty and is not an offline world", "choose an empty or new directory for --out"
+    )
 
 
 def _write_hr(path: Path, rgb: np.ndarray, transform, cfg: WorldConfig) -> None:
     h, w, _ = rgb.shape
-    prof = {"driver": "GTiff", "width": w, "height": h, "count": 3, "dtype": "uint8", "crs": "EPSG:3857",
-            "transform": transform, "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "JPEG",
-            "photometric": "YCBCR", "jpeg_quality": cfg.jpeg_quality, "interleave": "pixel"}
+    prof = {
+        "driver": "GTiff",
+        "width": w,
+        "height": h,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:3857",
+        "transform": transform,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "JPEG",
+        "photometric": "YCBCR",
+        "jpeg_quality": cfg.jpeg_quality,
+        "interleave": "pixel",
+    }
     with rasterio.open(path, "w", **prof) as ds:
         ds.write(np.moveaxis(rgb, 2, 0))
         ds.update_tags(SOURCE="cmsrd offline world (synthetic aerial)", CAPTURE_DATE=cfg.hr_capture_date)
@@ -79,8 +98,19 @@ def _write_hr(path: Path, rgb: np.ndarray, transform, cfg: WorldConfig) -> None:
 
 def _write_classes(path: Path, classes: np.ndarray, transform) -> None:
     h, w = classes.shape
-    prof = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8", "crs": "EPSG:3857",
-            "transform": transform, "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "DEFLATE"}
+    prof = {
+        "driver": "GTiff",
+        "width": w,
+        "height": h,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:3857",
+        "transform": transform,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "DEFLATE",
+    }
     with rasterio.open(path, "w", **prof) as ds:
         ds.write(classes, 1)
         ds.update_tags(LEGEND=json.dumps({c.name: c.id for c in CLASSES}))
@@ -99,8 +129,9 @@ def _write_tiles(root: Path, rgb: np.ndarray, cfg: WorldConfig) -> int:
             for tx in range(img.shape[1] // 256):
                 p = root / "tiles" / str(z) / str(X0 + tx) / f"{Y0 + ty}.jpg"
                 p.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img[ty * 256:(ty + 1) * 256, tx * 256:(tx + 1) * 256]).save(
-                    p, format="JPEG", quality=cfg.jpeg_quality)
+                Image.fromarray(img[ty * 256 : (ty + 1) * 256, tx * 256 : (tx + 1) * 256]).save(
+                    p, format="JPEG", quality=cfg.jpeg_quality
+                )
                 n += 1
     return n
 
@@ -109,8 +140,9 @@ def _bbox_lonlat(bbox_utm, epsg: int):
     if bbox_utm is None:
         return None
     tf = Transformer.from_crs(epsg, 4326, always_xy=True)
-    xs, ys = tf.transform([bbox_utm[0], bbox_utm[2], bbox_utm[0], bbox_utm[2]],
-                          [bbox_utm[1], bbox_utm[1], bbox_utm[3], bbox_utm[3]])
+    xs, ys = tf.transform(
+        [bbox_utm[0], bbox_utm[2], bbox_utm[0], bbox_utm[2]], [bbox_utm[1], bbox_utm[1], bbox_utm[3], bbox_utm[3]]
+    )
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
@@ -193,32 +225,61 @@ def _build(cfg: WorldConfig, root: Path, bar: tqdm) -> None:
             rec["cloud"]["bbox_lonlat"] = _bbox_lonlat(rec["cloud"]["bbox_utm"], rec["epsg"])
             rec["cloud"]["shadow_bbox_lonlat"] = _bbox_lonlat(rec["cloud"]["shadow_bbox_utm"], rec["epsg"])
     truth = {
-        "world": cfg.name, "seed": cfg.seed, "config_hash": cfg.config_hash(),
-        "feature_counts": world.counts(), "osm_objects": osm_counts,
+        "world": cfg.name,
+        "seed": cfg.seed,
+        "config_hash": cfg.config_hash(),
+        "feature_counts": world.counts(),
+        "osm_objects": osm_counts,
         "class_pixel_fractions": {c.name: round(float(hist[c.id]), 6) for c in CLASSES},
-        "line_widths_m": LINE_WIDTH_M, "legend": legend(),
-        "hr": {"capture_date": cfg.hr_capture_date, "crs": "EPSG:3857", "zoom": cfg.hr_zoom,
-               "pixel_size_3857_m": pixel_size_3857(cfg.hr_zoom), "shape": list(cfg.hr_shape), **hr.params},
+        "line_widths_m": LINE_WIDTH_M,
+        "legend": legend(),
+        "hr": {
+            "capture_date": cfg.hr_capture_date,
+            "crs": "EPSG:3857",
+            "zoom": cfg.hr_zoom,
+            "pixel_size_3857_m": pixel_size_3857(cfg.hr_zoom),
+            "shape": list(cfg.hr_shape),
+            **hr.params,
+        },
         "hr_capture_date": cfg.hr_capture_date,
         "s2_shift_convention": SHIFT_CONVENTION,
-        "s2_shift": {"east_m": records[0]["shift_m"][0], "north_m": records[0]["shift_m"][1],
-                     "east_px": records[0]["shift_px"][0], "north_px": records[0]["shift_px"][1],
-                     "convention": SHIFT_CONVENTION},
-        "s2_dn_to_reflectance": ("reflectance = DN / 10000 (earthsearch:boa_offset_applied true: the pixels "
-                                 "already hold reflectance x 10000; do not apply the raster:bands offset again)"
-                                 if cfg.s2_boa_offset_applied else
-                                 "reflectance = DN / 10000 - 0.1 (raster:bands scale/offset apply)"),
+        "s2_shift": {
+            "east_m": records[0]["shift_m"][0],
+            "north_m": records[0]["shift_m"][1],
+            "east_px": records[0]["shift_px"][0],
+            "north_px": records[0]["shift_px"][1],
+            "convention": SHIFT_CONVENTION,
+        },
+        "s2_dn_to_reflectance": (
+            "reflectance = DN / 10000 (earthsearch:boa_offset_applied true: the pixels "
+            "already hold reflectance x 10000; do not apply the raster:bands offset again)"
+            if cfg.s2_boa_offset_applied
+            else "reflectance = DN / 10000 - 0.1 (raster:bands scale/offset apply)"
+        ),
         "s2_items": {rec["id"]: rec for rec in records},
         "n_tiles": n_tiles,
     }
     _json(root / "truth" / "truth.json", truth)
-    _json(root / "world.json", {
-        "name": cfg.name, "seed": cfg.seed, "center_lon": cfg.center_lon, "center_lat": cfg.center_lat,
-        "bounds_lonlat": bounds_ll, "bounds_3857": list(cfg.bounds_3857),
-        "hr_gsd_m": pixel_size_3857(cfg.hr_zoom), "hr_ground_gsd_m": pixel_size_3857(cfg.hr_zoom) / cfg.mercator_scale,
-        "zooms": list(cfg.zooms), "tile_range": {"z": cfg.zooms[0], "x0_y0_x1_y1": list(cfg.tile_range)},
-        "utm_epsg": cfg.utm_epsg, "hr_capture_date": cfg.hr_capture_date,
-        "s2_items": [rec["id"] for rec in records], "attribution": cfg.attribution,
-        "generator": f"cmsrd.world {GENERATOR_VERSION}", "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-    })
+    _json(
+        root / "world.json",
+        {
+            "name": cfg.name,
+            "seed": cfg.seed,
+            "center_lon": cfg.center_lon,
+            "center_lat": cfg.center_lat,
+            "bounds_lonlat": bounds_ll,
+            "bounds_3857": list(cfg.bounds_3857),
+            "hr_gsd_m": pixel_size_3857(cfg.hr_zoom),
+            "hr_ground_gsd_m": pixel_size_3857(cfg.hr_zoom) / cfg.mercator_scale,
+            "zooms": list(cfg.zooms),
+            "tile_range": {"z": cfg.zooms[0], "x0_y0_x1_y1": list(cfg.tile_range)},
+            "utm_epsg": cfg.utm_epsg,
+            "hr_capture_date": cfg.hr_capture_date,
+            "s2_items": [rec["id"] for rec in records],
+            "attribution": cfg.attribution,
+            "generator": f"cmsrd.world {GENERATOR_VERSION}",
+            "config": cfg.to_dict(),
+            "config_hash": cfg.config_hash(),
+        },
+    )
     bar.update()

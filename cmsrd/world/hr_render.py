@@ -44,12 +44,12 @@ def fractal_noise(shape: tuple[int, int], rng: np.random.Generator, cell_px: flo
     acc = np.zeros(shape, np.float32)
     total = 0.0
     for o in range(octaves):
-        cell = max(cell_px / 2 ** o, 2.0)
+        cell = max(cell_px / 2**o, 2.0)
         gh, gw = int(math.ceil(h / cell)) + 3, int(math.ceil(w / cell)) + 3
         grid = rng.standard_normal((gh, gw)).astype(np.float32)
         up = cv2.resize(grid, (int(gw * cell), int(gh * cell)), interpolation=cv2.INTER_CUBIC)
-        acc += up[:h, :w] * (0.5 ** o)
-        total += 0.25 ** o
+        acc += up[:h, :w] * (0.5**o)
+        total += 0.25**o
     acc /= math.sqrt(total)
     return acc
 
@@ -64,8 +64,9 @@ def _rasterize(shapes, shape, transform, dtype=np.int32, all_touched=False) -> n
     shapes = [(g, v) for g, v in shapes if g is not None and not g.is_empty]
     if not shapes:
         return np.zeros(shape, dtype)
-    return rfeatures.rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype=dtype,
-                               all_touched=all_touched)
+    return rfeatures.rasterize(
+        shapes, out_shape=shape, transform=transform, fill=0, dtype=dtype, all_touched=all_touched
+    )
 
 
 def feature_index_raster(world: WorldFeatures, shape, transform) -> tuple[np.ndarray, list[int]]:
@@ -302,7 +303,11 @@ def render_hr(world: WorldFeatures, cfg: WorldConfig) -> HRResult:
         noise += out[r0:r1]
         np.clip(noise, 0, 255, out=noise)
         out[r0:r1] = noise.astype(np.uint8)
-    params = {"sun_azimuth_deg": round(sun_az, 3), "sun_elevation_deg": round(sun_el, 3),
-              "optical_blur_sigma_px": 0.55, "noise_sigma_dn": 1.8, "ground_px_m": round(px_m, 4),
-              }
+    params = {
+        "sun_azimuth_deg": round(sun_az, 3),
+        "sun_elevation_deg": round(sun_el, 3),
+        "optical_blur_sigma_px": 0.55,
+        "noise_sigma_dn": 1.8,
+        "ground_px_m": round(px_m, 4),
+    }
     return HRResult(out, classes, transform, params)

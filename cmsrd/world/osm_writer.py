@@ -20,7 +20,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from .features import WorldFeatures
 
 R = 6378137.0
-BASE_TIME = dt.datetime(2023, 3, 1, tzinfo=dt.timezone.utc)
+BASE_TIME = dt.datetime(2023, 3, 1, tzinfo=dt.UTC)
 
 
 def mercator_to_lonlat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,9 +41,13 @@ class _Ids:
         self.relations: list[tuple[int, list[tuple[str, int, str]], dict]] = []
 
     def meta(self) -> dict:
-        return {"version": int(self.rng.integers(1, 6)), "changeset": int(self.rng.integers(1_000_000, 9_000_000)),
-                "uid": int(self.rng.integers(1000, 99999)), "user": "cmsrd-world",
-                "timestamp": BASE_TIME + dt.timedelta(seconds=int(self.rng.integers(0, 60 * 86400)))}
+        return {
+            "version": int(self.rng.integers(1, 6)),
+            "changeset": int(self.rng.integers(1_000_000, 9_000_000)),
+            "uid": int(self.rng.integers(1000, 99999)),
+            "user": "cmsrd-world",
+            "timestamp": BASE_TIME + dt.timedelta(seconds=int(self.rng.integers(0, 60 * 86400))),
+        }
 
     def node(self, lon: float, lat: float, tags: dict | None = None) -> int:
         key = (int(round(lon * 1e7)), int(round(lat * 1e7)))

@@ -43,9 +43,20 @@ WAVELENGTH_UM = {"B02": 0.49, "B03": 0.56, "B04": 0.665, "B08": 0.842}
 PSF_SIGMA_M = {"B02": 4.4, "B03": 4.4, "B04": 4.5, "B08": 4.9}
 CLOUD_REFL = {"B02": 0.56, "B03": 0.54, "B04": 0.53, "B08": 0.55}
 # SCL codes of the L2A scene classification
-SCL = {"NO_DATA": 0, "SATURATED_OR_DEFECTIVE": 1, "DARK_AREA_PIXELS": 2, "CLOUD_SHADOWS": 3, "VEGETATION": 4,
-       "NOT_VEGETATED": 5, "WATER": 6, "UNCLASSIFIED": 7, "CLOUD_MEDIUM_PROBABILITY": 8,
-       "CLOUD_HIGH_PROBABILITY": 9, "THIN_CIRRUS": 10, "SNOW": 11}
+SCL = {
+    "NO_DATA": 0,
+    "SATURATED_OR_DEFECTIVE": 1,
+    "DARK_AREA_PIXELS": 2,
+    "CLOUD_SHADOWS": 3,
+    "VEGETATION": 4,
+    "NOT_VEGETATED": 5,
+    "WATER": 6,
+    "UNCLASSIFIED": 7,
+    "CLOUD_MEDIUM_PROBABILITY": 8,
+    "CLOUD_HIGH_PROBABILITY": 9,
+    "THIN_CIRRUS": 10,
+    "SNOW": 11,
+}
 COG_BLOCK = 128  # small blocks so even small worlds get internal tiling and an overview
 
 
@@ -93,13 +104,29 @@ def s2_grid(cfg: WorldConfig) -> tuple[S2Grid, Polygon]:
 def write_cog(path: Path, data: np.ndarray, transform: Affine, epsg: int, nodata: int | None) -> None:
     """Write a COG (DEFLATE, internal tiles, overviews) via an in-memory GTiff + GDAL's COG driver."""
     bands = data[None] if data.ndim == 2 else data
-    prof = {"driver": "GTiff", "width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0],
-            "dtype": bands.dtype.name, "crs": f"EPSG:{epsg}", "transform": transform, "nodata": nodata}
+    prof = {
+        "driver": "GTiff",
+        "width": bands.shape[2],
+        "height": bands.shape[1],
+        "count": bands.shape[0],
+        "dtype": bands.dtype.name,
+        "crs": f"EPSG:{epsg}",
+        "transform": transform,
+        "nodata": nodata,
+    }
     with MemoryFile() as mem:
         with mem.open(**prof) as ds:
             ds.write(bands)
-        rio_copy(mem.name, str(path), driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE=str(COG_BLOCK),
-                 OVERVIEWS="AUTO", RESAMPLING="AVERAGE" if nodata is not None and bands.dtype != np.uint8 else "NEAREST")
+        rio_copy(
+            mem.name,
+            str(path),
+            driver="COG",
+            COMPRESS="DEFLATE",
+            PREDICTOR="2",
+            BLOCKSIZE=str(COG_BLOCK),
+            OVERVIEWS="AUTO",
+            RESAMPLING="AVERAGE" if nodata is not None and bands.dtype != np.uint8 else "NEAREST",
+        )
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
@@ -127,8 +154,9 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
     geoms_utm = [utm(world.area_geometry(world.features[i])) for i in order]
     trees = [f for f in world.features if f.kind == "node" and f.tags.get("natural") == "tree"]
     tree_geoms = [utm(f.geometry).buffer(f.attrs["crown_m"], quad_segs=4) for f in trees]
-    mat_lut = np.array([0] + [INDEX[world.features[i].material] for i in order]
-                       + [INDEX[f.material] for f in trees], np.int32)
+    mat_lut = np.array(
+        [0] + [INDEX[world.features[i].material] for i in order] + [INDEX[f.material] for f in trees], np.int32
+    )
     refl_m = np.array([m.refl for m in MATERIALS], np.float32)  # (materials, 4)
     veg_m = np.array([m.vegetation for m in MATERIALS])
 
@@ -173,7 +201,10 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
             wx0, wy0, wx1, wy1 = cloud_world.bounds
             side = min(wx1 - wx0, wy1 - wy0)
             r = max(0.32 * side, 140.0)
-            cx, cy = rng.uniform(wx0 + 0.25 * side, wx1 - 0.25 * side), rng.uniform(wy0 + 0.25 * side, wy1 - 0.25 * side)
+            cx, cy = (
+                rng.uniform(wx0 + 0.25 * side, wx1 - 0.25 * side),
+                rng.uniform(wy0 + 0.25 * side, wy1 - 0.25 * side),
+            )
             cols = (np.arange(fshape[1], dtype=np.float32) + 0.5) * FINE_M + ftrans.c
             rows = ftrans.f - (np.arange(fshape[0], dtype=np.float32) + 0.5) * FINE_M
             d2 = ((cols[None, :] - cx) / r) ** 2 + ((rows[:, None] - cy) / (0.8 * r)) ** 2
@@ -191,12 +222,21 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
             def bbox(yy, xx):
                 if yy.size == 0:
                     return None
-                return [float(ftrans.c + xx.min() * FINE_M), float(ftrans.f - (yy.max() + 1) * FINE_M),
-                        float(ftrans.c + (xx.max() + 1) * FINE_M), float(ftrans.f - yy.min() * FINE_M)]
+                return [
+                    float(ftrans.c + xx.min() * FINE_M),
+                    float(ftrans.f - (yy.max() + 1) * FINE_M),
+                    float(ftrans.c + (xx.max() + 1) * FINE_M),
+                    float(ftrans.f - yy.min() * FINE_M),
+                ]
 
-            cloud_info = {"center_utm": [float(cx), float(cy)], "radius_m": float(r), "cloud_height_m": cloud_h,
-                          "bbox_utm": bbox(ys, xs), "shadow_bbox_utm": bbox(sys_, sxs),
-                          "shadow_offset_m": [float(sdx * FINE_M), float(-sdy * FINE_M)]}
+            cloud_info = {
+                "center_utm": [float(cx), float(cy)],
+                "radius_m": float(r),
+                "cloud_height_m": cloud_h,
+                "bbox_utm": bbox(ys, xs),
+                "shadow_bbox_utm": bbox(sys_, sxs),
+                "shadow_offset_m": [float(sdx * FINE_M), float(-sdy * FINE_M)],
+            }
         surf *= (1 - 0.65 * np.clip(shadow, 0, 1))[None]
 
         # atmosphere + instrument
@@ -219,7 +259,7 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
         # swath edge: a no-data corner in the margin, outside the world
         valid10 = np.ones(grid.shape, bool)
         if date == swath_item:
-            rr, cc = np.mgrid[0: grid.shape[0], 0: grid.shape[1]]
+            rr, cc = np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]]
             valid10 = (rr + cc) * 10.0 >= 0.8 * cfg.s2_margin_m
         valid20 = _block_mean(valid10.astype(np.float32), 2) > 0.99
 
@@ -257,23 +297,39 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
         cloudy_px = int(np.isin(scl, [8, 9, 10]).sum())
         counts = {name: int((scl == code).sum()) for name, code in SCL.items()}
         hhmm = 10.5 - lon_c / 15.0 + float(rng.uniform(-0.05, 0.05))
-        t = dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc) + dt.timedelta(hours=hhmm)
+        t = dt.datetime.fromisoformat(date).replace(tzinfo=dt.UTC) + dt.timedelta(hours=hhmm)
         t = t.replace(microsecond=(t.microsecond // 1000) * 1000)
-        records.append({
-            "id": item_id, "date": date, "datetime": t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-            "platform": platform, "mgrs": mgrs, "epsg": grid.epsg, "transform10": list(grid.transform)[:6],
-            "shape10": list(grid.shape), "transform20": list(scl_t)[:6], "shape20": list(scl.shape),
-            "bounds_utm": list(grid.bounds), "cloudy": cloudy,
-            "eo:cloud_cover": round(100.0 * cloudy_px / max(nvalid, 1), 6),
-            "scl_counts": counts, "valid_fraction": round(float(valid10.mean()), 6),
-            "nodata_corner": date == swath_item, "nodata_cut_m": 0.8 * cfg.s2_margin_m if date == swath_item else 0.0,
-            "shift_m": [dx, dy], "shift_px": [dx / 10.0, dy / 10.0],
-            "sun_azimuth_deg": round(sun_az, 4), "sun_elevation_deg": round(sun_el, 4),
-            "haze_reflectance": {bn: round(v, 6) for bn, v in hazes.items()},
-            "gain": {bn: round(v, 6) for bn, v in gains.items()},
-            "psf_sigma_m": dict(PSF_SIGMA_M), "detector_m": 10.0,
-            "noise_sigma": "0.0015 + 0.01 * reflectance",
-            "vegetation_dryness": dryness, "cloud": cloud_info,
-            "dn_offset_added": add,
-        })
+        records.append(
+            {
+                "id": item_id,
+                "date": date,
+                "datetime": t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+                "platform": platform,
+                "mgrs": mgrs,
+                "epsg": grid.epsg,
+                "transform10": list(grid.transform)[:6],
+                "shape10": list(grid.shape),
+                "transform20": list(scl_t)[:6],
+                "shape20": list(scl.shape),
+                "bounds_utm": list(grid.bounds),
+                "cloudy": cloudy,
+                "eo:cloud_cover": round(100.0 * cloudy_px / max(nvalid, 1), 6),
+                "scl_counts": counts,
+                "valid_fraction": round(float(valid10.mean()), 6),
+                "nodata_corner": date == swath_item,
+                "nodata_cut_m": 0.8 * cfg.s2_margin_m if date == swath_item else 0.0,
+                "shift_m": [dx, dy],
+                "shift_px": [dx / 10.0, dy / 10.0],
+                "sun_azimuth_deg": round(sun_az, 4),
+                "sun_elevation_deg": round(sun_el, 4),
+                "haze_reflectance": {bn: round(v, 6) for bn, v in hazes.items()},
+                "gain": {bn: round(v, 6) for bn, v in gains.items()},
+                "psf_sigma_m": dict(PSF_SIGMA_M),
+                "detector_m": 10.0,
+                "noise_sigma": "0.0015 + 0.01 * reflectance",
+                "vegetation_dryness": dryness,
+                "cloud": cloud_info,
+                "dn_offset_added": add,
+            }
+        )
     return records

@@ -18,7 +18,7 @@ import secrets
 import tarfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -34,16 +34,23 @@ TOKEN_PATHS = (r"/oauth/token", r"/auth/realms/CDSE/protocol/openid-connect/toke
 
 def _parse_time(text: str) -> datetime:
     dt = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 class SentinelHubServer(LoopbackServer):
     """Process API + OAuth over a world directory. `client_id` / `client_secret` are the only accepted
     credentials; `token_url` and `base_url` are what an `SHConfig` needs."""
 
-    def __init__(self, world_dir: str | Path, client_id: str = "cmsrd-test-client",
-                 client_secret: str = "cmsrd-test-secret", token_ttl_s: int = 3600, host: str = "127.0.0.1",
-                 port: int = 0, faults: FaultConfig | None = None):
+    def __init__(
+        self,
+        world_dir: str | Path,
+        client_id: str = "cmsrd-test-client",
+        client_secret: str = "cmsrd-test-secret",
+        token_ttl_s: int = 3600,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: FaultConfig | None = None,
+    ):
         root = Path(world_dir)
         items_dir = root / "stac" / "items"
         if not items_dir.is_dir():
@@ -76,13 +83,22 @@ class SentinelHubServer(LoopbackServer):
         if form.get("grant_type") != "client_credentials":
             raise HTTPError(400, "unsupported_grant_type", body={"error": "unsupported_grant_type"})
         if cid != self.client_id or secret != self.client_secret:
-            raise HTTPError(401, "invalid_client", body={"error": "invalid_client",
-                                                         "error_description": "Invalid client or Invalid client credentials"})
+            raise HTTPError(
+                401,
+                "invalid_client",
+                body={"error": "invalid_client", "error_description": "Invalid client or Invalid client credentials"},
+            )
         token = secrets.token_urlsafe(24)
         with self._lock:
             self._tokens[token] = time.time() + self.token_ttl_s
-        return json_response({"access_token": token, "token_type": "Bearer", "expires_in": self.token_ttl_s,
-                              "expires_at": time.time() + self.token_ttl_s})
+        return json_response(
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": self.token_ttl_s,
+                "expires_at": time.time() + self.token_ttl_s,
+            }
+        )
 
     def _authorised(self, req: Request) -> None:
         auth = req.headers.get("Authorization", "")
@@ -90,8 +106,11 @@ class SentinelHubServer(LoopbackServer):
         with self._lock:
             exp = self._tokens.get(token)
         if exp is None or exp < time.time():
-            raise HTTPError(401, "Unauthorized", body={"error": {"status": 401, "reason": "Unauthorized",
-                                                                 "message": "You are not authorized!"}})
+            raise HTTPError(
+                401,
+                "Unauthorized",
+                body={"error": {"status": 401, "reason": "Unauthorized", "message": "You are not authorized!"}},
+            )
 
     # -- Process API ---------------------------------------------------------------------------
     def _process(self, req: Request) -> Response:
@@ -116,9 +135,12 @@ class SentinelHubServer(LoopbackServer):
         tr = filt.get("timeRange", {})
         t0, t1 = _parse_time(tr.get("from", "1970-01-01T00:00:00Z")), _parse_time(tr.get("to", "2100-01-01T00:00:00Z"))
         maxcc = float(filt.get("maxCloudCoverage", 100))
-        chosen = [it for it in self.items
-                  if t0 <= _parse_time(it["properties"]["datetime"]) <= t1
-                  and float(it["properties"].get("eo:cloud_cover", 0)) <= maxcc]
+        chosen = [
+            it
+            for it in self.items
+            if t0 <= _parse_time(it["properties"]["datetime"]) <= t1
+            and float(it["properties"].get("eo:cloud_cover", 0)) <= maxcc
+        ]
         order = filt.get("mosaickingOrder", "mostRecent")
         if order == "leastCC":
             chosen.sort(key=lambda it: (float(it["properties"].get("eo:cloud_cover", 0)), it["properties"]["datetime"]))
@@ -131,16 +153,24 @@ class SentinelHubServer(LoopbackServer):
         if chosen:
             it = chosen[0]
             arr = self._render(it, bbox, dst_crs, width, height)
-            tiles.append({"date": it["properties"]["datetime"], "cloudCoverage": it["properties"].get("eo:cloud_cover"),
-                          "tileId": it["id"], "dataPath": f"s3://sentinel-s2-l2a/tiles/{it['id']}"})
+            tiles.append(
+                {
+                    "date": it["properties"]["datetime"],
+                    "cloudCoverage": it["properties"].get("eo:cloud_cover"),
+                    "tileId": it["id"],
+                    "dataPath": f"s3://sentinel-s2-l2a/tiles/{it['id']}",
+                }
+            )
         tif = self._tiff(arr)
         responses = out.get("responses") or [{"identifier": "default"}]
         if len(responses) == 1:
             return Response(body=tif, content_type="image/tiff")
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name, payload in (("default.tif", tif),
-                                  ("userdata.json", json.dumps({"tiles": tiles, "serviceVersion": "loopback"}).encode())):
+            for name, payload in (
+                ("default.tif", tif),
+                ("userdata.json", json.dumps({"tiles": tiles, "serviceVersion": "loopback"}).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
@@ -157,9 +187,19 @@ class SentinelHubServer(LoopbackServer):
         applied = bool(item["properties"].get("earthsearch:boa_offset_applied", True))
         for i, key in enumerate(("red", "green", "blue", "scl")):
             path = self.root / item["assets"][key]["href"]
-            with rasterio.open(path) as src, WarpedVRT(
-                    src, crs=crs, transform=transform, width=width, height=height, src_nodata=0, nodata=0,
-                    resampling=Resampling.nearest if key == "scl" else Resampling.cubic) as vrt:
+            with (
+                rasterio.open(path) as src,
+                WarpedVRT(
+                    src,
+                    crs=crs,
+                    transform=transform,
+                    width=width,
+                    height=height,
+                    src_nodata=0,
+                    nodata=0,
+                    resampling=Resampling.nearest if key == "scl" else Resampling.cubic,
+                ) as vrt,
+            ):
                 band = vrt.read(1).astype(np.float32)
             if key != "scl":
                 valid = band > 0
@@ -174,7 +214,8 @@ class SentinelHubServer(LoopbackServer):
         from rasterio.io import MemoryFile
 
         with MemoryFile() as mem:
-            with mem.open(driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                          dtype="float32") as dst:
+            with mem.open(
+                driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype="float32"
+            ) as dst:
                 dst.write(arr)
             return mem.read()

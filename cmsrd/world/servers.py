@@ -54,10 +54,11 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import click
@@ -126,8 +127,9 @@ class Response:
                 yield self.body[i : i + CHUNK]
 
 
-def json_response(obj: Any, status: int = 200, content_type: str = "application/json",
-                  headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    obj: Any, status: int = 200, content_type: str = "application/json", headers: dict[str, str] | None = None
+) -> Response:
     return Response(status, json.dumps(obj, separators=(",", ":")).encode(), content_type, dict(headers or {}))
 
 
@@ -143,7 +145,7 @@ class Request:
     headers: Any
     body: bytes
     params: dict[str, str]
-    server: "LoopbackServer"
+    server: LoopbackServer
 
     def json(self) -> Any:
         try:
@@ -237,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "cmsrd-loopback/1"
     timeout = 120  # idle keep-alive connections do not hold a thread forever
     disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid the 40 ms delayed-ACK stall
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def setup(self) -> None:
         super().setup()
@@ -273,7 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
-    app: "LoopbackServer"
+    app: LoopbackServer
 
 
 class LoopbackServer:
@@ -297,13 +299,18 @@ class LoopbackServer:
             self._httpd = _HTTPServer((host, int(port)), _Handler)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise InputError(f"port {port}", f"already in use on {host}",
-                                 "choose a free port, or 0 for an ephemeral one") from None
+                raise InputError(
+                    f"port {port}", f"already in use on {host}", "choose a free port, or 0 for an ephemeral one"
+                ) from None
             if e.errno == errno.EACCES:
-                raise InputError(f"port {port}", f"permission denied binding on {host}",
-                                 "use a port above 1023, or 0 for an ephemeral one") from None
-            raise InputError(f"host {host!r} port {port}", f"cannot listen: {e.strerror or e}",
-                             "use host 127.0.0.1 and port 0") from None
+                raise InputError(
+                    f"port {port}",
+                    f"permission denied binding on {host}",
+                    "use a port above 1023, or 0 for an ephemeral one",
+                ) from None
+            raise InputError(
+                f"host {host!r} port {port}", f"cannot listen: {e.strerror or e}", "use host 127.0.0.1 and port 0"
+            ) from None
         self._httpd.app = self
         self.host, self.port = self._httpd.server_address[:2]
 
@@ -314,10 +321,14 @@ class LoopbackServer:
         host = f"[{self.host}]" if ":" in str(self.host) else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "LoopbackServer":
+    def start(self) -> LoopbackServer:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name=f"{type(self).__name__}:{self.port}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"{type(self).__name__}:{self.port}",
+                daemon=True,
+            )
             self._thread.start()
         return self
 
@@ -336,7 +347,7 @@ class LoopbackServer:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
 
-    def __enter__(self) -> "LoopbackServer":
+    def __enter__(self) -> LoopbackServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -379,8 +390,9 @@ class LoopbackServer:
 
     # -- static files ----------------------------------------------------------------------------
 
-    def file_response(self, req: Request, path: Path, content_type: str | None = None,
-                      cache_control: str = "public, max-age=3600") -> Response:
+    def file_response(
+        self, req: Request, path: Path, content_type: str | None = None, cache_control: str = "public, max-age=3600"
+    ) -> Response:
         """Serve a file with Accept-Ranges, a single byte range (206/416), ETag and If-None-Match."""
         try:
             st = path.stat()
@@ -391,8 +403,12 @@ class LoopbackServer:
         size = st.st_size
         etag = f'"{size:x}-{st.st_mtime_ns:x}"'
         ctype = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        headers = {"Accept-Ranges": "bytes", "ETag": etag, "Cache-Control": cache_control,
-                   "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(st.st_mtime))}
+        headers = {
+            "Accept-Ranges": "bytes",
+            "ETag": etag,
+            "Cache-Control": cache_control,
+            "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(st.st_mtime)),
+        }
         if etag in [t.strip() for t in req.headers.get("If-None-Match", "").split(",")]:
             return Response(304, b"", ctype, headers)
         rng_header = req.headers.get("Range")
@@ -418,8 +434,9 @@ class LoopbackServer:
                     return route, {k: v for k, v in m.groupdict().items() if v is not None}
                 allowed |= route.methods
         if allowed:
-            raise HTTPError(405, f"method {method} not allowed on {path}",
-                            headers={"Allow": ", ".join(sorted(allowed))})
+            raise HTTPError(
+                405, f"method {method} not allowed on {path}", headers={"Allow": ", ".join(sorted(allowed))}
+            )
         raise HTTPError(404, f"no such resource: {path}")
 
     def _dispatch(self, h: _Handler) -> None:
@@ -479,8 +496,12 @@ class LoopbackServer:
                 headers["Retry-After"] = str(int(math.ceil(cfg.retry_after_s if cfg else 1)))
             phrase = {429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
             msg = phrase.get(d.status, "error") + " (injected fault)"
-            self._send(h, method, route, json_response({"error": {"code": d.status, "message": msg}},
-                                                       d.status or 500, headers=headers))
+            self._send(
+                h,
+                method,
+                route,
+                json_response({"error": {"code": d.status, "message": msg}}, d.status or 500, headers=headers),
+            )
             return True
         return False
 
@@ -555,13 +576,15 @@ class WorldServer(LoopbackServer):
     "stac_*", "files", "geofabrik_index", "geofabrik_pbf", "geofabrik_md5".
     """
 
-    def __init__(self, world_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
-                 faults: FaultConfig | None = None):
+    def __init__(
+        self, world_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, faults: FaultConfig | None = None
+    ):
         root = Path(world_dir)
         meta_path = root / "world.json"
         if not meta_path.is_file():
-            raise InputError(f"world directory {root}", "has no world.json",
-                             "generate one with `cmsrd world generate --out DIR`")
+            raise InputError(
+                f"world directory {root}", "has no world.json", "generate one with `cmsrd world generate --out DIR`"
+            )
         try:
             self.world = json.loads(meta_path.read_text())
         except ValueError as e:
@@ -645,7 +668,9 @@ class WorldServer(LoopbackServer):
         x, y, wkid = self._identify_point(q)
         if wkid in _WEB_MERCATOR_WKIDS:
             w, s, e, n = self.world.get("bounds_3857") or (
-                *_lonlat_to_3857(*self.world["bounds_lonlat"][:2]), *_lonlat_to_3857(*self.world["bounds_lonlat"][2:]))
+                *_lonlat_to_3857(*self.world["bounds_lonlat"][:2]),
+                *_lonlat_to_3857(*self.world["bounds_lonlat"][2:]),
+            )
         elif wkid == 4326:
             w, s, e, n = self.world["bounds_lonlat"]
         else:
@@ -656,16 +681,25 @@ class WorldServer(LoopbackServer):
             date = str(self.world["hr_capture_date"]).replace("-", "")
             gsd = float(self.world.get("hr_gsd_m", 0.5))
             name = self.world.get("name", "offline world")
-            attrs = {"OBJECTID": 1, "SRC_DATE": date, "SRC_DATE2": date, "SRC_RES": round(gsd, 3),
-                     "SRC_ACC": round(gsd * 10, 2), "SRC_DESC": "Synthetic aerial imagery (cmsrd offline world)",
-                     "NICE_NAME": name, "NICE_DESC": self.world.get("attribution", "cmsrd offline world"),
-                     "MinMapLevel": min(self.world.get("zooms", [16])), "MaxMapLevel": max(self.world.get("zooms", [18]))}
-            res: dict[str, Any] = {**IDENTIFY_LAYER, "value": date, "displayFieldName": "SRC_DATE",
-                                   "attributes": attrs}
+            attrs = {
+                "OBJECTID": 1,
+                "SRC_DATE": date,
+                "SRC_DATE2": date,
+                "SRC_RES": round(gsd, 3),
+                "SRC_ACC": round(gsd * 10, 2),
+                "SRC_DESC": "Synthetic aerial imagery (cmsrd offline world)",
+                "NICE_NAME": name,
+                "NICE_DESC": self.world.get("attribution", "cmsrd offline world"),
+                "MinMapLevel": min(self.world.get("zooms", [16])),
+                "MaxMapLevel": max(self.world.get("zooms", [18])),
+            }
+            res: dict[str, Any] = {**IDENTIFY_LAYER, "value": date, "displayFieldName": "SRC_DATE", "attributes": attrs}
             if q.get("returnGeometry", "true").lower() != "false":
                 res["geometryType"] = "esriGeometryPolygon"
-                res["geometry"] = {"rings": [[[w, s], [e, s], [e, n], [w, n], [w, s]]],
-                                   "spatialReference": {"wkid": 102100 if wkid in _WEB_MERCATOR_WKIDS else 4326}}
+                res["geometry"] = {
+                    "rings": [[[w, s], [e, s], [e, n], [w, n], [w, s]]],
+                    "spatialReference": {"wkid": 102100 if wkid in _WEB_MERCATOR_WKIDS else 4326},
+                }
             results.append(res)
         return json_response({"results": results})
 
@@ -683,7 +717,7 @@ class WorldServer(LoopbackServer):
             else:
                 x, y = (float(v) for v in raw.split(","))
         except (ValueError, KeyError, TypeError):
-            raise HTTPError(400, f"geometry {raw!r} is not a point (x,y or {{\"x\":..,\"y\":..}})") from None
+            raise HTTPError(400, f'geometry {raw!r} is not a point (x,y or {{"x":..,"y":..}})') from None
         if sr_raw.lstrip().startswith("{"):
             with contextlib.suppress(ValueError, AttributeError):
                 sr_raw = str(json.loads(sr_raw).get("wkid", ""))
@@ -733,8 +767,12 @@ class WorldServer(LoopbackServer):
         parent = f"{child}-region"
         pw, ps, pe, pn = max(w - 2, -180), max(s - 2, -85), min(e + 2, 180), min(n + 2, 85)
         return [
-            {"id": parent, "name": f"{self.world.get('name', 'world')} region", "bbox": (pw, ps, pe, pn),
-             "parent": None},
+            {
+                "id": parent,
+                "name": f"{self.world.get('name', 'world')} region",
+                "bbox": (pw, ps, pe, pn),
+                "parent": None,
+            },
             {"id": child, "name": str(self.world.get("name", "world")), "bbox": (w, s, e, n), "parent": parent},
         ]
 
@@ -742,12 +780,20 @@ class WorldServer(LoopbackServer):
         feats = []
         for r in self._regions():
             w, s, e, n = r["bbox"]
-            props: dict[str, Any] = {"id": r["id"], "name": r["name"],
-                                     "urls": {"pbf": f"{self.base_url}/geofabrik/{r['id']}-latest.osm.pbf"}}
+            props: dict[str, Any] = {
+                "id": r["id"],
+                "name": r["name"],
+                "urls": {"pbf": f"{self.base_url}/geofabrik/{r['id']}-latest.osm.pbf"},
+            }
             if r["parent"]:
                 props["parent"] = r["parent"]
-            feats.append({"type": "Feature", "properties": props, "geometry": {
-                "type": "MultiPolygon", "coordinates": [[[[w, s], [e, s], [e, n], [w, n], [w, s]]]]}})
+            feats.append(
+                {
+                    "type": "Feature",
+                    "properties": props,
+                    "geometry": {"type": "MultiPolygon", "coordinates": [[[[w, s], [e, s], [e, n], [w, n], [w, s]]]]},
+                }
+            )
         return json_response({"type": "FeatureCollection", "features": feats})
 
     def _region_pbf(self, rid: str) -> Path:
@@ -774,8 +820,9 @@ class WorldServer(LoopbackServer):
 
 
 @contextlib.contextmanager
-def serve_world(world_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
-                faults: FaultConfig | None = None) -> Iterator[WorldServer]:
+def serve_world(
+    world_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, faults: FaultConfig | None = None
+) -> Iterator[WorldServer]:
     """Serve a world directory on loopback for the duration of the `with` block."""
     srv = WorldServer(world_dir, host=host, port=port, faults=faults)
     srv.start()
@@ -789,7 +836,9 @@ def serve_world(world_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
 @click.argument("world_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=0, show_default=True, help="TCP port; 0 picks a free one.")
-@click.option("--latency", "latency_s", default=0.0, help="Seconds added to every request (under --fault-path, if given).")
+@click.option(
+    "--latency", "latency_s", default=0.0, help="Seconds added to every request (under --fault-path, if given)."
+)
 @click.option("--error-rate", default=0.0, help="Share of requests answered 429/500/503.")
 @click.option("--error-codes", default="429,500,503", show_default=True, help="Statuses for errors.")
 @click.option("--timeout-rate", default=0.0, help="Share of requests held without an answer.")
@@ -798,7 +847,9 @@ def serve_world(world_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
 @click.option("--truncate-rate", default=0.0, help="Share of bodies cut short.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault sequence.")
 @click.option("--fault-path", "paths", multiple=True, help="Fault only URL paths with this prefix.")
-def serve_command(world_dir: Path, host: str, port: int, error_codes: str, paths: tuple[str, ...], **rates: Any) -> None:
+def serve_command(
+    world_dir: Path, host: str, port: int, error_codes: str, paths: tuple[str, ...], **rates: Any
+) -> None:
     """Serve WORLD_DIR on loopback: Esri-shaped tiles + identify, STAC API, ranged files, Geofabrik.
 
     Test and demo infrastructure only; real runs talk to the real services.
@@ -806,12 +857,18 @@ def serve_command(world_dir: Path, host: str, port: int, error_codes: str, paths
     try:
         codes = tuple(int(c) for c in error_codes.split(",") if c.strip())
     except ValueError:
-        raise InputError("--error-codes", f"{error_codes!r} is not a comma-separated list of statuses",
-                         "e.g. --error-codes 429,503") from None
+        raise InputError(
+            "--error-codes", f"{error_codes!r} is not a comma-separated list of statuses", "e.g. --error-codes 429,503"
+        ) from None
     faults = FaultConfig(error_codes=codes, paths=paths or None, **rates)
     srv = WorldServer(world_dir, host=host, port=port, faults=faults if faults.active else None)
     click.echo(f"serving {world_dir} at {srv.base_url}  (Ctrl-C stops)")
-    for label, url in (("tiles", srv.tile_template), ("identify", srv.identify_url), ("stac", srv.stac_url),
-                       ("geofabrik", srv.geofabrik_index_url), ("files", srv.files_url)):
+    for label, url in (
+        ("tiles", srv.tile_template),
+        ("identify", srv.identify_url),
+        ("stac", srv.stac_url),
+        ("geofabrik", srv.geofabrik_index_url),
+        ("files", srv.files_url),
+    ):
         click.echo(f"  {label:9s} {url}")
     srv.serve_forever()

@@ -19,10 +19,11 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from shapely.geometry import box, shape
@@ -82,8 +83,8 @@ def parse_datetime(text: str) -> datetime:
     except ValueError:
         raise bad_request(f"datetime {text!r} is not RFC 3339 (e.g. 2023-06-01T00:00:00Z)") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
 
 
 def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:
@@ -162,13 +163,15 @@ class SearchParams:
     token: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SearchParams":
+    def from_dict(cls, d: dict[str, Any]) -> SearchParams:
         """From a POST body, or a GET query whose JSON-valued fields were already decoded."""
         if not isinstance(d, dict):
             raise bad_request("the search body must be a JSON object")
         if d.get("filter") is not None:
-            raise bad_request("CQL2 'filter' is not supported by this server; use the 'query' extension, "
-                              'e.g. {"query": {"eo:cloud_cover": {"lt": 20}}}')
+            raise bad_request(
+                "CQL2 'filter' is not supported by this server; use the 'query' extension, "
+                'e.g. {"query": {"eo:cloud_cover": {"lt": 20}}}'
+            )
         bbox = d.get("bbox")
         if isinstance(bbox, str):
             try:
@@ -205,13 +208,20 @@ class SearchParams:
             raise bad_request(f"limit {limit!r} must be an integer") from None
         if limit < 1:
             raise bad_request(f"limit {limit} must be >= 1")
-        return cls(bbox=bbox, intersects=intersects, datetime=None if dt is None else str(dt),
-                   collections=_as_list(d.get("collections"), "collections"), ids=_as_list(d.get("ids"), "ids"),
-                   query=query, sortby=_parse_sortby(d.get("sortby")), limit=min(limit, MAX_LIMIT),
-                   token=d.get("next") or d.get("token"))
+        return cls(
+            bbox=bbox,
+            intersects=intersects,
+            datetime=None if dt is None else str(dt),
+            collections=_as_list(d.get("collections"), "collections"),
+            ids=_as_list(d.get("ids"), "ids"),
+            query=query,
+            sortby=_parse_sortby(d.get("sortby")),
+            limit=min(limit, MAX_LIMIT),
+            token=d.get("next") or d.get("token"),
+        )
 
     @classmethod
-    def from_query_string(cls, q: dict[str, str]) -> "SearchParams":
+    def from_query_string(cls, q: dict[str, str]) -> SearchParams:
         d: dict[str, Any] = dict(q)
         for key in ("intersects", "query"):
             if key in d and isinstance(d[key], str):
@@ -223,8 +233,11 @@ class SearchParams:
 
     def digest(self) -> str:
         """Identifies the search (not the page), so a token cannot be replayed on another search."""
-        key = json.dumps([self.bbox, self.intersects, self.datetime, self.collections, self.ids, self.query,
-                          self.sortby], sort_keys=True, default=str)
+        key = json.dumps(
+            [self.bbox, self.intersects, self.datetime, self.collections, self.ids, self.query, self.sortby],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def to_query_string(self, token: str | None, with_collections: bool = True) -> str:
@@ -283,7 +296,7 @@ def _field_value(item: dict, name: str) -> Any:
     if name in ("id", "collection"):
         return item.get(name)
     if name.startswith("properties."):
-        name = name[len("properties."):]
+        name = name[len("properties.") :]
     return item.get("properties", {}).get(name)
 
 
@@ -307,8 +320,9 @@ class StacCatalog:
             try:
                 item = json.loads(p.read_text())
             except ValueError as e:
-                raise InputError(f"STAC item {p}", f"not valid JSON: {e}",
-                                 "regenerate the world with `cmsrd world generate`") from None
+                raise InputError(
+                    f"STAC item {p}", f"not valid JSON: {e}", "regenerate the world with `cmsrd world generate`"
+                ) from None
             self.items.append(item)
         self._geoms = {it["id"]: shape(it["geometry"]) if it.get("geometry") else None for it in self.items}
         self.collections: dict[str, dict] = {}
@@ -323,14 +337,34 @@ class StacCatalog:
         """A minimal collection document when the world ships none for `cid`."""
         members = [it for it in self.items if it.get("collection") == cid]
         bboxes = [it["bbox"] for it in members if it.get("bbox")]
-        spatial = [[min(b[0] for b in bboxes), min(b[1] for b in bboxes), max(b[2] for b in bboxes),
-                    max(b[3] for b in bboxes)]] if bboxes else [[-180, -90, 180, 90]]
+        spatial = (
+            [
+                [
+                    min(b[0] for b in bboxes),
+                    min(b[1] for b in bboxes),
+                    max(b[2] for b in bboxes),
+                    max(b[3] for b in bboxes),
+                ]
+            ]
+            if bboxes
+            else [[-180, -90, 180, 90]]
+        )
         times = [t for it in members for t in _item_interval(it) if t]
-        temporal = [[min(times).strftime("%Y-%m-%dT%H:%M:%SZ"), max(times).strftime("%Y-%m-%dT%H:%M:%SZ")]] \
-            if times else [[None, None]]
-        return {"type": "Collection", "stac_version": STAC_VERSION, "id": cid, "title": cid,
-                "description": f"{cid} items of the cmsrd offline world", "license": "proprietary",
-                "extent": {"spatial": {"bbox": spatial}, "temporal": {"interval": temporal}}, "links": []}
+        temporal = (
+            [[min(times).strftime("%Y-%m-%dT%H:%M:%SZ"), max(times).strftime("%Y-%m-%dT%H:%M:%SZ")]]
+            if times
+            else [[None, None]]
+        )
+        return {
+            "type": "Collection",
+            "stac_version": STAC_VERSION,
+            "id": cid,
+            "title": cid,
+            "description": f"{cid} items of the cmsrd offline world",
+            "license": "proprietary",
+            "extent": {"spatial": {"bbox": spatial}, "temporal": {"interval": temporal}},
+            "links": [],
+        }
 
     def search(self, p: SearchParams) -> list[dict]:
         """All items matching `p`, sorted (default: datetime descending, then id)."""
@@ -382,8 +416,9 @@ class StacCatalog:
 class StacApi:
     """Registers the STAC API routes under `prefix` on a `LoopbackServer`."""
 
-    def __init__(self, server: LoopbackServer, catalog: StacCatalog, prefix: str = "/stac/v1",
-                 title: str = "cmsrd offline world"):
+    def __init__(
+        self, server: LoopbackServer, catalog: StacCatalog, prefix: str = "/stac/v1", title: str = "cmsrd offline world"
+    ):
         self.server, self.catalog, self.prefix, self.title = server, catalog, prefix.rstrip("/"), title
         pre = re.escape(self.prefix)
         server.add_route("stac_landing", "GET", pre + r"/?", self.landing)
@@ -391,8 +426,7 @@ class StacApi:
         server.add_route("stac_collections", "GET", pre + r"/collections", self.list_collections)
         server.add_route("stac_collection", "GET", pre + r"/collections/(?P<cid>[^/]+)", self.get_collection)
         server.add_route("stac_items", "GET", pre + r"/collections/(?P<cid>[^/]+)/items", self.collection_items)
-        server.add_route("stac_item", "GET", pre + r"/collections/(?P<cid>[^/]+)/items/(?P<iid>[^/]+)",
-                         self.get_item)
+        server.add_route("stac_item", "GET", pre + r"/collections/(?P<cid>[^/]+)/items/(?P<iid>[^/]+)", self.get_item)
         server.add_route("stac_search", ("GET", "POST"), pre + r"/search", self.search)
 
     @property
@@ -410,12 +444,21 @@ class StacApi:
             {"rel": "data", "type": "application/json", "href": f"{u}/collections"},
             {"rel": "search", "type": GEOJSON, "href": f"{u}/search", "method": "GET"},
             {"rel": "search", "type": GEOJSON, "href": f"{u}/search", "method": "POST"},
-        ] + [{"rel": "child", "type": "application/json", "href": f"{u}/collections/{quote(cid)}"}
-             for cid in self.catalog.collections]
-        return json_response({"stac_version": STAC_VERSION, "type": "Catalog", "id": "cmsrd-offline-world",
-                              "title": self.title, "description": "A STAC API over the cmsrd offline world "
-                              "(loopback test and demo infrastructure)", "conformsTo": CONFORMANCE,
-                              "links": links})
+        ] + [
+            {"rel": "child", "type": "application/json", "href": f"{u}/collections/{quote(cid)}"}
+            for cid in self.catalog.collections
+        ]
+        return json_response(
+            {
+                "stac_version": STAC_VERSION,
+                "type": "Catalog",
+                "id": "cmsrd-offline-world",
+                "title": self.title,
+                "description": "A STAC API over the cmsrd offline world (loopback test and demo infrastructure)",
+                "conformsTo": CONFORMANCE,
+                "links": links,
+            }
+        )
 
     def conformance(self, req: Request) -> Response:
         return json_response({"conformsTo": CONFORMANCE})
@@ -434,9 +477,15 @@ class StacApi:
 
     def list_collections(self, req: Request) -> Response:
         u = self.url
-        return json_response({"collections": [self._collection_doc(c) for c in self.catalog.collections],
-                              "links": [{"rel": "self", "type": "application/json", "href": f"{u}/collections"},
-                                        {"rel": "root", "type": "application/json", "href": u}]})
+        return json_response(
+            {
+                "collections": [self._collection_doc(c) for c in self.catalog.collections],
+                "links": [
+                    {"rel": "self", "type": "application/json", "href": f"{u}/collections"},
+                    {"rel": "root", "type": "application/json", "href": u},
+                ],
+            }
+        )
 
     def get_collection(self, req: Request) -> Response:
         cid = req.params["cid"]
@@ -453,8 +502,11 @@ class StacApi:
             if href and "://" not in href and not href.startswith("/"):
                 asset["href"] = files + quote(href.lstrip("./"))
         u, cid = self.url, it.get("collection", "")
-        keep = [lk for lk in it.get("links", []) if lk.get("rel") not in ("self", "root", "parent", "collection")
-                and "://" in str(lk.get("href", ""))]
+        keep = [
+            lk
+            for lk in it.get("links", [])
+            if lk.get("rel") not in ("self", "root", "parent", "collection") and "://" in str(lk.get("href", ""))
+        ]
         it["links"] = keep + [
             {"rel": "self", "type": GEOJSON, "href": f"{u}/collections/{quote(cid)}/items/{quote(it['id'])}"},
             {"rel": "parent", "type": "application/json", "href": f"{u}/collections/{quote(cid)}"},
@@ -476,16 +528,23 @@ class StacApi:
         matched = self.catalog.search(p)
         digest = p.digest()
         offset = decode_token(p.token, digest) if p.token else 0
-        page = matched[offset: offset + p.limit]
+        page = matched[offset : offset + p.limit]
         links = [{"rel": "root", "type": "application/json", "href": self.url}, *extra_links]
         if offset + p.limit < len(matched):
             links.insert(0, next_link(encode_token(offset + p.limit, digest)))
-        return json_response({
-            "type": "FeatureCollection", "stac_version": STAC_VERSION, "stac_extensions": [],
-            "context": {"limit": p.limit, "matched": len(matched), "returned": len(page)},
-            "numberMatched": len(matched), "numberReturned": len(page),
-            "features": [self.item_doc(it) for it in page], "links": links,
-        }, content_type=GEOJSON)
+        return json_response(
+            {
+                "type": "FeatureCollection",
+                "stac_version": STAC_VERSION,
+                "stac_extensions": [],
+                "context": {"limit": p.limit, "matched": len(matched), "returned": len(page)},
+                "numberMatched": len(matched),
+                "numberReturned": len(page),
+                "features": [self.item_doc(it) for it in page],
+                "links": links,
+            },
+            content_type=GEOJSON,
+        )
 
     def search(self, req: Request) -> Response:
         href = f"{self.url}/search"
@@ -493,14 +552,27 @@ class StacApi:
             p = SearchParams.from_dict(req.json())
 
             def next_link(token: str) -> dict:
-                return {"rel": "next", "title": "Next page of Items", "type": GEOJSON, "method": "POST",
-                        "href": href, "merge": True, "body": {"next": token}}
+                return {
+                    "rel": "next",
+                    "title": "Next page of Items",
+                    "type": GEOJSON,
+                    "method": "POST",
+                    "href": href,
+                    "merge": True,
+                    "body": {"next": token},
+                }
         else:
             p = SearchParams.from_query_string(req.query)
 
             def next_link(token: str) -> dict:
-                return {"rel": "next", "title": "Next page of Items", "type": GEOJSON, "method": "GET",
-                        "href": f"{href}?{p.to_query_string(token)}"}
+                return {
+                    "rel": "next",
+                    "title": "Next page of Items",
+                    "type": GEOJSON,
+                    "method": "GET",
+                    "href": f"{href}?{p.to_query_string(token)}",
+                }
+
         return self._page(p, next_link)
 
     def collection_items(self, req: Request) -> Response:
@@ -516,6 +588,8 @@ class StacApi:
             qs = p.to_query_string(token, with_collections=False)
             return {"rel": "next", "type": GEOJSON, "method": "GET", "href": f"{href}?{qs}"}
 
-        return self._page(p, next_link, [{"rel": "collection", "type": "application/json",
-                                          "href": f"{self.url}/collections/{quote(cid)}"}])
-
+        return self._page(
+            p,
+            next_link,
+            [{"rel": "collection", "type": "application/json", "href": f"{self.url}/collections/{quote(cid)}"}],
+        )

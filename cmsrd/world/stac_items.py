@@ -72,27 +72,41 @@ def item_dict(rec: dict, scl_percent: dict[str, float]) -> dict:
     ymd = f"{t.year}/{t.month}"
     bid = PROCESSING_BASELINE.replace(".", "")
     props = {
-        "created": created, "platform": rec["platform"], "constellation": "sentinel-2", "instruments": ["msi"],
-        "eo:cloud_cover": rec["eo:cloud_cover"], "proj:epsg": rec["epsg"], "proj:code": f"EPSG:{rec['epsg']}",
-        "mgrs:utm_zone": zone, "mgrs:latitude_band": band, "mgrs:grid_square": sq, "grid:code": f"MGRS-{mgrs}",
-        "view:sun_azimuth": rec["sun_azimuth_deg"], "view:sun_elevation": rec["sun_elevation_deg"],
-        "s2:degraded_msi_data_percentage": 0, "s2:nodata_pixel_percentage": round(100 * (1 - rec["valid_fraction"]), 6),
+        "created": created,
+        "platform": rec["platform"],
+        "constellation": "sentinel-2",
+        "instruments": ["msi"],
+        "eo:cloud_cover": rec["eo:cloud_cover"],
+        "proj:epsg": rec["epsg"],
+        "proj:code": f"EPSG:{rec['epsg']}",
+        "mgrs:utm_zone": zone,
+        "mgrs:latitude_band": band,
+        "mgrs:grid_square": sq,
+        "grid:code": f"MGRS-{mgrs}",
+        "view:sun_azimuth": rec["sun_azimuth_deg"],
+        "view:sun_elevation": rec["sun_elevation_deg"],
+        "s2:degraded_msi_data_percentage": 0,
+        "s2:nodata_pixel_percentage": round(100 * (1 - rec["valid_fraction"]), 6),
         "s2:saturated_defective_pixel_percentage": 0,
         "s2:dark_features_percentage": scl_percent["DARK_AREA_PIXELS"],
         "s2:cloud_shadow_percentage": scl_percent["CLOUD_SHADOWS"],
         "s2:vegetation_percentage": scl_percent["VEGETATION"],
         "s2:not_vegetated_percentage": scl_percent["NOT_VEGETATED"],
-        "s2:water_percentage": scl_percent["WATER"], "s2:unclassified_percentage": scl_percent["UNCLASSIFIED"],
+        "s2:water_percentage": scl_percent["WATER"],
+        "s2:unclassified_percentage": scl_percent["UNCLASSIFIED"],
         "s2:medium_proba_clouds_percentage": scl_percent["CLOUD_MEDIUM_PROBABILITY"],
         "s2:high_proba_clouds_percentage": scl_percent["CLOUD_HIGH_PROBABILITY"],
-        "s2:thin_cirrus_percentage": scl_percent["THIN_CIRRUS"], "s2:snow_ice_percentage": scl_percent["SNOW"],
-        "s2:product_type": "S2MSI2A", "s2:processing_baseline": PROCESSING_BASELINE,
+        "s2:thin_cirrus_percentage": scl_percent["THIN_CIRRUS"],
+        "s2:snow_ice_percentage": scl_percent["SNOW"],
+        "s2:product_type": "S2MSI2A",
+        "s2:processing_baseline": PROCESSING_BASELINE,
         "s2:product_uri": f"{sat}_MSIL2A_{stamp}_N{bid}_R{orbit:03d}_T{mgrs}_{gen}.SAFE",
         "s2:generation_time": (t + dt.timedelta(hours=5, minutes=29)).strftime("%Y-%m-%dT%H:%M:%S.000000Z"),
         "s2:datatake_id": f"G{sat}_{stamp}_0{orbit:05d}_N{PROCESSING_BASELINE}",
         "s2:datatake_type": "INS-NOBS",
         "s2:reflectance_conversion_factor": 0.97 + 0.0001 * int(t.strftime("%j")) % 7,
-        "datetime": rec["datetime"], "s2:sequence": "0",
+        "datetime": rec["datetime"],
+        "s2:sequence": "0",
         "earthsearch:s3_path": f"s3://sentinel-cogs/sentinel-s2-l2a-cogs/{zone}/{band}/{sq}/{ymd}/{rec['id']}",
         "earthsearch:payload_id": f"roda-sentinel2/workflow-sentinel2-to-stac/cmsrd-{rec['id'].lower()}",
         "earthsearch:boa_offset_applied": rec["dn_offset_added"] == 0,
@@ -109,25 +123,56 @@ def item_dict(rec: dict, scl_percent: dict[str, float]) -> dict:
     p20 = proj(20.0, rec["shape20"], rec["transform20"])
     assets: dict[str, dict] = {}
     for key, (fname, title, _, _) in BANDS.items():
-        assets[key] = {"href": f"sentinel2/{rec['id']}/{fname}.tif", "type": COG, "title": title,
-                       "eo:bands": [_eo(key)], "gsd": 10, **p10,
-                       "raster:bands": [{"nodata": 0, "data_type": "uint16", "bits_per_sample": 15,
-                                         "spatial_resolution": 10, "scale": 0.0001, "offset": -0.1}],
-                       "roles": ["data", "reflectance"]}
-    assets["scl"] = {"href": f"sentinel2/{rec['id']}/SCL.tif", "type": COG, "title": "Scene classification map (SCL)",
-                     **p20, "raster:bands": [{"nodata": 0, "data_type": "uint8", "spatial_resolution": 20}],
-                     "roles": ["data", "reflectance"]}
-    assets["visual"] = {"href": f"sentinel2/{rec['id']}/TCI.tif", "type": COG, "title": "True color image",
-                        "eo:bands": [_eo("red"), _eo("green"), _eo("blue")], **p10, "roles": ["visual"]}
+        assets[key] = {
+            "href": f"sentinel2/{rec['id']}/{fname}.tif",
+            "type": COG,
+            "title": title,
+            "eo:bands": [_eo(key)],
+            "gsd": 10,
+            **p10,
+            "raster:bands": [
+                {
+                    "nodata": 0,
+                    "data_type": "uint16",
+                    "bits_per_sample": 15,
+                    "spatial_resolution": 10,
+                    "scale": 0.0001,
+                    "offset": -0.1,
+                }
+            ],
+            "roles": ["data", "reflectance"],
+        }
+    assets["scl"] = {
+        "href": f"sentinel2/{rec['id']}/SCL.tif",
+        "type": COG,
+        "title": "Scene classification map (SCL)",
+        **p20,
+        "raster:bands": [{"nodata": 0, "data_type": "uint8", "spatial_resolution": 20}],
+        "roles": ["data", "reflectance"],
+    }
+    assets["visual"] = {
+        "href": f"sentinel2/{rec['id']}/TCI.tif",
+        "type": COG,
+        "title": "True color image",
+        "eo:bands": [_eo("red"), _eo("green"), _eo("blue")],
+        **p10,
+        "roles": ["visual"],
+    }
     d = {
-        "type": "Feature", "stac_version": "1.0.0", "stac_extensions": EXTENSIONS, "id": rec["id"],
-        "properties": props, "geometry": mapping(geom), "bbox": list(geom.bounds),
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": EXTENSIONS,
+        "id": rec["id"],
+        "properties": props,
+        "geometry": mapping(geom),
+        "bbox": list(geom.bounds),
         "links": [
             {"rel": "license", "href": "https://sentinel.esa.int/documents/247904/690755/Sentinel_Data_Legal_Notice"},
             {"rel": "collection", "type": "application/json", "href": f"../collections/{COLLECTION_ID}.json"},
             {"rel": "parent", "type": "application/json", "href": f"../collections/{COLLECTION_ID}.json"},
         ],
-        "assets": assets, "collection": COLLECTION_ID,
+        "assets": assets,
+        "collection": COLLECTION_ID,
     }
     d["geometry"] = _plain(d["geometry"])
     pystac.Item.from_dict(d, preserve_dict=True)  # structural check: raises on a malformed item
@@ -149,19 +194,27 @@ def collection_dict(items: list[dict]) -> dict:
     bbox = [min(b[0] for b in xs), min(b[1] for b in xs), max(b[2] for b in xs), max(b[3] for b in xs)]
     times = sorted(i["properties"]["datetime"] for i in items)
     d = {
-        "type": "Collection", "stac_version": "1.0.0", "id": COLLECTION_ID,
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": COLLECTION_ID,
         "title": "Sentinel-2 Level-2A",
         "description": "Global Sentinel-2 data from the Multispectral Instrument (MSI) onboard Sentinel-2 "
-                       "(offline world: simulated for the cmsrd synthetic region)",
-        "license": "proprietary", "stac_extensions": EXTENSIONS[2:3] + EXTENSIONS[5:7],
+        "(offline world: simulated for the cmsrd synthetic region)",
+        "license": "proprietary",
+        "stac_extensions": EXTENSIONS[2:3] + EXTENSIONS[5:7],
         "keywords": ["sentinel", "earth observation", "esa"],
-        "providers": [{"name": "ESA", "roles": ["producer"], "url": "https://earth.esa.int/web/guest/home"},
-                      {"name": "cmsrd offline world", "roles": ["processor", "host"]}],
+        "providers": [
+            {"name": "ESA", "roles": ["producer"], "url": "https://earth.esa.int/web/guest/home"},
+            {"name": "cmsrd offline world", "roles": ["processor", "host"]},
+        ],
         "extent": {"spatial": {"bbox": [bbox]}, "temporal": {"interval": [[times[0], times[-1]]]}},
-        "links": [{"rel": "license",
-                   "href": "https://sentinel.esa.int/documents/247904/690755/Sentinel_Data_Legal_Notice"}],
-        "item_assets": {k: {"type": COG, "title": v[1], "eo:bands": [_eo(k)], "roles": ["data", "reflectance"]}
-                        for k, v in BANDS.items()},
+        "links": [
+            {"rel": "license", "href": "https://sentinel.esa.int/documents/247904/690755/Sentinel_Data_Legal_Notice"}
+        ],
+        "item_assets": {
+            k: {"type": COG, "title": v[1], "eo:bands": [_eo(k)], "roles": ["data", "reflectance"]}
+            for k, v in BANDS.items()
+        },
     }
     pystac.Collection.from_dict(d, preserve_dict=True)
     return d

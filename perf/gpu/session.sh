@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of the registry, benchmark and SGDM issues, one part per device call
-# (run there, in the repository root, after benchmarks/gpu/prepare.py here; see README.md beside this file):
+# (run there, in the repository root, after perf/gpu/prepare.py here; see README.md beside this file):
 #
-#   bash benchmarks/gpu/session.sh check            versions, imports, GPU, which metric weights exist
-#   bash benchmarks/gpu/session.sh ff [MIN]         ESRGAN (PSNR stage) + SwinIR, x16, MIN (3) minutes each;
+#   bash perf/gpu/session.sh check            versions, imports, GPU, which metric weights exist
+#   bash perf/gpu/session.sh ff [MIN]         ESRGAN (PSNR stage) + SwinIR, x16, MIN (3) minutes each;
 #                                                   GPU inference images/s; the checkpoints loaded and run on CPU
-#   bash benchmarks/gpu/session.sh sgdm [MIN]       small-geometry sgdm and sgdm-nomap, x32, MIN (4) minutes each
-#   bash benchmarks/gpu/session.sh speed            SGDM 50-step sampling at SD2.1-base geometry (fp32/bf16,
+#   bash perf/gpu/session.sh sgdm [MIN]       small-geometry sgdm and sgdm-nomap, x32, MIN (4) minutes each
+#   bash perf/gpu/session.sh speed            SGDM 50-step sampling at SD2.1-base geometry (fp32/bf16,
 #                                                   batch 16/64, start=lr@400) + the metric suite on 300 pairs
 #
 # Each part writes <part>.json, <part>.md (and plots) to $OUT (the device tool's folder; out/gpu elsewhere).
@@ -79,7 +79,7 @@ ff)
   # the GPU-trained checkpoints load and run on a CPU (a fresh process that sees no GPU)
   CUDA_VISIBLE_DEVICES= $BENCH run --data "$G/real" --methods esrgan,swinir "${w[@]}" --metrics psnr_y \
     --device cpu --batch-size 4 --limit 4 --out "$RUNS/bench-ff-cpu" 2>&1 | tail -3
-  $PY benchmarks/gpu/collect.py --name ff --runs "$RUNS/esrgan" "$RUNS/swinir" --bench "$RUNS/bench-ff" \
+  $PY perf/gpu/collect.py --name ff --runs "$RUNS/esrgan" "$RUNS/swinir" --bench "$RUNS/bench-ff" \
     --cpu-bench "$RUNS/bench-ff-cpu" --out "$OUT"
   ;;
 sgdm)
@@ -92,16 +92,16 @@ sgdm)
   w=(--weights "sgdm=$RUNS/sgdm/model.safetensors" --weights "sgdm-nomap=$RUNS/sgdm-nomap/model.safetensors")
   $BENCH run --data "$G/synthetic" --methods bicubic,sgdm,sgdm-nomap "${w[@]}" --metrics psnr_y,ssim_y,lpips \
     --skip-missing --device "$DEVICE" --batch-size 16 --limit 32 --out "$RUNS/bench-sgdm" ${BENCH_ARGS:-} 2>&1 | tail -3
-  $PY benchmarks/gpu/collect.py --name sgdm --runs "$RUNS/sgdm" "$RUNS/sgdm-nomap" --bench "$RUNS/bench-sgdm" --out "$OUT"
+  $PY perf/gpu/collect.py --name sgdm --runs "$RUNS/sgdm" "$RUNS/sgdm-nomap" --bench "$RUNS/bench-sgdm" --out "$OUT"
   ;;
 speed)
   install_wheels
   batches=${BATCHES:-16 64}
   $PY -m baselines.sgdm.throughput --method sgdm --batch $batches --precision fp32 bf16 --start-t 400 --repeats 1 \
     --device "$DEVICE" ${THROUGHPUT_ARGS:-} | tee "$OUT/throughput.jsonl"
-  $PY benchmarks/metrics_bench.py --data "$G/real" --n "${PAIRS:-300}" --metrics all --device "$DEVICE" \
+  $PY perf/metrics_bench.py --data "$G/real" --n "${PAIRS:-300}" --metrics all --device "$DEVICE" \
     --out "$OUT/metrics_cached_weights.json" | tail -16
-  $PY benchmarks/metrics_bench.py --data "$G/real" --n "${PAIRS:-300}" --metrics all --device "$DEVICE" \
+  $PY perf/metrics_bench.py --data "$G/real" --n "${PAIRS:-300}" --metrics all --device "$DEVICE" \
     --stand-in-weights --out "$OUT/metrics_stand_in.json" | tail -16
   ;;
 *)

@@ -1,6 +1,6 @@
 """Prepare what a GPU session carries (run here, on the development machine):
 
-    python benchmarks/gpu/prepare.py [--samples 256] [--real DIR] [--synthetic DIR] [--no-wheels]
+    python perf/gpu/prepare.py [--samples 256] [--real DIR] [--synthetic DIR] [--no-wheels]
 
 The lent GPU machine has torch but none of the build stack (rasterio, osmium, dask, ...) and no network,
 so the datasets are built here and travel as PNG folders, and the packages it lacks travel as wheels:
@@ -10,7 +10,7 @@ so the datasets are built here and travel as PNG folders, and the packages it la
     .gpu/whl         wheels at requirements/lock.txt's versions (pure Python, plus abi3 cp312 builds)
 
 The device tool sends the repository plus the carried paths, 64 MiB per call: the sizes are printed so
-each call can carry only what its part needs (see benchmarks/gpu/README.md).
+each call can carry only what its part needs (see perf/gpu/README.md).
 """
 
 from __future__ import annotations
@@ -24,8 +24,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEST = REPO / ".gpu"
 # What the GPU image lacks (device KINDS.md package list): installed there from these wheels.
-PURE = ("diffusers", "normflows", "lpips", "torch_fidelity", "pyiqa", "spandrel", "importlib_metadata",
-        "huggingface_hub", "transformers", "httpx2", "httpcore2", "openai_clip", "ftfy", "setuptools")
+PURE = (
+    "diffusers",
+    "normflows",
+    "lpips",
+    "torch_fidelity",
+    "pyiqa",
+    "spandrel",
+    "importlib_metadata",
+    "huggingface_hub",
+    "transformers",
+    "httpx2",
+    "httpcore2",
+    "openai_clip",
+    "ftfy",
+    "setuptools",
+)
 ABI3 = ("tokenizers", "wcwidth")  # not hf_xet: only for Xet downloads, and nothing downloads there
 KINDS = ("hr", "lr", "sr", "map")  # what the trainer, the runner and the metric bench read
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
@@ -61,8 +75,22 @@ def prune_dataset(src: Path, dst: Path, kinds: tuple[str, ...] = KINDS) -> None:
 
 def build(preset: str, out: Path, samples: int) -> Path:
     if not (out / "dataset.json").is_file():
-        subprocess.run([sys.executable, "-m", "cmsrd.cli", "build", preset, "--out", str(out), "--samples", str(samples),
-                        "--quiet"], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cmsrd.cli",
+                "build",
+                preset,
+                "--out",
+                str(out),
+                "--samples",
+                str(samples),
+                "--quiet",
+            ],
+            check=True,
+            cwd=REPO,
+        )
     return out
 
 
@@ -75,8 +103,23 @@ def wheels(dest: Path) -> None:
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run(pip + ["wheel", "--no-deps", "-w", str(dest)] + [f"{n}=={pins[n]}" for n in PURE], check=True)
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    subprocess.run(pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation",
-                          "cp", *plat, "-d", str(dest)] + [f"{n}=={pins[n]}" for n in ABI3], check=True)
+    subprocess.run(
+        pip
+        + [
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *plat,
+            "-d",
+            str(dest),
+        ]
+        + [f"{n}=={pins[n]}" for n in ABI3],
+        check=True,
+    )
 
 
 def size_mib(path: Path) -> float:
@@ -97,8 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     prune_dataset(syn, DEST / "synthetic")
     if not args.no_wheels:
         wheels(DEST / "whl")
-    repo = sum((REPO / p).stat().st_size for p in subprocess.run(
-        ["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()) / 2**20
+    repo = (
+        sum(
+            (REPO / p).stat().st_size
+            for p in subprocess.run(
+                ["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True
+            ).stdout.split()
+        )
+        / 2**20
+    )
     print(f"repository (tracked) {repo:.1f} MiB")
     for part in ("real", "synthetic", "whl"):
         if (DEST / part).exists():
@@ -106,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     whl = size_mib(DEST / "whl") if (DEST / "whl").exists() else 0.0
     for part in ("real", "synthetic"):
         total = repo + whl + size_mib(DEST / part)
-        print(f"call carrying .gpu/whl + .gpu/{part}: {total:.1f} MiB" + ("  <-- over the 64 MiB limit: lower --samples"
-                                                                       if total > 63.5 else ""))
+        print(
+            f"call carrying .gpu/whl + .gpu/{part}: {total:.1f} MiB"
+            + ("  <-- over the 64 MiB limit: lower --samples" if total > 63.5 else "")
+        )
     print(".gpu/ is git-ignored; name its parts in the device call's carry")
 
 

@@ -1,4 +1,4 @@
-"""Seconds per metric of the benchmark's metric suite over N image pairs: `python -m benchmarks.metrics_bench`.
+"""Seconds per metric of the benchmark's metric suite over N image pairs: `python -m perf.metrics_bench`.
 
 Pairs: with `--data DIR` (a dataset built by `cmsrd build`), the HR images of DIR/{train,test}/hr_<H>/ and
 as "SR" each one degraded by the dataset scale with the toolkit's MATLAB bicubic and brought back up
@@ -37,14 +37,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 from unittest import mock
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/metrics_bench.py` from any directory
+if str(REPO) not in sys.path:  # `python perf/metrics_bench.py` from any directory
     sys.path.insert(0, str(REPO))
 
 STAND_IN_NOTE = "stand-in weights, timing only"
@@ -83,11 +84,11 @@ def procedural_hr(size: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(int(rng.integers(2, 5))):  # parcels: flat colour shifts with sharp straight edges
         y0, x0 = rng.integers(0, size, 2)
         h, w = rng.integers(size // 8, size // 2, 2)
-        img[y0: y0 + h, x0: x0 + w] += rng.normal(0, 30, 3)
+        img[y0 : y0 + h, x0 : x0 + w] += rng.normal(0, 30, 3)
     for _ in range(int(rng.integers(4, 12))):  # buildings: small bright/dark rectangles
         y0, x0 = rng.integers(0, size, 2)
         h, w = rng.integers(max(2, size // 40), max(3, size // 10), 2)
-        img[y0: y0 + h, x0: x0 + w] = rng.uniform(40, 230, 3)
+        img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(40, 230, 3)
     # a road: a straight band of grey at a random angle
     ang, off = rng.uniform(0, np.pi), rng.uniform(0.2, 0.8)
     d = np.abs((xx - off) * np.sin(ang) - (yy - 0.5) * np.cos(ang))
@@ -112,10 +113,15 @@ def dataset_hr_paths(root: Path, split: str) -> tuple[list[Path], int]:
     from cmsrd.layout import SPLITS, DatasetLayout
 
     layout = DatasetLayout.open(root)
-    paths = [p for s in (SPLITS if split == "all" else (split,)) for p in sorted(layout.image_dir(s, "hr").glob("*.png"))]
+    paths = [
+        p for s in (SPLITS if split == "all" else (split,)) for p in sorted(layout.image_dir(s, "hr").glob("*.png"))
+    ]
     if not paths:
-        raise InputError(f"--data {root}", f"has no HR images under {split if split != 'all' else '{train,test}'}/{layout.folder('hr')}",
-                         "build it with `cmsrd build` first")
+        raise InputError(
+            f"--data {root}",
+            f"has no HR images under {split if split != 'all' else '{train,test}'}/{layout.folder('hr')}",
+            "build it with `cmsrd build` first",
+        )
     return paths, layout.scale
 
 
@@ -134,8 +140,14 @@ def dataset_pairs(root: Path, n: int, split: str = "all") -> tuple[list[np.ndarr
         if key not in cache:
             cache[key] = degrade(hr[i], scale)
         sr.append(cache[key])
-    info = {"source": str(root), "split": split, "hr_images": len(paths), "scale": scale,
-            "unique_pairs": min(n, 8 * len(base)), "augment": "dihedral (8 flips/rotations)" if n > len(base) else "none"}
+    info = {
+        "source": str(root),
+        "split": split,
+        "hr_images": len(paths),
+        "scale": scale,
+        "unique_pairs": min(n, 8 * len(base)),
+        "augment": "dihedral (8 flips/rotations)" if n > len(base) else "none",
+    }
     return sr, hr, info
 
 
@@ -150,8 +162,10 @@ def stand_in_weights(metric_names: Sequence[str]) -> Iterator[list[str]]:
     from benchmark.testing import MAKERS, write_fake_weights
 
     keys = list(dict.fromkeys(k for n in metric_names for k in M.get(n).weights if k in MAKERS))
-    with tempfile.TemporaryDirectory(prefix="cmsrd-standin-") as tmp, \
-            mock.patch.dict(os.environ, {"TORCH_HOME": str(Path(tmp) / "torch")}):
+    with (
+        tempfile.TemporaryDirectory(prefix="cmsrd-standin-") as tmp,
+        mock.patch.dict(os.environ, {"TORCH_HOME": str(Path(tmp) / "torch")}),
+    ):
         os.environ["CMSRD_WEIGHTS_MANIFEST"] = str(write_fake_weights(keys, Path(tmp) / "weights.yaml"))
         yield keys
 
@@ -177,12 +191,24 @@ def environment(device: str) -> dict[str, Any]:
     else:
         name = platform.processor() or platform.machine()
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         sha = None
-    return {"device": str(dev), "device_name": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "versions": _versions(), "git_sha": sha,
-            "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {
+        "device": str(dev),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "git_sha": sha,
+        "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
 
 
 # ---- timing ------------------------------------------------------------------------------------------
@@ -210,22 +236,44 @@ def _build_set_extractor(device: str) -> Any:
     from baselines.weights import resolve
     from benchmark.metrics.distribution import FEATURE_EXTRACTOR, FEATURE_LAYER
 
-    net = FeatureExtractorInceptionV3(FEATURE_EXTRACTOR, [FEATURE_LAYER], feature_extractor_weights_path=str(resolve("fidelity_inception")))
+    net = FeatureExtractorInceptionV3(
+        FEATURE_EXTRACTOR, [FEATURE_LAYER], feature_extractor_weights_path=str(resolve("fidelity_inception"))
+    )
     return net.to(device)
 
 
-def bench_metric(name: str, sr: Sequence[np.ndarray], hr: Sequence[np.ndarray], device: str, batch_size: int | None,
-                 crop_border: int, warmup: bool) -> dict[str, Any]:
+def bench_metric(
+    name: str,
+    sr: Sequence[np.ndarray],
+    hr: Sequence[np.ndarray],
+    device: str,
+    batch_size: int | None,
+    crop_border: int,
+    warmup: bool,
+) -> dict[str, Any]:
     """Build and run one metric; never raises (status ran / skipped / failed)."""
     from benchmark import metrics as M
     from cmsrd.errors import MissingWeightsError
 
     m = M.get(name)
     n = len(sr)
-    row: dict[str, Any] = {"metric": name, "level": m.level, "direction": m.direction, "status": "ran", "device": device,
-                           "n_pairs": n, "image_size": list(sr[0].shape[:2]), "weights": list(m.weights),
-                           "batch_size": None, "build_s": None, "warmup_s": None, "run_s": None, "ms_per_image": None,
-                           "images_per_s": None, "mean": None}
+    row: dict[str, Any] = {
+        "metric": name,
+        "level": m.level,
+        "direction": m.direction,
+        "status": "ran",
+        "device": device,
+        "n_pairs": n,
+        "image_size": list(sr[0].shape[:2]),
+        "weights": list(m.weights),
+        "batch_size": None,
+        "build_s": None,
+        "warmup_s": None,
+        "run_s": None,
+        "ms_per_image": None,
+        "images_per_s": None,
+        "mean": None,
+    }
     try:
         if m.level == "image":
             t0 = _clock(device)
@@ -281,12 +329,16 @@ def _fmt(v: Any, digits: int = 3, small: bool = False) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| metric | status | pairs | build s | run s | ms/image | images/s | mean value |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| metric | status | pairs | build s | run s | ms/image | images/s | mean value |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         status = r["status"] if r["status"] == "ran" else f"{r['status']}: {r.get('reason', '')[:120]}"
-        lines.append(f"| {r['metric']} {'↑' if r['direction'] == 'higher' else '↓'} | {status} | {r['n_pairs']} | {_fmt(r['build_s'], 2)} | "
-                     f"{_fmt(r['run_s'], 2)} | {_fmt(r['ms_per_image'], 1)} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['mean'], 4, small=True)} |")
+        lines.append(
+            f"| {r['metric']} {'↑' if r['direction'] == 'higher' else '↓'} | {status} | {r['n_pairs']} | {_fmt(r['build_s'], 2)} | "
+            f"{_fmt(r['run_s'], 2)} | {_fmt(r['ms_per_image'], 1)} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['mean'], 4, small=True)} |"
+        )
     return "\n".join(lines)
 
 
@@ -321,8 +373,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pairs_info = {"source": "procedural", "seed": args.seed, "scale": args.scale, "unique_pairs": args.n}
     pairs_info["seconds_to_make"] = round(time.perf_counter() - t0, 2)
     env = environment(device)
-    env.update(n_pairs=len(sr), image_size=list(hr[0].shape[:2]), pairs=pairs_info, crop_border=args.crop_border,
-               stand_in_weights=bool(args.stand_in_weights), metrics=names, limits=limits, args=vars(args))
+    env.update(
+        n_pairs=len(sr),
+        image_size=list(hr[0].shape[:2]),
+        pairs=pairs_info,
+        crop_border=args.crop_border,
+        stand_in_weights=bool(args.stand_in_weights),
+        metrics=names,
+        limits=limits,
+        args=vars(args),
+    )
     rows: list[dict[str, Any]] = []
     with stand_in_weights(names) if args.stand_in_weights else contextlib.nullcontext([]) as keys:
         env["stand_in_keys"] = keys
@@ -344,21 +404,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="built dataset folder (DIR/{train,test}/hr_<H>/*.png); default: procedural pairs")
-    ap.add_argument("--split", default="all", choices=["all", "train", "test"], help="HR images of which split (with --data)")
+    ap.add_argument(
+        "--split", default="all", choices=["all", "train", "test"], help="HR images of which split (with --data)"
+    )
     ap.add_argument("--n", type=int, default=300, help="number of image pairs (default 300)")
     ap.add_argument("--size", type=int, default=256, help="procedural image side in px (default 256)")
-    ap.add_argument("--scale", type=int, default=16, help="procedural degradation factor (default 16; --data uses the dataset's)")
+    ap.add_argument(
+        "--scale", type=int, default=16, help="procedural degradation factor (default 16; --data uses the dataset's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics", default="all", help="comma list, 'default' or 'all' (default: all)")
-    ap.add_argument("--limit", action="append", default=[], metavar="NAME=N",
-                    help="score NAME on its first N pairs only (slow metrics on CPU), e.g. musiq=50; repeatable")
+    ap.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="score NAME on its first N pairs only (slow metrics on CPU), e.g. musiq=50; repeatable",
+    )
     ap.add_argument("--device", default=None, help="cuda / cuda:1 / cpu (default: cuda if available, else cpu)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="batch size of the metrics that batch (lpips, dists, musiq, clipiqa); default: each metric's own")
-    ap.add_argument("--crop-border", type=int, default=0, help="PSNR/SSIM border crop (default 0, as `cmsrd-bench run`)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size of the metrics that batch (lpips, dists, musiq, clipiqa); default: each metric's own",
+    )
+    ap.add_argument(
+        "--crop-border", type=int, default=0, help="PSNR/SSIM border crop (default 0, as `cmsrd-bench run`)"
+    )
     ap.add_argument("--no-warmup", action="store_true", help="do not run one untimed batch before timing image metrics")
-    ap.add_argument("--stand-in-weights", action="store_true",
-                    help="random stand-in weights in a temp TORCH_HOME: real code paths and timings, values meaningless")
+    ap.add_argument(
+        "--stand-in-weights",
+        action="store_true",
+        help="random stand-in weights in a temp TORCH_HOME: real code paths and timings, values meaningless",
+    )
     ap.add_argument("--out", help="write environment + rows as JSON (atomically)")
     return ap
 
@@ -376,8 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     env = report["environment"]
     print()
-    print(f"{env['n_pairs']} pairs of {env['image_size'][0]}x{env['image_size'][1]} on {env['device']} ({env['device_name']}), "
-          f"torch {env['versions']['torch']}, {'stand-in weights, timing only' if env['stand_in_weights'] else 'real weights'}")
+    print(
+        f"{env['n_pairs']} pairs of {env['image_size'][0]}x{env['image_size'][1]} on {env['device']} ({env['device_name']}), "
+        f"torch {env['versions']['torch']}, {'stand-in weights, timing only' if env['stand_in_weights'] else 'real weights'}"
+    )
     print(markdown_table(report["rows"]))
     return 0
 

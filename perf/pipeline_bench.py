@@ -1,4 +1,4 @@
-"""Figures of the dataset build (not timed tests): run `python benchmarks/pipeline_bench.py all`.
+"""Figures of the dataset build (not timed tests): run `python perf/pipeline_bench.py all`.
 
     rate      samples/s of the demo builds (synthetic, real) at 0 and 100 ms tile/STAC latency
     plan-rss  peak RSS and time of planning 1k / 10k / 100k samples over the default AOIs
@@ -54,7 +54,9 @@ def rate(samples: int = 96, workers: int = 2, threads: int = 2) -> list[dict]:
     for variant in ("synthetic", "real"):
         for latency in (0.0, 0.1):
             with tempfile.TemporaryDirectory() as tmp:
-                r = _run(_world_cfg_snippet(variant, samples, latency, world) + f"""
+                r = _run(
+                    _world_cfg_snippet(variant, samples, latency, world)
+                    + f"""
     import json, resource, time
     from cmsrd.pipeline import run_build
     rep = run_build(cfg, {tmp!r} + "/ds", workers={workers}, threads={threads}, progress=False)
@@ -64,7 +66,8 @@ def rate(samples: int = 96, workers: int = 2, threads: int = 2) -> list[dict]:
                       "total_seconds": round(rep.seconds, 2), "overall_samples_per_s": round(rep.rate, 3),
                       "steady_samples_per_s": round((len(half) - 1) / (half[-1] - half[0]), 3),
                       "counts": rep.counts["by_status"]}}))
-    """)
+    """
+                )
             print(r, flush=True)
             out.append(r)
     return out
@@ -97,7 +100,9 @@ def build_rss(processed: int = 48) -> list[dict]:
     out = []
     for n in (1_000, 10_000, 100_000):
         with tempfile.TemporaryDirectory() as tmp:
-            r = _run(_world_cfg_snippet("synthetic", n, 0.0, world) + f"""
+            r = _run(
+                _world_cfg_snippet("synthetic", n, 0.0, world)
+                + f"""
     import json, resource, time
     import numpy as np
     from cmsrd.plan import plan_from_tiles
@@ -125,7 +130,8 @@ def build_rss(processed: int = 48) -> list[dict]:
     print(json.dumps({{"planned": {n}, "processed": rep.processed, "seconds": round(time.perf_counter() - t, 2),
                       "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                       "workers_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}}))
-    """)
+    """
+            )
         print(r, flush=True)
         out.append(r)
     return out
@@ -134,7 +140,9 @@ def build_rss(processed: int = 48) -> list[dict]:
 def profile(samples: int = 48) -> dict:
     world = world_dir()
     with tempfile.TemporaryDirectory() as tmp:
-        r = _run(_world_cfg_snippet("real", samples, 0.0, world) + f"""
+        r = _run(
+            _world_cfg_snippet("real", samples, 0.0, world)
+            + f"""
     import cProfile, io, json, pstats
     from cmsrd.pipeline import run_build
     prof = cProfile.Profile()
@@ -152,7 +160,8 @@ def profile(samples: int = 48) -> dict:
                       "stage_seconds": {{k: round(v, 2) for k, v in stages.items()}},
                       "stage_share": {{k: round(v / total, 3) for k, v in stages.items()}},
                       "top": s.getvalue()[-5000:]}}))
-    """)
+    """
+        )
     print(r.pop("top"), flush=True)
     print(r, flush=True)
     return r

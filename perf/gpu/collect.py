@@ -1,6 +1,6 @@
 """Summarise training runs and benchmark runs of a GPU session into one JSON, one Markdown page and a plot.
 
-    python benchmarks/gpu/collect.py --name ff --runs runs/gpu/esrgan runs/gpu/swinir \
+    python perf/gpu/collect.py --name ff --runs runs/gpu/esrgan runs/gpu/swinir \
         --bench runs/gpu/bench-ff [--cpu-bench runs/gpu/bench-ff-cpu] --out OUT
 
 Per training run: steps, training minutes, median training images/s (the first log row, which holds
@@ -41,14 +41,20 @@ def summarise_run(run: Path) -> dict[str, Any]:
     losses = [c for c in tl.columns if c.startswith("l_")]
     steady = tl["images_per_s"].iloc[1:] if len(tl) > 1 else tl["images_per_s"]
     out.update(
-        steps=int(tl["step"].iloc[-1]), train_minutes=round(float(tl["elapsed_s"].iloc[-1]) / 60, 2),
-        train_images_per_s=round(float(steady.median()), 2), losses=losses,
+        steps=int(tl["step"].iloc[-1]),
+        train_minutes=round(float(tl["elapsed_s"].iloc[-1]) / 60, 2),
+        train_images_per_s=round(float(steady.median()), 2),
+        losses=losses,
         final_loss={c: _finite(round(float(tl[c].iloc[-1]), 5)) for c in losses},
         train_curve=_records(tl[["step", "elapsed_s", *losses, "images_per_s"]]),
     )
     if val_log.is_file():
         vl = pd.read_csv(val_log)
-        keep = [c for c in ("step", "elapsed_s", "condition", "psnr_y", "lpips", "n_images", "images_per_s") if c in vl.columns]
+        keep = [
+            c
+            for c in ("step", "elapsed_s", "condition", "psnr_y", "lpips", "n_images", "images_per_s")
+            if c in vl.columns
+        ]
         out["val_curve"] = _records(vl[keep])
     return out
 
@@ -66,9 +72,14 @@ def _fmt_lpips(v: float | None) -> str:
     return "n/a (no LPIPS weights)" if v is None else f"{v:.4f}"
 
 
-def markdown(name: str, runs: list[dict[str, Any]], bench: list[dict[str, Any]], cpu: list[dict[str, Any]], env: dict[str, Any]) -> str:
+def markdown(
+    name: str, runs: list[dict[str, Any]], bench: list[dict[str, Any]], cpu: list[dict[str, Any]], env: dict[str, Any]
+) -> str:
     lines = [f"# GPU session part `{name}`", "", f"device: {env.get('device')}; torch {env.get('torch')}", ""]
-    lines += ["| method | steps | train min | train img/s | final loss | last val PSNR-Y | last val LPIPS |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| method | steps | train min | train img/s | final loss | last val PSNR-Y | last val LPIPS |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['error']} | | | | | |")
@@ -76,23 +87,53 @@ def markdown(name: str, runs: list[dict[str, Any]], bench: list[dict[str, Any]],
         last = (r.get("val_curve") or [{}])[-1]
         loss = ", ".join(f"{k} {v:.4g}" for k, v in r["final_loss"].items() if v is not None)
         lp = last.get("lpips")
-        lines.append(f"| {r['method']} | {r['steps']} | {r['train_minutes']} | {r['train_images_per_s']} | {loss} | "
-                     f"{last.get('psnr_y', float('nan')):.2f} | {_fmt_lpips(lp)} |")
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['train_minutes']} | {r['train_images_per_s']} | {loss} | "
+            f"{last.get('psnr_y', float('nan')):.2f} | {_fmt_lpips(lp)} |"
+        )
     for title, rows in (("Inference (benchmark runner)", bench), ("Same checkpoints on CPU", cpu)):
         if not rows:
             continue
         lines += ["", f"## {title}", ""]
-        cols = [c for c in ("method", "condition", "n_images", "psnr_y", "ssim_y", "lpips", "images_per_s", "sec_per_image",
-                            "peak_mem_gb", "nfe", "params_m", "error") if any(c in row for row in rows)]
+        cols = [
+            c
+            for c in (
+                "method",
+                "condition",
+                "n_images",
+                "psnr_y",
+                "ssim_y",
+                "lpips",
+                "images_per_s",
+                "sec_per_image",
+                "peak_mem_gb",
+                "nfe",
+                "params_m",
+                "error",
+            )
+            if any(c in row for row in rows)
+        ]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in rows:
             cells = [row.get(c) for c in cols]
-            lines.append("| " + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
+            lines.append(
+                "| "
+                + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells)
+                + " |"
+            )
     for r in runs:
         if r.get("val_curve"):
-            lines += ["", f"## Validation curve: {r['method']}", "", "| step | train s | PSNR-Y | LPIPS |", "|---|---|---|---|"]
+            lines += [
+                "",
+                f"## Validation curve: {r['method']}",
+                "",
+                "| step | train s | PSNR-Y | LPIPS |",
+                "|---|---|---|---|",
+            ]
             for v in r["val_curve"]:
-                lines.append(f"| {v['step']} | {v.get('elapsed_s')} | {v.get('psnr_y', float('nan')):.3f} | {_fmt_lpips(v.get('lpips'))} |")
+                lines.append(
+                    f"| {v['step']} | {v.get('elapsed_s')} | {v.get('psnr_y', float('nan')):.3f} | {_fmt_lpips(v.get('lpips'))} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -112,7 +153,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
         t = [p["elapsed_s"] / 60 for p in r["train_curve"]]
         ax1.plot(t, [p[r["losses"][0]] for p in r["train_curve"]], label=f"{r['method']} {r['losses'][0]}")
         if r.get("val_curve"):
-            ax2.plot([p["elapsed_s"] / 60 for p in r["val_curve"]], [p["psnr_y"] for p in r["val_curve"]], "o-", label=r["method"])
+            ax2.plot(
+                [p["elapsed_s"] / 60 for p in r["val_curve"]],
+                [p["psnr_y"] for p in r["val_curve"]],
+                "o-",
+                label=r["method"],
+            )
     ax1.set(xlabel="training minutes", ylabel="training loss", yscale="log", title="loss")
     ax2.set(xlabel="training minutes", ylabel="PSNR-Y (dB)", title="validation (test split)")
     for ax in (ax1, ax2):
@@ -127,8 +173,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
 def environment() -> dict[str, Any]:
     import torch
 
-    return {"torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA device)"}
+    return {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA device)",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
