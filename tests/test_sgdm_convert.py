@@ -595,7 +595,7 @@ def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(ti
     buffers from the run; the frozen UNet body, VAE and text tower exist only in the official file, so SGDM
     reads it anyway (with `pretrained: null` a skip would resume on a random backbone)."""
     from baselines import registry
-    from baselines.train import resumable_state
+    from benchmark.train import resumable_state
 
     src, ckpt, tok = tiny_official
     m = registry.build("sgdm", 32, {**_net(tokenizer=str(tok)), "checkpoint": str(ckpt)}, load_checkpoint=False)
