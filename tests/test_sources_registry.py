@@ -122,3 +122,18 @@ def test_a_registered_source_runs_through_the_stages_unchanged(constant_lr, tmp_
     with pytest.raises(SampleError, match="lr_search_failed"):
         make_lr(spec, task, hr, {"found": None, "reason": "lr_search_failed", "detail": "HTTP 503"})
     assert len(ConstantLR.calls) == 1
+
+
+def test_what_a_real_build_needs_comes_from_its_sources():
+    from cmsrd.pipeline_cli import needs
+
+    assert needs(load_config("cmsrd-real")) == (
+        "cmsrd-real: needs network access to services.arcgisonline.com, earth-search.aws.element84.com (STAC) "
+        "+ the scenes' COG hosts, download.geofabrik.de"
+    )
+    assert needs(load_config("cmsrd-synthetic")).endswith("access to services.arcgisonline.com, download.geofabrik.de")
+    d = load_config("cmsrd-real").to_dict()
+    d.update(lr={**d["lr"], "backend": "sentinelhub"}, hr={"source": "raster", "raster": "x.tif"})
+    assert needs(load_config(d)).endswith(
+        "access to raster x.tif, Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set), download.geofabrik.de"
+    )

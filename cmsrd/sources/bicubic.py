@@ -32,6 +32,11 @@ class BicubicLR:
         """dataset.json `sources.lr` entries beyond the source name."""
         return {"attribution": "", "terms": "", "method": f"MATLAB bicubic x{cfg.scale}, antialiased"}
 
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """Nothing: the LR is computed from the HR."""
+        return []
+
     def search(self, bbox_lonlat: tuple[float, float, float, float], start: str, end: str) -> None:
         return None
 

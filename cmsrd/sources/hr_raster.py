@@ -108,6 +108,11 @@ class RasterHR:
         """The build's source: `hr.raster`, relative to the preset."""
         return cls(str(cfg.resolve(cfg.hr.raster)))
 
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        return [f"raster {cfg.hr.raster}"]
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)

@@ -1,7 +1,8 @@
 """Name -> HR / LR source, as `baselines.registry` does for methods (BasicSR's pattern).
 
 `hr.source` and `lr.source` (+ `lr.backend` for a source with several backends) of a preset name a
-registered `SourceSpec`; the build constructs the class with `cls.from_config(cfg, cache_dir)`. Specs are
+registered `SourceSpec`; the build constructs the class with `cls.from_config(cfg, cache_dir)` and reads
+its static `provenance(cfg)` (LR: dataset.json entries) and `needs(cfg)` (hosts, printed before a build). Specs are
 plain data with a lazy "module:Class" target, so checking a preset's names imports no source client.
 Adding a source (NAIP, a local GeoTIFF mosaic, Planet) is one module holding a class with `from_config`
 and the protocol of `cmsrd.sources.base` (`HRSource`, or `LRSource`: search then fetch_footprint), plus

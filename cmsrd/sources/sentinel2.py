@@ -404,6 +404,13 @@ class Sentinel2STAC:
             atomic_write_text(disk, json.dumps(items))
         return items
 
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        from urllib.parse import urlsplit
+
+        return [urlsplit(cfg.lr.stac_url).netloc + " (STAC) + the scenes' COG hosts"]
+
     def search(self, bbox_lonlat: Sequence[float], start: str | date, end: str | date) -> list[dict]:
         """`LRSource` search step: the items of a block's area (`search_area`)."""
         return self.search_area(bbox_lonlat, start, end)

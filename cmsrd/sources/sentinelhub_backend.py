@@ -127,6 +127,11 @@ class SentinelHubLR:
 
     provenance = staticmethod(Sentinel2STAC.provenance)
 
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        return ["Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set)"]
+
     def search(self, bbox_lonlat: tuple[float, float, float, float], start: str, end: str) -> None:
         """No catalogue step: the Process API mosaics the least cloudy scene per request."""
         return None

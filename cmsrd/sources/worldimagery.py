@@ -191,6 +191,11 @@ class WorldImageryHR:
             **http_options(cfg),
         )
 
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        return [urlsplit(cfg.hr.url).netloc]
+
     # Dask ships sources to workers: drop the live client (locks, sockets) and rebuild it there.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
