@@ -125,6 +125,8 @@ RUN_CONTROL_KEYS = frozenset(
         "val_batch_size",
     )
 )
+
+
 class _EpochIndexed(torch.utils.data.Dataset):
     """Items addressed by (epoch, index) so the official augmentation varies per epoch even inside
     DataLoader workers (which hold their own copy of the dataset)."""
