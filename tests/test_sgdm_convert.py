@@ -128,7 +128,7 @@ def test_released_flow_names_and_config_named_flows(official_keys, tmp_path, cap
     mean, std = _fake_flow_state(official_keys["style_flow"], 1), _fake_flow_state(official_keys["style_flow"], 2)
     torch.save(mean, tmp_path / "flow_tanh_mini_mean")
     torch.save(std, tmp_path / "flow_tanh_mini_std")
-    with caplog.at_level("INFO", logger="baselines.sgdm.model"):
+    with caplog.at_level("INFO", logger="baselines.sgdm"):
         fresh = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
     assert bool(fresh.flows.trained) and torch.equal(fresh.flows.std.q0.loc, std["q0.loc"])
     assert "flow_tanh_mini_mean" in caplog.text
