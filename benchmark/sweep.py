@@ -6,8 +6,10 @@ timestep T (`MethodSpec.extra["lr_start_t"]`, 400 if unset; `--sweep "nfe=...;st
 sampler places steps below T decides the condition (`extra["lr_start"]`, see `baselines.diffusion.sampling`):
 - `respace` (csdiff): `steps=n,start=lr@T`, NFE n exactly; n must be <= T;
 - `truncate` (SGDM): the smallest `steps=s` whose grid (default config's sampler) keeps n timesteps <= T.
-Methods that are not diffusion keep the run's `--conditions` and are drawn as flat reference lines; a sweep
-with no diffusion method, or a value out of range, is one InputError naming the condition and the valid range.
+Each point is combined with every `--conditions` entry (`style=gt` stays on every SGDM+ point; their own
+steps/start give way to the sweep's). Methods that are not diffusion keep the run's `--conditions` and are
+drawn as flat reference lines; a sweep with no diffusion method, or a value out of range, is one InputError
+naming the condition and the valid range.
 Every pair (swept or from `--conditions`) has its steps/start checked here, before any inference.
 """
 
@@ -137,8 +139,12 @@ def plan_pairs(methods: Sequence[str], conditions: Sequence[str], sweep: str | N
             )
         pairs = []
         for name in methods:
-            conds = method_conditions(name, sw) if name in swept else list(conditions)
-            pairs += [(name, c) for c in conds]
+            if name not in swept:
+                pairs += [(name, c) for c in conditions]
+                continue
+            for base in conditions:  # e.g. --conditions style=gt: every point keeps style=gt
+                for c in method_conditions(name, sw):
+                    pairs.append((name, Conditions.parse(c if base == "default" else f"{base},{c}").name))
     for name, cond in pairs:
         check_condition(name, cond)
     return pairs

@@ -36,6 +36,10 @@ def test_csdiff_sweeps_noise_and_lr_start_and_bicubic_stays_a_reference():
         ("bicubic", "default"),
     ]
     assert plan_pairs(["csdiff"], ["default"], "nfe=3;start=lr@100")[-1] == ("csdiff", "steps=3,start=lr@100")
+    # --conditions combine with every point (SGDM+ needs style=gt); non-diffusion methods keep them as given
+    pairs = plan_pairs(["sgdm+", "bicubic"], ["style=gt"], "nfe=4")
+    assert pairs[0] == ("sgdm+", "style=gt,steps=4,start=noise") and pairs[1][1].startswith("style=gt,steps=")
+    assert pairs[-1] == ("bicubic", "style=gt")
 
 
 @pytest.mark.parametrize("name", ["sgdm", "sgdm+"])
