@@ -128,3 +128,12 @@ def test_cli_sweep_error_exits_nonzero(tiny_dataset, tmp_path):
         ],
     )
     assert res.exit_code != 0 and "diffusion" in str(res.exception or res.output)
+
+
+def test_sgdm_tiny_runs_the_planned_nfe():
+    """SGDM's own NFE count under each planned condition is the sweep's n (built on meta: no weights needed)."""
+    from baselines.conditions import Conditions
+
+    m = registry.build("sgdm", 32, "baselines/configs/sgdm-tiny.yaml", device="meta")
+    pairs = plan_pairs(["sgdm"], ["default"], "nfe=2,5,10,20")
+    assert [m.nfe(Conditions.parse(c)) for _, c in pairs] == [2, 5, 10, 20] * 2
