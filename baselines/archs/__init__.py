@@ -5,6 +5,7 @@ Importing this package registers every architecture in `baselines.registry.ARCHS
 
 from .discriminator import VGGStyleDiscriminator
 from .rrdbnet import RRDBNet
+from .swin_unet import UNetModelSwin
 from .swinir import SwinIR
 
-__all__ = ["RRDBNet", "SwinIR", "VGGStyleDiscriminator"]
+__all__ = ["RRDBNet", "SwinIR", "UNetModelSwin", "VGGStyleDiscriminator"]
