@@ -7,7 +7,7 @@ tensor per official tensor, so the CompVis / ResShift checkpoints (`autoencoder_
 as it is. `encode` gives the pre-quantisation latent (encoder + quant_conv), `decode` quantises to the
 codebook first, as the official `VQModelTorch.decode` does by default.
 
-A `tiny` geometry (same structure, narrow) serves CPU tests.
+A `tiny` geometry (the same tensor names, narrow: widths 32/64/128, 64 codes) serves CPU tests.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "vq-f4": {"block_out_channels": (128, 256, 512), "num_vq_embeddings": 8192, "norm_num_groups": 32},
-    "tiny": {"block_out_channels": (32, 32, 64), "num_vq_embeddings": 64, "norm_num_groups": 32},
+    "tiny": {"block_out_channels": (32, 64, 128), "num_vq_embeddings": 64, "norm_num_groups": 32},
 }
 FACTOR = 4  # spatial downsampling of every geometry here (three levels)
 LATENT_CHANNELS = 3
