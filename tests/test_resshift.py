@@ -328,3 +328,18 @@ def test_shared_trainer_trains_exports_and_reloads(tiny_dataset, tmp_path):
     assert res["step"] == 2 and np.isfinite(res["val"]["psnr_y"])
     m = build("resshift", 16, {**TINY, "checkpoint": str(tmp_path / "run" / "model.safetensors")})
     assert m.loaded_from is not None
+
+
+@pytest.mark.parametrize("extra", [None, "resshift-v3.yaml", "resshift-tiny.yaml"])
+def test_shipped_configs_pass_the_train_key_check(extra):
+    from baselines.registry import CONFIG_DIR, merge_config
+    from baselines.resshift.model import ResShift
+    from baselines.train import build_scheduler, check_train_keys
+
+    cfg = get("resshift").default_config()
+    if extra:
+        cfg = merge_config(cfg, load_yaml(CONFIG_DIR / extra))
+    check_train_keys(cfg["train"], ResShift, "resshift")
+    ResShiftSchedule.from_config(cfg["chain"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
+    build_scheduler(cfg["train"].get("scheduler"), opt, int(cfg["train"]["total_steps"]))
