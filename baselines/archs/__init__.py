@@ -5,7 +5,6 @@ Importing this package registers every architecture in `baselines.registry.ARCHS
 
 from .discriminator import VGGStyleDiscriminator
 from .rrdbnet import RRDBNet
-from .swin_unet import UNetModelSwin
 from .swinir import SwinIR
 
-__all__ = ["RRDBNet", "SwinIR", "UNetModelSwin", "VGGStyleDiscriminator"]
+__all__ = ["RRDBNet", "SwinIR", "VGGStyleDiscriminator"]
