@@ -32,6 +32,7 @@ METHOD_MODULES = [
     "baselines.esrgan",
     "baselines.swinir",
     "baselines.sgdm",
+    "baselines.resshift",
 ]
 
 
