@@ -309,7 +309,7 @@ def test_default_autoencoder_is_the_manifest_file_and_missing_is_named():
 
 
 def test_shared_trainer_trains_exports_and_reloads(tiny_dataset, tmp_path):
-    from baselines.train import train
+    from benchmark.train import train
 
     cfg = {
         **TINY,
@@ -334,7 +334,9 @@ def test_shared_trainer_trains_exports_and_reloads(tiny_dataset, tmp_path):
 def test_shipped_configs_pass_the_train_key_check(extra):
     from baselines.registry import CONFIG_DIR, merge_config
     from baselines.resshift.model import ResShift
-    from baselines.train import build_scheduler, check_train_keys
+    from baselines.method_config import Scheduler, build_scheduler
+    from benchmark.train import check_train_keys
+    from cmsrd.typed import coerce
 
     cfg = get("resshift").default_config()
     if extra:
@@ -342,4 +344,5 @@ def test_shipped_configs_pass_the_train_key_check(extra):
     check_train_keys(cfg["train"], ResShift, "resshift")
     ResShiftSchedule.from_config(cfg["chain"])
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
-    build_scheduler(cfg["train"].get("scheduler"), opt, int(cfg["train"]["total_steps"]))
+    sched = coerce(cfg["train"].get("scheduler") or {}, Scheduler, "train.scheduler")
+    build_scheduler(sched, opt, int(cfg["train"]["total_steps"]))
