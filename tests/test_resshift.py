@@ -332,9 +332,9 @@ def test_shared_trainer_trains_exports_and_reloads(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("extra", [None, "resshift-v3.yaml", "resshift-tiny.yaml"])
 def test_shipped_configs_pass_the_train_key_check(extra):
+    from baselines.method_config import Scheduler, build_scheduler
     from baselines.registry import CONFIG_DIR, merge_config
     from baselines.resshift.model import ResShift
-    from baselines.method_config import Scheduler, build_scheduler
     from benchmark.train import check_train_keys
     from cmsrd.typed import coerce
 
