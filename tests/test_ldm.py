@@ -205,7 +205,7 @@ def test_shipped_configs_pass_the_train_key_check():
         check_train_keys({"gradient_checkpoint": True}, method)
 
 
-def test_shared_trainer_checkpoint_round_trips(tiny_dataset, tmp_path):
+def test_shared_trainer_checkpoint_round_trips(tiny_dataset, tmp_path, caplog):
     """`cmsrd-bench train --method ldm` through baselines.train, then the export loads back bit-identically."""
     from baselines.checkpoint import read_metadata
     from baselines.train import train
@@ -247,6 +247,9 @@ def test_shared_trainer_checkpoint_round_trips(tiny_dataset, tmp_path):
         outs.append(loaded.super_resolve(b, Conditions(steps=2), torch.Generator().manual_seed(5)))
     o1, o2 = outs
     assert torch.equal(o1, o2)
+    with caplog.at_level("WARNING", logger="baselines.ldm"):
+        build(32, {**TINY, "checkpoint": str(path)})
+    assert "trained at x16, used here at x32" in caplog.text  # same network: allowed, but said
     # the run folder benchmarks as is (`--weights ldm=RUN`: the recorded geometry), with steps= and start=lr@t
     import pandas as pd
     from click.testing import CliRunner

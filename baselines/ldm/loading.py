@@ -8,6 +8,7 @@ is one error naming the keys that differ, never a half-loaded network.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from cmsrd.errors import InputError
 from ..checkpoint import describe_mismatch, read_metadata
 from ..sgdm.convert import load_torch_state
 
+log = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.model."
@@ -60,6 +62,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         read_metadata(path)  # a cut or damaged header is an InputError naming the file
         try:
             return load_torch_state(path)
+        except InputError:
+            raise
         except Exception as e:  # the header was fine, the data is not
             raise InputError(
                 f"checkpoint {path}", f"is truncated or damaged ({type(e).__name__}: {e})", "export or copy it again"
@@ -128,10 +132,13 @@ def geometry_hint(unet: nn.Module) -> str:
     return "SD2.1-base" if widths == [320, 640, 1280, 1280] else f"configured (block_out_channels {widths})"
 
 
-def ours_unet_state(state: dict[str, torch.Tensor], unet: nn.Module, path: Path, method: str) -> dict:
+def ours_unet_state(state: dict[str, torch.Tensor], unet: nn.Module, path: Path, method: str, scale: int) -> dict:
     """Our export: `unet.*` = every UNet tensor. Another method's export (by its metadata or names) or
-    another geometry is one InputError."""
+    another geometry is one InputError; another scale only a warning (the network is the same at x16 and x32,
+    so cross-scale evaluation is allowed, but rarely what was meant)."""
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if meta.get("scale") not in (None, scale):
+        log.warning("%s: %s was trained at x%s, used here at x%s", method, path, meta["scale"], scale)
     if meta.get("method") not in (None, method):
         raise InputError(
             f"checkpoint {path}",

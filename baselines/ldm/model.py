@@ -220,7 +220,7 @@ class LDM(SRMethod):
                     skip_unet = {k: v for k, v in state.items() if not k.startswith(UNET_PREFIX)}
                     _load_frozen_parts(self, skip_unet, path)
         else:
-            self.unet.load_state_dict(ours_unet_state(state, self.unet, path, self.spec.name), strict=True)
+            self.unet.load_state_dict(ours_unet_state(state, self.unet, path, self.spec.name, self.scale), strict=True)
         self.loaded_from = path
 
 
