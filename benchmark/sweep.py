@@ -7,9 +7,9 @@ sampler places steps below T decides the condition (`extra["lr_start"]`, see `ba
 - `respace` (csdiff): `steps=n,start=lr@T`, NFE n exactly; n must be <= T;
 - `truncate` (SGDM): the smallest `steps=s` whose grid (default config's sampler) keeps n timesteps <= T.
 Each point is combined with every `--conditions` entry (`style=gt` stays on every SGDM+ point; their own
-steps/start give way to the sweep's). Methods that are not diffusion keep the run's `--conditions` and are
-drawn as flat reference lines; a sweep with no diffusion method, or a value out of range, is one InputError
-naming the condition and the valid range.
+steps/start give way to the sweep's). Methods that are not diffusion, or take no `steps=` (resshift's fixed
+chain), keep the run's `--conditions` and are drawn as flat reference lines; a sweep with no method to sweep,
+or a value out of range, is one InputError naming the condition and the valid range.
 Every pair (swept or from `--conditions`) has its steps/start checked here, before any inference.
 """
 
