@@ -59,7 +59,7 @@ nfe-demo: install
 		--sweep "$(NFE_SWEEP)" --limit $(NFE_LIMIT) --skip-missing --out $(OUT)/bench-nfe
 	$(BIN)/cmsrd-bench report $(OUT)/bench-nfe --out $(OUT)/report-nfe
 	@echo; echo "points: $(OUT)/report-nfe/figures/quality_vs_nfe.csv   report: $(OUT)/report-nfe/index.html"
-	@column -s, -t < $(OUT)/report-nfe/figures/quality_vs_nfe.csv
+	@cat $(OUT)/report-nfe/figures/quality_vs_nfe.csv
 
 dataset-synthetic: install
 	$(BIN)/cmsrd build manifests/presets/cmsrd-synthetic.yaml --out $(OUT)/cmsrd-synthetic
