@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import datetime
 import json
 import math
@@ -93,7 +92,14 @@ from baselines.checkpoint import (
 )
 from baselines.conditions import Conditions, partners
 from baselines.device import autocast_context, resolve_device
-from baselines.method_config import TRAINER_KEYS, TrainConfig, build_scheduler, parse_config, train_type
+from baselines.method_config import (
+    TRAINER_KEYS,
+    TrainConfig,
+    build_scheduler,
+    parse_config,
+    train_config,
+    train_type,
+)
 from baselines.seeding import SEED_RULE
 from cmsrd.errors import InputError, MissingWeightsError, unknown_name
 from cmsrd.io import atomic_path, atomic_write_text
@@ -410,7 +416,7 @@ class Trainer:
         # `resuming`: the checkpoint will overwrite the weights, so start files (e.g. pretrain_network_g) are not read
         run = {"hr_px": train_ds.layout.hr_px, "resuming": resume_from is not None}
         if method.settings is not None:
-            optimizers = method.configure_optimizers(dataclasses.replace(cfg, **run))
+            optimizers = method.configure_optimizers(train_config(cfg, **run))
         else:  # a method without a config type reads the mapping
             optimizers = method.configure_optimizers({**self.cfg, **run})
         if not optimizers:
