@@ -119,8 +119,6 @@ def build_scheduler(cfg: Scheduler, optimizer: torch.optim.Optimizer, total_step
 
 # ---- training -------------------------------------------------------------------------------------------
 
-KEEP_BEST_METRICS = ("lpips", "psnr_y")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
