@@ -32,6 +32,8 @@ METHOD_MODULES = [
     "baselines.esrgan",
     "baselines.swinir",
     "baselines.sgdm",
+    "baselines.resshift",
+    "baselines.ldm",
 ]
 
 

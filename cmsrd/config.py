@@ -202,15 +202,16 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
             f"hr_px {cfg.hr_px} is not a multiple of lr_px {cfg.lr_px}",
             "use e.g. hr_px 256 with lr_px 16 (x16) or 8 (x32)",
         )
-    _check_choice("hr.source", cfg.hr.source, ("worldimagery", "raster"))
+    from .sources.registry import hr_spec, lr_spec
+
+    hr_spec(cfg.hr.source)  # unknown names: one error with the closest registered name
     if cfg.hr.source == "raster" and not cfg.hr.raster:
         raise InputError("hr.raster", "is required when hr.source is raster", "give the path of a GeoTIFF")
     if cfg.hr.source == "worldimagery" and not all(t in cfg.hr.url for t in ("{z}", "{x}", "{y}")):
         raise InputError(
             "hr.url", f"{cfg.hr.url!r} lacks {{z}}/{{x}}/{{y}}", "give an XYZ template such as .../tile/{z}/{y}/{x}"
         )
-    _check_choice("lr.source", cfg.lr.source, ("bicubic", "sentinel-2"))
-    _check_choice("lr.backend", cfg.lr.backend, ("stac", "sentinelhub"))
+    lr_spec(cfg.lr.source, cfg.lr.backend)
     _check_choice("map.source", cfg.map.source, ("osm",))
     if not (0.0 <= cfg.split.test_fraction < 1.0):
         raise InputError("split.test_fraction", f"is {cfg.split.test_fraction}", "use a fraction in [0, 1), e.g. 0.1")
