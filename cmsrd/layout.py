@@ -72,8 +72,8 @@ class DatasetLayout:
         return self.hr_px // self.lr_px
 
     def folder(self, kind: str) -> str:
-        h, l = self.hr_px, self.lr_px
-        names = {"hr": f"hr_{h}", "lr": f"lr_{l}", "sr": f"sr_{l}_{h}", "map": f"ref_{h}", "mask": f"mask_{h}"}
+        h, lo = self.hr_px, self.lr_px
+        names = {"hr": f"hr_{h}", "lr": f"lr_{lo}", "sr": f"sr_{lo}_{h}", "map": f"ref_{h}", "mask": f"mask_{h}"}
         if kind not in names:
             raise InputError(f"image kind {kind!r}", f"unknown; expected one of {sorted(names)}")
         return names[kind]

@@ -33,7 +33,8 @@ def _world_cfg_snippet(variant: str, samples: int, latency: float, world: str) -
     return f"""
     from cmsrd.config import load_config
     d = load_config("demo-{variant}").to_dict()
-    d.update(samples={samples}, world={{"path": {world!r}, "faults": {{"latency_s": {latency}}} if {latency} else {{}}}})
+    faults = {{"latency_s": {latency}}} if {latency} else {{}}
+    d.update(samples={samples}, world={{"path": {world!r}, "faults": faults}})
     cfg = load_config(d)
     """
 

@@ -108,7 +108,8 @@ def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
     path = save_weights(tmp_path / "m.safetensors", src.trainable_state_dict(), src.export_metadata())
     method = registry.build("swinir", 16, net)
     method.load_checkpoint(path)
-    # 4 px training patches would shrink the window to 4 (other relative-position tables): the loaded weights cannot follow
+    # 4 px training patches would shrink the window to 4 (other relative-position tables):
+    # the loaded weights cannot follow
     with pytest.raises(InputError, match="needs other relative-position tables than checkpoint"):
         method.configure_optimizers({"hr_px": 64})
 

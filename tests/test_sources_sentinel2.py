@@ -223,7 +223,7 @@ def test_recorded_earth_search_2025_pages_and_recipes(shared_data):
 
 def test_recorded_earth_search_2023_item(shared_data):
     rec = shared_data / "stac-recordings"
-    with _replay_server([rec / "earth-search-v1-search-2025.yaml", rec / "earth-search-v1-search-2023.yaml"]) as srv:
+    with _replay_server([rec / "earth-search-v1-search-2025.yaml", rec / "earth-search-v1-search-2023.yaml"]):
         import yaml
 
         raw = yaml.safe_load((rec / "earth-search-v1-search-2023.yaml").read_text())["interactions"][0]
