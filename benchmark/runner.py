@@ -44,7 +44,7 @@ from baselines import registry
 from baselines import weights as wcache
 from baselines.checkpoint import BEST_EXPORT_FILE, EXPORT_FILE, read_metadata, run_weights
 from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
-from baselines.inference import method_inputs, super_resolve_batch, to_uint8_images
+from baselines.inference import NONFINITE, method_inputs, nonfinite_images, super_resolve_batch, to_uint8_images
 from baselines.seeding import SEED_RULE, seeded_generators
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
@@ -378,10 +378,17 @@ def _timing(
 
 
 def infer(
-    method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: Sequence[str], out_dir: Path
+    method: Any,
+    cond: Conditions,
+    cfg: RunConfig,
+    ctx: RunContext,
+    todo: Sequence[str],
+    out_dir: Path,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Super-resolve `todo` ids, write PNGs, return timing (`TIMING_DEFINITION`). On out of memory the
-    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again."""
+    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again.
+    An image with NaN/inf output is not written; its id goes into `failed` with reason NONFINITE."""
     from cmsrd.data import CMSRDDataset
 
     layout, split, device, precision = ctx.layout, cfg.split, ctx.device, ctx.precision
@@ -441,7 +448,10 @@ def infer(
                 torch.cuda.reset_peak_memory_stats()
             log.warning("%s: out of memory, retrying with batch size %d", method.spec.name, bs)
             continue
-        for sid, arr in zip(batch["id"], to_uint8_images(out)):
+        for sid, arr, bad in zip(batch["id"], to_uint8_images(out), nonfinite_images(out)):
+            if bad:
+                (failed if failed is not None else {})[sid] = NONFINITE
+                continue
             write_png(out_dir / f"{sid}.png", arr)
         n_timed += len(items)
         pos += len(items)
@@ -498,8 +508,13 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         atomic_write_text(
             done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str)
         )
-        timing = infer(method, cond, cfg, ctx, todo, out_dir)
+        failed: dict[str, str] = {}
+        timing = infer(method, cond, cfg, ctx, todo, out_dir, failed)
         outcome.timing, outcome.info = timing, info
+        if failed:  # not "done": a rerun retries these images; the row is not scored on a subset
+            outcome.status, outcome.reason = "failed", f"{NONFINITE}: {len(failed)} of {len(todo)} images"
+            outcome.info["failed_images"] = failed
+            return outcome
         atomic_write_text(
             done_file,
             json.dumps(

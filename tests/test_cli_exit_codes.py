@@ -7,35 +7,13 @@ script where installed, else `python -m`), with this checkout first on PYTHONPAT
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run console script `name` (cmsrd or cmsrd-bench) in a fresh process; returns the finished process."""
-    script = Path(sys.executable).parent / name
-    module = {"cmsrd": "cmsrd.cli", "cmsrd-bench": "benchmark.cli"}[name]
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", module]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(
-        cmd + list(args), capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=timeout, check=False
-    )
-
-
-def one_clear_error(res: subprocess.CompletedProcess) -> str:
-    """The single `error:` line of a failed run (no traceback)."""
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    return lines[0]
+from cmsrd.testing import one_error_line as one_clear_error
+from cmsrd.testing import run_console_script as run_script
 
 
 @pytest.fixture
