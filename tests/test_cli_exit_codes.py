@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cmsrd.errors import InputError
 from cmsrd.testing import one_error_line as one_clear_error
 from cmsrd.testing import run_console_script as run_script
 
@@ -67,3 +68,85 @@ def test_garbage_metadata_is_one_clear_error(dataset, name):
     res = run_script("cmsrd", "validate", str(dataset))
     assert res.returncode == 2
     assert name in one_clear_error(res)
+
+
+def _demo_preset(tmp_path: Path, **changes) -> Path:
+    import yaml
+
+    from cmsrd.config import PRESETS_DIR
+
+    d = yaml.safe_load((PRESETS_DIR / "demo-real.yaml").read_text())
+    d.update(changes)
+    p = tmp_path / "preset.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_build_input_errors_are_one_line_and_leave_nothing_behind(tmp_path):
+    out = tmp_path / "out"
+    typo = _demo_preset(tmp_path, world={"faults": {"eror_rate": 0.2}})
+    res = run_script("cmsrd", "build", str(typo), "--out", str(out), "--quiet")
+    assert res.returncode == 2 and "error_rate" in one_clear_error(res)
+    assert not out.exists()
+    res = run_script("cmsrd", "build", str(tmp_path), "--out", str(out))  # a folder as the preset
+    assert res.returncode == 2 and "is a folder" in one_clear_error(res)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = run_script("cmsrd", "build", "demo-synthetic", "--out", str(afile / "ds"), "--quiet")
+    assert res.returncode == 2 and "which is a file" in one_clear_error(res)
+    aoi = tmp_path / "list.geojson"
+    aoi.write_text("[1, 2]")
+    listed = _demo_preset(tmp_path, aois=[str(aoi)], world=None, lr={"source": "bicubic"})
+    res = run_script("cmsrd", "build", str(listed), "--out", str(out), "--quiet")
+    assert res.returncode == 2 and "list.geojson" in one_clear_error(res)
+    assert not out.exists()
+    res = run_script("cmsrd", "build", "demo-synthetic", "--out", str(out), "--limit", "0")
+    assert res.returncode == 2 and "--limit" in one_clear_error(res)
+    assert not out.exists()
+
+
+def test_a_fresh_output_dir_is_removed_when_the_build_cannot_start(tmp_path, monkeypatch):
+    """A failure after the lock was taken (here: an output dir of another dataset cannot happen in a fresh
+    dir, so the world's serving fails) removes the dir the command created, lock included."""
+    from click.testing import CliRunner
+
+    from cmsrd import pipeline
+    from cmsrd.cli import cli
+
+    def boom(*a, **k):
+        from cmsrd.journal import BuildState
+
+        BuildState(tmp_path / "out").lock()  # what run_build does first
+        raise InputError("credentials", "rejected", "set them")
+
+    monkeypatch.setattr(pipeline, "run_build", boom)
+    res = CliRunner().invoke(cli, ["build", "demo-synthetic", "--out", str(tmp_path / "out"), "--quiet"])
+    assert isinstance(res.exception, InputError)
+    assert not (tmp_path / "out").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    res = CliRunner().invoke(cli, ["build", "demo-synthetic", "--out", str(kept), "--quiet"])
+    assert kept.is_dir()  # it existed before: not ours to delete
+
+
+def test_disk_full_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import click
+
+    from cmsrd.clitools import run_cli
+
+    @click.group()
+    def grp():
+        pass
+
+    @grp.command("write")
+    def write():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.png")
+
+    monkeypatch.setattr("sys.argv", ["cmsrd", "write"])
+    with pytest.raises(SystemExit) as ei:
+        run_cli(grp)
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /data/out/x.png: the disk is full") and "Traceback" not in err
