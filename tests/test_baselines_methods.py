@@ -118,7 +118,7 @@ def test_swinir_trained_geometry_reaches_the_exported_weights(tiny_dataset, tmp_
     """The tiny dataset's LR is 4 px: the exported model records img_size 4, and loading it anywhere
     (the benchmark builds from that metadata) gives the unshifted single-window blocks it was trained with."""
     from baselines.checkpoint import read_metadata
-    from baselines.train import train
+    from benchmark.train import train
 
     config = {
         **SWIN_NET,

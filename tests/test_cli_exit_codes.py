@@ -110,7 +110,7 @@ def test_a_fresh_output_dir_is_removed_when_the_build_cannot_start(tmp_path, mon
     dir, so the world's serving fails) removes the dir the command created, lock included."""
     from click.testing import CliRunner
 
-    from cmsrd import pipeline
+    from cmsrd import driver
     from cmsrd.cli import cli
 
     def boom(*a, **k):
@@ -119,7 +119,7 @@ def test_a_fresh_output_dir_is_removed_when_the_build_cannot_start(tmp_path, mon
         BuildState(tmp_path / "out").lock()  # what run_build does first
         raise InputError("credentials", "rejected", "set them")
 
-    monkeypatch.setattr(pipeline, "run_build", boom)
+    monkeypatch.setattr(driver, "run_build", boom)
     res = CliRunner().invoke(cli, ["build", "demo-synthetic", "--out", str(tmp_path / "out"), "--quiet"])
     assert isinstance(res.exception, InputError)
     assert not (tmp_path / "out").exists()

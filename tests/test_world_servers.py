@@ -24,7 +24,8 @@ from PIL import Image
 
 from cmsrd.errors import InputError
 from cmsrd.world.faults import FaultConfig, decide_index, schedule
-from cmsrd.world.servers import PLACEHOLDER_RGB, LoopbackServer, json_response, serve_world
+from cmsrd.world.loopback import LoopbackServer, json_response
+from cmsrd.world.servers import PLACEHOLDER_RGB, serve_world
 
 BOUNDS = (11.690, 48.395, 11.705, 48.405)  # w, s, e, n (lon/lat)
 HR_DATE = "2022-06-15"
@@ -498,7 +499,7 @@ def test_serve_command_prints_urls_serves_and_stops_on_ctrl_c(world):
     import subprocess
     import sys
 
-    code = "from cmsrd.world.servers import serve_command; serve_command()"
+    code = "from cmsrd.world.cli import serve_command; serve_command()"
     proc = subprocess.Popen(
         [
             sys.executable,
