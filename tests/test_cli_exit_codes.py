@@ -54,7 +54,7 @@ def _truncate_png(root: Path) -> None:
     p.write_bytes(p.read_bytes()[:40])
 
 
-@pytest.mark.parametrize("damage", [_delete_png, _flip_byte])
+@pytest.mark.parametrize("damage", [_delete_png, _flip_byte, _truncate_png])
 def test_validate_exits_1_when_it_lists_problems(dataset, damage):
     damage(dataset)
     res = run_script("cmsrd", "validate", str(dataset))
