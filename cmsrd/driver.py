@@ -26,12 +26,13 @@ import pandas as pd
 
 from .config import DatasetConfig
 from .demo import default_cache_dir, resolved_sources
-from .errors import InputError
+from .errors import CredentialsError, InputError
 from .journal import BuildState, Journal
 from .layout import SPLITS, DatasetLayout
 from .manifest import finalize, versions
 from .plan import make_plan, write_plan
 from .stages import (
+    CREDENTIALS_REJECTED,
     BuildSpec,
     SampleTask,
     _uses_catalogue,
@@ -205,6 +206,11 @@ def _execute(
     abort_after = spec.cfg.build.abort_after_failures
 
     def record(row: dict) -> None:
+        if row.get("qa_reason") == CREDENTIALS_REJECTED:  # every further request would be refused too
+            err = row.get("_error") or {}
+            raise CredentialsError(
+                err.get("what", "credentials"), err.get("problem", row.get("qa_detail", "")), err.get("fix")
+            )
         row["_done_at"] = round(time.time(), 3)  # journal only (not a manifest column): rates and profiles
         journal.append(row)
         stats[row["qa_status"]] += 1
@@ -296,6 +302,8 @@ def _run_distributed(
             task = tasks_of.pop(f)
             try:
                 row = f.result()
+            except CredentialsError:  # raised by the block's search task: stops the build
+                raise
             except KilledWorker as e:
                 row = failed_row(spec, task, "worker_died", str(e))
             except FutureCancelledError as e:

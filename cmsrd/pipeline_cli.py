@@ -102,6 +102,13 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     reasons = rep.counts.get("by_reason", {})
     if reasons:
         click.echo("reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    if not st.get("ok", 0):
+        click.echo(
+            "error: no sample is ok: the dataset is empty (see the reasons above; fix the cause and run the "
+            "build again: it resumes and retries failed samples)",
+            err=True,
+        )
+        click.get_current_context().exit(1)
 
 
 def check_out_dir(out: Path) -> None:

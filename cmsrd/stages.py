@@ -23,13 +23,15 @@ import pandas as pd
 from . import qa
 from .classes import palette
 from .config import DatasetConfig
-from .errors import InputError, SampleError
+from .errors import CredentialsError, InputError, SampleError
 from .io import atomic_path, sha256_file, write_png
 from .layout import BUILD_COLUMNS, IMAGE_KINDS, DatasetLayout
 from .plan import PLAN_COLUMNS
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
+# A service refused the credentials: the row carries the error to the driver, which stops the build.
+CREDENTIALS_REJECTED = "credentials_rejected"
 
 
 def redact(text: str | None) -> str:
@@ -211,15 +213,20 @@ def _osm_features(spec: BuildSpec, aoi: str):
 
 
 def search_catalogue(spec: BuildSpec, bbox_lonlat: tuple[float, float, float, float]) -> dict[str, Any]:
-    """One STAC search for a whole block of samples; failures are returned, not raised, so the
-    samples depending on it are recorded as failed with the catalogue's reason."""
+    """One STAC search for a whole block of samples; failures are returned, not raised: each sample of
+    the block then repeats the same search itself (`make_lr`), so a search that failed here costs only
+    the samples whose own search fails too. Refused credentials are raised: they stop the build."""
+    bbox = tuple(float(v) for v in bbox_lonlat)
     try:
-        items = _lr_source(spec).search_area(bbox_lonlat, spec.cfg.lr.start, spec.cfg.lr.end)
-        return {"items": items, "reason": None, "detail": ""}
+        items = _lr_source(spec).search_area(bbox, spec.cfg.lr.start, spec.cfg.lr.end)
+        return {"items": items, "reason": None, "detail": "", "bbox": bbox}
+    except CredentialsError:
+        raise
     except SampleError as e:
-        return {"items": None, "reason": e.reason, "detail": redact(e.detail)}
+        return {"items": None, "reason": e.reason, "detail": redact(e.detail), "bbox": bbox}
     except Exception as e:  # a client bug must not take the block down silently
-        return {"items": None, "reason": "catalogue_error", "detail": redact(f"{type(e).__name__}: {e}")}
+        detail = redact(f"{type(e).__name__}: {e}")
+        return {"items": None, "reason": "catalogue_error", "detail": detail, "bbox": bbox}
 
 
 def fetch_hr(spec: BuildSpec, task: SampleTask):
@@ -236,9 +243,13 @@ def make_lr(spec: BuildSpec, task: SampleTask, hr, search: dict | None):
 
     if spec.cfg.lr.source == "bicubic":
         return synthetic_lr(hr.image, spec.cfg.scale), None
-    if search is not None and search.get("reason"):
-        raise SampleError(search["reason"], search.get("detail", ""))
     items = search.get("items") if search else None
+    if search is not None and search.get("reason"):
+        if not search.get("bbox"):
+            raise SampleError(search["reason"], search.get("detail", ""))
+        # the block's search failed: this sample asks again (same area and dates, so the same scenes as a
+        # build without the fault; the source keeps a success in memory for the worker's other samples)
+        items = _lr_source(spec).search_area(search["bbox"], spec.cfg.lr.start, spec.cfg.lr.end)
     res = _lr_fetch(spec, task.z, task.x, task.y, spec.cfg.lr_px, hr.date, items)
     img = np.asarray(res.image)
     if img.shape != (spec.cfg.lr_px, spec.cfg.lr_px, 3) or img.dtype != np.uint8:
@@ -269,7 +280,9 @@ def coregister(
     One 100 m footprint holds ~10 Sentinel-2 pixels, too little texture for a sub-pixel measurement, so
     the shift is measured on the ancestor tile `CONTEXT_LEVELS` zooms up, in the *same scene* and at the
     same LR pixel size, and shared by every footprint of that window and scene (cached per worker).
-    An unmeasurable window (flat, cloudy, outside the data) gives NaN, which is not a rejection.
+    An unmeasurable window (flat, cloudy, outside the data, another scene) gives NaN, which QA rejects as
+    `shift_unmeasured`. A window that could not be *fetched* (the source's retries ran out) is not
+    cached: the sample fails with the source's reason and a resumed build tries it again.
     """
     if lr_res is None:
         return None
@@ -292,7 +305,13 @@ def coregister(
             limit = max(SHIFT_SEARCH_M / ground_gsd_m(zc, yc, size), 2.0 * spec.cfg.qa.max_shift_lrpx)
             sh = measure_shift(lr_ctx.image, hr_ctx.image, max_shift=min(limit, size / 8.0))
             cache[key] = (float(sh.dx), float(sh.dy), float(sh.error), float(sh.correlation))
-        except (SampleError, InputError):
+        except CredentialsError:
+            raise
+        except SampleError as e:
+            if e.reason not in SOURCE_QA_REASONS and e.reason != "scene_mismatch":
+                raise SampleError(e.reason, f"co-registration window {zc}/{xc}/{yc}: {e.detail}") from None
+            cache[key] = nan
+        except InputError:  # measure_shift: no texture, or too small a window to compare
             cache[key] = nan
         if len(cache) > 4096:
             cache.pop(next(iter(cache)))
@@ -415,6 +434,9 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
         row.update(files)
         lap("write")
         row.update(qa_status="ok", qa_reason="", qa_detail="")
+    except CredentialsError as e:  # not this sample's failure: the driver stops the build with it
+        row.update(qa_status="failed", qa_reason=CREDENTIALS_REJECTED, qa_detail=redact(str(e))[:500])
+        row["_error"] = {"what": e.what, "problem": redact(e.problem), "fix": e.fix}
     except qa.QARejected as e:
         row.update(qa_status="rejected", qa_reason=e.reason, qa_detail=redact(e.detail))
     except SampleError as e:
