@@ -206,11 +206,10 @@ def _execute(
     abort_after = spec.cfg.build.abort_after_failures
 
     def record(row: dict) -> None:
-        if row.get("qa_reason") == CREDENTIALS_REJECTED:  # every further request would be refused too
-            err = row.get("_error") or {}
-            raise CredentialsError(
-                err.get("what", "credentials"), err.get("problem", row.get("qa_detail", "")), err.get("fix")
-            )
+        stop = row.get("_stop")
+        if stop:  # refused credentials, a full disk: every further sample would meet it too
+            cls = CredentialsError if row.get("qa_reason") == CREDENTIALS_REJECTED else InputError
+            raise cls(stop["what"], stop["problem"], stop.get("fix"))
         row["_done_at"] = round(time.time(), 3)  # journal only (not a manifest column): rates and profiles
         journal.append(row)
         stats[row["qa_status"]] += 1

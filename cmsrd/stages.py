@@ -10,6 +10,7 @@ built once per worker process and reused by every task (`BuildSpec.key` names on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections.abc import Mapping
@@ -30,8 +31,15 @@ from .plan import PLAN_COLUMNS
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
-# A service refused the credentials: the row carries the error to the driver, which stops the build.
+# Causes no other sample can escape (refused credentials, a full or read-only disk): the row carries the
+# error to the driver (`row["_stop"]`), which stops the build with it instead of recording the sample.
 CREDENTIALS_REJECTED = "credentials_rejected"
+DISK_FULL = "disk_full"
+DISK_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def redact(text: str | None) -> str:
@@ -436,7 +444,7 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
         row.update(qa_status="ok", qa_reason="", qa_detail="")
     except CredentialsError as e:  # not this sample's failure: the driver stops the build with it
         row.update(qa_status="failed", qa_reason=CREDENTIALS_REJECTED, qa_detail=redact(str(e))[:500])
-        row["_error"] = {"what": e.what, "problem": redact(e.problem), "fix": e.fix}
+        row["_stop"] = {"what": e.what, "problem": redact(e.problem), "fix": e.fix}
     except qa.QARejected as e:
         row.update(qa_status="rejected", qa_reason=e.reason, qa_detail=redact(e.detail))
     except SampleError as e:
@@ -444,6 +452,15 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
             row.update(qa_status="rejected", qa_reason=SOURCE_QA_REASONS[e.reason], qa_detail=redact(e.detail)[:500])
         else:
             row.update(qa_status="failed", qa_reason=e.reason, qa_detail=redact(e.detail)[:500])
+    except OSError as e:
+        row.update(qa_status="failed", qa_reason="error", qa_detail=redact(f"{type(e).__name__}: {e}")[:500])
+        if e.errno in DISK_ERRNOS:
+            row["qa_reason"] = DISK_FULL
+            row["_stop"] = {
+                "what": f"output dir {spec.root}",
+                "problem": f"{DISK_ERRNOS[e.errno]} ({e.filename or 'writing a sample'})",
+                "fix": "free space or write elsewhere, then run the build again: it resumes",
+            }
     except Exception as e:  # any other bug in a stage is this sample's failure, never the build's
         row.update(qa_status="failed", qa_reason="error", qa_detail=redact(f"{type(e).__name__}: {e}")[:500])
     row["_timing"] = timing

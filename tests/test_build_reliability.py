@@ -124,3 +124,24 @@ def test_a_build_without_one_ok_sample_exits_1(small_world, tmp_path):
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "no sample is ok" in res.stderr and "Traceback" not in res.stderr
     assert "hr_fetch_failed" in res.stdout
+
+
+def test_a_full_disk_stops_the_build_with_one_error(small_world, tmp_path):
+    import errno
+
+    from cmsrd import stages
+    from cmsrd.driver import run_build
+    from cmsrd.errors import InputError
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages, "write_png", full)
+        with pytest.raises(InputError, match="the disk is full") as ei:
+            run_build(
+                load_config(_preset(small_world, tmp_path, "synthetic")), tmp_path / "ds", workers=0, progress=False
+            )
+    assert "resumes" in str(ei.value)
+    journal = tmp_path / "ds" / ".cmsrd" / "journal.jsonl"
+    assert not journal.exists() or not journal.read_text().strip()
