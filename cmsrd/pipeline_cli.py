@@ -190,6 +190,8 @@ def sample_command(tile: str, preset: str, out: str, force: bool) -> None:
             else f" -> {Path(out) / str(row['path_hr'])}"
         )
     )
+    if row["qa_status"] == "failed":  # a source fault, not a QA verdict: the triplet was not built
+        click.get_current_context().exit(1)
 
 
 def _aoi_of(cfg, z: int, x: int, y: int) -> str:

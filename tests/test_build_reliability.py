@@ -124,6 +124,9 @@ def test_a_build_without_one_ok_sample_exits_1(small_world, tmp_path):
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "no sample is ok" in res.stderr and "Traceback" not in res.stderr
     assert "hr_fetch_failed" in res.stdout
+    sid = str(read_manifest(tmp_path / "ds")["id"].iloc[0])
+    res = run_console_script("cmsrd", "sample", sid, "--config", str(preset), "--out", str(tmp_path / "one"))
+    assert res.returncode == 1 and f"{sid}: failed (hr_fetch_failed" in res.stdout, (res.stdout, res.stderr)
 
 
 def test_a_full_disk_stops_the_build_with_one_error(small_world, tmp_path):
