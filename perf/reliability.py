@@ -135,6 +135,13 @@ def worker_killed(preset: Path, dest: Path, log: Path, samples: int) -> dict:
     return {"rc": rc, "killed_pid": killed, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def retries_logged(log: Path) -> int:
+    """Client-side retries the build logged (one line per retried request): faults it met and survived."""
+    return (
+        sum(1 for ln in log.read_text(errors="replace").splitlines() if ln.startswith("retry ")) if log.exists() else 0
+    )
+
+
 def compare(ref: Path, got: Path) -> dict:
     """Per sample: status of both builds, and whether every file of an ok sample has the same bytes."""
     import pandas as pd
@@ -194,28 +201,40 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(d, ignore_errors=True)
         return d
 
+    def log(variant: str, part: str) -> Path:
+        p = out / "logs" / f"{variant}-{part}.log"
+        p.unlink(missing_ok=True)
+        return p
+
     for variant in ("real", "synthetic"):
         clean = out / f"{variant}-clean"
         if "clean" in parts or not (clean / "manifest.parquet").exists():
-            rc, s = run_build(write_preset(out, variant, args.samples, None), fresh(f"{variant}-clean"), out / "log")
+            rc, s = run_build(
+                write_preset(out, variant, args.samples, None), fresh(f"{variant}-clean"), log(variant, "clean")
+            )
             res[f"{variant}-clean"] = {"rc": rc, "seconds": round(s, 1), **compare(clean, clean)}
+            res[f"{variant}-clean"]["retries_logged"] = retries_logged(out / "logs" / f"{variant}-clean.log")
         faulty = write_preset(out, variant, args.samples, fault)
         if "faults" in parts:
-            rc, s = run_build(faulty, fresh(f"{variant}-faults"), out / "log")
+            rc, s = run_build(faulty, fresh(f"{variant}-faults"), log(variant, "faults"))
             res[f"{variant}-faults"] = {"rc": rc, "seconds": round(s, 1), **compare(clean, out / f"{variant}-faults")}
+            res[f"{variant}-faults"]["retries_logged"] = retries_logged(out / "logs" / f"{variant}-faults.log")
         if variant == "real" and "kill" in parts:
-            r = killed_and_resumed(faulty, fresh("real-kill"), out / "log", args.kills, args.samples, rng)
+            r = killed_and_resumed(faulty, fresh("real-kill"), log(variant, "kill"), args.kills, args.samples, rng)
             res["real-kill-resume"] = {**r, **compare(clean, out / "real-kill")}
+            res["real-kill-resume"]["retries_logged"] = retries_logged(out / "logs" / "real-kill.log")
         if variant == "real" and "worker" in parts:
-            r = worker_killed(faulty, fresh("real-worker"), out / "log", args.samples)
+            r = worker_killed(faulty, fresh("real-worker"), log(variant, "worker"), args.samples)
             res["real-worker-killed"] = {**r, **compare(clean, out / "real-worker")}
+            res["real-worker-killed"]["retries_logged"] = retries_logged(out / "logs" / "real-worker.log")
 
     misses = []
     for name, r in res.items():
         line = (
             f"{name:20s} ok {r['ok']:4d}  rejected {r['rejected']:3d}  failed {r['failed']:3d}  "
             f"(clean ok {r['reference_ok']})  ok files differing {len(r['ok_files_differing'])}  "
-            f"status changed {len(r['status_changed'])}  exit {r['rc']}  {r.get('seconds', '')} s"
+            f"status changed {len(r['status_changed'])}  exit {r['rc']}  {r.get('seconds', '')} s  "
+            f"retries {r.get('retries_logged', 0)}"
         )
         print(line)
         if r["reasons"]:

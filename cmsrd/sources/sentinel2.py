@@ -478,8 +478,16 @@ class Sentinel2STAC:
                         f"{redact(self.url)}: {what}{redact(e)[:300]}"
                         + (f" (after {attempt + 1} attempts)" if attempt else ""),
                     ) from None
-                log.info("STAC search attempt %d/%d failed, retrying: %s", attempt + 1, attempts, redact(e)[:200])
-                time.sleep(pol.delay(attempt))
+                wait = pol.delay(attempt)
+                log.warning(
+                    "retry %d/%d in %.2fs for STAC search %s: %s",
+                    attempt + 1,
+                    attempts - 1,
+                    wait,
+                    bbox,
+                    redact(e)[:200],
+                )
+                time.sleep(wait)
         log.info("STAC search %s %s: %d item(s)", bbox, dt, len(items))
         return items
 
@@ -625,8 +633,16 @@ class Sentinel2STAC:
                     env["CPL_VSIL_CURL_NON_CACHED"] = "/vsicurl/"  # fallback: no cache across opens
                 if attempt + 1 >= attempts or not transient_gdal_error(str(e)):
                     break
-                log.info("COG read attempt %d/%d failed, retrying: %s", attempt + 1, attempts, redact(e)[:200])
-                time.sleep(pol.delay(attempt))
+                wait = pol.delay(attempt)
+                log.warning(
+                    "retry %d/%d in %.2fs for COG read %s: %s",
+                    attempt + 1,
+                    attempts - 1,
+                    wait,
+                    redact(href, self.client.secrets),
+                    redact(e, self.client.secrets)[:200],
+                )
+                time.sleep(wait)
         raise SampleError(
             "lr_read_failed",
             f"{redact(href, self.client.secrets)}: {redact(err, self.client.secrets)[:300]}"
