@@ -74,8 +74,6 @@ def test_nonfinite_output_is_a_recorded_failure_never_scored(tiny_dataset, tmp_p
 
 def test_bench_run_exit_codes(tiny_dataset, tmp_path):
     base = ["run", "--data", str(tiny_dataset), "--metrics", "psnr_y", "--device", "cpu"]
-    ok = run_script("cmsrd-bench", *base, "--methods", "bicubic", "--out", str(tmp_path / "ok"))
-    assert ok.returncode == 0, ok.stderr
     text = tmp_path / "weights.safetensors"
     text.write_text("this is not a checkpoint\n")
     bad = base + ["--methods", "bicubic,esrgan", "--weights", f"esrgan={text}"]
@@ -86,15 +84,29 @@ def test_bench_run_exit_codes(tiny_dataset, tmp_path):
     assert run["methods"]["esrgan|default"]["status"] == "failed"
     assert run["methods"]["bicubic|default"]["status"] == "ok"
     res = run_script("cmsrd-bench", *bad, "--out", str(tmp_path / "bad"), "--allow-failures")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, res.stderr  # bicubic resumes, esrgan fails again: told to accept that
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for out in (afile, afile / "under"):
-        res = run_script("cmsrd-bench", *base, "--methods", "bicubic", "--out", str(out))
-        assert res.returncode == 2 and "--out" in one_clear_error(res)
+    res = run_script("cmsrd-bench", *base, "--methods", "bicubic", "--out", str(afile))
+    assert res.returncode == 2 and "is an existing file" in one_clear_error(res)
     assert afile.read_text() == "x"
-    res = run_script("cmsrd-bench", *base, "--methods", "bicubic", "--out", str(tmp_path / "z"), "--limit", "0")
-    assert res.returncode == 2 and "--limit" in one_clear_error(res)
+
+
+def test_bench_run_input_errors_before_any_work(tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    from cmsrd.errors import InputError
+
+    base = ["run", "--data", str(tiny_dataset), "--metrics", "psnr_y", "--device", "cpu", "--methods", "bicubic"]
+    (tmp_path / "afile").write_text("x")
+    for extra, msg in [
+        (["--out", str(tmp_path / "afile" / "under")], "which is a file"),
+        (["--out", str(tmp_path / "z"), "--limit", "0"], "--limit 0"),
+    ]:
+        res = CliRunner().invoke(cli, base + extra)
+        assert isinstance(res.exception, InputError) and msg in str(res.exception), res.output
+    assert not (tmp_path / "z").exists()
 
 
 def test_subprocess_helper_runs_this_checkout():
