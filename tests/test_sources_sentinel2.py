@@ -448,3 +448,24 @@ def test_world_search_retries_a_damaged_body(world, kind):
         items = s2.search_area(meta["bounds_lonlat"], "2023-01-01", "2023-12-31")
         assert srv.stats.faults[kind] == 1
     assert len(items) == 2
+
+
+def test_world_cog_whose_header_disagrees_with_the_item_is_not_read_silently(world):
+    """A damaged header can still parse with another georeference (pixels in the wrong place, no error):
+    the asset's STAC proj:transform is checked, a mismatch retried and finally a recorded read failure."""
+    from cmsrd.world.servers import serve_world
+
+    root, meta, _ = world
+    t = _world_tile(meta, 17)
+    with serve_world(root) as srv:
+        s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=RetryPolicy(retries=1, backoff=0.0))
+        items = s2.search_area(meta["bounds_lonlat"], "2023-01-01", "2023-12-31")
+        doctored = copy.deepcopy(items)
+        for it in doctored:
+            for a in it["assets"].values():
+                if "proj:transform" in a:
+                    a["proj:transform"][2] += 30.0  # three pixels east
+        with pytest.raises(SampleError) as ei:
+            s2.fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"], items=doctored)
+        assert s2.fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"], items=items).image.shape == (16, 16, 3)
+    assert ei.value.reason == "lr_read_failed" and "header differs from the STAC item" in ei.value.detail

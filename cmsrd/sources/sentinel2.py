@@ -275,6 +275,43 @@ def forget_remote(path: str) -> bool:
     return True
 
 
+def expected_grid(item: dict, asset: dict) -> dict[str, Any] | None:
+    """The pixel grid the STAC item promises for one asset (proj extension: per-asset shape/transform as
+    Earth Search v1 and Planetary Computer give them, EPSG from the asset or the item); None without one."""
+    props = item.get("properties") or {}
+    grid: dict[str, Any] = {}
+    shape = asset.get("proj:shape") or props.get("proj:shape")
+    transform = asset.get("proj:transform") or props.get("proj:transform")
+    epsg = asset.get("proj:epsg") or props.get("proj:epsg")
+    code = asset.get("proj:code") or props.get("proj:code")
+    if epsg is None and isinstance(code, str) and code.upper().startswith("EPSG:"):
+        epsg = code[5:]
+    if shape and len(shape) == 2:
+        grid["shape"] = (int(shape[0]), int(shape[1]))
+    if transform and len(transform) >= 6:
+        grid["transform"] = tuple(float(v) for v in transform[:6])
+    if epsg is not None and str(epsg).isdigit():
+        grid["epsg"] = int(epsg)
+    return grid or None
+
+
+def grid_mismatch(src: Any, grid: dict[str, Any] | None) -> str:
+    """What of an opened raster's grid differs from `grid` ("" when nothing, or nothing to check)."""
+    if not grid:
+        return ""
+    wrong = []
+    if "shape" in grid and (src.height, src.width) != grid["shape"]:
+        wrong.append(f"shape {(src.height, src.width)} vs {grid['shape']}")
+    if "transform" in grid:
+        t = src.transform
+        got = (t.a, t.b, t.c, t.d, t.e, t.f)
+        if not np.allclose(got, grid["transform"], rtol=1e-9, atol=1e-6):
+            wrong.append(f"transform {got} vs {grid['transform']}")
+    if "epsg" in grid and (src.crs is None or src.crs.to_epsg() != grid["epsg"]):
+        wrong.append(f"CRS {src.crs} vs EPSG:{grid['epsg']}")
+    return "; ".join(wrong)
+
+
 def native_size(z: int, x: int, y: int, gsd_m: float = NATIVE_GSD_M) -> int:
     """Pixels across the footprint at `gsd_m` ground spacing (Mercator scale corrected at its centre)."""
     left, bottom, right, top = tile_bounds_3857(z, x, y)
@@ -567,7 +604,7 @@ class Sentinel2STAC:
             try:
                 frac = self._bad_fraction(d, z, x, y, n)
             except SampleError as e:
-                tried.append({"id": d["id"], "error": e.reason})
+                tried.append({"id": d["id"], "error": e.reason, "detail": e.detail[:200]})
                 continue
             tried.append(
                 {
@@ -602,7 +639,9 @@ class Sentinel2STAC:
             href = self.signer.sign(href, d.get("collection") or self.collection)
         return href, asset
 
-    def _read(self, href: str, z: int, x: int, y: int, n: int, resampling: str) -> np.ndarray:
+    def _read(
+        self, href: str, z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None = None
+    ) -> np.ndarray:
         """The footprint window of one COG band, retried with backoff while the failure looks transient.
 
         GDAL's /vsicurl/ keeps what it once received (a corrupt header, a cut-off block, "file does not
@@ -611,6 +650,10 @@ class Sentinel2STAC:
         next one opens a fresh handle that asks the server again. GDAL's own retries
         (GDAL_HTTP_MAX_RETRY) cover 429/5xx inside one attempt; this loop covers damaged bodies and
         hung connections too. Local files are read once: their errors do not go away.
+
+        `grid` (the asset's STAC `proj:shape` / `proj:transform` / `proj:epsg`, see `expected_grid`) is
+        checked against the file: a damaged header can still parse, with a shifted or rescaled
+        georeference that would put the scene's pixels in the wrong place without any error.
         """
         import rasterio
 
@@ -626,7 +669,7 @@ class Sentinel2STAC:
         err: Exception | None = None
         for attempt in range(attempts):
             try:
-                return self._read_once(path, env, z, x, y, n, resampling)
+                return self._read_once(path, env, z, x, y, n, resampling, grid)
             except rasterio.errors.RasterioError as e:
                 err = e
                 if remote and not forget_remote(path):
@@ -650,7 +693,9 @@ class Sentinel2STAC:
         )
 
     @staticmethod
-    def _read_once(path: str, env: dict[str, str], z: int, x: int, y: int, n: int, resampling: str) -> np.ndarray:
+    def _read_once(
+        path: str, env: dict[str, str], z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None
+    ) -> np.ndarray:
         import rasterio
         from rasterio.enums import Resampling
         from rasterio.transform import from_bounds
@@ -658,6 +703,9 @@ class Sentinel2STAC:
 
         transform = from_bounds(*tile_bounds_3857(z, x, y), width=n, height=n)
         with rasterio.Env(**env), rasterio.open(path) as src:
+            wrong = grid_mismatch(src, grid)
+            if wrong:
+                raise rasterio.errors.RasterioIOError(f"header differs from the STAC item's grid (damaged?): {wrong}")
             nodata = src.nodata if src.nodata is not None else 0
             with WarpedVRT(
                 src,
@@ -672,8 +720,8 @@ class Sentinel2STAC:
                 return vrt.read(1)
 
     def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
-        href, _ = self._href(d, "scl")
-        scl = self._read(href, z, x, y, n, "nearest")
+        href, asset = self._href(d, "scl")
+        scl = self._read(href, z, x, y, n, "nearest", expected_grid(d, asset))
         return {"bad": float(np.isin(scl, SCL_BAD).mean()), "nodata": float((scl == 0).mean())}
 
     def _build(
@@ -686,7 +734,7 @@ class Sentinel2STAC:
         for role in ("red", "green", "blue"):
             href, asset = self._href(d, role)
             recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
-            dn = self._read(href, z, x, y, n, "cubic")
+            dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
             bands.append(recipe.apply(dn, nodata=0))
             hrefs[role] = redact(href, self.client.secrets)
         native = np.stack(bands, axis=-1).astype(np.float32)
