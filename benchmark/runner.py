@@ -29,7 +29,7 @@ from baselines import weights as wcache
 from baselines.checkpoint import BEST_EXPORT_FILE, EXPORT_FILE, read_metadata, run_weights
 from baselines.conditions import Conditions, UnsupportedCondition, partners
 from baselines.device import resolve_device, resolve_precision
-from baselines.inference import to_uint8_images
+from baselines.inference import NONFINITE
 from baselines.seeding import SEED_RULE
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
@@ -37,7 +37,7 @@ from cmsrd.layout import DatasetLayout, read_dataset_json
 
 from . import leaderboard as lb
 from . import metrics as M
-from .evaluate import MEAN_DEFINITION, SRPass, mean_finite, score_images
+from .evaluate import MEAN_DEFINITION, SRPass, finite_images, mean_finite, score_images
 from .metrics.distribution import check_set_size
 
 log = logging.getLogger(__name__)
@@ -336,10 +336,17 @@ def _timing(
 
 
 def infer(
-    method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: Sequence[str], out_dir: Path
+    method: Any,
+    cond: Conditions,
+    cfg: RunConfig,
+    ctx: RunContext,
+    todo: Sequence[str],
+    out_dir: Path,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Super-resolve `todo` ids, write PNGs, return timing (`TIMING_DEFINITION`). On out of memory the
-    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again."""
+    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again.
+    An image with NaN/inf output is not written; its id goes into `failed` (`evaluate.finite_images`)."""
     from cmsrd.data import CMSRDDataset
 
     layout, split, device, precision = ctx.layout, cfg.split, ctx.device, ctx.precision
@@ -384,8 +391,11 @@ def infer(
                 torch.cuda.reset_peak_memory_stats()
             log.warning("%s: out of memory, retrying with batch size %d", method.spec.name, bs)
             continue
-        for sid, arr in zip(batch["id"], to_uint8_images(out)):
+        images, bad = finite_images(batch["id"], out)
+        for sid, arr in images:
             write_png(out_dir / f"{sid}.png", arr)
+        if failed is not None:
+            failed.update(bad)
         n_timed += len(items)
         pos += len(items)
         bar.update(len(items))
@@ -441,8 +451,13 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         atomic_write_text(
             done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str)
         )
-        timing = infer(method, cond, cfg, ctx, todo, out_dir)
+        failed: dict[str, str] = {}
+        timing = infer(method, cond, cfg, ctx, todo, out_dir, failed)
         outcome.timing, outcome.info = timing, info
+        if failed:  # not "done": a rerun retries these images; the row is not scored on a subset
+            outcome.status, outcome.reason = "failed", f"{NONFINITE}: {len(failed)} of {len(todo)} images"
+            outcome.info["failed_images"] = failed
+            return outcome
         atomic_write_text(
             done_file,
             json.dumps(

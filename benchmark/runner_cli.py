@@ -93,6 +93,11 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
+@click.option(
+    "--allow-failures",
+    is_flag=True,
+    help="Exit 0 even when a method or metric failed (the failures stay recorded in run.json and the leaderboard).",
+)
 def run_command(
     data,
     methods,
@@ -110,12 +115,19 @@ def run_command(
     precision,
     seed,
     limit,
+    allow_failures,
 ) -> None:
-    """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json."""
+    """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json.
+
+    Exits 1 when any method x condition or metric failed (unless --allow-failures)."""
     from .runner import RunConfig, run_benchmark
 
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}", "must be >= 1")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}", "must be >= 1", "leave --limit out to use every image of the split")
+    check_out_dir(out)
+    quiet_tracebacks()
     cfg = RunConfig(
         data=data,
         out=out,
@@ -146,3 +158,42 @@ def run_command(
     for name, where in info["metrics_failed"].items():
         for pair, why in where.items():
             click.echo(f"metric {name} failed on {pair}: {why}", err=True)
+    for pair in failed:
+        click.echo(f"method {pair} failed: {info['methods'][pair]['reason']}", err=True)
+    if (failed or info["metrics_failed"]) and not allow_failures:
+        click.echo("error: the benchmark did not fully succeed (see above; --allow-failures exits 0)", err=True)
+        click.get_current_context().exit(1)
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be a folder or creatable as one: an existing file, or a file on the way, is refused
+    before anything runs."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == out else f"lies under {p}, which is a file"
+                raise InputError(f"--out {out}", what, "give a folder path for the run")
+            return
+
+
+def quiet_tracebacks() -> None:
+    """A failing method or metric is recorded and reported in one line; its traceback is shown only with
+    CMSRD_DEBUG=1 (the runner logs it with log.exception for that case)."""
+    import logging
+    import os
+
+    if os.environ.get("CMSRD_DEBUG") or logging.getLogger().handlers:  # someone configured logging: theirs
+        return
+
+    class _NoTraceback(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+            return super().format(record)
+
+    log = logging.getLogger("benchmark")
+    if not any(getattr(h, "_cmsrd_quiet", False) for h in log.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(_NoTraceback("%(levelname)s: %(message)s"))
+        h._cmsrd_quiet = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+        log.propagate = False
