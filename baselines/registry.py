@@ -30,6 +30,7 @@ METHOD_MODULES = [
     "baselines.bicubic",
     "baselines.esrgan",
     "baselines.swinir",
+    "baselines.ttst",
     "baselines.sgdm",
 ]
 
