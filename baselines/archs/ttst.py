@@ -92,7 +92,8 @@ class TopKAttention(nn.Module):
         top, index = scores.topk(max(self.ks), dim=-1)  # sorted: the k largest are the first k
         mix = torch.zeros_like(scores)
         for n, weight in zip(self.ks, (self.attn1, self.attn2, self.attn3, self.attn4)):
-            mix = mix.scatter_add(-1, index[..., :n], top[..., :n].softmax(dim=-1) * weight)
+            probs = top[..., :n].softmax(dim=-1) * weight  # CUDA autocast runs softmax in fp32
+            mix = mix.scatter_add(-1, index[..., :n], probs.to(mix.dtype))
         return self.project_out((mix @ v).reshape(b, c, h, w))
 
 
