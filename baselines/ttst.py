@@ -51,7 +51,9 @@ _UP = re.compile(r"^upsample\.(\d+)\.(weight|bias)$")
 
 
 def upsampler_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in state if _UP.match(k)]
+    """The upsampler's keys in stage order (weight before bias), whatever order the file stores them in."""
+    found = {k: m for k in state if (m := _UP.match(k))}
+    return sorted(found, key=lambda k: (int(found[k][1]), found[k][2] != "weight"))
 
 
 class TTSTMethod(SwinIRMethod):
@@ -88,20 +90,24 @@ class TTSTMethod(SwinIRMethod):
             )
         return scale
 
+    def _other_scale(self, path: Path | None, scale: int, detail: str) -> InputError:
+        return InputError(
+            f"checkpoint {path}",
+            f"is a x{scale} TTST ({detail}) but the method was built for x{self.scale}",
+            f"to fine-tune from it at x{self.scale} give it as train.pretrain_network_g (the upsampler stages "
+            f"start new); to run it as it is use a x{scale} dataset",
+        )
+
     def checkpoint_scale(self, state: dict[str, torch.Tensor]) -> int | None:
-        what = f"checkpoint {self._reading}"
-        scale = self.upsampler_scale(state, what)
+        scale = self.upsampler_scale(state, f"checkpoint {self._reading}")
         if scale is not None and scale != self.scale:
-            raise InputError(
-                what,
-                f"is a x{scale} TTST (upsampler {', '.join(upsampler_keys(state))}) but the method was built "
-                f"for x{self.scale}",
-                f"to fine-tune from it at x{self.scale} give it as train.pretrain_network_g (the upsampler stages "
-                f"start new); to run it as it is use a x{scale} dataset",
-            )
+            raise self._other_scale(self._reading, scale, f"upsampler {', '.join(upsampler_keys(state))}")
         return scale
 
     def load_checkpoint(self, path: str | Path, param_key: str | None = None) -> None:
+        meta = read_metadata(path)
+        if meta.get("method") == self.spec.name and meta.get("scale") not in (None, self.scale):
+            raise self._other_scale(Path(path), int(meta["scale"]), "by its metadata")
         self._reading = Path(path)
         try:
             super().load_checkpoint(path, param_key)

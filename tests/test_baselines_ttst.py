@@ -220,6 +220,12 @@ def test_a_x4_checkpoint_is_not_silently_run_at_x16(tmp_path):
         build(16).load_checkpoint(path)
     msg = str(e.value)
     assert "x4 TTST" in msg and "upsample.2.weight" in msg and "train.pretrain_network_g" in msg
+    x4 = build(4)
+    ours = save_weights(tmp_path / "x4.safetensors", x4.trainable_state_dict(), x4.export_metadata())
+    with pytest.raises(InputError, match=r"x4 TTST \(by its metadata\).*train\.pretrain_network_g"):
+        build(16).load_checkpoint(ours)
+    stages4 = ["upsample.0.weight", "upsample.0.bias", "upsample.2.weight", "upsample.2.bias"]
+    assert build(16).load_pretrained(ours)["dropped"] == stages4  # stage order, though safetensors sorts names
 
 
 def test_unsupported_scale_and_other_architectures_are_one_clear_error(tmp_path):
