@@ -26,7 +26,7 @@ from cmsrd.errors import InputError
 
 from .archs.swinir import block_geometry, official_img_size, strip_derived_buffers
 from .checkpoint import describe_mismatch
-from .feedforward import FeedForwardMethod
+from .feedforward import FeedForwardMethod, FeedForwardTrain
 from .registry import MethodSpec, build_arch, register
 
 SPEC = register(
@@ -40,7 +40,10 @@ SPEC = register(
         license="Apache-2.0 (JingyunLiang/SwinIR)",
         citation="J. Liang et al., SwinIR: Image Restoration Using Swin Transformer, ICCV Workshops 2021",
         config="swinir.yaml",
-        description="Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) with log2(scale) pixel-shuffle stages; L1.",
+        description=(
+            "Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) "
+            "with log2(scale) pixel-shuffle stages; L1."
+        ),
         extra={"default_scale": 16},
     )
 )
@@ -50,14 +53,17 @@ _UP = re.compile(r"^upsample\.(\d+)\.weight$")
 
 class SwinIRMethod(FeedForwardMethod):
     scale_arg = "upscale"
-    key_layouts = "ours, and the official repository's (`params` / `params_ema`, official key names, with or without attn_mask buffers)"
+    key_layouts = (
+        "ours, and the official repository's (`params` / `params_ema`, official key names, "
+        "with or without attn_mask buffers)"
+    )
     img_size_follows_data = False  # network.img_size left null
 
     def resolve_network(self, net_opt: dict[str, Any]) -> dict[str, Any]:
         from cmsrd.layout import DatasetLayout
 
         self.img_size_follows_data = net_opt.get("img_size") is None
-        if self.img_size_follows_data:  # the LR patch of the benchmark's HR tiles until the data or a checkpoint tells
+        if self.img_size_follows_data:  # the LR patch of the benchmark's HR tiles until data or a checkpoint tell
             net_opt = {**net_opt, "img_size": max(1, DatasetLayout.hr_px // self.scale)}
         return net_opt
 
@@ -97,12 +103,12 @@ class SwinIRMethod(FeedForwardMethod):
         if img_size is not None:
             self.use_img_size(int(img_size), f"checkpoint {path}", keep_weights=False)
 
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        if train_cfg.get("hr_px"):
+    def configure_optimizers(self, train_cfg: FeedForwardTrain) -> dict[str, torch.optim.Optimizer]:
+        if train_cfg.hr_px:
             try:
-                self.use_img_size(int(train_cfg["hr_px"]) // self.scale, "the training LR patches")
+                self.use_img_size(train_cfg.hr_px // self.scale, "the training LR patches")
             except InputError as e:
-                if not train_cfg.get("resuming"):
+                if not train_cfg.resuming:
                     raise
                 # changing img_size is refused by the resume check, so the usual fix would send the user in a
                 # circle. Two causes: a run recorded before the single-window rule, or another dataset (other LR px)

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from baselines import registry
-from baselines.cli import train_command
 from baselines.inference import super_resolve_batch
-from baselines.train import train
+from benchmark.train import train
+from benchmark.train_cli import train_command
 from cmsrd.data import CMSRDDataset
 from cmsrd.errors import InputError, MissingWeightsError
 
@@ -254,7 +254,7 @@ def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch)
     perf_counter read), once per crossing, besides the step cadence."""
     import itertools
 
-    import baselines.train as tr
+    import benchmark.train as tr
 
     clock = itertools.count(0.0, 1.0)
     monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock))
@@ -273,11 +273,27 @@ def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch)
 
 
 def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tmp_path):
-    """train.val_conditions goes through the runner's condition code: unsupported ones are a clear error
-    before training, the applied condition is recorded per validation row."""
+    """train.val_conditions goes through the runner's evaluation path: unsupported ones are a clear error
+    before training, the applied condition is recorded per validation row, and the last validation's
+    PSNR-Y is the benchmark's PSNR-Y of the exported weights on the same images."""
+    from benchmark.runner import RunConfig, run_benchmark
+
     res = train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR), max_steps=4, progress=False)
     assert res["val"]["condition"] == "default"
     assert [r["condition"] for r in rows(tmp_path / "run" / "val_log.csv")] == ["default"]
+    bench = RunConfig(
+        data=tiny_dataset,
+        out=tmp_path / "bench",
+        methods=["esrgan"],
+        weights={"esrgan": tmp_path / "run"},
+        metrics=["psnr_y"],
+        device="cpu",
+        warmup=False,
+    )
+    info = run_benchmark(bench)
+    assert info["n_images"] == res["val"]["n_images"]
+    board = list(csv.DictReader(open(tmp_path / "bench" / "leaderboard.csv")))
+    assert float(board[0]["psnr_y"]) == pytest.approx(res["val"]["psnr_y"], abs=1e-9)
     with pytest.raises(InputError, match="val_conditions.*does not support"):
         train(
             "esrgan",
@@ -367,7 +383,7 @@ def test_resume_refuses_a_changed_config_and_records_run_control_changes(tiny_da
     seen = []
     configure = FeedForwardMethod.configure_optimizers
     monkeypatch.setattr(
-        FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c["resuming"]), configure(self, c))[1]
+        FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c.resuming), configure(self, c))[1]
     )
     out = tmp_path / "run"
     train("esrgan", tiny_dataset, out, config=cfg(ESR), max_steps=2, progress=False)
@@ -406,7 +422,7 @@ def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monk
     the window's training time (elapsed_s delta)."""
     import time
 
-    import baselines.train as tr
+    import benchmark.train as tr
 
     validate = tr.Trainer.validate
 
@@ -432,7 +448,7 @@ def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monk
 def test_validation_definitions_sidecar(tiny_dataset, tmp_path, monkeypatch):
     import json
 
-    import baselines.train as tr
+    import benchmark.train as tr
     from benchmark.metrics import get
 
     writes, built = [], []
@@ -478,7 +494,7 @@ def test_keep_best_exports_the_best_validation_and_survives_resume(
     lower LPIPS); the best value is part of the resumable state. Scores are scripted per validation."""
     import json
 
-    import baselines.train as tr
+    import benchmark.train as tr
 
     script = iter(scores)
     monkeypatch.setattr(
@@ -529,7 +545,7 @@ def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monke
     train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=2, progress=False)
     assert loads == [str(init)]
     (tmp_path / "init" / "model.safetensors").unlink()
-    import baselines.train as tr
+    import benchmark.train as tr
 
     found, rule = [], tr.resume_checkpoint  # the build (skip the start file) and fit (restore) ask the one rule
     monkeypatch.setattr(tr, "resume_checkpoint", lambda out, resume: (found.append(rule(out, resume)), found[-1])[1])
@@ -591,17 +607,46 @@ def test_train_keys_are_checked_before_the_build_at_every_stage(
     assert not (tmp_path / "x").exists()
 
 
-def test_train_keys_of_the_method_are_accepted_and_undeclared_ones_refused(tiny_dataset, tmp_path, monkeypatch):
+def test_train_keys_come_from_the_method_config_type(tiny_dataset, tmp_path):
+    import dataclasses
+
     from baselines.base import SRMethod
+    from baselines.esrgan import ESRGAN, ESRGANConfig
+    from baselines.method_config import TRAINER_KEYS
     from baselines.swinir import SwinIRMethod
-    from baselines.train import Trainer
+    from benchmark.train import Trainer, check_train_keys
 
     Trainer(
         registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")),
         tiny_dataset,
         tmp_path / "e",
     )
-    # a method that forgets to declare its keys gets only the trainer's: a forgotten attribute is not an opt-out
-    monkeypatch.setattr(SwinIRMethod, "train_keys", SRMethod.train_keys)
-    with pytest.raises(InputError, match=r"train\.optim_g: is not a key of the trainer or of swinir"):
-        Trainer(registry.build("swinir", 16, cfg(SWIN)), tiny_dataset, tmp_path / "s")
+    assert SwinIRMethod.train_keys == {"optim_g", "pixel_weight"}
+    esrgan_train = {f.name for f in dataclasses.fields(ESRGANConfig().train)} - {"hr_px", "resuming"}
+    assert ESRGAN.train_keys == esrgan_train - TRAINER_KEYS and "gan_weight" in ESRGAN.train_keys
+    with pytest.raises(TypeError, match="train_keys are derived from config_type"):  # one source of truth
+
+        class Listed(ESRGAN):
+            train_keys = frozenset({"gan_weight"})
+
+    # a method without a config type that forgets to list its keys gets only the trainer's: no silent opt-out
+    class Untyped(SRMethod):
+        pass
+
+    with pytest.raises(InputError, match=r"train\.optim_g: is not a key of the trainer or of untyped"):
+        check_train_keys({"optim_g": {"lr": 1e-3}}, Untyped, "untyped")
+
+
+def test_unknown_keys_at_any_level_are_refused_before_the_build(tiny_dataset, tmp_path, monkeypatch):
+    """`--set network_g.num_feat=16` used to start a default run silently; every level is checked now."""
+    monkeypatch.setattr(registry, "build", lambda *a, **k: pytest.fail("built before the config was checked"))
+    args = ["--method", "esrgan", "--data", str(tiny_dataset), "--out", str(tmp_path / "x")]
+    res = CliRunner().invoke(train_command, [*args, "--set", "network_g.num_feat=16"])
+    assert isinstance(res.exception, InputError) and res.exit_code != 0
+    assert str(res.exception).startswith("network_g: is not a key of the esrgan config (did you mean `network`?)")
+    for key, close in (("train.optim_g.lrr=1e-3", "lr"), ("train.network_d.num_feats=8", "num_feat")):
+        res = CliRunner().invoke(train_command, [*args, "--set", key])
+        assert f"did you mean `{close}`" in str(res.exception), res.output
+    with pytest.raises(InputError, match=r"train\.optim_g\.type: unknown type 'Adamm' \(did you mean `Adam`"):
+        train("esrgan", tiny_dataset, tmp_path / "x", config={"train": {"optim_g": {"type": "Adamm"}}})
+    assert not (tmp_path / "x").exists()

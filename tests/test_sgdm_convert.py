@@ -128,7 +128,7 @@ def test_released_flow_names_and_config_named_flows(official_keys, tmp_path, cap
     mean, std = _fake_flow_state(official_keys["style_flow"], 1), _fake_flow_state(official_keys["style_flow"], 2)
     torch.save(mean, tmp_path / "flow_tanh_mini_mean")
     torch.save(std, tmp_path / "flow_tanh_mini_std")
-    with caplog.at_level("INFO", logger="baselines.sgdm.model"):
+    with caplog.at_level("INFO", logger="baselines.sgdm"):
         fresh = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
     assert bool(fresh.flows.trained) and torch.equal(fresh.flows.std.q0.loc, std["q0.loc"])
     assert "flow_tanh_mini_mean" in caplog.text
@@ -317,7 +317,7 @@ LPB2 = {
 }
 
 
-def _unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
+def unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
     """Inverse of diffusers' UNet converter, found by converting numbered placeholders (it only renames)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -327,7 +327,7 @@ def _unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
     return {ldm_names[int(v)]: own[k].clone() for k, v in probe.items()}
 
 
-def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     import re
 
     n = len(vae.config.block_out_channels)
@@ -351,7 +351,7 @@ def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def _text_to_open_clip(text) -> dict[str, torch.Tensor]:
+def text_to_open_clip(text) -> dict[str, torch.Tensor]:
     p = "cond_stage_model.model."
     sd = {
         k if k.startswith("text_model.") else f"text_model.{k}": v  # transformers 5 dropped that level
@@ -385,9 +385,9 @@ def tiny_official(official_keys, tmp_path_factory):
     """(source method, SGDM-syn.ckpt path, tokenizer folder) with every backbone part in the original layout."""
     torch.manual_seed(3)
     src = build("sgdm", 32, LPB2)
-    state = _unet_to_ldm(src.unet, [k for k in official_keys["simu"] if k.startswith("model.diffusion_model.")])
-    state.update(_vae_to_ldm(src.vae))
-    state.update(_text_to_open_clip(src.text_encoder))
+    state = unet_to_ldm(src.unet, [k for k in official_keys["simu"] if k.startswith("model.diffusion_model.")])
+    state.update(vae_to_ldm(src.vae))
+    state.update(text_to_open_clip(src.text_encoder))
     state.update({f"adapter.{k}": v.clone() for k, v in src.adapter.state_dict().items()})
     folder = tmp_path_factory.mktemp("official")
     src.tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -595,7 +595,7 @@ def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(ti
     buffers from the run; the frozen UNet body, VAE and text tower exist only in the official file, so SGDM
     reads it anyway (with `pretrained: null` a skip would resume on a random backbone)."""
     from baselines import registry
-    from baselines.train import resumable_state
+    from benchmark.train import resumable_state
 
     src, ckpt, tok = tiny_official
     m = registry.build("sgdm", 32, {**_net(tokenizer=str(tok)), "checkpoint": str(ckpt)}, load_checkpoint=False)
