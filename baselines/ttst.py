@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,6 +24,8 @@ from cmsrd.errors import InputError
 
 from .archs.ttst import convert_official
 from .checkpoint import load_strict, read_metadata, read_state_dict
+from .feedforward import FeedForwardConfig, FeedForwardTrain
+from .method_config import Adam, Optimizer
 from .registry import MethodSpec, register
 from .swinir import SwinIRMethod
 
@@ -56,9 +58,22 @@ def upsampler_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(found, key=lambda k: (int(found[k][1]), found[k][2] != "weight"))
 
 
+@dataclass(frozen=True)
+class TTSTTrain(FeedForwardTrain):
+    """L1 with the official optimizer (train_4x.py: Adam lr 1e-4, torch's betas) and a start file of another scale."""
+
+    optim_g: Optimizer = field(default_factory=lambda: Adam(lr=1e-4, betas=(0.9, 0.999)))
+    pretrain_network_g: str | None = None  # a TTST of another scale (the released x4): all but the upsampler load
+
+
+@dataclass(frozen=True)
+class TTSTConfig(FeedForwardConfig):
+    train: TTSTTrain = field(default_factory=TTSTTrain)
+
+
 class TTSTMethod(SwinIRMethod):
+    config_type = TTSTConfig
     key_layouts = "ours, and the released ttst_4x.pth (DataParallel `module.` keys, relative_position_index_SA/_OCA)"
-    train_keys = SwinIRMethod.train_keys | {"pretrain_network_g"}
     _reading: Path | None = None  # the file being loaded, for checkpoint_scale's errors
 
     def convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,7 +144,7 @@ class TTSTMethod(SwinIRMethod):
                 f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
                 "start from a TTST checkpoint (ours or the released ttst_4x.pth)",
             )
-        state = self.convert_state(read_state_dict(path, (self.config.get("path") or {}).get("param_key")))
+        state = self.convert_state(read_state_dict(path, self.settings.path.param_key))
         ck_scale = self.upsampler_scale(state, what)
         own = self.net_g.state_dict()
         if ck_scale is None or ck_scale == self.scale:
@@ -157,9 +172,9 @@ class TTSTMethod(SwinIRMethod):
         )
         return {"loaded": list(body), "new": new, "dropped": dropped}
 
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        pretrained = train_cfg.get("pretrain_network_g")
-        if pretrained and self.config.get("checkpoint"):
+    def configure_optimizers(self, train_cfg: TTSTTrain) -> dict[str, torch.optim.Optimizer]:
+        pretrained = train_cfg.pretrain_network_g
+        if pretrained and self.settings.checkpoint:
             raise InputError(
                 "train.pretrain_network_g and checkpoint",
                 "are both set, and both name the network's start weights",
@@ -168,6 +183,6 @@ class TTSTMethod(SwinIRMethod):
         # the geometry (img_size from the training patches) is settled and the optimizer built first; the start
         # weights are then copied into the same parameters. A resumed run restores its own weights instead.
         optimizers = super().configure_optimizers(train_cfg)
-        if pretrained and not train_cfg.get("resuming"):
+        if pretrained and not train_cfg.resuming:
             self.load_pretrained(pretrained)
         return optimizers

@@ -20,7 +20,7 @@ from baselines.archs.ttst import TTST, TopKAttention, official_state_dict, topk_
 from baselines.checkpoint import save_weights
 from baselines.cli import parameter_counts
 from baselines.inference import super_resolve_batch
-from baselines.train import train
+from benchmark.train import train
 from cmsrd.data import CMSRDDataset
 from cmsrd.errors import InputError
 
