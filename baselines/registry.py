@@ -31,6 +31,7 @@ METHOD_MODULES = [
     "baselines.bicubic",
     "baselines.esrgan",
     "baselines.swinir",
+    "baselines.ttst",
     "baselines.sgdm",
     "baselines.resshift",
     "baselines.ldm",
