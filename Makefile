@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out
 PYTEST_ARGS ?=
 
-.PHONY: install test demo dataset-synthetic dataset-real bench report clean
+.PHONY: install test lint demo dataset-synthetic dataset-real bench report clean
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(BIN)/python -m pip check || true
 	touch $(STAMP)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Lint and format check (ruff, line length 120; config in pyproject.toml). `ruff format .` fixes the format.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The offline demo, end to end on CPU: build both demo datasets from the generated world (served on
 # loopback), train a small ESRGAN for a few hundred steps, benchmark it against bicubic, render the report.

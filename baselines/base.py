@@ -3,7 +3,7 @@
 Inputs are the dataset's batch dicts (`cmsrd.data`): `lr` N x 3 x l x l, `sr` (LR bicubic-upsampled)
 N x 3 x H x W, `map` N x 3 x H x W, optional `style` N x 3 x H x W, all float in [0, 1], and `hr` when
 training. Outputs are N x 3 x H x W float in [0, 1]. Batching, device, dtype and autocast are handled
-once by `baselines.inference` and `baselines.train`, not per method.
+once by `baselines.inference` and the trainer (`benchmark.train`), not per method.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class TrainContext:
 class SRMethod(nn.Module):
     """Base class. Subclasses build their networks in `__init__(spec, scale, config, device)`."""
 
-    # `train.*` keys the method reads beyond the trainer's own (`baselines.train.DEFAULTS`); the trainer
+    # `train.*` keys the method reads beyond the trainer's own (`benchmark.train.DEFAULTS`); the trainer
     # refuses any other key, so a misspelt one is an error instead of a silent default. Empty by default:
     # a method that forgets to declare its keys gets them refused, not silently unchecked.
     train_keys: frozenset[str] = frozenset()

@@ -148,7 +148,8 @@ def read_state_dict(
             raise InputError(
                 f"checkpoint {path}",
                 "is a pickle that is not weights-only (it stores code objects, which could run on load)",
-                "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors from a trusted environment",
+                "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors "
+                "from a trusted environment",
             ) from e
         raise InputError(f"checkpoint {path}", f"is corrupt ({e})", "fetch it again") from e
     except _CORRUPT as e:

@@ -36,9 +36,14 @@ SPEC = register(
         inputs=("lr",),
         nfe=1,
         license="Apache-2.0 (xinntao/ESRGAN; RRDBNet via BasicSR)",
-        citation="X. Wang et al., ESRGAN: Enhanced Super-Resolution Generative Adversarial Networks, ECCV Workshops 2018",
+        citation=(
+            "X. Wang et al., ESRGAN: Enhanced Super-Resolution Generative Adversarial Networks, ECCV Workshops 2018"
+        ),
         config="esrgan.yaml",
-        description="RRDBNet (nf 64, nb 23, gc 32) with log2(scale) nearest+conv stages; L1 pre-training then RaGAN + VGG19 conv5_4.",
+        description=(
+            "RRDBNet (nf 64, nb 23, gc 32) with log2(scale) nearest+conv stages; "
+            "L1 pre-training then RaGAN + VGG19 conv5_4."
+        ),
         extra={"default_scale": 16, "stages": ("psnr", "gan")},
     )
 )
@@ -49,7 +54,8 @@ _UP = re.compile(r"^conv_up(\d+)\.weight$")
 class ESRGAN(FeedForwardMethod):
     scale_arg = "scale"
     key_layouts = (
-        "ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
+        "ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), "
+        "original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
         "ESRGAN repository (RRDB_trunk.N.RDBK.convJ, trunk_conv, upconvN, HRconv)"
     )
 
@@ -126,7 +132,8 @@ class ESRGAN(FeedForwardMethod):
             f"--stage {stage}",
             "esrgan's GAN stage is chosen by its config (train.stage: gan), not by --stage",
             "drop --stage and run `cmsrd-bench train --method esrgan --config baselines/configs/esrgan_gan.yaml "
-            "--set train.pretrain_network_g=RUN/model.safetensors ...`, RUN being the output folder of the psnr-stage run",
+            "--set train.pretrain_network_g=RUN/model.safetensors ...`, "
+            "RUN being the output folder of the psnr-stage run",
         )
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:

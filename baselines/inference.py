@@ -10,7 +10,6 @@ that needs just `lr` never pays for copying maps and HR images.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -22,28 +21,8 @@ from cmsrd.errors import InputError
 
 from .base import Batch, SRMethod
 from .conditions import Conditions
+from .device import PRECISIONS, autocast_context, resolve_device  # noqa: F401  (PRECISIONS re-exported)
 from .seeding import Generators
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto" -> CUDA when available, else CPU; a CUDA request without CUDA is an InputError."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}", "CUDA is not available on this machine", "use --device cpu")
-    return dev
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for bf16/fp16, a no-op for fp32."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r}", f"unknown; choose from {list(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 def method_inputs(method: SRMethod, batch: Batch, cond: Conditions) -> dict[str, torch.Tensor]:
@@ -106,7 +85,8 @@ def super_resolve_batch(
         or (want is not None and tuple(sr.shape[-2:]) != tuple(want))
     ):
         raise ValueError(
-            f"method {method.spec.name!r} returned shape {tuple(sr.shape)}, expected ({n}, 3, {want[0] if want else 'H'}, {want[1] if want else 'W'})"
+            f"method {method.spec.name!r} returned shape {tuple(sr.shape)}, "
+            f"expected ({n}, 3, {want[0] if want else 'H'}, {want[1] if want else 'W'})"
         )
     return sr.float().clamp(0.0, 1.0)
 

@@ -11,12 +11,11 @@ same convention as a diffusers pipeline given a list of generators). A single ge
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-Generators = Union[torch.Generator, list[torch.Generator], None]
+Generators = torch.Generator | list[torch.Generator] | None
 
 SEED_RULE = "one torch.Generator per image, seeded with seed + the image's index in the split (independent of batching)"
 

@@ -40,7 +40,10 @@ SPEC = register(
         license="Apache-2.0 (JingyunLiang/SwinIR)",
         citation="J. Liang et al., SwinIR: Image Restoration Using Swin Transformer, ICCV Workshops 2021",
         config="swinir.yaml",
-        description="Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) with log2(scale) pixel-shuffle stages; L1.",
+        description=(
+            "Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) "
+            "with log2(scale) pixel-shuffle stages; L1."
+        ),
         extra={"default_scale": 16},
     )
 )
@@ -50,7 +53,10 @@ _UP = re.compile(r"^upsample\.(\d+)\.weight$")
 
 class SwinIRMethod(FeedForwardMethod):
     scale_arg = "upscale"
-    key_layouts = "ours, and the official repository's (`params` / `params_ema`, official key names, with or without attn_mask buffers)"
+    key_layouts = (
+        "ours, and the official repository's (`params` / `params_ema`, official key names, "
+        "with or without attn_mask buffers)"
+    )
     img_size_follows_data = False  # network.img_size left null
 
     def resolve_network(self, net_opt: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from cmsrd.clitools import LazyGroup, run_cli
 
 COMMANDS = {
     "list": "baselines.cli:list_command",
-    "train": "baselines.cli:train_command",
+    "train": "benchmark.train_cli:train_command",
     "run": "benchmark.runner_cli:run_command",
     "report": "benchmark.report:report_command",
     "weights": "benchmark.weights_cli:weights",

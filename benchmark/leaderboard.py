@@ -59,7 +59,9 @@ TIMED_WINDOW = (
 TIMING_COLUMNS = {
     "images_per_s": f"Images per second: n_timed / model_seconds. {TIMED_WINDOW}",
     "sec_per_image": "Seconds per image: model_seconds / n_timed (model_seconds as for images_per_s).",
-    "peak_mem_gb": "torch.cuda.max_memory_allocated since the last out-of-memory halving, GB (1e9 bytes); empty on CPU.",
+    "peak_mem_gb": (
+        "torch.cuda.max_memory_allocated since the last out-of-memory halving, GB (1e9 bytes); empty on CPU."
+    ),
     "n_timed": "Images inside the timer, super-resolved by the session that finished the row: fewer than n_images "
     "when a killed run was resumed; a rerun that finds every image made keeps that session's timing when "
     "it covered the same images, else reports 0.",

@@ -373,7 +373,8 @@ def _markdown(sections: Sequence[Section]) -> str:
     for sec in sections:
         for name, info in zip(sec.group.runs, sec.group.infos):
             lines.append(
-                f"- {name} (group {sec.group.number}): `{' '.join(info.get('command', []))}` — git {info.get('git', {}).get('sha')}, "
+                f"- {name} (group {sec.group.number}): `{' '.join(info.get('command', []))}` — "
+                f"git {info.get('git', {}).get('sha')}, "
                 f"device {info.get('device', {}).get('gpu') or info.get('device', {}).get('device')}, "
                 f"torch {info.get('versions', {}).get('torch')}, seed {info.get('seeds', {}).get('seed')}"
             )
@@ -429,9 +430,8 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
         out += ["</tbody>", "</table>", "<h3>Metric definitions</h3>", "<ul>"]
         for n, m in sec.group.metrics.items():
             note = f" <em>{e(sec.group.note(n))}</em>" if sec.group.note(n) else ""
-            out.append(
-                f"<li><strong>{e(n)}</strong> ({'↑' if m['direction'] == 'higher' else '↓'}): {e(m['definition'])}{note}</li>"
-            )
+            arrow = "↑" if m["direction"] == "higher" else "↓"
+            out.append(f"<li><strong>{e(n)}</strong> ({arrow}): {e(m['definition'])}{note}</li>")
         out.append("</ul>")
         failed = sec.board[sec.board.status != "ok"]
         if not failed.empty:

@@ -36,22 +36,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from baselines import registry
 from baselines import weights as wcache
 from baselines.checkpoint import BEST_EXPORT_FILE, EXPORT_FILE, read_metadata, run_weights
-from baselines.conditions import Conditions, UnsupportedCondition, apply_conditions, partners
-from baselines.inference import method_inputs, super_resolve_batch, to_uint8_images
-from baselines.seeding import SEED_RULE, seeded_generators
+from baselines.conditions import Conditions, UnsupportedCondition, partners
+from baselines.device import resolve_device, resolve_precision
+from baselines.inference import to_uint8_images
+from baselines.seeding import SEED_RULE
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
 from cmsrd.layout import DatasetLayout, read_dataset_json
 
 from . import leaderboard as lb
 from . import metrics as M
+from .evaluate import MEAN_DEFINITION, SRPass, mean_finite, score_images
 from .metrics.distribution import check_set_size
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,7 @@ ALL_AVAILABLE = "all-available"
 SCORE_CHUNK = 32  # images read per step while scoring image-level metrics (memory stays bounded)
 
 TIMING_DEFINITION = " ".join(f"{c}: {text}" for c, text in lb.TIMING_COLUMNS.items())  # one text per column, shared
-AGGREGATION_DEFINITION = (
-    "A row's image-level metric is the mean over the images whose value is finite: an image with infinite PSNR "
-    "(SR identical to HR after uint8 rounding) or a NaN value is excluded (BasicSR would average the inf in). "
-    "methods[...].n_finite gives, per metric, how many of the n_images values were averaged."
-)
+AGGREGATION_DEFINITION = MEAN_DEFINITION
 
 
 @dataclass
@@ -88,27 +85,6 @@ class RunConfig:
     command: list[str] = field(default_factory=list)
     configs: dict[str, Path | dict[str, Any]] = field(default_factory=dict)  # --config NAME=YAML (or a dict)
     overwrite: bool = False  # delete each method x condition folder of this run first instead of resuming it
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}", "CUDA is not available on this machine", "use --device cpu or auto")
-    return device
-
-
-def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
-    """dtype for torch.autocast, or None for full fp32. `auto`: bf16 on GPUs that have it, else fp16; fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    raise InputError(f"--precision {precision}", "unknown", "use auto, fp32, bf16 or fp16")
 
 
 def _sync(device: str) -> None:
@@ -198,7 +174,8 @@ def build_config(name: str, user: dict[str, Any], recorded_network: dict[str, An
         raise InputError(
             f"--config {name}",
             "changes the network geometry the checkpoint was trained with: " + "; ".join(conflicts),
-            f"drop those keys (only {sorted(LOCATION_KEYS)} may differ), or give the checkpoint that matches the config",
+            f"drop those keys (only {sorted(LOCATION_KEYS)} may differ), "
+            "or give the checkpoint that matches the config",
         )
     return registry.merge_config({"network": recorded_network}, user)
 
@@ -242,15 +219,11 @@ class RunContext:
     layout: DatasetLayout
     ids: list[str]
     device: str
-    amp: torch.dtype | None
+    precision: str  # fp32 | bf16 | fp16 (`baselines.device.resolve_precision`)
     dataset_sha256: str | None
     partner: dict[str, str]
     hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)  # file sha256 by (path, size, mtime)
     setups: dict[str, MethodSetup] = field(default_factory=dict)  # by method name (see setup_method)
-
-    @property
-    def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
 
     def sha256(self, path: Path) -> str:
         st = path.stat()
@@ -389,28 +362,13 @@ def infer(
         return _timing(0, 0.0, 0.0, None, cfg.batch_size, 0, precision)
     inputs = ["lr", "sr", "map"] + (["hr"] if cond.style in ("gt",) else [])
     ds = CMSRDDataset(layout.root, split, inputs=inputs, ids=list(todo))
-    index_of = {sid: i for i, sid in enumerate(ctx.ids)}
+    # benchmark.evaluate: condition, declared inputs on the device, one generator per image (seed + its index
+    # in the split: outputs do not depend on batching), autocast, no-grad, output shape check, clamp to [0, 1]
+    sr_pass = SRPass(method, cond, layout, split, ctx.ids, ctx.partner, cfg.seed, device, precision)
     is_cuda = device.startswith("cuda")
     if is_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-    def prepare(items: list[dict]) -> dict[str, Any]:
-        """Collate, apply the condition (may read partner PNGs) and copy the method's inputs to the device."""
-        b: dict[str, Any] = {"id": [it["id"] for it in items]}
-        for k in items[0]:
-            if k != "id":
-                b[k] = torch.stack([it[k] for it in items])
-        b = apply_conditions(b, cond, layout, split, ctx.partner)
-        for k, v in method_inputs(method, b, cond).items():
-            b[k] = v.to(device, non_blocking=True)
-        return b
-
-    def forward(batch: dict[str, Any]) -> torch.Tensor:
-        # one generator per image (seed + its index in the split): outputs do not depend on batching
-        gens = seeded_generators(cfg.seed, [index_of[i] for i in batch["id"]], device)
-        # baselines.inference: declared inputs only, autocast, no-grad, output shape check, clamp to [0, 1]
-        return super_resolve_batch(method, batch, cond, device, precision, gens)
 
     bs = max(1, cfg.batch_size)
     pos, model_s, n_timed, halvings, warmed = 0, 0.0, 0, 0, not cfg.warmup
@@ -419,14 +377,14 @@ def infer(
     while pos < len(todo):
         items = [ds[i] for i in range(pos, min(pos + bs, len(todo)))]
         try:
-            batch = prepare(items)
+            batch = sr_pass.prepare(sr_pass.collate(items))
             if not warmed:  # untimed warm-up (kernel selection, lazy init, caches) on a copy of the inputs
-                forward({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+                sr_pass.forward({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
                 _sync(device)
                 warmed = True
             _sync(device)
             t0 = time.perf_counter()
-            out = forward(batch)
+            out = sr_pass.forward(batch)
             _sync(device)
             model_s += time.perf_counter() - t0
         except Exception as e:
@@ -549,15 +507,6 @@ def check_metric_weights(names: Sequence[str], skip_missing: bool) -> tuple[list
     return [n for n in names if n not in problems], skipped
 
 
-def _row_mean(vals: Sequence[float]) -> tuple[float, int]:
-    """(mean over the finite values, how many were finite); see AGGREGATION_DEFINITION. With none finite,
-    the mean of all (inf when every PSNR is inf, NaN when a value is NaN)."""
-    finite = [v for v in vals if np.isfinite(v)]
-    if finite:
-        return float(np.mean(finite)), len(finite)
-    return (float(np.mean(vals)) if len(vals) else float("nan")), 0
-
-
 def score(
     outcome: Outcome,
     cfg: RunConfig,
@@ -600,7 +549,7 @@ def score(
                 for a in range(0, len(ids), SCORE_CHUNK):
                     sr = [read_png(p) for p in sr_paths[a : a + SCORE_CHUNK]]
                     hr = [read_png(p) for p in hr_paths[a : a + SCORE_CHUNK]] if m.reference else None
-                    vals += [float(v) for v in scorers[name](sr, hr)]
+                    vals += score_images({name: scorers[name]}, sr, hr)[name]
                     bar.update(len(sr))
         except Exception as e:
             log.exception("metric %s failed on %s", name, key)
@@ -608,7 +557,7 @@ def score(
             continue
         for r, v in zip(per_image, vals):
             r[name] = v
-        row[name], n_finite[name] = _row_mean(vals)
+        row[name], n_finite[name] = mean_finite(vals)
     set_names = [n for n in metric_names if M.get(n).level == "set"]
     if set_names:
         try:
@@ -736,8 +685,8 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     cfg.out = Path(cfg.out)
     layout = DatasetLayout.open(cfg.data)
-    device = pick_device(cfg.device)
-    amp = autocast_dtype(device, cfg.precision)
+    device = str(resolve_device(cfg.device, "--device"))
+    precision = resolve_precision(device, cfg.precision, "--precision")
     if cfg.crop_border < 0:
         raise InputError(f"--crop-border {cfg.crop_border}", "must be >= 0")
     ids = list(CMSRDDataset(layout.root, cfg.split, inputs=("hr",)).ids)
@@ -770,7 +719,8 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
             )
         load_user_config(name, source)
 
-    ctx = RunContext(layout, ids, device, amp, dataset_identity(layout)["manifest_sha256"], partners(ids, cfg.seed))
+    manifest_sha256 = dataset_identity(layout)["manifest_sha256"]
+    ctx = RunContext(layout, ids, device, precision, manifest_sha256, partners(ids, cfg.seed))
     pairs = [(name, cond) for name in methods for cond in conditions]
     _prepare_folders(cfg, ctx, pairs)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -423,7 +423,8 @@ def load_aois(cfg: DatasetConfig, world_bounds_lonlat: tuple[float, float, float
             raise InputError(
                 f"AOI {entry}",
                 f"file not found (looked at {path})",
-                f"give a GeoJSON path relative to the preset or one of {sorted(p.name for p in AOIS_DIR.glob('*.geojson'))}",
+                "give a GeoJSON path relative to the preset or one of "
+                f"{sorted(p.name for p in AOIS_DIR.glob('*.geojson'))}",
             )
         aois.extend(load_aoi_file(path))
     names = [a.name for a in aois]

@@ -71,7 +71,8 @@ class CMSRDDataset(Dataset):
         if scale is not None and scale != self.layout.scale:
             raise InputError(
                 f"dataset {root}",
-                f"has scale x{self.layout.scale} ({self.layout.lr_px}->{self.layout.hr_px} px) but x{scale} was asked for",
+                f"has scale x{self.layout.scale} ({self.layout.lr_px}->{self.layout.hr_px} px) "
+                f"but x{scale} was asked for",
                 f"use a x{scale} dataset or a x{self.layout.scale} method",
             )
         df = read_manifest(root)

@@ -1,6 +1,6 @@
 """The built-dataset contract of DESIGN.md as code: folder names, file paths, manifest schema.
 
-Writers (`cmsrd.pipeline`) and readers (`cmsrd.data`, the benchmark, the official SGDM code's folder
+Writers (`cmsrd.stages`, `cmsrd.manifest`) and readers (`cmsrd.data`, the benchmark, the official SGDM code's folder
 convention) all go through this module, so the layout is defined once.
 
     <root>/dataset.json
@@ -72,11 +72,16 @@ class DatasetLayout:
         return self.hr_px // self.lr_px
 
     def folder(self, kind: str) -> str:
-        h, l = self.hr_px, self.lr_px
-        names = {"hr": f"hr_{h}", "lr": f"lr_{l}", "sr": f"sr_{l}_{h}", "map": f"ref_{h}", "mask": f"mask_{h}"}
+        h, lo = self.hr_px, self.lr_px
+        names = {"hr": f"hr_{h}", "lr": f"lr_{lo}", "sr": f"sr_{lo}_{h}", "map": f"ref_{h}", "mask": f"mask_{h}"}
         if kind not in names:
             raise InputError(f"image kind {kind!r}", f"unknown; expected one of {sorted(names)}")
         return names[kind]
+
+    def image_size(self, kind: str) -> int:
+        """Side in pixels of a `kind` image: the LR is lr_px, everything else hr_px."""
+        self.folder(kind)  # unknown kinds: one clear error
+        return self.lr_px if kind == "lr" else self.hr_px
 
     def split_dir(self, split: str) -> Path:
         return self.root / split
@@ -149,6 +154,24 @@ for _c in CLASSES:
 for _k in IMAGE_KINDS:
     MANIFEST_COLUMNS[f"sha256_{_k}"] = "string"
     MANIFEST_COLUMNS[f"path_{_k}"] = "string"
+
+# Columns a build's manifest carries after the schema columns, with fixed dtypes so that every streamed chunk
+# of the manifest has one schema: the sample's AOI and block, LR scene provenance, the co-registration
+# correlation and the optional GeoTIFF copies.
+BUILD_EXTRA_COLUMNS: dict[str, str] = {
+    "aoi": "string",
+    "block": "string",
+    "lr_collection": "string",
+    "lr_baseline": "string",
+    "lr_scene_cloud_cover": "float64",
+    "shift_correlation": "float64",
+    "path_geo_hr": "string",
+    "sha256_geo_hr": "string",
+    "path_geo_lr": "string",
+    "sha256_geo_lr": "string",
+}
+# Every column of a built manifest row, in order.
+BUILD_COLUMNS: tuple[str, ...] = tuple(MANIFEST_COLUMNS) + tuple(BUILD_EXTRA_COLUMNS)
 
 QA_STATUSES = ("ok", "rejected", "failed")
 

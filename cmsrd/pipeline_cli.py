@@ -27,7 +27,7 @@ def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -
 
     cfg = _load(preset, samples=samples, seed=seed)
     if cfg.world is not None:
-        from .pipeline import ensure_world
+        from .demo import ensure_world
 
         meta = json.loads((ensure_world(cfg) / "world.json").read_text())
         df = make_plan(cfg, tuple(meta["bounds_lonlat"]))
@@ -62,7 +62,7 @@ def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build_command(preset, out, workers, threads, scheduler, plan_path, force, limit, samples, quiet) -> None:
     """Build (or resume) the dataset of PRESET (a name under manifests/presets or a YAML path)."""
-    from .pipeline import run_build
+    from .driver import run_build
     from .plan import read_plan
 
     if workers < 0 or threads < 1:
@@ -99,7 +99,7 @@ def needs(cfg) -> str:
     """What a real (non-demo) build reaches out to, printed before it starts."""
     from urllib.parse import urlsplit
 
-    from .pipeline import redact
+    from .stages import redact
 
     hosts = [urlsplit(cfg.hr.url).netloc] if cfg.hr.source == "worldimagery" else [f"raster {cfg.hr.raster}"]
     if cfg.lr.source == "sentinel-2":
@@ -121,9 +121,9 @@ def sample_command(tile: str, preset: str, out: str, force: bool) -> None:
     """Build the single triplet Z_X_Y through the build's own stages (preview / debugging)."""
     import numpy as np
 
+    from .driver import run_build
     from .grid import assign_split
     from .layout import parse_tile_id, read_manifest
-    from .pipeline import run_build
     from .plan import plan_from_tiles
 
     z, x, y = parse_tile_id(tile)
@@ -171,7 +171,7 @@ def _aoi_of(cfg, z: int, x: int, y: int) -> str:
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 def validate_command(root: str) -> None:
     """Recompute checksums and check sizes, georeference and split disjointness of a built dataset."""
-    from .pipeline import validate_dataset
+    from .validate import validate_dataset
 
     problems, summary = validate_dataset(root)
     click.echo(summary)

@@ -335,10 +335,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ran" else f"{r['status']}: {r.get('reason', '')[:120]}"
-        lines.append(
-            f"| {r['metric']} {'↑' if r['direction'] == 'higher' else '↓'} | {status} | {r['n_pairs']} | {_fmt(r['build_s'], 2)} | "
-            f"{_fmt(r['run_s'], 2)} | {_fmt(r['ms_per_image'], 1)} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['mean'], 4, small=True)} |"
-        )
+        arrow = "↑" if r["direction"] == "higher" else "↓"
+        cells = [f"{r['metric']} {arrow}", status, r["n_pairs"], _fmt(r["build_s"], 2), _fmt(r["run_s"], 2)]
+        cells += [_fmt(r["ms_per_image"], 1), _fmt(r["images_per_s"], 2), _fmt(r["mean"], 4, small=True)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -454,9 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     env = report["environment"]
     print()
+    weights = "stand-in weights, timing only" if env["stand_in_weights"] else "real weights"
+    size = f"{env['image_size'][0]}x{env['image_size'][1]}"
     print(
-        f"{env['n_pairs']} pairs of {env['image_size'][0]}x{env['image_size'][1]} on {env['device']} ({env['device_name']}), "
-        f"torch {env['versions']['torch']}, {'stand-in weights, timing only' if env['stand_in_weights'] else 'real weights'}"
+        f"{env['n_pairs']} pairs of {size} on {env['device']} ({env['device_name']}), "
+        f"torch {env['versions']['torch']}, {weights}"
     )
     print(markdown_table(report["rows"]))
     return 0

@@ -33,7 +33,8 @@ def _world_cfg_snippet(variant: str, samples: int, latency: float, world: str) -
     return f"""
     from cmsrd.config import load_config
     d = load_config("demo-{variant}").to_dict()
-    d.update(samples={samples}, world={{"path": {world!r}, "faults": {{"latency_s": {latency}}} if {latency} else {{}}}})
+    faults = {{"latency_s": {latency}}} if {latency} else {{}}
+    d.update(samples={samples}, world={{"path": {world!r}, "faults": faults}})
     cfg = load_config(d)
     """
 
@@ -43,7 +44,7 @@ def world_dir() -> str:
     return _run("""
     import json
     from cmsrd.config import load_config
-    from cmsrd.pipeline import ensure_world
+    from cmsrd.demo import ensure_world
     print(json.dumps({"world": str(ensure_world(load_config("demo-real")))}))
     """)["world"]
 
@@ -58,7 +59,7 @@ def rate(samples: int = 96, workers: int = 2, threads: int = 2) -> list[dict]:
                     _world_cfg_snippet(variant, samples, latency, world)
                     + f"""
     import json, resource, time
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
     rep = run_build(cfg, {tmp!r} + "/ds", workers={workers}, threads={threads}, progress=False)
     done = sorted(json.loads(l)["_done_at"] for l in open({tmp!r} + "/ds/.cmsrd/journal.jsonl"))
     half = done[len(done) // 4:]  # steady state: after the cluster has started and every worker is warm
@@ -106,16 +107,16 @@ def build_rss(processed: int = 48) -> list[dict]:
     import json, resource, time
     import numpy as np
     from cmsrd.plan import plan_from_tiles
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
     from cmsrd.grid import lonlat_to_tile_xy
     meta = json.load(open({world!r} + "/world.json"))
     w, s, e, n_ = meta["bounds_lonlat"]
-    import cmsrd.pipeline as pipeline
+    import cmsrd.driver as driver
     # Harness shortcut: the planned tiles reach far beyond the world, whose OSM extract covers only the
     # world; map features are prepared from the world's part of the plan (tiles outside render empty and
     # their HR is the service's placeholder, so they are rejected quickly).
-    _prepare = pipeline.prepare_osm
-    pipeline.prepare_osm = lambda c, p, d: _prepare(c, p[p["lon"].between(w, e) & p["lat"].between(s, n_)], d)
+    _prepare = driver.prepare_osm
+    driver.prepare_osm = lambda c, p, d: _prepare(c, p[p["lon"].between(w, e) & p["lat"].between(s, n_)], d)
     meta = json.load(open({world!r} + "/world.json"))
     w, s, e, n_ = meta["bounds_lonlat"]
     fx, fy = lonlat_to_tile_xy(np.array([w, e]), np.array([n_, s]), 18)
@@ -144,7 +145,7 @@ def profile(samples: int = 48) -> dict:
             _world_cfg_snippet("real", samples, 0.0, world)
             + f"""
     import cProfile, io, json, pstats
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
     prof = cProfile.Profile()
     prof.enable()
     rep = run_build(cfg, {tmp!r} + "/ds", workers=0, progress=False)

@@ -108,7 +108,8 @@ def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
     path = save_weights(tmp_path / "m.safetensors", src.trainable_state_dict(), src.export_metadata())
     method = registry.build("swinir", 16, net)
     method.load_checkpoint(path)
-    # 4 px training patches would shrink the window to 4 (other relative-position tables): the loaded weights cannot follow
+    # 4 px training patches would shrink the window to 4 (other relative-position tables):
+    # the loaded weights cannot follow
     with pytest.raises(InputError, match="needs other relative-position tables than checkpoint"):
         method.configure_optimizers({"hr_px": 64})
 
@@ -117,7 +118,7 @@ def test_swinir_trained_geometry_reaches_the_exported_weights(tiny_dataset, tmp_
     """The tiny dataset's LR is 4 px: the exported model records img_size 4, and loading it anywhere
     (the benchmark builds from that metadata) gives the unshifted single-window blocks it was trained with."""
     from baselines.checkpoint import read_metadata
-    from baselines.train import train
+    from benchmark.train import train
 
     config = {
         **SWIN_NET,

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from baselines import registry
-from baselines.cli import train_command
 from baselines.inference import super_resolve_batch
-from baselines.train import train
+from benchmark.train import train
+from benchmark.train_cli import train_command
 from cmsrd.data import CMSRDDataset
 from cmsrd.errors import InputError, MissingWeightsError
 
@@ -254,7 +254,7 @@ def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch)
     perf_counter read), once per crossing, besides the step cadence."""
     import itertools
 
-    import baselines.train as tr
+    import benchmark.train as tr
 
     clock = itertools.count(0.0, 1.0)
     monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock))
@@ -273,11 +273,27 @@ def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch)
 
 
 def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tmp_path):
-    """train.val_conditions goes through the runner's condition code: unsupported ones are a clear error
-    before training, the applied condition is recorded per validation row."""
+    """train.val_conditions goes through the runner's evaluation path: unsupported ones are a clear error
+    before training, the applied condition is recorded per validation row, and the last validation's
+    PSNR-Y is the benchmark's PSNR-Y of the exported weights on the same images."""
+    from benchmark.runner import RunConfig, run_benchmark
+
     res = train("esrgan", tiny_dataset, tmp_path / "run", config=cfg(ESR), max_steps=4, progress=False)
     assert res["val"]["condition"] == "default"
     assert [r["condition"] for r in rows(tmp_path / "run" / "val_log.csv")] == ["default"]
+    bench = RunConfig(
+        data=tiny_dataset,
+        out=tmp_path / "bench",
+        methods=["esrgan"],
+        weights={"esrgan": tmp_path / "run"},
+        metrics=["psnr_y"],
+        device="cpu",
+        warmup=False,
+    )
+    info = run_benchmark(bench)
+    assert info["n_images"] == res["val"]["n_images"]
+    board = list(csv.DictReader(open(tmp_path / "bench" / "leaderboard.csv")))
+    assert float(board[0]["psnr_y"]) == pytest.approx(res["val"]["psnr_y"], abs=1e-9)
     with pytest.raises(InputError, match="val_conditions.*does not support"):
         train(
             "esrgan",
@@ -406,7 +422,7 @@ def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monk
     the window's training time (elapsed_s delta)."""
     import time
 
-    import baselines.train as tr
+    import benchmark.train as tr
 
     validate = tr.Trainer.validate
 
@@ -432,7 +448,7 @@ def test_images_per_s_counts_optimisation_time_only(tiny_dataset, tmp_path, monk
 def test_validation_definitions_sidecar(tiny_dataset, tmp_path, monkeypatch):
     import json
 
-    import baselines.train as tr
+    import benchmark.train as tr
     from benchmark.metrics import get
 
     writes, built = [], []
@@ -478,7 +494,7 @@ def test_keep_best_exports_the_best_validation_and_survives_resume(
     lower LPIPS); the best value is part of the resumable state. Scores are scripted per validation."""
     import json
 
-    import baselines.train as tr
+    import benchmark.train as tr
 
     script = iter(scores)
     monkeypatch.setattr(
@@ -529,7 +545,7 @@ def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monke
     train("esrgan", tiny_dataset, tmp_path / "run", config=config, max_steps=2, progress=False)
     assert loads == [str(init)]
     (tmp_path / "init" / "model.safetensors").unlink()
-    import baselines.train as tr
+    import benchmark.train as tr
 
     found, rule = [], tr.resume_checkpoint  # the build (skip the start file) and fit (restore) ask the one rule
     monkeypatch.setattr(tr, "resume_checkpoint", lambda out, resume: (found.append(rule(out, resume)), found[-1])[1])
@@ -594,7 +610,7 @@ def test_train_keys_are_checked_before_the_build_at_every_stage(
 def test_train_keys_of_the_method_are_accepted_and_undeclared_ones_refused(tiny_dataset, tmp_path, monkeypatch):
     from baselines.base import SRMethod
     from baselines.swinir import SwinIRMethod
-    from baselines.train import Trainer
+    from benchmark.train import Trainer
 
     Trainer(
         registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")),

@@ -472,9 +472,10 @@ def test_resume_refuses_a_folder_made_by_other_weights_or_settings(tiny_dataset,
     refused up front, also after a partial run, instead of publishing old or mixed images; --overwrite redoes."""
     out = tmp_path / "run"
     w1, w2 = _mapcopy_weights(tmp_path / "w1.safetensors", 1.0), _mapcopy_weights(tmp_path / "w2.safetensors", 0.5)
-    cfg = lambda w, **kw: _cfg(
-        tiny_dataset, out, methods=["test_mapcopy", "bicubic"], weights={"test_mapcopy": w}, **kw
-    )  # noqa: E731
+
+    def cfg(w, **kw):
+        return _cfg(tiny_dataset, out, methods=["test_mapcopy", "bicubic"], weights={"test_mapcopy": w}, **kw)
+
     run_benchmark(cfg(w1))
     d = out / "sr" / "test_mapcopy" / "default"
     record = json.loads((d / "inference.json").read_text())
@@ -589,15 +590,15 @@ def test_timer_covers_only_the_super_resolve(tiny_dataset, tmp_path, monkeypatch
     """Condition application (partner PNG reads under shuffle) happens before the timer starts."""
     import time
 
-    from benchmark import runner
+    from benchmark import evaluate
 
-    orig = runner.apply_conditions
+    orig = evaluate.apply_conditions
 
     def slow(*a, **k):
         time.sleep(0.25)
         return orig(*a, **k)
 
-    monkeypatch.setattr(runner, "apply_conditions", slow)
+    monkeypatch.setattr(evaluate, "apply_conditions", slow)
     info = run_benchmark(_cfg(tiny_dataset, tmp_path / "run", batch_size=2, warmup=False))
     t = info["methods"]["bicubic|default"]["timing"]
     assert t["wall_seconds"] >= 0.5 and t["model_seconds"] < 0.25
@@ -632,12 +633,12 @@ def test_non_finite_values_are_counted_and_the_rule_stated(tiny_dataset, tmp_pat
         assert per_image.loc[("bicubic", sid), "psnr_y"] == pytest.approx(psnr(sr, hr, crop_border=0, y_channel=True))
 
 
-def test_row_mean_rule():
-    from benchmark.runner import _row_mean
+def test_row_mean_rule_excludes_non_finite_values():
+    from benchmark.evaluate import mean_finite
 
-    assert _row_mean([np.inf, 20.0, 30.0]) == (25.0, 2)
-    assert _row_mean([np.inf, np.inf]) == (np.inf, 0)
-    mean, k = _row_mean([np.nan])
+    assert mean_finite([np.inf, 20.0, 30.0]) == (25.0, 2)
+    assert mean_finite([np.inf, np.inf]) == (np.inf, 0)
+    mean, k = mean_finite([np.nan])
     assert np.isnan(mean) and k == 0
 
 
@@ -685,14 +686,17 @@ def test_fingerprint_keys_device_type_and_files_the_config_names(tiny_dataset, t
     flow = tmp_path / "flow_mean.pt"
     flow.write_bytes(b"flow v1")
     out = tmp_path / "run"
-    cfg = lambda **kw: _cfg(
-        tiny_dataset,
-        out,
-        methods=["test_mapcopy"],
-        weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
-        configs={"test_mapcopy": {"flows": {"mean": str(flow)}}},
-        **kw,
-    )
+
+    def cfg(**kw):
+        return _cfg(
+            tiny_dataset,
+            out,
+            methods=["test_mapcopy"],
+            weights={"test_mapcopy": mapcopy_weights},
+            configs={"test_mapcopy": {"flows": {"mean": str(flow)}}},
+            **kw,
+        )
+
     run_benchmark(cfg())
     record_file = out / "sr" / "test_mapcopy" / "default" / "inference.json"
     fp = json.loads(record_file.read_text())["fingerprint"]
@@ -724,14 +728,17 @@ def test_method_setup_is_resolved_once_per_run(tiny_dataset, tmp_path, mapcopy_w
     from benchmark import runner
 
     out = tmp_path / "run"
-    cfg = lambda: _cfg(
-        tiny_dataset,
-        out,
-        methods=["test_mapcopy"],
-        weights={"test_mapcopy": mapcopy_weights},  # noqa: E731
-        conditions=["default", "map=shuffle"],
-        metrics=["psnr_y"],
-    )
+
+    def cfg():
+        return _cfg(
+            tiny_dataset,
+            out,
+            methods=["test_mapcopy"],
+            weights={"test_mapcopy": mapcopy_weights},
+            conditions=["default", "map=shuffle"],
+            metrics=["psnr_y"],
+        )
+
     run_benchmark(cfg())
     calls = []
     orig = runner.read_metadata

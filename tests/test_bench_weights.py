@@ -348,7 +348,7 @@ def test_verify_passes_when_every_metric_file_is_present(tmp_path, monkeypatch):
     out = CliRunner().invoke(cli, ["weights", "verify"])
     assert out.exit_code == 0, out.output
     assert "metric:lpips: ready" in out.output and "metric:fid: ready" in out.output
-    assert "NOT ready" not in "\n".join(l for l in out.output.splitlines() if l.startswith("metric:"))
+    assert "NOT ready" not in "\n".join(ln for ln in out.output.splitlines() if ln.startswith("metric:"))
     assert "crosscheck:pyiqa_fid: NOT ready" in out.output and "method:esrgan: NOT ready" in out.output
     assert "metric:pyiqa_fid" not in out.output
     # one metric file gone -> exit 1 again

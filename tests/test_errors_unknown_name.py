@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from baselines import registry
-from baselines.train import check_train_keys
+from benchmark.train import check_train_keys
 from cmsrd.config import _build
 from cmsrd.errors import InputError, unknown_name
 

@@ -42,7 +42,7 @@ def test_every_carried_wheel_is_pinned_in_the_lock():
 
 
 def test_collect_summarises_a_training_run(tiny_dataset, tmp_path):
-    from baselines.train import train
+    from benchmark.train import train
 
     config = {
         "network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4},

@@ -56,7 +56,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def synthetic_build(world, tmp_path_factory) -> Path:
     """An uninterrupted demo-synthetic build on the default path: its own LocalCluster, 2 worker processes."""
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
 
     tmp = tmp_path_factory.mktemp("synthetic")
     cfg = load_config(_preset(world, tmp, "synthetic"))
@@ -90,7 +90,7 @@ def _truth_classes(world: Path, row) -> np.ndarray:
 
 def _check_dataset(root: Path, world: Path, hr_px: int, lr_px: int) -> pd.DataFrame:
     from cmsrd.data import CMSRDDataset
-    from cmsrd.pipeline import validate_dataset
+    from cmsrd.validate import validate_dataset
 
     problems, summary = validate_dataset(root)
     assert problems == [], problems[:5]
@@ -130,7 +130,7 @@ def _check_dataset(root: Path, world: Path, hr_px: int, lr_px: int) -> pd.DataFr
 
 
 def test_demo_synthetic_build(synthetic_build, world, tmp_path):
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
 
     root = synthetic_build
     df = _check_dataset(root, world, 256, 8)
@@ -146,7 +146,7 @@ def test_demo_synthetic_build(synthetic_build, world, tmp_path):
 
 def test_demo_real_build_on_an_external_scheduler(world, cluster, tmp_path):
     """`--scheduler`: a scheduler and two worker processes the tests started themselves."""
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
 
     truth = json.loads((world / "truth" / "truth.json").read_text())
     cfg = load_config(_preset(world, tmp_path, "real"))
@@ -157,7 +157,7 @@ def test_demo_real_build_on_an_external_scheduler(world, cluster, tmp_path):
     assert set(ok["lr_source"]) == {"sentinel-2"} and ok["lr_scene_id"].str.len().gt(0).all()
     assert (ok["lr_cloud_fraction"] <= cfg.qa.max_cloud_fraction).all()
     # The measured shift matches the injected one (truth: metres, +x east, +y north, per scene; manifest:
-    # LR pixels, +x east, +y south). Measured per 4x4-footprint window of one scene (see pipeline.coregister)
+    # LR pixels, +x east, +y south). Measured per 4x4-footprint window of one scene (see stages.coregister)
     # with the fitted sensor colour mix (cmsrd.align): ~0.1 LR px median on this world, worst ~0.3.
     assert ok["shift_x_lrpx"].notna().all() and (ok["shift_correlation"] > 0.6).all()
     lr_px_m = ok["hr_gsd_m"] * 256 / 16  # ground size of one LR pixel
@@ -211,7 +211,8 @@ def test_killed_build_resumes_to_the_same_dataset(world, cluster, synthetic_buil
 def test_real_preset_on_faulty_services_records_every_failure(world, cluster, tmp_path, monkeypatch):
     """A non-demo preset pointed at the services' URLs (here the world's loopback servers, with injected
     5xx/429 and corrupt bodies on tiles, STAC and COG reads); OSM comes through the Geofabrik index."""
-    from cmsrd.pipeline import run_build, validate_dataset
+    from cmsrd.driver import run_build
+    from cmsrd.validate import validate_dataset
     from cmsrd.world.faults import FaultConfig
     from cmsrd.world.servers import serve_world
 
@@ -264,8 +265,10 @@ def test_real_preset_on_faulty_services_records_every_failure(world, cluster, tm
 def test_writer_manifest_and_validate_catch_corruption(tmp_path):
     """Writer + streamed manifest (small chunks, mixed statuses) + validate, without any source."""
     from cmsrd.journal import BuildState, Journal
-    from cmsrd.pipeline import BuildSpec, base_row, finalize, validate_dataset, write_sample
+    from cmsrd.manifest import finalize
     from cmsrd.plan import plan_from_tiles
+    from cmsrd.stages import BuildSpec, base_row, plan_tasks, write_sample
+    from cmsrd.validate import validate_dataset
 
     d = load_config("demo-synthetic").to_dict()
     d.update(samples=4, aois=[str(REPO / "manifests" / "aois" / "paris-center.geojson")], world=None)
@@ -277,7 +280,7 @@ def test_writer_manifest_and_validate_catch_corruption(tmp_path):
     state = BuildState(root)
     rng = np.random.default_rng(0)
     with Journal(state.journal_path) as j:
-        for i, task in enumerate(plan.to_dict("records")):
+        for i, task in enumerate(plan_tasks(plan)):
             row = base_row(spec, task)
             if i == 2:  # a rejected sample: no files
                 row.update(qa_status="rejected", qa_reason="cloud", qa_detail="42%")
@@ -348,7 +351,8 @@ def test_a_worker_killed_mid_build_loses_no_sample(world, cluster, synthetic_bui
 
     from distributed import Client
 
-    from cmsrd.pipeline import run_build, validate_dataset
+    from cmsrd.driver import run_build
+    from cmsrd.validate import validate_dataset
 
     cfg = load_config(_preset(world, tmp_path, "synthetic", faults={"latency_s": 0.2}))
     with Client(cluster.scheduler_address) as c:
@@ -378,8 +382,8 @@ def test_a_systematic_failure_stops_the_build_early(world, tmp_path, monkeypatch
     """The HR service answers only 503: the build stops after `abort_after_failures` failed samples with one
     error naming the reason, instead of failing every sample after its retries; the failures stay in the
     journal (a rerun retries them)."""
+    from cmsrd.driver import run_build
     from cmsrd.errors import InputError
-    from cmsrd.pipeline import run_build
 
     monkeypatch.setenv("CMSRD_CACHE", str(tmp_path / "cache"))
     faults = {"error_rate": 1.0, "error_codes": [503], "retry_after_s": 0, "paths": ["/arcgis/"]}

@@ -200,7 +200,7 @@ def test_journal_drops_torn_line_and_last_record_wins(tmp_path):
 
 
 def test_output_dir_of_another_dataset_is_refused_before_any_work(tmp_path):
-    from cmsrd.pipeline import run_build
+    from cmsrd.driver import run_build
 
     cfg = load_config(_preset(tmp_path))
     out = tmp_path / "out"
@@ -227,3 +227,29 @@ def test_one_build_per_output_dir(tmp_path):
         a.unlock()
     b.lock()
     b.unlock()
+
+
+def test_sample_task_carries_exactly_the_plan_columns():
+    """A task is one plan row with plain Python values: every plan column reaches the stages and the row."""
+    from dataclasses import fields
+
+    from cmsrd.layout import BUILD_COLUMNS
+    from cmsrd.plan import PLAN_COLUMNS, plan_from_tiles
+    from cmsrd.stages import SampleTask, plan_tasks
+
+    assert [f.name for f in fields(SampleTask)] == list(PLAN_COLUMNS)
+    assert set(PLAN_COLUMNS) <= set(BUILD_COLUMNS)
+    plan = plan_from_tiles(
+        18,
+        np.array([132740, 132741]),
+        np.array([90137, 90138]),
+        np.array(["train", "test"]),
+        np.array(["a", "b"]),
+        4,
+        256,
+    )
+    tasks = plan_tasks(plan)
+    assert [t.id for t in tasks] == ["18_132740_90137", "18_132741_90138"] and tasks[1].split == "test"
+    assert type(tasks[0].z) is int and type(tasks[0].block) is str and type(tasks[0].lon) is float
+    assert tasks[0].columns() == {c: plan.iloc[0][c] for c in PLAN_COLUMNS}
+    assert tasks[1].bounds == tuple(plan.iloc[1][["minx", "miny", "maxx", "maxy"]])

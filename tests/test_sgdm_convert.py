@@ -128,7 +128,7 @@ def test_released_flow_names_and_config_named_flows(official_keys, tmp_path, cap
     mean, std = _fake_flow_state(official_keys["style_flow"], 1), _fake_flow_state(official_keys["style_flow"], 2)
     torch.save(mean, tmp_path / "flow_tanh_mini_mean")
     torch.save(std, tmp_path / "flow_tanh_mini_std")
-    with caplog.at_level("INFO", logger="baselines.sgdm.model"):
+    with caplog.at_level("INFO", logger="baselines.sgdm"):
         fresh = build("sgdm+", 16, {**TINY, "checkpoint": str(tmp_path / "model.safetensors")})
     assert bool(fresh.flows.trained) and torch.equal(fresh.flows.std.q0.loc, std["q0.loc"])
     assert "flow_tanh_mini_mean" in caplog.text
@@ -595,7 +595,7 @@ def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(ti
     buffers from the run; the frozen UNet body, VAE and text tower exist only in the official file, so SGDM
     reads it anyway (with `pretrained: null` a skip would resume on a random backbone)."""
     from baselines import registry
-    from baselines.train import resumable_state
+    from benchmark.train import resumable_state
 
     src, ckpt, tok = tiny_official
     m = registry.build("sgdm", 32, {**_net(tokenizer=str(tok)), "checkpoint": str(ckpt)}, load_checkpoint=False)

@@ -199,8 +199,8 @@ def test_style_flows_train_and_sample():
 
 
 def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp_path):
-    """`cmsrd-bench train --method sgdm+` then `--stage 2` through baselines.train, then load and sample."""
-    from baselines.train import train
+    """`cmsrd-bench train --method sgdm+` then `--stage 2` through benchmark.train, then load and sample."""
+    from benchmark.train import train
 
     cfg = {
         **TINY,
@@ -289,7 +289,7 @@ def test_trainer_validates_sgdm_plus_with_the_gt_as_style(tiny_dataset, tmp_path
     import csv
 
     from baselines.sgdm.model import SGDMPlus
-    from baselines.train import train
+    from benchmark.train import train
     from cmsrd.io import read_png
 
     seen = []
@@ -350,7 +350,7 @@ def test_shipped_configs_pass_the_train_key_check(name, scale):
     """SGDM declares the `train.*` keys it reads, so the trainer refuses a misspelt one; every shipped
     config (defaults and the small/tiny overlays) must pass."""
     from baselines import registry
-    from baselines.train import check_train_keys
+    from benchmark.train import check_train_keys
 
     method = build(name, scale, TINY, device="meta")
     for overlay in ("sgdm-small.yaml", "sgdm-tiny.yaml", None):

@@ -166,7 +166,7 @@ def _replay_server(cassettes: list[Path]):
     """A loopback STAC API answering with recorded Earth Search bodies (next pages by their token)."""
     import yaml
 
-    from cmsrd.world.servers import HTTPError, LoopbackServer, Response
+    from cmsrd.world.loopback import HTTPError, LoopbackServer, Response
 
     landing, pages = None, []
     for c in cassettes:
@@ -223,7 +223,7 @@ def test_recorded_earth_search_2025_pages_and_recipes(shared_data):
 
 def test_recorded_earth_search_2023_item(shared_data):
     rec = shared_data / "stac-recordings"
-    with _replay_server([rec / "earth-search-v1-search-2025.yaml", rec / "earth-search-v1-search-2023.yaml"]) as srv:
+    with _replay_server([rec / "earth-search-v1-search-2025.yaml", rec / "earth-search-v1-search-2023.yaml"]):
         import yaml
 
         raw = yaml.safe_load((rec / "earth-search-v1-search-2023.yaml").read_text())["interactions"][0]
@@ -328,7 +328,8 @@ def test_world_search_down_is_a_recorded_failure(world):
 
 
 def test_planetary_computer_signing_and_uppercase_keys(world, caplog):
-    from cmsrd.world.servers import HTTPError, json_response, serve_world
+    from cmsrd.world.loopback import HTTPError, json_response
+    from cmsrd.world.servers import serve_world
 
     root, meta, _ = world
     t = _world_tile(meta, 17)

@@ -3,7 +3,7 @@
 One class per official variant over shared machinery: SD2.1-base UNet/VAE/text encoder (`backbone.py`),
 the CS-encoder + adapter injected at the official six points (`adapter.py`), the map-colour prompt
 (`prompt.py`), style flows for SGDM+ (`flows.py`) and the shared diffusion samplers
-(`baselines.diffusion`).
+(`baselines.diffusion`). Checkpoints and backbone sources: `loading.py`; SGDM+ stage 2: `stage2.py`.
 
 Deviations from the official code, chosen on purpose:
 - outputs are clamped to [0, 1] (the toolkit's output contract); the official sampler does not clamp;
@@ -15,8 +15,6 @@ Deviations from the official code, chosen on purpose:
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +23,29 @@ import torch
 from torch.nn import functional as F
 
 from cmsrd.classes import BY_NAME
-from cmsrd.errors import InputError, unknown_name
-from cmsrd.io import atomic_path, atomic_write_text, sha256_file
+from cmsrd.errors import InputError
 
 from ..base import Batch, SRMethod, TrainContext
-from ..checkpoint import run_weights
 from ..conditions import Conditions
 from ..diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
 from ..seeding import Generators
+from . import loading, stage2
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
-from .backbone import (
-    LATENT_SCALE,
-    backbone_from_original_state,
-    load_backbone,
-    load_original_parts,
-    random_backbone,
-    resolve_tokenizer,
-    set_trainable,
-)
-from .convert import (
-    adapter_state,
-    detect_variant,
-    find_flow_files,
-    has_backbone,
-    is_official,
-    load_strict,
-    load_torch_state,
-)
-from .flows import FlowTrainConfig, StyleFlows, train_style_flows
+from .backbone import LATENT_SCALE, set_trainable
+from .flows import StyleFlows
+from .loading import FLOW_HINT
 from .prompt import PromptEncoder, prompts_from_maps
 
-log = logging.getLogger(__name__)
 LAND_RGB = torch.tensor(BY_NAME["land"].rgb, dtype=torch.float32) / 255.0
-FLOWS_FILE = "flows.safetensors"
 
 
 class SGDMBase(SRMethod):
-    """Shared SGDM machinery; subclasses fix `variant`.
+    """Shared SGDM network, training step and sampler; subclasses fix `variant`.
 
-    Config keys: `network` {backbone: {pretrained, geometry, tokenizer, overrides}, cond_channels} (what the
-    trainer records in checkpoints, so the runner rebuilds the same geometry), `sampler` {name, steps},
-    `train` {gradient_checkpointing, lr, ...}, `flows` (stage-2 training; sgdm+ also {mean, std}: flow files
-    to load), `checkpoint` (loaded at build; an official SGDM .ckpt also supplies the UNet, VAE and text
-    encoder, so `pretrained` is not read for weights and only the tokenizer is needed).
-
-    `checkpoint` is read at build even when `registry.build(load_checkpoint=False)` (a resumed training run):
-    besides the trained tensors, which the run's own checkpoint then replaces, it supplies frozen parts that
-    a training checkpoint does not store (`train.resumable_state`): the SD2.1 backbone of an official file and
-    style flows. Skipping it would resume on a different frozen backbone or on untrained flows."""
+    Config keys: `network` {backbone: {pretrained, geometry, tokenizer, overrides}, cond_channels}, `sampler`
+    {name, steps}, `train` {gradient_checkpointing, lr, ...}, `flows`, `checkpoint`. Where weights come from
+    is `loading.py` (`checkpoint` is read at build, even for a resumed run: an official file carries the frozen
+    backbone and flows sit beside checkpoints); stage 2 of sgdm+ is `stage2.py`."""
 
     variant = "simu"
     # `train.*` keys read here beyond the trainer's own (configure_optimizers, __init__)
@@ -85,28 +58,14 @@ class SGDMBase(SRMethod):
         on_meta = str(device) == "meta"
         ckpt = config.get("checkpoint")
         # an official .ckpt is read once, here: it may carry the whole backbone
-        state = None if on_meta or not ckpt or Path(ckpt).suffix == ".safetensors" else load_torch_state(Path(ckpt))
-        official = state if state is not None and has_backbone(state) else None
+        state, whole = loading.read_build_checkpoint(ckpt, on_meta)
+        official = state if whole else None
         if official is not None:  # before the tokenizer and an SD2.1-size conversion, not after
-            self._check_variant(official, Path(ckpt))
-        geometry_name, overrides = bcfg.get("geometry", "sd21-base"), bcfg.get("overrides")
+            loading.check_variant(self, official, Path(ckpt))
         # random init is built directly on the target device (fast on GPU, free on meta)
         build_on = torch.device(device) if on_meta or (official is None and bcfg.get("pretrained") is None) else None
         with build_on if build_on is not None else _null():
-            if on_meta:  # structure only (parameter counts): no weights are read, whatever the source
-                bb = random_backbone(geometry_name, overrides)
-            elif official is not None:  # the authors' .ckpt holds the whole SD2.1 backbone
-                tok = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), ckpt)
-                if bcfg.get("pretrained") is not None:
-                    log.info(
-                        "%s: backbone weights from %s; backbone.pretrained (%s) not read for weights",
-                        spec.name,
-                        ckpt,
-                        bcfg.get("pretrained"),
-                    )
-                bb = backbone_from_original_state(official, geometry_name, tok, f"official:{Path(ckpt)}", overrides)
-            else:
-                bb = load_backbone(bcfg.get("pretrained"), geometry_name, bcfg.get("tokenizer"), overrides)
+            bb = loading.build_backbone(spec.name, bcfg, ckpt, official, on_meta)
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
             self.adapter = SGDMAdapter(
                 self.variant, self.unet.config.block_out_channels[:3], int(net.get("cond_channels", 384))
@@ -140,7 +99,7 @@ class SGDMBase(SRMethod):
         if ckpt:
             self.load_checkpoint(ckpt, state, backbone_loaded=official is not None)
         if named_flows:
-            self._load_named_flows(config["flows"])
+            loading.load_named_flows(self, config["flows"])
 
     # ---- pieces ---------------------------------------------------------------------------------
     @property
@@ -256,112 +215,8 @@ class SGDMBase(SRMethod):
     def load_checkpoint(
         self, path: str | Path, state: dict[str, torch.Tensor] | None = None, backbone_loaded: bool = False
     ) -> None:
-        """Load our safetensors (from the trainer) or the authors' Lightning `.ckpt` (`state`: that file,
-        already read; `backbone_loaded`: its UNet, VAE and text tower were built from it, so only the adapter
-        is left); flows found next to it unless the config names them (`flows: {mean, std}`)."""
-        path = Path(path)
-        state = load_torch_state(path) if state is None else state
-        if is_official(state):
-            self._check_variant(state, path)
-            if not backbone_loaded:
-                self._load_official_backbone(state, path)
-            load_strict(self.adapter, adapter_state(state), f"checkpoint {path} (adapter)")
-        else:
-            self._load_ours(state, path)
-        if self.flows is not None and not (self.config.get("flows") or {}).keys() & {"mean", "std"}:
-            self._load_flows_near(path)
-        self.loaded_from = path
-
-    def _check_variant(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        """An official checkpoint of another variant (SGDM-syn.ckpt given to sgdm+) is one clear error."""
-        found = detect_variant(state)
-        if found != self.variant:
-            raise InputError(
-                f"checkpoint {path}",
-                f"is an official {found!r} model, this method is {self.variant!r}",
-                "use SGDM-real.ckpt with sgdm+, SGDM-syn.ckpt with sgdm, the no-map one with sgdm-nomap",
-            )
-
-    def _load_official_backbone(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        """The UNet, and the VAE and text tower when present, of an official checkpoint over a built backbone."""
-        if self.backbone_source.startswith("random:") and any(k.startswith("cond_stage_model.model.") for k in state):
-            bcfg = (self.config.get("network") or {}).get(
-                "backbone"
-            ) or {}  # real text weights need the real vocabulary
-            self.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
-            self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
-        parts = load_original_parts(self.unet, self.vae, self.text_encoder, state, str(path), required=False)
-        self.prompt_encoder.clear()
-        log.info("%s: %s loaded from %s", self.spec.name, ", ".join(parts), path)
-        self.backbone_source = f"official:{path}"
-
-    def _load_ours(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        groups: dict[str, dict[str, torch.Tensor]] = {"adapter": {}, "unet": {}, "flows": {}}
-        for k, v in state.items():
-            head, _, rest = k.partition(".")
-            if head not in groups or (head == "flows" and self.flows is None):
-                raise InputError(
-                    f"checkpoint {path}",
-                    f"unexpected tensor {k!r} for {self.spec.name}",
-                    "load a checkpoint trained for this method",
-                )
-            groups[head][rest] = v
-        load_strict(self.adapter, groups["adapter"], f"checkpoint {path} (adapter)")
-        unet_own = dict(self.unet.named_parameters())
-        want = {k for k, p in unet_own.items() if p.requires_grad}
-        if set(groups["unet"]) != want:
-            raise InputError(f"checkpoint {path}", "UNet attention tensors do not match this backbone geometry")
-        with torch.no_grad():
-            for k, v in groups["unet"].items():
-                if v.shape != unet_own[k].shape:
-                    raise InputError(
-                        f"checkpoint {path}", f"{k} has shape {tuple(v.shape)}, expected {tuple(unet_own[k].shape)}"
-                    )
-                unet_own[k].copy_(v)
-        if groups["flows"]:
-            load_strict(self.flows, groups["flows"], f"checkpoint {path} (flows)")
-
-    def _load_flows_near(self, checkpoint: Path) -> None:
-        """Stage-2 `flows.safetensors`, else the official flow files (`convert.FLOW_FILES`), next to `checkpoint`.
-        Our flows are fitted to one stage-1 file's style encoder (recorded as `stage1_weights`): loading them
-        with another checkpoint is allowed (the style space drifts, not the shapes) but logged as a warning."""
-        directory = checkpoint.parent
-        ours = directory / FLOWS_FILE
-        if ours.is_file():
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            load_strict(self.flows, load_file(str(ours)), f"flows {ours}")
-            with safe_open(str(ours), "pt") as f:
-                fitted_to = json.loads((f.metadata() or {}).get("stage1_weights", "null"))
-            # the bytes decide, not the name: a copied or renamed stage-1 file is the same style encoder
-            if fitted_to and fitted_to.get("sha256") != sha256_file(checkpoint):
-                log.warning(
-                    "%s: %s were fitted to the style encoder of %s (sha256 %.12s), not of %s; run that "
-                    "file, or re-run stage 2 for this one",
-                    self.spec.name,
-                    ours,
-                    fitted_to.get("name"),
-                    fitted_to.get("sha256"),
-                    checkpoint.name,
-                )
-            log.info("%s: style flows from %s", self.spec.name, ours)
-            return
-        official = find_flow_files(directory)
-        if official:
-            self._load_official_flows(*official)
-
-    def _load_named_flows(self, cfg: dict[str, Any]) -> None:
-        """`flows: {mean: PATH, std: PATH}`: the official flow state dicts named in the config."""
-        if not (cfg.get("mean") and cfg.get("std")):
-            raise InputError("config flows", "names only one of mean/std", "give both: flows: {mean: PATH, std: PATH}")
-        self._load_official_flows(Path(cfg["mean"]).expanduser(), Path(cfg["std"]).expanduser())
-
-    def _load_official_flows(self, mean: Path, std: Path) -> None:
-        load_strict(self.flows.mean, load_torch_state(mean), f"flow {mean}")
-        load_strict(self.flows.std, load_torch_state(std), f"flow {std}")
-        self.flows.trained.fill_(True)
-        log.info("%s: style flows from %s and %s", self.spec.name, mean, std)
+        """Our safetensors or the authors' `.ckpt` (and flows beside it): see `loading.load_checkpoint`."""
+        loading.load_checkpoint(self, path, state, backbone_loaded)
 
 
 class SGDM(SGDMBase):
@@ -416,81 +271,14 @@ class SGDMPlus(SGDMBase):
     def collect_style_stats(
         self, data_root: Path, batch_size: int = 16, augment: bool = True, seed: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Style-encoder mean/std (N x 32 each) of the HR training images in [-1, 1]."""
-        from tqdm.auto import tqdm
-
-        from cmsrd.data import CMSRDDataset
-
-        ds = CMSRDDataset(data_root, "train", inputs=("hr",), augment=augment, seed=seed)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-        enc = self.adapter.merge_encoder.HR_Style_Encoder
-        was_training = enc.training
-        enc.eval()
-        means, stds = [], []
-        for item in tqdm(loader, desc="style stats", leave=False):
-            m, s = enc.stats(item["hr"].to(self.device) * 2 - 1)
-            means.append(m.flatten(1).float().cpu())
-            stds.append(s.flatten(1).float().cpu())
-        enc.train(was_training)
-        return torch.cat(means).numpy(), torch.cat(stds).numpy()
+        """Style-encoder mean/std (N x 32 each) of the HR training images (`stage2.collect_style_stats`)."""
+        return stage2.collect_style_stats(self, data_root, batch_size, augment, seed)
 
     def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
-        """Stage 2: collect HR style statistics with the stage-1 style encoder and fit the two flows.
-
-        Reads `model-best.safetensors` from `out_dir` when present (else `model.safetensors`) unless a
-        checkpoint was loaded. Writes `style_mean.npy`, `style_std.npy`, `flows.safetensors` and
-        `flows_history.json` to `out_dir` (next to the stage-1 checkpoint, where `load_checkpoint` finds the flows);
-        both record `stage1_weights` (name, sha256 of the stage-1 file whose style encoder the flows model)."""
+        """Stage 2 (`stage2.run_stage2`): style statistics of the stage-1 style encoder, then the flows."""
         if stage != 2:
             return super().run_stage(stage, data_root, train_cfg, out_dir)
-        from safetensors.torch import save_file
-
-        fcfg = {**(self.config.get("flows") or {}), **(train_cfg.get("flows") or {})}
-        known = set(FlowTrainConfig.__dataclass_fields__) | {"collect_batch_size", "augment", "mean", "std"}
-        for key in sorted(set(fcfg) - known):  # a misspelt stage-2 setting would otherwise be ignored silently
-            raise unknown_name(f"config flows.{key} (or train.flows.{key})", "is not a stage-2 setting", key, known)
-        out_dir = Path(out_dir)
-        if self.loaded_from is None:
-            # the LPIPS-best stage-1 weights (train.keep_best, as the official ModelCheckpoint), else the last
-            stage1 = run_weights(out_dir)
-            if stage1 is None:
-                raise InputError(
-                    f"stage 2 of {self.spec.name}",
-                    "needs the stage-1 weights (the style encoder), none were loaded",
-                    "run it with --out set to the stage-1 run folder (holding model.safetensors), or set "
-                    "`checkpoint:` in the config",
-                )
-            log.info("%s stage 2: style encoder from %s", self.spec.name, stage1)
-            self.load_checkpoint(stage1)
-        if torch.cuda.is_available() and self.device.type == "cpu":
-            self.to("cuda")
-        means, stds = self.collect_style_stats(
-            Path(data_root),
-            int(fcfg.get("collect_batch_size", 16)),
-            bool(fcfg.get("augment", True)),
-            int(train_cfg.get("seed", 0)),
-        )
-        for name, arr in (("style_mean.npy", means), ("style_std.npy", stds)):
-            with atomic_path(out_dir / name) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, arr)
-        cfg = FlowTrainConfig(**{k: v for k, v in fcfg.items() if k in FlowTrainConfig.__dataclass_fields__})
-        self.flows.requires_grad_(True)
-        try:
-            history = train_style_flows(self.flows, means, stds, cfg)
-        finally:
-            self.flows.requires_grad_(False)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.flows.state_dict().items()}
-        # the flows model this file's style space: recorded so `_load_flows_near` can spot another stage-1 file
-        stage1_weights = {"name": self.loaded_from.name, "sha256": sha256_file(self.loaded_from)}
-        with atomic_path(out_dir / FLOWS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"stage1_weights": json.dumps(stage1_weights)})
-        atomic_write_text(
-            out_dir / "flows_history.json", json.dumps({"n": len(means), "stage1_weights": stage1_weights, **history})
-        )
-
-
-FLOW_HINT = "`flows: {mean: PATH, std: PATH}` in the config, or flow_tanh_mini_mean/_std next to the checkpoint"
+        stage2.run_stage2(self, data_root, train_cfg, out_dir)
 
 
 STYLE_MIN_PX = 16  # the style encoder downsamples 8x, then takes a spatial (unbiased) std: >= 2 x 2 values

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ KID_MAX_SUBSET = 1000
 FID_SEED = 2020  # torch-fidelity's rng seed (KID subset draws); named in the `kid` definition run.json records
 MIN_PATCH = 16
 
-Image = Union[np.ndarray, str, os.PathLike]  # a uint8 HxWx3 array, or the path of a PNG read on access
+Image = np.ndarray | str | os.PathLike  # a uint8 HxWx3 array, or the path of a PNG read on access
 
 
 def _shape(img: Image) -> tuple[int, int]:
@@ -120,7 +120,8 @@ def check_set_size(names: Sequence[str], n_images: int, hr_size: tuple[int, int]
         n_patches = n_images * (hr_size[0] // size) * (hr_size[1] // size)
         if n_patches < 2:
             problems.append(
-                f"patch-FID needs at least 2 patches of {size} px, {n_images} image(s) of {hr_size[0]}x{hr_size[1]} give {n_patches}"
+                f"patch-FID needs at least 2 patches of {size} px, "
+                f"{n_images} image(s) of {hr_size[0]}x{hr_size[1]} give {n_patches}"
             )
     if problems:
         asked = [n for n in names if n in ("fid", "kid", "patch_fid")]

@@ -234,7 +234,9 @@ class WorldImageryHR:
             resp = self.client.get(url, validate=lambda r: decode_tile(r.content))
         except HTTPFetchError as e:
             if e.status == 404:
-                raise SampleError("hr_placeholder", f"no imagery at tile {z}/{x}/{y} (HTTP 404 with blankTile=false)")
+                raise SampleError(
+                    "hr_placeholder", f"no imagery at tile {z}/{x}/{y} (HTTP 404 with blankTile=false)"
+                ) from None
             raise SampleError("hr_fetch_failed", f"tile {z}/{x}/{y}: {e}") from None
         tile = decode_tile(resp.content)
         if cached is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -111,7 +112,47 @@ def generate_command(
     click.echo(f"  Sentinel-2 items: {', '.join(meta['s2_items'])}")
 
 
-# `cmsrd world serve` is engineer B's command (cmsrd.world.servers): prints the loopback URLs and blocks.
-from .servers import serve_command  # noqa: E402
+@world.command("serve")
+@click.argument("world_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=0, show_default=True, help="TCP port; 0 picks a free one.")
+@click.option(
+    "--latency", "latency_s", default=0.0, help="Seconds added to every request (under --fault-path, if given)."
+)
+@click.option("--error-rate", default=0.0, help="Share of requests answered 429/500/503.")
+@click.option("--error-codes", default="429,500,503", show_default=True, help="Statuses for errors.")
+@click.option("--timeout-rate", default=0.0, help="Share of requests held without an answer.")
+@click.option("--timeout-s", default=30.0, show_default=True, help="How long a held request is held.")
+@click.option("--corrupt-rate", default=0.0, help="Share of bodies with altered bytes.")
+@click.option("--truncate-rate", default=0.0, help="Share of bodies cut short.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fault sequence.")
+@click.option("--fault-path", "paths", multiple=True, help="Fault only URL paths with this prefix.")
+def serve_command(
+    world_dir: Path, host: str, port: int, error_codes: str, paths: tuple[str, ...], **rates: Any
+) -> None:
+    """Serve WORLD_DIR on loopback: Esri-shaped tiles + identify, STAC API, ranged files, Geofabrik.
 
-world.add_command(serve_command, "serve")
+    Test and demo infrastructure only; real runs talk to the real services.
+    """
+    from .faults import FaultConfig
+    from .servers import WorldServer
+
+    try:
+        codes = tuple(int(c) for c in error_codes.split(",") if c.strip())
+    except ValueError:
+        raise InputError(
+            "--error-codes", f"{error_codes!r} is not a comma-separated list of statuses", "e.g. --error-codes 429,503"
+        ) from None
+    faults = FaultConfig(error_codes=codes, paths=paths or None, **rates)
+
+    srv = WorldServer(world_dir, host=host, port=port, faults=faults if faults.active else None)
+    click.echo(f"serving {world_dir} at {srv.base_url}  (Ctrl-C stops)")
+    for label, url in (
+        ("tiles", srv.tile_template),
+        ("identify", srv.identify_url),
+        ("stac", srv.stac_url),
+        ("geofabrik", srv.geofabrik_index_url),
+        ("files", srv.files_url),
+    ):
+        click.echo(f"  {label:9s} {url}")
+    srv.serve_forever()

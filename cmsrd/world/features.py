@@ -299,7 +299,7 @@ class _Builder:
             ind_u = max(a[3] for a in cells) - 1.6 * su
         buildings: list[tuple[Polygon, dict, str]] = []
         house_roofs = ["roof_terracotta"] * 5 + ["roof_red_brown"] * 3 + ["roof_anthracite"] * 3 + ["roof_grey"]
-        for n, (i, j, u0, u1, v0, v1, cell) in enumerate(cells):
+        for n, (_i, _j, u0, u1, v0, v1, cell) in enumerate(cells):
             block = cell.intersection(town).difference(blocked)
             block_parts = [p for p in _parts(block) if p.area > 300]
             if not block_parts:

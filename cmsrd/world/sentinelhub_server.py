@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import InputError
 from .faults import FaultConfig
-from .servers import HTTPError, LoopbackServer, Request, Response, json_response
+from .loopback import HTTPError, LoopbackServer, Request, Response, json_response
 
 TOKEN_PATHS = (r"/oauth/token", r"/auth/realms/CDSE/protocol/openid-connect/token")
 

@@ -30,7 +30,7 @@ from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
 from ..errors import InputError
-from .servers import HTTPError, LoopbackServer, Request, Response, json_response
+from .loopback import HTTPError, LoopbackServer, Request, Response, json_response
 
 STAC_VERSION = "1.0.0"
 CONFORMANCE = [

@@ -131,9 +131,8 @@ def markdown(
                 "|---|---|---|---|",
             ]
             for v in r["val_curve"]:
-                lines.append(
-                    f"| {v['step']} | {v.get('elapsed_s')} | {v.get('psnr_y', float('nan')):.3f} | {_fmt_lpips(v.get('lpips'))} |"
-                )
+                psnr = v.get("psnr_y", float("nan"))
+                lines.append(f"| {v['step']} | {v.get('elapsed_s')} | {psnr:.3f} | {_fmt_lpips(v.get('lpips'))} |")
     return "\n".join(lines) + "\n"
 
 

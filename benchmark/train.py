@@ -78,12 +78,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from benchmark.metrics import get as get_metric
-from cmsrd.errors import InputError, MissingWeightsError, unknown_name
-from cmsrd.io import atomic_path, atomic_write_text
-
-from .base import SRMethod, TrainContext
-from .checkpoint import (
+from baselines.base import SRMethod, TrainContext
+from baselines.checkpoint import (
     BEST_EXPORT_FILE,
     EXPORT_FILE,
     latest_checkpoint,
@@ -94,10 +90,15 @@ from .checkpoint import (
     save_weights,
     set_rng_state,
 )
-from .conditions import Conditions, apply_conditions, partners
-from .feedforward import build_optimizer  # noqa: F401  (re-exported for methods)
-from .inference import PRECISIONS, autocast_context, resolve_device, super_resolve_batch, to_uint8_images
-from .seeding import SEED_RULE, seeded_generators
+from baselines.conditions import Conditions, partners
+from baselines.device import PRECISIONS, autocast_context, resolve_device
+from baselines.seeding import SEED_RULE
+from cmsrd.errors import InputError, MissingWeightsError, unknown_name
+from cmsrd.io import atomic_path, atomic_write_text
+
+from . import metrics as M
+from .evaluate import SRPass, mean_finite, score_images
+from .metrics import get as get_metric
 
 DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
@@ -458,7 +459,8 @@ class Trainer:
 
     # ---- main loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train until `max_steps`/`total_steps`; returns {"step", "elapsed_s", "weights", "val"} (+ "best" with keep_best)."""
+        """Train until `max_steps`/`total_steps`; returns {"step", "elapsed_s", "weights", "val"}
+        (+ "best" with keep_best)."""
         self._check_out_dir()
         resume_from = resume_checkpoint(self.out_dir, self.resume)
         config = self.effective_config()
@@ -623,7 +625,8 @@ class Trainer:
         def backward(loss: torch.Tensor, name: str) -> None:
             if name not in optimizers:
                 raise KeyError(
-                    f"training_step called backward for optimizer {name!r}; configure_optimizers returned {sorted(optimizers)}"
+                    f"training_step called backward for optimizer {name!r}; "
+                    f"configure_optimizers returned {sorted(optimizers)}"
                 )
             opt = optimizers[name]
             loss = loss / self.accumulate
@@ -665,38 +668,34 @@ class Trainer:
             return self._validate(test_ds, ema)
 
     def _validate(self, test_ds: Any, ema: AveragedModel | None) -> dict[str, Any]:
-        from benchmark.metrics.psnr_ssim import psnr
-
         loader = torch.utils.data.DataLoader(test_ds, batch_size=int(self.cfg["val_batch_size"]), shuffle=False)
-        crop = int(self.cfg["val_crop_border"])
-        cond, seed = self.val_cond, int(self.cfg["seed"])
-        partner = partners(list(test_ds.ids), seed)
-        index_of = {sid: i for i, sid in enumerate(test_ds.ids)}
+        crop, seed, ids = int(self.cfg["val_crop_border"]), int(self.cfg["seed"]), list(test_ds.ids)
+        psnr_y = {"psnr_y": M.build_image_metric("psnr_y", crop_border=crop)}
         psnrs: list[float] = []
         sr_imgs: list[np.ndarray] = []
         hr_imgs: list[np.ndarray] = []
         t0 = time.perf_counter()
         with _swap_generator(self.method, ema.module if ema is not None else None):
             self.method.to(self.device)
-            for batch in loader:
-                hr = batch["hr"]  # the reference; apply_conditions removes it from what the method sees
-                batch = apply_conditions(dict(batch), cond, test_ds.layout, test_ds.split, partner)
-                gens = seeded_generators(seed, [index_of[i] for i in batch["id"]], self.device)
-                sr = super_resolve_batch(self.method, batch, cond, self.device, self.precision, gens).cpu()
-                for a, b in zip(to_uint8_images(sr), to_uint8_images(hr)):
-                    psnrs.append(psnr(a, b, crop_border=crop, y_channel=True))
-                    sr_imgs.append(a)
-                    hr_imgs.append(b)
+            partner = partners(ids, seed)
+            cond, layout, split = self.val_cond, test_ds.layout, test_ds.split
+            sr_pass = SRPass(self.method, cond, layout, split, ids, partner, seed, self.device, self.precision)
+            for _, sr, hr in sr_pass.images(loader):
+                psnrs += score_images(psnr_y, sr, hr)["psnr_y"]
+                sr_imgs += list(sr)
+                hr_imgs += list(hr)
         self.method.train()
         out: dict[str, Any] = {
-            "condition": cond.name,
-            "psnr_y": float(np.mean(psnrs)),
+            "condition": self.val_cond.name,
+            "psnr_y": mean_finite(psnrs)[0],
             "n_images": len(psnrs),
             "crop_border": crop,
             "images_per_s": len(psnrs) / max(time.perf_counter() - t0, 1e-9),
         }
         lp = self._lpips_metric()
-        out["lpips"] = float(np.mean(lp(sr_imgs, hr_imgs))) if lp is not None else float("nan")
+        out["lpips"] = (
+            mean_finite(score_images({"lpips": lp}, sr_imgs, hr_imgs)["lpips"])[0] if lp is not None else float("nan")
+        )
         return out
 
     def _write_val_metrics(self, test_ds: Any, ema: AveragedModel | None) -> None:
@@ -719,7 +718,9 @@ class Trainer:
             "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
             "val_batch_size": int(self.cfg["val_batch_size"]),
             "precision": self.precision,
-            "images_per_s": "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)",
+            "images_per_s": (
+                "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)"
+            ),
         }
         atomic_write_text(self.out_dir / "val_metrics.json", json.dumps(doc, indent=2) + "\n")
 
@@ -749,10 +750,8 @@ class Trainer:
         if mode == "off" or self._lpips is False:
             return None
         if self._lpips is None:
-            from benchmark.metrics.perceptual import LPIPS
-
             try:
-                self._lpips = LPIPS(self.device)
+                self._lpips = M.build_image_metric("lpips", device=self.device)
             except MissingWeightsError as e:
                 if mode != "auto" or self.keep_best == "lpips":
                     raise
@@ -816,8 +815,8 @@ class Trainer:
         on_disk = self.out_dir / "best.json"
         if self.keep_best and on_disk.is_file() and json.loads(on_disk.read_text()).get("step", 0) > self.step:
             tqdm.write(
-                f"{on_disk} is from a step after the resumed step {self.step} (that part is trained again); model-best.safetensors "
-                "is replaced by the next validation better than the best up to this step"
+                f"{on_disk} is from a step after the resumed step {self.step} (that part is trained again); "
+                "model-best.safetensors is replaced by the next validation better than the best up to this step"
             )
         tqdm.write(f"resumed from {folder} at step {self.step}")
         return state["rng"]
@@ -903,9 +902,8 @@ def train(
     max_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Build `method_name` at the dataset's scale and train it (stage 1) or run its stage `stage`."""
+    from baselines import registry
     from cmsrd.layout import DatasetLayout
-
-    from . import registry
 
     layout = DatasetLayout.open(data_root)
     if scale is not None and scale != layout.scale:

@@ -1,0 +1,336 @@
+"""The build driver: plan, resume, run the stages as Dask tasks, streamed and journalled, then finalize.
+
+`run_build` submits samples partition by partition to a `distributed` client -- a `LocalCluster` of worker
+processes on 127.0.0.1 by default, or `--scheduler ADDRESS` -- keeping at most `max_in_flight` futures
+alive, so memory does not grow with the plan. Catalogue searches run once per (partition, spatial block)
+as their own tasks whose result feeds every sample task of that block. Each finished sample is appended
+to the fsync'd journal (`cmsrd.journal`) only after its files were written atomically, so a killed build
+resumes exactly where it stopped; the manifest and dataset.json are written at the end (`cmsrd.manifest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import DatasetConfig
+from .demo import default_cache_dir, resolved_sources
+from .errors import InputError
+from .journal import BuildState, Journal
+from .layout import SPLITS, DatasetLayout
+from .manifest import finalize, versions
+from .plan import make_plan, write_plan
+from .stages import (
+    BuildSpec,
+    SampleTask,
+    _uses_catalogue,
+    failed_row,
+    plan_tasks,
+    process_sample,
+    search_catalogue,
+    sentinelhub_source,
+)
+
+
+@dataclass
+class BuildReport:
+    root: Path
+    planned: int
+    skipped: int  # already done in an earlier run
+    processed: int
+    counts: dict[str, int]
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan_fingerprint(plan: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for sid, split in zip(plan["id"].astype(str), plan["split"].astype(str)):
+        h.update(f"{sid}:{split}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _open_client(workers: int, threads: int, scheduler: str | None):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except OSError as e:
+            raise InputError(
+                f"--scheduler {scheduler}",
+                f"cannot connect ({e})",
+                "start one with `dask scheduler` + `dask worker ADDRESS`, or omit --scheduler",
+            ) from None
+    # No dashboard; distributed's always-on HTTP endpoint is bound to loopback on a free port.
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.ERROR,
+    )
+    return Client(cluster), cluster
+
+
+def _partitions(todo: pd.DataFrame, size: int) -> Iterator[list[SampleTask]]:
+    for start in range(0, len(todo), size):
+        yield plan_tasks(todo.iloc[start : start + size])
+
+
+def _block_bbox(tasks: list[SampleTask]) -> tuple[float, float, float, float]:
+    from pyproj import Transformer
+
+    tr = Transformer.from_crs(3857, 4326, always_xy=True)
+    minx = min(t.minx for t in tasks)
+    miny = min(t.miny for t in tasks)
+    maxx = max(t.maxx for t in tasks)
+    maxy = max(t.maxy for t in tasks)
+    w, s = tr.transform(minx, miny)
+    e, n = tr.transform(maxx, maxy)
+    return (w, s, e, n)
+
+
+def run_build(
+    cfg: DatasetConfig,
+    out: str | os.PathLike,
+    *,
+    plan: pd.DataFrame | None = None,
+    workers: int = 2,
+    threads: int = 2,
+    scheduler: str | None = None,
+    force: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    faults: Any = None,
+) -> BuildReport:
+    """Build (or resume) a dataset into `out`. `workers=0` runs the stages in this process (debugging)."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    state = BuildState(root)
+    state.lock()
+    t0 = time.perf_counter()
+    try:
+        state.precheck(cfg.fingerprint(), force)
+        with resolved_sources(cfg, faults) as (rcfg, world_bounds):
+            if plan is None:
+                plan = make_plan(cfg, world_bounds)
+            if rcfg.lr.source == "sentinel-2" and rcfg.lr.backend == "sentinelhub":
+                sentinelhub_source(rcfg)  # missing credentials: one clear error before any work
+            fp = f"{cfg.fingerprint()}-{plan_fingerprint(plan)}"
+            resuming = state.check_identity(cfg.name, fp, cfg.content_dict(), force)
+            layout = DatasetLayout(root, cfg.hr_px, cfg.lr_px)
+            if force or not resuming:
+                state.reset(
+                    [root / s for s in SPLITS]
+                    + [
+                        root / "geo",
+                        layout.manifest_parquet,
+                        layout.manifest_csv,
+                        layout.dataset_json,
+                        state.dir / "osm",
+                    ]
+                )
+            state.write_identity(cfg.name, fp, cfg.content_dict(), versions())
+            write_plan(plan, state.dir / "plan.parquet")
+            _remove_temp_files(root)
+            osm = prepare_osm(rcfg, plan, state.dir)
+            spec = BuildSpec(rcfg, str(root), osm, cache_dir=None)
+            with Journal(state.journal_path) as journal:
+                done = {sid for sid, (_, status) in journal.index().items() if status in ("ok", "rejected")}
+                selected = plan if limit is None else plan.iloc[: int(limit)]
+                todo = selected[~selected["id"].astype(str).isin(done)]
+                processed = _execute(
+                    spec, todo, journal, workers, threads, scheduler, progress, skipped=len(selected) - len(todo)
+                )
+            counts = finalize(spec, cfg, plan, state)
+        return BuildReport(root, len(selected), len(selected) - len(todo), processed, counts, time.perf_counter() - t0)
+    finally:
+        state.unlock()
+
+
+def _remove_temp_files(root: Path) -> None:
+    """Half-written temp files of a killed build (never under a final name, see cmsrd.io)."""
+    for sub in list(SPLITS) + ["geo", ""]:
+        d = root / sub
+        if not d.is_dir():
+            continue
+        it = d.rglob(".*.part") if sub else d.glob(".*.part")
+        for p in it:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def _execute(
+    spec: BuildSpec,
+    todo: pd.DataFrame,
+    journal: Journal,
+    workers: int,
+    threads: int,
+    scheduler: str | None,
+    progress: bool,
+    skipped: int,
+) -> int:
+    from tqdm import tqdm
+
+    stats = {"ok": 0, "rejected": 0, "failed": 0}
+    bar = tqdm(
+        total=len(todo),
+        disable=not progress,
+        unit="sample",
+        desc=f"build {spec.cfg.name}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    if skipped:
+        bar.write(f"resuming: {skipped} samples already done")
+
+    first_failures: list[SampleTask] = []
+    abort_after = spec.cfg.build.abort_after_failures
+
+    def record(row: dict) -> None:
+        row["_done_at"] = round(time.time(), 3)  # journal only (not a manifest column): rates and profiles
+        journal.append(row)
+        stats[row["qa_status"]] += 1
+        bar.set_postfix(ok=stats["ok"], rejected=stats["rejected"], failed=stats["failed"], refresh=False)
+        bar.update(1)
+        if abort_after and stats["ok"] == stats["rejected"] == 0:
+            first_failures.append(row)
+            if len(first_failures) >= abort_after:
+                raise systematic_failure(spec.cfg.name, first_failures)
+
+    real = _uses_catalogue(spec.cfg)
+    try:
+        if workers == 0 and not scheduler:
+            for part in _partitions(todo, spec.cfg.build.partition_size):
+                for _, tasks in _group_by_block(part):
+                    search = search_catalogue(spec, _block_bbox(tasks)) if real else None
+                    for task in tasks:
+                        record(process_sample(spec, task, search))
+            return len(todo)
+        _run_distributed(spec, todo, workers, threads, scheduler, record)
+        return len(todo)
+    finally:
+        bar.close()
+
+
+def systematic_failure(name: str, rows: list[SampleTask]) -> InputError:
+    """The first samples of a run all failed: almost always one cause (no network, bad credentials, a
+    wrong URL). Stop instead of failing every remaining sample after its retries; the failures are in the
+    journal and are retried when the build is run again."""
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["qa_reason"]] = reasons.get(r["qa_reason"], 0) + 1
+    summary = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return InputError(
+        f"build {name}",
+        f"the first {len(rows)} samples all failed ({summary}); e.g. {rows[-1]['qa_detail']}",
+        "fix that cause (network, credentials, source URLs) and run the build again: it resumes and retries "
+        "failed samples (set build.abort_after_failures: 0 to never stop early)",
+    )
+
+
+def _group_by_block(part: list[SampleTask]) -> list[tuple[str, list[SampleTask]]]:
+    groups: dict[str, list[SampleTask]] = {}
+    for t in part:
+        groups.setdefault(t.block, []).append(t)
+    return list(groups.items())
+
+
+def _run_distributed(
+    spec: BuildSpec,
+    todo: pd.DataFrame,
+    workers: int,
+    threads: int,
+    scheduler: str | None,
+    record: Callable[[dict], None],
+) -> None:
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    client, cluster = _open_client(workers, threads, scheduler)
+    try:
+        nthreads = max(sum(client.nthreads().values()), 1)
+        limit = spec.cfg.build.max_in_flight or 4 * nthreads
+        spec_f = client.scatter(spec, broadcast=True)
+        real = _uses_catalogue(spec.cfg)
+        parts = _partitions(todo, spec.cfg.build.partition_size)
+        ac = as_completed()
+        tasks_of: dict[Any, SampleTask] = {}
+        pending: list[tuple[SampleTask, Any]] = []  # (task, search future) not yet submitted
+
+        def refill() -> None:
+            while len(tasks_of) < limit:
+                if not pending:
+                    part = next(parts, None)
+                    if part is None:
+                        return
+                    for _, tasks in _group_by_block(part):
+                        sf = client.submit(search_catalogue, spec_f, _block_bbox(tasks), pure=False) if real else None
+                        pending.extend((t, sf) for t in tasks)
+                task, sf = pending.pop(0)
+                f = client.submit(process_sample, spec_f, task, sf, key=f"sample-{task.id}-{time.time_ns()}")
+                tasks_of[f] = task
+                ac.add(f)
+
+        refill()
+        while tasks_of:
+            f = next(ac)
+            task = tasks_of.pop(f)
+            try:
+                row = f.result()
+            except KilledWorker as e:
+                row = failed_row(spec, task, "worker_died", str(e))
+            except FutureCancelledError as e:
+                row = failed_row(spec, task, "cancelled", str(e))
+            except Exception as e:  # an error outside process_sample's guard (e.g. unpicklable result)
+                row = failed_row(spec, task, "error", f"{type(e).__name__}: {e}")
+            f.release()
+            record(row)
+            refill()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def prepare_osm(cfg: DatasetConfig, plan: pd.DataFrame, state_dir: Path) -> dict[str, str]:
+    """Per-AOI map features as GeoParquet (done once per build; workers read them by AOI)."""
+    from .grid import tile_xy_to_lonlat
+    from .sources.osm import OSMFeatures
+
+    out: dict[str, str] = {}
+    for aoi, rows in plan.groupby("aoi", sort=True):
+        path = state_dir / "osm" / f"{aoi}.parquet"
+        out[str(aoi)] = str(path)
+        if path.exists():
+            continue
+        z = int(rows["z"].iloc[0])
+        w, n = tile_xy_to_lonlat(np.array([rows["x"].min()]), np.array([rows["y"].min()]), z)
+        e, s = tile_xy_to_lonlat(np.array([rows["x"].max() + 1]), np.array([rows["y"].max() + 1]), z)
+        bbox = (float(w[0]), float(s[0]), float(e[0]), float(n[0]))
+        if cfg.map.pbf:
+            pbf = cfg.resolve(cfg.map.pbf)
+        else:
+            from .sources.geofabrik import extract_for_aoi
+
+            _, pbf = extract_for_aoi(bbox, default_cache_dir() / "osm", index_url=cfg.map.geofabrik_index)
+        OSMFeatures.from_pbf(pbf, bbox).to_parquet(path)
+    return out
