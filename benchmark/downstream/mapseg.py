@@ -124,13 +124,13 @@ def predict(model: MapSegNet, images: Sequence[np.ndarray], batch_size: int = 8)
 def load_map_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MapSegNet, dict]:
     """A segmenter written by `train_map_segmenter` and its metadata (architecture, legend, training record)."""
     path = Path(path)
-    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     if not path.is_file():
         raise InputError(
             f"map segmenter {path}",
             "file not found",
             "train one with `cmsrd-bench train-downstream --data DATASET --out DIR`",
         )
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     if meta.get("kind") != KIND:
         raise InputError(
             f"map segmenter {path}",

@@ -82,11 +82,11 @@ def train_map_segmenter(
     data, out = Path(data), Path(out)
     if max_minutes is None and max_steps is None:
         raise InputError("train-downstream", "neither a time budget nor a step count was given", "pass --max-minutes")
+    torch.manual_seed(seed)
     model = MapSegNet(width=width, input_scale=input_scale).to(device).train()
     unit = input_scale * 2 ** (model.config["levels"] - 1)
     if crop is not None and crop % unit:
         raise InputError(f"--crop {crop}", f"must be a multiple of {unit} (input scale x three 2x poolings)", "")
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     train = CMSRDDataset(data, "train", inputs=("hr", "mask"), augment=True, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
