@@ -13,20 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .definitions import CLS_POLICY, SEG_POLICY  # noqa: F401  (re-exported: the policy of this code)
 from .rvsa import IMAGENET_MEAN, IMAGENET_STD, RVSAClassifier
 from .uperhead import RVSASegmenter
 
 CLS_RESIZE, CLS_CROP = 256, 224
-CLS_POLICY = (
-    "RVSA classifier input: shorter side resized to 256 (PIL bicubic; a 256 px tile is unchanged), centre crop "
-    "224, ImageNet mean/std: the official evaluation transform (MAEPretrain_SceneClassification build_transform)."
-)
-SEG_POLICY = (
-    "RVSA segmenter input: tile bilinearly upsampled to 512 px (the model's position embedding is fixed at "
-    "32x32 tokens; the official test mode slides 512 px crops, here one crop covers the tile), ImageNet "
-    "mean/std, softmax averaged with the horizontally flipped pass (official test_cfg flip=True), class "
-    "probabilities resized back to the tile size (bilinear) before argmax."
-)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:

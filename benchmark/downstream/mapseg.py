@@ -33,29 +33,17 @@ from cmsrd.classes import CLASSES
 from cmsrd.errors import InputError
 
 from .agreement import group_lut
+from .definitions import MAP_GROUPS, groups_text  # noqa: F401  (re-exported)
 from .rvsa import IMAGENET_MEAN, IMAGENET_STD
 
 KIND = "cmsrd-map-segmenter"
 ARCH = "unet"
-# Class groups of map agreement, in terms of cmsrd.classes names (every class in exactly one group).
-MAP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("land", ("land",)),
-    ("building", ("building",)),
-    ("transport", ("road", "major_road", "railway")),
-    ("water", ("water",)),
-    ("vegetation", ("forest", "wood", "park")),
-    ("farmland", ("farmland",)),
-)
 
 
 def map_group_lut() -> np.ndarray:
     """Class id -> group index for `MAP_GROUPS`."""
     ids = {c.name: c.id for c in CLASSES}
     return group_lut([[ids[n] for n in names] for _, names in MAP_GROUPS], len(CLASSES))
-
-
-def groups_text() -> str:
-    return "; ".join(f"{g} = {'+'.join(names)}" for g, names in MAP_GROUPS)
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
