@@ -93,6 +93,20 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
+@click.option(
+    "--rvsa-init",
+    type=click.Choice(["official", "random"]),
+    default="official",
+    show_default=True,
+    help="Downstream RVSA weights for cls_*/seg_* agreement: the official files, or seeded random init "
+    "(test/demo only: exercises the pipeline, measures nothing).",
+)
+@click.option(
+    "--map-segmenter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Map segmenter for map_miou/map_pixel_acc (mapseg.safetensors from `cmsrd-bench train-downstream`).",
+)
 def run_command(
     data,
     methods,
@@ -110,6 +124,8 @@ def run_command(
     precision,
     seed,
     limit,
+    rvsa_init,
+    map_segmenter,
 ) -> None:
     """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json."""
     from .runner import RunConfig, run_benchmark
@@ -134,6 +150,8 @@ def run_command(
         limit=limit,
         command=list(sys.argv),
         overwrite=overwrite,
+        rvsa_init=rvsa_init,
+        map_segmenter=map_segmenter,
     )
     info = run_benchmark(cfg, progress=lambda s: click.echo(s, err=True))
     failed = [k for k, v in info["methods"].items() if v["status"] == "failed"]

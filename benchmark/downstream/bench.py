@@ -27,6 +27,7 @@ from cmsrd.layout import DatasetLayout
 from . import agreement as A
 
 REFERENCE = "hr"
+SCORER = "__downstream__"  # the runner's per-run scorer slot
 CLS_METRICS = ("cls_top1_agree", "cls_top5_agree", "cls_kappa")
 SEG_METRICS = ("seg_miou_vs_hr", "seg_pixel_agree")
 MAP_METRICS = ("map_miou", "map_pixel_acc")

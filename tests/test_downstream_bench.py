@@ -1,0 +1,95 @@
+"""Downstream agreement through `cmsrd-bench run`: the hr reference row, recorded models, missing inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from baselines.weights import file_sha256
+from benchmark.downstream import bench as DS
+from benchmark.downstream.rvsa import RVSAClassifier
+from benchmark.downstream.train_mapseg import train_map_segmenter
+from benchmark.downstream.uperhead import RVSASegmenter
+from benchmark.runner import RunConfig, run_benchmark
+from cmsrd.errors import InputError
+
+ALL = ",".join(DS.METRICS)
+
+
+def _tiny_rvsa(seed: int):
+    torch.manual_seed(seed)
+    cls = RVSAClassifier(num_classes=21, img_size=224, dim=16, heads=2).eval()
+    return cls, RVSASegmenter(num_classes=7, img_size=112, dim=16, heads=2, channels=8).eval()
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mapseg")
+    train_map_segmenter(tiny_dataset, out, max_minutes=None, max_steps=2, batch_size=2, echo=lambda s: None)
+    return out / "mapseg.safetensors"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, segmenter, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setattr(DS, "build_random_rvsa", _tiny_rvsa)  # the full-size random RVSA is minutes per tile on CPU
+    out = tmp_path_factory.mktemp("bench")
+    cfg = RunConfig(
+        data=tiny_dataset,
+        out=out,
+        methods="hr,bicubic",
+        metrics=ALL,
+        rvsa_init="random",
+        map_segmenter=segmenter,
+        device="cpu",
+    )
+    try:
+        info = run_benchmark(cfg)
+    finally:
+        mp.undo()
+    return out, info
+
+
+def test_hr_row_is_a_reference_with_agreement_one(run, segmenter):
+    out, _ = run
+    board = pd.read_csv(out / "leaderboard.csv").set_index("method")
+    assert board.loc["hr", "status"] == "reference" and board.loc["bicubic", "status"] == "ok"
+    for n in DS.CLS_METRICS + DS.SEG_METRICS:
+        assert board.loc["hr", n] == 1.0, n
+        assert 0.0 <= board.loc["bicubic", n] <= 1.0 or n == "cls_kappa"
+    # the hr row's map agreement is the segmenter's own HR ceiling on the same test split
+    meta = json.loads((segmenter.parent / "mapseg.json").read_text())
+    assert board.loc["hr", "map_miou"] == pytest.approx(meta["hr_test_score"]["map_miou"])
+    assert board.loc["hr", "map_pixel_acc"] == pytest.approx(meta["hr_test_score"]["map_pixel_acc"])
+    assert 0.0 <= board.loc["bicubic", "map_miou"] <= 1.0
+
+
+def test_run_json_records_definitions_and_models(run, segmenter):
+    _, info = run
+    for n in DS.METRICS:
+        assert info["metrics"][n]["status"] == "ok" and info["metrics"][n]["definition"]
+    assert "centre crop 224" in info["metrics"]["cls_top1_agree"]["definition"]
+    assert "upsampled to 512" in info["metrics"]["seg_miou_vs_hr"]["definition"]
+    rec = info["downstream"]
+    assert rec["map_segmenter"]["sha256"] == file_sha256(segmenter)
+    assert rec["map_segmenter"]["arch"]["arch"] == "unet"
+    assert "RANDOM INIT" in rec["rvsa_classifier"]["weights"] and "RANDOM INIT" in rec["rvsa_segmenter"]["weights"]
+    assert info["methods"]["hr|default"]["reference"] is True
+
+
+def test_map_metrics_need_a_segmenter(tiny_dataset, tmp_path):
+    cfg = RunConfig(data=tiny_dataset, out=tmp_path, methods="bicubic", metrics="map_miou", device="cpu")
+    with pytest.raises(InputError, match="map_miou.*map segmenter.*train-downstream"):
+        run_benchmark(cfg)
+    cfg.skip_missing = True
+    info = run_benchmark(cfg)
+    assert info["metrics"]["map_miou"]["status"] == "skipped"
+
+
+def test_official_rvsa_weights_missing_is_one_clear_error(tiny_dataset, tmp_path):
+    cfg = RunConfig(data=tiny_dataset, out=tmp_path, methods="bicubic", metrics="cls_top1_agree", device="cpu")
+    with pytest.raises(InputError, match=r"rvsa_vit_b_ucm55\.pth missing"):
+        run_benchmark(cfg)
