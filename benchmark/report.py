@@ -307,6 +307,30 @@ class Section:
         return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
 
 
+SHOWN = ("ok", "reference")  # row statuses with numbers; "reference" rows (the `hr` row) are never ranked
+
+
+def downstream_notes(sec: Section) -> list[str]:
+    """Which downstream models produced the agreement columns of a group (run.json `downstream`), and what
+    the `hr` reference row is."""
+    notes = []
+    for name, info in zip(sec.group.runs, sec.group.infos):
+        rec = info.get("downstream") or {}
+        for key, label in (("rvsa_classifier", "RVSA classifier"), ("rvsa_segmenter", "RVSA segmenter")):
+            if key in rec:
+                r = rec[key]
+                sha = f", sha256 {r['sha256']}" if r.get("sha256") else ""
+                notes.append(f"{name}: {label}: {r.get('weights')}{sha}. {r.get('input', '')}")
+        if "map_segmenter" in rec:
+            notes.append(f"{name}: {rec['map_segmenter']['description']}")
+    if notes and (sec.board.status == "reference").any():
+        notes.append(
+            "The `hr` row runs the same models on the HR tiles themselves: agreement 1.0 by construction, and its "
+            "map agreement is the segmenter's ceiling; a reference, not ranked."
+        )
+    return notes
+
+
 def _section(
     group: Group, board: pd.DataFrame, figures: Path, n_groups: int, samples: int, ids: Sequence[str] | None
 ) -> Section:
@@ -360,11 +384,13 @@ def _markdown(sections: Sequence[Section]) -> str:
             + (f" *{sec.group.note(n)}*" if sec.group.note(n) else "")
             for n, m in sec.group.metrics.items()
         ]
-        failed = sec.board[sec.board.status != "ok"]
+        failed = sec.board[~sec.board.status.isin(SHOWN)]
         if not failed.empty:
             lines += ["", "### Not run", ""] + [
                 f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()
             ]
+        if down := downstream_notes(sec):
+            lines += ["", "### Downstream agreement", ""] + [f"- {t}" for t in down]
         if sec.plot:
             lines += ["", "### Perception–distortion", "", f"![PSNR-Y vs LPIPS](figures/{sec.plot})"]
         if sec.grids:
@@ -384,7 +410,9 @@ def _markdown(sections: Sequence[Section]) -> str:
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
     "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.t{text-align:left}"
-    "td.best{font-weight:bold;background:#e6f4ea}tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}"
+    "td.best{font-weight:bold;background:#e6f4ea}"
+    "tr.reference td{font-style:italic;background:#f7f7fb}"
+    "tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}"
 )
 
 
@@ -421,7 +449,7 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             out.append(f"<th{title}>{e(c)} {arrow}</th>")
         out += ["</tr>", "</thead>", "<tbody>"]
         for i, r in sec.board.iterrows():
-            out.append(f'<tr class="{"ok" if r.status == "ok" else "failed"}">')
+            out.append(f'<tr class="{r.status if r.status in SHOWN else "failed"}">')
             for c, d in sec.cols:
                 cls = "best" if (c, i) in sec.best else ("t" if d is None else "")
                 title = f' title="{e(str(r.reason))}"' if c == "status" and r.status != "ok" else ""
@@ -433,7 +461,7 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             arrow = "↑" if m["direction"] == "higher" else "↓"
             out.append(f"<li><strong>{e(n)}</strong> ({arrow}): {e(m['definition'])}{note}</li>")
         out.append("</ul>")
-        failed = sec.board[sec.board.status != "ok"]
+        failed = sec.board[~sec.board.status.isin(SHOWN)]
         if not failed.empty:
             out += (
                 ["<h3>Not run</h3>", "<ul>"]
@@ -443,6 +471,8 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
                 ]
                 + ["</ul>"]
             )
+        if down := downstream_notes(sec):
+            out += ["<h3>Downstream agreement</h3>", "<ul>"] + [f"<li>{e(t)}</li>" for t in down] + ["</ul>"]
         if sec.plot:
             out += [
                 "<h3>Perception–distortion</h3>",

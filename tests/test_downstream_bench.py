@@ -93,3 +93,17 @@ def test_official_rvsa_weights_missing_is_one_clear_error(tiny_dataset, tmp_path
     cfg = RunConfig(data=tiny_dataset, out=tmp_path, methods="bicubic", metrics="cls_top1_agree", device="cpu")
     with pytest.raises(InputError, match=r"rvsa_vit_b_ucm55\.pth missing"):
         run_benchmark(cfg)
+
+
+def test_report_has_a_downstream_section_and_never_ranks_the_hr_row(run, segmenter, tmp_path):
+    from benchmark.report import render_report
+
+    out, _ = run
+    render_report([out], tmp_path / "report", samples=0)
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md.split("### Downstream agreement", 1)[1]
+    assert file_sha256(segmenter) in section and "RANDOM INIT" in section and "not ranked" in section
+    assert "Not run" not in md
+    hr_line = next(line for line in md.splitlines() if line.startswith("| ") and "| hr |" in line)
+    assert "**" not in hr_line and "| reference |" in hr_line
+    assert 'class="reference"' in (tmp_path / "report" / "index.html").read_text()
