@@ -107,3 +107,10 @@ def test_report_has_a_downstream_section_and_never_ranks_the_hr_row(run, segment
     hr_line = next(line for line in md.splitlines() if line.startswith("| ") and "| hr |" in line)
     assert "**" not in hr_line and "| reference |" in hr_line
     assert 'class="reference"' in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_metrics_option_adds_downstream_columns_to_the_default_set():
+    from benchmark import metrics as M
+
+    assert M.parse_names("default,map_miou,map_pixel_acc") == [*M.DEFAULT_METRICS, "map_miou", "map_pixel_acc"]
+    assert not set(DS.METRICS) & set(M.DEFAULT_METRICS)  # heavy downstream models only when asked for

@@ -234,14 +234,16 @@ def get(name: str) -> Metric:
 
 
 def parse_names(text: str | Sequence[str] | None) -> list[str]:
-    """`"psnr_y,lpips"` / `"default"` / `"all"` -> metric names (validated)."""
-    if text is None or text == "default":
+    """`"psnr_y,lpips"` / `"default"` / `"all"` / `"default,map_miou"` -> metric names (validated); `default`
+    and `all` inside a list stand for their metrics."""
+    if text is None:
         return list(DEFAULT_METRICS)
-    if text == "all":
-        return list(METRICS)
     names = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    groups = {"default": list(DEFAULT_METRICS), "all": list(METRICS)}
+    names = [m for n in names for m in groups.get(n, [n])]
     for n in names:
-        get(n)
+        if n:
+            get(n)
     return list(dict.fromkeys(n for n in names if n))
 
 
