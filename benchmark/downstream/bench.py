@@ -191,8 +191,6 @@ class DownstreamScorer:
 def write_reference(layout: DatasetLayout, split: str, ids: Sequence[str], out_dir: Path) -> dict[str, Any]:
     """The `hr` row's "SR" folder: the HR tiles, copied byte for byte. Returns the row's info."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i in ids:
-        dst = out_dir / f"{i}.png"
-        if not dst.exists():
-            shutil.copyfile(layout.image_path(split, "hr", i), dst)
+    for i in ids:  # copied every run (cheap), so a reused --out never keeps another dataset's tiles
+        shutil.copyfile(layout.image_path(split, "hr", i), out_dir / f"{i}.png")
     return {"reference": True, "kind": "reference", "note": "HR tiles as the output: a reference row, not ranked"}
