@@ -247,6 +247,42 @@ def perception_distortion_plot(board: pd.DataFrame, path: Path, title: str = "Pe
     return True
 
 
+def iou_bars(group: Group, board: pd.DataFrame, path: Path, which: str = "map") -> bool:
+    """Per-class IoU bars (map agreement: per class group) of each row with `downstream_iou` in run.json
+    (`which`: "map" or "seg_vs_hr"); False if there is none."""
+    bars: list[tuple[str, dict[str, Any]]] = []
+    with_run = board.run.nunique() > 1
+    for _, r in board[board.status.isin(SHOWN)].iterrows():
+        info = group.infos[group.runs.index(r.run)] if r.run in group.runs else {}
+        iou = info.get("methods", {}).get(f"{r.method}|{r.condition}", {}).get("downstream_iou", {}).get(which)
+        if iou:
+            bars.append((_label(r, with_run), iou))
+    if not bars:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(bars[0][1])
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(classes) + 1), 3.6), dpi=120)
+    for k, (label, iou) in enumerate(bars):
+        xs = [i + k * width for i in range(len(classes))]
+        ax.bar(xs, [iou.get(c) if iou.get(c) is not None else 0.0 for c in classes], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU ↑")
+    ax.set_title("Map agreement IoU per class group" if which == "map" else "IoU vs HR per class", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 def _upsample_nearest(img: np.ndarray, size: int) -> np.ndarray:
     f = max(1, size // img.shape[0])
     return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
@@ -302,6 +338,7 @@ class Section:
     best: set[tuple[str, int]]
     plot: str | None  # file name under figures/
     grids: list[str]
+    bars: list[str] = field(default_factory=list)  # per-class IoU figures of the downstream metrics
 
     def title(self, n_groups: int) -> str:
         return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
@@ -348,7 +385,9 @@ def _section(
     chosen = [i for i in ids if not known or i in known] if ids else known[:samples]
     grids = [f"grid{tag}_{sid}.png" for sid in chosen]
     grids = [g for g, sid in zip(grids, chosen) if image_grid(sid, rows, group.info, figures / g)]
-    return Section(group, rows, cols, best, plot, grids)
+    bars = [f"{w}_iou{tag}.png" for w in ("map", "seg_vs_hr")]
+    bars = [b for b, w in zip(bars, ("map", "seg_vs_hr")) if iou_bars(group, rows, figures / b, w)]
+    return Section(group, rows, cols, best, plot, grids, bars)
 
 
 _INTRO = (
@@ -391,6 +430,7 @@ def _markdown(sections: Sequence[Section]) -> str:
             ]
         if down := downstream_notes(sec):
             lines += ["", "### Downstream agreement", ""] + [f"- {t}" for t in down]
+            lines += [f"\n![{b}](figures/{b})" for b in sec.bars]
         if sec.plot:
             lines += ["", "### Perception–distortion", "", f"![PSNR-Y vs LPIPS](figures/{sec.plot})"]
         if sec.grids:
@@ -473,6 +513,7 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             )
         if down := downstream_notes(sec):
             out += ["<h3>Downstream agreement</h3>", "<ul>"] + [f"<li>{e(t)}</li>" for t in down] + ["</ul>"]
+            out += [f'<p><img src="{_data_uri(figures / b)}" alt="{e(b)}"></p>' for b in sec.bars]
         if sec.plot:
             out += [
                 "<h3>Perception–distortion</h3>",

@@ -568,6 +568,7 @@ def score(
     if down:
         try:
             row.update(scorers[DS.SCORER].score(down, sr_paths))
+            outcome.info["downstream_iou"] = scorers[DS.SCORER].last_iou  # per class: the report's bars
         except Exception as e:
             log.exception("downstream metrics failed on %s", key)
             errors.update({n: f"{type(e).__name__}: {e}" for n in down})

@@ -78,6 +78,9 @@ def test_run_json_records_definitions_and_models(run, segmenter):
     assert rec["map_segmenter"]["arch"]["arch"] == "unet"
     assert "RANDOM INIT" in rec["rvsa_classifier"]["weights"] and "RANDOM INIT" in rec["rvsa_segmenter"]["weights"]
     assert info["methods"]["hr|default"]["reference"] is True
+    hr_iou = info["methods"]["hr|default"]["downstream_iou"]
+    assert all(v in (1.0, None) for v in hr_iou["seg_vs_hr"].values())  # HR vs itself: 1 where present
+    assert list(hr_iou["map"]) == ["land", "building", "transport", "water", "vegetation", "farmland"]
 
 
 def test_map_metrics_need_a_segmenter(tiny_dataset, tmp_path):
@@ -107,6 +110,8 @@ def test_report_has_a_downstream_section_and_never_ranks_the_hr_row(run, segment
     hr_line = next(line for line in md.splitlines() if line.startswith("| ") and "| hr |" in line)
     assert "**" not in hr_line and "| reference |" in hr_line
     assert 'class="reference"' in (tmp_path / "report" / "index.html").read_text()
+    for fig in ("map_iou.png", "seg_vs_hr_iou.png"):  # per-class IoU bars
+        assert (tmp_path / "report" / "figures" / fig).stat().st_size > 0 and f"figures/{fig}" in section
 
 
 def test_metrics_option_adds_downstream_columns_to_the_default_set():

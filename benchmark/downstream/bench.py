@@ -92,6 +92,7 @@ class DownstreamScorer:
     _models: dict[str, Any] = field(default_factory=dict)
     _hr: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)  # run.json `downstream`: models, weights, input policy
+    last_iou: dict[str, dict[str, float | None]] = field(default_factory=dict)  # per class of the last `score`
 
     def _tiles(self, paths: Sequence[Path]):
         for a in range(0, len(paths), CHUNK):
@@ -162,10 +163,12 @@ class DownstreamScorer:
 
     def score(self, names: Sequence[str], sr_paths: Sequence[Path]) -> dict[str, float]:
         """Values of the asked downstream metrics for one method x condition's SR tiles."""
+        from .definitions import MAP_GROUPS
         from .mapseg import map_group_lut, predict
         from .uperhead import LOVEDA_CLASSES
 
         out: dict[str, float] = {}
+        self.last_iou = {}
         if any(n in CLS_METRICS for n in names):
             sr, hr = self._classify(sr_paths), self._hr_side("cls")
             values = {
@@ -177,6 +180,7 @@ class DownstreamScorer:
         if any(n in SEG_METRICS for n in names):
             conf = A.set_confusion(self._segment(sr_paths), self._hr_side("seg"), len(LOVEDA_CLASSES))
             values = {"seg_miou_vs_hr": A.miou(conf), "seg_pixel_agree": A.pixel_agree(conf)}
+            self.last_iou["seg_vs_hr"] = _named(A.iou_per_class(conf), LOVEDA_CLASSES)
             out.update({n: v for n, v in values.items() if n in names})
         if any(n in MAP_METRICS for n in names):
             model = self._map()
@@ -184,8 +188,14 @@ class DownstreamScorer:
             masks = [read_png(self.layout.image_path(self.split, "mask", i), indices=True) for i in self.ids]
             conf = A.map_confusion(preds, masks, map_group_lut())
             values = {"map_miou": A.miou(conf), "map_pixel_acc": A.pixel_agree(conf)}
+            self.last_iou["map"] = _named(A.iou_per_class(conf), [g for g, _ in MAP_GROUPS])
             out.update({n: v for n, v in values.items() if n in names})
         return out
+
+
+def _named(iou: np.ndarray, names: Sequence[str]) -> dict[str, float | None]:
+    """IoU per class name; None for a class absent from prediction and label (JSON has no NaN)."""
+    return {n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, iou)}
 
 
 def write_reference(layout: DatasetLayout, split: str, ids: Sequence[str], out_dir: Path) -> dict[str, Any]:
