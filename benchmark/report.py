@@ -328,6 +328,51 @@ def image_grid(sample_id: str, board: pd.DataFrame, info: dict[str, Any], path: 
     return True
 
 
+def segmentation_grid(sample_id: str, board: pd.DataFrame, info: dict[str, Any], path: Path, kind: str) -> bool:
+    """One row of a tile's segmentations side by side, as the runner kept them (`benchmark.downstream.bench`):
+    `kind` "map" (map segmenter; the OSM mask first) or "seg" (RVSA LoveDA segmenter); False if none kept."""
+    from PIL import Image
+
+    from benchmark.downstream.bench import SEG_DIR
+
+    panels = []
+    if kind == "map":
+        from cmsrd.classes import palette
+        from cmsrd.layout import DatasetLayout
+
+        root = Path(info["dataset"]["root"])
+        layout = DatasetLayout(root, int(info["dataset"]["hr_px"]), int(info["dataset"]["lr_px"]))
+        try:
+            mask = read_png(layout.image_path(info["split"], "mask", sample_id), indices=True)
+            panels.append(("OSM mask", np.asarray(palette(), dtype=np.uint8).reshape(256, 3)[mask]))
+        except (FileNotFoundError, OSError):
+            pass
+    with_run = board.run.nunique() > 1
+    for _, r in board[board.status.isin(SHOWN)].iterrows():
+        p = lb.sr_dir(r["_run_dir"], r.method, r.condition) / SEG_DIR / f"{sample_id}_{kind}.png"
+        if p.exists():
+            with Image.open(p) as img:
+                panels.append((_label(r, with_run, sep="\n"), np.asarray(img.convert("RGB"))))
+    if len(panels) < 1 + (kind == "map"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.5), dpi=110)
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{sample_id}: {'map segmenter' if kind == 'map' else 'RVSA LoveDA segmenter'}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 @dataclass
 class Section:
     """What one comparability group contributes to the page: its rows, columns, best cells and figures."""
@@ -338,7 +383,7 @@ class Section:
     best: set[tuple[str, int]]
     plot: str | None  # file name under figures/
     grids: list[str]
-    bars: list[str] = field(default_factory=list)  # per-class IoU figures of the downstream metrics
+    bars: list[str] = field(default_factory=list)  # downstream figures: per-class IoU bars, segmentations
 
     def title(self, n_groups: int) -> str:
         return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
@@ -387,6 +432,8 @@ def _section(
     grids = [g for g, sid in zip(grids, chosen) if image_grid(sid, rows, group.info, figures / g)]
     bars = [f"{w}_iou{tag}.png" for w in ("map", "seg_vs_hr")]
     bars = [b for b, w in zip(bars, ("map", "seg_vs_hr")) if iou_bars(group, rows, figures / b, w)]
+    segs = [(f"{k}_seg{tag}_{sid}.png", sid, k) for k in ("map", "seg") for sid in chosen]
+    bars += [f for f, sid, k in segs if segmentation_grid(sid, rows, group.info, figures / f, k)]
     return Section(group, rows, cols, best, plot, grids, bars)
 
 

@@ -567,7 +567,7 @@ def score(
     down = [n for n in metric_names if DS.is_downstream(n)]
     if down:
         try:
-            row.update(scorers[DS.SCORER].score(down, sr_paths))
+            row.update(scorers[DS.SCORER].score(down, sr_paths, save_to=d))
             outcome.info["downstream_iou"] = scorers[DS.SCORER].last_iou  # per class: the report's bars
         except Exception as e:
             log.exception("downstream metrics failed on %s", key)

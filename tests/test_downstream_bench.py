@@ -119,3 +119,20 @@ def test_metrics_option_adds_downstream_columns_to_the_default_set():
 
     assert M.parse_names("default,map_miou,map_pixel_acc") == [*M.DEFAULT_METRICS, "map_miou", "map_pixel_acc"]
     assert not set(DS.METRICS) & set(M.DEFAULT_METRICS)  # heavy downstream models only when asked for
+
+
+def test_segmentations_are_kept_and_shown_side_by_side(run, tmp_path):
+    from benchmark import leaderboard as lb
+    from benchmark.report import render_report
+
+    out, info = run
+    first = info["ids"][0]
+    for method in ("hr", "bicubic"):
+        kept = lb.sr_dir(out, method, "default") / DS.SEG_DIR
+        assert sorted(p.name for p in kept.iterdir()) == sorted(
+            f"{i}_{k}.png" for i in info["ids"][: DS.SAVE_N] for k in ("map", "seg")
+        )
+    render_report([out], tmp_path / "report", samples=1)
+    md = (tmp_path / "report" / "report.md").read_text()
+    for fig in (f"map_seg_{first}.png", f"seg_seg_{first}.png"):
+        assert (tmp_path / "report" / "figures" / fig).is_file() and f"figures/{fig}" in md

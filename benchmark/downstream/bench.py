@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmsrd.classes import palette
 from cmsrd.errors import InputError
-from cmsrd.io import read_png
+from cmsrd.io import read_png, write_png
 from cmsrd.layout import DatasetLayout
 
 from . import agreement as A
@@ -34,6 +35,8 @@ MAP_METRICS = ("map_miou", "map_pixel_acc")
 METRICS = CLS_METRICS + SEG_METRICS + MAP_METRICS
 RVSA_INITS = ("official", "random")
 CHUNK = 16  # tiles read at a time
+SAVE_N = 3  # segmentations kept per row (the first ids) for the report's side-by-side tiles
+SEG_DIR = "downstream"  # under each row's SR folder: <id>_seg.png (LoveDA), <id>_map.png (map classes)
 
 
 def is_downstream(name: str) -> bool:
@@ -161,11 +164,18 @@ class DownstreamScorer:
             self._hr[what] = self._classify(hr) if what == "cls" else self._segment(hr)
         return self._hr[what]
 
-    def score(self, names: Sequence[str], sr_paths: Sequence[Path]) -> dict[str, float]:
-        """Values of the asked downstream metrics for one method x condition's SR tiles."""
+    def _keep(self, preds: Sequence[np.ndarray], save_to: Path | None, suffix: str, colours: list[int]) -> None:
+        if save_to is not None:
+            (save_to / SEG_DIR).mkdir(parents=True, exist_ok=True)
+            for i, p in zip(self.ids[:SAVE_N], preds):
+                write_png(save_to / SEG_DIR / f"{i}_{suffix}.png", np.asarray(p, dtype=np.uint8), colours)
+
+    def score(self, names: Sequence[str], sr_paths: Sequence[Path], save_to: Path | None = None) -> dict[str, float]:
+        """Values of the asked downstream metrics for one method x condition's SR tiles; with `save_to` (the
+        row's SR folder) the first `SAVE_N` segmentations are kept as palette PNGs for the report."""
         from .definitions import MAP_GROUPS
         from .mapseg import map_group_lut, predict
-        from .uperhead import LOVEDA_CLASSES
+        from .uperhead import LOVEDA_CLASSES, LOVEDA_PALETTE
 
         out: dict[str, float] = {}
         self.last_iou = {}
@@ -178,13 +188,16 @@ class DownstreamScorer:
             }
             out.update({n: v for n, v in values.items() if n in names})
         if any(n in SEG_METRICS for n in names):
-            conf = A.set_confusion(self._segment(sr_paths), self._hr_side("seg"), len(LOVEDA_CLASSES))
+            preds = self._segment(sr_paths)
+            self._keep(preds, save_to, "seg", [v for rgb in LOVEDA_PALETTE for v in rgb])
+            conf = A.set_confusion(preds, self._hr_side("seg"), len(LOVEDA_CLASSES))
             values = {"seg_miou_vs_hr": A.miou(conf), "seg_pixel_agree": A.pixel_agree(conf)}
             self.last_iou["seg_vs_hr"] = _named(A.iou_per_class(conf), LOVEDA_CLASSES)
             out.update({n: v for n, v in values.items() if n in names})
         if any(n in MAP_METRICS for n in names):
             model = self._map()
             preds = [p for t in self._tiles(sr_paths) for p in predict(model, t)]
+            self._keep(preds, save_to, "map", palette())
             masks = [read_png(self.layout.image_path(self.split, "mask", i), indices=True) for i in self.ids]
             conf = A.map_confusion(preds, masks, map_group_lut())
             values = {"map_miou": A.miou(conf), "map_pixel_acc": A.pixel_agree(conf)}

@@ -16,6 +16,16 @@ from torch import nn
 from .rvsa import RVSABackbone
 
 LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agricultural")
+# mmseg's LoveDADataset palette, for drawing segmentations
+LOVEDA_PALETTE = (
+    (255, 255, 255),
+    (255, 0, 0),
+    (255, 255, 0),
+    (0, 0, 255),
+    (159, 129, 183),
+    (0, 255, 0),
+    (255, 195, 128),
+)
 
 
 class ConvModule(nn.Module):
