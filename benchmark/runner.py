@@ -37,6 +37,7 @@ from cmsrd.layout import DatasetLayout, read_dataset_json
 
 from . import leaderboard as lb
 from . import metrics as M
+from .downstream import bench as DS
 from .evaluate import MEAN_DEFINITION, SRPass, finite_images, mean_finite, score_images
 from .metrics.distribution import check_set_size
 
@@ -70,6 +71,8 @@ class RunConfig:
     command: list[str] = field(default_factory=list)
     configs: dict[str, Path | dict[str, Any]] = field(default_factory=dict)  # --config NAME=YAML (or a dict)
     overwrite: bool = False  # delete each method x condition folder of this run first instead of resuming it
+    rvsa_init: str = "official"  # downstream RVSA weights: official files | random (test/demo; benchmark.downstream)
+    map_segmenter: Path | None = None  # map-agreement segmenter (`cmsrd-bench train-downstream`)
 
 
 def _sync(device: str) -> None:
@@ -411,6 +414,9 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
     done_file = out_dir / INFERENCE_JSON
     ids = ctx.ids
     outcome = Outcome(name, cond.name, "ok", n_images=len(ids))
+    if name == DS.REFERENCE:  # the HR tiles as the output: the reference row of the agreement metrics
+        outcome.info = DS.write_reference(ctx.layout, cfg.split, ids, out_dir)
+        return outcome
     try:
         cond.check_supported(name, registry.get(name).conditions)
         setup = setup_method(name, cfg, ctx)
@@ -558,7 +564,15 @@ def score(
         for r, v in zip(per_image, vals):
             r[name] = v
         row[name], n_finite[name] = mean_finite(vals)
-    set_names = [n for n in metric_names if M.get(n).level == "set"]
+    down = [n for n in metric_names if DS.is_downstream(n)]
+    if down:
+        try:
+            row.update(scorers[DS.SCORER].score(down, sr_paths, save_to=d))
+            outcome.info["downstream_iou"] = scorers[DS.SCORER].last_iou  # per class: the report's bars
+        except Exception as e:
+            log.exception("downstream metrics failed on %s", key)
+            errors.update({n: f"{type(e).__name__}: {e}" for n in down})
+    set_names = [n for n in metric_names if M.get(n).level == "set" and not DS.is_downstream(n)]
     if set_names:
         try:
             res = M.compute_set_metrics(
@@ -627,7 +641,7 @@ def parse_methods(methods: Sequence[str] | str) -> list[str]:
 def _check_methods(names: Sequence[str]) -> None:
     """Every explicitly asked method exists in the registry (one error for all typos, before any inference)."""
     known = registry.names()
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and n != DS.REFERENCE]
     if unknown:
         raise InputError(
             f"--methods {','.join(unknown)}", "not in the registry", f"choose from {known} (`cmsrd-bench list`)"
@@ -657,6 +671,8 @@ def _prepare_folders(cfg: RunConfig, ctx: RunContext, pairs: Sequence[tuple[str,
             continue
         if cfg.overwrite:
             shutil.rmtree(out_dir)
+            continue
+        if name == DS.REFERENCE:  # copies of the HR tiles: nothing to mix up
             continue
         try:
             fp = fingerprint(setup_method(name, cfg, ctx), cond, cfg, ctx)
@@ -694,7 +710,11 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         ids = ids[: cfg.limit]
 
     metric_names = M.parse_names(cfg.metrics)
-    runnable_metrics, skipped_metrics = check_metric_weights(metric_names, cfg.skip_missing)
+    waived = DS.waived_weights(metric_names, cfg.rvsa_init)  # random-init RVSA needs no weights files
+    checked = [n for n in metric_names if n not in waived]
+    runnable_metrics, skipped_metrics = check_metric_weights(checked, cfg.skip_missing)
+    skipped_metrics.update(DS.check_options(metric_names, cfg.rvsa_init, cfg.map_segmenter, cfg.skip_missing))
+    runnable_metrics = [n for n in metric_names if (n in runnable_metrics or n in waived) and n not in skipped_metrics]
     check_set_size([n for n in runnable_metrics if M.get(n).level == "set"], len(ids), (layout.hr_px, layout.hr_px))
 
     skipped_methods: dict[str, str] = {}
@@ -726,7 +746,9 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     rows, per_image_rows, outcomes = [], [], []
-    scorers: dict[str, Any] = {}
+    scorers: dict[str, Any] = {
+        DS.SCORER: DS.DownstreamScorer(layout, cfg.split, ids, device, cfg.rvsa_init, cfg.map_segmenter, cfg.seed)
+    }
     failures: dict[str, dict[str, str]] = {}
     for name, cond in pairs:
         say(f"{name} [{cond}]")
@@ -757,6 +779,8 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
                 final_batch_size=t.get("final_batch_size"),
                 oom_halvings=t.get("oom_halvings"),
             )
+        if name == DS.REFERENCE and o.status == "ok":
+            row["status"] = "reference"  # shown, never ranked (the report ranks status "ok" rows only)
         rows.append(row)
         outcomes.append(o)
         say(f"  -> {o.status}{': ' + o.reason if o.reason else ''}")
@@ -825,6 +849,7 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         "conditions": conditions,
         "configs": {n: (str(v) if not isinstance(v, dict) else v) for n, v in cfg.configs.items()},
         "weights": weights_hashes,
+        "downstream": scorers[DS.SCORER].record,
     }
     lb.write_run_json(cfg.out, info)
     return info

@@ -97,6 +97,18 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
     "--allow-failures",
     is_flag=True,
     help="Exit 0 even when a method or metric failed (the failures stay recorded in run.json and the leaderboard).",
+    "--rvsa-init",
+    type=click.Choice(["official", "random"]),
+    default="official",
+    show_default=True,
+    help="Downstream RVSA weights for cls_*/seg_* agreement: the official files, or seeded random init "
+    "(test/demo only: exercises the pipeline, measures nothing).",
+)
+@click.option(
+    "--map-segmenter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Map segmenter for map_miou/map_pixel_acc (mapseg.safetensors from `cmsrd-bench train-downstream`).",
 )
 def run_command(
     data,
@@ -116,6 +128,8 @@ def run_command(
     seed,
     limit,
     allow_failures,
+    rvsa_init,
+    map_segmenter,
 ) -> None:
     """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json.
 
@@ -146,6 +160,8 @@ def run_command(
         limit=limit,
         command=list(sys.argv),
         overwrite=overwrite,
+        rvsa_init=rvsa_init,
+        map_segmenter=map_segmenter,
     )
     info = run_benchmark(cfg, progress=lambda s: click.echo(s, err=True))
     failed = [k for k, v in info["methods"].items() if v["status"] == "failed"]
