@@ -33,6 +33,7 @@ METHOD_MODULES = [
     "baselines.swinir",
     "baselines.sgdm",
     "baselines.resshift",
+    "baselines.ldm_sr",
 ]
 
 
