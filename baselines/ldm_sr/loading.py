@@ -70,7 +70,9 @@ def _load_file(m: LDMSR, path: Path) -> None:
     meta = read_metadata(path)
     what = f"checkpoint {path}"
     if meta.get("method") not in (None, m.spec.name):
-        raise InputError(what, f"was saved by method {meta['method']!r}, not {m.spec.name!r}", "load it with that method")
+        raise InputError(
+            what, f"was saved by method {meta['method']!r}, not {m.spec.name!r}", "load it with that method"
+        )
     if meta.get("scale") not in (None, m.scale):
         raise InputError(
             what,
@@ -87,7 +89,11 @@ def _load_file(m: LDMSR, path: Path) -> None:
     if any(k.startswith(UNET_PREFIX) for k in state):
         _load_lightning(m, state, path)
         return
-    if is_ldm_layout(state) or is_ldm_layout(state, VQ_PREFIX) or any(k.startswith("encoder.down_blocks.") for k in state):
+    if (
+        is_ldm_layout(state)
+        or is_ldm_layout(state, VQ_PREFIX)
+        or any(k.startswith("encoder.down_blocks.") for k in state)
+    ):
         raise InputError(
             what,
             "is a VQ autoencoder, not the LDM-SR UNet",

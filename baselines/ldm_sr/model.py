@@ -99,7 +99,9 @@ class LDMSR(SRMethod):
         net = dict(s.network)
         unknown = sorted(set(net) - {"geometry"})
         if unknown:
-            raise InputError(f"network.{unknown[0]}", "is not an ldm-sr network key", f"use network.geometry {GEOMETRIES}")
+            raise InputError(
+                f"network.{unknown[0]}", "is not an ldm-sr network key", f"use network.geometry {GEOMETRIES}"
+            )
         self.net_g = build_unet(str(net.get("geometry", "bsr-sr"))).to(device)
         self.autoencoder = build_vq_f4(s.autoencoder.geometry).to(device)
         self.autoencoder.requires_grad_(False)
