@@ -280,3 +280,38 @@ def test_shared_trainer_trains_exports_and_reloads(tiny_dataset, tmp_path):
     assert res["step"] == 2 and np.isfinite(res["val"]["psnr_y"])
     m = build("ldm-sr", 16, {**TINY, "checkpoint": str(tmp_path / "run" / "model.safetensors")})
     assert m.loaded_from is not None
+
+
+@pytest.mark.parametrize("extra", [None, "ldm-sr-tiny.yaml"])
+def test_shipped_configs_parse_and_pass_the_train_key_check(extra):
+    from baselines.ldm_sr.model import LDMSR
+    from baselines.registry import CONFIG_DIR, merge_config
+    from benchmark.train import check_train_keys
+
+    cfg = get("ldm-sr").default_config()
+    if extra:
+        cfg = merge_config(cfg, load_yaml(CONFIG_DIR / extra))
+    check_train_keys(cfg["train"], LDMSR, "ldm-sr")
+    assert LDMSR.train_keys == frozenset({"optimizer"})
+    with pytest.raises(InputError, match="sampler.etta"):
+        build("ldm-sr", 16, {**TINY, "sampler": {"etta": 0.5}})
+
+
+def test_ddim_at_eta_1_keeps_an_exact_eps_on_x0_and_draws_per_image_noise():
+    from baselines.diffusion import make_scheduler, sample_latents
+
+    schedule = {"beta_start": 0.0015, "beta_end": 0.0155}
+    ac = make_scheduler("ddim", 10, schedule).alphas_cumprod
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def exact(z, t):
+        a = ac[t].view(-1, 1, 1, 1)
+        return (z - a.sqrt() * x0[: z.shape[0]]) / (1 - a).sqrt()
+
+    z, nfe = sample_latents(
+        exact, x0.shape, sampler="ddim", steps=10, schedule=schedule, eta=1.0, generator=seeded_generators(0, [0, 1])
+    )
+    assert nfe == 10
+    torch.testing.assert_close(z, x0, atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="ddim only"):
+        sample_latents(exact, x0.shape, sampler="ddpm", steps=2, eta=1.0)
