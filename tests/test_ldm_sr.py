@@ -315,3 +315,37 @@ def test_ddim_at_eta_1_keeps_an_exact_eps_on_x0_and_draws_per_image_noise():
     torch.testing.assert_close(z, x0, atol=1e-4, rtol=1e-4)
     with pytest.raises(InputError, match="ddim only"):
         sample_latents(exact, x0.shape, sampler="ddpm", steps=2, eta=1.0)
+
+
+def test_ddim_ldm_is_the_compvis_ddim_sampler_at_eta_1():
+    """The CompVis DDIMSampler loop (uniform grid + 1, alphas_prev from the grid, alpha-bar_0 last, sigma from
+    eta), written out here with the same noise stream, against the shared sampler's `ddim-ldm`."""
+    from baselines.diffusion import make_scheduler, sample_latents
+    from baselines.seeding import randn
+
+    schedule = {"beta_start": 0.0015, "beta_end": 0.0155}
+    sched = make_scheduler("ddim-ldm", 10, schedule)
+    assert sched.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    ac = sched.alphas_cumprod.double()
+    betas = torch.linspace(0.0015**0.5, 0.0155**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(ac, torch.cumprod(1 - betas, 0), atol=1e-6, rtol=0)  # official make_beta_schedule
+
+    def eps_fn(z, t):
+        return 0.3 * z + t.view(-1, 1, 1, 1).float() / 1000
+
+    shape = (1, 3, 4, 4)
+    z, _ = sample_latents(
+        eps_fn, shape, sampler="ddim-ldm", steps=10, schedule=schedule, eta=1.0, generator=seeded_generators(5, [0])
+    )
+    gen = seeded_generators(5, [0])
+    grid = list(range(0, 1000, 100))
+    steps = [g + 1 for g in grid]
+    a = ac[steps]
+    a_prev = torch.cat([ac[:1], ac[steps[:-1]]])
+    x = randn(shape, gen, "cpu").double()
+    for i in reversed(range(len(steps))):
+        e = eps_fn(x.float(), torch.tensor([steps[i]])).double()
+        sigma = ((1 - a_prev[i]) / (1 - a[i]) * (1 - a[i] / a_prev[i])).sqrt()
+        x0 = (x - (1 - a[i]).sqrt() * e) / a[i].sqrt()
+        x = a_prev[i].sqrt() * x0 + (1 - a_prev[i] - sigma**2).sqrt() * e + sigma * randn(shape, gen, "cpu").double()
+    torch.testing.assert_close(z.double(), x, atol=1e-4, rtol=1e-4)

@@ -53,7 +53,7 @@ def sample_latents(
     timestep and only the remaining steps run. `schedule` replaces SD's betas (`schedules.train_schedule`);
     `eta` is DDIM's noise level (ddim only; its noise comes from `generator` too).
     """
-    if eta and sampler != "ddim":
+    if eta and not sampler.startswith("ddim"):
         raise InputError(f"sampler {sampler!r} with eta {eta}", "eta applies to ddim only", "set eta: 0")
     sched = make_scheduler(sampler, steps, schedule)
     extra = {"eta": float(eta)} if eta else {}

@@ -28,7 +28,7 @@ TRAIN_SCHEDULE: dict[str, Any] = {
     "clip_sample": False,
 }
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+SAMPLERS = ("ddpm", "ddim", "ddim-ldm", "dpm-solver")
 DEFAULT_STEPS = 50
 
 
@@ -81,6 +81,8 @@ def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS, schedule: dic
     - `ddpm`: the official SGDM respaced ancestral sampler (fixed-small variance, linspace spacing).
     - `ddim`: deterministic DDIM (eta 0), `trailing` spacing so the first step starts at t = 999, and the
       last step lands on the clean sample (`set_alpha_to_one`), not on abar_0.
+    - `ddim-ldm`: CompVis' `DDIMSampler` grid (uniform: t = k * (1000 // steps) + 1, so 991, ..., 11, 1 at 100
+      steps) whose last step lands on alpha-bar_0, not on the clean sample (LDM-SR's official sampler).
     - `dpm-solver`: DPM-Solver++ (2nd order multistep), `trailing` spacing, final step to sigma 0.
     """
     if not isinstance(steps, int) or steps < 1 or steps > TRAIN_SCHEDULE["num_train_timesteps"]:
@@ -90,6 +92,8 @@ def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS, schedule: dic
         sched = DDPMScheduler(**train, variance_type="fixed_small", timestep_spacing="linspace")
     elif name == "ddim":
         sched = GridDDIMScheduler(**train, timestep_spacing="trailing", set_alpha_to_one=True)
+    elif name == "ddim-ldm":
+        sched = GridDDIMScheduler(**train, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     elif name == "dpm-solver":
         common = {k: v for k, v in train.items() if k != "clip_sample"}
         sched = DPMSolverMultistepScheduler(

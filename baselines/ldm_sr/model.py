@@ -45,7 +45,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: Literal["ddim", "ddpm", "dpm-solver"] = "ddim"
+    name: Literal["ddim-ldm", "ddim", "ddpm", "dpm-solver"] = "ddim-ldm"  # the CompVis DDIMSampler grid
     steps: int = 100
     eta: float = 1.0  # DDIM noise; the diffusers model-card example uses eta 1
 
@@ -110,7 +110,7 @@ class LDMSR(SRMethod):
         self.schedule = {"beta_start": s.schedule.beta_start, "beta_end": s.schedule.beta_end}
         self.noise_schedule = training_scheduler(self.schedule)
         self.sampler_name, self.default_steps, self.eta = s.sampler.name, s.sampler.steps, s.sampler.eta
-        if self.eta and self.sampler_name != "ddim":
+        if self.eta and not self.sampler_name.startswith("ddim"):
             raise InputError(f"sampler.eta {self.eta}", f"applies to ddim only, not {self.sampler_name}", "set eta: 0")
         make_scheduler(self.sampler_name, self.default_steps, self.schedule)  # validate early
         if str(device) != "meta":
@@ -183,7 +183,7 @@ class LDMSR(SRMethod):
             generator=generator,
             device=lr.device,
             schedule=self.schedule,
-            eta=self.eta if self.sampler_name == "ddim" else 0.0,
+            eta=self.eta,
         )
         return ((self.decode(z).clamp(-1, 1) + 1) / 2).clamp(0, 1)
 
