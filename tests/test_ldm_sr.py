@@ -349,3 +349,17 @@ def test_ddim_ldm_is_the_compvis_ddim_sampler_at_eta_1():
         x0 = (x - (1 - a[i]).sqrt() * e) / a[i].sqrt()
         x = a_prev[i].sqrt() * x0 + (1 - a_prev[i] - sigma**2).sqrt() * e + sigma * randn(shape, gen, "cpu").double()
     torch.testing.assert_close(z.double(), x, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_second_part_leaves_the_method_as_it_was(x16, tmp_path):
+    x16.net_g.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "vqvae").mkdir()
+    torch.save(
+        {"conv_first.weight": torch.zeros(3, 3, 3, 3)}, tmp_path / "pipe" / "vqvae" / "diffusion_pytorch_model.bin"
+    )
+    torch.manual_seed(9)
+    m = build("ldm-sr", 16, TINY)
+    before = {k: v.clone() for k, v in m.net_g.state_dict().items()}
+    with pytest.raises(InputError, match="vqvae"):
+        m.load_checkpoint(tmp_path / "pipe")
+    assert all(torch.equal(before[k], v) for k, v in m.net_g.state_dict().items()) and m.loaded_from is None

@@ -34,6 +34,7 @@ LAYOUTS = (
     "ours (model.safetensors), the CompVis bsr_sr Lightning model.ckpt (model.diffusion_model.*, model_ema.*, "
     "first_stage_model.*) or diffusers' LDMSuperResolutionPipeline folder (unet/, vqvae/)"
 )
+PARTS = ("net_g", "autoencoder")
 FIX = "use the CompVis bsr_sr model.ckpt, the diffusers ldm-super-resolution-4x-openimages folder or an ldm-sr run"
 
 
@@ -42,12 +43,21 @@ def diffusers_file(folder: Path) -> Path | None:
 
 
 def load_checkpoint(m: LDMSR, path: str | Path) -> None:
-    """Any of the layouts above into `m` (the UNet, and the autoencoder where the source carries it)."""
+    """Any of the layouts above into `m` (the UNet, and the autoencoder where the source carries it). All or
+    nothing: a source whose second part fails (the VQ of a folder or .ckpt) leaves `m` as it was."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        _load_folder(m, path)
-    else:
-        _load_file(m, path)
+    saved = {n: {k: v.detach().to("cpu", copy=True) for k, v in getattr(m, n).state_dict().items()} for n in PARTS}
+    source = m.autoencoder_source
+    try:
+        if path.is_dir():
+            _load_folder(m, path)
+        else:
+            _load_file(m, path)
+    except BaseException:
+        for name, state in saved.items():
+            getattr(m, name).load_state_dict(state)
+        m.autoencoder_source = source
+        raise
     m.loaded_from = path
 
 
