@@ -35,6 +35,7 @@ METHOD_MODULES = [
     "baselines.sgdm",
     "baselines.resshift",
     "baselines.ldm",
+    "baselines.ldm_sr",
 ]
 
 

@@ -8,6 +8,7 @@ training schedule, and denoised from there, so only the sampler steps at or belo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -43,13 +44,19 @@ def sample_latents(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    schedule: dict[str, Any] | None = None,
+    eta: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """Run the reverse process; returns (z_0, number of eps evaluations).
 
     With `start_t` set, `start_latent` (the clean latent of the upsampled LR) is noised to the first kept
-    timestep and only the remaining steps run.
+    timestep and only the remaining steps run. `schedule` replaces SD's betas (`schedules.train_schedule`);
+    `eta` is DDIM's noise level (ddim only; its noise comes from `generator` too).
     """
-    sched = make_scheduler(sampler, steps)
+    if eta and not sampler.startswith("ddim"):
+        raise InputError(f"sampler {sampler!r} with eta {eta}", "eta applies to ddim only", "set eta: 0")
+    sched = make_scheduler(sampler, steps, schedule)
+    extra = {"eta": float(eta)} if eta else {}
     timesteps = sched.timesteps
     noise = randn(shape, generator, device, dtype)  # a list of generators: one stream per sample
     if start_t is None:
@@ -69,5 +76,5 @@ def sample_latents(
         model_in = sched.scale_model_input(z, t)
         eps = eps_fn(model_in, t.to(device).expand(shape[0]))
         nfe += 1
-        z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False)[0]
+        z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False, **extra)[0]
     return z, nfe
