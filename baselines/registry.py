@@ -31,6 +31,7 @@ METHOD_MODULES = [
     "baselines.esrgan",
     "baselines.swinir",
     "baselines.sgdm",
+    "baselines.ediffsr",
 ]
 
 
