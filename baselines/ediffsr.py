@@ -39,8 +39,8 @@ SPEC = register(
         inputs=("lr",),
         nfe=100,
         license=(
-            "none stated (no LICENSE file in XY-boy/EDiffSR); its IR-SDE code comes from "
-            "Algolzw/image-restoration-sde (MIT)"
+            "no LICENSE file in the official repo, so no licence is granted; "
+            "its IR-SDE code comes from MIT-licensed Algolzw/image-restoration-sde"
         ),
         citation=(
             "Y. Xiao et al., EDiffSR: An Efficient Diffusion Probabilistic Model for Remote Sensing Image "

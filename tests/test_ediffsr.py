@@ -56,6 +56,17 @@ def test_spec_and_list_json_parameter_count(monkeypatch):
     assert row["params"] == {"scale": 16, "total": 20_403_719, "trainable": 20_403_719} and row["nfe"] == 100
     assert cli.parameter_counts("ediffsr", 32) == (20_403_719, 20_403_719)  # no scale-dependent part
     assert json.loads(OFFICIAL_KEYS.read_text())["parameters"] == 20_403_719
+    assert row["weights"] == {"16": "missing (unpublished)", "32": "missing (unpublished)"}
+
+
+def test_weights_manifest_entries():
+    from baselines import weights as w
+
+    m = w.load_manifest(w.MANIFEST_PATH)
+    assert w.method_weights_key("ediffsr", 16, m) == "ediffsr_x16" and not m["ediffsr_x16"].published
+    assert w.method_weights_key("ediffsr", 32, m) == "ediffsr_x32" and not m["ediffsr_x32"].published
+    official = m[w.method_weights_key("ediffsr", 4, m)]
+    assert official.url.endswith("experiments/sisr/ediffsr/180000_G.pth") and "no LICENSE file" in official.licence
 
 
 # ---- the IR-SDE -------------------------------------------------------------------------------------------
