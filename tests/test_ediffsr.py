@@ -164,7 +164,8 @@ def test_batch_of_one_equals_batch_of_three_and_uses_100_evaluations():
     together = super_resolve_batch(method, {"lr": lr}, generator=seeded_generators(7, [0, 1, 2]))
     assert len(calls) == 100 and together.shape == (3, 3, 32, 32)
     alone = [super_resolve_batch(method, {"lr": lr[i : i + 1]}, generator=seeded_generators(7, [i])) for i in (2, 0)]
-    assert torch.allclose(alone[0][0], together[2], atol=1e-5) and torch.allclose(alone[1][0], together[0], atol=1e-5)
+    # mixed-up streams would differ by ~0.1; float rounding of batched convs stays far below 1e-4
+    assert torch.allclose(alone[0][0], together[2], atol=1e-4) and torch.allclose(alone[1][0], together[0], atol=1e-4)
     assert not torch.allclose(together[0], together[1], atol=1e-2)  # different images, different streams
     assert 0.05 < float(together.mean()) < 0.95
 
