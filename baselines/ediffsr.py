@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmsrd.errors import InputError
+from cmsrd.errors import InputError, unknown_name
 
 from .archs import nafnet  # noqa: F401  (registers ConditionalNAFNet)
 from .base import Batch, SRMethod, TrainContext
@@ -58,6 +58,7 @@ SPEC = register(
 
 # prefixes the official training scripts may leave on the keys (DataParallel, torch.compile)
 _PREFIXES = ("module.", "_orig_mod.")
+SDE_KEYS = ("max_sigma", "T", "schedule", "eps")
 
 
 def upsample_lr(lr: torch.Tensor, scale: int) -> torch.Tensor:
@@ -89,8 +90,8 @@ def check_lr(lr: torch.Tensor, what: str = "lr") -> None:
 
 
 class EDiffSR(SRMethod):
-    """`net_g`: the noise predictor (the trainer keeps its EMA); `sde`: the schedule; `sampler`: `sde`
-    (official) or `posterior` by default; the `steps=N` condition always runs the posterior sampler."""
+    """`net_g`: the noise predictor (the trainer keeps its EMA); `sde`: the chain; `sampler_name`: the default
+    sampler (`sde`, the official one, or `posterior`); the `steps=N` condition always runs `posterior`."""
 
     train_keys = frozenset({"optim_g", "loss_weight"})
     key_layouts = (
@@ -107,15 +108,18 @@ class EDiffSR(SRMethod):
                 "set network.type: ConditionalNAFNet",
             )
         sde_cfg = dict(config.get("sde") or {})
-        unknown = set(sde_cfg) - {"max_sigma", "T", "schedule", "eps"}
-        if unknown:
-            raise InputError(f"sde.{sorted(unknown)[0]}", "is not an IR-SDE setting", "use max_sigma, T, schedule, eps")
+        for key in sde_cfg:
+            if key not in SDE_KEYS:
+                raise unknown_name(f"sde.{key}", "is not an IR-SDE setting", key, SDE_KEYS)
         self.sde = IRSDE(**sde_cfg)
         sampler = dict(config.get("sampler") or {})
+        for key in sampler:
+            if key not in ("name", "steps"):
+                raise unknown_name(f"sampler.{key}", "is not a sampler setting", key, ("name", "steps"))
         self.sampler_name = sampler.get("name", "sde")
         self.default_steps = sampler.get("steps")
         if self.sampler_name not in IRSDE_SAMPLERS:
-            raise InputError(f"sampler.name {self.sampler_name!r}", f"unknown; choose from {IRSDE_SAMPLERS}")
+            raise unknown_name(f"sampler.name {self.sampler_name!r}", "unknown", self.sampler_name, IRSDE_SAMPLERS)
         if self.sampler_name == "sde" and self.default_steps not in (None, self.sde.T):
             raise InputError(
                 f"sampler.steps = {self.default_steps}",

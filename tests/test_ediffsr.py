@@ -307,7 +307,9 @@ def test_bad_lr_and_settings_are_one_clear_error():
         tiny(16, network={"width": 8})
     with pytest.raises(InputError, match="as many decoder as encoder levels"):
         tiny(16, network={"dec_blk_nums": [1, 1]})
-    with pytest.raises(InputError, match="sde.sigma_max"):
-        tiny(16, sde={"sigma_max": 50})
+    with pytest.raises(InputError, match=r"sde.max_sgima: is not an IR-SDE setting \(did you mean `max_sigma`\?\)"):
+        tiny(16, sde={"max_sgima": 50})
+    with pytest.raises(InputError, match=r"is not an IR-SDE schedule \(did you mean `cosine`\?\)"):
+        tiny(16, sde={"schedule": "cosin"})
     with pytest.raises(InputError, match="always runs all 100 steps"):
         tiny(16, sampler={"name": "sde", "steps": 20})

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from cmsrd.errors import InputError
+from cmsrd.errors import InputError, unknown_name
 
 from ..seeding import Generators, randn
 
@@ -46,7 +46,7 @@ def theta_schedule(name: str, T: int, s: float = 0.008) -> torch.Tensor:
         return torch.linspace(scale * 1e-4, scale * 0.02, T + 1, dtype=torch.float64, device="cpu")
     if name == "constant":
         return torch.ones(T + 1, dtype=torch.float64, device="cpu")
-    raise InputError(f"sde.schedule {name!r}", f"unknown; choose from {SCHEDULES}")
+    raise unknown_name(f"sde.schedule {name!r}", "is not an IR-SDE schedule", name, SCHEDULES)
 
 
 class IRSDE:
@@ -160,7 +160,7 @@ def sample_irsde(
     grid `sde.grid(steps)`. All noise is drawn in float32 with `randn(shape, generator)` (one generator per
     image gives the same output at any batch size); the state is kept in float32."""
     if sampler not in IRSDE_SAMPLERS:
-        raise InputError(f"sampler {sampler!r}", f"unknown for the IR-SDE; choose from {IRSDE_SAMPLERS}")
+        raise unknown_name(f"sampler {sampler!r}", "is not an IR-SDE sampler", sampler, IRSDE_SAMPLERS)
     mu = mu.float()
     n, device = mu.shape[0], mu.device
     x = sde.start_state(mu, randn(mu.shape, generator, device))
