@@ -36,6 +36,7 @@ METHOD_MODULES = [
     "baselines.resshift",
     "baselines.ldm",
     "baselines.ldm_sr",
+    "baselines.ediffsr",
 ]
 
 
