@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo nfe-demo dataset-synthetic dataset-real bench report clean
+.PHONY: install test lint demo dataset-synthetic dataset-real bench report reliability nfe-demo clean
 
 install: $(STAMP)
 
@@ -77,6 +77,12 @@ bench: install
 
 report: install
 	$(BIN)/cmsrd-bench report $(OUT)/bench --out $(OUT)/report
+
+# Reliability figures of the build under injected faults, kill -9 + resume and a lost Dask worker (~15 min on
+# 2 cores): perf/reliability.py prints ok/failed counts with reasons and the differences to a clean build.
+RELIABILITY_ARGS ?=
+reliability: install
+	$(BIN)/python perf/reliability.py --out $(OUT)/reliability $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(OUT)

@@ -113,6 +113,16 @@ def super_resolve_loader(
         yield list(ids) if not isinstance(ids, str) else [ids], sr.cpu(), batch
 
 
+NONFINITE = "nonfinite_output"  # the recorded reason of an SR image holding NaN or inf
+
+
+def nonfinite_images(x: torch.Tensor) -> list[bool]:
+    """Per image of an N x C x H x W batch: whether it holds NaN or inf. Such an image is a failure
+    (`NONFINITE`), never converted and scored: `to_uint8_images` would turn NaN into black pixels that
+    score as a (bad) image with status ok."""
+    return (~torch.isfinite(x.detach())).flatten(1).any(dim=1).tolist()
+
+
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """N x 3 x H x W in [0, 1] -> N x H x W x 3 uint8, rounded as BasicSR's tensor2img: the bytes the runner
     saves and scores, and what training validation scores, so both see the same images."""

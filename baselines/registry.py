@@ -31,9 +31,12 @@ METHOD_MODULES = [
     "baselines.bicubic",
     "baselines.esrgan",
     "baselines.swinir",
+    "baselines.ttst",
     "baselines.sgdm",
     "baselines.resshift",
     "baselines.ldm",
+    "baselines.ldm_sr",
+    "baselines.ediffsr",
     "baselines.csdiff",
 ]
 

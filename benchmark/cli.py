@@ -12,6 +12,8 @@ COMMANDS = {
     "run": "benchmark.runner_cli:run_command",
     "report": "benchmark.report:report_command",
     "weights": "benchmark.weights_cli:weights",
+    "train-downstream": "benchmark.downstream.cli:train_downstream_command",
+    "downstream": "benchmark.downstream.cli:downstream",
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from baselines.base import Batch, SRMethod
 from baselines.conditions import Conditions, apply_conditions
-from baselines.inference import method_inputs, super_resolve_batch, to_uint8_images
+from baselines.inference import NONFINITE, method_inputs, nonfinite_images, super_resolve_batch, to_uint8_images
 from baselines.seeding import seeded_generators
 from cmsrd.layout import DatasetLayout
 
@@ -70,6 +70,14 @@ class SRPass:
             hr = batch.get("hr")
             sr = self.forward(self.prepare(batch))
             yield list(batch["id"]), to_uint8_images(sr), to_uint8_images(hr) if hr is not None else None
+
+
+def finite_images(ids: Sequence[str], sr: torch.Tensor) -> tuple[list[tuple[str, np.ndarray]], dict[str, str]]:
+    """A batch's SR -> ([(id, uint8 image)] of the finite ones, {id: NONFINITE} of the others): an image with
+    NaN/inf is a recorded failure, never converted (NaN would become black pixels) and never scored."""
+    bad = nonfinite_images(sr)
+    images = [(sid, arr) for sid, arr, b in zip(ids, to_uint8_images(sr), bad) if not b]
+    return images, {sid: NONFINITE for sid, b in zip(ids, bad) if b}
 
 
 def score_images(

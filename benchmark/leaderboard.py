@@ -78,7 +78,8 @@ COLUMN_DEFINITIONS = {
     "split": "Dataset split the images come from.",
     "n_images": "Number of images scored (0 when the method did not run).",
     "scale": "Super-resolution factor (HR side / LR side).",
-    "status": "ok | failed | unsupported | skipped; metric cells are empty unless ok.",
+    "status": "ok | reference (the `hr` row: HR tiles as the output, never ranked) | failed | unsupported | skipped; "
+    "metric cells are empty unless ok or reference.",
     "reason": "Why the method did not run (empty when ok).",
     "nfe": "Network function evaluations per image (denoising steps for diffusion methods, 1 for feed-forward).",
     "params_m": "Parameters of the method's networks, millions.",

@@ -249,6 +249,42 @@ def perception_distortion_plot(board: pd.DataFrame, path: Path, title: str = "Pe
     return True
 
 
+def iou_bars(group: Group, board: pd.DataFrame, path: Path, which: str = "map") -> bool:
+    """Per-class IoU bars (map agreement: per class group) of each row with `downstream_iou` in run.json
+    (`which`: "map" or "seg_vs_hr"); False if there is none."""
+    bars: list[tuple[str, dict[str, Any]]] = []
+    with_run = board.run.nunique() > 1
+    for _, r in board[board.status.isin(SHOWN)].iterrows():
+        info = group.infos[group.runs.index(r.run)] if r.run in group.runs else {}
+        iou = info.get("methods", {}).get(f"{r.method}|{r.condition}", {}).get("downstream_iou", {}).get(which)
+        if iou:
+            bars.append((_label(r, with_run), iou))
+    if not bars:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(bars[0][1])
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(classes) + 1), 3.6), dpi=120)
+    for k, (label, iou) in enumerate(bars):
+        xs = [i + k * width for i in range(len(classes))]
+        ax.bar(xs, [iou.get(c) if iou.get(c) is not None else 0.0 for c in classes], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU ↑")
+    ax.set_title("Map agreement IoU per class group" if which == "map" else "IoU vs HR per class", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 def _upsample_nearest(img: np.ndarray, size: int) -> np.ndarray:
     f = max(1, size // img.shape[0])
     return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
@@ -294,6 +330,51 @@ def image_grid(sample_id: str, board: pd.DataFrame, info: dict[str, Any], path: 
     return True
 
 
+def segmentation_grid(sample_id: str, board: pd.DataFrame, info: dict[str, Any], path: Path, kind: str) -> bool:
+    """One row of a tile's segmentations side by side, as the runner kept them (`benchmark.downstream.bench`):
+    `kind` "map" (map segmenter; the OSM mask first) or "seg" (RVSA LoveDA segmenter); False if none kept."""
+    from PIL import Image
+
+    from benchmark.downstream.bench import SEG_DIR
+
+    panels = []
+    if kind == "map":
+        from cmsrd.classes import palette
+        from cmsrd.layout import DatasetLayout
+
+        root = Path(info["dataset"]["root"])
+        layout = DatasetLayout(root, int(info["dataset"]["hr_px"]), int(info["dataset"]["lr_px"]))
+        try:
+            mask = read_png(layout.image_path(info["split"], "mask", sample_id), indices=True)
+            panels.append(("OSM mask", np.asarray(palette(), dtype=np.uint8).reshape(256, 3)[mask]))
+        except (FileNotFoundError, OSError):
+            pass
+    with_run = board.run.nunique() > 1
+    for _, r in board[board.status.isin(SHOWN)].iterrows():
+        p = lb.sr_dir(r["_run_dir"], r.method, r.condition) / SEG_DIR / f"{sample_id}_{kind}.png"
+        if p.exists():
+            with Image.open(p) as img:
+                panels.append((_label(r, with_run, sep="\n"), np.asarray(img.convert("RGB"))))
+    if len(panels) < 1 + (kind == "map"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.5), dpi=110)
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{sample_id}: {'map segmenter' if kind == 'map' else 'RVSA LoveDA segmenter'}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 @dataclass
 class Section:
     """What one comparability group contributes to the page: its rows, columns, best cells and figures."""
@@ -304,10 +385,35 @@ class Section:
     best: set[tuple[str, int]]
     plot: str | None  # file name under figures/
     grids: list[str]
+    bars: list[str] = field(default_factory=list)  # downstream figures: per-class IoU bars, segmentations
     nfe_plot: str | None = None  # quality_vs_nfe*.png under figures/ (its points: the .csv of the same stem)
 
     def title(self, n_groups: int) -> str:
         return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
+
+
+SHOWN = ("ok", "reference")  # row statuses with numbers; "reference" rows (the `hr` row) are never ranked
+
+
+def downstream_notes(sec: Section) -> list[str]:
+    """Which downstream models produced the agreement columns of a group (run.json `downstream`), and what
+    the `hr` reference row is."""
+    notes = []
+    for name, info in zip(sec.group.runs, sec.group.infos):
+        rec = info.get("downstream") or {}
+        for key, label in (("rvsa_classifier", "RVSA classifier"), ("rvsa_segmenter", "RVSA segmenter")):
+            if key in rec:
+                r = rec[key]
+                sha = f", sha256 {r['sha256']}" if r.get("sha256") else ""
+                notes.append(f"{name}: {label}: {r.get('weights')}{sha}. {r.get('input', '')}")
+        if "map_segmenter" in rec:
+            notes.append(f"{name}: {rec['map_segmenter']['description']}")
+    if notes and (sec.board.status == "reference").any():
+        notes.append(
+            "The `hr` row runs the same models on the HR tiles themselves: agreement 1.0 by construction, and its "
+            "map agreement is the segmenter's ceiling; a reference, not ranked."
+        )
+    return notes
 
 
 def _section(
@@ -327,9 +433,13 @@ def _section(
     chosen = [i for i in ids if not known or i in known] if ids else known[:samples]
     grids = [f"grid{tag}_{sid}.png" for sid in chosen]
     grids = [g for g, sid in zip(grids, chosen) if image_grid(sid, rows, group.info, figures / g)]
+    bars = [f"{w}_iou{tag}.png" for w in ("map", "seg_vs_hr")]
+    bars = [b for b, w in zip(bars, ("map", "seg_vs_hr")) if iou_bars(group, rows, figures / b, w)]
+    segs = [(f"{k}_seg{tag}_{sid}.png", sid, k) for k in ("map", "seg") for sid in chosen]
+    bars += [f for f, sid, k in segs if segmentation_grid(sid, rows, group.info, figures / f, k)]
     nfe = f"quality_vs_nfe{tag}.png"
     nfe = nfe if quality_vs_nfe(rows, figures / nfe, (figures / nfe).with_suffix(".csv"), "Quality vs NFE") else None
-    return Section(group, rows, cols, best, plot, grids, nfe)
+    return Section(group, rows, cols, best, plot, grids, bars, nfe)
 
 
 _INTRO = (
@@ -365,11 +475,14 @@ def _markdown(sections: Sequence[Section]) -> str:
             + (f" *{sec.group.note(n)}*" if sec.group.note(n) else "")
             for n, m in sec.group.metrics.items()
         ]
-        failed = sec.board[sec.board.status != "ok"]
+        failed = sec.board[~sec.board.status.isin(SHOWN)]
         if not failed.empty:
             lines += ["", "### Not run", ""] + [
                 f"- {r.run}: {r.method} [{r.condition}]: {r.status} — {r.reason}" for _, r in failed.iterrows()
             ]
+        if down := downstream_notes(sec):
+            lines += ["", "### Downstream agreement", ""] + [f"- {t}" for t in down]
+            lines += [f"\n![{b}](figures/{b})" for b in sec.bars]
         if sec.plot:
             lines += ["", "### Perception–distortion", "", f"![PSNR-Y vs LPIPS](figures/{sec.plot})"]
         if sec.nfe_plot:
@@ -393,7 +506,9 @@ def _markdown(sections: Sequence[Section]) -> str:
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
     "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.t{text-align:left}"
-    "td.best{font-weight:bold;background:#e6f4ea}tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}"
+    "td.best{font-weight:bold;background:#e6f4ea}"
+    "tr.reference td{font-style:italic;background:#f7f7fb}"
+    "tr.failed td{color:#999}img{max-width:100%}code{font-size:12px}"
 )
 
 
@@ -430,7 +545,7 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             out.append(f"<th{title}>{e(c)} {arrow}</th>")
         out += ["</tr>", "</thead>", "<tbody>"]
         for i, r in sec.board.iterrows():
-            out.append(f'<tr class="{"ok" if r.status == "ok" else "failed"}">')
+            out.append(f'<tr class="{r.status if r.status in SHOWN else "failed"}">')
             for c, d in sec.cols:
                 cls = "best" if (c, i) in sec.best else ("t" if d is None else "")
                 title = f' title="{e(str(r.reason))}"' if c == "status" and r.status != "ok" else ""
@@ -442,7 +557,7 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             arrow = "↑" if m["direction"] == "higher" else "↓"
             out.append(f"<li><strong>{e(n)}</strong> ({arrow}): {e(m['definition'])}{note}</li>")
         out.append("</ul>")
-        failed = sec.board[sec.board.status != "ok"]
+        failed = sec.board[~sec.board.status.isin(SHOWN)]
         if not failed.empty:
             out += (
                 ["<h3>Not run</h3>", "<ul>"]
@@ -452,6 +567,9 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
                 ]
                 + ["</ul>"]
             )
+        if down := downstream_notes(sec):
+            out += ["<h3>Downstream agreement</h3>", "<ul>"] + [f"<li>{e(t)}</li>" for t in down] + ["</ul>"]
+            out += [f'<p><img src="{_data_uri(figures / b)}" alt="{e(b)}"></p>' for b in sec.bars]
         if sec.plot:
             out += [
                 "<h3>Perception–distortion</h3>",

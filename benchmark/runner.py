@@ -1,27 +1,12 @@
 """Benchmark runner: registry methods x conditions over one split of a built dataset, timed and scored.
 
-For each method and condition it builds the method from the registry, loads its weights, super-resolves
-the split in batches (autocast bf16/fp16 on GPU, one seeded generator per image), saves the SR PNGs, then scores the
-saved PNGs (so metrics see exactly the published bytes), streaming them from disk in chunks. Timing is
-honest (`TIMING_DEFINITION`, copied into run.json): one untimed warm-up batch, only the method's
-super-resolve inside the timer, CUDA synchronisation around it, peak GPU memory, NFE. A batch that
-runs out of memory is retried at half the size (down to 1) after a fresh warm-up and peak-memory reset.
-
-A killed run resumes: images already written are not redone, finished method x condition pairs are not
-rebuilt - but only when the folder was made by the same model on the same data. `inference.json` in each
-SR folder records a fingerprint (weights sha256, effective config and the files it names, seed, device
-type, precision, dataset manifest sha256, split, condition, shuffle partners; `fingerprint` says what is not
-keyed) before inference starts; a folder whose fingerprint differs
-is refused up front with the differing fields named (`--overwrite` deletes and redoes it). One method
-failing (missing weights, unsupported condition, out of memory even at batch size 1, any exception) is
-recorded with its reason and the others continue.
-
-A method is built from its default config (`baselines/configs/<name>.yaml`), the `network` geometry a
-checkpoint of our trainer records, and the user's `--config NAME=YAML`, in that order of precedence
-(later wins) with one rule: the user may not change a geometry value the checkpoint records (the weights
-would not fit; that pair fails with the conflicting keys named) - only where the frozen parts come from
-(`LOCATION_KEYS`: `pretrained`, `tokenizer`), so an SD2.1 backbone path on this machine can replace the
-one recorded at training time. The file, its sha256 and the merged override go into run.json.
+SR images go through `benchmark.evaluate` and are saved as PNGs, then the saved PNGs are scored (metrics see
+the published bytes), streamed from disk in chunks. Only the method's super-resolve is timed
+(`TIMING_DEFINITION`); a batch that runs out of memory is retried at half the size. A killed run resumes,
+but only into SR folders whose fingerprint (`inference.json`: weights, effective config, seed, device type,
+precision, data, condition) matches; one method failing is recorded and the others go on. A method's config
+is its default YAML, then the network geometry its checkpoint records, then the user's `--config`, which may
+change only where frozen parts come from (`LOCATION_KEYS`), not the recorded geometry.
 """
 
 from __future__ import annotations
@@ -44,7 +29,7 @@ from baselines import weights as wcache
 from baselines.checkpoint import BEST_EXPORT_FILE, EXPORT_FILE, read_metadata, run_weights
 from baselines.conditions import Conditions, UnsupportedCondition, partners
 from baselines.device import resolve_device, resolve_precision
-from baselines.inference import to_uint8_images
+from baselines.inference import NONFINITE
 from baselines.seeding import SEED_RULE
 from cmsrd.errors import InputError, MissingWeightsError
 from cmsrd.io import atomic_write_text, read_png, sha256_file, write_png
@@ -52,7 +37,8 @@ from cmsrd.layout import DatasetLayout, read_dataset_json
 
 from . import leaderboard as lb
 from . import metrics as M
-from .evaluate import MEAN_DEFINITION, SRPass, mean_finite, score_images
+from .downstream import bench as DS
+from .evaluate import MEAN_DEFINITION, SRPass, finite_images, mean_finite, score_images
 from .metrics.distribution import check_set_size
 from .sweep import plan_pairs
 
@@ -87,6 +73,8 @@ class RunConfig:
     configs: dict[str, Path | dict[str, Any]] = field(default_factory=dict)  # --config NAME=YAML (or a dict)
     overwrite: bool = False  # delete each method x condition folder of this run first instead of resuming it
     sweep: str | None = None  # "nfe=5,10,20": quality-vs-NFE conditions per diffusion method (benchmark.sweep)
+    rvsa_init: str = "official"  # downstream RVSA weights: official files | random (test/demo; benchmark.downstream)
+    map_segmenter: Path | None = None  # map-agreement segmenter (`cmsrd-bench train-downstream`)
 
 
 def _sync(device: str) -> None:
@@ -353,10 +341,17 @@ def _timing(
 
 
 def infer(
-    method: Any, cond: Conditions, cfg: RunConfig, ctx: RunContext, todo: Sequence[str], out_dir: Path
+    method: Any,
+    cond: Conditions,
+    cfg: RunConfig,
+    ctx: RunContext,
+    todo: Sequence[str],
+    out_dir: Path,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Super-resolve `todo` ids, write PNGs, return timing (`TIMING_DEFINITION`). On out of memory the
-    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again."""
+    batch is halved (down to 1), peak-memory stats are reset and the new size is warmed up again.
+    An image with NaN/inf output is not written; its id goes into `failed` (`evaluate.finite_images`)."""
     from cmsrd.data import CMSRDDataset
 
     layout, split, device, precision = ctx.layout, cfg.split, ctx.device, ctx.precision
@@ -401,8 +396,11 @@ def infer(
                 torch.cuda.reset_peak_memory_stats()
             log.warning("%s: out of memory, retrying with batch size %d", method.spec.name, bs)
             continue
-        for sid, arr in zip(batch["id"], to_uint8_images(out)):
+        images, bad = finite_images(batch["id"], out)
+        for sid, arr in images:
             write_png(out_dir / f"{sid}.png", arr)
+        if failed is not None:
+            failed.update(bad)
         n_timed += len(items)
         pos += len(items)
         bar.update(len(items))
@@ -418,6 +416,9 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
     done_file = out_dir / INFERENCE_JSON
     ids = ctx.ids
     outcome = Outcome(name, cond.name, "ok", n_images=len(ids))
+    if name == DS.REFERENCE:  # the HR tiles as the output: the reference row of the agreement metrics
+        outcome.info = DS.write_reference(ctx.layout, cfg.split, ids, out_dir)
+        return outcome
     try:
         cond.check_supported(name, registry.get(name).conditions)
         setup = setup_method(name, cfg, ctx)
@@ -458,8 +459,13 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         atomic_write_text(
             done_file, json.dumps({"status": "started", "fingerprint": fp, "info": info}, indent=2, default=str)
         )
-        timing = infer(method, cond, cfg, ctx, todo, out_dir)
+        failed: dict[str, str] = {}
+        timing = infer(method, cond, cfg, ctx, todo, out_dir, failed)
         outcome.timing, outcome.info = timing, info
+        if failed:  # not "done": a rerun retries these images; the row is not scored on a subset
+            outcome.status, outcome.reason = "failed", f"{NONFINITE}: {len(failed)} of {len(todo)} images"
+            outcome.info["failed_images"] = failed
+            return outcome
         atomic_write_text(
             done_file,
             json.dumps(
@@ -560,7 +566,15 @@ def score(
         for r, v in zip(per_image, vals):
             r[name] = v
         row[name], n_finite[name] = mean_finite(vals)
-    set_names = [n for n in metric_names if M.get(n).level == "set"]
+    down = [n for n in metric_names if DS.is_downstream(n)]
+    if down:
+        try:
+            row.update(scorers[DS.SCORER].score(down, sr_paths, save_to=d))
+            outcome.info["downstream_iou"] = scorers[DS.SCORER].last_iou  # per class: the report's bars
+        except Exception as e:
+            log.exception("downstream metrics failed on %s", key)
+            errors.update({n: f"{type(e).__name__}: {e}" for n in down})
+    set_names = [n for n in metric_names if M.get(n).level == "set" and not DS.is_downstream(n)]
     if set_names:
         try:
             res = M.compute_set_metrics(
@@ -629,7 +643,7 @@ def parse_methods(methods: Sequence[str] | str) -> list[str]:
 def _check_methods(names: Sequence[str]) -> None:
     """Every explicitly asked method exists in the registry (one error for all typos, before any inference)."""
     known = registry.names()
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and n != DS.REFERENCE]
     if unknown:
         raise InputError(
             f"--methods {','.join(unknown)}", "not in the registry", f"choose from {known} (`cmsrd-bench list`)"
@@ -659,6 +673,8 @@ def _prepare_folders(cfg: RunConfig, ctx: RunContext, pairs: Sequence[tuple[str,
             continue
         if cfg.overwrite:
             shutil.rmtree(out_dir)
+            continue
+        if name == DS.REFERENCE:  # copies of the HR tiles: nothing to mix up
             continue
         try:
             fp = fingerprint(setup_method(name, cfg, ctx), cond, cfg, ctx)
@@ -696,7 +712,11 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         ids = ids[: cfg.limit]
 
     metric_names = M.parse_names(cfg.metrics)
-    runnable_metrics, skipped_metrics = check_metric_weights(metric_names, cfg.skip_missing)
+    waived = DS.waived_weights(metric_names, cfg.rvsa_init)  # random-init RVSA needs no weights files
+    checked = [n for n in metric_names if n not in waived]
+    runnable_metrics, skipped_metrics = check_metric_weights(checked, cfg.skip_missing)
+    skipped_metrics.update(DS.check_options(metric_names, cfg.rvsa_init, cfg.map_segmenter, cfg.skip_missing))
+    runnable_metrics = [n for n in metric_names if (n in runnable_metrics or n in waived) and n not in skipped_metrics]
     check_set_size([n for n in runnable_metrics if M.get(n).level == "set"], len(ids), (layout.hr_px, layout.hr_px))
 
     skipped_methods: dict[str, str] = {}
@@ -729,7 +749,9 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     rows, per_image_rows, outcomes = [], [], []
-    scorers: dict[str, Any] = {}
+    scorers: dict[str, Any] = {
+        DS.SCORER: DS.DownstreamScorer(layout, cfg.split, ids, device, cfg.rvsa_init, cfg.map_segmenter, cfg.seed)
+    }
     failures: dict[str, dict[str, str]] = {}
     for name, cond in pairs:
         say(f"{name} [{cond}]")
@@ -760,6 +782,8 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
                 final_batch_size=t.get("final_batch_size"),
                 oom_halvings=t.get("oom_halvings"),
             )
+        if name == DS.REFERENCE and o.status == "ok":
+            row["status"] = "reference"  # shown, never ranked (the report ranks status "ok" rows only)
         rows.append(row)
         outcomes.append(o)
         say(f"  -> {o.status}{': ' + o.reason if o.reason else ''}")
@@ -829,6 +853,7 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         "sweep": cfg.sweep,
         "configs": {n: (str(v) if not isinstance(v, dict) else v) for n, v in cfg.configs.items()},
         "weights": weights_hashes,
+        "downstream": scorers[DS.SCORER].record,
     }
     lb.write_run_json(cfg.out, info)
     return info

@@ -99,6 +99,25 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
+@click.option(
+    "--allow-failures",
+    is_flag=True,
+    help="Exit 0 even when a method or metric failed (the failures stay recorded in run.json and the leaderboard).",
+)
+@click.option(
+    "--rvsa-init",
+    type=click.Choice(["official", "random"]),
+    default="official",
+    show_default=True,
+    help="Downstream RVSA weights for cls_*/seg_* agreement: the official files, or seeded random init "
+    "(test/demo only: exercises the pipeline, measures nothing).",
+)
+@click.option(
+    "--map-segmenter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Map segmenter for map_miou/map_pixel_acc (mapseg.safetensors from `cmsrd-bench train-downstream`).",
+)
 def run_command(
     data,
     methods,
@@ -117,12 +136,21 @@ def run_command(
     precision,
     seed,
     limit,
+    allow_failures,
+    rvsa_init,
+    map_segmenter,
 ) -> None:
-    """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json."""
+    """Run methods x conditions over a split; write SR images, leaderboard.csv, per_image.csv, run.json.
+
+    Exits 1 when any method x condition or metric failed (unless --allow-failures)."""
     from .runner import RunConfig, run_benchmark
 
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}", "must be >= 1")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}", "must be >= 1", "leave --limit out to use every image of the split")
+    check_out_dir(out)
+    quiet_tracebacks()
     cfg = RunConfig(
         data=data,
         out=out,
@@ -142,6 +170,8 @@ def run_command(
         command=list(sys.argv),
         overwrite=overwrite,
         sweep=sweep,
+        rvsa_init=rvsa_init,
+        map_segmenter=map_segmenter,
     )
     info = run_benchmark(cfg, progress=lambda s: click.echo(s, err=True))
     failed = [k for k, v in info["methods"].items() if v["status"] == "failed"]
@@ -154,3 +184,42 @@ def run_command(
     for name, where in info["metrics_failed"].items():
         for pair, why in where.items():
             click.echo(f"metric {name} failed on {pair}: {why}", err=True)
+    for pair in failed:
+        click.echo(f"method {pair} failed: {info['methods'][pair]['reason']}", err=True)
+    if (failed or info["metrics_failed"]) and not allow_failures:
+        click.echo("error: the benchmark did not fully succeed (see above; --allow-failures exits 0)", err=True)
+        click.get_current_context().exit(1)
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be a folder or creatable as one: an existing file, or a file on the way, is refused
+    before anything runs."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == out else f"lies under {p}, which is a file"
+                raise InputError(f"--out {out}", what, "give a folder path for the run")
+            return
+
+
+def quiet_tracebacks() -> None:
+    """A failing method or metric is recorded and reported in one line; its traceback is shown only with
+    CMSRD_DEBUG=1 (the runner logs it with log.exception for that case)."""
+    import logging
+    import os
+
+    if os.environ.get("CMSRD_DEBUG") or logging.getLogger().handlers:  # someone configured logging: theirs
+        return
+
+    class _NoTraceback(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+            return super().format(record)
+
+    log = logging.getLogger("benchmark")
+    if not any(getattr(h, "_cmsrd_quiet", False) for h in log.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(_NoTraceback("%(levelname)s: %(message)s"))
+        h._cmsrd_quiet = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+        log.propagate = False

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,24 @@ from .typed import build as _build
 REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 PRESETS_DIR = REPO_MANIFESTS / "presets"
 AOIS_DIR = REPO_MANIFESTS / "aois"
+# A plan is built in one go and lives in memory (plan rows, tile sets); beyond this, split the area into
+# several presets. Far above CMSRD's ~7,000 samples and any single-machine build.
+MAX_SAMPLES = 10_000_000
+# AOI names become file names (the build's per-AOI map features): letters, digits, `._- `, no path parts.
+AOI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+
+
+def check_aoi_name(name: object, where: str) -> str:
+    """An AOI name that is safe as a file name (no `/`, `..`, leading dot), else one InputError."""
+    text = str(name)
+    if not AOI_NAME.match(text) or ".." in text:
+        raise InputError(
+            where,
+            f"AOI name {text!r} is not a plain name (it is used as a file name)",
+            "use letters, digits, '.', '_', '-' or spaces (at most 100), starting with a letter or digit",
+        )
+    return text
+
 
 WORLD_IMAGERY_TILES = "https://services.arcgisonline.com/ArcGIS/rest/services/World_Imagery/MapServer/tile/{z}/{y}/{x}"
 WORLD_IMAGERY_IDENTIFY = "https://services.arcgisonline.com/ArcGIS/rest/services/World_Imagery/MapServer/identify"
@@ -189,8 +208,12 @@ def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate_config(cfg: DatasetConfig) -> DatasetConfig:
     """Cross-field checks (types were checked while loading)."""
-    if cfg.samples < 1:
-        raise InputError("samples", f"is {cfg.samples}", "ask for at least one sample")
+    if not 1 <= cfg.samples <= MAX_SAMPLES:
+        raise InputError(
+            "samples",
+            f"is {cfg.samples}",
+            f"ask for 1 to {MAX_SAMPLES:,} samples (split a larger area into several presets)",
+        )
     if not (0 <= cfg.zoom <= 22):
         raise InputError("zoom", f"is {cfg.zoom}", "use a zoom between 0 and 22 (18 = ~0.6 m pixels as in CMSRD)")
     for key in ("hr_px", "lr_px"):
@@ -223,6 +246,21 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
         raise InputError(
             "build.abort_after_failures", f"is {cfg.build.abort_after_failures}", "use 0 (never) or a positive count"
         )
+    b = cfg.build
+    if not (math.isfinite(b.timeout_s) and b.timeout_s > 0):
+        raise InputError("build.timeout_s", f"is {b.timeout_s}", "use a positive read timeout in seconds, e.g. 30")
+    if b.http_retries < 0 or b.http_retries > 50:
+        raise InputError("build.http_retries", f"is {b.http_retries}", "use 0 (no retries) to 50, e.g. 5")
+    for key in ("http_backoff_s", "rate_per_worker"):
+        v = getattr(b, key)
+        if not (math.isfinite(v) and v >= 0):
+            raise InputError(f"build.{key}", f"is {v}", "use a non-negative number")
+    if b.max_in_flight < 0:
+        raise InputError("build.max_in_flight", f"is {b.max_in_flight}", "use 0 (automatic) or a positive count")
+    if cfg.world is not None and cfg.world.faults:
+        from .world.faults import FaultConfig
+
+        FaultConfig.from_mapping(cfg.world.faults, "world.faults")
     if cfg.build.partition_size < 1:
         raise InputError("build.partition_size", f"is {cfg.build.partition_size}", "use a positive number, e.g. 64")
     for f in dataclasses.fields(QAConfig):
@@ -259,8 +297,12 @@ def load_config(source: str | os.PathLike | dict, **overrides: Any) -> DatasetCo
         if not path.exists():
             known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
             raise InputError(f"preset {source}", "not found", f"give a YAML path or one of {known}")
+        if not path.is_file():
+            raise InputError(f"preset {source}", "is a folder, not a YAML file", "give the path of a preset .yaml")
         try:
             data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise InputError(f"preset {path}", "is not a text file", "give a YAML preset") from None
         except yaml.YAMLError as e:
             raise InputError(f"preset {path}", f"is not valid YAML ({e})", "fix the syntax") from None
         if not isinstance(data, dict):
@@ -318,16 +360,27 @@ def load_aoi_file(path: Path) -> list[AOI]:
         raise InputError(
             f"AOI file {path}", f"cannot be read as GeoJSON ({e})", "give a GeoJSON FeatureCollection"
         ) from None
+    if not isinstance(doc, dict):
+        raise InputError(
+            f"AOI file {path}", f"holds a JSON {type(doc).__name__}, not a GeoJSON object", "give a FeatureCollection"
+        )
     feats = []
     if doc.get("type") == "FeatureCollection":
         feats = doc.get("features", [])
+        if not isinstance(feats, list):
+            raise InputError(f"AOI file {path}", "`features` is not a list", "give a list of Polygon features")
     elif doc.get("type") == "Feature":
         feats = [doc]
     else:
         feats = [{"type": "Feature", "properties": {}, "geometry": doc}]
     out = []
     for i, f in enumerate(feats):
-        name = (f.get("properties") or {}).get("name") or f"{Path(path).stem}-{i}"
+        if not isinstance(f, dict):
+            raise InputError(f"AOI file {path}", f"feature {i} is a {type(f).__name__}, not a GeoJSON object")
+        props = f.get("properties") or {}
+        if not isinstance(props, dict):
+            raise InputError(f"AOI file {path}", f"feature {i} has properties that are not an object")
+        name = check_aoi_name(props.get("name") or f"{Path(path).stem}-{i}", f"AOI file {path} feature {i}")
         where = f"AOI {name!r} in {path}"
         try:
             geom = shape(f["geometry"])

@@ -27,13 +27,14 @@ import pandas as pd
 
 from .config import DatasetConfig
 from .demo import default_cache_dir, resolved_sources
-from .errors import InputError
+from .errors import CredentialsError, InputError
 from .journal import BuildState, Journal
 from .layout import SPLITS, DatasetLayout
 from .manifest import finalize, versions
 from .plan import make_plan, write_plan
 from .sources.registry import lr_spec
 from .stages import (
+    CREDENTIALS_REJECTED,
     BuildSpec,
     SampleTask,
     failed_row,
@@ -205,6 +206,10 @@ def _execute(
     abort_after = spec.cfg.build.abort_after_failures
 
     def record(row: dict) -> None:
+        stop = row.get("_stop")
+        if stop:  # refused credentials, a full disk: every further sample would meet it too
+            cls = CredentialsError if row.get("qa_reason") == CREDENTIALS_REJECTED else InputError
+            raise cls(stop["what"], stop["problem"], stop.get("fix"))
         row["_done_at"] = round(time.time(), 3)  # journal only (not a manifest column): rates and profiles
         journal.append(row)
         stats[row["qa_status"]] += 1
@@ -296,6 +301,8 @@ def _run_distributed(
             task = tasks_of.pop(f)
             try:
                 row = f.result()
+            except CredentialsError:  # raised by the block's search task: stops the build
+                raise
             except KilledWorker as e:
                 row = failed_row(spec, task, "worker_died", str(e))
             except FutureCancelledError as e:

@@ -36,6 +36,12 @@ def unknown_name(what: str, problem: str, name: object, valid: Iterable[object])
     )
 
 
+class CredentialsError(InputError):
+    """A service refused the credentials (HTTP 401/403, OAuth invalid_client). Every further request would be
+    refused too, so a build stops at once with this one error (naming the credential variables) instead of
+    recording it against each sample."""
+
+
 class MissingWeightsError(InputError):
     """A weights file is absent. Names the file, where it is expected and where it comes from."""
 

@@ -78,13 +78,28 @@ def write_png(path: str | os.PathLike, array: np.ndarray, palette: list[int] | N
 
 
 def read_png(path: str | os.PathLike, indices: bool = False) -> np.ndarray:
-    """PNG -> uint8 array: HxWx3 RGB, or with `indices=True` the raw HxW index/grey values (masks)."""
-    from PIL import Image
+    """PNG -> uint8 array: HxWx3 RGB, or with `indices=True` the raw HxW index/grey values (masks).
 
-    with Image.open(path) as img:
-        if indices or img.mode == "L":
-            return np.asarray(img)
-        return np.asarray(img.convert("RGB"))
+    A missing, truncated or damaged file is an InputError naming it (PIL decodes lazily, so the pixels
+    are loaded here, inside the guard, not later by whoever uses the array)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import InputError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if indices or img.mode == "L":
+                return np.asarray(img)
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(f"image {path}", "is missing", "rebuild the dataset (`cmsrd build` resumes)") from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as e:
+        raise InputError(
+            f"image {path}",
+            f"is damaged or not a PNG ({type(e).__name__}: {e})",
+            "check it with `cmsrd validate` and rebuild the dataset (`cmsrd build` resumes)",
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -225,7 +225,14 @@ def read_manifest(root: str | os.PathLike) -> pd.DataFrame:
         raise InputError(
             f"dataset {root}", f"has no {MANIFEST_PARQUET}", "build it with `cmsrd build` or point at a built dataset"
         )
-    return pd.read_parquet(path)
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file; all mean the same
+        raise InputError(
+            f"{path}",
+            f"is not a readable Parquet manifest ({type(e).__name__}: {str(e)[:200]})",
+            "rebuild the dataset with `cmsrd build` (it resumes) or restore the file",
+        ) from None
 
 
 def write_manifest(root: str | os.PathLike, df: pd.DataFrame) -> None:
@@ -248,7 +255,14 @@ def read_dataset_json(root: str | os.PathLike) -> dict[str, Any]:
     path = Path(root) / DATASET_JSON
     if not path.exists():
         raise InputError(f"dataset {root}", f"has no {DATASET_JSON}", "point at a dataset built by `cmsrd build`")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(
+            f"{path}", f"is not valid JSON ({e})", "rebuild the dataset with `cmsrd build` or restore the file"
+        ) from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}", f"holds a JSON {type(meta).__name__}, not an object", "restore the file")
     missing = [k for k in DATASET_JSON_REQUIRED if k not in meta]
     if missing:
         raise InputError(f"{path}", f"missing keys {missing}", "rebuild the dataset with this version of cmsrd")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import click
 
 from .errors import InputError
+from .journal import JOURNAL, STATE_DIR
 
 
 def _load(preset: str, **overrides):
@@ -70,20 +73,26 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     if limit is not None and limit < 1:
         raise InputError("--limit", f"is {limit}", "give a positive number of samples")
     cfg = _load(preset, samples=samples)
+    check_out_dir(Path(out))
+    plan = read_plan(plan_path) if plan_path else None
+    if cfg.world is None and plan is None:
+        from .config import load_aois
+
+        load_aois(cfg)  # a bad AOI file is one error before the output dir is touched
     if cfg.world is None and not quiet:
         click.echo(needs(cfg), err=True)
-    plan = read_plan(plan_path) if plan_path else None
-    rep = run_build(
-        cfg,
-        out,
-        plan=plan,
-        workers=workers,
-        threads=threads,
-        scheduler=scheduler,
-        force=force,
-        limit=limit,
-        progress=not quiet,
-    )
+    with discard_if_new(Path(out)):
+        rep = run_build(
+            cfg,
+            out,
+            plan=plan,
+            workers=workers,
+            threads=threads,
+            scheduler=scheduler,
+            force=force,
+            limit=limit,
+            progress=not quiet,
+        )
     st = rep.counts.get("by_status", {})
     click.echo(
         f"{cfg.name}: {rep.processed} processed ({rep.skipped} already done) in {rep.seconds:.1f}s "
@@ -93,6 +102,39 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     reasons = rep.counts.get("by_reason", {})
     if reasons:
         click.echo("reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    if not st.get("ok", 0):
+        click.echo(
+            "error: no sample is ok: the dataset is empty (see the reasons above; fix the cause and run the "
+            "build again: it resumes and retries failed samples)",
+            err=True,
+        )
+        click.get_current_context().exit(1)
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be a folder or creatable as one (no file at it or on the way to it)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == out else f"lies under {p}, which is a file"
+                raise InputError(f"--out {out}", what, "give a folder path for the dataset")
+            return
+
+
+@contextlib.contextmanager
+def discard_if_new(out: Path):
+    """An output dir this command created is removed again when the build stops with an error before it
+    recorded any sample (bad config, credentials, a refused plan): a failed start leaves nothing behind,
+    not even `.cmsrd/lock`. A dir that existed, or one holding journalled samples, is kept (it resumes)."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir():
+            journal = out / STATE_DIR / JOURNAL
+            if not (journal.exists() and journal.stat().st_size > 0):
+                shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def needs(cfg) -> str:
@@ -143,6 +185,8 @@ def sample_command(tile: str, preset: str, out: str, force: bool) -> None:
             else f" -> {Path(out) / str(row['path_hr'])}"
         )
     )
+    if row["qa_status"] == "failed":  # a source fault, not a QA verdict: the triplet was not built
+        click.get_current_context().exit(1)
 
 
 def _aoi_of(cfg, z: int, x: int, y: int) -> str:

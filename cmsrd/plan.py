@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import DatasetConfig, load_aois
+from .config import DatasetConfig, check_aoi_name, load_aois
 from .errors import InputError
 from .grid import WORLD_M, sample_tiles, tile_bounds_3857_arrays, tile_xy_to_lonlat
 from .io import atomic_path
@@ -120,15 +120,19 @@ def check_plan(df: pd.DataFrame, where: str = "plan") -> pd.DataFrame:
             where, f"duplicate tiles {sorted(ids[ids.duplicated()].unique())[:5]}", "drop the repeated rows"
         )
     block_tiles = 8
-    if (
-        "block" in df.columns
-        and len(df)
-        and isinstance(df["block"].iloc[0], str)
-        and df["block"].iloc[0].count("/") == 2
-    ):
-        block_tiles = int(df["block"].iloc[0].split("/")[1])
+    if "block" in df.columns and isinstance(df["block"].iloc[0], str) and df["block"].iloc[0].count("/") == 2:
+        zb, bt, _ = df["block"].iloc[0].split("/")
+        if not (bt.isdigit() and int(bt) >= 1):
+            raise InputError(
+                f"{where} row 0",
+                f"block {df['block'].iloc[0]!r} is not ZOOM/BLOCK_TILES/BX_BY",
+                "keep the block column as `cmsrd plan` wrote it, or drop the column",
+            )
+        block_tiles = int(bt)
     hr_px = 256
     aoi = df["aoi"].astype(str).to_numpy() if "aoi" in df.columns else np.full(len(df), "user")
+    for name in sorted(set(aoi.tolist())):
+        check_aoi_name(name, f"{where} column aoi")
     out = plan_from_tiles(zz, x, y, split, aoi, block_tiles, hr_px)
     if "hr_gsd_m" in df.columns:  # keep the plan's pixel-size basis (hr_px) as written
         out["hr_gsd_m"] = pd.to_numeric(df["hr_gsd_m"], errors="coerce").fillna(out["hr_gsd_m"]).to_numpy()

@@ -12,6 +12,8 @@ Reasons (stable strings, used in manifests and dataset.json counts):
     cloud           cloud or cloud-shadow fraction of the LR footprint over the threshold
     empty_map       the rendered map has (too little) mapped content
     misregistered   the measured LR/HR shift is above the threshold (LR pixels)
+    shift_unmeasured the LR/HR shift of a real LR could not be measured (flat, cloudy or no-data window):
+                    alignment is unknown, so the pair is not passed as if it were aligned
     time_gap        the LR scene is too many days from the HR capture
 """
 
@@ -25,7 +27,16 @@ from .classes import BY_NAME, CLASSES
 from .config import QAConfig
 from .errors import SampleError
 
-REASONS = ("hr_placeholder", "hr_blank", "nodata", "cloud", "empty_map", "misregistered", "time_gap")
+REASONS = (
+    "hr_placeholder",
+    "hr_blank",
+    "nodata",
+    "cloud",
+    "empty_map",
+    "misregistered",
+    "shift_unmeasured",
+    "time_gap",
+)
 
 
 class QARejected(SampleError):
@@ -89,10 +100,16 @@ def check_map(mask: np.ndarray, qa: QAConfig) -> None:
 
 
 def check_shift(dx: float | None, dy: float | None, correlation: float | None, qa: QAConfig) -> None:
-    """Misregistration in LR pixels. Only a trustworthy measurement (correlation of the registered pair at
-    least `qa.min_shift_correlation`) can reject a sample: a failed measurement says nothing about the data."""
+    """Misregistration in LR pixels (called for real LR only; synthetic LR is aligned by construction).
+
+    No measurement at all (None/NaN) is `shift_unmeasured`: an unknown alignment is not a pass. A weak one
+    (correlation of the registered pair below `qa.min_shift_correlation`) cannot reject the sample: the
+    shift was measured, but its value says too little to call the pair misregistered."""
     if dx is None or dy is None or not (math.isfinite(dx) and math.isfinite(dy)):
-        return
+        raise QARejected(
+            "shift_unmeasured",
+            "the LR/HR shift could not be measured (no texture, cloud or no data in the co-registration window)",
+        )
     if correlation is None or not math.isfinite(correlation) or correlation < qa.min_shift_correlation:
         return
     mag = math.hypot(dx, dy)

@@ -12,6 +12,7 @@ decides where and when these functions run.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import time
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ import pandas as pd
 from . import qa
 from .classes import palette
 from .config import DatasetConfig
-from .errors import InputError, SampleError
+from .errors import CredentialsError, InputError, SampleError
 from .io import atomic_path, sha256_file, write_png
 from .layout import BUILD_COLUMNS, IMAGE_KINDS, DatasetLayout
 from .plan import PLAN_COLUMNS
@@ -34,6 +35,15 @@ from .sources.registry import hr_spec, lr_spec
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
+# Causes no other sample can escape (refused credentials, a full or read-only disk): the row carries the
+# error to the driver (`row["_stop"]`), which stops the build with it instead of recording the sample.
+CREDENTIALS_REJECTED = "credentials_rejected"
+DISK_FULL = "disk_full"
+DISK_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def redact(text: str | None) -> str:
@@ -153,15 +163,20 @@ def _osm_features(spec: BuildSpec, aoi: str):
 
 
 def search_block(spec: BuildSpec, bbox_lonlat: tuple[float, float, float, float]) -> dict[str, Any]:
-    """The LR source's search step, once for a whole block of samples; failures are returned, not raised,
-    so the samples depending on it are recorded as failed with the catalogue's reason."""
+    """The LR source's search step, once for a whole block of samples. Failures are returned, not raised:
+    each sample of the block then repeats the search itself (`make_lr`), so a search that failed here costs
+    only the samples whose own search fails too. Refused credentials are raised: they stop the build."""
+    bbox = tuple(float(v) for v in bbox_lonlat)
     try:
-        found = lr_source(spec).search(bbox_lonlat, spec.cfg.lr.start, spec.cfg.lr.end)
-        return {"found": found, "reason": None, "detail": ""}
+        found = lr_source(spec).search(bbox, spec.cfg.lr.start, spec.cfg.lr.end)
+        return {"found": found, "reason": None, "detail": "", "bbox": bbox}
+    except CredentialsError:
+        raise
     except SampleError as e:
-        return {"found": None, "reason": e.reason, "detail": redact(e.detail)}
+        return {"found": None, "reason": e.reason, "detail": redact(e.detail), "bbox": bbox}
     except Exception as e:  # a client bug must not take the block down silently
-        return {"found": None, "reason": "catalogue_error", "detail": redact(f"{type(e).__name__}: {e}")}
+        detail = redact(f"{type(e).__name__}: {e}")
+        return {"found": None, "reason": "catalogue_error", "detail": detail, "bbox": bbox}
 
 
 def fetch_hr(spec: BuildSpec, task: SampleTask):
@@ -174,9 +189,13 @@ def fetch_hr(spec: BuildSpec, task: SampleTask):
 
 def make_lr(spec: BuildSpec, task: SampleTask, hr: HRResult, search: dict | None) -> tuple[np.ndarray, LRResult]:
     """(lr uint8 LxLx3, its LRResult) from the block's search result (None: the source has no search)."""
-    if search is not None and search.get("reason"):
-        raise SampleError(search["reason"], search.get("detail", ""))
     found = search.get("found") if search else None
+    if search is not None and search.get("reason"):
+        if not search.get("bbox"):
+            raise SampleError(search["reason"], search.get("detail", ""))
+        # the block's search failed: this sample asks again (same area and dates, so the same scenes as a
+        # build without the fault; the source keeps a success in memory for the worker's other samples)
+        found = lr_source(spec).search(search["bbox"], spec.cfg.lr.start, spec.cfg.lr.end)
     res = lr_source(spec).fetch_footprint(task.z, task.x, task.y, spec.cfg.lr_px, hr, found)
     img = np.asarray(res.image)
     if img.shape != (spec.cfg.lr_px, spec.cfg.lr_px, 3) or img.dtype != np.uint8:
@@ -207,7 +226,9 @@ def coregister(
     One 100 m footprint holds ~10 Sentinel-2 pixels, too little texture for a sub-pixel measurement, so
     the shift is measured on the ancestor tile `CONTEXT_LEVELS` zooms up, in the *same scene* and at the
     same LR pixel size, and shared by every footprint of that window and scene (cached per worker).
-    An unmeasurable window (flat, cloudy, outside the data) gives NaN, which is not a rejection.
+    An unmeasurable window (flat, cloudy, outside the data, another scene) gives NaN, which QA rejects as
+    `shift_unmeasured`. A window that could not be *fetched* (the source's retries ran out) is not
+    cached: the sample fails with the source's reason and a resumed build tries it again.
     """
     if lr_res.synthetic:
         return None
@@ -233,7 +254,13 @@ def coregister(
             limit = max(SHIFT_SEARCH_M / ground_gsd_m(zc, yc, size), 2.0 * spec.cfg.qa.max_shift_lrpx)
             sh = measure_shift(lr_ctx.image, hr_ctx.image, max_shift=min(limit, size / 8.0))
             cache[key] = (float(sh.dx), float(sh.dy), float(sh.error), float(sh.correlation))
-        except (SampleError, InputError):
+        except CredentialsError:
+            raise
+        except SampleError as e:
+            if e.reason not in SOURCE_QA_REASONS and e.reason != "scene_mismatch":
+                raise SampleError(e.reason, f"co-registration window {zc}/{xc}/{yc}: {e.detail}") from None
+            cache[key] = nan
+        except InputError:  # measure_shift: no texture, or too small a window to compare
             cache[key] = nan
         if len(cache) > 4096:
             cache.pop(next(iter(cache)))
@@ -356,6 +383,9 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
         row.update(files)
         lap("write")
         row.update(qa_status="ok", qa_reason="", qa_detail="")
+    except CredentialsError as e:  # not this sample's failure: the driver stops the build with it
+        row.update(qa_status="failed", qa_reason=CREDENTIALS_REJECTED, qa_detail=redact(str(e))[:500])
+        row["_stop"] = {"what": e.what, "problem": redact(e.problem), "fix": e.fix}
     except qa.QARejected as e:
         row.update(qa_status="rejected", qa_reason=e.reason, qa_detail=redact(e.detail))
     except SampleError as e:
@@ -363,6 +393,15 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
             row.update(qa_status="rejected", qa_reason=SOURCE_QA_REASONS[e.reason], qa_detail=redact(e.detail)[:500])
         else:
             row.update(qa_status="failed", qa_reason=e.reason, qa_detail=redact(e.detail)[:500])
+    except OSError as e:
+        row.update(qa_status="failed", qa_reason="error", qa_detail=redact(f"{type(e).__name__}: {e}")[:500])
+        if e.errno in DISK_ERRNOS:
+            row["qa_reason"] = DISK_FULL
+            row["_stop"] = {
+                "what": f"output dir {spec.root}",
+                "problem": f"{DISK_ERRNOS[e.errno]} ({e.filename or 'writing a sample'})",
+                "fix": "free space or write elsewhere, then run the build again: it resumes",
+            }
     except Exception as e:  # any other bug in a stage is this sample's failure, never the build's
         row.update(qa_status="failed", qa_reason="error", qa_detail=redact(f"{type(e).__name__}: {e}")[:500])
     row["_timing"] = timing

@@ -7,6 +7,9 @@ The dataset half's own tests build from the offline world instead (`cmsrd.world`
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +126,29 @@ def make_tiny_dataset(
         },
     )
     return layout
+
+
+SCRIPT_MODULES = {"cmsrd": "cmsrd.cli", "cmsrd-bench": "benchmark.cli"}
+
+
+def run_console_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run console script `name` (cmsrd or cmsrd-bench) as a user does: a fresh process (the venv's
+    installed script where there is one, else `python -m`), this checkout first on PYTHONPATH, so exit
+    statuses are the real ones (CliRunner hides how `run_cli` turns a status into the exit code)."""
+    repo = Path(__file__).resolve().parents[1]
+    script = Path(sys.executable).parent / name
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", SCRIPT_MODULES[name]]
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(
+        cmd + list(args), capture_output=True, text=True, env=env, cwd=repo, timeout=timeout, check=False
+    )
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a failed run; asserts there is exactly one and no traceback."""
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]

@@ -55,9 +55,15 @@ def validate_dataset(root: str | os.PathLike, progress: bool = False) -> tuple[l
             n_files += 1
             if sha256_file(path) != r.get(f"sha256_{kind}"):
                 problems.append(f"{sid}: checksum mismatch for {layout.relpath(path)}")
-            with Image.open(path) as im:
-                if im.size != (sizes[kind], sizes[kind]):
-                    problems.append(f"{sid}: {layout.relpath(path)} is {im.size}, expected {sizes[kind]}x{sizes[kind]}")
+            try:  # decoded, not only opened: a truncated or damaged PNG is a problem, not a traceback
+                with Image.open(path) as im:
+                    im.load()
+                    size = im.size
+            except (OSError, SyntaxError, ValueError) as e:
+                problems.append(f"{sid}: {layout.relpath(path)} cannot be read as an image ({type(e).__name__}: {e})")
+                continue
+            if size != (sizes[kind], sizes[kind]):
+                problems.append(f"{sid}: {layout.relpath(path)} is {size}, expected {sizes[kind]}x{sizes[kind]}")
         for which in ("hr", "lr"):
             rel = r.get(f"path_geo_{which}")
             if isinstance(rel, str) and rel:
@@ -88,13 +94,20 @@ def validate_dataset(root: str | os.PathLike, progress: bool = False) -> tuple[l
 def _check_geotiff(layout: DatasetLayout, sid: str, which: str, rel: str, r: dict, size: int) -> list[str]:
     import rasterio
 
+    want = layout.relpath(layout.geotiff_path(sid, which))
+    if rel != want:  # never follow a manifest path elsewhere (../ traversal)
+        return [f"{sid}: path_geo_{which} {rel!r} != {want!r}"]
     path = layout.root / rel
     if not path.exists():
         return [f"{sid}: missing {rel}"]
     out = []
     if sha256_file(path) != r.get(f"sha256_geo_{which}"):
         out.append(f"{sid}: checksum mismatch for {rel}")
-    with rasterio.open(path) as ds:
+    try:
+        ds = rasterio.open(path)
+    except rasterio.errors.RasterioError as e:
+        return [*out, f"{sid}: {rel} cannot be read as a GeoTIFF ({e})"]
+    with ds:
         if ds.crs is None or ds.crs.to_epsg() != 3857:
             out.append(f"{sid}: {rel} has CRS {ds.crs}, expected EPSG:3857")
         b = ds.bounds

@@ -178,3 +178,19 @@ def test_offline_world_windows_match_the_injected_shift(small_world):
         errors += [s.dx - (mx - cx) / px, s.dy + (my - cy) / px]
     errors = np.abs(errors)
     assert len(errors) == 8 and np.median(errors) < 0.2 and errors.max() < 0.4, errors.round(3)
+
+
+def test_unmeasured_shift_is_a_qa_reason_not_a_pass():
+    from cmsrd.config import QAConfig
+    from cmsrd.qa import REASONS, QARejected, check_shift
+
+    qa = QAConfig()
+    assert "shift_unmeasured" in REASONS
+    for dx, dy in ((float("nan"), float("nan")), (None, None), (0.1, float("nan"))):
+        with pytest.raises(QARejected) as ei:
+            check_shift(dx, dy, float("nan"), qa)
+        assert ei.value.reason == "shift_unmeasured"
+    check_shift(0.2, -0.1, 0.9, qa)  # measured and small: passes
+    check_shift(5.0, 0.0, qa.min_shift_correlation / 2, qa)  # measured but weak: cannot reject
+    with pytest.raises(QARejected, match="misregistered"):
+        check_shift(5.0, 0.0, 0.95, qa)

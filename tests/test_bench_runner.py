@@ -406,7 +406,7 @@ def test_cli_config_builds_sgdm_plus_from_a_checkpoint_without_geometry(tiny_dat
         + base[7:]
         + ["--out", str(tmp_path / "r2"), "--config", f"sgdm+={tmp_path / 'wide.yaml'}"],
     )
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # a failed method x condition: the run did not fully succeed
     bad = pd.read_csv(tmp_path / "r2" / "leaderboard.csv").iloc[0]
     assert bad.status == "failed" and "cond_channels: 32 (config) vs 64 (checkpoint)" in bad.reason
     # a config for a method not in the run, a missing file, a malformed pair: one clear error each, nothing run

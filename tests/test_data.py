@@ -58,3 +58,19 @@ def test_official_augment_transform_set():
     outcomes = {official_augment({"x": a}, random.Random(s))["x"].tobytes() for s in range(400)}
     dihedral = {np.rot90(f, k).tobytes() for f in (a, a[:, ::-1]) for k in range(4)}
     assert outcomes == dihedral
+
+
+def test_truncated_png_is_one_clear_error(tiny_dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, root)
+    ds = CMSRDDataset(root, "train")
+    p = ds.path("hr", 0)
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(InputError) as ei:
+        ds[0]
+    assert p.name in str(ei.value) and "cmsrd validate" in str(ei.value)
+    p.unlink()
+    with pytest.raises(InputError, match="is missing"):
+        ds[0]

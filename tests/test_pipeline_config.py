@@ -229,6 +229,59 @@ def test_one_build_per_output_dir(tmp_path):
     b.unlock()
 
 
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        ({"samples": 10**12}, "samples"),
+        ({"build": {"timeout_s": -1}}, "build.timeout_s"),
+        ({"build": {"http_retries": -3}}, "build.http_retries"),
+        ({"build": {"http_backoff_s": float("nan")}}, "build.http_backoff_s"),
+        ({"aois": ["world"], "world": {"faults": {"eror_rate": 0.1}}}, "eror_rate"),
+        ({"aois": ["world"], "world": {"faults": {"error_rate": 3}}}, "world.faults"),
+    ],
+)
+def test_wrong_values_are_refused_when_loading(tmp_path, change, what):
+    with pytest.raises(InputError) as ei:
+        load_config(_preset(tmp_path, **change))
+    assert what in str(ei.value)
+
+
+def test_fault_config_typo_is_an_input_error():
+    from cmsrd.world.faults import FaultConfig
+
+    with pytest.raises(InputError, match="did you mean `error_rate`"):
+        FaultConfig(eror_rate=0.1)
+
+
+def test_preset_folder_and_odd_aoi_files_are_one_clear_error(tmp_path):
+    with pytest.raises(InputError, match="is a folder"):
+        load_config(str(tmp_path))
+    cases = {
+        "list.geojson": [1, 2],
+        "features.geojson": {"type": "FeatureCollection", "features": {"a": 1}},
+        "evil.geojson": {
+            "type": "Feature",
+            "properties": {"name": "../../../tmp/evil"},
+            "geometry": _box(2.30, 48.84, 2.33, 48.86),
+        },
+    }
+    for name, doc in cases.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+        with pytest.raises(InputError) as ei:
+            load_aois(load_config(_preset(tmp_path, aois=[str(tmp_path / name)])))
+        assert name in str(ei.value)
+
+
+def test_plan_with_a_bad_block_or_aoi_name_is_refused(tmp_path):
+    from cmsrd.plan import check_plan
+
+    df = make_plan(load_config(_preset(tmp_path, samples=4)))
+    with pytest.raises(InputError, match="ZOOM/BLOCK_TILES"):
+        check_plan(df.assign(block="a/b/c"))
+    with pytest.raises(InputError, match="not a plain name"):
+        check_plan(df.assign(aoi="../../../tmp/evil"))
+
+
 def test_sample_task_carries_exactly_the_plan_columns():
     """A task is one plan row with plain Python values: every plan column reaches the stages and the row."""
     from dataclasses import fields

@@ -378,3 +378,94 @@ def test_planetary_computer_signing_and_uppercase_keys(world, caplog):
     assert "TOPSECRETSIG123" not in blob
     client_side = [r for r in caplog.records if not r.name.startswith("cmsrd.world")]  # not the test server
     assert client_side and all("TOPSECRETSIG123" not in r.getMessage() for r in client_side)
+
+
+def _first_faulted_seed(kind: str, rate: float = 0.3) -> int:
+    """A fault seed whose first faultable request meets `kind` and the next five none."""
+    from cmsrd.world.faults import FaultConfig, schedule
+
+    for seed in range(500):
+        sc = schedule(FaultConfig(**{f"{kind}_rate": rate}, seed=seed), 6)
+        if sc[0] is not None and not any(sc[1:]):
+            return seed
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncate", "timeout"])
+def test_world_cog_read_survives_a_damaged_response(world, kind, monkeypatch):
+    """GDAL's /vsicurl/ would keep a damaged header or block for the life of the process; the source
+    drops it after a failed attempt, so the retry asks again and reads the same bytes as a clean read.
+    Without the cache invalidation (forget_remote a no-op) the read fails on every retry."""
+    from cmsrd.sources import sentinel2 as s2m
+    from cmsrd.world.faults import FaultConfig
+    from cmsrd.world.servers import serve_world
+
+    root, meta, _ = world
+    t = _world_tile(meta, 17)
+    pol = RetryPolicy(retries=3, backoff=0.01)
+
+    def fetch(srv):
+        s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=pol, timeout=(5.0, 2.0))
+        items = s2.search_area(meta["bounds_lonlat"], "2023-01-01", "2023-12-31")
+        return s2.fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"], items=items)
+
+    with serve_world(root) as srv:
+        clean = fetch(srv)
+    faults = FaultConfig(
+        **{f"{kind}_rate": 0.3}, seed=_first_faulted_seed(kind), timeout_s=1, retry_after_s=0, paths=("/files/",)
+    )
+    with serve_world(root, faults=faults) as srv:
+        got = fetch(srv)
+        assert sum(srv.stats.faults.values()) >= 1
+    np.testing.assert_array_equal(got.image, clean.image)
+    if kind == "timeout":  # GDAL retries a dropped connection itself (GDAL_HTTP_MAX_RETRY); nothing is kept
+        return
+    monkeypatch.setattr(s2m, "forget_remote", lambda path: True)  # GDAL keeps the failure
+    with serve_world(root, faults=faults) as srv, pytest.raises(SampleError) as ei:
+        fetch(srv)
+    assert ei.value.reason == "lr_read_failed" and "attempts" in ei.value.detail
+
+
+def test_transient_gdal_errors():
+    from cmsrd.sources.sentinel2 import transient_gdal_error
+
+    assert transient_gdal_error("not recognized as being in a supported file format")
+    assert transient_gdal_error("HTTP response code: 503")
+    assert transient_gdal_error("HTTP response code: 429")
+    assert not transient_gdal_error("HTTP response code: 404")
+    assert not transient_gdal_error("HTTP response code: 403")
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncate"])
+def test_world_search_retries_a_damaged_body(world, kind):
+    from cmsrd.world.faults import FaultConfig
+    from cmsrd.world.servers import serve_world
+
+    root, meta, _ = world
+    faults = FaultConfig(**{f"{kind}_rate": 0.3}, seed=_first_faulted_seed(kind), paths=("/stac/v1/search",))
+    with serve_world(root, faults=faults) as srv:
+        s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=RetryPolicy(retries=2, backoff=0.01))
+        items = s2.search_area(meta["bounds_lonlat"], "2023-01-01", "2023-12-31")
+        assert srv.stats.faults[kind] == 1
+    assert len(items) == 2
+
+
+def test_world_cog_whose_header_disagrees_with_the_item_is_not_read_silently(world):
+    """A damaged header can still parse with another georeference (pixels in the wrong place, no error):
+    the asset's STAC proj:transform is checked, a mismatch retried and finally a recorded read failure."""
+    from cmsrd.world.servers import serve_world
+
+    root, meta, _ = world
+    t = _world_tile(meta, 17)
+    with serve_world(root) as srv:
+        s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=RetryPolicy(retries=1, backoff=0.0))
+        items = s2.search_area(meta["bounds_lonlat"], "2023-01-01", "2023-12-31")
+        doctored = copy.deepcopy(items)
+        for it in doctored:
+            for a in it["assets"].values():
+                if "proj:transform" in a:
+                    a["proj:transform"][2] += 30.0  # three pixels east
+        with pytest.raises(SampleError) as ei:
+            s2.fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"], items=doctored)
+        assert s2.fetch(t.z, t.x, t.y, hr_date=meta["hr_capture_date"], items=items).image.shape == (16, 16, 3)
+    assert ei.value.reason == "lr_read_failed" and "header differs from the STAC item" in ei.value.detail

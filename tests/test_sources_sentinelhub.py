@@ -9,7 +9,7 @@ import mercantile
 import numpy as np
 import pytest
 
-from cmsrd.errors import InputError, SampleError
+from cmsrd.errors import CredentialsError, InputError, SampleError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,6 +115,7 @@ def test_invalid_credentials_one_clear_error_without_the_secret(world, server, c
     with pytest.raises(InputError) as ei:
         src.fetch(t.z, t.x, t.y, hr_date=world[1]["hr_capture_date"])
     msg = str(ei.value)
+    assert isinstance(ei.value, CredentialsError)  # the build stops on it instead of failing every sample
     assert "SH_CLIENT_ID" in msg and "SH_CLIENT_SECRET" in msg and wrong not in msg
     assert wrong not in repr(src)
     client_side = [r for r in caplog.records if not r.name.startswith("cmsrd.world")]

@@ -12,6 +12,7 @@ training schedule, and denoised from there. Two ways to place the steps below t 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -60,16 +61,18 @@ def respaced_lr_timesteps(start_t: int, steps: int) -> torch.Tensor:
     return torch.tensor(grid, dtype=torch.long)
 
 
-def lr_start_schedule(sampler: str, steps: int, start_t: int, mode: str = "truncate"):
+def lr_start_schedule(
+    sampler: str, steps: int, start_t: int, mode: str = "truncate", schedule: dict[str, Any] | None = None
+):
     """(scheduler, timesteps to run, index of the first) for `steps=N,start=lr@t` under `mode`."""
     check_lr_start(steps, start_t, mode)
     if mode == "truncate":
-        sched = make_scheduler(sampler, steps)
+        sched = make_scheduler(sampler, steps, schedule)
         kept = lr_start_timesteps(sched.timesteps, start_t)
         return sched, kept, len(sched.timesteps) - len(kept)
-    sched = make_scheduler(sampler, 1)
+    sched = make_scheduler(sampler, 1, schedule)
     grid = respaced_lr_timesteps(start_t, steps)
-    if sampler == "ddim":  # GridDDIMScheduler steps along its own `timesteps`, to the clean sample after the last
+    if sampler.startswith("ddim"):  # GridDDIMScheduler steps along its own `timesteps`
         sched.timesteps = grid
         sched.num_inference_steps = steps
     else:  # DDPM and DPM-Solver++ take custom timesteps (their step after the last one is the clean sample)
@@ -99,21 +102,28 @@ def sample_latents(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    schedule: dict[str, Any] | None = None,
+    eta: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """Run the reverse process; returns (z_0, number of eps evaluations).
 
     With `start_t` set, `start_latent` (the clean latent of the upsampled LR) is noised to the first kept
     timestep and only the remaining steps run (`lr_start`: `truncate` or `respace`, see the module doc).
+    `schedule` replaces SD's betas (`schedules.train_schedule`); `eta` is DDIM's noise level (ddim only; its
+    noise comes from `generator` too).
     """
+    if eta and not sampler.startswith("ddim"):
+        raise InputError(f"sampler {sampler!r} with eta {eta}", "eta applies to ddim only", "set eta: 0")
+    extra = {"eta": float(eta)} if eta else {}
     noise = randn(shape, generator, device, dtype)  # a list of generators: one stream per sample
     if start_t is None:
-        sched = make_scheduler(sampler, steps)
+        sched = make_scheduler(sampler, steps, schedule)
         timesteps = sched.timesteps
         z = noise * sched.init_noise_sigma
     else:
         if start_latent is None:
             raise InputError("start=lr@t", "needs the LR latent", "pass start_latent (VAE latent of the upsampled LR)")
-        sched, kept, begin = lr_start_schedule(sampler, steps, start_t, lr_start)
+        sched, kept, begin = lr_start_schedule(sampler, steps, start_t, lr_start, schedule)
         t0 = kept[:1].to(device)
         z = sched.add_noise(start_latent.to(dtype), noise, t0)
         if hasattr(sched, "set_begin_index"):
@@ -124,5 +134,5 @@ def sample_latents(
         model_in = sched.scale_model_input(z, t)
         eps = eps_fn(model_in, t.to(device).expand(shape[0]))
         nfe += 1
-        z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False)[0]
+        z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False, **extra)[0]
     return z, nfe

@@ -17,6 +17,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from cmsrd.errors import InputError
 
+from ..seeding import randn
+
 TRAIN_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -26,16 +28,18 @@ TRAIN_SCHEDULE: dict[str, Any] = {
     "clip_sample": False,
 }
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+SAMPLERS = ("ddpm", "ddim", "ddim-ldm", "dpm-solver")
 DEFAULT_STEPS = 50
 
 
 class GridDDIMScheduler(DDIMScheduler):
-    """Deterministic DDIM (eta 0) that steps to the *next timestep of its own grid*.
+    """DDIM that steps to the *next timestep of its own grid*; deterministic at eta 0 (the default).
 
     diffusers' DDIMScheduler takes the previous timestep as t - 1000 // steps, which lands off the grid
     (and short of the clean sample) whenever `steps` does not divide 1000; SGDM's `steps=N` condition
-    must work for any N, so only the step rule is replaced here (same alphas, same x0/eps algebra)."""
+    must work for any N, so only the step rule is replaced here (same alphas, same x0/eps algebra).
+    With eta > 0 (LDM-SR samples at eta 1) each step adds sigma_t = eta sqrt((1 - a_prev)/(1 - a_t))
+    sqrt(1 - a_t/a_prev) of fresh noise drawn per image from `generator` (`baselines.seeding`)."""
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True, **_):
         ts = self.timesteps
@@ -46,33 +50,52 @@ class GridDDIMScheduler(DDIMScheduler):
         a_prev = ac[int(ts[idx + 1])] if idx + 1 < len(ts) else self.final_alpha_cumprod.to(sample.device)
         eps = model_output.float()
         x0 = (sample.float() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        prev = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(sample.dtype)
+        if eta > 0:
+            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+            noise = randn(tuple(sample.shape), generator, sample.device)
+            prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
+            prev = prev.to(sample.dtype)
+        else:
+            prev = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(sample.dtype)
         if not return_dict:
             return (prev, x0.to(sample.dtype))
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
 
 
-def training_scheduler() -> DDPMScheduler:
+def train_schedule(schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+    """TRAIN_SCHEDULE with a method's own betas over it (LDM-SR: beta_start 0.0015, beta_end 0.0155)."""
+    unknown = sorted(set(schedule or {}) - {"beta_start", "beta_end"})
+    if unknown:
+        raise InputError(f"schedule.{unknown[0]}", "cannot be changed", "set only beta_start and beta_end")
+    return {**TRAIN_SCHEDULE, **(schedule or {})}
+
+
+def training_scheduler(schedule: dict[str, Any] | None = None) -> DDPMScheduler:
     """The 1000-step schedule used for training targets (q(z_t | z_0)) and for `add_noise`."""
-    return DDPMScheduler(**TRAIN_SCHEDULE, variance_type="fixed_small", timestep_spacing="linspace")
+    return DDPMScheduler(**train_schedule(schedule), variance_type="fixed_small", timestep_spacing="linspace")
 
 
-def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS):
-    """A scheduler with `set_timesteps(steps)` already applied.
+def make_scheduler(name: str = "ddpm", steps: int = DEFAULT_STEPS, schedule: dict[str, Any] | None = None):
+    """A scheduler with `set_timesteps(steps)` already applied (`schedule`: betas other than SD's).
 
     - `ddpm`: the official SGDM respaced ancestral sampler (fixed-small variance, linspace spacing).
     - `ddim`: deterministic DDIM (eta 0), `trailing` spacing so the first step starts at t = 999, and the
       last step lands on the clean sample (`set_alpha_to_one`), not on abar_0.
+    - `ddim-ldm`: CompVis' `DDIMSampler` grid (uniform: t = k * (1000 // steps) + 1, so 991, ..., 11, 1 at 100
+      steps) whose last step lands on alpha-bar_0, not on the clean sample (LDM-SR's official sampler).
     - `dpm-solver`: DPM-Solver++ (2nd order multistep), `trailing` spacing, final step to sigma 0.
     """
     if not isinstance(steps, int) or steps < 1 or steps > TRAIN_SCHEDULE["num_train_timesteps"]:
         raise InputError(f"steps={steps}", "must be an integer in 1..1000", "e.g. steps=50")
+    train = train_schedule(schedule)
     if name == "ddpm":
-        sched = DDPMScheduler(**TRAIN_SCHEDULE, variance_type="fixed_small", timestep_spacing="linspace")
+        sched = DDPMScheduler(**train, variance_type="fixed_small", timestep_spacing="linspace")
     elif name == "ddim":
-        sched = GridDDIMScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True)
+        sched = GridDDIMScheduler(**train, timestep_spacing="trailing", set_alpha_to_one=True)
+    elif name == "ddim-ldm":
+        sched = GridDDIMScheduler(**train, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     elif name == "dpm-solver":
-        common = {k: v for k, v in TRAIN_SCHEDULE.items() if k != "clip_sample"}
+        common = {k: v for k, v in train.items() if k != "clip_sample"}
         sched = DPMSolverMultistepScheduler(
             **common,
             thresholding=False,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmark.downstream.definitions import CLS_POLICY, SEG_POLICY, groups_text
 from cmsrd.errors import InputError
 
 from .psnr_ssim import definition as _psnr_ssim_definition
@@ -137,6 +138,92 @@ METRICS: dict[str, Metric] = {
     ]
 }
 
+_RVSA = "benchmark.downstream.bench:DownstreamScorer"
+_CLS = f"RVSA ViT-B UCM scene classifier (21 classes) on SR and on HR of each image; {CLS_POLICY}"
+_SEG = f"RVSA UperNet LoveDA segmenter (7 classes) on SR and on HR; {SEG_POLICY}"
+_MAP = (
+    "Map segmenter trained on this dataset's train split (`cmsrd-bench train-downstream`; which one: run.json "
+    "`downstream.map_segmenter`, architecture and weights sha256) run on SR, scored against the dataset's OSM "
+    f"class mask of the same tile on class groups ({groups_text()}), confusion accumulated over the set"
+)
+METRICS.update(
+    {
+        m.name: m
+        for m in [
+            Metric(
+                "cls_top1_agree",
+                "higher",
+                "set",
+                True,
+                ("rvsa_ucm_vit_b",),
+                _RVSA,
+                f"Top-1 agreement: fraction of images whose SR top-1 class equals the HR top-1 class. {_CLS}",
+                "MIT (RVSA)",
+            ),
+            Metric(
+                "cls_top5_agree",
+                "higher",
+                "set",
+                True,
+                ("rvsa_ucm_vit_b",),
+                _RVSA,
+                f"Top-5 agreement: fraction of images whose HR top-1 class is among the SR's 5 highest scores. {_CLS}",
+                "MIT (RVSA)",
+            ),
+            Metric(
+                "cls_kappa",
+                "higher",
+                "set",
+                True,
+                ("rvsa_ucm_vit_b",),
+                _RVSA,
+                "Cohen's kappa of the SR and HR top-1 labels over the set, (p_o - p_e) / (1 - p_e), 1.0 when "
+                f"p_e = 1. {_CLS}",
+                "MIT (RVSA)",
+            ),
+            Metric(
+                "seg_miou_vs_hr",
+                "higher",
+                "set",
+                True,
+                ("rvsa_loveda_upernet",),
+                _RVSA,
+                "mIoU of the SR segmentation with the HR segmentation as label, confusion accumulated over the "
+                f"set, mean over the classes present in either (mmseg style). {_SEG}",
+                "MIT (RVSA)",
+            ),
+            Metric(
+                "seg_pixel_agree",
+                "higher",
+                "set",
+                True,
+                ("rvsa_loveda_upernet",),
+                _RVSA,
+                f"Fraction of pixels whose SR and HR segmentation classes agree, over the set. {_SEG}",
+                "MIT (RVSA)",
+            ),
+            Metric(
+                "map_miou",
+                "higher",
+                "set",
+                False,
+                (),
+                _RVSA,
+                f"Map agreement mIoU over the class groups present. {_MAP}.",
+            ),
+            Metric(
+                "map_pixel_acc",
+                "higher",
+                "set",
+                False,
+                (),
+                _RVSA,
+                f"Map agreement pixel accuracy: fraction of pixels whose predicted class group is the mask's. {_MAP}.",
+            ),
+        ]
+    }
+)
+
 DEFAULT_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "lpips", "dists", "musiq", "clipiqa", "fid", "kid")
 
 
@@ -147,14 +234,16 @@ def get(name: str) -> Metric:
 
 
 def parse_names(text: str | Sequence[str] | None) -> list[str]:
-    """`"psnr_y,lpips"` / `"default"` / `"all"` -> metric names (validated)."""
-    if text is None or text == "default":
+    """`"psnr_y,lpips"` / `"default"` / `"all"` / `"default,map_miou"` -> metric names (validated); `default`
+    and `all` inside a list stand for their metrics."""
+    if text is None:
         return list(DEFAULT_METRICS)
-    if text == "all":
-        return list(METRICS)
     names = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    groups = {"default": list(DEFAULT_METRICS), "all": list(METRICS)}
+    names = [m for n in names for m in groups.get(n, [n])]
     for n in names:
-        get(n)
+        if n:
+            get(n)
     return list(dict.fromkeys(n for n in names if n))
 
 

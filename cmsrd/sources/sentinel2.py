@@ -220,6 +220,101 @@ def _gdal_path(href: str) -> str:
     return href
 
 
+REMOTE_PREFIXES = ("/vsicurl/", "/vsis3/")
+
+
+def transient_gdal_error(message: str) -> bool:
+    """Whether a GDAL read error may go away on retry: anything but a definite 4xx answer (a damaged or
+    cut-off body reads as "not a TIFF" or a decode error, which a fresh request fixes)."""
+    m = re.search(r"HTTP (?:response )?code:?\s*(\d{3})", message)
+    if m is None:
+        return True
+    code = int(m.group(1))
+    return code >= 500 or code in (408, 425, 429)
+
+
+_CLEAR: list[Callable[[bytes], None] | None] = []
+
+
+def _gdal_partial_clear_cache() -> Callable[[bytes], None] | None:
+    """GDAL's `VSICurlPartialClearCache` from the libgdal rasterio loaded (rasterio does not wrap it);
+    None where that library cannot be found (then `forget_remote` falls back to CPL_VSIL_CURL_NON_CACHED)."""
+    if _CLEAR:
+        return _CLEAR[0]
+    import ctypes
+
+    import rasterio._env  # noqa: F401 - loads libgdal, so its path is in the process map
+
+    fn = None
+    cands: list[str] = []
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        cands = sorted({ln.split()[-1] for ln in maps.read_text().splitlines() if "libgdal" in ln and "/" in ln})
+    if not cands:
+        import glob
+
+        base = Path(rasterio._env.__file__).parent
+        cands = sorted(glob.glob(str(base.parent / "rasterio*libs" / "libgdal*")))
+        cands += sorted(glob.glob(str(base / ".dylibs" / "libgdal*")))
+    for c in cands:
+        try:
+            lib = ctypes.CDLL(c)  # the already loaded library: dlopen hands back the same instance
+            fn = lib.VSICurlPartialClearCache
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_char_p], None
+        break
+    _CLEAR.append(fn)
+    return fn
+
+
+def forget_remote(path: str) -> bool:
+    """Drop what GDAL cached of one /vsicurl/ URL (data blocks, size, existence) so the next open asks
+    the server again. False when the clear function is unavailable (see `_gdal_partial_clear_cache`)."""
+    fn = _gdal_partial_clear_cache()
+    if fn is None:
+        return False
+    fn(path.encode())
+    return True
+
+
+def expected_grid(item: dict, asset: dict) -> dict[str, Any] | None:
+    """The pixel grid the STAC item promises for one asset (proj extension: per-asset shape/transform as
+    Earth Search v1 and Planetary Computer give them, EPSG from the asset or the item); None without one."""
+    props = item.get("properties") or {}
+    grid: dict[str, Any] = {}
+    shape = asset.get("proj:shape") or props.get("proj:shape")
+    transform = asset.get("proj:transform") or props.get("proj:transform")
+    epsg = asset.get("proj:epsg") or props.get("proj:epsg")
+    code = asset.get("proj:code") or props.get("proj:code")
+    if epsg is None and isinstance(code, str) and code.upper().startswith("EPSG:"):
+        epsg = code[5:]
+    if shape and len(shape) == 2:
+        grid["shape"] = (int(shape[0]), int(shape[1]))
+    if transform and len(transform) >= 6:
+        grid["transform"] = tuple(float(v) for v in transform[:6])
+    if epsg is not None and str(epsg).isdigit():
+        grid["epsg"] = int(epsg)
+    return grid or None
+
+
+def grid_mismatch(src: Any, grid: dict[str, Any] | None) -> str:
+    """What of an opened raster's grid differs from `grid` ("" when nothing, or nothing to check)."""
+    if not grid:
+        return ""
+    wrong = []
+    if "shape" in grid and (src.height, src.width) != grid["shape"]:
+        wrong.append(f"shape {(src.height, src.width)} vs {grid['shape']}")
+    if "transform" in grid:
+        t = src.transform
+        got = (t.a, t.b, t.c, t.d, t.e, t.f)
+        if not np.allclose(got, grid["transform"], rtol=1e-9, atol=1e-6):
+            wrong.append(f"transform {got} vs {grid['transform']}")
+    if "epsg" in grid and (src.crs is None or src.crs.to_epsg() != grid["epsg"]):
+        wrong.append(f"CRS {src.crs} vs EPSG:{grid['epsg']}")
+    return "; ".join(wrong)
+
+
 def native_size(z: int, x: int, y: int, gsd_m: float = NATIVE_GSD_M) -> int:
     """Pixels across the footprint at `gsd_m` ground spacing (Mercator scale corrected at its centre)."""
     left, bottom, right, top = tile_bounds_3857(z, x, y)
@@ -440,33 +535,55 @@ class Sentinel2STAC:
         return Client.open(self.url, stac_io=io)
 
     def _search(self, bbox: list[float], dt: str) -> list[dict]:
-        from pystac_client.conformance import ConformanceClasses
-        from pystac_client.exceptions import APIError
-
-        try:
-            client = self._stac_client()
-            query = (
-                {"eo:cloud_cover": {"lte": self.max_cloud}} if client.conforms_to(ConformanceClasses.QUERY) else None
-            )
-            search = client.search(
-                collections=[self.collection],
-                bbox=bbox,
-                datetime=dt,
-                query=query,
-                max_items=self.max_items,
-                limit=min(100, self.max_items),
-            )
-            items = [it.to_dict(transform_hrefs=False) for it in search.items()]
-            # also filter here: a catalog without the query extension returns every cloud cover
-            items = [it for it in items if float(it["properties"].get("eo:cloud_cover", 0) or 0) <= self.max_cloud]
-        except APIError as e:
-            raise SampleError("lr_search_failed", f"{redact(self.url)}: {redact(e)[:300]}") from None
-        except Exception as e:  # noqa: BLE001 - requests/urllib3/pystac raise many types; all mean the same
-            raise SampleError(
-                "lr_search_failed", f"{redact(self.url)}: {type(e).__name__}: {redact(e)[:300]}"
-            ) from None
+        """One area search, retried as a whole with backoff: urllib3 retries statuses, but a body cut off
+        mid-page or damaged (invalid JSON) surfaces from pystac-client as an exception after the
+        response, so the whole search (all pages) is repeated. An HTTP error status is final here: urllib3
+        already spent the retry budget on it (or it is a definite 4xx)."""
+        pol = self.client.retry
+        attempts = pol.retries + 1
+        for attempt in range(attempts):
+            try:
+                items = self._search_once(bbox, dt)
+                break
+            except Exception as e:  # noqa: BLE001 - requests/urllib3/pystac raise many types; all mean the same
+                status = getattr(e, "status_code", None)
+                final = attempt + 1 >= attempts or isinstance(status, int)
+                if final:
+                    what = "" if type(e).__name__ == "APIError" else f"{type(e).__name__}: "
+                    raise SampleError(
+                        "lr_search_failed",
+                        f"{redact(self.url)}: {what}{redact(e)[:300]}"
+                        + (f" (after {attempt + 1} attempts)" if attempt else ""),
+                    ) from None
+                wait = pol.delay(attempt)
+                log.warning(
+                    "retry %d/%d in %.2fs for STAC search %s: %s",
+                    attempt + 1,
+                    attempts - 1,
+                    wait,
+                    bbox,
+                    redact(e)[:200],
+                )
+                time.sleep(wait)
         log.info("STAC search %s %s: %d item(s)", bbox, dt, len(items))
         return items
+
+    def _search_once(self, bbox: list[float], dt: str) -> list[dict]:
+        from pystac_client.conformance import ConformanceClasses
+
+        client = self._stac_client()
+        query = {"eo:cloud_cover": {"lte": self.max_cloud}} if client.conforms_to(ConformanceClasses.QUERY) else None
+        search = client.search(
+            collections=[self.collection],
+            bbox=bbox,
+            datetime=dt,
+            query=query,
+            max_items=self.max_items,
+            limit=min(100, self.max_items),
+        )
+        items = [it.to_dict(transform_hrefs=False) for it in search.items()]
+        # also filter here: a catalog without the query extension returns every cloud cover
+        return [it for it in items if float(it["properties"].get("eo:cloud_cover", 0) or 0) <= self.max_cloud]
 
     # -- per footprint --------------------------------------------------------------------------
     def candidates(self, z: int, x: int, y: int, items: Iterable[Any], hr_date: str | None) -> list[dict]:
@@ -527,7 +644,7 @@ class Sentinel2STAC:
             try:
                 frac = self._bad_fraction(d, z, x, y, n)
             except SampleError as e:
-                tried.append({"id": d["id"], "error": e.reason})
+                tried.append({"id": d["id"], "error": e.reason, "detail": e.detail[:200]})
                 continue
             tried.append(
                 {
@@ -568,36 +685,89 @@ class Sentinel2STAC:
             href = self.signer.sign(href, d.get("collection") or self.collection)
         return href, asset
 
-    def _read(self, href: str, z: int, x: int, y: int, n: int, resampling: str) -> np.ndarray:
+    def _read(
+        self, href: str, z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        """The footprint window of one COG band, retried with backoff while the failure looks transient.
+
+        GDAL's /vsicurl/ keeps what it once received (a corrupt header, a cut-off block, "file does not
+        exist" after a 503) for the life of the process, so a plain retry would fail again without a new
+        request; every failed attempt therefore drops GDAL's cache of that URL (`forget_remote`) and the
+        next one opens a fresh handle that asks the server again. GDAL's own retries
+        (GDAL_HTTP_MAX_RETRY) cover 429/5xx inside one attempt; this loop covers damaged bodies and
+        hung connections too. Local files are read once: their errors do not go away.
+
+        `grid` (the asset's STAC `proj:shape` / `proj:transform` / `proj:epsg`, see `expected_grid`) is
+        checked against the file: a damaged header can still parse, with a shifted or rescaled
+        georeference that would put the scene's pixels in the wrong place without any error.
+        """
+        import rasterio
+
+        path = _gdal_path(href)
+        remote = path.startswith(REMOTE_PREFIXES)
+        pol = self.client.retry
+        attempts = pol.retries + 1 if remote else 1
+        install_log_redaction(self.client.secrets)
+        env = dict(GDAL_ENV)
+        read_timeout = self.client.timeout[1] if isinstance(self.client.timeout, tuple) else self.client.timeout
+        if read_timeout:  # a hung connection costs the build's read timeout, not GDAL's 60 s default
+            env["GDAL_HTTP_TIMEOUT"] = str(max(1, int(math.ceil(float(read_timeout)))))
+        err: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                return self._read_once(path, env, z, x, y, n, resampling, grid)
+            except rasterio.errors.RasterioError as e:
+                err = e
+                if remote and not forget_remote(path):
+                    env["CPL_VSIL_CURL_NON_CACHED"] = "/vsicurl/"  # fallback: no cache across opens
+                if attempt + 1 >= attempts or not transient_gdal_error(str(e)):
+                    break
+                wait = pol.delay(attempt)
+                log.warning(
+                    "retry %d/%d in %.2fs for COG read %s: %s",
+                    attempt + 1,
+                    attempts - 1,
+                    wait,
+                    redact(href, self.client.secrets),
+                    redact(e, self.client.secrets)[:200],
+                )
+                time.sleep(wait)
+        raise SampleError(
+            "lr_read_failed",
+            f"{redact(href, self.client.secrets)}: {redact(err, self.client.secrets)[:300]}"
+            + (f" (after {attempt + 1} attempts)" if attempt else ""),
+        )
+
+    @staticmethod
+    def _read_once(
+        path: str, env: dict[str, str], z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None
+    ) -> np.ndarray:
         import rasterio
         from rasterio.enums import Resampling
         from rasterio.transform import from_bounds
         from rasterio.vrt import WarpedVRT
 
         transform = from_bounds(*tile_bounds_3857(z, x, y), width=n, height=n)
-        install_log_redaction(self.client.secrets)
-        try:
-            with rasterio.Env(**GDAL_ENV), rasterio.open(_gdal_path(href)) as src:
-                nodata = src.nodata if src.nodata is not None else 0
-                with WarpedVRT(
-                    src,
-                    crs=WEB_MERCATOR,
-                    transform=transform,
-                    width=n,
-                    height=n,
-                    resampling=Resampling[resampling],
-                    src_nodata=nodata,
-                    nodata=nodata,
-                ) as vrt:
-                    return vrt.read(1)
-        except rasterio.errors.RasterioError as e:
-            raise SampleError(
-                "lr_read_failed", f"{redact(href, self.client.secrets)}: {redact(e, self.client.secrets)[:300]}"
-            ) from None
+        with rasterio.Env(**env), rasterio.open(path) as src:
+            wrong = grid_mismatch(src, grid)
+            if wrong:
+                raise rasterio.errors.RasterioIOError(f"header differs from the STAC item's grid (damaged?): {wrong}")
+            nodata = src.nodata if src.nodata is not None else 0
+            with WarpedVRT(
+                src,
+                crs=WEB_MERCATOR,
+                transform=transform,
+                width=n,
+                height=n,
+                resampling=Resampling[resampling],
+                src_nodata=nodata,
+                nodata=nodata,
+            ) as vrt:
+                return vrt.read(1)
 
     def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
-        href, _ = self._href(d, "scl")
-        scl = self._read(href, z, x, y, n, "nearest")
+        href, asset = self._href(d, "scl")
+        scl = self._read(href, z, x, y, n, "nearest", expected_grid(d, asset))
         return {"bad": float(np.isin(scl, SCL_BAD).mean()), "nodata": float((scl == 0).mean())}
 
     def _build(
@@ -610,7 +780,7 @@ class Sentinel2STAC:
         for role in ("red", "green", "blue"):
             href, asset = self._href(d, role)
             recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
-            dn = self._read(href, z, x, y, n, "cubic")
+            dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
             bands.append(recipe.apply(dn, nodata=0))
             hrefs[role] = redact(href, self.client.secrets)
         native = np.stack(bands, axis=-1).astype(np.float32)

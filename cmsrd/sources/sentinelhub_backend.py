@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InputError, SampleError
+from ..errors import CredentialsError, InputError, SampleError
 from .base import HRResult, LRResult, check_tile, tile_bounds_3857
 from .http import install_log_redaction, redact
 from .sentinel2 import GAIN, NATIVE_GSD_M, SCL_BAD, Sentinel2STAC, _parse_day, _parse_iso, native_size, to_uint8
@@ -64,8 +64,13 @@ RADIOMETRY = (
 )
 
 
-def _credentials_error(problem: str) -> InputError:
-    return InputError(
+# What a refusal of the credentials looks like in sentinelhub-py / oauthlib error texts (token endpoint or
+# Process API): 401, 403 (the account may not use this collection or has no processing units left), OAuth.
+REFUSED = ("invalid_client", "unauthorized", "401", "403", "forbidden", "invalid client", "oauth")
+
+
+def _credentials_error(problem: str) -> CredentialsError:
+    return CredentialsError(
         "Sentinel Hub credentials (SH_CLIENT_ID / SH_CLIENT_SECRET or the sentinelhub config)",
         problem,
         "create an OAuth client in your Sentinel Hub / Copernicus Data Space dashboard and "
@@ -192,7 +197,7 @@ class SentinelHubLR:
         except Exception as e:  # noqa: BLE001 - sentinelhub/oauthlib raise many types; sort them below
             text = redact(e, [self.config.sh_client_secret])
             low = text.lower()
-            if any(k in low for k in ("invalid_client", "unauthorized", "401", "invalid client", "oauth")):
+            if any(k in low for k in REFUSED):
                 raise _credentials_error(f"rejected by {self.config.sh_token_url} ({text[:200]})") from None
             raise SampleError("lr_fetch_failed", f"Sentinel Hub Process API: {text[:300]}") from None
         arr = np.asarray(out["default.tif"], dtype=np.float32)

@@ -20,12 +20,15 @@ Kinds of fault (at most one per request, besides latency which applies to every 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, unknown_name
 
 FAULT_KINDS = ("error", "timeout", "corrupt", "truncate")
 
@@ -76,6 +79,20 @@ class FaultConfig:
         if self.paths is not None and not all(isinstance(p, str) and p.startswith("/") for p in self.paths):
             raise InputError("fault paths", f"{self.paths!r} must be URL path prefixes", "start each with '/'")
 
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "world.faults") -> FaultConfig:
+        """A FaultConfig from a preset's `world.faults` mapping; wrong keys and types are InputErrors."""
+        if not isinstance(values, Mapping):
+            raise InputError(where, f"must be a mapping of fault settings, got {type(values).__name__}")
+        try:
+            return cls(**dict(values))
+        except InputError as e:
+            raise InputError(f"{where}: {e.what}", e.problem, e.fix) from None
+        except (TypeError, ValueError) as e:
+            raise InputError(
+                where, f"has a value of the wrong type ({e})", "see cmsrd.world.faults.FaultConfig"
+            ) from None
+
     def applies_to(self, path: str) -> bool:
         """Whether requests to `path` are subject to faults."""
         return self.paths is None or any(path.startswith(p) for p in self.paths)
@@ -83,6 +100,24 @@ class FaultConfig:
     @property
     def active(self) -> bool:
         return self.latency_s > 0 or (self.error_rate + self.timeout_rate + self.corrupt_rate + self.truncate_rate) > 0
+
+
+def _check_keywords(init):
+    """Unknown keywords (a typo such as `eror_rate`) are one InputError naming the closest field, not a
+    TypeError from the generated __init__."""
+    names = [f.name for f in dataclasses.fields(FaultConfig)]
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in names:
+                raise unknown_name(f"fault setting {key!r}", "unknown", key, names)
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+FaultConfig.__init__ = _check_keywords(FaultConfig.__init__)  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
