@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .conditions import Conditions
+from .method_config import method_train_keys, parse_config
 from .registry import MethodSpec
 from .seeding import Generators
 
@@ -39,16 +40,30 @@ class TrainContext:
 class SRMethod(nn.Module):
     """Base class. Subclasses build their networks in `__init__(spec, scale, config, device)`."""
 
-    # `train.*` keys the method reads beyond the trainer's own (`benchmark.train.DEFAULTS`); the trainer
-    # refuses any other key, so a misspelt one is an error instead of a silent default. Empty by default:
-    # a method that forgets to declare its keys gets them refused, not silently unchecked.
+    # The method's config dataclass (`baselines.method_config.MethodConfig` subclass): `config` is parsed into
+    # it when the method is built (`self.settings`), so an unknown key at any level is refused.
+    config_type: ClassVar[type | None] = None
+    # `train.*` keys the method reads beyond the trainer's own: derived from `config_type`'s train block.
+    # A method without a `config_type` (not yet typed) lists them by hand; the trainer refuses any other key,
+    # and a method that forgets to declare them gets them refused, not silently unchecked.
     train_keys: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.config_type is not None:
+            if "train_keys" in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__}: train_keys are derived from config_type ({cls.config_type.__name__}); "
+                    "declare the method's train.* keys as fields of its train block instead"
+                )
+            cls.train_keys = method_train_keys(cls.config_type)
 
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__()
         self.spec = spec
         self.scale = scale
-        self.config = config
+        self.config = config  # the merged mapping, as written (recorded in config.yaml and run fingerprints)
+        self.settings = parse_config(self.config_type, config, spec.name) if self.config_type else None
         # the checkpoint whose weights the method holds, set only once a load has succeeded
         # (`registry.build` skips `checkpoint:` when the method already loaded it while building)
         self.loaded_from: Path | None = None
@@ -84,7 +99,9 @@ class SRMethod(nn.Module):
         return total, trainable
 
     # ---- training -------------------------------------------------------------------------------
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+    def configure_optimizers(self, train_cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        """`train_cfg`: the typed train block (`self.settings.train` with the trainer's `hr_px`/`resuming`
+        filled in); a method without `config_type` gets the mapping instead."""
         raise NotImplementedError
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:

@@ -13,8 +13,9 @@ repository's current release files (`RRDB_trunk.N.RDB1`, `trunk_conv`, `upconvN`
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 
@@ -23,8 +24,9 @@ from cmsrd.errors import InputError
 from .archs.discriminator import VGGStyleDiscriminator
 from .archs.rrdbnet import convert_esrgan_keys
 from .base import Batch, TrainContext
-from .feedforward import FeedForwardMethod, build_optimizer
+from .feedforward import FeedForwardConfig, FeedForwardMethod, FeedForwardTrain
 from .losses import L1Loss, PerceptualLoss, RelativisticGANLoss
+from .method_config import Adam, Optimizer, build_optimizer
 from .registry import MethodSpec, register
 
 SPEC = register(
@@ -51,24 +53,42 @@ SPEC = register(
 _UP = re.compile(r"^conv_up(\d+)\.weight$")
 
 
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    type: Literal["VGGStyleDiscriminator"] = "VGGStyleDiscriminator"
+    num_in_ch: int = 3
+    num_feat: int = 64
+    input_size: int | None = None  # null: the dataset's HR size (the only size it can take)
+
+
+@dataclass(frozen=True)
+class ESRGANTrain(FeedForwardTrain):
+    """Stage `psnr` is FeedForwardTrain's L1 recipe; stage `gan` adds the discriminator and its losses
+    (the paper's loss weights are in configs/esrgan_gan.yaml)."""
+
+    stage: Literal["psnr", "gan"] = "psnr"
+    pretrain_network_g: str | None = None  # the GAN stage's start generator (model.safetensors of a psnr run)
+    network_d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim_d: Optimizer = field(default_factory=lambda: Adam(lr=1e-4, betas=(0.9, 0.99)))
+    perceptual_weight: float = 1.0
+    perceptual_layer: str = "conv5_4"
+    vgg19_weights: str | None = None  # null: torchvision's vgg19 file from the weights cache
+    gan_weight: float = 5e-3
+
+
+@dataclass(frozen=True)
+class ESRGANConfig(FeedForwardConfig):
+    train: ESRGANTrain = field(default_factory=ESRGANTrain)
+
+
 class ESRGAN(FeedForwardMethod):
+    config_type = ESRGANConfig
     scale_arg = "scale"
     key_layouts = (
         "ours/BasicSR (conv_first, body.N.rdbK.convJ, conv_upN, conv_hr), "
         "original ESRGAN (model.0, model.1.sub.N.RDBK.convJ.0), "
         "ESRGAN repository (RRDB_trunk.N.RDBK.convJ, trunk_conv, upconvN, HRconv)"
     )
-
-    train_keys = FeedForwardMethod.train_keys | {
-        "stage",
-        "pretrain_network_g",
-        "network_d",
-        "optim_d",
-        "perceptual_weight",
-        "perceptual_layer",
-        "vgg19_weights",
-        "gan_weight",
-    }
 
     def convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_esrgan_keys(state)
@@ -77,56 +97,45 @@ class ESRGAN(FeedForwardMethod):
         n = sum(1 for k in state if _UP.match(k))
         return 2**n if n else None
 
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        stage = train_cfg.get("stage", "psnr")
-        if stage not in ("psnr", "gan"):
-            raise InputError(f"train.stage {stage!r} of esrgan", "unknown", "use psnr (L1 pre-training) or gan")
-        self.stage = stage
-        pretrained = train_cfg.get("pretrain_network_g")
-        if pretrained and self.config.get("checkpoint"):  # both name the generator's start weights
+    def configure_optimizers(self, train_cfg: ESRGANTrain) -> dict[str, torch.optim.Optimizer]:
+        self.stage = train_cfg.stage
+        pretrained = train_cfg.pretrain_network_g
+        if pretrained and self.settings.checkpoint:  # both name the generator's start weights
             raise InputError(
                 "train.pretrain_network_g and checkpoint",
                 "are both set, and both name the generator's start weights",
                 "keep one (train.pretrain_network_g is the GAN stage's usual key)",
             )
-        if pretrained and not train_cfg.get("resuming"):  # a resumed run restores its own weights: the file may be gone
+        if pretrained and not train_cfg.resuming:  # a resumed run restores its own weights: the file may be gone
             self.load_checkpoint(pretrained)
-        if stage == "psnr":
+        if self.stage == "psnr":
             return super().configure_optimizers(train_cfg)
-        if not pretrained and not self.config.get("checkpoint"):
+        if not pretrained and not self.settings.checkpoint:
             raise InputError(
                 "train.pretrain_network_g",
                 "is empty but the GAN stage starts from the PSNR-oriented generator",
                 "set it to the model.safetensors of a `train.stage: psnr` run",
             )
-        d_opt = dict(train_cfg.get("network_d") or {})
-        d_opt.pop("type", None)
-        hr_px = int(train_cfg.get("hr_px", 256))
-        if d_opt.setdefault("input_size", hr_px) != hr_px:
+        d_cfg, hr_px = train_cfg.network_d, train_cfg.hr_px or 256
+        if d_cfg.input_size not in (None, hr_px):
             raise InputError(
                 "train.network_d.input_size",
-                f"is {d_opt['input_size']} but the dataset's HR is {hr_px} px",
+                f"is {d_cfg.input_size} but the dataset's HR is {hr_px} px",
                 "drop it (it follows the dataset)",
             )
         device = next(self.net_g.parameters()).device
-        self.net_d = VGGStyleDiscriminator(**d_opt).to(device)
-        self.losses["pixel"] = L1Loss(float(train_cfg.get("pixel_weight", 1e-2)))
+        self.net_d = VGGStyleDiscriminator(d_cfg.num_in_ch, d_cfg.num_feat, hr_px).to(device)
+        self.losses["pixel"] = L1Loss(train_cfg.pixel_weight)
         self.losses["perceptual"] = PerceptualLoss(
-            float(train_cfg.get("perceptual_weight", 1.0)),
-            train_cfg.get("perceptual_layer", "conv5_4"),
-            train_cfg.get("vgg19_weights"),
+            train_cfg.perceptual_weight, train_cfg.perceptual_layer, train_cfg.vgg19_weights
         ).to(device)
-        self.losses["gan"] = RelativisticGANLoss(float(train_cfg.get("gan_weight", 5e-3)))
+        self.losses["gan"] = RelativisticGANLoss(train_cfg.gan_weight)
         return {
-            "g": build_optimizer(
-                train_cfg.get("optim_g") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_g.parameters()
-            ),
-            "d": build_optimizer(
-                train_cfg.get("optim_d") or {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]}, self.net_d.parameters()
-            ),
+            "g": build_optimizer(train_cfg.optim_g, self.net_g.parameters()),
+            "d": build_optimizer(train_cfg.optim_d, self.net_d.parameters()),
         }
 
-    def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
+    def run_stage(self, stage: int, data_root: Path, train_cfg: ESRGANTrain, out_dir: Path) -> None:
         """ESRGAN's second stage (GAN training) is a config of the shared loop, not a `--stage`."""
         raise InputError(
             f"--stage {stage}",

@@ -4,6 +4,7 @@ the authors' layouts (subclasses convert keys)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +18,37 @@ from .base import Batch, SRMethod, TrainContext
 from .checkpoint import load_strict, read_metadata, read_state_dict
 from .conditions import Conditions
 from .losses import L1Loss
+from .method_config import Adam, MethodConfig, Optimizer, TrainConfig, build_optimizer
 from .registry import MethodSpec, build_arch
 from .seeding import Generators
 
+__all__ = ["FeedForwardConfig", "FeedForwardMethod", "FeedForwardTrain", "build_optimizer"]
 
-def build_optimizer(opt_cfg: dict[str, Any], params: Any) -> torch.optim.Optimizer:
-    """`{type: Adam, lr: 2e-4, betas: [0.9, 0.99], ...}` -> a torch optimizer (BasicSR-style)."""
-    cfg = dict(opt_cfg)
-    kind = cfg.pop("type", "Adam")
-    if kind not in ("Adam", "AdamW", "SGD", "RMSprop"):
-        raise InputError(f"optimizer type {kind!r}", "unsupported", "use Adam, AdamW, SGD or RMSprop")
-    if "betas" in cfg:
-        cfg["betas"] = tuple(cfg["betas"])
-    for k in ("lr", "weight_decay", "eps", "momentum"):
-        if k in cfg:
-            cfg[k] = float(cfg[k])
-    return getattr(torch.optim, kind)(params, **cfg)
+
+@dataclass(frozen=True)
+class FeedForwardTrain(TrainConfig):
+    """L1 training of the generator (BasicSR's PSNR-oriented recipe)."""
+
+    optim_g: Optimizer = field(default_factory=lambda: Adam(lr=2e-4, betas=(0.9, 0.99)))
+    pixel_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    param_key: str | None = None  # key of the weights inside an authors' .pth; null: params_ema, else params
+
+
+@dataclass(frozen=True)
+class FeedForwardConfig(MethodConfig):
+    path: PathConfig = field(default_factory=PathConfig)
+    train: FeedForwardTrain = field(default_factory=FeedForwardTrain)
 
 
 class FeedForwardMethod(SRMethod):
     """A generator network mapping `lr` to SR. Subclasses set `scale_arg` and `convert_state`."""
 
+    config_type = FeedForwardConfig
     scale_arg = "scale"  # constructor argument of the architecture that holds the scale
-    train_keys = frozenset({"optim_g", "pixel_weight"})
     key_layouts = "ours"  # the checkpoint key layouts `convert_state` reads, named in load errors
 
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
@@ -96,7 +105,7 @@ class FeedForwardMethod(SRMethod):
                 f"is a x{meta['scale']} model but the method was built for x{self.scale}",
                 f"use --scale {meta['scale']} or a x{self.scale} checkpoint",
             )
-        param_key = param_key or (self.config.get("path") or {}).get("param_key")
+        param_key = param_key or self.settings.path.param_key
         try:
             raw = read_state_dict(path, param_key)
             state = self.convert_state(raw)
@@ -134,13 +143,9 @@ class FeedForwardMethod(SRMethod):
         return dict(self.net_g.state_dict())
 
     # ---- training -------------------------------------------------------------------------------
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        self.losses["pixel"] = L1Loss(float(train_cfg.get("pixel_weight", 1.0)))
-        return {
-            "g": build_optimizer(
-                train_cfg.get("optim_g") or {"type": "Adam", "lr": 2e-4, "betas": [0.9, 0.99]}, self.net_g.parameters()
-            )
-        }
+    def configure_optimizers(self, train_cfg: FeedForwardTrain) -> dict[str, torch.optim.Optimizer]:
+        self.losses["pixel"] = L1Loss(train_cfg.pixel_weight)
+        return {"g": build_optimizer(train_cfg.optim_g, self.net_g.parameters())}
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         with ctx.autocast():

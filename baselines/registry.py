@@ -7,10 +7,11 @@ selects an architecture from `ARCHS` and passes the rest to its constructor, as 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ METHOD_MODULES = [
     "baselines.esrgan",
     "baselines.swinir",
     "baselines.sgdm",
+    "baselines.resshift",
+    "baselines.ldm",
 ]
 
 
@@ -74,6 +77,24 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.name!r} registered twice")
     _METHODS[spec.name] = spec
     return spec
+
+
+@contextlib.contextmanager
+def registered(*specs: MethodSpec) -> Iterator[None]:
+    """Register `specs` for the duration of the block, then remove them: tests add methods without
+    leaving them in the registry for whatever runs next."""
+    load_all()  # the built-in methods first, so a clash with one is caught here
+    added: list[str] = []
+    try:
+        for spec in specs:
+            new = spec.name not in _METHODS
+            register(spec)
+            if new:
+                added.append(spec.name)
+        yield
+    finally:
+        for name in added:
+            _METHODS.pop(name, None)
 
 
 def register_arch(cls: Callable[..., Any]) -> Callable[..., Any]:

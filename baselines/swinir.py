@@ -26,7 +26,7 @@ from cmsrd.errors import InputError
 
 from .archs.swinir import block_geometry, official_img_size, strip_derived_buffers
 from .checkpoint import describe_mismatch
-from .feedforward import FeedForwardMethod
+from .feedforward import FeedForwardMethod, FeedForwardTrain
 from .registry import MethodSpec, build_arch, register
 
 SPEC = register(
@@ -63,7 +63,7 @@ class SwinIRMethod(FeedForwardMethod):
         from cmsrd.layout import DatasetLayout
 
         self.img_size_follows_data = net_opt.get("img_size") is None
-        if self.img_size_follows_data:  # the LR patch of the benchmark's HR tiles until the data or a checkpoint tells
+        if self.img_size_follows_data:  # the LR patch of the benchmark's HR tiles until data or a checkpoint tell
             net_opt = {**net_opt, "img_size": max(1, DatasetLayout.hr_px // self.scale)}
         return net_opt
 
@@ -103,12 +103,12 @@ class SwinIRMethod(FeedForwardMethod):
         if img_size is not None:
             self.use_img_size(int(img_size), f"checkpoint {path}", keep_weights=False)
 
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        if train_cfg.get("hr_px"):
+    def configure_optimizers(self, train_cfg: FeedForwardTrain) -> dict[str, torch.optim.Optimizer]:
+        if train_cfg.hr_px:
             try:
-                self.use_img_size(int(train_cfg["hr_px"]) // self.scale, "the training LR patches")
+                self.use_img_size(train_cfg.hr_px // self.scale, "the training LR patches")
             except InputError as e:
-                if not train_cfg.get("resuming"):
+                if not train_cfg.resuming:
                     raise
                 # changing img_size is refused by the resume check, so the usual fix would send the user in a
                 # circle. Two causes: a run recorded before the single-window rule, or another dataset (other LR px)

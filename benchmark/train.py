@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime
 import json
 import math
@@ -91,38 +92,19 @@ from baselines.checkpoint import (
     set_rng_state,
 )
 from baselines.conditions import Conditions, partners
-from baselines.device import PRECISIONS, autocast_context, resolve_device
+from baselines.device import autocast_context, resolve_device
+from baselines.method_config import TRAINER_KEYS, TrainConfig, build_scheduler, parse_config, train_type
 from baselines.seeding import SEED_RULE
 from cmsrd.errors import InputError, MissingWeightsError, unknown_name
 from cmsrd.io import atomic_path, atomic_write_text
+from cmsrd.typed import build, to_dict
 
 from . import metrics as M
 from .evaluate import SRPass, mean_finite, score_images
 from .metrics import get as get_metric
 
-DEFAULTS: dict[str, Any] = {
-    "batch_size": 16,
-    "total_steps": 100000,
-    "max_minutes": None,
-    "scheduler": {"type": "constant"},
-    "precision": "fp32",
-    "accumulate": 1,
-    "ema_decay": 0.0,
-    "grad_clip": None,
-    "num_workers": 0,
-    "seed": 0,
-    "log_every": 100,
-    "val_every": 5000,
-    "val_every_minutes": None,
-    "save_every": 5000,
-    "keep_checkpoints": 2,
-    "val_max_images": 100,
-    "val_batch_size": 4,
-    "val_crop_border": 0,
-    "val_conditions": "default",
-    "lpips": "auto",
-    "keep_best": None,
-}
+# the trainer's `train.*` defaults as config.yaml records them (one place: `TrainConfig`)
+DEFAULTS: dict[str, Any] = to_dict(TrainConfig())
 DATASET_KINDS = ("lr", "sr", "map", "mask")
 # Config keys a `--resume` may change: how the run is driven and observed, not what it computes.
 # `pretrain_network_g` (ESRGAN's GAN stage start) is read only when a run starts, never on resume;
@@ -143,44 +125,6 @@ RUN_CONTROL_KEYS = frozenset(
         "val_batch_size",
     )
 )
-KEEP_BEST_METRICS = ("lpips", "psnr_y")
-
-
-SCHEDULER_KEYS = {"MultiStepLR": {"milestones", "gamma"}, "CosineAnnealingLR": {"T_max", "eta_min"}, "constant": set()}
-
-
-def build_scheduler(
-    cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """`{type: MultiStepLR, milestones, gamma}` | `{type: CosineAnnealingLR, T_max, eta_min}` | `{type: constant}`,
-    stepped once per optimisation step. Unknown keys are refused: a misspelt `milestone:` would otherwise
-    silently train at a constant learning rate."""
-    cfg = dict(cfg or {"type": "constant"})
-    kind = cfg.pop("type", "constant")
-    if kind not in SCHEDULER_KEYS:
-        raise InputError(f"train.scheduler.type {kind!r}", "unsupported", f"use one of {sorted(SCHEDULER_KEYS)}")
-    allowed = SCHEDULER_KEYS[kind]
-    for key in cfg:
-        if key not in allowed:
-            raise InputError(
-                f"train.scheduler.{key}", f"is not a {kind} parameter", f"use {sorted(allowed) or 'no parameters'}"
-            )
-    sched = torch.optim.lr_scheduler
-    if kind == "MultiStepLR":
-        if not cfg.get("milestones"):
-            raise InputError(
-                "train.scheduler.milestones",
-                "is missing or empty for MultiStepLR",
-                "give the steps at which lr is multiplied by gamma, or use type: constant",
-            )
-        return sched.MultiStepLR(
-            optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg.get("gamma", 0.5))
-        )
-    if kind == "CosineAnnealingLR":
-        return sched.CosineAnnealingLR(
-            optimizer, T_max=int(cfg.get("T_max", total_steps)), eta_min=float(cfg.get("eta_min", 0.0))
-        )
-    return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 
 class _EpochIndexed(torch.utils.data.Dataset):
@@ -342,41 +286,24 @@ class Trainer:
         max_minutes: float | None = None,
     ):
         self.method, self.data_root, self.out_dir = method, Path(data_root), Path(out_dir)
-        given = method.config.get("train") or {}
-        check_train_keys(given, method)  # train() checked already; this covers direct Trainer users
-        self.cfg = {**DEFAULTS, **given}
+        self.train = train_settings(method)  # typed and checked (the config types hold the checks)
+        self.cfg = {**DEFAULTS, **(method.config.get("train") or {})}  # as config.yaml records it
         self.device = resolve_device(device)
-        self.total_steps = int(self.cfg["total_steps"])
+        self.total_steps = self.train.total_steps
         self.stop_at = min(self.total_steps, int(max_steps)) if max_steps is not None else self.total_steps
-        minutes = max_minutes if max_minutes is not None else self.cfg.get("max_minutes")
+        minutes = max_minutes if max_minutes is not None else self.train.max_minutes
         if minutes is not None and not float(minutes) > 0:
             raise InputError(f"max_minutes {minutes}", "must be a positive number of minutes", "e.g. --max-minutes 5")
         self.budget_s = float(minutes) * 60 if minutes is not None else None
-        val_min = self.cfg.get("val_every_minutes")
-        if val_min is not None and not float(val_min) > 0:
-            raise InputError(f"train.val_every_minutes {val_min}", "must be a positive number of minutes")
+        val_min = self.train.val_every_minutes
         self.val_every_s = float(val_min) * 60 if val_min is not None else None
         self.train_seconds = 0.0  # optimisation time of the whole run (restored on resume)
         self._val_slot = 0  # index of the last val_every_minutes slot reached
         self.resume, self.progress = resume, progress
-        self.accumulate = int(self.cfg["accumulate"])
-        if self.accumulate < 1:
-            raise InputError(f"train.accumulate = {self.accumulate}", "must be >= 1")
-        self.precision = str(self.cfg["precision"])
-        if self.precision not in PRECISIONS:
-            raise InputError(f"train.precision {self.precision!r}", f"unknown; choose from {list(PRECISIONS)}")
-        self.val_cond = _val_condition(method, self.cfg["val_conditions"])
-        self.keep_best = self.cfg.get("keep_best")
-        if self.keep_best not in (None, *KEEP_BEST_METRICS):
-            raise InputError(
-                f"train.keep_best {self.keep_best!r}", f"unknown; choose from {list(KEEP_BEST_METRICS)} or null"
-            )
-        if self.keep_best == "lpips" and _lpips_mode(self.cfg) == "off":
-            raise InputError(
-                "train.keep_best lpips",
-                "needs LPIPS but train.lpips is off",
-                "set train.lpips to auto, or keep_best psnr_y",
-            )
+        self.accumulate = self.train.accumulate
+        self.precision = self.train.precision
+        self.val_cond = _val_condition(method, self.train.val_conditions)
+        self.keep_best = self.train.keep_best
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best validation (kept on resume)
         self.step = 0
         self._lpips: Any = None
@@ -387,17 +314,17 @@ class Trainer:
         from cmsrd.data import CMSRDDataset
 
         inputs = tuple(k for k in DATASET_KINDS if k in self.method.spec.inputs) + ("hr",)
-        seed = int(self.cfg["seed"])
+        seed = self.train.seed
         train = CMSRDDataset(self.data_root, "train", inputs=inputs, scale=self.method.scale, augment=True, seed=seed)
         test = CMSRDDataset(self.data_root, "test", inputs=inputs, scale=self.method.scale, augment=False)
-        n_val = int(self.cfg["val_max_images"])
+        n_val = self.train.val_max_images
         if 0 < n_val < len(test):
             test = CMSRDDataset(self.data_root, "test", inputs=inputs, scale=self.method.scale, ids=test.ids[:n_val])
         return train, test
 
     def _loader(self, train: Any, batch_size: int, start_batch: int) -> Iterator[dict]:
-        sampler = _ResumableBatches(len(train), batch_size, int(self.cfg["seed"]), start_batch)
-        workers = int(self.cfg["num_workers"])
+        sampler = _ResumableBatches(len(train), batch_size, self.train.seed, start_batch)
+        workers = self.train.num_workers
         loader = torch.utils.data.DataLoader(
             _EpochIndexed(train),
             batch_sampler=sampler,
@@ -468,25 +395,28 @@ class Trainer:
         if self.keep_best == "lpips":
             self._lpips_metric()  # its weights are needed: fail now, not at the first validation
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        method, cfg = self.method, self.cfg
+        method, cfg = self.method, self.train
         train_ds, test_ds = self._datasets()
-        batch_size = int(cfg["batch_size"])
+        batch_size = cfg.batch_size
         if batch_size > len(train_ds):
             tqdm.write(f"train.batch_size {batch_size} > {len(train_ds)} training samples; using {len(train_ds)}")
             batch_size = len(train_ds)
-        seed = int(cfg["seed"])
+        seed = cfg.seed
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
 
         method.to(self.device).train()
         # `resuming`: the checkpoint will overwrite the weights, so start files (e.g. pretrain_network_g) are not read
-        train_cfg = {**cfg, "hr_px": train_ds.layout.hr_px, "resuming": resume_from is not None}
-        optimizers = method.configure_optimizers(train_cfg)
+        run = {"hr_px": train_ds.layout.hr_px, "resuming": resume_from is not None}
+        if method.settings is not None:
+            optimizers = method.configure_optimizers(dataclasses.replace(cfg, **run))
+        else:  # a method without a config type reads the mapping
+            optimizers = method.configure_optimizers({**self.cfg, **run})
         if not optimizers:
             raise InputError(f"method {method.spec.name!r}", "returned no optimizers", "it has nothing to train")
         method.to(self.device)
-        schedulers = {k: build_scheduler(cfg.get("scheduler"), o, self.total_steps) for k, o in optimizers.items()}
+        schedulers = {k: build_scheduler(cfg.scheduler, o, self.total_steps) for k, o in optimizers.items()}
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         ema = self._make_ema()
 
@@ -522,7 +452,7 @@ class Trainer:
                     bar.update(1)
                     # a whole step is done: from here on a Ctrl-C (stop.requested) saves this step and stops
                     last = self.step == self.stop_at or self._out_of_time()
-                    if self.step % int(cfg["log_every"]) == 0 or last or stop.requested:
+                    if self.step % cfg.log_every == 0 or last or stop.requested:
                         dt = self.train_seconds - window_start_s
                         row = {
                             "step": self.step,
@@ -535,7 +465,7 @@ class Trainer:
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("l_")})
                         window, window_start_s, n_window = {}, self.train_seconds, 0
                     time_due = self._val_time_due()  # evaluated every step: it advances the time slot
-                    if self.step % int(cfg["val_every"]) == 0 or last or time_due:
+                    if self.step % cfg.val_every == 0 or last or time_due:
                         last_val = self.validate(test_ds, ema)
                         val_log.log({"step": self.step, "elapsed_s": round(self.train_seconds, 3), **last_val})
                         if (
@@ -545,7 +475,7 @@ class Trainer:
                             self._val_metrics_written = True
                         self._keep_if_best(last_val, ema)
                     interrupted = stop.requested and not last
-                    if self.step % int(cfg["save_every"]) == 0 or last or interrupted:
+                    if self.step % cfg.save_every == 0 or last or interrupted:
                         self._save(optimizers, schedulers, scaler, ema)
                     if self._out_of_time():
                         tqdm.write(
@@ -620,7 +550,7 @@ class Trainer:
     def _backward_fn(self, optimizers: dict[str, torch.optim.Optimizer], scaler: Any, boundary: bool):
         """`TrainContext.backward`: scale for accumulation (and fp16), step + zero the named optimizer at
         the last micro-batch of the step."""
-        clip = self.cfg.get("grad_clip")
+        clip = self.train.grad_clip
 
         def backward(loss: torch.Tensor, name: str) -> None:
             if name not in optimizers:
@@ -647,7 +577,7 @@ class Trainer:
         return backward
 
     def _make_ema(self) -> AveragedModel | None:
-        decay = float(self.cfg.get("ema_decay") or 0.0)
+        decay = self.train.ema_decay
         net = getattr(self.method, "net_g", None)
         if decay <= 0 or not isinstance(net, nn.Module):
             return None
@@ -668,8 +598,8 @@ class Trainer:
             return self._validate(test_ds, ema)
 
     def _validate(self, test_ds: Any, ema: AveragedModel | None) -> dict[str, Any]:
-        loader = torch.utils.data.DataLoader(test_ds, batch_size=int(self.cfg["val_batch_size"]), shuffle=False)
-        crop, seed, ids = int(self.cfg["val_crop_border"]), int(self.cfg["seed"]), list(test_ds.ids)
+        loader = torch.utils.data.DataLoader(test_ds, batch_size=self.train.val_batch_size, shuffle=False)
+        crop, seed, ids = self.train.val_crop_border, self.train.seed, list(test_ds.ids)
         psnr_y = {"psnr_y": M.build_image_metric("psnr_y", crop_border=crop)}
         psnrs: list[float] = []
         sr_imgs: list[np.ndarray] = []
@@ -701,7 +631,7 @@ class Trainer:
     def _write_val_metrics(self, test_ds: Any, ema: AveragedModel | None) -> None:
         """val_metrics.json: the definitions behind val_log.csv (the benchmark's own text), so a
         validation curve quoted beside leaderboard numbers says what it measured."""
-        crop = int(self.cfg["val_crop_border"])
+        crop = self.train.val_crop_border
         lpips = (
             get_metric("lpips").describe()
             if self._lpips not in (None, False)
@@ -715,8 +645,8 @@ class Trainer:
             "n_images": len(test_ds),
             "split": test_ds.split,
             "weights": f"EMA (decay {self.cfg['ema_decay']})" if ema is not None else "raw (no EMA)",
-            "seed": f"{SEED_RULE}; seed {int(self.cfg['seed'])}",
-            "val_batch_size": int(self.cfg["val_batch_size"]),
+            "seed": f"{SEED_RULE}; seed {self.train.seed}",
+            "val_batch_size": self.train.val_batch_size,
             "precision": self.precision,
             "images_per_s": (
                 "validation images per wall-clock second (data, conditions, method and PSNR; LPIPS excluded)"
@@ -741,12 +671,12 @@ class Trainer:
             "elapsed_s": round(self.train_seconds, 3),
             "condition": val["condition"],
             "weights": BEST_EXPORT_FILE,
-            "definition": get_metric(self.keep_best).describe(int(self.cfg["val_crop_border"])),
+            "definition": get_metric(self.keep_best).describe(self.train.val_crop_border),
         }
         atomic_write_text(self.out_dir / "best.json", json.dumps(doc, indent=2) + "\n")
 
     def _lpips_metric(self) -> Any:
-        mode = _lpips_mode(self.cfg)
+        mode = self.train.lpips_mode
         if mode == "off" or self._lpips is False:
             return None
         if self._lpips is None:
@@ -777,7 +707,7 @@ class Trainer:
                 "train_seconds": self.train_seconds,
                 "best": self.best,
             },
-            keep=int(self.cfg.get("keep_checkpoints") or 0),
+            keep=self.train.keep_checkpoints,
         )
         self._export(self.out_dir / EXPORT_FILE, ema)
 
@@ -829,20 +759,35 @@ def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
 
 
 def check_train_keys(train_cfg: dict[str, Any], method: SRMethod | type[SRMethod], name: str | None = None) -> None:
-    """Refuse `train.*` keys neither the trainer (`DEFAULTS`) nor the method (`train_keys`) reads: a misspelt
-    `btach_size` would otherwise train with the default. `method` may be the class, so `train()` can check
-    before building (an SGDM build reads GBs of weights); `name` then names it in the error."""
+    """Refuse `train.*` keys neither the trainer (`TrainConfig`) nor the method (its config type's train block)
+    reads, and values of the wrong type: a misspelt `btach_size` would otherwise train with the default. `method`
+    may be the class, so `train()` can check before building (an SGDM build reads GBs of weights)."""
     name = name or method.spec.name
-    accepted = DEFAULTS.keys() | method.train_keys
+    problem = f"is not a key of the trainer or of {name}"
+    if method.config_type is not None:
+        build(train_type(method.config_type), train_cfg, "train", problem)
+        return
+    accepted = TRAINER_KEYS | method.train_keys  # a method without a config type lists its keys by hand
     for key in train_cfg:
         if key not in accepted:
-            raise unknown_name(f"train.{key}", f"is not a key of the trainer or of {name}", key, accepted)
+            raise unknown_name(f"train.{key}", problem, key, accepted)
 
 
-def _lpips_mode(cfg: dict[str, Any]) -> str:
-    """`train.lpips`: "auto" (when its weights are cached), "off" (false/off/no; YAML `off` is False) or "on"."""
-    mode = str(cfg.get("lpips", "auto")).lower()
-    return "off" if mode in ("false", "off", "no") else "auto" if mode == "auto" else "on"
+def check_config(config: dict[str, Any], method: type[SRMethod], name: str) -> None:
+    """The whole merged config, before the build: `train.*` first (the message names trainer and method),
+    then every other key at any level, top-level ones included (`network_g:` is refused, not ignored)."""
+    check_train_keys(config.get("train") or {}, method, name)
+    if method.config_type is not None:
+        parse_config(method.config_type, config, name)
+
+
+def train_settings(method: SRMethod) -> TrainConfig:
+    """The method's typed train block; for a method without a config type, the trainer's keys of its mapping."""
+    if method.settings is not None:
+        return method.settings.train
+    given = method.config.get("train") or {}
+    check_train_keys(given, method)
+    return build(TrainConfig, {k: v for k, v in given.items() if k in TRAINER_KEYS}, "train")
 
 
 def _val_condition(method: SRMethod, text: Any) -> Conditions:
@@ -914,9 +859,9 @@ def train(
         )
     spec = registry.get(method_name)
     override = registry.load_yaml(config) if isinstance(config, (str, Path)) else (config or {})
-    merged_train = registry.merge_config(spec.default_config(), override).get("train") or {}
-    check_train_keys(merged_train, registry.resolve_class(spec), spec.name)  # every stage, before the (costly) build
-    seed = int(merged_train.get("seed", DEFAULTS["seed"]))
+    merged = registry.merge_config(spec.default_config(), override)
+    check_config(merged, registry.resolve_class(spec), spec.name)  # every stage, before the (costly) build
+    seed = int((merged.get("train") or {}).get("seed", DEFAULTS["seed"]))
     torch.manual_seed(seed)  # random init is part of the run: the same seed gives the same network
     # a resumed run's weights come from its own checkpoint: `checkpoint:` (the start file) is not read again
     resuming = stage == 1 and resume_checkpoint(Path(out_dir), resume) is not None
@@ -924,7 +869,8 @@ def train(
     if stage > 1:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        method.run_stage(stage, Path(data_root), method.config.get("train") or {}, out)
+        stage_cfg = method.settings.train if method.settings is not None else method.config.get("train") or {}
+        method.run_stage(stage, Path(data_root), stage_cfg, out)
         return {"stage": stage, "out": str(out)}
     return Trainer(
         method,

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import shapely
 import shapely.validation
@@ -26,6 +26,8 @@ from shapely.geometry import shape
 
 from .errors import InputError, unknown_name
 from .grid import AOI, MAX_LAT
+from .typed import INTERNAL
+from .typed import build as _build
 
 REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 PRESETS_DIR = REPO_MANIFESTS / "presets"
@@ -160,7 +162,7 @@ class DatasetConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     world: WorldRef | None = None
-    base_dir: str = ""  # directory relative paths resolve against (set by the loader)
+    base_dir: str = field(default="", metadata=INTERNAL)  # directory relative paths resolve against (the loader's)
 
     @property
     def scale(self) -> int:
@@ -196,74 +198,6 @@ class DatasetConfig:
         return dataclasses.replace(self, **changes)
 
 
-# ---- generic typed loading ------------------------------------------------------------------------
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin is type(None) or tp is type(None):
-        return None
-    if origin is not None and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        return _build(tp, value, where)
-    if origin is tuple:
-        if isinstance(value, (str, dict)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise InputError(where, f"must be a list, got {type(value).__name__}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value))
-    if tp is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise InputError(where, f"must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise InputError(where, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(where, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(where, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise InputError(where, f"must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise InputError(where, f"must be a mapping of keys, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "base_dir"}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise unknown_name(f"{where}.{key}" if where else str(key), "unknown key", key, fields)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise InputError(where or "config", f"missing required key(s) {missing}", "add them to the preset")
-    return cls(**kwargs)
-
-
 # ---- validation ------------------------------------------------------------------------------------
 
 
@@ -291,15 +225,16 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
             f"hr_px {cfg.hr_px} is not a multiple of lr_px {cfg.lr_px}",
             "use e.g. hr_px 256 with lr_px 16 (x16) or 8 (x32)",
         )
-    _check_choice("hr.source", cfg.hr.source, ("worldimagery", "raster"))
+    from .sources.registry import hr_spec, lr_spec
+
+    hr_spec(cfg.hr.source)  # unknown names: one error with the closest registered name
     if cfg.hr.source == "raster" and not cfg.hr.raster:
         raise InputError("hr.raster", "is required when hr.source is raster", "give the path of a GeoTIFF")
     if cfg.hr.source == "worldimagery" and not all(t in cfg.hr.url for t in ("{z}", "{x}", "{y}")):
         raise InputError(
             "hr.url", f"{cfg.hr.url!r} lacks {{z}}/{{x}}/{{y}}", "give an XYZ template such as .../tile/{z}/{y}/{x}"
         )
-    _check_choice("lr.source", cfg.lr.source, ("bicubic", "sentinel-2"))
-    _check_choice("lr.backend", cfg.lr.backend, ("stac", "sentinelhub"))
+    lr_spec(cfg.lr.source, cfg.lr.backend)
     _check_choice("map.source", cfg.map.source, ("osm",))
     if not (0.0 <= cfg.split.test_fraction < 1.0):
         raise InputError("split.test_fraction", f"is {cfg.split.test_fraction}", "use a fraction in [0, 1), e.g. 0.1")

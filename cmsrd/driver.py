@@ -2,10 +2,11 @@
 
 `run_build` submits samples partition by partition to a `distributed` client -- a `LocalCluster` of worker
 processes on 127.0.0.1 by default, or `--scheduler ADDRESS` -- keeping at most `max_in_flight` futures
-alive, so memory does not grow with the plan. Catalogue searches run once per (partition, spatial block)
-as their own tasks whose result feeds every sample task of that block. Each finished sample is appended
-to the fsync'd journal (`cmsrd.journal`) only after its files were written atomically, so a killed build
-resumes exactly where it stopped; the manifest and dataset.json are written at the end (`cmsrd.manifest`).
+alive, so memory does not grow with the plan. An LR source whose search is a catalogue query searches once
+per (partition, spatial block), as its own task whose result feeds every sample task of that block. Each
+finished sample is appended to the fsync'd journal (`cmsrd.journal`) only after its files were written
+atomically, so a killed build resumes exactly where it stopped; the manifest and dataset.json are written
+at the end (`cmsrd.manifest`).
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ from .journal import BuildState, Journal
 from .layout import SPLITS, DatasetLayout
 from .manifest import finalize, versions
 from .plan import make_plan, write_plan
+from .sources.registry import lr_spec
 from .stages import (
     CREDENTIALS_REJECTED,
     BuildSpec,
     SampleTask,
-    _uses_catalogue,
     failed_row,
     plan_tasks,
     process_sample,
-    search_catalogue,
-    sentinelhub_source,
+    search_block,
 )
 
 
@@ -132,8 +132,8 @@ def run_build(
         with resolved_sources(cfg, faults) as (rcfg, world_bounds):
             if plan is None:
                 plan = make_plan(cfg, world_bounds)
-            if rcfg.lr.source == "sentinel-2" and rcfg.lr.backend == "sentinelhub":
-                sentinelhub_source(rcfg)  # missing credentials: one clear error before any work
+            # An LR source that cannot be built (e.g. missing credentials): one clear error before any work.
+            lr_spec(rcfg.lr.source, rcfg.lr.backend).build(rcfg)
             fp = f"{cfg.fingerprint()}-{plan_fingerprint(plan)}"
             resuming = state.check_identity(cfg.name, fp, cfg.content_dict(), force)
             layout = DatasetLayout(root, cfg.hr_px, cfg.lr_px)
@@ -220,12 +220,12 @@ def _execute(
             if len(first_failures) >= abort_after:
                 raise systematic_failure(spec.cfg.name, first_failures)
 
-    real = _uses_catalogue(spec.cfg)
+    searches = lr_spec(spec.cfg.lr.source, spec.cfg.lr.backend).block_search
     try:
         if workers == 0 and not scheduler:
             for part in _partitions(todo, spec.cfg.build.partition_size):
                 for _, tasks in _group_by_block(part):
-                    search = search_catalogue(spec, _block_bbox(tasks)) if real else None
+                    search = search_block(spec, _block_bbox(tasks)) if searches else None
                     for task in tasks:
                         record(process_sample(spec, task, search))
             return len(todo)
@@ -275,7 +275,7 @@ def _run_distributed(
         nthreads = max(sum(client.nthreads().values()), 1)
         limit = spec.cfg.build.max_in_flight or 4 * nthreads
         spec_f = client.scatter(spec, broadcast=True)
-        real = _uses_catalogue(spec.cfg)
+        searches = lr_spec(spec.cfg.lr.source, spec.cfg.lr.backend).block_search
         parts = _partitions(todo, spec.cfg.build.partition_size)
         ac = as_completed()
         tasks_of: dict[Any, SampleTask] = {}
@@ -288,7 +288,7 @@ def _run_distributed(
                     if part is None:
                         return
                     for _, tasks in _group_by_block(part):
-                        sf = client.submit(search_catalogue, spec_f, _block_bbox(tasks), pure=False) if real else None
+                        sf = client.submit(search_block, spec_f, _block_bbox(tasks), pure=False) if searches else None
                         pending.extend((t, sf) for t in tasks)
                 task, sf = pending.pop(0)
                 f = client.submit(process_sample, spec_f, task, sf, key=f"sample-{task.id}-{time.time_ns()}")

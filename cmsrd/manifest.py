@@ -24,6 +24,7 @@ from .layout import (
     conform_manifest,
     write_dataset_json,
 )
+from .sources.registry import lr_spec
 from .stages import BuildSpec, redact
 
 
@@ -99,16 +100,7 @@ def dataset_meta(cfg: DatasetConfig, rcfg: DatasetConfig, counts: dict) -> dict[
             "attribution": rcfg.hr.attribution,
             "terms": rcfg.hr.terms,
         },
-        "lr": {
-            "source": rcfg.lr.source,
-            "attribution": rcfg.lr.attribution if rcfg.lr.source != "bicubic" else "",
-            "terms": rcfg.lr.terms if rcfg.lr.source != "bicubic" else "",
-            **(
-                {"backend": rcfg.lr.backend, "catalogue": redact(rcfg.lr.stac_url), "collection": rcfg.lr.collection}
-                if rcfg.lr.source == "sentinel-2"
-                else {"method": f"MATLAB bicubic x{cfg.scale}, antialiased"}
-            ),
-        },
+        "lr": {"source": rcfg.lr.source, **lr_spec(rcfg.lr.source, rcfg.lr.backend).load().provenance(rcfg)},
         "map": {
             "source": rcfg.map.source,
             "attribution": rcfg.map.attribution,

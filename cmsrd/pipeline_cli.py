@@ -141,15 +141,10 @@ def needs(cfg) -> str:
     """What a real (non-demo) build reaches out to, printed before it starts."""
     from urllib.parse import urlsplit
 
+    from .sources.registry import hr_spec, lr_spec
     from .stages import redact
 
-    hosts = [urlsplit(cfg.hr.url).netloc] if cfg.hr.source == "worldimagery" else [f"raster {cfg.hr.raster}"]
-    if cfg.lr.source == "sentinel-2":
-        hosts.append(
-            "Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set)"
-            if cfg.lr.backend == "sentinelhub"
-            else urlsplit(cfg.lr.stac_url).netloc + " (STAC) + the scenes' COG hosts"
-        )
+    hosts = hr_spec(cfg.hr.source).load().needs(cfg) + lr_spec(cfg.lr.source, cfg.lr.backend).load().needs(cfg)
     hosts.append(f"local OSM file {cfg.map.pbf}" if cfg.map.pbf else urlsplit(cfg.map.geofabrik_index).netloc)
     return redact(f"{cfg.name}: needs network access to " + ", ".join(hosts))
 

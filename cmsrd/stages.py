@@ -1,15 +1,17 @@
 """Per-sample stages of the dataset build, as plain functions of (BuildSpec, SampleTask).
 
-    plan row --> fetch_hr --> make_lr (bicubic | Sentinel-2) --> render_map --> coregister + QA --> write
+    plan row --> fetch_hr --> make_lr (search once per block, then fetch) --> render_map --> coregister + QA --> write
 
 `process_sample` chains the stages for one sample and never raises: it returns the sample's manifest
 row with `qa_status` ok / rejected (a named QA reason) / failed (the source's named reason). Sources are
-built once per worker process and reused by every task (`BuildSpec.key` names one build). The driver
-(`cmsrd.driver`) decides where and when these functions run.
+resolved by name (`cmsrd.sources.registry`), built once per worker process and reused by every task
+(`BuildSpec.key` names one build); no stage knows which source it talks to. The driver (`cmsrd.driver`)
+decides where and when these functions run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import time
@@ -28,6 +30,8 @@ from .errors import CredentialsError, InputError, SampleError
 from .io import atomic_path, sha256_file, write_png
 from .layout import BUILD_COLUMNS, IMAGE_KINDS, DatasetLayout
 from .plan import PLAN_COLUMNS
+from .sources.base import HRResult, HRSource, LRResult, LRSource
+from .sources.registry import hr_spec, lr_spec
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
@@ -127,81 +131,19 @@ def _sources(spec: BuildSpec) -> dict[str, Any]:
     return got
 
 
-def _hr_source(spec: BuildSpec):
+def hr_source(spec: BuildSpec) -> HRSource:
+    """The HR source `hr.source` names (`cmsrd.sources.registry`)."""
     src = _sources(spec)
     if "hr" not in src:
-        cfg = spec.cfg.hr
-        if cfg.source == "raster":
-            from .sources.hr_raster import RasterHR
-
-            src["hr"] = RasterHR(str(spec.cfg.resolve(cfg.raster)))
-        else:
-            from .sources.worldimagery import WorldImageryHR
-
-            b = spec.cfg.build
-            src["hr"] = WorldImageryHR(
-                cfg.url,
-                cache_dir=spec.cache_dir,
-                identify_url=cfg.identify_url,
-                timeout=(10.0, b.timeout_s),
-                retry=_retry_policy(spec),
-                rate=b.rate_per_worker or None,
-                attribution=cfg.attribution,
-                terms=cfg.terms,
-            )
+        src["hr"] = hr_spec(spec.cfg.hr.source).build(spec.cfg, spec.cache_dir)
     return src["hr"]
 
 
-def _retry_policy(spec: BuildSpec):
-    from .sources.http import RetryPolicy
-
-    return RetryPolicy(retries=spec.cfg.build.http_retries, backoff=spec.cfg.build.http_backoff_s)
-
-
-def sentinelhub_source(cfg: DatasetConfig):
-    """Sentinel Hub LR (credentials from SH_CLIENT_ID / SH_CLIENT_SECRET; checked when constructed)."""
-    from .sources.sentinelhub_backend import SentinelHubLR
-
-    return SentinelHubLR(
-        window_days=int(cfg.qa.max_days_from_hr),
-        max_cloud=cfg.lr.max_scene_cloud,
-        max_footprint_cloud=cfg.qa.max_cloud_fraction,
-    )
-
-
-def _uses_catalogue(cfg: DatasetConfig) -> bool:
-    """Whether LR scenes come from a STAC search that one block of samples can share."""
-    return cfg.lr.source == "sentinel-2" and cfg.lr.backend == "stac"
-
-
-def _lr_fetch(spec: BuildSpec, z: int, x: int, y: int, lr_px: int, hr_date: str | None, items):
-    src = _lr_source(spec)
-    if _uses_catalogue(spec.cfg):
-        return src.fetch(z, x, y, lr_px, hr_date, items)
-    return src.fetch(z, x, y, lr_px, hr_date)
-
-
-def _lr_source(spec: BuildSpec):
+def lr_source(spec: BuildSpec) -> LRSource:
+    """The LR source `lr.source` / `lr.backend` name (`cmsrd.sources.registry`)."""
     src = _sources(spec)
     if "lr" not in src:
-        cfg = spec.cfg.lr
-        if cfg.backend == "sentinelhub":
-            src["lr"] = sentinelhub_source(spec.cfg)
-        else:
-            from .sources.sentinel2 import Sentinel2STAC
-
-            qa_cfg = spec.cfg.qa
-            # The QA thresholds drive scene selection: the source tries the next-best scene before giving up.
-            src["lr"] = Sentinel2STAC(
-                cfg.stac_url,
-                cfg.collection,
-                window_days=int(qa_cfg.max_days_from_hr),
-                max_cloud=cfg.max_scene_cloud,
-                max_footprint_cloud=qa_cfg.max_cloud_fraction,
-                timeout=(10.0, spec.cfg.build.timeout_s),
-                retry=_retry_policy(spec),
-                rate=spec.cfg.build.rate_per_worker or None,
-            )
+        src["lr"] = lr_spec(spec.cfg.lr.source, spec.cfg.lr.backend).build(spec.cfg, spec.cache_dir)
     return src["lr"]
 
 
@@ -220,45 +162,41 @@ def _osm_features(spec: BuildSpec, aoi: str):
 # ---- stages ----------------------------------------------------------------------------------------
 
 
-def search_catalogue(spec: BuildSpec, bbox_lonlat: tuple[float, float, float, float]) -> dict[str, Any]:
-    """One STAC search for a whole block of samples; failures are returned, not raised: each sample of
-    the block then repeats the same search itself (`make_lr`), so a search that failed here costs only
-    the samples whose own search fails too. Refused credentials are raised: they stop the build."""
+def search_block(spec: BuildSpec, bbox_lonlat: tuple[float, float, float, float]) -> dict[str, Any]:
+    """The LR source's search step, once for a whole block of samples; failures are returned, not raised:
+    each sample of the block then repeats the same search itself (`make_lr`), so a search that failed here
+    costs only the samples whose own search fails too. Refused credentials are raised: they stop the build."""
     bbox = tuple(float(v) for v in bbox_lonlat)
     try:
-        items = _lr_source(spec).search_area(bbox, spec.cfg.lr.start, spec.cfg.lr.end)
-        return {"items": items, "reason": None, "detail": "", "bbox": bbox}
+        found = lr_source(spec).search(bbox, spec.cfg.lr.start, spec.cfg.lr.end)
+        return {"found": found, "reason": None, "detail": "", "bbox": bbox}
     except CredentialsError:
         raise
     except SampleError as e:
-        return {"items": None, "reason": e.reason, "detail": redact(e.detail), "bbox": bbox}
+        return {"found": None, "reason": e.reason, "detail": redact(e.detail), "bbox": bbox}
     except Exception as e:  # a client bug must not take the block down silently
         detail = redact(f"{type(e).__name__}: {e}")
-        return {"items": None, "reason": "catalogue_error", "detail": detail, "bbox": bbox}
+        return {"found": None, "reason": "catalogue_error", "detail": detail, "bbox": bbox}
 
 
 def fetch_hr(spec: BuildSpec, task: SampleTask):
-    res = _hr_source(spec).fetch(task.z, task.x, task.y, spec.cfg.hr_px)
+    res = hr_source(spec).fetch(task.z, task.x, task.y, spec.cfg.hr_px)
     img = np.asarray(res.image)
     if img.shape != (spec.cfg.hr_px, spec.cfg.hr_px, 3) or img.dtype != np.uint8:
         raise SampleError("hr_bad_image", f"HR source returned {img.dtype} {img.shape}")
     return res
 
 
-def make_lr(spec: BuildSpec, task: SampleTask, hr, search: dict | None):
-    """(lr uint8 LxLx3, LRResult or None)."""
-    from .degrade import synthetic_lr
-
-    if spec.cfg.lr.source == "bicubic":
-        return synthetic_lr(hr.image, spec.cfg.scale), None
-    items = search.get("items") if search else None
+def make_lr(spec: BuildSpec, task: SampleTask, hr: HRResult, search: dict | None) -> tuple[np.ndarray, LRResult]:
+    """(lr uint8 LxLx3, its LRResult) from the block's search result (None: the source has no search)."""
+    found = search.get("found") if search else None
     if search is not None and search.get("reason"):
         if not search.get("bbox"):
             raise SampleError(search["reason"], search.get("detail", ""))
         # the block's search failed: this sample asks again (same area and dates, so the same scenes as a
         # build without the fault; the source keeps a success in memory for the worker's other samples)
-        items = _lr_source(spec).search_area(search["bbox"], spec.cfg.lr.start, spec.cfg.lr.end)
-    res = _lr_fetch(spec, task.z, task.x, task.y, spec.cfg.lr_px, hr.date, items)
+        found = lr_source(spec).search(search["bbox"], spec.cfg.lr.start, spec.cfg.lr.end)
+    res = lr_source(spec).fetch_footprint(task.z, task.x, task.y, spec.cfg.lr_px, hr, found)
     img = np.asarray(res.image)
     if img.shape != (spec.cfg.lr_px, spec.cfg.lr_px, 3) or img.dtype != np.uint8:
         raise SampleError("lr_bad_image", f"LR source returned {img.dtype} {img.shape}")
@@ -280,10 +218,10 @@ SHIFT_SEARCH_M = 20.0
 
 
 def coregister(
-    spec: BuildSpec, task: SampleTask, hr, lr: np.ndarray, lr_res, search: dict | None
+    spec: BuildSpec, task: SampleTask, hr: HRResult, lr: np.ndarray, lr_res: LRResult, search: dict | None
 ) -> tuple[float, float, float, float] | None:
-    """Measured (dx, dy, error, correlation), LR pixels (+x east, +y south), or None for synthetic LR (bicubic from
-    the HR itself: aligned by construction).
+    """Measured (dx, dy, error, correlation), LR pixels (+x east, +y south), or None for synthetic LR (computed
+    from the HR itself: aligned by construction).
 
     One 100 m footprint holds ~10 Sentinel-2 pixels, too little texture for a sub-pixel measurement, so
     the shift is measured on the ancestor tile `CONTEXT_LEVELS` zooms up, in the *same scene* and at the
@@ -292,7 +230,7 @@ def coregister(
     `shift_unmeasured`. A window that could not be *fetched* (the source's retries ran out) is not
     cached: the sample fails with the source's reason and a resumed build tries it again.
     """
-    if lr_res is None:
+    if lr_res.synthetic:
         return None
     from .align import measure_shift
     from .sources.base import ground_gsd_m
@@ -303,10 +241,13 @@ def coregister(
     cache = _sources(spec).setdefault("shift", {})
     key = (lr_res.scene_id, zc, xc, yc)
     if key not in cache:
-        items = [i for i in (search or {}).get("items") or [] if _item_id(i) == lr_res.scene_id]
+        # The window is read from the sample's scene only: the block's candidates narrowed to it, ranked by
+        # the sample's HR date (the window's own capture date may differ).
+        same = [i for i in (search or {}).get("found") or [] if _item_id(i) == lr_res.scene_id]
         try:
-            hr_ctx = _hr_source(spec).fetch(zc, xc, yc, spec.cfg.hr_px)
-            lr_ctx = _lr_fetch(spec, zc, xc, yc, spec.cfg.lr_px << k, hr.date, items or None)
+            hr_ctx = hr_source(spec).fetch(zc, xc, yc, spec.cfg.hr_px)
+            ranked_by = dataclasses.replace(hr_ctx, date=hr.date)
+            lr_ctx = lr_source(spec).fetch_footprint(zc, xc, yc, spec.cfg.lr_px << k, ranked_by, same or None)
             if lr_ctx.scene_id != lr_res.scene_id:
                 raise SampleError("scene_mismatch", lr_ctx.scene_id)
             size = spec.cfg.lr_px << k
@@ -376,7 +317,7 @@ def base_row(spec: BuildSpec, task: SampleTask) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(BUILD_COLUMNS)
     row.update(task.columns())
     cfg = spec.cfg
-    row["hr_source"] = "raster" if cfg.hr.source == "raster" else "worldimagery"
+    row["hr_source"] = cfg.hr.source
     row["lr_source"] = cfg.lr.source
     row["map_source"] = cfg.map.source
     return row
@@ -405,7 +346,7 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
         lap("hr_fetch")
         qa.check_hr(hr.image, cfg.qa)
         lr, lr_res = make_lr(spec, task, hr, search)
-        if lr_res is not None:
+        if not lr_res.synthetic:
             row.update(
                 lr_scene_id=lr_res.scene_id,
                 lr_datetime=lr_res.datetime,
@@ -417,9 +358,9 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
                 lr_scene_cloud_cover=lr_res.scene_cloud_cover,
             )
         else:
-            row["lr_radiometry"] = f"MATLAB bicubic x{cfg.scale} (antialiased) of the HR"
+            row["lr_radiometry"] = lr_res.radiometry
         lap("lr")
-        if lr_res is not None:
+        if not lr_res.synthetic:
             qa.check_lr(lr, lr_res.cloud_fraction, lr_res.days_from_hr, cfg.qa)
         from .degrade import upsample
 

@@ -4,13 +4,23 @@ follows the training LR patch (`network.img_size`) as in the official code."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from baselines import esrgan, registry
 from cmsrd.errors import InputError
+from cmsrd.typed import build, to_dict
 
 ESR_NET = {"network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}}
+
+
+def configure(method, hr_px=None, resuming=False, **train):
+    """`configure_optimizers` as the trainer calls it: the method's train block with `train` keys set over it,
+    and the dataset's HR size / whether the run resumes filled in."""
+    cfg = build(type(method.settings.train), {**to_dict(method.settings.train), **train}, "train")
+    return method.configure_optimizers(dataclasses.replace(cfg, hr_px=hr_px, resuming=resuming))
 
 
 def test_esrgan_gan_stage_resume_does_not_need_the_psnr_file(tmp_path, monkeypatch):
@@ -24,14 +34,12 @@ def test_esrgan_gan_stage_resume_does_not_need_the_psnr_file(tmp_path, monkeypat
         "hr_px": 64,
     }
     with pytest.raises(InputError, match="file not found"):  # a fresh GAN run does start from it
-        registry.build("esrgan", 16, ESR_NET).configure_optimizers(cfg)
+        configure(registry.build("esrgan", 16, ESR_NET), **cfg)
     method = registry.build("esrgan", 16, ESR_NET)
-    optimizers = method.configure_optimizers({**cfg, "resuming": True})  # the checkpoint restores G (and D)
+    optimizers = configure(method, **cfg, resuming=True)  # the checkpoint restores G (and D)
     assert set(optimizers) == {"g", "d"} and method.stage == "gan"
     with pytest.raises(InputError, match="pretrain_network_g"):  # the config must still name the PSNR generator
-        registry.build("esrgan", 16, ESR_NET).configure_optimizers(
-            {**cfg, "pretrain_network_g": None, "resuming": True}
-        )
+        configure(registry.build("esrgan", 16, ESR_NET), **{**cfg, "pretrain_network_g": None}, resuming=True)
 
 
 def test_esrgan_stage_2_says_how_to_run_the_gan_stage(tmp_path):
@@ -68,7 +76,7 @@ def test_swinir_img_size_follows_training_data_and_checkpoints(tmp_path):
     method = registry.build("swinir", 16, SWIN_NET)  # 256 px tiles assumed: 16 px patches, shifted blocks
     assert _geometry(method) == [(4, 0), (4, 2)]
     before = {k: v.clone() for k, v in method.net_g.state_dict().items()}
-    method.configure_optimizers({"hr_px": 64})  # the dataset's LR is 4 px: one window, no shift
+    configure(method, hr_px=64)  # the dataset's LR is 4 px: one window, no shift
     assert method.net_g.img_size == 4 and _geometry(method) == [(4, 0), (4, 0)]
     assert all(torch.equal(before[k], v) for k, v in method.net_g.state_dict().items())  # same weights
     path = save_weights(tmp_path / "m.safetensors", method.trainable_state_dict(), method.export_metadata())
@@ -93,11 +101,9 @@ def test_swinir_img_size_follows_training_data_and_checkpoints(tmp_path):
     with pytest.raises(
         InputError, match=r"network\.img_size = 16: gives other attention windows than the training LR patches \(4 px\)"
     ):
-        registry.build("swinir", 16, explicit).configure_optimizers({"hr_px": 64})
+        configure(registry.build("swinir", 16, explicit), hr_px=64)
     # an explicit value with the same windows is no conflict (img_size 64 and 16 both shift at window 4)
-    registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}}).configure_optimizers(
-        {"hr_px": 256}
-    )
+    configure(registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}}), hr_px=256)
 
 
 def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
@@ -111,7 +117,7 @@ def test_swinir_loaded_weights_are_never_silently_replaced(tmp_path):
     # 4 px training patches would shrink the window to 4 (other relative-position tables):
     # the loaded weights cannot follow
     with pytest.raises(InputError, match="needs other relative-position tables than checkpoint"):
-        method.configure_optimizers({"hr_px": 64})
+        configure(method, hr_px=64)
 
 
 def test_swinir_trained_geometry_reaches_the_exported_weights(tiny_dataset, tmp_path):
@@ -150,7 +156,7 @@ def test_failed_swinir_load_keeps_the_network_and_reports_no_load(tmp_path):
     from baselines.checkpoint import save_weights
 
     wider = registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "embed_dim": 16}})
-    wider.configure_optimizers({"hr_px": 64})  # img_size 4 in its metadata: loading it rebuilds the reader's net_g
+    configure(wider, hr_px=64)  # img_size 4 in its metadata: loading it rebuilds the reader's net_g
     bad = save_weights(tmp_path / "wider.safetensors", wider.trainable_state_dict(), wider.export_metadata())
     method = registry.build("swinir", 16, SWIN_NET)
     net, weights = method.net_g, {k: v.clone() for k, v in method.net_g.state_dict().items()}
@@ -169,7 +175,7 @@ def test_swinir_geometry_follows_without_rewriting_the_config():
     """`config` keeps the user's null img_size (config.yaml records what was written); the geometry built is
     reported by export_metadata, which the trainer's model.safetensors carries."""
     method = registry.build("swinir", 16, SWIN_NET)
-    method.configure_optimizers({"hr_px": 64})
+    configure(method, hr_px=64)
     assert method.config["network"].get("img_size") is None
     assert method.export_metadata()["network"]["img_size"] == 4 == method.net_g.img_size
 
@@ -179,8 +185,8 @@ def test_swinir_resume_across_the_single_window_rule_does_not_loop():
     so instead of suggesting an img_size change that the resume check refuses."""
     method = registry.build("swinir", 16, {"network": {**SWIN_NET["network"], "img_size": 64}})
     with pytest.raises(InputError, match="set network.img_size to 4"):
-        method.configure_optimizers({"hr_px": 64})
+        configure(method, hr_px=64)
     with pytest.raises(InputError, match="cannot continue .* new --out") as e:
-        method.configure_optimizers({"hr_px": 64, "resuming": True})
+        configure(method, hr_px=64, resuming=True)
     assert "set network.img_size" not in str(e.value)
     assert "Otherwise resume on the run's own dataset" in e.value.fix  # the same error on another dataset's LR px

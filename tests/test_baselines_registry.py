@@ -129,3 +129,17 @@ def test_merge_config_replaces_a_dict_whose_type_changes():
     other = registry.merge_config(base, {"train": {"scheduler": {"type": "CosineAnnealingLR", "T_max": 9}}})
     assert other["train"] == {"scheduler": {"type": "CosineAnnealingLR", "T_max": 9}, "lr": 1e-3}
     assert base["train"]["scheduler"]["milestones"] == [5]  # inputs untouched
+
+
+def test_registered_adds_methods_for_a_block_only():
+    import dataclasses
+
+    spec = dataclasses.replace(registry.get("bicubic"), name="test_tmp")
+    before = registry.names()
+    with registry.registered(spec):
+        assert registry.get("test_tmp") is spec and "test_tmp" in registry.names()
+    assert registry.names() == before
+    with pytest.raises(ValueError, match="registered twice"), registry.registered(dataclasses.replace(spec, nfe=3)):
+        with registry.registered(spec):  # the same name for another method: refused, and nothing is removed
+            pass
+    assert registry.names() == before and registry.get("bicubic").nfe == 0

@@ -383,7 +383,7 @@ def test_resume_refuses_a_changed_config_and_records_run_control_changes(tiny_da
     seen = []
     configure = FeedForwardMethod.configure_optimizers
     monkeypatch.setattr(
-        FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c["resuming"]), configure(self, c))[1]
+        FeedForwardMethod, "configure_optimizers", lambda self, c: (seen.append(c.resuming), configure(self, c))[1]
     )
     out = tmp_path / "run"
     train("esrgan", tiny_dataset, out, config=cfg(ESR), max_steps=2, progress=False)
@@ -607,17 +607,46 @@ def test_train_keys_are_checked_before_the_build_at_every_stage(
     assert not (tmp_path / "x").exists()
 
 
-def test_train_keys_of_the_method_are_accepted_and_undeclared_ones_refused(tiny_dataset, tmp_path, monkeypatch):
+def test_train_keys_come_from_the_method_config_type(tiny_dataset, tmp_path):
+    import dataclasses
+
     from baselines.base import SRMethod
+    from baselines.esrgan import ESRGAN, ESRGANConfig
+    from baselines.method_config import TRAINER_KEYS
     from baselines.swinir import SwinIRMethod
-    from benchmark.train import Trainer
+    from benchmark.train import Trainer, check_train_keys
 
     Trainer(
         registry.build("esrgan", 16, cfg(ESR, gan_weight=1e-3, perceptual_layer="conv5_4")),
         tiny_dataset,
         tmp_path / "e",
     )
-    # a method that forgets to declare its keys gets only the trainer's: a forgotten attribute is not an opt-out
-    monkeypatch.setattr(SwinIRMethod, "train_keys", SRMethod.train_keys)
-    with pytest.raises(InputError, match=r"train\.optim_g: is not a key of the trainer or of swinir"):
-        Trainer(registry.build("swinir", 16, cfg(SWIN)), tiny_dataset, tmp_path / "s")
+    assert SwinIRMethod.train_keys == {"optim_g", "pixel_weight"}
+    esrgan_train = {f.name for f in dataclasses.fields(ESRGANConfig().train)} - {"hr_px", "resuming"}
+    assert ESRGAN.train_keys == esrgan_train - TRAINER_KEYS and "gan_weight" in ESRGAN.train_keys
+    with pytest.raises(TypeError, match="train_keys are derived from config_type"):  # one source of truth
+
+        class Listed(ESRGAN):
+            train_keys = frozenset({"gan_weight"})
+
+    # a method without a config type that forgets to list its keys gets only the trainer's: no silent opt-out
+    class Untyped(SRMethod):
+        pass
+
+    with pytest.raises(InputError, match=r"train\.optim_g: is not a key of the trainer or of untyped"):
+        check_train_keys({"optim_g": {"lr": 1e-3}}, Untyped, "untyped")
+
+
+def test_unknown_keys_at_any_level_are_refused_before_the_build(tiny_dataset, tmp_path, monkeypatch):
+    """`--set network_g.num_feat=16` used to start a default run silently; every level is checked now."""
+    monkeypatch.setattr(registry, "build", lambda *a, **k: pytest.fail("built before the config was checked"))
+    args = ["--method", "esrgan", "--data", str(tiny_dataset), "--out", str(tmp_path / "x")]
+    res = CliRunner().invoke(train_command, [*args, "--set", "network_g.num_feat=16"])
+    assert isinstance(res.exception, InputError) and res.exit_code != 0
+    assert str(res.exception).startswith("network_g: is not a key of the esrgan config (did you mean `network`?)")
+    for key, close in (("train.optim_g.lrr=1e-3", "lr"), ("train.network_d.num_feats=8", "num_feat")):
+        res = CliRunner().invoke(train_command, [*args, "--set", key])
+        assert f"did you mean `{close}`" in str(res.exception), res.output
+    with pytest.raises(InputError, match=r"train\.optim_g\.type: unknown type 'Adamm' \(did you mean `Adam`"):
+        train("esrgan", tiny_dataset, tmp_path / "x", config={"train": {"optim_g": {"type": "Adamm"}}})
+    assert not (tmp_path / "x").exists()

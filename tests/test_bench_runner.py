@@ -76,10 +76,8 @@ class _Noisy(SRMethod):
 
 
 _COMMON = dict(license="test", citation="test", scales=(16,), nfe=1)
-registry.register(
-    MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON)
-)
-registry.register(
+TEST_METHODS = [
+    MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON),
     MethodSpec(
         name="test_mapcopy",
         target=f"{__name__}:_MapCopy",
@@ -87,21 +85,9 @@ registry.register(
         inputs=("lr", "map"),
         conditions=("map",),
         **_COMMON,
-    )
-)
-registry.register(
-    MethodSpec(
-        name="test_noisy",
-        target=f"{__name__}:_Noisy",
-        kind="interp",  # interp: needs no weights
-        inputs=("lr",),
-        **_COMMON,
-    )
-)
-registry.register(
-    MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON)
-)
-registry.register(
+    ),
+    MethodSpec(name="test_noisy", target=f"{__name__}:_Noisy", kind="interp", inputs=("lr",), **_COMMON),  # no weights
+    MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON),
     MethodSpec(
         name="test_stylecopy",
         target=f"{__name__}:_StyleCopy",
@@ -109,8 +95,16 @@ registry.register(
         inputs=("lr", "style"),
         conditions=("style",),
         **_COMMON,
-    )
-)
+    ),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _test_methods():
+    """This module's test methods are in the registry while its tests run, and only then."""
+    with registry.registered(*TEST_METHODS):
+        yield
+
 
 FAST_METRICS = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"]
 

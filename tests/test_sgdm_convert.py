@@ -317,7 +317,7 @@ LPB2 = {
 }
 
 
-def _unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
+def unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
     """Inverse of diffusers' UNet converter, found by converting numbered placeholders (it only renames)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -327,7 +327,7 @@ def _unet_to_ldm(unet, ldm_names: list[str]) -> dict[str, torch.Tensor]:
     return {ldm_names[int(v)]: own[k].clone() for k, v in probe.items()}
 
 
-def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     import re
 
     n = len(vae.config.block_out_channels)
@@ -351,7 +351,7 @@ def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def _text_to_open_clip(text) -> dict[str, torch.Tensor]:
+def text_to_open_clip(text) -> dict[str, torch.Tensor]:
     p = "cond_stage_model.model."
     sd = {
         k if k.startswith("text_model.") else f"text_model.{k}": v  # transformers 5 dropped that level
@@ -385,9 +385,9 @@ def tiny_official(official_keys, tmp_path_factory):
     """(source method, SGDM-syn.ckpt path, tokenizer folder) with every backbone part in the original layout."""
     torch.manual_seed(3)
     src = build("sgdm", 32, LPB2)
-    state = _unet_to_ldm(src.unet, [k for k in official_keys["simu"] if k.startswith("model.diffusion_model.")])
-    state.update(_vae_to_ldm(src.vae))
-    state.update(_text_to_open_clip(src.text_encoder))
+    state = unet_to_ldm(src.unet, [k for k in official_keys["simu"] if k.startswith("model.diffusion_model.")])
+    state.update(vae_to_ldm(src.vae))
+    state.update(text_to_open_clip(src.text_encoder))
     state.update({f"adapter.{k}": v.clone() for k, v in src.adapter.state_dict().items()})
     folder = tmp_path_factory.mktemp("official")
     src.tokenizer.save_pretrained(str(folder / "tokenizer"))

@@ -291,8 +291,8 @@ def load_backbone(
     """Resolve `pretrained` (None, a diffusers folder, a single-file checkpoint or a hub id)."""
     if pretrained is None:
         log.warning(
-            "SGDM backbone: random init (%s geometry); real weights come from backbone.pretrained or from "
-            "an official SGDM .ckpt given as `checkpoint:`",
+            "SD2.1 backbone: random init (%s geometry); real weights come from backbone.pretrained or from "
+            "an official SGDM/SRLDM .ckpt given as `checkpoint:`",
             geometry_name,
         )
         return random_backbone(geometry_name, overrides)

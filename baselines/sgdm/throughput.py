@@ -1,6 +1,7 @@
-"""Sampling throughput of SGDM at SD2.1-base geometry with random weights (images/s).
+"""Sampling throughput of SGDM (and `ldm`, its SRLDM baseline) at SD2.1-base geometry with random weights (images/s).
 
     python -m baselines.sgdm.throughput --method sgdm --batch 16 64 --precision fp32 bf16 --start-t 400
+    python -m baselines.sgdm.throughput --method ldm --batch 16 --precision bf16
 
 Random init is enough for speed (same FLOPs as the real weights); nothing is downloaded. After a warm-up
 run, wall-clock time is taken between CUDA synchronisations; the JSON lines it prints are the figures to
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 
 from ..conditions import Conditions
-from . import build
+from ..registry import build
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SCALE = {"sgdm": 32, "sgdm+": 16, "sgdm-nomap": 32}
+SCALE = {"sgdm": 32, "sgdm+": 16, "sgdm-nomap": 32, "ldm": 32}
 
 
 def measure(

@@ -1,7 +1,8 @@
 """What every HR and LR source returns, and the footprint geometry they share.
 
-The pipeline codes against `HRSource` / `LRSource` and the two result records below, so any XYZ tile
-server, local raster, STAC catalog or Sentinel Hub can stand behind a sample without the pipeline knowing.
+The build's stages code against `HRSource` / `LRSource` and the two result records below, so any XYZ tile
+server, local raster, STAC catalog or Sentinel Hub can stand behind a sample without the stages knowing;
+`cmsrd.sources.registry` maps a preset's source names to the classes.
 A footprint is always an XYZ tile (z, x, y) in Web Mercator (EPSG:3857), the sample id of the dataset.
 """
 
@@ -52,6 +53,9 @@ class LRResult:
     radiometry: str
     collection: str
     info: dict[str, Any] = field(default_factory=dict)
+    # Computed from the HR itself (bicubic): aligned by construction, no scene to QA or co-register, and
+    # only `image` and `radiometry` are meaningful.
+    synthetic: bool = False
 
 
 @runtime_checkable
@@ -65,9 +69,16 @@ class HRSource(Protocol):
 
 @runtime_checkable
 class LRSource(Protocol):
-    """Anything that can produce the real LR image of an XYZ footprint."""
+    """Anything that can produce the LR image of an XYZ footprint, in two steps.
 
-    def fetch(self, z: int, x: int, y: int, lr_px: int = 16, hr_date: str | None = None) -> LRResult: ...
+    `search` runs once per block of neighbouring footprints (a catalogue query shared by the block; None
+    for a source without one) and `fetch_footprint` turns one footprint plus what the search found into
+    an `LRResult`. `hr` is the footprint's HR: its date ranks scenes, a synthetic source degrades its image.
+    """
+
+    def search(self, bbox_lonlat: tuple[float, float, float, float], start: str, end: str) -> Any: ...
+
+    def fetch_footprint(self, z: int, x: int, y: int, lr_px: int, hr: HRResult, found: Any = None) -> LRResult: ...
 
 
 def check_tile(z: int, x: int, y: int) -> None:

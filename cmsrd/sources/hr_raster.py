@@ -12,12 +12,15 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InputError, SampleError
 from .base import WEB_MERCATOR, HRResult, check_tile, ground_gsd_m, tile_bounds_3857
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
 
 
 def _gdal_path(path: str | os.PathLike) -> str:
@@ -99,6 +102,16 @@ class RasterHR:
         self.attribution = attribution
         self.name = name or f"raster:{Path(self.path).name}"
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: DatasetConfig, cache_dir: str | None = None) -> RasterHR:
+        """The build's source: `hr.raster`, relative to the preset."""
+        return cls(str(cfg.resolve(cfg.hr.raster)))
+
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        return [f"raster {cfg.hr.raster}"]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

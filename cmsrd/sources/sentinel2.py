@@ -30,14 +30,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InputError, SampleError
 from ..io import atomic_write_text
-from .base import WEB_MERCATOR, LRResult, check_tile, tile_bounds_3857, tile_bounds_lonlat
+from .base import WEB_MERCATOR, HRResult, LRResult, check_tile, tile_bounds_3857, tile_bounds_lonlat
 from .http import USER_AGENT, HttpClient, HTTPFetchError, RetryPolicy, install_log_redaction, redact
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +395,32 @@ class Sentinel2STAC:
         self._lock = threading.Lock()
         self._signer: SasSigner | None = None
 
+    @classmethod
+    def from_config(cls, cfg: DatasetConfig, cache_dir: str | None = None) -> Sentinel2STAC:
+        """The build's source: the QA thresholds drive scene selection, so the source tries the next-best
+        scene before giving up."""
+        from .registry import http_options
+
+        return cls(
+            cfg.lr.stac_url,
+            cfg.lr.collection,
+            window_days=int(cfg.qa.max_days_from_hr),
+            max_cloud=cfg.lr.max_scene_cloud,
+            max_footprint_cloud=cfg.qa.max_cloud_fraction,
+            **http_options(cfg),
+        )
+
+    @staticmethod
+    def provenance(cfg: DatasetConfig) -> dict[str, Any]:
+        """dataset.json `sources.lr` entries beyond the source name (shared by the Sentinel Hub backend)."""
+        return {
+            "attribution": cfg.lr.attribution,
+            "terms": cfg.lr.terms,
+            "backend": cfg.lr.backend,
+            "catalogue": redact(cfg.lr.stac_url or ""),
+            "collection": cfg.lr.collection,
+        }
+
     def __getstate__(self) -> dict[str, Any]:
         s = self.__dict__.copy()
         s.update(_client=None, _session=None, _signer=None, _lock=None)
@@ -469,6 +498,17 @@ class Sentinel2STAC:
         if disk is not None:
             atomic_write_text(disk, json.dumps(items))
         return items
+
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        from urllib.parse import urlsplit
+
+        return [urlsplit(cfg.lr.stac_url).netloc + " (STAC) + the scenes' COG hosts"]
+
+    def search(self, bbox_lonlat: Sequence[float], start: str | date, end: str | date) -> list[dict]:
+        """`LRSource` search step: the items of a block's area (`search_area`)."""
+        return self.search_area(bbox_lonlat, start, end)
 
     def _stac_client(self) -> Any:
         from pystac_client import Client
@@ -625,6 +665,12 @@ class Sentinel2STAC:
             f"tile {z}/{x}/{y}: no scene has <= {self.max_footprint_cloud:.0%} "
             f"cloud/shadow/no-data inside the footprint: {tried}",
         )
+
+    def fetch_footprint(
+        self, z: int, x: int, y: int, lr_px: int, hr: HRResult, found: list[dict] | None = None
+    ) -> LRResult:
+        """`LRSource` fetch step: `fetch` from the block's items (None: search around the HR date)."""
+        return self.fetch(z, x, y, lr_px, hr.date, found)
 
     # -- reading --------------------------------------------------------------------------------
     def _href(self, d: dict, role: str) -> tuple[str, dict]:

@@ -17,14 +17,17 @@ from __future__ import annotations
 import logging
 import os
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import CredentialsError, InputError, SampleError
-from .base import LRResult, check_tile, tile_bounds_3857
+from .base import HRResult, LRResult, check_tile, tile_bounds_3857
 from .http import install_log_redaction, redact
-from .sentinel2 import GAIN, NATIVE_GSD_M, SCL_BAD, _parse_day, _parse_iso, native_size, to_uint8
+from .sentinel2 import GAIN, NATIVE_GSD_M, SCL_BAD, Sentinel2STAC, _parse_day, _parse_iso, native_size, to_uint8
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,29 @@ class SentinelHubLR:
         self.max_footprint_cloud = float(max_footprint_cloud)
         self.gain = float(gain)
         install_log_redaction([cfg.sh_client_secret])
+
+    @classmethod
+    def from_config(cls, cfg: DatasetConfig, cache_dir: str | None = None) -> SentinelHubLR:
+        """The build's source (credentials from SH_CLIENT_ID / SH_CLIENT_SECRET, checked here)."""
+        return cls(
+            window_days=int(cfg.qa.max_days_from_hr),
+            max_cloud=cfg.lr.max_scene_cloud,
+            max_footprint_cloud=cfg.qa.max_cloud_fraction,
+        )
+
+    provenance = staticmethod(Sentinel2STAC.provenance)
+
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        return ["Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set)"]
+
+    def search(self, bbox_lonlat: tuple[float, float, float, float], start: str, end: str) -> None:
+        """No catalogue step: the Process API mosaics the least cloudy scene per request."""
+        return None
+
+    def fetch_footprint(self, z: int, x: int, y: int, lr_px: int, hr: HRResult, found: Any = None) -> LRResult:
+        return self.fetch(z, x, y, lr_px, hr.date)
 
     def __repr__(self) -> str:  # never print the secret
         return f"SentinelHubLR(base_url={self.config.sh_base_url!r}, client_id={self.config.sh_client_id[:4]}...)"

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -30,6 +30,9 @@ from ..errors import InputError, SampleError
 from ..io import atomic_write_bytes, atomic_write_text
 from .base import HRResult, check_tile, ground_gsd_m, subtile_zoom, tile_bounds_3857
 from .http import CorruptBody, HttpClient, HTTPFetchError, RetryPolicy, redact
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +176,25 @@ class WorldImageryHR:
         self._session = session
         self._client = client
         self._identify_memo: dict[tuple[int, int, int], dict[str, Any]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DatasetConfig, cache_dir: str | None = None) -> WorldImageryHR:
+        """The build's source: `hr.url` / `identify_url` / attribution / terms, HTTP policy from `build:`."""
+        from .registry import http_options
+
+        return cls(
+            cfg.hr.url,
+            cache_dir=cache_dir,
+            identify_url=cfg.hr.identify_url,
+            attribution=cfg.hr.attribution,
+            terms=cfg.hr.terms,
+            **http_options(cfg),
+        )
+
+    @staticmethod
+    def needs(cfg: DatasetConfig) -> list[str]:
+        """What a build with this source reaches out to (printed before a real build starts)."""
+        return [urlsplit(cfg.hr.url).netloc]
 
     # Dask ships sources to workers: drop the live client (locks, sockets) and rebuild it there.
     def __getstate__(self) -> dict[str, Any]:
