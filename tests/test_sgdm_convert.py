@@ -1,5 +1,5 @@
-"""Converting the authors' SGDM checkpoints: every UNet/adapter/flow tensor name and shape from
-`../shared/reference/sgdm-official-keys.json` must load into our modules with nothing missing, unexpected
+"""Converting the authors' SGDM checkpoints: every UNet/adapter/flow tensor name and shape of the official
+checkpoints (`tests/data/official_keys/sgdm.json`) must load into our modules with nothing missing, unexpected
 or mis-shaped; plus our own safetensors round trip. The SD-size UNet stays on the meta device and the
 fake checkpoints are expanded zeros (one shared storage), so this is cheap."""
 
@@ -22,7 +22,7 @@ from baselines.sgdm.convert import _Inert, _metadata_stubs, adapter_state, detec
 from baselines.sgdm.flows import create_flow
 from cmsrd.errors import InputError
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sgdm-official-keys.json"
+KEYS = Path(__file__).resolve().parent / "data" / "official_keys" / "sgdm.json"  # tensor names/shapes only
 SD = {"network": {"backbone": {"pretrained": None, "geometry": "sd21-base"}}}
 TINY = {"network": {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64}, "sampler": {"steps": 4}}
 pytestmark = pytest.mark.filterwarnings("ignore:.*non-meta parameter.*:UserWarning")
@@ -31,8 +31,6 @@ METHOD = {"real": ("sgdm+", 16), "simu": ("sgdm", 32), "simu_nomap": ("sgdm-noma
 
 @pytest.fixture(scope="module")
 def official_keys() -> dict:
-    if not KEYS.is_file():
-        pytest.skip(f"{KEYS} not present")
     return json.loads(KEYS.read_text())
 
 
@@ -304,7 +302,7 @@ def test_checkpoint_calling_code_is_refused(tmp_path):
 
 # ---- an official-layout checkpoint at a tiny geometry (UNet, VAE, OpenCLIP text tower, adapter) ----------------
 # Two resnets per level and widths changing where SD2.1's do give the UNet SD2.1's ldm key names (those in
-# sgdm-official-keys.json) at tiny widths.
+# official_keys/sgdm.json) at tiny widths.
 LPB2 = {
     "network": {
         "backbone": {
