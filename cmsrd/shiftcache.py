@@ -2,8 +2,10 @@
 
 Every footprint of a co-registration window (`cmsrd.stages.CONTEXT_LEVELS` zooms up) in the same LR scene
 shares one shift. Kept per process in memory (a lock per window, so a worker's threads do not measure the
-same window twice) and on disk beside the journal (`<out>/.cmsrd/shift/`), so other worker processes and
-a resumed build read the result instead of fetching and measuring the window again (~80 ms + two fetches).
+same window twice) and on disk beside the journal (`<out>/.cmsrd/shift/`), so other worker processes (and
+a resumed build whose resolved sources are the same: the key includes `BuildSpec.key`) read the result
+instead of fetching and measuring the window again (~80 ms + two fetches). Two processes that reach a new
+window at the same moment may both measure it (same result; the file is replaced atomically).
 Only final results are stored (a measured shift, or NaN for an unmeasurable window): a window whose fetch
 failed is not, so a later sample or run tries it again.
 """
