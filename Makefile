@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo dataset-synthetic dataset-real bench report reliability clean
+.PHONY: install test lint demo dataset-synthetic dataset-real bench report reliability nfe-demo clean
 
 install: $(STAMP)
 
@@ -44,6 +44,22 @@ demo: install
 		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors"
 	@echo; echo "leaderboard: $(OUT)/bench/leaderboard.csv   report: $(OUT)/report/index.html"; echo
 	@column -s, -t < $(OUT)/bench/leaderboard.csv | cut -c1-200
+
+# Quality vs NFE on the demo (seeds/000): train tiny csdiff for a few CPU minutes, sweep its NFE from pure noise
+# and from the LR, with bicubic as the reference; CSV and figure in $(OUT)/report-nfe/figures/quality_vs_nfe.*
+NFE_SWEEP ?= nfe=2,5,10,20
+NFE_LIMIT ?= 4
+CSDIFF_MINUTES ?= 4
+nfe-demo: install
+	$(BIN)/cmsrd build manifests/presets/demo-real.yaml --out $(DEMO)/demo-real
+	$(BIN)/cmsrd-bench train --method csdiff --config baselines/configs/csdiff-tiny.yaml \
+		--data $(DEMO)/demo-real --max-minutes $(CSDIFF_MINUTES) --out $(DEMO)/train/csdiff-tiny --resume
+	$(BIN)/cmsrd-bench run --data $(DEMO)/demo-real --methods csdiff,bicubic --overwrite \
+		--weights csdiff=$(DEMO)/train/csdiff-tiny --config csdiff=baselines/configs/csdiff-tiny.yaml \
+		--sweep "$(NFE_SWEEP)" --limit $(NFE_LIMIT) --skip-missing --out $(OUT)/bench-nfe
+	$(BIN)/cmsrd-bench report $(OUT)/bench-nfe --out $(OUT)/report-nfe
+	@echo; echo "points: $(OUT)/report-nfe/figures/quality_vs_nfe.csv   report: $(OUT)/report-nfe/index.html"
+	@cat $(OUT)/report-nfe/figures/quality_vs_nfe.csv
 
 dataset-synthetic: install
 	$(BIN)/cmsrd build manifests/presets/cmsrd-synthetic.yaml --out $(OUT)/cmsrd-synthetic
