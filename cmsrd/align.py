@@ -81,6 +81,22 @@ def _matrix(in_len: int, out_len: int, offset: float) -> np.ndarray:
     )  # taps mirrored onto one pixel add up
 
 
+def _contract_rows(my: np.ndarray, hr: np.ndarray) -> np.ndarray:
+    """`einsum("rh,hwc->crw", my, hr)` over each row's non-zero taps only (~32 of 256 HR rows): 1.5-3x faster.
+
+    Each output adds its taps in ascending HR row order, the order einsum sums in, so the values (and every
+    measured shift) are bit-identical to the einsum's; a BLAS contraction (tensordot) would be faster still
+    but sums in another order and moves refined shifts by ~1e-8 px, i.e. changes the manifest's bytes."""
+    nz = my != 0
+    k = max(int(nz.sum(axis=1).max()), 1)
+    cols = np.argsort(~nz, axis=1, kind="stable")[:, :k]  # each row's non-zero columns first, ascending
+    w = np.take_along_axis(my, cols, axis=1)  # 0 where a row has fewer taps: adds +0.0, a no-op
+    acc = np.zeros((my.shape[0],) + hr.shape[1:])
+    for j in range(k):
+        acc += w[:, j, None, None] * hr[cols[:, j]]
+    return np.ascontiguousarray(acc.transpose(2, 0, 1))
+
+
 class _Fit:
     """Residual of the LR against the best affine band mix of the HR resampled with a trial shift."""
 
@@ -96,7 +112,7 @@ class _Fit:
         got = self._rows.get(dy)
         if got is None:
             my = _matrix(self.hr.shape[0], self.shape[0], dy)[self.m : -self.m]
-            got = np.einsum("rh,hwc->crw", my, self.hr)
+            got = _contract_rows(my, self.hr)
             if len(self._rows) < 64:
                 self._rows[dy] = got
         return got

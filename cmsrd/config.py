@@ -120,6 +120,9 @@ class QAConfig:
 class OutputConfig:
     geotiff: bool = False  # also write geo/<id>_{hr,lr}.tif in EPSG:3857
     jpeg_hr: bool = False  # reserved for sources that only serve JPEG; PNG is always written
+    # zlib level of the dataset PNGs (lossless at any level). 1: measured on demo tiles, 12.7 ms and 120 kB per
+    # sample vs 37.6 ms and 101 kB at Pillow's default 6 (3x less CPU for +18% bytes); 9 for the smallest files.
+    png_level: int = 1
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,8 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
         raise InputError(
             "split.block_tiles", f"is {cfg.split.block_tiles}", "use a positive block edge in tiles, e.g. 8"
         )
+    if not (0 <= cfg.output.png_level <= 9):
+        raise InputError("output.png_level", f"is {cfg.output.png_level}", "use a zlib level 0-9 (1 fast, 9 smallest)")
     if cfg.build.abort_after_failures < 0:
         raise InputError(
             "build.abort_after_failures", f"is {cfg.build.abort_after_failures}", "use 0 (never) or a positive count"

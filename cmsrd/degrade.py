@@ -87,7 +87,9 @@ def weight_matrix(in_len: int, out_len: int, scale: float, antialias: bool = Tru
     return m
 
 
+@lru_cache(maxsize=64)
 def _sparse_matrix(in_len: int, out_len: int, scale: float, antialias: bool) -> sp.csr_matrix:
+    """Cached per (in, out) size: a build resizes the same few sizes (256 <-> 8/16) millions of times."""
     idx, w = contributions(in_len, out_len, scale, antialias)
     rows = np.repeat(np.arange(out_len), idx.shape[1])
     return sp.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(out_len, in_len))  # duplicates summed

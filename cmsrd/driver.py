@@ -58,6 +58,19 @@ class BuildReport:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
+# Below this many cores the build runs in-process by default: measured with perf/build_bench.py on 2 cores,
+# two worker processes cost more CPU per triplet than they gain in parallelism (see default_workers).
+MIN_CORES_FOR_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Worker processes when none are asked for: 0 (in-process) on small machines, where the cluster's
+    start-up, serialisation and scheduler cost more CPU than a second process wins; else half the cores
+    (the stages are partly I/O-bound, each worker runs 2 threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores < MIN_CORES_FOR_WORKERS else cores // 2
+
+
 def plan_fingerprint(plan: pd.DataFrame) -> str:
     h = hashlib.sha256()
     for sid, split in zip(plan["id"].astype(str), plan["split"].astype(str)):
@@ -65,7 +78,7 @@ def plan_fingerprint(plan: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_client(workers: int, threads: int, scheduler: str | None):
+def _open_client(workers: int, threads: int, scheduler: str | None, processes: bool = True):
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -81,8 +94,8 @@ def _open_client(workers: int, threads: int, scheduler: str | None):
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=threads,
-        processes=True,
-        host="127.0.0.1",
+        processes=processes,
+        **({"host": "127.0.0.1"} if processes else {}),  # threads: in-process transport, no socket
         dashboard_address="127.0.0.1:0",
         scheduler_kwargs={"dashboard": False},
         silence_logs=logging.ERROR,
@@ -113,15 +126,22 @@ def run_build(
     out: str | os.PathLike,
     *,
     plan: pd.DataFrame | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     threads: int = 2,
     scheduler: str | None = None,
     force: bool = False,
     limit: int | None = None,
     progress: bool = True,
     faults: Any = None,
+    processes: bool = True,
 ) -> BuildReport:
-    """Build (or resume) a dataset into `out`. `workers=0` runs the stages in this process (debugging)."""
+    """Build (or resume) a dataset into `out`.
+
+    `workers=0` runs the stages in this process; N > 0 starts a LocalCluster of N worker processes (`threads`
+    each; `processes=False`: one process, N x `threads` threads); `scheduler` uses an existing cluster.
+    `workers=None` picks `default_workers()`."""
+    if workers is None:
+        workers = default_workers()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     state = BuildState(root)
@@ -146,19 +166,28 @@ def run_build(
                         layout.manifest_csv,
                         layout.dataset_json,
                         state.dir / "osm",
+                        state.dir / "shift",
                     ]
                 )
             state.write_identity(cfg.name, fp, cfg.content_dict(), versions())
             write_plan(plan, state.dir / "plan.parquet")
             _remove_temp_files(root)
             osm = prepare_osm(rcfg, plan, state.dir)
-            spec = BuildSpec(rcfg, str(root), osm, cache_dir=None)
+            spec = BuildSpec(rcfg, str(root), osm, cache_dir=None, shift_dir=str(state.dir / "shift"))
             with Journal(state.journal_path) as journal:
                 done = {sid for sid, (_, status) in journal.index().items() if status in ("ok", "rejected")}
                 selected = plan if limit is None else plan.iloc[: int(limit)]
                 todo = selected[~selected["id"].astype(str).isin(done)]
                 processed = _execute(
-                    spec, todo, journal, workers, threads, scheduler, progress, skipped=len(selected) - len(todo)
+                    spec,
+                    todo,
+                    journal,
+                    workers,
+                    threads,
+                    scheduler,
+                    progress,
+                    skipped=len(selected) - len(todo),
+                    processes=processes,
                 )
             counts = finalize(spec, cfg, plan, state)
         return BuildReport(root, len(selected), len(selected) - len(todo), processed, counts, time.perf_counter() - t0)
@@ -187,6 +216,7 @@ def _execute(
     scheduler: str | None,
     progress: bool,
     skipped: int,
+    processes: bool = True,
 ) -> int:
     from tqdm import tqdm
 
@@ -229,7 +259,7 @@ def _execute(
                     for task in tasks:
                         record(process_sample(spec, task, search))
             return len(todo)
-        _run_distributed(spec, todo, workers, threads, scheduler, record)
+        _run_distributed(spec, todo, workers, threads, scheduler, record, processes)
         return len(todo)
     finally:
         bar.close()
@@ -265,12 +295,13 @@ def _run_distributed(
     threads: int,
     scheduler: str | None,
     record: Callable[[dict], None],
+    processes: bool = True,
 ) -> None:
     from distributed import as_completed
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
-    client, cluster = _open_client(workers, threads, scheduler)
+    client, cluster = _open_client(workers, threads, scheduler, processes)
     try:
         nthreads = max(sum(client.nthreads().values()), 1)
         limit = spec.cfg.build.max_in_flight or 4 * nthreads

@@ -61,8 +61,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_png(path: str | os.PathLike, array: np.ndarray, palette: list[int] | None = None) -> None:
-    """Write an HxW or HxWx3 uint8 array as PNG atomically (palette PNG when `palette` is given)."""
+def write_png(
+    path: str | os.PathLike, array: np.ndarray, palette: list[int] | None = None, compress_level: int = 6
+) -> None:
+    """Write an HxW or HxWx3 uint8 array as PNG atomically (palette PNG when `palette` is given).
+
+    `compress_level` is zlib's 0-9 (lossless at any level: only the file size and the time change)."""
     from PIL import Image
 
     arr = np.asarray(array)
@@ -74,7 +78,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray, palette: list[int] | N
             raise ValueError("a palette PNG needs a 2-D index array")
         img.putpalette(palette)  # L -> P, index values kept
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=compress_level)
 
 
 def read_png(path: str | os.PathLike, indices: bool = False) -> np.ndarray:

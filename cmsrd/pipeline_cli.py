@@ -48,7 +48,10 @@ def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -
 @click.argument("preset")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Dataset directory.")
 @click.option(
-    "--workers", type=int, default=2, show_default=True, help="LocalCluster worker processes (0: in-process)."
+    "--workers",
+    type=int,
+    default=None,
+    help="LocalCluster worker processes (0: in-process). Default: in-process below 4 cores, else cores / 2.",
 )
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads per worker (I/O bound stages).")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (tcp://host:port).")
@@ -68,7 +71,7 @@ def build_command(preset, out, workers, threads, scheduler, plan_path, force, li
     from .driver import run_build
     from .plan import read_plan
 
-    if workers < 0 or threads < 1:
+    if (workers is not None and workers < 0) or threads < 1:
         raise InputError("--workers/--threads", "must be >= 0 and >= 1", "use e.g. --workers 2 --threads 2")
     if limit is not None and limit < 1:
         raise InputError("--limit", f"is {limit}", "give a positive number of samples")

@@ -108,6 +108,7 @@ class BuildSpec:
     root: str
     osm: dict[str, str] = field(default_factory=dict)  # aoi name -> features GeoParquet
     cache_dir: str | None = None  # HR tile cache (None: no cache)
+    shift_dir: str | None = None  # co-registration results shared by the build's processes (cmsrd.shiftcache)
 
     @property
     def layout(self) -> DatasetLayout:
@@ -225,7 +226,8 @@ def coregister(
 
     One 100 m footprint holds ~10 Sentinel-2 pixels, too little texture for a sub-pixel measurement, so
     the shift is measured on the ancestor tile `CONTEXT_LEVELS` zooms up, in the *same scene* and at the
-    same LR pixel size, and shared by every footprint of that window and scene (cached per worker).
+    same LR pixel size, and shared by every footprint of that window and scene (`cmsrd.shiftcache`: once per
+    build, in memory and on disk beside the journal).
     An unmeasurable window (flat, cloudy, outside the data, another scene) gives NaN, which QA rejects as
     `shift_unmeasured`. A window that could not be *fetched* (the source's retries ran out) is not
     cached: the sample fails with the source's reason and a resumed build tries it again.
@@ -233,14 +235,15 @@ def coregister(
     if lr_res.synthetic:
         return None
     from .align import measure_shift
+    from .shiftcache import shared_shift
     from .sources.base import ground_gsd_m
 
     nan = (float("nan"),) * 4
     k = min(CONTEXT_LEVELS, task.z)
     zc, xc, yc = task.z - k, task.x >> k, task.y >> k
-    cache = _sources(spec).setdefault("shift", {})
     key = (lr_res.scene_id, zc, xc, yc)
-    if key not in cache:
+
+    def measure() -> tuple[float, float, float, float]:
         # The window is read from the sample's scene only: the block's candidates narrowed to it, ranked by
         # the sample's HR date (the window's own capture date may differ).
         same = [i for i in (search or {}).get("found") or [] if _item_id(i) == lr_res.scene_id]
@@ -253,18 +256,17 @@ def coregister(
             size = spec.cfg.lr_px << k
             limit = max(SHIFT_SEARCH_M / ground_gsd_m(zc, yc, size), 2.0 * spec.cfg.qa.max_shift_lrpx)
             sh = measure_shift(lr_ctx.image, hr_ctx.image, max_shift=min(limit, size / 8.0))
-            cache[key] = (float(sh.dx), float(sh.dy), float(sh.error), float(sh.correlation))
+            return (float(sh.dx), float(sh.dy), float(sh.error), float(sh.correlation))
         except CredentialsError:
             raise
         except SampleError as e:
             if e.reason not in SOURCE_QA_REASONS and e.reason != "scene_mismatch":
                 raise SampleError(e.reason, f"co-registration window {zc}/{xc}/{yc}: {e.detail}") from None
-            cache[key] = nan
+            return nan
         except InputError:  # measure_shift: no texture, or too small a window to compare
-            cache[key] = nan
-        if len(cache) > 4096:
-            cache.pop(next(iter(cache)))
-    return cache[key]
+            return nan
+
+    return shared_shift(spec.shift_dir, (spec.key, *key), measure)
 
 
 def _item_id(item: Any) -> str:
@@ -278,7 +280,8 @@ def write_sample(spec: BuildSpec, task: SampleTask, images: dict[str, np.ndarray
     out: dict[str, str] = {}
     for kind in IMAGE_KINDS:
         path = layout.image_path(split, kind, sid)
-        write_png(path, images[kind], palette=palette() if kind == "mask" else None)
+        pal = palette() if kind == "mask" else None
+        write_png(path, images[kind], palette=pal, compress_level=spec.cfg.output.png_level)
         out[f"path_{kind}"] = layout.relpath(path)
         out[f"sha256_{kind}"] = sha256_file(path)
     if geo:

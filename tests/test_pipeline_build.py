@@ -144,6 +144,25 @@ def test_demo_synthetic_build(synthetic_build, world, tmp_path):
     assert (root / "manifest.parquet").read_bytes() == before
 
 
+def test_threads_only_cluster_builds_the_same_dataset(synthetic_build, tmp_path):
+    """`processes=False` (one process, a cluster of threads) writes the same files and manifest."""
+    from cmsrd.driver import run_build
+
+    cfg = load_config(synthetic_build.parent / "demo-synthetic.yaml")
+    rep = run_build(cfg, tmp_path / "ds", workers=2, threads=1, processes=False, progress=False)
+    assert rep.processed == N_SAMPLES
+    assert (tmp_path / "ds" / "manifest.parquet").read_bytes() == (synthetic_build / "manifest.parquet").read_bytes()
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    from cmsrd import driver
+
+    monkeypatch.setattr(driver.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert driver.default_workers() == 0  # small machine: in-process
+    monkeypatch.setattr(driver.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert driver.default_workers() == 4
+
+
 def test_demo_real_build_on_an_external_scheduler(world, cluster, tmp_path):
     """`--scheduler`: a scheduler and two worker processes the tests started themselves."""
     from cmsrd.driver import run_build

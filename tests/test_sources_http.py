@@ -243,3 +243,35 @@ def test_connection_refused_is_an_error_not_a_hang():
     s.close()
     with pytest.raises(HTTPFetchError, match="connection error"):
         client([], retry=RetryPolicy(retries=1, backoff=0.0)).get(f"http://127.0.0.1:{port}/x?sig=zzzz1234")
+
+
+def test_one_client_hammered_from_many_threads(server):
+    """A worker's threads share one client: every request succeeds, each thread on its own session (a
+    shared requests.Session races in its cookie jar: "dictionary changed size during iteration")."""
+    for i in range(8):
+        server.plan[f"/c{i}"] = [(200, {"Set-Cookie": f"k{i}=v{i}; Path=/"}, f"body{i}".encode())]
+    c = client(max_workers=8)
+    sessions: dict[int, object] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def hammer(i: int) -> None:
+        start.wait()
+        try:
+            for n in range(40):
+                assert c.get(f"{server.url}/c{(i + n) % 8}?n={n}").content == f"body{(i + n) % 8}".encode()
+            sessions[i] = c.session
+        except BaseException as e:  # noqa: BLE001 - reported below with the thread that raised it
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({id(s) for s in sessions.values()}) == 8
+    assert c.stats["requests"] == 320 and c.stats["failures"] == 0
+    assert all(ua.startswith("cmsrd/") for _, ua, _ in server.seen[-320:])  # headers reach every session
+    c.close()
+    assert c._sessions == []

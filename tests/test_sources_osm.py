@@ -279,3 +279,19 @@ def test_helsinki_sea_from_coastline(feats):
     x1, y1 = mercantile.xy(*HELSINKI_BBOX[2:])
     sea_area = _sea(feats).area.sum() / ((x1 - x0) * (y1 - y0))
     assert 0.05 < sea_area < 0.3  # the bay and the south harbour's edge, not half the city
+
+
+def test_lines_keep_every_located_node_and_split_at_missing_ones(tmp_path):
+    """Whole ways go through libosmium's WKB writer, cut ones through the Python path: same coordinates."""
+    whole = [(10.001, 54.001), (10.002, 54.002), (10.002, 54.002), (10.004, 54.003)]  # a repeated node kept
+    cut = [(10.005, 54.001), (10.006, 54.002), (10.007, 54.003), (10.008, 54.004), (10.009, 54.005)]
+    path = _write_pbf(
+        tmp_path / "lines.osm.pbf",
+        [(whole, {"highway": "residential"}), (cut, {"railway": "rail"})],
+        missing={cut[2]},
+    )
+    g = OSMFeatures.from_pbf(path).gdf.set_index("class").to_crs("EPSG:4326")
+    road, rail = g.geometry["road"], g.geometry["railway"]
+    assert road.geom_type == "LineString" and np.allclose(road.coords, whole, atol=1e-7)
+    assert rail.geom_type == "MultiLineString"
+    assert [np.allclose(p.coords, exp, atol=1e-7) for p, exp in zip(rail.geoms, (cut[:2], cut[3:]))] == [True, True]

@@ -281,16 +281,34 @@ class HttpClient:
         self._sleep = sleep
         self.secrets: set[str] = {s for s in secrets if s}
         install_log_redaction(self.secrets)
-        self.session = session or requests.Session()
-        if session is None:
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, self.max_workers * 2), max_retries=0)
-            self.session.mount("http://", adapter)
-            self.session.mount("https://", adapter)
-        self.session.headers["User-Agent"] = user_agent or USER_AGENT
-        if headers:
-            self.session.headers.update(headers)
+        self._headers = {"User-Agent": user_agent or USER_AGENT, **(headers or {})}
+        self._shared = session  # a caller's session is used as given: it must be safe to share
+        if session is not None:
+            session.headers.update(self._headers)
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "waited_s": 0.0}
         self._stats_lock = threading.Lock()
+
+    @property
+    def session(self) -> requests.Session:
+        """This thread's session. A `requests.Session` is not thread-safe (its cookie jar and connection
+        pools change without locks: "dictionary changed size during iteration" when a worker's threads
+        share one), so each thread that uses the client gets its own, with the same headers."""
+        if self._shared is not None:
+            return self._shared
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, self.max_workers * 2), max_retries=0)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            s.headers.update(self._headers)
+            self._local.session = s
+            with self._sessions_lock:
+                self._sessions.append(s)
+        return s
 
     # -- public API -----------------------------------------------------------------------------
     def add_secret(self, secret: str | None) -> None:
@@ -483,7 +501,13 @@ class HttpClient:
         return out
 
     def close(self) -> None:
-        self.session.close()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+        self._local = threading.local()
+        if self._shared is not None:
+            self._shared.close()
 
     def __enter__(self) -> HttpClient:
         return self

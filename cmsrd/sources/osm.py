@@ -168,11 +168,20 @@ def _located_runs(way) -> tuple[list[list[tuple[float, float]]], bool]:
     return [r for r in runs if len(r) >= 2], missing
 
 
+_WKB = osmium.geom.WKBFactory()
+
+
 def _line_wkb(way) -> tuple[bytes, bool] | None:
     """WKB of a way's located parts (extracts cut ways at their edge), and whether nodes were missing.
 
     Runs of consecutive located nodes become the parts of a MultiLineString; None when no run has two.
+    A way whose nodes are all located (nearly all) is written by libosmium's WKB factory with every node
+    kept (`use_nodes.ALL`: the same coordinates as the Python path, ~10x less time per way).
     """
+    try:
+        return bytes.fromhex(_WKB.create_linestring(way, osmium.geom.use_nodes.ALL)), False
+    except (RuntimeError, osmium.InvalidLocationError):  # a node outside the extract, or fewer than 2 nodes
+        pass
     parts, missing = _located_runs(way)
     if not parts:
         return None

@@ -1,0 +1,101 @@
+"""Build throughput changes that must not change results: shared co-registration, the einsum-exact row
+contraction, the PNG level option, the HR placeholder bound and the cached resize matrices."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cmsrd import qa, shiftcache
+from cmsrd.align import _contract_rows, _matrix
+from cmsrd.config import QAConfig, load_config
+from cmsrd.degrade import imresize
+from cmsrd.errors import InputError
+from cmsrd.io import read_png, write_png
+
+
+@pytest.mark.parametrize("lr_len", [8, 32, 64])
+def test_row_contraction_is_bit_identical_to_einsum(lr_len):
+    hr = np.random.default_rng(lr_len).integers(0, 256, (256, 40, 3)).astype(np.float64)
+    for offset in np.linspace(-2.5, 2.5, 11):
+        my = _matrix(256, lr_len, float(offset))[2:-2]
+        assert np.array_equal(_contract_rows(my, hr), np.einsum("rh,hwc->crw", my, hr))
+
+
+def test_shared_shift_measures_each_window_once_across_threads_and_processes(tmp_path):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        time.sleep(0.05)  # long enough for every thread to ask while the first measures
+        return (0.1, -0.2, 0.3, float("nan"))
+
+    key = ("scene-a", 16, 3, 4)
+    got = []
+    threads = [
+        threading.Thread(target=lambda: got.append(shiftcache.shared_shift(str(tmp_path), key, measure)))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 6
+    shiftcache._MEMORY.clear()  # another worker process: only the file is left
+    again = shiftcache.shared_shift(str(tmp_path), key, lambda: pytest.fail("measured twice"))
+    assert again[:3] == (0.1, -0.2, 0.3) and np.isnan(again[3])
+
+
+def test_a_failed_measurement_is_not_stored(tmp_path):
+    def fail():
+        raise RuntimeError("fetch failed")
+
+    with pytest.raises(RuntimeError):
+        shiftcache.shared_shift(str(tmp_path), ("s", 1, 0, 0), fail)
+    assert not list(tmp_path.iterdir())
+    assert shiftcache.shared_shift(str(tmp_path), ("s", 1, 0, 0), lambda: (1.0, 2.0, 3.0, 4.0)) == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_png_level_changes_size_not_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    img = (np.add.outer(np.arange(256), np.arange(256))[..., None] // 3 + rng.integers(0, 4, (256, 256, 3))) % 256
+    img = img.astype(np.uint8)
+    fast, small = tmp_path / "fast.png", tmp_path / "small.png"
+    write_png(fast, img, compress_level=1)
+    write_png(small, img, compress_level=9)
+    assert fast.stat().st_size > small.stat().st_size
+    assert np.array_equal(read_png(fast), img) and np.array_equal(read_png(small), img)
+
+
+def test_png_level_is_an_output_option_in_the_fingerprint():
+    d = load_config("demo-synthetic").to_dict()
+    assert d["output"]["png_level"] == 1
+    d["output"]["png_level"] = 9
+    cfg9 = load_config(d)
+    assert cfg9.content_dict()["output"]["png_level"] == 9  # recorded in dataset.json's config
+    assert cfg9.fingerprint() != load_config("demo-synthetic").fingerprint()
+    d["output"]["png_level"] = 12
+    with pytest.raises(InputError, match="png_level"):
+        load_config(d)
+
+
+def test_hr_placeholder_check_is_exact_past_the_channel_bound():
+    cfg = QAConfig()
+    rng = np.random.default_rng(1)
+    hr = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    hr[:40, :, 0] = 7  # red alone is 62% one value, but no colour is: the exact count decides, and passes
+    qa.check_hr(hr, cfg)
+    hr[:40] = (7, 8, 9)  # now one colour covers 62%
+    with pytest.raises(qa.QARejected) as e:
+        qa.check_hr(hr, cfg)
+    assert e.value.reason == "hr_placeholder" and "62.5%" in e.value.detail
+
+
+def test_imresize_is_unchanged_by_its_matrix_cache():
+    img = np.random.default_rng(2).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    first = imresize(img, output_shape=(8, 8))
+    assert np.array_equal(imresize(img, output_shape=(8, 8)), first)
+    assert np.array_equal(imresize(img.copy(), output_shape=(8, 8)), first)
