@@ -3,6 +3,10 @@
 `start=lr@t` (seeds/000, "an efficient sampling strategy that starts with LR images and progressively adds
 noise"): the upsampled LR is encoded to a latent, noised to the first sampler timestep <= t with the
 training schedule, and denoised from there, so only the sampler steps at or below t are run.
+
+Precision: the latent and every scheduler update stay in `dtype` (fp32) with autocast switched off around them;
+only the denoiser runs under the caller's autocast. The fast path (`fast.py`, active while a method prepared by
+`fast.apply` samples) adds channels_last inputs and a CUDA-graph replay of the denoiser call.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from tqdm.auto import tqdm
 from cmsrd.errors import InputError
 
 from ..seeding import Generators, randn
+from . import fast
 from .schedules import make_scheduler
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> predicted noise
@@ -64,10 +69,36 @@ def sample_latents(
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin)
         timesteps = kept
+    step_fn = _fast_eps(eps_fn, fast.active(), torch.device(device))
+    dev_type = torch.device(device).type
     nfe = 0
     for t in tqdm(timesteps, disable=not progress, desc="sampling", leave=False):
-        model_in = sched.scale_model_input(z, t)
-        eps = eps_fn(model_in, t.to(device).expand(shape[0]))
+        with torch.autocast(dev_type, enabled=False):
+            model_in = sched.scale_model_input(z, t)
+        eps = step_fn(model_in, t.to(device).expand(shape[0]))
         nfe += 1
-        z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False)[0]
+        with torch.autocast(dev_type, enabled=False):
+            z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False)[0]
     return z, nfe
+
+
+def _fast_eps(eps_fn: EpsFn, opts: fast.FastOptions | None, device: torch.device) -> EpsFn:
+    """eps_fn with the active fast options' input layout and CUDA-graph replay (captured at the first step)."""
+    if opts is None or not (opts.channels_last or opts.cuda_graph):
+        return eps_fn
+    if opts.channels_last:
+        inner = eps_fn
+
+        def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return inner(z.contiguous(memory_format=torch.channels_last), t)
+
+    if not opts.cuda_graph or device.type != "cuda":
+        return eps_fn
+    graphed: list[fast.GraphedStep] = []
+
+    def replay(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not graphed:
+            graphed.append(fast.GraphedStep(eps_fn, z, t))
+        return graphed[0](z, t)
+
+    return replay
