@@ -220,7 +220,8 @@ class GraphedStep:
     """`eps_fn(z, t)` captured once for fixed shapes and replayed: inputs are copied into static buffers.
 
     The closure's other tensors (text context, adapter features) are captured as they are, so one instance
-    serves one sampling call. Warm-up runs on a side stream first, as CUDA graph capture requires."""
+    serves one sampling call. One warm-up run on a side stream comes first, as capture requires; its output
+    (`first`) is the first step's result, so capturing costs no extra denoiser evaluation."""
 
     def __init__(self, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor, t: torch.Tensor):
         self.z, self.t = z.clone(), t.clone()
@@ -230,8 +231,7 @@ class GraphedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), ctx():
-            for _ in range(2):
-                eps_fn(self.z, self.t)
+            self.first = eps_fn(self.z, self.t)  # the warm-up is the first step's real evaluation
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), ctx():

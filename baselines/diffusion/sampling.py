@@ -69,7 +69,7 @@ def sample_latents(
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin)
         timesteps = kept
-    step_fn = _fast_eps(eps_fn, fast.active(), torch.device(device))
+    step_fn = fast_denoiser(eps_fn, torch.device(device))
     dev_type = torch.device(device).type
     nfe = 0
     for t in tqdm(timesteps, disable=not progress, desc="sampling", leave=False):
@@ -82,8 +82,11 @@ def sample_latents(
     return z, nfe
 
 
-def _fast_eps(eps_fn: EpsFn, opts: fast.FastOptions | None, device: torch.device) -> EpsFn:
-    """eps_fn with the active fast options' input layout and CUDA-graph replay (captured at the first step)."""
+def fast_denoiser(eps_fn: EpsFn, device: torch.device) -> EpsFn:
+    """The denoiser call with the active fast options' input layout and CUDA-graph replay (captured at the
+    first step, whose own result comes from the capture's warm-up run); unchanged when none are active.
+    Every sampler loop of the package (this one, `resshift.ResShiftChain.sample`) goes through it."""
+    opts = fast.active()
     if opts is None or not (opts.channels_last or opts.cuda_graph):
         return eps_fn
     if opts.channels_last:
@@ -99,6 +102,7 @@ def _fast_eps(eps_fn: EpsFn, opts: fast.FastOptions | None, device: torch.device
     def replay(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not graphed:
             graphed.append(fast.GraphedStep(eps_fn, z, t))
+            return graphed[0].first
         return graphed[0](z, t)
 
     return replay
