@@ -131,3 +131,33 @@ def test_options_parse_record_and_refuse():
     fast.apply(m, cpu)  # idempotent
     with pytest.raises(InputError, match="already applied"):
         fast.apply(m, fast.FastOptions(channels_last=True))
+
+
+def test_runner_records_the_switches_in_run_json_and_refuses_impossible_ones(tiny_dataset, tmp_path):
+    import json
+
+    from benchmark.runner import RunConfig, run_benchmark
+
+    def cfg(out, switches):
+        return RunConfig(tiny_dataset, out, methods="bicubic", metrics=["psnr_y"], device="cpu", fast=switches)
+
+    run_benchmark(cfg(tmp_path / "run", "eager,decode_batch=2"))
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())["fast_sampling"]
+    assert rec == {"requested": "eager,decode_batch=2", **fast.FastOptions(decode_batch=2).as_record()}
+    with pytest.raises(InputError, match="needs a CUDA device"):
+        run_benchmark(cfg(tmp_path / "run2", "auto,cuda_graph=on"))
+    assert not (tmp_path / "run2" / "leaderboard.csv").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_and_channels_last_match_eager_on_gpu():
+    """The CUDA-only switches (what the GPU default uses), same tolerance as the CPU switches."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    m = build("ldm", 32, TINY, device="cuda").eval()
+    batch, gens = _batch(2), lambda: seeded_generators(7, (0, 1), dev)
+    ref = super_resolve_batch(m, batch, Conditions(), dev, "fp32", gens())
+    fast.apply(m, fast.FastOptions(channels_last=True, cuda_graph=True))
+    out = super_resolve_batch(m, batch, Conditions(), dev, "fp32", gens())
+    assert (out - ref).abs().max() <= 1e-3  # TF32/cuDNN algorithm choice may differ between layouts

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from cmsrd.data import CMSRDDataset
 
 GPU_DIR = Path(__file__).resolve().parents[1] / "perf" / "gpu"
@@ -97,6 +99,7 @@ def _runbook_env(tmp_path, carry, args: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_one_call_runbook_runs_on_cpu_and_reports_every_step(tmp_path):
     """`session.sh one` end to end on the tiny geometry: throughput (fp32-eager vs fast), the metric suite,
     sgdm vs sgdm-nomap training and the collected curves, in the JSON + Markdown it brings back
