@@ -84,7 +84,8 @@ def _sync(device: torch.device) -> None:
 
 def call(method: Any, batch: dict, cond: Conditions, device: torch.device, precision: str, seed: int = 0):
     n = batch["sr"].shape[0]
-    return super_resolve_batch(method, batch, cond, device, precision, seeded_generators(seed, range(n)))
+    # one generator per image on the device, as the runner seeds (benchmark.evaluate.SRPass)
+    return super_resolve_batch(method, batch, cond, device, precision, seeded_generators(seed, range(n), device))
 
 
 def count_flops(method: Any, size: int, cond: Conditions, device: torch.device) -> float:
@@ -176,7 +177,9 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device) -> d
             bs = args.batch_fast or probe_batch(m, args.batch_bf16, args.max_batch, args.size, device, "bf16")
         else:
             bs = args.batch_fp32 if mode == "fp32-eager" else args.batch_bf16
+        fast.GRAPH_FALLBACKS.clear()
         row = measure(m, mode, bs, args.size, cond, device, args.repeats)
+        row["cuda_graph_fallbacks"] = sorted(set(fast.GRAPH_FALLBACKS))
         out = call(m, check, cond, device, row["precision"])
         row["max_abs_diff_vs_fp32"] = round(float((out - ref).abs().max()), 5)
         row["mean_abs_diff_vs_fp32"] = round(float((out - ref).abs().mean()), 6)

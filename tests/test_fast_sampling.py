@@ -117,7 +117,7 @@ def test_options_parse_record_and_refuse():
         "decode_batch": 4,
     }
     assert fast.parse({"compile": "denoiser"}, "cpu").compile == "denoiser"
-    assert fast.defaults("cuda").cuda_graph and fast.defaults("cuda").channels_last
+    assert fast.defaults("cuda") == fast.FastOptions(channels_last=True, cuda_graph=True, decode_batch=32)
     with pytest.raises(InputError, match="needs a CUDA device"):
         fast.parse("cuda_graph=on", "cpu")
     with pytest.raises(InputError, match="unknown"):

@@ -17,7 +17,8 @@ tolerance (tests/test_fast_sampling.py holds each one to the eager fp32 path):
 Precision is not a switch here: the runner's `--precision` autocasts the method; the sampler keeps the latent
 and all scheduler arithmetic in fp32 whatever the autocast (`sampling.sample_latents`).
 `resolve("auto", device)` gives the defaults: on CPU only what the CPU equality tests accept and what helps
-there (SDPA); on CUDA channels_last + SDPA + CUDA graphs, with compile left off until the GPU runbook
+there (SDPA); on CUDA channels_last + SDPA + CUDA graphs + decoding 32 images at a time (the decoder's
+activations at 256 px are several times the denoiser's), with compile left off until the GPU runbook
 (perf/gpu/README.md) has measured it pays for its compile time on the benchmark's image counts.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -35,7 +37,9 @@ from torch import nn
 
 from cmsrd.errors import InputError
 
+log = logging.getLogger(__name__)
 COMPILE = ("off", "denoiser", "denoiser+vae")
+GRAPH_FALLBACKS: list[str] = []  # why a capture failed (the step then ran eagerly); perf.throughput reports it
 DENOISER_NAMES = ("unet", "net_g", "denoiser")  # sgdm/ldm: unet; resshift: net_g
 AUTOENCODER_NAMES = ("vae", "autoencoder")
 
@@ -68,7 +72,7 @@ _BOOL = {"on": True, "off": False, "true": True, "false": False, "1": True, "0":
 def defaults(device: torch.device | str) -> FastOptions:
     """The `auto` options for a device (see the module docstring for why)."""
     if torch.device(device).type == "cuda":
-        return FastOptions(channels_last=True, sdpa=True, cuda_graph=True)
+        return FastOptions(channels_last=True, sdpa=True, cuda_graph=True, decode_batch=32)
     return FastOptions(sdpa=True)
 
 

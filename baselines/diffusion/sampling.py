@@ -101,8 +101,14 @@ def fast_denoiser(eps_fn: EpsFn, device: torch.device) -> EpsFn:
 
     def replay(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not graphed:
-            graphed.append(fast.GraphedStep(eps_fn, z, t))
+            try:
+                graphed.append(fast.GraphedStep(eps_fn, z, t))
+            except RuntimeError as e:  # an op that cannot be captured: say so, and run this call eagerly
+                fast.GRAPH_FALLBACKS.append(f"{type(e).__name__}: {e}"[:300])
+                fast.log.warning("cuda_graph: capture failed, sampling eagerly: %s", e)
+                graphed.append(None)
+                return eps_fn(z, t)
             return graphed[0].first
-        return graphed[0](z, t)
+        return eps_fn(z, t) if graphed[0] is None else graphed[0](z, t)
 
     return replay
