@@ -97,6 +97,23 @@ def test_per_image_seeding_is_batch_independent_on_the_fast_path():
     assert (whole[2:] - alone).abs().max() <= EXACT
 
 
+def test_resshift_chain_takes_the_same_path():
+    from perf.throughput import random_init
+
+    cfg = random_init("resshift", "tiny")
+    batch = {"lr": torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))}
+
+    def run(opts):
+        torch.manual_seed(0)
+        m = build("resshift", 16, cfg).eval()
+        if opts is not None:
+            fast.apply(m, opts)
+        return super_resolve_batch(m, batch, Conditions(), "cpu", "fp32", seeded_generators(7, (0, 1)))
+
+    ref = run(None)
+    assert (run(fast.FastOptions(channels_last=True, decode_batch=1)) - ref).abs().max() <= EXACT
+
+
 def test_sgdm_takes_the_same_path(monkeypatch):
     calls = []
     monkeypatch.setattr(fast, "active", lambda real=fast.active: calls.append(real()) or real())
