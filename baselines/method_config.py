@@ -11,6 +11,7 @@ subclass adding the method's keys: its `train_keys` are those extra fields) and 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_type_hints
 
@@ -118,8 +119,6 @@ def build_scheduler(cfg: Scheduler, optimizer: torch.optim.Optimizer, total_step
 
 # ---- training -------------------------------------------------------------------------------------------
 
-KEEP_BEST_METRICS = ("lpips", "psnr_y")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -196,3 +195,11 @@ def method_train_keys(config_type: type) -> frozenset[str]:
 def parse_config(config_type: type, config: dict[str, Any], name: str) -> Any:
     """A merged config mapping -> the method's typed config; unknown keys at any level are refused."""
     return build(config_type, config, "", problem=f"is not a key of the {name} config")
+
+
+def train_config(train: TrainConfig, hr_px: int | None = None, resuming: bool = False, **keys: Any) -> TrainConfig:
+    """What the trainer hands `configure_optimizers`: the train block `train` with the config `keys` set over
+    it (parsed, so checked as in a config file), the dataset's HR size and whether the run resumes."""
+    if keys:
+        train = build(type(train), {**to_dict(train), **keys}, "train")
+    return dataclasses.replace(train, hr_px=hr_px, resuming=resuming)

@@ -1,27 +1,12 @@
 """Benchmark runner: registry methods x conditions over one split of a built dataset, timed and scored.
 
-For each method and condition it builds the method from the registry, loads its weights, super-resolves
-the split in batches (autocast bf16/fp16 on GPU, one seeded generator per image), saves the SR PNGs, then scores the
-saved PNGs (so metrics see exactly the published bytes), streaming them from disk in chunks. Timing is
-honest (`TIMING_DEFINITION`, copied into run.json): one untimed warm-up batch, only the method's
-super-resolve inside the timer, CUDA synchronisation around it, peak GPU memory, NFE. A batch that
-runs out of memory is retried at half the size (down to 1) after a fresh warm-up and peak-memory reset.
-
-A killed run resumes: images already written are not redone, finished method x condition pairs are not
-rebuilt - but only when the folder was made by the same model on the same data. `inference.json` in each
-SR folder records a fingerprint (weights sha256, effective config and the files it names, seed, device
-type, precision, dataset manifest sha256, split, condition, shuffle partners; `fingerprint` says what is not
-keyed) before inference starts; a folder whose fingerprint differs
-is refused up front with the differing fields named (`--overwrite` deletes and redoes it). One method
-failing (missing weights, unsupported condition, out of memory even at batch size 1, any exception) is
-recorded with its reason and the others continue.
-
-A method is built from its default config (`baselines/configs/<name>.yaml`), the `network` geometry a
-checkpoint of our trainer records, and the user's `--config NAME=YAML`, in that order of precedence
-(later wins) with one rule: the user may not change a geometry value the checkpoint records (the weights
-would not fit; that pair fails with the conflicting keys named) - only where the frozen parts come from
-(`LOCATION_KEYS`: `pretrained`, `tokenizer`), so an SD2.1 backbone path on this machine can replace the
-one recorded at training time. The file, its sha256 and the merged override go into run.json.
+SR images go through `benchmark.evaluate` and are saved as PNGs, then the saved PNGs are scored (metrics see
+the published bytes), streamed from disk in chunks. Only the method's super-resolve is timed
+(`TIMING_DEFINITION`); a batch that runs out of memory is retried at half the size. A killed run resumes,
+but only into SR folders whose fingerprint (`inference.json`: weights, effective config, seed, device type,
+precision, data, condition) matches; one method failing is recorded and the others go on. A method's config
+is its default YAML, then the network geometry its checkpoint records, then the user's `--config`, which may
+change only where frozen parts come from (`LOCATION_KEYS`), not the recorded geometry.
 """
 
 from __future__ import annotations

@@ -1,66 +1,16 @@
 """The trainer shared by every method (`cmsrd-bench train`).
 
-The method owns its losses and optimizers (`configure_optimizers`, `training_step`); the trainer owns
-everything else, once: the train split through `CMSRDDataset` with the official SGDM flips/rotations,
-a deterministic resumable batch order, LR schedules, mixed precision (bf16/fp16 autocast, GradScaler
-for fp16), gradient accumulation, EMA of `method.net_g`, checkpoints (safetensors + weights-only state),
-periodic validation on the test split (PSNR-Y with the benchmark's definition, LPIPS when its weights
-are cached) and CSV logs.
-
-Validation batches go through the benchmark runner's condition code (`baselines.conditions.apply_conditions`)
-under `train.val_conditions` (a condition string, e.g. `style=gt` for SGDM+, whose official setup
-validates with the GT as the style; default `default`), with one seeded generator per image as in the
-runner (`baselines.seeding`), so a validation score is the benchmark score of that condition on those images.
-
-A run ends at `max_steps` (a global step) or, with `train.max_minutes` / `--max-minutes`, once that many
-minutes of training have passed (`elapsed_s`: optimisation steps only, validation and checkpoint writes not
-counted, summed over resumes), so methods can be compared for the same training time. Either way the
-last step is logged, validated and saved. `train.val_every_minutes` validates at fixed training times as
-well (every `val_every` steps still applies), so curves of different methods share their time points.
-
-Config: the method's default YAML with the user's config merged over it key by key, except that a block
-whose `type` changes (e.g. `optim_g: {type: AdamW, lr: ...}` over the default Adam) replaces the default
-block whole, so give all of its arguments. `train.*` keys other than the trainer's (`DEFAULTS`) and those the
-method reads (`SRMethod.train_keys`) are refused. A top-level `checkpoint:` initialises the method's weights
-when a run starts (ESRGAN/SwinIR: the generator; ESRGAN refuses it together with `train.pretrain_network_g`,
-which names the same start weights); a `--resume` does not read it, the weights come from the run's checkpoint
-(ESRGAN/SwinIR; SGDM reads it on resume too, because its frozen backbone and flows are not in training
-checkpoints; see baselines/sgdm/README.md).
-
-Output folder:
-    config.yaml            the effective config (trainer defaults filled in), written when the run starts; values
-                           left null to follow the data (SwinIR's network.img_size) stay null here, the values
-                           built are in model.safetensors' metadata
-    resumes.jsonl          one line per `--resume`: time, step, run-control keys that changed
-    train_log.csv          step, elapsed_s, lr per optimizer, the method's losses, images_per_s (images per
-                           second of optimisation time in the window: data wait + forward/backward/step,
-                           validation and checkpoint writes excluded)
-    val_log.csv            step, elapsed_s, condition, psnr_y, n_images, crop_border, images_per_s (validation
-                           images per wall-clock second: data, conditions, method and PSNR; LPIPS excluded), lpips
-    val_metrics.json       what the val_log columns mean: PSNR-Y / LPIPS definitions (the benchmark's own
-                           text), crop border, condition, images, EMA or raw weights
-    checkpoints/step_N/    method.safetensors, ema.safetensors, train_state.pt/json (resumable)
-    model.safetensors      exported weights (EMA when used) for `method.load_checkpoint`
-    model-best.safetensors with `train.keep_best: lpips|psnr_y`: the weights of the best validation so far,
-    best.json              and its step, metric and value (the official SGDM recipe keeps the best val LPIPS)
-
-A killed run resumed with `--resume` continues from the last checkpoint at the same step, with the
-same batch order, augmentation, RNG streams and optimizer/scheduler state. The config must be the
-run's own (config.yaml): only the run-control keys in `RUN_CONTROL_KEYS` (cadences, workers, time
-budget, LPIPS on/off, keep_best, validation batch size, the GAN stage's start file, which a resume does not
-read) may differ; anything else is refused, since the optimizer state and the schedule would silently keep
-the old values.
-
-Ctrl-C stops the run after the step in progress finishes, saves a checkpoint there and raises
-KeyboardInterrupt; a second Ctrl-C aborts at once without saving. A checkpoint therefore never holds a
-half-done step (e.g. G updated, D not).
+A method owns its losses and optimizers (`configure_optimizers`, `training_step`); the trainer owns the rest
+once, so runs of different methods are comparable: resumable batch order and RNG streams, LR schedules, mixed
+precision, accumulation, EMA, checkpoints, step and time budgets, Ctrl-C between whole steps, and validation
+through `benchmark.evaluate` (the runner's path, so a validation score is the benchmark's score of those
+images). The run folder it writes and the resume rules: README, "Training runs".
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import datetime
 import json
 import math
@@ -93,7 +43,14 @@ from baselines.checkpoint import (
 )
 from baselines.conditions import Conditions, partners
 from baselines.device import autocast_context, resolve_device
-from baselines.method_config import TRAINER_KEYS, TrainConfig, build_scheduler, parse_config, train_type
+from baselines.method_config import (
+    TRAINER_KEYS,
+    TrainConfig,
+    build_scheduler,
+    parse_config,
+    train_config,
+    train_type,
+)
 from baselines.seeding import SEED_RULE
 from cmsrd.errors import InputError, MissingWeightsError, unknown_name
 from cmsrd.io import atomic_path, atomic_write_text
@@ -410,7 +367,7 @@ class Trainer:
         # `resuming`: the checkpoint will overwrite the weights, so start files (e.g. pretrain_network_g) are not read
         run = {"hr_px": train_ds.layout.hr_px, "resuming": resume_from is not None}
         if method.settings is not None:
-            optimizers = method.configure_optimizers(dataclasses.replace(cfg, **run))
+            optimizers = method.configure_optimizers(train_config(cfg, **run))
         else:  # a method without a config type reads the mapping
             optimizers = method.configure_optimizers({**self.cfg, **run})
         if not optimizers:

@@ -11,6 +11,7 @@ called with the block's dotted path once the block is built.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -127,6 +128,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise InputError(where, f"must be a number, got {value!r}")
         return number
     if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise InputError(where, f"must be a string, got {value!r}")
         return str(value)

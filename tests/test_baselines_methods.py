@@ -4,23 +4,19 @@ follows the training LR patch (`network.img_size`) as in the official code."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from baselines import esrgan, registry
+from baselines.method_config import train_config
 from cmsrd.errors import InputError
-from cmsrd.typed import build, to_dict
 
 ESR_NET = {"network": {"num_feat": 8, "num_block": 1, "num_grow_ch": 4}}
 
 
-def configure(method, hr_px=None, resuming=False, **train):
-    """`configure_optimizers` as the trainer calls it: the method's train block with `train` keys set over it,
-    and the dataset's HR size / whether the run resumes filled in."""
-    cfg = build(type(method.settings.train), {**to_dict(method.settings.train), **train}, "train")
-    return method.configure_optimizers(dataclasses.replace(cfg, hr_px=hr_px, resuming=resuming))
+def configure(method, **kw):
+    """`configure_optimizers` as the trainer calls it (`kw`: train keys, hr_px, resuming)."""
+    return method.configure_optimizers(train_config(method.settings.train, **kw))
 
 
 def test_esrgan_gan_stage_resume_does_not_need_the_psnr_file(tmp_path, monkeypatch):

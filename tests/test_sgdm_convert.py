@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from baselines.method_config import train_config
 from baselines.sgdm import build
 from baselines.sgdm.adapter import SGDMAdapter
 from baselines.sgdm.backbone import SD21_UNET, char_tokenizer, load_original_parts
@@ -602,7 +603,7 @@ def test_resumed_build_still_takes_the_frozen_backbone_from_the_official_ckpt(ti
     assert m.loaded_from == ckpt
     for part in ("unet", "vae", "text_encoder"):
         assert _same(getattr(m, part), getattr(src, part)), part
-    saved = resumable_state(m, m.configure_optimizers({}))
+    saved = resumable_state(m, m.configure_optimizers(train_config(m.settings.train)))
     assert not any(k.startswith(("vae.", "text_encoder.")) for k in saved)  # what a resume cannot restore
     assert "unet.conv_in.weight" not in saved
 

@@ -37,6 +37,7 @@ from .convert import (
 from .prompt import PromptEncoder
 
 if TYPE_CHECKING:
+    from .config import BackboneConfig, FlowsConfig
     from .model import SGDMBase
 
 log = logging.getLogger(__name__)
@@ -53,23 +54,22 @@ def read_build_checkpoint(ckpt: Any, on_meta: bool) -> tuple[dict[str, torch.Ten
     return state, has_backbone(state)
 
 
-def build_backbone(name: str, bcfg: dict[str, Any], ckpt: Any, official: dict | None, on_meta: bool) -> Backbone:
+def build_backbone(name: str, bcfg: BackboneConfig, ckpt: Any, official: dict | None, on_meta: bool) -> Backbone:
     """The UNet/VAE/text tower from the first source that applies: structure only on meta, the official
     `.ckpt` (then `pretrained` is read for the tokenizer only), else `pretrained` (None: random init)."""
-    geometry_name, overrides = bcfg.get("geometry", "sd21-base"), bcfg.get("overrides")
     if on_meta:  # structure only (parameter counts): no weights are read, whatever the source
-        return random_backbone(geometry_name, overrides)
+        return random_backbone(bcfg.geometry, bcfg.overrides)
     if official is not None:  # the authors' .ckpt holds the whole SD2.1 backbone
-        tok = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), ckpt)
-        if bcfg.get("pretrained") is not None:
+        tok = resolve_tokenizer(bcfg.tokenizer, bcfg.pretrained, ckpt)
+        if bcfg.pretrained is not None:
             log.info(
                 "%s: backbone weights from %s; backbone.pretrained (%s) not read for weights",
                 name,
                 ckpt,
-                bcfg.get("pretrained"),
+                bcfg.pretrained,
             )
-        return backbone_from_original_state(official, geometry_name, tok, f"official:{Path(ckpt)}", overrides)
-    return load_backbone(bcfg.get("pretrained"), geometry_name, bcfg.get("tokenizer"), overrides)
+        return backbone_from_original_state(official, bcfg.geometry, tok, f"official:{Path(ckpt)}", bcfg.overrides)
+    return load_backbone(bcfg.pretrained, bcfg.geometry, bcfg.tokenizer, bcfg.overrides)
 
 
 def load_checkpoint(
@@ -87,7 +87,7 @@ def load_checkpoint(
         load_strict(m.adapter, adapter_state(state), f"checkpoint {path} (adapter)")
     else:
         _load_ours(m, state, path)
-    if m.flows is not None and not (m.config.get("flows") or {}).keys() & {"mean", "std"}:
+    if m.flows is not None and not (m.settings.flows.mean or m.settings.flows.std):
         load_flows_near(m, path)
     m.loaded_from = path
 
@@ -106,8 +106,8 @@ def check_variant(m: SGDMBase, state: dict[str, torch.Tensor], path: Path) -> No
 def _load_official_backbone(m: SGDMBase, state: dict[str, torch.Tensor], path: Path) -> None:
     """The UNet, and the VAE and text tower when present, of an official checkpoint over a built backbone."""
     if m.backbone_source.startswith("random:") and any(k.startswith("cond_stage_model.model.") for k in state):
-        bcfg = (m.config.get("network") or {}).get("backbone") or {}  # real text weights need the real vocabulary
-        m.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
+        bcfg = m.settings.network.backbone  # real text weights need the real vocabulary
+        m.tokenizer = resolve_tokenizer(bcfg.tokenizer, bcfg.pretrained, path)
         m.prompt_encoder = PromptEncoder(m.tokenizer, m.text_encoder)
     parts = load_original_parts(m.unet, m.vae, m.text_encoder, state, str(path), required=False)
     m.prompt_encoder.clear()
@@ -173,11 +173,10 @@ def load_flows_near(m: SGDMBase, checkpoint: Path) -> None:
         load_official_flows(m, *official)
 
 
-def load_named_flows(m: SGDMBase, cfg: dict[str, Any]) -> None:
-    """`flows: {mean: PATH, std: PATH}`: the official flow state dicts named in the config."""
-    if not (cfg.get("mean") and cfg.get("std")):
-        raise InputError("config flows", "names only one of mean/std", "give both: flows: {mean: PATH, std: PATH}")
-    load_official_flows(m, Path(cfg["mean"]).expanduser(), Path(cfg["std"]).expanduser())
+def load_named_flows(m: SGDMBase, cfg: FlowsConfig) -> None:
+    """`flows: {mean: PATH, std: PATH}`: the official flow state dicts named in the config (both: checked
+    when the config is parsed)."""
+    load_official_flows(m, Path(cfg.mean).expanduser(), Path(cfg.std).expanduser())
 
 
 def load_official_flows(m: SGDMBase, mean: Path, std: Path) -> None:

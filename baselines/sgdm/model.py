@@ -32,6 +32,7 @@ from ..seeding import Generators
 from . import loading, stage2
 from .adapter import FEATURE_SCALE, FeatureInjector, SGDMAdapter
 from .backbone import LATENT_SCALE, set_trainable
+from .config import SGDMConfig, SGDMPlusConfig, SGDMPlusTrain, SGDMTrain
 from .flows import StyleFlows
 from .loading import FLOW_HINT
 from .prompt import PromptEncoder, prompts_from_maps
@@ -42,34 +43,30 @@ LAND_RGB = torch.tensor(BY_NAME["land"].rgb, dtype=torch.float32) / 255.0
 class SGDMBase(SRMethod):
     """Shared SGDM network, training step and sampler; subclasses fix `variant`.
 
-    Config keys: `network` {backbone: {pretrained, geometry, tokenizer, overrides}, cond_channels}, `sampler`
-    {name, steps}, `train` {gradient_checkpointing, lr, ...}, `flows`, `checkpoint`. Where weights come from
+    Config keys: `SGDMConfig` (`config.py`). Where weights come from
     is `loading.py` (`checkpoint` is read at build, even for a resumed run: an official file carries the frozen
     backbone and flows sit beside checkpoints); stage 2 of sgdm+ is `stage2.py`."""
 
     variant = "simu"
-    # `train.*` keys read here beyond the trainer's own (configure_optimizers, __init__)
-    train_keys = frozenset({"lr", "weight_decay", "gradient_checkpointing"})
+    config_type = SGDMConfig
 
     def __init__(self, spec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
-        net = dict(config.get("network") or {})
-        bcfg = dict(net.get("backbone") or {})
+        settings = self.settings
+        net, bcfg = settings.network, settings.network.backbone
         on_meta = str(device) == "meta"
-        ckpt = config.get("checkpoint")
+        ckpt = settings.checkpoint
         # an official .ckpt is read once, here: it may carry the whole backbone
         state, whole = loading.read_build_checkpoint(ckpt, on_meta)
         official = state if whole else None
         if official is not None:  # before the tokenizer and an SD2.1-size conversion, not after
             loading.check_variant(self, official, Path(ckpt))
         # random init is built directly on the target device (fast on GPU, free on meta)
-        build_on = torch.device(device) if on_meta or (official is None and bcfg.get("pretrained") is None) else None
+        build_on = torch.device(device) if on_meta or (official is None and bcfg.pretrained is None) else None
         with build_on if build_on is not None else _null():
             bb = loading.build_backbone(spec.name, bcfg, ckpt, official, on_meta)
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
-            self.adapter = SGDMAdapter(
-                self.variant, self.unet.config.block_out_channels[:3], int(net.get("cond_channels", 384))
-            )
+            self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3], net.cond_channels)
             self.flows = StyleFlows() if self.variant == "real" else None
         self.tokenizer, self.backbone_source = bb.tokenizer, bb.source
         self.loaded_from: Path | None = None
@@ -81,12 +78,11 @@ class SGDMBase(SRMethod):
         self.injector = FeatureInjector(self.unet)
         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
         self.noise_schedule = training_scheduler()
-        scfg = dict(config.get("sampler") or {})
-        self.sampler_name, self.default_steps = scfg.get("name", "ddpm"), int(scfg.get("steps", 50))
+        self.sampler_name, self.default_steps = settings.sampler.name, settings.sampler.steps
         make_scheduler(self.sampler_name, self.default_steps)  # validate early
-        if (config.get("train") or {}).get("gradient_checkpointing"):
+        if settings.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        named_flows = (config.get("flows") or {}).keys() & {"mean", "std"}
+        named_flows = [k for k in ("mean", "std") if getattr(settings.flows, k)]
         if named_flows and self.flows is None:
             raise InputError(
                 f"config flows.{sorted(named_flows)[0]}",
@@ -99,7 +95,7 @@ class SGDMBase(SRMethod):
         if ckpt:
             self.load_checkpoint(ckpt, state, backbone_loaded=official is not None)
         if named_flows:
-            loading.load_named_flows(self, config["flows"])
+            loading.load_named_flows(self, settings.flows)
 
     # ---- pieces ---------------------------------------------------------------------------------
     @property
@@ -149,10 +145,10 @@ class SGDMBase(SRMethod):
             return self.unet(zt, t, encoder_hidden_states=context).sample
 
     # ---- training (stage 1) ---------------------------------------------------------------------
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        lr = float(train_cfg.get("lr", self.config.get("lr", 5e-5)))
+    def configure_optimizers(self, train_cfg: SGDMTrain) -> dict[str, torch.optim.Optimizer]:
+        lr = train_cfg.lr if train_cfg.lr is not None else self.settings.lr
         params = [p for p in self.parameters() if p.requires_grad]
-        return {"main": torch.optim.AdamW(params, lr=lr, weight_decay=float(train_cfg.get("weight_decay", 0.01)))}
+        return {"main": torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)}
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         hr = batch["hr"]
@@ -235,7 +231,7 @@ class SGDMPlus(SGDMBase):
     """Real-world x16 model with style guidance (image, GT, shuffled) or flow-sampled styles."""
 
     variant = "real"
-    train_keys = SGDMBase.train_keys | {"flows"}  # stage 2: `train.flows` over the top-level `flows`
+    config_type = SGDMPlusConfig  # adds `train.flows` (stage 2) over the top-level `flows`
 
     def _style_stats(self, batch: Batch, cond: Conditions, generator: Generators):
         """None (style from the batch's style image) or flow samples. With neither, an InputError: the
@@ -254,12 +250,11 @@ class SGDMPlus(SGDMBase):
         mean, std = self.flows.sample(n, generator)
         return mean.to(self.device, dt).view(n, -1, 1, 1), std.to(self.device, dt).view(n, -1, 1, 1)
 
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+    def configure_optimizers(self, train_cfg: SGDMPlusTrain) -> dict[str, torch.optim.Optimizer]:
         """As SGDMBase; first checks that `train.val_conditions` gives validation a style (fails at the start,
         not at the first validation)."""
-        text = train_cfg.get("val_conditions")  # set by the shared trainer (default "default")
-        cond = Conditions.parse(None if text is None else str(text))
-        if "val_conditions" in train_cfg and cond.style in (None, "sample") and not bool(self.flows.trained):
+        cond = Conditions.parse(train_cfg.val_conditions)
+        if cond.style in (None, "sample") and not bool(self.flows.trained):
             raise InputError(
                 f"train.val_conditions {cond.name!r} for {self.spec.name}",
                 "validation would have no style (no style image, flows not trained before stage 2)",
@@ -274,7 +269,7 @@ class SGDMPlus(SGDMBase):
         """Style-encoder mean/std (N x 32 each) of the HR training images (`stage2.collect_style_stats`)."""
         return stage2.collect_style_stats(self, data_root, batch_size, augment, seed)
 
-    def run_stage(self, stage: int, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
+    def run_stage(self, stage: int, data_root: Path, train_cfg: SGDMPlusTrain, out_dir: Path) -> None:
         """Stage 2 (`stage2.run_stage2`): style statistics of the stage-1 style encoder, then the flows."""
         if stage != 2:
             return super().run_stage(stage, data_root, train_cfg, out_dir)

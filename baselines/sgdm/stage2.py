@@ -9,19 +9,21 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cmsrd.errors import InputError, unknown_name
+from cmsrd.errors import InputError
 from cmsrd.io import atomic_path, atomic_write_text, sha256_file
 
 from ..checkpoint import run_weights
-from .flows import FlowTrainConfig, train_style_flows
+from .config import merged_flows
+from .flows import train_style_flows
 from .loading import FLOWS_FILE
 
 if TYPE_CHECKING:
+    from .config import SGDMPlusTrain
     from .model import SGDMPlus
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def collect_style_stats(
     return torch.cat(means).numpy(), torch.cat(stds).numpy()
 
 
-def run_stage2(m: SGDMPlus, data_root: Path, train_cfg: dict[str, Any], out_dir: Path) -> None:
+def run_stage2(m: SGDMPlus, data_root: Path, train_cfg: SGDMPlusTrain, out_dir: Path) -> None:
     """Collect HR style statistics with the stage-1 style encoder and fit the two flows.
 
     Reads `model-best.safetensors` from `out_dir` when present (else `model.safetensors`) unless a checkpoint
@@ -58,10 +60,7 @@ def run_stage2(m: SGDMPlus, data_root: Path, train_cfg: dict[str, Any], out_dir:
     the stage-1 file (where loading finds the flows); both record `stage1_weights` (its name and sha256)."""
     from safetensors.torch import save_file
 
-    fcfg = {**(m.config.get("flows") or {}), **(train_cfg.get("flows") or {})}
-    known = set(FlowTrainConfig.__dataclass_fields__) | {"collect_batch_size", "augment", "mean", "std"}
-    for key in sorted(set(fcfg) - known):  # a misspelt stage-2 setting would otherwise be ignored silently
-        raise unknown_name(f"config flows.{key} (or train.flows.{key})", "is not a stage-2 setting", key, known)
+    fcfg = merged_flows(m.settings.flows, train_cfg.flows)  # typed: a misspelt key was refused when parsed
     out_dir = Path(out_dir)
     if m.loaded_from is None:
         # the LPIPS-best stage-1 weights (train.keep_best, as the official ModelCheckpoint), else the last
@@ -80,15 +79,15 @@ def run_stage2(m: SGDMPlus, data_root: Path, train_cfg: dict[str, Any], out_dir:
     means, stds = collect_style_stats(
         m,
         Path(data_root),
-        int(fcfg.get("collect_batch_size", 16)),
-        bool(fcfg.get("augment", True)),
-        int(train_cfg.get("seed", 0)),
+        fcfg.collect_batch_size if fcfg.collect_batch_size is not None else 16,
+        fcfg.augment if fcfg.augment is not None else True,
+        train_cfg.seed,
     )
     for name, arr in (("style_mean.npy", means), ("style_std.npy", stds)):
         with atomic_path(out_dir / name) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, arr)
-    cfg = FlowTrainConfig(**{k: v for k, v in fcfg.items() if k in FlowTrainConfig.__dataclass_fields__})
+    cfg = fcfg.fit_settings()
     m.flows.requires_grad_(True)
     try:
         history = train_style_flows(m.flows, means, stds, cfg)
