@@ -35,3 +35,20 @@ def test_random_init_configs_need_no_weights():
     assert throughput.random_init("resshift", "sd21-base") == {"autoencoder": {"weights": None}}
     tiny = throughput.random_init("resshift", "tiny")
     assert tiny["autoencoder"]["weights"] is None and tiny["chain"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_the_flop_figures_quoted_in_perf_results_are_what_the_counter_gives():
+    """perf/results/README.md's bound: SGDM's SD2.1-base UNet at 32x32 latents and the VAE decode to 256 px,
+    counted on the meta device (no weights, no memory)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from baselines.registry import build
+
+    m = build("sgdm", 32, throughput.random_init("sgdm", "sd21-base"), device="meta")
+    z = torch.zeros(1, 4, 32, 32, device="meta")
+    with FlopCounterMode(display=False) as unet:
+        m.unet(z, torch.tensor([999], device="meta"), encoder_hidden_states=torch.zeros(1, 77, 1024, device="meta"))
+    with FlopCounterMode(display=False) as vae:
+        m.vae.decode(z)
+    assert round(unet.get_total_flops() / 1e9, 1) == 181.1 and round(vae.get_total_flops() / 1e9, 1) == 622.2
