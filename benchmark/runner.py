@@ -75,6 +75,7 @@ class RunConfig:
     sweep: str | None = None  # "nfe=5,10,20": quality-vs-NFE conditions per diffusion method (benchmark.sweep)
     rvsa_init: str = "official"  # downstream RVSA weights: official files | random (test/demo; benchmark.downstream)
     map_segmenter: Path | None = None  # map-agreement segmenter (`cmsrd-bench train-downstream`)
+    fast: str = "auto"  # diffusion fast-path switches (`baselines.diffusion.fast.parse`); recorded in run.json
 
 
 def _sync(device: str) -> None:
@@ -438,6 +439,9 @@ def run_method_condition(name: str, cond_text: str, cfg: RunConfig, ctx: RunCont
         weights = {"checkpoint": str(setup.weights)} if setup.weights is not None else {}
         method = registry.build(name, ctx.layout.scale, config={**(setup.override or {}), **weights}, device=ctx.device)
         method = method.to(ctx.device).eval()
+        from baselines.diffusion import fast  # (diffusers: imported only when a method is built)
+
+        fast.apply(method, fast.parse(cfg.fast, ctx.device))  # same images within tolerance: not in the fingerprint
         total, trainable = method.parameter_counts()
         info = {
             "nfe": method.nfe(cond),
@@ -705,6 +709,9 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     layout = DatasetLayout.open(cfg.data)
     device = str(resolve_device(cfg.device, "--device"))
     precision = resolve_precision(device, cfg.precision, "--precision")
+    from baselines.diffusion import fast
+
+    fast_options = fast.parse(cfg.fast, device)  # a switch this device cannot run fails here, before any work
     if cfg.crop_border < 0:
         raise InputError(f"--crop-border {cfg.crop_border}", "must be >= 0")
     ids = list(CMSRDDataset(layout.root, cfg.split, inputs=("hr",)).ids)
@@ -824,6 +831,7 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         "git": lb.git_info(),
         "device": lb.device_info(device),
         "precision": ctx.precision,
+        "fast_sampling": {"requested": cfg.fast, **fast_options.as_record()},
         "seeds": {"seed": cfg.seed, "generator": SEED_RULE, "derangement_seed": cfg.seed},
         "dataset": dataset_identity(layout),
         "split": cfg.split,

@@ -97,6 +97,13 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
     show_default=True,
     help="Autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32.",
 )
+@click.option(
+    "--fast",
+    default="auto",
+    show_default=True,
+    help="Diffusion fast path: auto, eager, or switches over them, e.g. 'auto,compile=denoiser,decode_batch=8' "
+    "(channels_last, sdpa, compile, cuda_graph, decode_batch; see baselines/diffusion/fast.py).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Only the first N images of the split.")
 @click.option(
@@ -134,6 +141,7 @@ def run_command(
     device,
     batch_size,
     precision,
+    fast,
     seed,
     limit,
     allow_failures,
@@ -166,6 +174,7 @@ def run_command(
         metrics=metrics,
         seed=seed,
         precision=precision,
+        fast=fast,
         limit=limit,
         command=list(sys.argv),
         overwrite=overwrite,

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from cmsrd.data import CMSRDDataset
 
 GPU_DIR = Path(__file__).resolve().parents[1] / "perf" / "gpu"
@@ -80,3 +82,69 @@ def test_session_script_rejects_unknown_parts(tmp_path):
         env={"OUT": str(tmp_path / "o"), "RUNS": str(tmp_path / "r"), "PATH": "/usr/bin:/bin"},
     )
     assert res.returncode == 2 and "unknown part" in res.stderr
+
+
+def _runbook_env(tmp_path, carry, args: str) -> dict[str, str]:
+    import os
+
+    return {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "RUNS": str(tmp_path / "runs"),
+        "GPU_CARRY": str(carry),
+        "DEVICE": "cpu",
+        "PY": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "RUNBOOK_ARGS": args,
+    }
+
+
+@pytest.mark.slow
+def test_one_call_runbook_runs_on_cpu_and_reports_every_step(tmp_path):
+    """`session.sh one` end to end on the tiny geometry: throughput (fp32-eager vs fast), the metric suite,
+    sgdm vs sgdm-nomap training and the collected curves, in the JSON + Markdown it brings back
+    (~100 s wall on the loaded 2-core development machine, ~30 s of CPU)."""
+    import subprocess
+
+    from cmsrd.testing import make_tiny_dataset
+
+    make_tiny_dataset(tmp_path / "carry" / "synthetic", lr_px=2)  # x32, as .gpu/synthetic
+    args = (
+        "--methods ldm no-such-method --throughput-args '--geometry tiny --size 64 --steps 2 --batch-fp32 2 "
+        "--batch-bf16 2 --repeats 1 --modes fp32-eager fast' --pairs 2 --metrics psnr_y "
+        "--train-config baselines/configs/sgdm-tiny.yaml --train-args '--max-steps 2 --set train.batch_size=2 "
+        "--set train.val_max_images=2 --set train.num_workers=0 --set train.precision=fp32 --set sampler.steps=2 "
+        "--set train.lpips=off' --min-train-s 20 --train-overhead-s 20"
+    )
+    env = _runbook_env(tmp_path, tmp_path / "carry", args)
+    res = subprocess.run(["bash", str(GPU_DIR / "session.sh"), "one", "300"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["runbook.json", "runbook.log", "runbook.md", "sgdm.png"]
+    report = json.loads((out / "runbook.json").read_text())
+    steps = {s["step"].split(" ")[0] + " " + s["step"].split(" ")[1]: s for s in report["steps"]}
+    assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
+    (tp,) = steps["throughput ldm"]["result"]["results"]
+    assert [m["mode"] for m in tp["modes"]] == ["fp32-eager", "fast"] and tp["gflop_per_image"] > 0
+    assert tp["modes"][1]["fast_options"]["cuda_graph"] is False and tp["modes"][1]["images_per_s"] > 0
+    assert steps["metric suite"]["result"]["rows"][0]["status"] == "ran"
+    runs = steps["collect sgdm"]["result"]["runs"]
+    assert [r["method"] for r in runs] == ["sgdm", "sgdm-nomap"] and all(r["steps"] == 2 for r in runs)
+    assert report["elapsed_s"] < 300 and "no-such-method" not in json.dumps(steps)
+    md = (out / "runbook.md").read_text()
+    assert "| ldm | fast | 2 |" in md and "## sgdm vs sgdm-nomap, equal minutes" in md
+
+
+def test_runbook_skips_what_no_longer_fits_before_its_deadline(tmp_path):
+    import time
+
+    runbook = load("runbook")
+    out = tmp_path / "out"
+    t0 = time.time()
+    rc = runbook.main(
+        ["--deadline", str(time.time() + 12), "--reserve-s", "10", "--out", str(out)]
+        + ["--runs", str(tmp_path / "runs"), "--device", "cpu", "--methods", "ldm", "--train-data", "x"]
+    )
+    report = json.loads((out / "runbook.json").read_text())
+    assert rc == 0 and time.time() - t0 < 10
+    assert [s["status"] for s in report["steps"]] == ["skipped"] * 3 and "left" in report["steps"][-1]["why"]

@@ -29,6 +29,7 @@ import torch
 from cmsrd.errors import InputError
 
 from ..seeding import Generators, randn
+from .sampling import fast_denoiser
 
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scaled x_t, step index) -> predicted x0
 
@@ -131,6 +132,7 @@ class ResShiftChain:
         `generator` (one per image: `baselines.seeding`), the prior noise first, then one draw per step."""
         shape, dev, dt = tuple(y.shape), y.device, noise_dtype or y.dtype
         x = self.prior_sample(y, randn(shape, generator, dev, dt))
+        x0_fn = fast_denoiser(x0_fn, dev)  # the shared fast path's layout / CUDA graph, when active
         nfe = 0
         for i in reversed(range(self.steps)):
             t = torch.full((shape[0],), i, device=dev, dtype=torch.long)

@@ -7,6 +7,10 @@ training schedule, and denoised from there. Two ways to place the steps below t 
   NFE is about steps * t / 1000 (SGDM's convention);
 - `respace` (seeds/000 as csdiff reads it): `steps` timesteps spread evenly over t..1, the last step landing
   on the clean sample, so NFE = steps exactly and steps may not exceed t.
+
+Precision: the latent and every scheduler update stay in `dtype` (fp32) with autocast switched off around them;
+only the denoiser runs under the caller's autocast. The fast path (`fast.py`, active while a method prepared by
+`fast.apply` samples) adds channels_last inputs and a CUDA-graph replay of the denoiser call.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 from cmsrd.errors import InputError
 
 from ..seeding import Generators, randn
+from . import fast
 from .schedules import make_scheduler
 
 LR_START_MODES = ("truncate", "respace")
@@ -129,10 +134,46 @@ def sample_latents(
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin)
         timesteps = kept
+    step_fn = fast_denoiser(eps_fn, torch.device(device))
+    dev_type = torch.device(device).type
     nfe = 0
     for t in tqdm(timesteps, disable=not progress, desc="sampling", leave=False):
-        model_in = sched.scale_model_input(z, t)
-        eps = eps_fn(model_in, t.to(device).expand(shape[0]))
+        with torch.autocast(dev_type, enabled=False):
+            model_in = sched.scale_model_input(z, t)
+        eps = step_fn(model_in, t.to(device).expand(shape[0]))
         nfe += 1
-        z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False, **extra)[0]
+        with torch.autocast(dev_type, enabled=False):
+            z = sched.step(eps.to(z.dtype), t, z, generator=generator, return_dict=False, **extra)[0]
     return z, nfe
+
+
+def fast_denoiser(eps_fn: EpsFn, device: torch.device) -> EpsFn:
+    """The denoiser call with the active fast options' input layout and CUDA-graph replay (captured at the
+    first step, whose own result comes from the capture's warm-up run); unchanged when none are active.
+    Every sampler loop of the package (this one, `resshift.ResShiftChain.sample`) goes through it."""
+    opts = fast.active()
+    if opts is None or not (opts.channels_last or opts.cuda_graph):
+        return eps_fn
+    if opts.channels_last:
+        inner = eps_fn
+
+        def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return inner(z.contiguous(memory_format=torch.channels_last), t)
+
+    if not opts.cuda_graph or device.type != "cuda":
+        return eps_fn
+    graphed: list[fast.GraphedStep] = []
+
+    def replay(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not graphed:
+            try:
+                graphed.append(fast.GraphedStep(eps_fn, z, t))
+            except RuntimeError as e:  # an op that cannot be captured: say so, and run this call eagerly
+                fast.GRAPH_FALLBACKS.append(f"{type(e).__name__}: {e}"[:300])
+                fast.log.warning("cuda_graph: capture failed, sampling eagerly: %s", e)
+                graphed.append(None)
+                return eps_fn(z, t)
+            return graphed[0].first
+        return eps_fn(z, t) if graphed[0] is None else graphed[0](z, t)
+
+    return replay

@@ -1,5 +1,8 @@
 """Sampling throughput of SGDM (and `ldm`, its SRLDM baseline) at SD2.1-base geometry with random weights (images/s).
 
+Superseded by `python -m perf.throughput` (fp32-eager, bf16-eager and the shared fast path in one process,
+FLOP-bound fraction, probed batch, every diffusion method); kept for the figures already quoted with it.
+
     python -m baselines.sgdm.throughput --method sgdm --batch 16 64 --precision fp32 bf16 --start-t 400
     python -m baselines.sgdm.throughput --method ldm --batch 16 --precision bf16
 

@@ -8,13 +8,16 @@
 #   bash perf/gpu/session.sh sgdm [MIN]       small-geometry sgdm and sgdm-nomap, x32, MIN (4) minutes each
 #   bash perf/gpu/session.sh speed            SGDM 50-step sampling at SD2.1-base geometry (fp32/bf16,
 #                                                   batch 16/64, start=lr@400) + the metric suite on 300 pairs
+#   bash perf/gpu/session.sh one [SECONDS]    THE ONE-CALL RUNBOOK (perf/gpu/runbook.py): diffusion throughput
+#                                                   (fp32-eager/bf16-eager/fast), metric suite on 300 pairs, then
+#                                                   sgdm vs sgdm-nomap for equal minutes; ends by SECONDS (330)
 #
 # Each part writes <part>.json, <part>.md (and plots) to $OUT (the device tool's folder; out/gpu elsewhere).
 # DEVICE=cpu with small MIN runs the same path on a machine without a GPU (how it is tested); TRAIN_ARGS adds
 # trainer options (e.g. "--set train.batch_size=2") and BENCH_ARGS runner options (e.g. "--limit 4 --conditions
-# steps=5", the last occurrence wins) to shrink that smoke run.
+# steps=5", the last occurrence wins) to shrink that smoke run; RUNBOOK_ARGS (shell words) goes to runbook.py.
 set -uo pipefail
-part=${1:?usage: session.sh check|ff|sgdm|speed [MINUTES]}
+part=${1:?usage: session.sh check|ff|sgdm|speed|one [MINUTES|SECONDS]}
 OUT=${OUT:-out/gpu}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
@@ -104,6 +107,13 @@ speed)
   $PY perf/metrics_bench.py --data "$G/real" --n "${PAIRS:-300}" --metrics all --device "$DEVICE" \
     --stand-in-weights --out "$OUT/metrics_stand_in.json" | tail -16
   ;;
+one)
+  deadline=$(( $(date +%s) + ${2:-330} ))  # set first: the wheel install counts against it
+  install_wheels > "$RUNS/install.log" 2>&1
+  eval "extra=(${RUNBOOK_ARGS:-})"  # shell words, so quoted values such as --train-args "..." survive
+  $PY perf/gpu/runbook.py --deadline "$deadline" --out "$OUT" --runs "$RUNS" --device "$DEVICE" \
+    --train-data "$G/synthetic" "${extra[@]}" 2>&1 | tee "$OUT/runbook.log"
+  ;;
 *)
-  echo "unknown part $part (check|ff|sgdm|speed)" >&2; exit 2 ;;
+  echo "unknown part $part (check|ff|sgdm|speed|one)" >&2; exit 2 ;;
 esac
