@@ -78,7 +78,7 @@ bench: install
 report: install
 	$(BIN)/cmsrd-bench report $(OUT)/bench --out $(OUT)/report
 
-# Reliability figures of the build under injected faults, kill -9 + resume and a lost Dask worker (~15 min on
+# Reliability figures of the build under injected faults, kill -9 + resume and a lost Dask worker (~20 min on
 # 2 cores): perf/reliability.py prints ok/failed counts with reasons and the differences to a clean build.
 RELIABILITY_ARGS ?=
 reliability: install
