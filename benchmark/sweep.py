@@ -54,8 +54,13 @@ def parse_sweep(text: str) -> Sweep:
     return Sweep(nfe, start_t, text)
 
 
-def sweepable(spec: registry.MethodSpec) -> bool:
-    return spec.kind == "diffusion" and "steps" in spec.conditions
+def _spec(name: str) -> registry.MethodSpec | None:
+    """The registry entry, or None for the runner's own rows (the downstream `hr` reference)."""
+    return registry.get(name) if name in registry.names() else None
+
+
+def sweepable(spec: registry.MethodSpec | None) -> bool:
+    return spec is not None and spec.kind == "diffusion" and "steps" in spec.conditions
 
 
 def _sampler_name(spec: registry.MethodSpec) -> str:
@@ -109,9 +114,9 @@ def check_condition(name: str, cond_text: str) -> None:
     """Refuse, before any inference, steps/start values a diffusion method cannot run (one InputError)."""
     from baselines.diffusion import check_lr_start, make_scheduler
 
-    spec = registry.get(name)
+    spec = _spec(name)
     cond = Conditions.parse(cond_text)
-    if spec.kind != "diffusion" or not ({"steps", "start"} & cond.keys_used) or not sweepable(spec):
+    if spec is None or spec.kind != "diffusion" or not ({"steps", "start"} & cond.keys_used) or not sweepable(spec):
         return
     steps = cond.steps or spec.nfe
     try:
@@ -128,9 +133,9 @@ def plan_pairs(methods: Sequence[str], conditions: Sequence[str], sweep: str | N
         pairs = [(name, cond) for name in methods for cond in conditions]
     else:
         sw = parse_sweep(sweep)
-        swept = [n for n in methods if sweepable(registry.get(n))]
+        swept = [n for n in methods if sweepable(_spec(n))]
         if not swept:
-            kinds = ", ".join(f"{n} ({registry.get(n).kind})" for n in methods)
+            kinds = ", ".join(f"{n} ({getattr(_spec(n), 'kind', 'reference')})" for n in methods)
             diffusion = [n for n in registry.names() if sweepable(registry.get(n))]
             raise InputError(
                 f"--sweep {sweep}",
