@@ -117,7 +117,8 @@ def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict
     raise InputError(
         f"method {name!r}",
         f"needs trained x{scale} weights and none were given",
-        f"pass --weights {name}=PATH (train with `cmsrd-bench train {name}`)",
+        f"pass --weights {name}=PATH "
+        f"(train with `cmsrd-bench train --method {name} --data DATA --scale {scale} --out RUN`)",
     )
 
 
@@ -502,7 +503,7 @@ def check_metric_weights(names: Sequence[str], skip_missing: bool) -> tuple[list
         for n, bad in problems.items():
             for c in bad:
                 e = manifest[c.key]
-                lines.append(f"  {n}: {e.file} {c.status} -> {e.expected_path()} (from {e.source()})")
+                lines.append(f"  {n}: {e.file} {c.status} -> {e.expected_path()} ({e.origin()})")
         raise InputError(
             "metric weights",
             "missing or corrupt:\n" + "\n".join(lines) + "\n",

@@ -97,6 +97,8 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
     "--allow-failures",
     is_flag=True,
     help="Exit 0 even when a method or metric failed (the failures stay recorded in run.json and the leaderboard).",
+)
+@click.option(
     "--rvsa-init",
     type=click.Choice(["official", "random"]),
     default="official",
