@@ -42,8 +42,7 @@ demo: install
 	rm -rf $(OUT)/bench/sr/esrgan  # the demo model may have been retrained; the other methods resume
 	$(MAKE) --no-print-directory bench report BENCH_DATA=$(DEMO)/demo-real \
 		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors"
-	@echo; echo "leaderboard: $(OUT)/bench/leaderboard.csv   report: $(OUT)/report/index.html"; echo
-	@column -s, -t < $(OUT)/bench/leaderboard.csv | cut -c1-200
+	@echo; echo "leaderboard: $(OUT)/bench/leaderboard.csv   report: $(OUT)/report/index.html"
 
 dataset-synthetic: install
 	$(BIN)/cmsrd build manifests/presets/cmsrd-synthetic.yaml --out $(OUT)/cmsrd-synthetic
@@ -60,7 +59,7 @@ bench: install
 		--skip-missing $(BENCH_ARGS) --out $(OUT)/bench
 
 report: install
-	$(BIN)/cmsrd-bench report $(OUT)/bench --out $(OUT)/report
+	$(BIN)/cmsrd-bench report $(OUT)/bench --out $(OUT)/report --print
 
 # Reliability figures of the build under injected faults, kill -9 + resume and a lost Dask worker (~15 min on
 # 2 cores): perf/reliability.py prints ok/failed counts with reasons and the differences to a clean build.
