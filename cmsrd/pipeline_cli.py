@@ -240,7 +240,8 @@ def info_command(root: str, as_json: bool) -> None:
         f"zoom {meta.get('zoom')}, {meta['crs']}"
     )
     for k, s in meta["sources"].items():
-        click.echo(f"  {k}: {s.get('source')}  ({s.get('attribution', '')})")
+        note = s.get("attribution") or s.get("method")  # a bicubic LR has no attribution: say how it was made
+        click.echo(f"  {k}: {s.get('source')}" + (f"  ({note})" if note else ""))
     tab = df.groupby(["split", "qa_status"]).size().unstack(fill_value=0)
     click.echo(tab.to_string())
     reasons = df[df["qa_status"] != "ok"]["qa_reason"].value_counts()

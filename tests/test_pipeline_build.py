@@ -327,6 +327,7 @@ def test_cli_plan_sample_validate_info(world, synthetic_build, tmp_path):
     assert res.exit_code == 0 and "valid" in res.output, res.output
     res = run(cli, ["info", str(synthetic_build)])
     assert res.exit_code == 0 and "x32 (8 -> 256 px)" in res.output, res.output
+    assert "lr: bicubic  (MATLAB bicubic x32, antialiased)" in res.output and "()" not in res.output
     # One triplet through the same stages; byte-identical to the built one.
     sid = plan["id"].iloc[0]
     res = run(cli, ["sample", sid, "--config", str(preset), "--out", str(tmp_path / "one")])
