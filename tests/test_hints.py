@@ -44,6 +44,19 @@ def _printed_strings(path: Path) -> list[str]:
     return out
 
 
+def _help_texts() -> list[tuple[str, str]]:
+    """Every command's --help text (its examples are hints too)."""
+    out = []
+    todo = [(cmsrd_main, "cmsrd"), (bench_main, "cmsrd-bench")]
+    while todo:
+        cmd, path = todo.pop()
+        out.append((cmd.help or "", f"`{path} --help`"))
+        if isinstance(cmd, click.Group):
+            ctx = click.Context(cmd)
+            todo += [(cmd.get_command(ctx, n), f"{path} {n}") for n in cmd.list_commands(ctx)]
+    return out
+
+
 def _commands() -> list[tuple[str, str]]:
     texts: list[tuple[str, str]] = []
     for pkg in ("cmsrd", "baselines", "benchmark"):
@@ -51,6 +64,7 @@ def _commands() -> list[tuple[str, str]]:
             texts += [(s, str(path.relative_to(ROOT))) for s in _printed_strings(path)]
     notes = yaml.safe_load((ROOT / "manifests" / "weights.yaml").read_text())
     texts += [(str(e.get("note", "")), f"manifests/weights.yaml:{k}") for k, e in notes["weights"].items()]
+    texts += _help_texts()
     found: dict[str, str] = {}
     for text, where in texts:
         for m in _SPAN.finditer(" ".join(text.split())):
@@ -87,6 +101,7 @@ COMMANDS = _commands()
 def test_hints_found():
     names = {c for c, _ in COMMANDS}
     assert any(c.startswith("cmsrd-bench train --method esrgan") for c in names)
+    assert "cmsrd sample 18_139586_90683 --config demo-real --out out/one" in names  # --help examples too
     assert len(COMMANDS) > 10
 
 
@@ -94,6 +109,9 @@ def test_hints_found():
 def test_hint_parses(cmd: str, where: str):
     try:
         parse(cmd)
+    except click.BadParameter as e:
+        if "does not exist" not in e.format_message():  # examples name folders the user has built
+            pytest.fail(f"{where}: `{cmd}` does not run as printed: {e.format_message()}")
     except click.UsageError as e:
         pytest.fail(f"{where}: `{cmd}` does not run as printed: {e.format_message()}")
 
