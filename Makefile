@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo dataset-synthetic dataset-real bench report reliability clean
+.PHONY: install test lint demo dataset-synthetic dataset-real bench report reliability nfe-demo clean
 
 install: $(STAMP)
 
@@ -45,6 +45,22 @@ demo: install
 		BENCH_WEIGHTS="--weights esrgan=$(DEMO)/train/esrgan-x16/model.safetensors"
 	@echo; echo "leaderboard: $(OUT)/bench/leaderboard.csv   report: $(OUT)/report/index.html"
 
+# Quality vs NFE on the demo (seeds/000): train tiny csdiff for a few CPU minutes, sweep its NFE from pure noise
+# and from the LR, with bicubic as the reference; CSV and figure in $(OUT)/report-nfe/figures/quality_vs_nfe.*
+NFE_SWEEP ?= nfe=2,5,10,20
+NFE_LIMIT ?= 4
+CSDIFF_MINUTES ?= 4
+nfe-demo: install
+	$(BIN)/cmsrd build manifests/presets/demo-real.yaml --out $(DEMO)/demo-real
+	$(BIN)/cmsrd-bench train --method csdiff --config baselines/configs/csdiff-tiny.yaml \
+		--data $(DEMO)/demo-real --max-minutes $(CSDIFF_MINUTES) --out $(DEMO)/train/csdiff-tiny --resume
+	$(BIN)/cmsrd-bench run --data $(DEMO)/demo-real --methods csdiff,bicubic --overwrite \
+		--weights csdiff=$(DEMO)/train/csdiff-tiny --config csdiff=baselines/configs/csdiff-tiny.yaml \
+		--sweep "$(NFE_SWEEP)" --limit $(NFE_LIMIT) --skip-missing --out $(OUT)/bench-nfe
+	$(BIN)/cmsrd-bench report $(OUT)/bench-nfe --out $(OUT)/report-nfe
+	@echo; echo "points: $(OUT)/report-nfe/figures/quality_vs_nfe.csv   report: $(OUT)/report-nfe/index.html"
+	@cat $(OUT)/report-nfe/figures/quality_vs_nfe.csv
+
 dataset-synthetic: install
 	$(BIN)/cmsrd build manifests/presets/cmsrd-synthetic.yaml --out $(OUT)/cmsrd-synthetic
 
@@ -62,7 +78,7 @@ bench: install
 report: install
 	$(BIN)/cmsrd-bench report $(OUT)/bench --out $(OUT)/report --print
 
-# Reliability figures of the build under injected faults, kill -9 + resume and a lost Dask worker (~15 min on
+# Reliability figures of the build under injected faults, kill -9 + resume and a lost Dask worker (~20 min on
 # 2 cores): perf/reliability.py prints ok/failed counts with reasons and the differences to a clean build.
 RELIABILITY_ARGS ?=
 reliability: install

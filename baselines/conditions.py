@@ -5,7 +5,8 @@ The runner resolves data-level conditions here, so methods never see how a shuff
   (a seeded derangement over the split); `map=none` removes the map from the batch.
 - `style=gt` puts the HR into `batch["style"]`; `style=shuffle` puts another sample's HR there;
   `style=sample` leaves no style image: the method samples a style (SGDM's flows) with the generator.
-- `steps=N` and `start=lr@t` are sampler settings passed through to diffusion methods.
+- `steps=N`, `start=lr@t` and `start=noise` (the pure-noise start, for methods whose default is the LR start)
+  are sampler settings passed through to diffusion methods.
 A method declares which condition keys it supports (`MethodSpec.conditions`); asking for one it does not
 support raises `UnsupportedCondition`, so nothing is silently run without it.
 
@@ -43,6 +44,7 @@ class Conditions:
     style: str | None = None
     steps: int | None = None
     start_t: int | None = None  # start=lr@t: start from the noised upsampled LR at timestep t
+    noise_start: bool = False  # start=noise: start from pure noise even where the method's default is the LR
 
     @classmethod
     def parse(cls, text: str | None) -> Conditions:
@@ -72,11 +74,16 @@ class Conditions:
                     raise InputError(f"condition steps={value}", "must be a positive integer")
                 cond = replace(cond, steps=int(value))
             elif key == "start":
+                if value == "noise":
+                    cond = replace(cond, start_t=None, noise_start=True)
+                    continue
                 if not value.startswith("lr@") or not value[3:].isdigit():
                     raise InputError(
-                        f"condition start={value}", "expected lr@T with an integer timestep T", "e.g. start=lr@400"
+                        f"condition start={value}",
+                        "expected lr@T with an integer timestep T, or noise",
+                        "e.g. start=lr@400 or start=noise",
                     )
-                cond = replace(cond, start_t=int(value[3:]))
+                cond = replace(cond, start_t=int(value[3:]), noise_start=False)
             else:
                 raise InputError(f"condition key {key!r}", "unknown", "use map, style, steps or start")
         return cond
@@ -91,7 +98,7 @@ class Conditions:
             used.add("style")
         if self.steps is not None:
             used.add("steps")
-        if self.start_t is not None:
+        if self.start_t is not None or self.noise_start:
             used.add("start")
         return used
 
@@ -106,6 +113,8 @@ class Conditions:
             parts.append(f"steps={self.steps}")
         if self.start_t is not None:
             parts.append(f"start=lr@{self.start_t}")
+        if self.noise_start:
+            parts.append("start=noise")
         return ",".join(parts) or "default"
 
     def check_supported(self, method_name: str, supported: tuple[str, ...]) -> None:

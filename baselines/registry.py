@@ -37,6 +37,7 @@ METHOD_MODULES = [
     "baselines.ldm",
     "baselines.ldm_sr",
     "baselines.ediffsr",
+    "baselines.csdiff",
 ]
 
 

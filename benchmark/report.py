@@ -3,8 +3,9 @@
 Writes into DIR only: `report.md`, `index.html` (inline CSS, figures embedded as data: URIs, nothing remote,
 so the single file can be moved or attached), `leaderboard.csv` (merged, with `run` and `group` columns) and
 its `leaderboard.columns.csv` (direction and definition of every column), `figures/perception_distortion*.png`
-(PSNR-Y vs LPIPS, Blau & Michaeli's perception-distortion plane) and `figures/grid*_<id>.png`
-(LR | map | each method | HR).
+(PSNR-Y vs LPIPS, Blau & Michaeli's perception-distortion plane), `figures/grid*_<id>.png`
+(LR | map | each method | HR) and, for runs with `steps=`/`start=` conditions (`cmsrd-bench run --sweep`),
+`figures/quality_vs_nfe*.png` with its points in `quality_vs_nfe*.csv` (`benchmark.nfe_curve`).
 
 Numbers are ranked only where they are comparable: runs are grouped by dataset manifest, split, scale, the
 scored images and the definition of every metric they share (crop border, FID settings, ...). Each group
@@ -32,6 +33,7 @@ from cmsrd.errors import InputError
 from cmsrd.io import atomic_path, atomic_write_text, read_png
 
 from . import leaderboard as lb
+from .nfe_curve import quality_vs_nfe
 
 
 @dataclass
@@ -384,6 +386,7 @@ class Section:
     plot: str | None  # file name under figures/
     grids: list[str]
     bars: list[str] = field(default_factory=list)  # downstream figures: per-class IoU bars, segmentations
+    nfe_plot: str | None = None  # quality_vs_nfe*.png under figures/ (its points: the .csv of the same stem)
 
     def title(self, n_groups: int) -> str:
         return f"Group {self.group.number}" if n_groups > 1 else "Leaderboard"
@@ -434,7 +437,9 @@ def _section(
     bars = [b for b, w in zip(bars, ("map", "seg_vs_hr")) if iou_bars(group, rows, figures / b, w)]
     segs = [(f"{k}_seg{tag}_{sid}.png", sid, k) for k in ("map", "seg") for sid in chosen]
     bars += [f for f, sid, k in segs if segmentation_grid(sid, rows, group.info, figures / f, k)]
-    return Section(group, rows, cols, best, plot, grids, bars)
+    nfe = f"quality_vs_nfe{tag}.png"
+    nfe = nfe if quality_vs_nfe(rows, figures / nfe, (figures / nfe).with_suffix(".csv"), "Quality vs NFE") else None
+    return Section(group, rows, cols, best, plot, grids, bars, nfe)
 
 
 _INTRO = (
@@ -480,6 +485,10 @@ def _markdown(sections: Sequence[Section]) -> str:
             lines += [f"\n![{b}](figures/{b})" for b in sec.bars]
         if sec.plot:
             lines += ["", "### Perception–distortion", "", f"![PSNR-Y vs LPIPS](figures/{sec.plot})"]
+        if sec.nfe_plot:
+            csv = sec.nfe_plot.replace(".png", ".csv")
+            lines += ["", "### Quality vs NFE", "", f"![LPIPS and PSNR-Y vs NFE](figures/{sec.nfe_plot})"]
+            lines += ["", f"Points: [figures/{csv}](figures/{csv})"]
         if sec.grids:
             lines += ["", "### Samples (LR | map | methods | HR)", ""] + [f"![{g}](figures/{g})" for g in sec.grids]
     lines += ["", "## Provenance", ""]
@@ -565,6 +574,12 @@ def _html(sections: Sequence[Section], figures: Path) -> str:
             out += [
                 "<h3>Perception–distortion</h3>",
                 f'<img src="{_data_uri(figures / sec.plot)}" alt="PSNR-Y vs LPIPS">',
+            ]
+        if sec.nfe_plot:
+            out += [
+                "<h3>Quality vs NFE</h3>",
+                f'<img src="{_data_uri(figures / sec.nfe_plot)}" alt="LPIPS and PSNR-Y vs NFE">',
+                f"<p>Points: <code>figures/{e(sec.nfe_plot.replace('.png', '.csv'))}</code></p>",
             ]
         if sec.grids:
             out.append("<h3>Samples (LR | map | methods | HR)</h3>")

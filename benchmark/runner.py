@@ -40,6 +40,7 @@ from . import metrics as M
 from .downstream import bench as DS
 from .evaluate import MEAN_DEFINITION, SRPass, finite_images, mean_finite, score_images
 from .metrics.distribution import check_set_size
+from .sweep import plan_pairs
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class RunConfig:
     command: list[str] = field(default_factory=list)
     configs: dict[str, Path | dict[str, Any]] = field(default_factory=dict)  # --config NAME=YAML (or a dict)
     overwrite: bool = False  # delete each method x condition folder of this run first instead of resuming it
+    sweep: str | None = None  # "nfe=5,10,20": quality-vs-NFE conditions per diffusion method (benchmark.sweep)
     rvsa_init: str = "official"  # downstream RVSA weights: official files | random (test/demo; benchmark.downstream)
     map_segmenter: Path | None = None  # map-agreement segmenter (`cmsrd-bench train-downstream`)
 
@@ -731,6 +733,8 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
             "--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH"
         )
     conditions = list(dict.fromkeys(Conditions.parse(c).name for c in cfg.conditions)) or ["default"]
+    pairs = plan_pairs(methods, conditions, cfg.sweep)  # --sweep: per-method NFE conditions (benchmark.sweep)
+    conditions = list(dict.fromkeys(Conditions.parse(c).name for _, c in pairs))
     _check_conditions(conditions, len(ids))
     for name, source in cfg.configs.items():  # typos and unreadable files fail once, before any method runs
         if name not in methods:
@@ -743,7 +747,6 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
 
     manifest_sha256 = dataset_identity(layout)["manifest_sha256"]
     ctx = RunContext(layout, ids, device, precision, manifest_sha256, partners(ids, cfg.seed))
-    pairs = [(name, cond) for name in methods for cond in conditions]
     _prepare_folders(cfg, ctx, pairs)
     cfg.out.mkdir(parents=True, exist_ok=True)
 
@@ -849,6 +852,7 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
         },
         "methods_skipped": skipped_methods,
         "conditions": conditions,
+        "sweep": cfg.sweep,
         "configs": {n: (str(v) if not isinstance(v, dict) else v) for n, v in cfg.configs.items()},
         "weights": weights_hashes,
         "downstream": scorers[DS.SCORER].record,

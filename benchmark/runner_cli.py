@@ -42,6 +42,12 @@ def _parse_weights(items: tuple[str, ...]) -> dict[str, Path]:
     show_default=True,
     help='Semicolon-separated conditions, e.g. "default;map=shuffle;style=gt,steps=20".',
 )
+@click.option(
+    "--sweep",
+    default=None,
+    help='Quality vs NFE: "nfe=5,10,20,50" (optionally ";start=lr@T") runs each diffusion method at those NFE '
+    "from pure noise and from the LR; other methods run once under --conditions (see benchmark.sweep).",
+)
 @click.option("--split", default="test", show_default=True)
 @click.option(
     "--out",
@@ -116,6 +122,7 @@ def run_command(
     data,
     methods,
     conditions,
+    sweep,
     split,
     out,
     overwrite,
@@ -162,6 +169,7 @@ def run_command(
         limit=limit,
         command=list(sys.argv),
         overwrite=overwrite,
+        sweep=sweep,
         rvsa_init=rvsa_init,
         map_segmenter=map_segmenter,
     )

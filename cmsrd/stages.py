@@ -163,9 +163,9 @@ def _osm_features(spec: BuildSpec, aoi: str):
 
 
 def search_block(spec: BuildSpec, bbox_lonlat: tuple[float, float, float, float]) -> dict[str, Any]:
-    """The LR source's search step, once for a whole block of samples. Failures are returned, not raised:
-    each sample of the block then repeats the search itself (`make_lr`), so a search that failed here costs
-    only the samples whose own search fails too. Refused credentials are raised: they stop the build."""
+    """The LR source's search step, once for a whole block of samples; failures are returned, not raised:
+    each sample of the block then repeats the same search itself (`make_lr`), so a search that failed here
+    costs only the samples whose own search fails too. Refused credentials are raised: they stop the build."""
     bbox = tuple(float(v) for v in bbox_lonlat)
     try:
         found = lr_source(spec).search(bbox, spec.cfg.lr.start, spec.cfg.lr.end)

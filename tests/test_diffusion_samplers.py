@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.diffusion import lr_start_timesteps, make_scheduler, sample_latents, training_scheduler
+from baselines.diffusion import (
+    check_lr_start,
+    lr_start_nfe,
+    lr_start_timesteps,
+    make_scheduler,
+    respaced_lr_timesteps,
+    sample_latents,
+    training_scheduler,
+)
 from cmsrd.errors import InputError
 
 
@@ -135,3 +143,47 @@ def test_per_sample_generators_make_samples_independent_of_the_batch(sampler):
     assert not torch.allclose(alone[0], alone[1])
     with pytest.raises(ValueError, match="one per sample"):
         sample_latents(f, (3, 4, 4, 4), steps=5, generator=seeded_generators(7, [0, 1]))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver"])
+@pytest.mark.parametrize("steps,start_t", [(20, 400), (3, 250), (1, 100)])
+def test_respaced_lr_start_runs_exactly_steps_and_returns_the_target(sampler, steps, start_t):
+    """`lr_start="respace"`: exactly `steps` evaluations at t, t - t/steps, ... and, with an exact
+    denoiser, the chain started from the noised LR ends on the target."""
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8
+    lr = x0 + 0.3 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    seen: list[int] = []
+    oracle = _oracle(x0)
+
+    def eps(z, t):
+        seen.append(int(t[0]))
+        return oracle(z, t)
+
+    z, nfe = sample_latents(
+        eps,
+        tuple(x0.shape),
+        sampler=sampler,
+        steps=steps,
+        start_latent=lr,
+        start_t=start_t,
+        lr_start="respace",
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert nfe == steps == len(seen) == lr_start_nfe(sampler, steps, start_t, "respace")
+    assert seen == respaced_lr_timesteps(start_t, steps).tolist() and seen[0] == start_t
+    assert torch.allclose(z, x0, atol=2e-3), float((z - x0).abs().max())
+
+
+def test_lr_start_nfe_matches_truncated_grid():
+    assert lr_start_nfe("ddpm", 50, 400, "truncate") == len(
+        [t for t in make_scheduler("ddpm", 50).timesteps if t <= 400]
+    )
+
+
+def test_lr_start_out_of_range_names_condition_and_range():
+    with pytest.raises(InputError, match=r"start=lr@1000.*1\.\.999"):
+        check_lr_start(10, 1000, "respace")
+    with pytest.raises(InputError, match=r"steps=50 with start=lr@20.*steps=1\.\.20"):
+        check_lr_start(50, 20, "respace")
+    with pytest.raises(InputError, match="start=lr@0"):
+        respaced_lr_timesteps(0, 1)

@@ -112,16 +112,20 @@ def test_a_registered_source_runs_through_the_stages_unchanged(constant_lr, tmp_
         plan_from_tiles(18, np.array([5]), np.array([7]), np.array(["train"]), np.array(["a"]), 4, 256)
     )
     search = search_block(spec, (2.0, 48.0, 2.1, 48.1))
-    assert search == {"found": [{"id": "scene-a"}], "reason": None, "detail": ""}
+    assert search == {"found": [{"id": "scene-a"}], "reason": None, "detail": "", "bbox": (2.0, 48.0, 2.1, 48.1)}
     hr = HRResult(np.zeros((cfg.hr_px, cfg.hr_px, 3), np.uint8), task.bounds, "test", date="2023-06-24")
     lr, res = make_lr(spec, task, hr, search)
     assert lr.shape == (cfg.lr_px, cfg.lr_px, 3) and res.radiometry == "constant grey"
     assert ConstantLR.calls == [(18, 5, 7, cfg.lr_px, "2023-06-24", [{"id": "scene-a"}])]
     assert dataset_meta(cfg, cfg, {})["sources"]["lr"] == {"source": "constant", "attribution": "test", "terms": ""}
-    # A failed block search is every sample's failure with the catalogue's reason, before any fetch.
+    # A failed block search: the sample repeats the same search (bbox, dates) and fetches with what it found.
+    failed = {"found": None, "reason": "lr_search_failed", "detail": "HTTP 503", "bbox": (2.0, 48.0, 2.1, 48.1)}
+    make_lr(spec, task, hr, failed)
+    assert ConstantLR.calls[-1][-1] == [{"id": "scene-a"}] and len(ConstantLR.calls) == 2
+    # Without the area to repeat it, the block's failure is the sample's, with the catalogue's reason.
     with pytest.raises(SampleError, match="lr_search_failed"):
         make_lr(spec, task, hr, {"found": None, "reason": "lr_search_failed", "detail": "HTTP 503"})
-    assert len(ConstantLR.calls) == 1
+    assert len(ConstantLR.calls) == 2
 
 
 def test_what_a_real_build_needs_comes_from_its_sources():
