@@ -117,8 +117,8 @@ def test_list_table_and_json():
 
 def test_recorded_parameter_counts_match_the_models():
     recorded = recorded_parameter_counts()
-    assert set(recorded) == set(registry.names())
-    for name in ("bicubic", "esrgan", "swinir", "ttst", "ediffsr", "csdiff"):  # the cheap ones; --json checks the rest live
+    assert set(recorded) == {n for n in registry.names() if not n.startswith("test_")}  # tests register test_*
+    for name in ("bicubic", "esrgan", "swinir", "ttst", "ediffsr", "csdiff"):  # the cheap ones
         total, trainable = parameter_counts(name, recorded[name]["scale"])
         assert recorded[name] == {"scale": recorded[name]["scale"], "total": total, "trainable": trainable}
 
