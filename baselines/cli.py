@@ -4,23 +4,50 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import click
 
+PARAM_COUNTS = Path(__file__).with_name("param_counts.json")  # recorded; tests check them against the models
+# One vocabulary for a method's weights at a scale (the table's legend says the same).
+WEIGHT_STATES = {
+    "present": "in the weights cache",
+    "corrupt": "in the cache but its hash does not match: fetch or copy it again",
+    "fetch": "missing, published with a URL: `cmsrd-bench weights fetch KEY` (KEY from `cmsrd-bench weights list`)",
+    "download": "missing, published without a direct URL: download it by hand (`cmsrd-bench weights list` says where)",
+    "train": "missing, not published: train a checkpoint and pass --weights NAME=PATH",
+    "none needed": "the method has no weights",
+    "-": "the method does not offer this scale",
+}
 
-def _weights_status(name: str, scale: int) -> str:
-    """present | missing | corrupt | missing (unpublished) | n/a for a method's weights at a scale."""
+
+def _weights_status(name: str, scale: int, kind: str = "", scales: tuple[int, ...] = ()) -> str:
+    """A WEIGHT_STATES key for a method's weights at a scale."""
     from . import weights
 
+    if scales and scale not in scales:
+        return "-"
+    if kind == "interp":
+        return "none needed"
     manifest = weights.load_manifest()
     key = weights.method_weights_key(name, scale, manifest)
-    if key is None:
-        return "n/a"
+    if key is None:  # no checkpoint anyone publishes at this scale: it must be trained
+        return "train"
     status = weights.status(key, manifest)
-    if status == "missing" and not manifest[key].published:
-        return "missing (unpublished)"
+    if status == "missing":
+        entry = manifest[key]
+        return ("fetch" if entry.url else "download") if entry.published else "train"
     return status
+
+
+def recorded_parameter_counts() -> dict[str, dict[str, int]]:
+    """Exact counts at each method's default scale, read from data so the table needs no torch."""
+    return json.loads(PARAM_COUNTS.read_text())
+
+
+def _human(n: int) -> str:
+    return "0" if not n else f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
 def default_scale(spec: Any) -> int:
@@ -64,7 +91,7 @@ def method_rows(with_params: bool) -> list[dict[str, Any]]:
             "license": spec.license,
             "citation": spec.citation,
             "conditions": list(spec.conditions),
-            "weights": {str(s): _weights_status(name, s) for s in spec.scales if s in (16, 32)},
+            "weights": {str(s): _weights_status(name, s, spec.kind, tuple(spec.scales)) for s in (16, 32)},
         }
         if with_params:
             try:
@@ -84,7 +111,8 @@ def list_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"methods": rows}, indent=2))
         return
-    header = ("name", "kind", "scales", "inputs", "NFE", "licence", "weights x16", "weights x32")
+    params = recorded_parameter_counts()
+    header = ("name", "kind", "scales", "inputs", "NFE", "params", "licence", "weights x16", "weights x32")
     table = [header] + [
         (
             r["name"],
@@ -92,7 +120,8 @@ def list_command(as_json: bool) -> None:
             ",".join(map(str, r["scales"])),
             ",".join(r["inputs"]),
             str(r["nfe"]),
-            r["license"].split(" (")[0],
+            _human(params[r["name"]]["total"]) if r["name"] in params else "?",
+            r["license"].split(" (")[0].split(";")[0].split(", ")[0],
             r["weights"].get("16", "-"),
             r["weights"].get("32", "-"),
         )
@@ -103,3 +132,6 @@ def list_command(as_json: bool) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+    click.echo("\nparams: total at the default scale (`--json` for trainable).  weights:")
+    for state, meaning in WEIGHT_STATES.items():
+        click.echo(f"  {state:12s} {meaning}")

@@ -70,6 +70,12 @@ class WeightEntry:
             return self.url
         return "not published for download" + (f"; {self.note}" if self.note else "")
 
+    def origin(self) -> str:
+        """Where the file comes from, as a clause that reads after a path: `from URL`, or why there is none."""
+        if self.url:
+            return f"from {self.url}"
+        return "not downloadable" + (f": {' '.join(self.note.split())}" if self.note else "")
+
     def hash_matches(self, digest: str) -> bool:
         if self.sha256:
             return digest.lower() == self.sha256.lower()
@@ -246,10 +252,10 @@ def resolve(key: str, manifest: dict[str, WeightEntry] | None = None, verify: bo
         alt = bundled_path(entry)
         if alt is not None:
             return alt
-        raise MissingWeightsError(entry.file, str(path), entry.source())
+        raise _missing(entry, path)
     res = check(key, manifest)
     if res.status == "missing":
-        raise MissingWeightsError(entry.file, str(entry.expected_path()), entry.source())
+        raise _missing(entry, entry.expected_path())
     if res.status == "corrupt":
         raise InputError(
             f"weights '{entry.file}' at {res.path}",
@@ -263,6 +269,13 @@ def keys_for(user: str, manifest: dict[str, WeightEntry] | None = None) -> list[
     """Manifest keys used by `user` ("metric:lpips", "method:esrgan")."""
     manifest = manifest if manifest is not None else load_manifest()
     return [k for k, e in manifest.items() if user in e.used_by]
+
+
+def _missing(entry: WeightEntry, path: Path) -> MissingWeightsError:
+    """`weights fetch` is suggested only for files that have a download URL."""
+    if entry.url:
+        return MissingWeightsError(entry.file, str(path), entry.url)
+    return MissingWeightsError(entry.file, str(path), why_none=entry.origin())
 
 
 def method_weights_key(method: str, scale: int, manifest: dict[str, WeightEntry] | None = None) -> str | None:

@@ -45,11 +45,11 @@ class SRPass:
 
     @staticmethod
     def collate(items: Sequence[dict[str, Any]]) -> Batch:
-        """Dataset items -> one batch dict (`id` a list, tensors stacked)."""
-        batch: Batch = {"id": [it["id"] for it in items]}
-        for k in items[0]:
-            if k != "id":
-                batch[k] = torch.stack([it[k] for it in items])
+        """Dataset items -> one batch dict (tensors stacked; `id`, `crs` and other non-tensors as lists)."""
+        batch: Batch = {}
+        for k, v in items[0].items():
+            vals = [it[k] for it in items]
+            batch[k] = torch.stack(vals) if isinstance(v, torch.Tensor) else vals
         return batch
 
     def prepare(self, batch: Batch) -> Batch:

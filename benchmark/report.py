@@ -614,6 +614,28 @@ def render_report(
     return out / "index.html"
 
 
+def text_leaderboard(runs: Sequence[str | Path]) -> str:
+    """The report's tables as aligned terminal text: same columns, arrows and number format; `*` marks the
+    best value per column within its group (as bold does in the report)."""
+    board, groups = load_runs(runs)
+    out = []
+    for g in groups:
+        rows = board[board["group"] == g.number]
+        cols = [(c, d) for c, d in _columns(rows, g.metrics) if c != "run" or len(g.runs) > 1]
+        best = {(c, i) for c, d in cols if d and c not in lb.TIMING_DIRECTIONS for i in best_rows(rows, c, d)}
+        table = [[f"{c} {'↑' if d == 'higher' else '↓'}" if d else c for c, d in cols]]
+        table += [[_fmt(r.get(c)) + ("*" if (c, i) in best else "") for c, _ in cols] for i, r in rows.iterrows()]
+        widths = [max(len(row[k]) for row in table) for k in range(len(cols))]
+        if len(groups) > 1:
+            out.append(f"group {g.number}: {g.header()}")
+        for n, row in enumerate(table):
+            out.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+            if n == 0:
+                out.append("  ".join("-" * w for w in widths))
+        out.append("")
+    return "\n".join(out + ["* best in its column (within a comparability group); ↑ higher / ↓ lower is better"])
+
+
 @click.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder (Markdown, HTML, figures).")
@@ -621,7 +643,12 @@ def render_report(
     "--samples", default=3, show_default=True, help="Number of image grids per group (first N ids of its first run)."
 )
 @click.option("--ids", default=None, help="Comma-separated sample ids for the image grids.")
-def report_command(runs, out, samples, ids) -> None:
-    """Merge benchmark runs into report.md and a self-contained index.html (one table per comparable group)."""
+@click.option("--print", "print_table", is_flag=True, help="Also print the leaderboard tables as terminal text.")
+def report_command(runs, out, samples, ids, print_table) -> None:
+    """Merge benchmark runs into report.md and a self-contained index.html (one table per comparable group).
+
+    Example: `cmsrd-bench report out/bench --out out/report --print`"""
     page = render_report(runs, out, samples=samples, ids=[s for s in ids.split(",") if s] if ids else None)
+    if print_table:
+        click.echo(text_leaderboard(runs))
     click.echo(f"wrote {page}")

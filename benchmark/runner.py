@@ -120,7 +120,8 @@ def method_weights(name: str, spec: registry.MethodSpec, scale: int, given: dict
     raise InputError(
         f"method {name!r}",
         f"needs trained x{scale} weights and none were given",
-        f"pass --weights {name}=PATH (train with `cmsrd-bench train {name}`)",
+        f"pass --weights {name}=PATH "
+        f"(train with `cmsrd-bench train --method {name} --data DATA --scale {scale} --out RUN`)",
     )
 
 
@@ -508,7 +509,7 @@ def check_metric_weights(names: Sequence[str], skip_missing: bool) -> tuple[list
         for n, bad in problems.items():
             for c in bad:
                 e = manifest[c.key]
-                lines.append(f"  {n}: {e.file} {c.status} -> {e.expected_path()} (from {e.source()})")
+                lines.append(f"  {n}: {e.file} {c.status} -> {e.expected_path()} ({e.origin()})")
         raise InputError(
             "metric weights",
             "missing or corrupt:\n" + "\n".join(lines) + "\n",
@@ -718,6 +719,9 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     if cfg.limit:
         ids = ids[: cfg.limit]
 
+    asked = parse_methods(cfg.methods)
+    if asked != [ALL_AVAILABLE]:
+        _check_methods(asked)  # a typo in --methods is said first, before any missing metric weights
     metric_names = M.parse_names(cfg.metrics)
     waived = DS.waived_weights(metric_names, cfg.rvsa_init)  # random-init RVSA needs no weights files
     checked = [n for n in metric_names if n not in waived]
@@ -727,12 +731,10 @@ def run_benchmark(cfg: RunConfig, progress: Callable[[str], None] | None = None)
     check_set_size([n for n in runnable_metrics if M.get(n).level == "set"], len(ids), (layout.hr_px, layout.hr_px))
 
     skipped_methods: dict[str, str] = {}
-    asked = parse_methods(cfg.methods)
     if asked == [ALL_AVAILABLE]:
         methods, skipped_methods = available_methods(layout.scale, cfg.weights)
     else:
         methods = asked
-        _check_methods(methods)
     if not methods:
         raise InputError(
             "--methods", "no runnable method", "pass --methods NAME or provide weights with --weights NAME=PATH"

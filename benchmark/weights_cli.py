@@ -86,7 +86,7 @@ def verify_command(keys: tuple[str, ...]) -> None:
             if c.status == "present":
                 line += f"  ({c.path}{'' if c.verified else ', hash unknown: not verified'})"
             else:
-                line += f"  -> put it at {e.expected_path()}  (from {e.source()})"
+                line += f"  -> put it at {e.expected_path()}  ({e.origin()})"
                 if c.status == "corrupt":
                     line += f"  [{c.detail}]"
                 if user.startswith("metric:"):

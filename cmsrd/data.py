@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .errors import InputError
 from .io import read_png
-from .layout import IMAGE_KINDS, DatasetLayout, read_manifest
+from .layout import IMAGE_KINDS, DatasetLayout, read_dataset_json, read_manifest
 
 DEFAULT_INPUTS = ("lr", "sr", "map", "hr")
 
@@ -52,6 +52,11 @@ class CMSRDDataset(Dataset):
         augment: apply the official SGDM flips/rotations (train only, in practice).
         ids: restrict to these sample ids (in this order).
         seed: seed of the augmentation stream (per-item streams derive from it and the index).
+        transforms: callable applied to each sample dict last (torchgeo's convention: dict in, dict out).
+
+    A sample holds `id`, the `inputs` as tensors (images float CHW in [0, 1], mask int64 HW), and as in torchgeo
+    `crs` (the dataset's CRS string, EPSG:3857) and `bounds` (float64 tensor [minx, miny, maxx, maxy] of the
+    tile footprint in that CRS; the default collate stacks it to N x 4).
     """
 
     def __init__(
@@ -63,7 +68,10 @@ class CMSRDDataset(Dataset):
         augment: bool = False,
         ids: Sequence[str] | None = None,
         seed: int = 0,
+        transforms: Callable[[dict], dict] | None = None,
     ):
+        if transforms is not None and not callable(transforms):
+            raise InputError("transforms", f"is a {type(transforms).__name__}, not a callable", "pass a function")
         self.layout = DatasetLayout.open(root)
         unknown = set(inputs) - set(IMAGE_KINDS)
         if unknown:
@@ -87,6 +95,9 @@ class CMSRDDataset(Dataset):
             raise InputError(f"dataset {root}", f"has no ok samples in split {split!r}")
         self.ids = sorted(available) if ids is None else available
         self.split, self.inputs, self.augment, self.seed = split, tuple(inputs), augment, seed
+        self.transforms, self.crs = transforms, str(read_dataset_json(root).get("crs", "EPSG:3857"))
+        box = df.set_index(df["id"].astype(str))[["minx", "miny", "maxx", "maxy"]]
+        self._bounds = {i: box.loc[i].to_numpy(dtype=np.float64) for i in self.ids}
         self._epoch = 0
 
     @property
@@ -109,10 +120,10 @@ class CMSRDDataset(Dataset):
         if self.augment:
             rng = random.Random(hash((self.seed, self._epoch, index)) & 0xFFFFFFFF)
             arrays = official_augment(arrays, rng)
-        item: dict = {"id": sid}
+        item: dict = {"id": sid, "crs": self.crs, "bounds": torch.from_numpy(self._bounds[sid].copy())}
         for k, a in arrays.items():
             if k == "mask":
                 item[k] = torch.from_numpy(a.astype(np.int64))
             else:
                 item[k] = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        return item
+        return self.transforms(item) if self.transforms is not None else item

@@ -46,6 +46,15 @@ def ensure_world(cfg: DatasetConfig) -> Path:
     return path
 
 
+def world_identity(cfg: DatasetConfig) -> str | None:
+    """What dataset.json records instead of the served world's loopback URLs (a new port every build): the
+    world's name and config hash, so identical builds write identical dataset.json. None without a world."""
+    if cfg.world is None:
+        return None
+    meta = json.loads((ensure_world(cfg) / "world.json").read_text())
+    return f"cmsrd offline world {meta['name']} (config {meta['config_hash'][:12]}, {meta['generator']})"
+
+
 @contextlib.contextmanager
 def resolved_sources(cfg: DatasetConfig, faults: Any = None) -> Iterator[tuple[DatasetConfig, tuple | None]]:
     """Yield (config with live endpoints, world lon/lat bounds or None).
@@ -72,7 +81,12 @@ def resolved_sources(cfg: DatasetConfig, faults: Any = None) -> Iterator[tuple[D
             attribution=meta.get("attribution", cfg.hr.attribution),
             terms="synthetic offline world (no real data)",
         )
-        lr = dataclasses.replace(cfg.lr, stac_url=srv.stac_url)
+        lr = dataclasses.replace(
+            cfg.lr,
+            stac_url=srv.stac_url,
+            attribution="synthetic Sentinel-2-like product of the offline world (no Copernicus data)",
+            terms="synthetic offline world (no real data)",
+        )
         mp = dataclasses.replace(
             cfg.map,
             pbf=cfg.map.pbf or str(world / "osm" / "world.osm.pbf"),

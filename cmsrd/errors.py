@@ -45,10 +45,12 @@ class CredentialsError(InputError):
 class MissingWeightsError(InputError):
     """A weights file is absent. Names the file, where it is expected and where it comes from."""
 
-    def __init__(self, name: str, expected_path: str, source: str | None = None):
+    def __init__(self, name: str, expected_path: str, source: str | None = None, why_none: str | None = None):
         fix = f"put the file at {expected_path}"
         if source:
             fix += f" (download from {source}, or run `cmsrd-bench weights fetch` on a machine with network)"
+        elif why_none:  # no URL: say why, and suggest no fetch that cannot succeed
+            fix += f" ({why_none})"
         super().__init__(f"weights '{name}'", "file not found", fix)
         self.expected_path = expected_path
 

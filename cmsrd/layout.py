@@ -219,6 +219,25 @@ def validate_manifest_schema(df: pd.DataFrame) -> list[str]:
     return problems
 
 
+GEOMETRY = "geometry"  # GeoParquet's column; the tables themselves keep minx..maxy
+FOOTPRINT_CRS = "EPSG:3857"
+
+
+def write_geoparquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Parquet with each tile footprint (minx..maxy) as a GeoParquet polygon `geometry` and its CRS recorded, so
+    `geopandas.read_parquet` (and GIS tools) get the footprints; `pd.read_parquet` still reads it (WKB bytes)."""
+    cols = ["minx", "miny", "maxx", "maxy"]
+    if not set(cols) <= set(df.columns):
+        df.to_parquet(path, index=False)
+        return
+    import geopandas as gpd
+    import shapely
+
+    geom = shapely.box(*(df[c].to_numpy(dtype=float) for c in cols))
+    gdf = gpd.GeoDataFrame(df.drop(columns=[GEOMETRY], errors="ignore"), geometry=geom, crs=FOOTPRINT_CRS)
+    gdf.to_parquet(path, index=False)
+
+
 def read_manifest(root: str | os.PathLike) -> pd.DataFrame:
     path = Path(root) / MANIFEST_PARQUET
     if not path.exists():
@@ -226,7 +245,7 @@ def read_manifest(root: str | os.PathLike) -> pd.DataFrame:
             f"dataset {root}", f"has no {MANIFEST_PARQUET}", "build it with `cmsrd build` or point at a built dataset"
         )
     try:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path).drop(columns=[GEOMETRY], errors="ignore")
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file; all mean the same
         raise InputError(
             f"{path}",
@@ -241,7 +260,7 @@ def write_manifest(root: str | os.PathLike, df: pd.DataFrame) -> None:
 
     df = conform_manifest(df)
     with atomic_path(Path(root) / MANIFEST_PARQUET) as tmp:
-        df.to_parquet(tmp, index=False)
+        write_geoparquet(df, tmp)
     with atomic_path(Path(root) / MANIFEST_CSV) as tmp:
         df.to_csv(tmp, index=False)
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .classes import CLASSES
 from .config import DatasetConfig
+from .demo import world_identity
 from .io import atomic_path
 from .journal import BuildState, Journal
 from .layout import (
@@ -108,6 +109,11 @@ def dataset_meta(cfg: DatasetConfig, rcfg: DatasetConfig, counts: dict) -> dict[
             "legend": {c.name: {"id": c.id, "rgb": list(c.rgb)} for c in CLASSES},
         },
     }
+    world = world_identity(cfg)
+    if world:  # the world's loopback URLs die with the build: name the world instead
+        sources["hr"]["url"] = world
+        if "catalogue" in sources["lr"]:
+            sources["lr"]["catalogue"] = world
     return {
         "name": cfg.name,
         "version": cfg.version,

@@ -25,7 +25,9 @@ def _load(preset: str, **overrides):
 @click.option("--samples", type=int, default=None, help="Override the preset's sample count.")
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -> None:
-    """Sample tiles of PRESET's AOIs with a spatially blocked split and write the editable plan."""
+    """Sample tiles of PRESET's AOIs with a spatially blocked split and write the editable plan (GeoParquet).
+
+    Example: `cmsrd plan demo-real --out plan.parquet`"""
     from .plan import make_plan, write_plan
 
     cfg = _load(preset, samples=samples, seed=seed)
@@ -67,7 +69,9 @@ def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -
 @click.option("--samples", type=int, default=None, help="Override the preset's sample count.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build_command(preset, out, workers, threads, scheduler, plan_path, force, limit, samples, quiet) -> None:
-    """Build (or resume) the dataset of PRESET (a name under manifests/presets or a YAML path)."""
+    """Build (or resume) the dataset of PRESET (a name under manifests/presets or a YAML path).
+
+    Example: `cmsrd build demo-real --out out/demo/demo-real`"""
     from .driver import run_build
     from .plan import read_plan
 
@@ -155,10 +159,18 @@ def needs(cfg) -> str:
 @click.command("sample")
 @click.argument("tile")
 @click.option("--config", "preset", required=True, help="Preset name or YAML path.")
-@click.option("--out", "out", type=click.Path(file_okay=False), required=True)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for the one-sample dataset (created; a folder of the same tile and config resumes).",
+)
 @click.option("--force", is_flag=True, help="Replace what --out holds.")
 def sample_command(tile: str, preset: str, out: str, force: bool) -> None:
-    """Build the single triplet Z_X_Y through the build's own stages (preview / debugging)."""
+    """Build the single triplet Z_X_Y through the build's own stages (preview / debugging).
+
+    Example: `cmsrd sample 18_139586_90683 --config demo-real --out out/one`"""
     import numpy as np
 
     from .driver import run_build
@@ -178,6 +190,14 @@ def sample_command(tile: str, preset: str, out: str, force: bool) -> None:
     split = np.where(split == "test", "test", "train")
     aoi = "world" if cfg.world is not None else _aoi_of(cfg, z, x, y)
     plan = plan_from_tiles(z, np.array([x]), np.array([y]), split, np.array([aoi]), cfg.split.block_tiles, cfg.hr_px)
+    if not force and (Path(out) / "manifest.parquet").exists():
+        held = sorted(read_manifest(out)["id"].astype(str))
+        if held != [tile]:  # say so plainly rather than the build's "different config"
+            raise InputError(
+                f"--out {out}",
+                f"holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}, not tile {tile}",
+                "use another --out, or pass --force to replace it",
+            )
     run_build(cfg, out, plan=plan, workers=0, force=force, progress=False)
     row = read_manifest(out).iloc[0]
     click.echo(
@@ -212,7 +232,9 @@ def _aoi_of(cfg, z: int, x: int, y: int) -> str:
 @click.command("validate")
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 def validate_command(root: str) -> None:
-    """Recompute checksums and check sizes, georeference and split disjointness of a built dataset."""
+    """Recompute checksums and check sizes, georeference and split disjointness of a built dataset.
+
+    Example: `cmsrd validate out/demo/demo-real`"""
     from .validate import validate_dataset
 
     problems, summary = validate_dataset(root)
@@ -230,7 +252,9 @@ def validate_command(root: str) -> None:
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print dataset.json.")
 def info_command(root: str, as_json: bool) -> None:
-    """Summarise a built dataset: geometry, sources, counts per split and QA reason."""
+    """Summarise a built dataset: geometry, sources, counts per split and QA reason.
+
+    Example: `cmsrd info out/demo/demo-real --json`"""
     from .layout import read_dataset_json, read_manifest
 
     meta = read_dataset_json(root)
@@ -243,7 +267,8 @@ def info_command(root: str, as_json: bool) -> None:
         f"zoom {meta.get('zoom')}, {meta['crs']}"
     )
     for k, s in meta["sources"].items():
-        click.echo(f"  {k}: {s.get('source')}  ({s.get('attribution', '')})")
+        note = s.get("attribution") or s.get("method")  # a bicubic LR has no attribution: say how it was made
+        click.echo(f"  {k}: {s.get('source')}" + (f"  ({note})" if note else ""))
     tab = df.groupby(["split", "qa_status"]).size().unstack(fill_value=0)
     click.echo(tab.to_string())
     reasons = df[df["qa_status"] != "ok"]["qa_reason"].value_counts()

@@ -20,6 +20,7 @@ from .config import DatasetConfig, check_aoi_name, load_aois
 from .errors import InputError
 from .grid import WORLD_M, sample_tiles, tile_bounds_3857_arrays, tile_xy_to_lonlat
 from .io import atomic_path
+from .layout import GEOMETRY, write_geoparquet
 
 PLAN_COLUMNS: dict[str, str] = {
     "id": "string",
@@ -86,7 +87,7 @@ def write_plan(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     path = Path(path)
     df = check_plan(df, str(path))
     with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
+        write_geoparquet(df, tmp)  # GeoParquet: footprints and CRS for GIS tools
     return path
 
 
@@ -146,7 +147,7 @@ def read_plan(path: str | os.PathLike) -> pd.DataFrame:
     if not path.exists():
         raise InputError(f"plan {path}", "not found", "create one with `cmsrd plan PRESET --out plan.parquet`")
     try:
-        df = pd.read_parquet(path)
+        df = pd.read_parquet(path).drop(columns=[GEOMETRY], errors="ignore")
     except Exception as e:  # pyarrow raises several types for non-Parquet input
         raise InputError(
             f"plan {path}", f"is not a readable Parquet file ({e})", "regenerate it with `cmsrd plan`"

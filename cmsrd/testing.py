@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import BY_NAME, CLASSES
+from .grid import tile_bounds_3857
 from .io import sha256_file, write_png
 from .layout import DatasetLayout, tile_id, write_dataset_json, write_manifest
 
@@ -96,6 +97,7 @@ def make_tiny_dataset(
             "z": z,
             "x": x,
             "y": y,
+            **dict(zip(("minx", "miny", "maxx", "maxy"), tile_bounds_3857(z, x, y))),
             "qa_status": "ok",
             "qa_reason": "",
             "hr_source": "testing",

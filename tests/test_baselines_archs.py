@@ -182,3 +182,17 @@ def test_relativistic_loss_direction():
     r = real.clone().requires_grad_(True)
     gan.generator_loss(r, f).backward()
     assert f.grad is not None and f.grad.abs().sum() > 0 and r.grad is None
+
+
+def test_rrdbnet_global_skip_adds_the_bilinear_lr_and_no_parameters():
+    plain = RRDBNet(scale=4, num_feat=8, num_block=1, num_grow_ch=4)
+    skip = RRDBNet(scale=4, num_feat=8, num_block=1, num_grow_ch=4, global_skip=True)
+    assert plain.state_dict().keys() == skip.state_dict().keys()  # ESRGAN checkpoints load either way
+    skip.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 6, 6)
+    up = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(skip(x), plain(x) + up, atol=1e-6)
+        torch.nn.init.zeros_(skip.conv_last.weight)
+        torch.nn.init.zeros_(skip.conv_last.bias)
+        assert torch.allclose(skip(x), up, atol=1e-6)  # a zero residual reproduces the LR's colours and layout

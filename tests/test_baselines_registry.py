@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from baselines import registry
-from baselines.cli import list_command, method_rows
+from baselines.cli import WEIGHT_STATES, list_command, method_rows, parameter_counts, recorded_parameter_counts
 from baselines.conditions import Conditions, UnsupportedCondition
 from baselines.inference import method_inputs, super_resolve_batch, super_resolve_loader
 from cmsrd.data import CMSRDDataset
@@ -105,9 +105,22 @@ def test_list_table_and_json():
     lines = r.output.splitlines()
     assert lines[0].split()[:5] == ["name", "kind", "scales", "inputs", "NFE"]
     esrgan = next(line for line in lines if line.startswith("esrgan"))
-    assert "gan" in esrgan and "Apache-2.0" in esrgan and "missing (unpublished)" in esrgan
+    assert "gan" in esrgan and "Apache-2.0" in esrgan and "train" in esrgan and "16.8M" in esrgan
     rows = {r["name"]: r for r in method_rows(with_params=False)}
-    assert rows["swinir"]["weights"] == {"16": "missing (unpublished)", "32": "missing (unpublished)"}
+    assert rows["swinir"]["weights"] == {"16": "train", "32": "train"}
+    assert rows["bicubic"]["weights"] == {"16": "none needed", "32": "none needed"}
+    assert rows["sgdm+"]["weights"] == {"16": "train", "32": "-"}  # no published x16 checkpoint: it needs one
+    assert rows["sgdm"]["weights"]["32"] in ("download", "present")  # MEGA only: `weights fetch` cannot get it
+    states = {s for r in rows.values() for s in r["weights"].values()}
+    assert states <= set(WEIGHT_STATES)
+
+
+def test_recorded_parameter_counts_match_the_models():
+    recorded = recorded_parameter_counts()
+    assert set(recorded) == {n for n in registry.names() if not n.startswith("test_")}  # tests register test_*
+    for name in ("bicubic", "esrgan", "swinir", "ttst", "ediffsr", "csdiff"):  # the cheap ones
+        total, trainable = parameter_counts(name, recorded[name]["scale"])
+        assert recorded[name] == {"scale": recorded[name]["scale"], "total": total, "trainable": trainable}
 
 
 def test_list_json_parameter_counts(monkeypatch):

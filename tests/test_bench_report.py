@@ -299,3 +299,19 @@ def test_merged_report_keeps_each_runs_metric_failure(tiny_dataset, tmp_path, mo
     assert "inception exploded" in (tmp_path / "rep" / "index.html").read_text()
     merged = pd.read_csv(tmp_path / "rep" / lb.COLUMNS_CSV).set_index("column")
     assert "A: Failed: bicubic|default" in merged.loc["fid", "definition"]
+
+
+def test_report_print_gives_the_report_table_as_text(bench_runs, tmp_path):
+    from click.testing import CliRunner
+
+    from benchmark.report import report_command
+
+    r = CliRunner().invoke(report_command, [str(bench_runs[0]), "--out", str(tmp_path / "rep"), "--print"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    head = lines[0].split()
+    assert head[:4] == ["method", "condition", "n_images", "status"] and "psnr_y" in head and "↑" in head
+    row = next(line for line in lines if line.startswith("bicubic"))
+    assert "*" in row  # the only row is the best of its group
+    psnr = float(pd.read_csv(bench_runs[0] / "leaderboard.csv")["psnr_y"][0])
+    assert f"{psnr:.4g}*" in row and max(map(len, lines)) < 200  # the report's number format, not raw floats

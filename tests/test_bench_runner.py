@@ -717,6 +717,12 @@ def test_string_methods_are_comma_separated(tiny_dataset, tmp_path):
         run_benchmark(_cfg(tiny_dataset, tmp_path / "run3", methods="bicubic, nope"))
 
 
+def test_unknown_method_is_reported_before_missing_metric_weights(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))  # every metric weights file is missing
+    with pytest.raises(InputError, match=r"--methods foo: not in the registry"):
+        run_benchmark(_cfg(tiny_dataset, tmp_path / "run", methods="foo", metrics=["lpips", "psnr_y"]))
+
+
 def test_method_setup_is_resolved_once_per_run(tiny_dataset, tmp_path, mapcopy_weights, monkeypatch):
     """The folder check and every condition of a method share one setup (config read, checkpoint metadata)."""
     from benchmark import runner

@@ -10,6 +10,7 @@ import torch
 
 from cmsrd.data import CMSRDDataset, official_augment
 from cmsrd.errors import InputError
+from cmsrd.grid import tile_bounds_3857
 
 
 def test_items_have_the_contract_shapes_and_ranges(tiny_dataset):
@@ -74,3 +75,27 @@ def test_truncated_png_is_one_clear_error(tiny_dataset, tmp_path):
     p.unlink()
     with pytest.raises(InputError, match="is missing"):
         ds[0]
+
+
+def test_samples_have_torchgeo_style_crs_bounds_and_transforms(tiny_dataset):
+    from torch.utils.data import DataLoader
+
+    from cmsrd.layout import read_manifest
+
+    ds = CMSRDDataset(tiny_dataset, "train", inputs=("lr", "hr"))
+    item = ds[0]
+    row = read_manifest(tiny_dataset).set_index("id").loc[item["id"]]
+    assert item["crs"] == "EPSG:3857"
+    assert item["bounds"].dtype == torch.float64
+    assert item["bounds"].tolist() == [row.minx, row.miny, row.maxx, row.maxy]
+    assert item["bounds"].tolist() == list(tile_bounds_3857(int(row.z), int(row.x), int(row.y)))
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    assert batch["bounds"].shape == (2, 4) and batch["crs"] == ["EPSG:3857"] * 2
+
+    def flip(sample: dict) -> dict:
+        return {**sample, "hr": sample["hr"].flip(-1), "seen": True}
+
+    t = CMSRDDataset(tiny_dataset, "train", inputs=("lr", "hr"), transforms=flip)[0]
+    assert t["seen"] and torch.equal(t["hr"], item["hr"].flip(-1)) and torch.equal(t["lr"], item["lr"])
+    with pytest.raises(InputError, match="transforms"):
+        CMSRDDataset(tiny_dataset, "train", transforms="flip")

@@ -56,7 +56,7 @@ def test_spec_and_list_json_parameter_count(monkeypatch):
     assert row["params"] == {"scale": 16, "total": 20_403_719, "trainable": 20_403_719} and row["nfe"] == 100
     assert cli.parameter_counts("ediffsr", 32) == (20_403_719, 20_403_719)  # no scale-dependent part
     assert json.loads(OFFICIAL_KEYS.read_text())["parameters"] == 20_403_719
-    assert row["weights"] == {"16": "missing (unpublished)", "32": "missing (unpublished)"}
+    assert row["weights"] == {"16": "train", "32": "train"}
 
 
 def test_weights_manifest_entries():

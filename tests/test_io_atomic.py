@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from baselines.checkpoint import save_weights
 from cmsrd.io import atomic_path, atomic_write_bytes, atomic_write_text, write_png
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
@@ -32,7 +34,8 @@ def test_written_files_respect_the_umask(tmp_path, restore_umask, mask):
     write_png(tmp_path / "sr.png", np.zeros((4, 4, 3), np.uint8))
     with atomic_path(tmp_path / "sub" / "leaderboard.csv") as tmp:
         tmp.write_text("a,b\n")  # writers that open the temp path themselves (pandas, PIL, matplotlib)
-    for name in ("index.html", "w.pth", "sr.png", "sub/leaderboard.csv"):
+    save_weights(tmp_path / "model.safetensors", {"w": torch.zeros(2)})  # safetensors alone writes 0600
+    for name in ("index.html", "w.pth", "sr.png", "sub/leaderboard.csv", "model.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
     assert not list(tmp_path.rglob("*.part"))
 

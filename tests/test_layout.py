@@ -96,3 +96,23 @@ def test_dataset_json_requires_the_contract_keys(tmp_path):
         read_dataset_json(tmp_path)
     with pytest.raises(InputError, match="has no dataset.json"):
         read_dataset_json(tmp_path / "nowhere")
+
+
+def test_manifest_and_plan_are_geoparquet_with_footprints_and_crs(tiny_dataset, tmp_path):
+    import geopandas as gpd
+
+    from cmsrd.grid import tile_bounds_3857
+    from cmsrd.layout import read_manifest
+    from cmsrd.plan import plan_from_tiles, read_plan, write_plan
+
+    gdf = gpd.read_parquet(tiny_dataset / "manifest.parquet")
+    assert gdf.crs.to_epsg() == 3857
+    row = gdf.iloc[0]
+    assert row.geometry.bounds == tile_bounds_3857(int(row.z), int(row.x), int(row.y))
+    plain = pd.read_parquet(tiny_dataset / "manifest.parquet")  # pandas still reads it
+    assert "geometry" in plain and list(read_manifest(tiny_dataset)) == [c for c in plain if c != "geometry"]
+    plan = plan_from_tiles(18, [139586, 139587], [90683, 90683], ["train", "test"], ["a", "a"], 4, 256)
+    write_plan(plan, tmp_path / "plan.parquet")
+    gplan = gpd.read_parquet(tmp_path / "plan.parquet")
+    assert gplan.crs.to_epsg() == 3857 and gplan.geometry.bounds.iloc[1]["minx"] == plan["minx"].iloc[1]
+    assert "geometry" not in read_plan(tmp_path / "plan.parquet")

@@ -346,6 +346,7 @@ def test_cli_plan_sample_validate_info(world, synthetic_build, tmp_path):
     assert res.exit_code == 0 and "valid" in res.output, res.output
     res = run(cli, ["info", str(synthetic_build)])
     assert res.exit_code == 0 and "x32 (8 -> 256 px)" in res.output, res.output
+    assert "lr: bicubic  (MATLAB bicubic x32, antialiased)" in res.output and "()" not in res.output
     # One triplet through the same stages; byte-identical to the built one.
     sid = plan["id"].iloc[0]
     res = run(cli, ["sample", sid, "--config", str(preset), "--out", str(tmp_path / "one")])
@@ -353,6 +354,9 @@ def test_cli_plan_sample_validate_info(world, synthetic_build, tmp_path):
     one = read_manifest(tmp_path / "one").iloc[0]
     ref = read_manifest(synthetic_build).set_index("id").loc[sid]
     assert one["sha256_hr"] == ref["sha256_hr"] and one["sha256_mask"] == ref["sha256_mask"]
+    other = plan["id"].iloc[1]
+    res = run(cli, ["sample", other, "--config", str(preset), "--out", str(tmp_path / "one")])
+    assert res.exit_code != 0 and f"holds {sid}, not tile {other}" in str(res.exception), res.output
     # Corruption is reported with a non-zero exit.
     victim = next((synthetic_build / "train" / "ref_256").glob("*.png"))
     data = victim.read_bytes()

@@ -73,7 +73,10 @@ def upsample_stages(scale: int) -> int:
 
 @register_arch
 class RRDBNet(nn.Module):
-    """ESRGAN generator. Input N x C x h x w in [0, 1]; output N x C x (h*scale) x (w*scale)."""
+    """ESRGAN generator. Input N x C x h x w in [0, 1]; output N x C x (h*scale) x (w*scale).
+
+    `global_skip` (not in ESRGAN) adds the bilinearly upsampled LR to the output, so the net learns a
+    residual: a small net trained for a few CPU minutes then follows the LR instead of its mean colour."""
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class RRDBNet(nn.Module):
         num_feat: int = 64,
         num_block: int = 23,
         num_grow_ch: int = 32,
+        global_skip: bool = False,
     ):
         super().__init__()
         sizes = {
@@ -95,7 +99,7 @@ class RRDBNet(nn.Module):
         for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RRDBNet {name} must be a positive integer, got {value!r}")
-        self.scale = scale
+        self.scale, self.global_skip = scale, bool(global_skip)
         self.num_up = upsample_stages(scale)
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
         self.body = nn.Sequential(*(RRDB(num_feat, num_grow_ch) for _ in range(num_block)))
@@ -112,7 +116,10 @@ class RRDBNet(nn.Module):
         for i in range(1, self.num_up + 1):
             conv = getattr(self, f"conv_up{i}")
             feat = self.lrelu(conv(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+        out = self.conv_last(self.lrelu(self.conv_hr(feat)))
+        if self.global_skip:  # learn a residual over the bilinear LR (no parameters; off for ESRGAN's own weights)
+            out = out + F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return out
 
 
 _OLD_RDB = re.compile(r"^model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)$")

@@ -243,7 +243,7 @@ class SGDMPlus(SGDMBase):
                 f"{self.spec.name} condition {cond.name!r}",
                 "needs a style: no style image, and the style flows are untrained",
                 f"run with style=gt or style=shuffle, name trained flows ({FLOW_HINT}), or train stage 2 "
-                "(`cmsrd-bench train --method sgdm+ --stage 2`)",
+                "(`cmsrd-bench train --method sgdm+ --stage 2 --data DATA --out RUN`)",
             )
         n = batch["sr"].shape[0]
         dt = batch["sr"].dtype
