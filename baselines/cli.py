@@ -94,11 +94,17 @@ def method_rows(with_params: bool) -> list[dict[str, Any]]:
             "weights": {str(s): _weights_status(name, s, spec.kind, tuple(spec.scales)) for s in (16, 32)},
         }
         if with_params:
-            try:
-                total, trainable = parameter_counts(name, scale)
-                row["params"] = {"scale": scale, "total": total, "trainable": trainable}
-            except Exception as e:  # noqa: BLE001 - one method failing to build must not hide the others
-                row["params"] = {"scale": scale, "error": f"{type(e).__name__}: {e}"}
+            # counts at the default scale (`params`) and at each benchmark scale the method supports: the
+            # upsampler of a regression network grows with the scale (TTST x16 vs x32)
+            by_scale = {}
+            for s in sorted({scale} | {s for s in (16, 32) if s in spec.scales}):
+                try:
+                    total, trainable = parameter_counts(name, s)
+                    by_scale[str(s)] = {"scale": s, "total": total, "trainable": trainable}
+                except Exception as e:  # noqa: BLE001 - one method failing to build must not hide the others
+                    by_scale[str(s)] = {"scale": s, "error": f"{type(e).__name__}: {e}"}
+            row["params"] = by_scale[str(scale)]
+            row["params_by_scale"] = by_scale
         rows.append(row)
     return rows
 
