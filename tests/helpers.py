@@ -56,3 +56,44 @@ def train_context(
         opts[name].step()
 
     return TrainContext(step, backward, autocast)
+
+
+def dataset_batch(root: Path, n: int = 4) -> dict[str, torch.Tensor]:
+    """The first `n` train items of a built dataset as one LR/HR batch (a fixed objective for loss tests)."""
+    from cmsrd.data import CMSRDDataset
+
+    ds = CMSRDDataset(root, "train", inputs=("lr", "hr"))
+    items = [ds[i] for i in range(n)]
+    return {k: torch.stack([it[k] for it in items]) for k in ("lr", "hr")}
+
+
+TRAIN = {
+    "batch_size": 2,
+    "num_workers": 0,
+    "total_steps": 100,
+    "log_every": 2,
+    "val_every": 4,
+    "save_every": 4,
+    "optim_g": {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.99]},
+    "lpips": "off",
+}
+
+
+def train_cfg(net: dict, **train_kw: object) -> dict:
+    """A feed-forward method's config for short shared-trainer runs: `net` plus `TRAIN` updated by `train_kw`."""
+    return {**net, "train": {**TRAIN, **train_kw}}
+
+
+def two_step_train(**train_kw: object) -> dict:
+    """The `train` section of a diffusion method's smoke run: two steps, one validation image, one save."""
+    return {
+        "batch_size": 2,
+        "total_steps": 2,
+        "val_every": 2,
+        "save_every": 2,
+        "val_max_images": 1,
+        "lpips": "off",
+        "keep_best": None,
+        "log_every": 1,
+        **train_kw,
+    }

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import map_batch, train_context
+from helpers import map_batch, train_context, two_step_train
 from safetensors.torch import save_file
 from test_sgdm_convert import text_to_open_clip, unet_to_ldm, vae_to_ldm
 
@@ -186,17 +186,7 @@ def test_shared_trainer_checkpoint_round_trips(tiny_dataset, tmp_path, caplog):
 
     cfg = {
         **TINY,
-        "train": {
-            "batch_size": 2,
-            "total_steps": 2,
-            "val_every": 2,
-            "save_every": 2,
-            "val_max_images": 1,
-            "lpips": "off",
-            "keep_best": None,
-            "log_every": 1,
-            "lr": 1e-3,
-        },
+        "train": two_step_train(lr=1e-3),
     }
     res = train("ldm", tiny_dataset, tmp_path / "run", config=cfg, progress=False)
     assert res["step"] == 2 and np.isfinite(res["val"]["psnr_y"])

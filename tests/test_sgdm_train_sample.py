@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import map_batch, train_context
+from helpers import map_batch, train_context, two_step_train
 
 from baselines.conditions import Conditions
 from baselines.method_config import train_config
@@ -177,16 +177,7 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
 
     cfg = {
         **TINY,
-        "train": {
-            "batch_size": 2,
-            "total_steps": 2,
-            "val_every": 2,
-            "save_every": 2,
-            "val_max_images": 1,
-            "lpips": "off",
-            "keep_best": None,
-            "log_every": 1,
-        },
+        "train": two_step_train(),
         "flows": {"epochs": 3, "batch_size": 4},
     }
     with pytest.raises(InputError, match="stage-1"):
