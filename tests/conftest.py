@@ -64,3 +64,15 @@ def world_server(small_world):
 
     with serve_world(small_world) as srv:
         yield srv
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (the test machine is shared; tiny ops are faster single-threaded).
+    Method test modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,42 +11,23 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import dataset_batch
+from helpers import train_cfg as cfg
 from safetensors.torch import load_file
 
 from baselines import registry
 from baselines.inference import super_resolve_batch
 from benchmark.train import train
 from benchmark.train_cli import train_command
-from cmsrd.data import CMSRDDataset
 from cmsrd.errors import InputError, MissingWeightsError
 
 ESR = {"network": {"num_feat": 16, "num_block": 1, "num_grow_ch": 8}}
 SWIN = {"network": {"embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4}}
-TRAIN = {
-    "batch_size": 2,
-    "num_workers": 0,
-    "total_steps": 100,
-    "log_every": 2,
-    "val_every": 4,
-    "save_every": 4,
-    "optim_g": {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.99]},
-    "lpips": "off",
-}
-
-
-def cfg(net, **train_kw):
-    return {**net, "train": {**TRAIN, **train_kw}}
 
 
 def rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def fixed_batch(root):
-    ds = CMSRDDataset(root, "train", inputs=("lr", "hr"))
-    items = [ds[i] for i in range(4)]
-    return {k: torch.stack([it[k] for it in items]) for k in ("lr", "hr")}
 
 
 def l1_on(method, batch):
@@ -58,7 +39,7 @@ def test_training_reduces_loss_and_exports_loadable_weights(tiny_dataset, tmp_pa
     config = cfg(net, ema_decay=0.0)
     torch.manual_seed(0)
     before = registry.build(name, 16, config)
-    batch = fixed_batch(tiny_dataset)
+    batch = dataset_batch(tiny_dataset)
     l_before = l1_on(before, batch)
     res = train(name, tiny_dataset, tmp_path / "run", config=config, max_steps=12, progress=False)
     assert res["step"] == 12
@@ -191,7 +172,14 @@ def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
 )
 def test_scheduler_config_mistakes_are_refused(tiny_dataset, tmp_path, scheduler, match):
     with pytest.raises(InputError, match=match):
-        train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, scheduler=scheduler), max_steps=1, progress=False)
+        train(
+            "esrgan",
+            tiny_dataset,
+            tmp_path / "x",
+            config=cfg(ESR, scheduler=scheduler),
+            max_steps=1,
+            progress=False,
+        )
 
 
 def test_cli_train(tiny_dataset, tmp_path):
@@ -269,7 +257,12 @@ def test_validation_at_fixed_training_times(tiny_dataset, tmp_path, monkeypatch)
     assert slots == sorted(set(slots))
     with pytest.raises(InputError, match="val_every_minutes"):
         train(
-            "esrgan", tiny_dataset, tmp_path / "bad", config=cfg(ESR, val_every_minutes=-1), max_steps=1, progress=False
+            "esrgan",
+            tiny_dataset,
+            tmp_path / "bad",
+            config=cfg(ESR, val_every_minutes=-1),
+            max_steps=1,
+            progress=False,
         )
 
 
@@ -295,24 +288,10 @@ def test_validation_conditions_are_applied_recorded_and_checked(tiny_dataset, tm
     assert info["n_images"] == res["val"]["n_images"]
     board = list(csv.DictReader(open(tmp_path / "bench" / "leaderboard.csv")))
     assert float(board[0]["psnr_y"]) == pytest.approx(res["val"]["psnr_y"], abs=1e-9)
-    with pytest.raises(InputError, match="val_conditions.*does not support"):
-        train(
-            "esrgan",
-            tiny_dataset,
-            tmp_path / "bad",
-            config=cfg(ESR, val_conditions="style=gt"),
-            max_steps=1,
-            progress=False,
-        )
-    with pytest.raises(InputError, match="val_conditions"):
-        train(
-            "esrgan",
-            tiny_dataset,
-            tmp_path / "bad",
-            config=cfg(ESR, val_conditions="map=sideways"),
-            max_steps=1,
-            progress=False,
-        )
+    for conditions, match in (("style=gt", "val_conditions.*does not support"), ("map=sideways", "val_conditions")):
+        with pytest.raises(InputError, match=match):
+            config = cfg(ESR, val_conditions=conditions)
+            train("esrgan", tiny_dataset, tmp_path / "bad", config=config, max_steps=1, progress=False)
     assert not (tmp_path / "bad").exists()  # rejected before anything was written
 
 
@@ -527,7 +506,14 @@ def test_keep_best_input_errors(tiny_dataset, tmp_path):
     with pytest.raises(InputError, match="keep_best"):
         train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, keep_best="ssim"), max_steps=1, progress=False)
     with pytest.raises(InputError, match="keep_best lpips.*train.lpips is off"):
-        train("esrgan", tiny_dataset, tmp_path / "x", config=cfg(ESR, keep_best="lpips"), max_steps=1, progress=False)
+        train(
+            "esrgan",
+            tiny_dataset,
+            tmp_path / "x",
+            config=cfg(ESR, keep_best="lpips"),
+            max_steps=1,
+            progress=False,
+        )
 
 
 def test_resume_does_not_read_the_start_checkpoint(tiny_dataset, tmp_path, monkeypatch):

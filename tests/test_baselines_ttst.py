@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import dataset_batch, train_cfg
 
 from baselines import registry
 from baselines.archs.swinir import official_state_dict as swinir_official_state_dict
@@ -21,22 +22,12 @@ from baselines.checkpoint import save_weights
 from baselines.cli import parameter_counts
 from baselines.inference import super_resolve_batch
 from benchmark.train import train
-from cmsrd.data import CMSRDDataset
 from cmsrd.errors import InputError
 
 DATA = Path(__file__).parent / "data"
 TINY = {"embed_dim": 12, "depths": [2], "num_heads": [2], "window_size": 4, "num_feat": 8}
 NET = {"network": TINY}
-TRAIN = {
-    "batch_size": 2,
-    "num_workers": 0,
-    "total_steps": 100,
-    "log_every": 2,
-    "val_every": 4,
-    "save_every": 4,
-    "optim_g": {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.999]},
-    "lpips": "off",
-}
+ADAM = {"type": "Adam", "lr": 1e-3, "betas": [0.9, 0.999]}  # TTST's official betas
 
 # agreement with the released code: tiny width, deterministic weights (tests/data/ttst_official_outputs.json
 # holds the released TTST class's outputs for these, sampled every `stride` pixels)
@@ -267,15 +258,9 @@ def test_unsupported_scale_and_other_architectures_are_one_clear_error(tmp_path)
 # ---- training and the benchmark -------------------------------------------------------------------
 
 
-def fixed_batch(root):
-    ds = CMSRDDataset(root, "train", inputs=("lr", "hr"))
-    items = [ds[i] for i in range(4)]
-    return {k: torch.stack([it[k] for it in items]) for k in ("lr", "hr")}
-
-
 def test_training_lowers_the_loss_and_the_run_benchmarks(tiny_dataset, tmp_path):
-    config = {**NET, "train": TRAIN}
-    batch = fixed_batch(tiny_dataset)
+    config = train_cfg(NET, optim_g=ADAM)
+    batch = dataset_batch(tiny_dataset)
     before = build(16)
     l_before = torch.nn.functional.l1_loss(super_resolve_batch(before, batch), batch["hr"]).item()
     res = train("ttst", tiny_dataset, tmp_path / "run", config=config, max_steps=12, progress=False)
@@ -298,7 +283,7 @@ def test_training_lowers_the_loss_and_the_run_benchmarks(tiny_dataset, tmp_path)
 
 def test_training_starts_from_the_x4_release_and_resume_does_not_reread_it(tiny_dataset, tmp_path, caplog):
     start = official_file(tmp_path / "ttst_4x.pth", build(4, seed=5).net_g)
-    config = {**NET, "train": {**TRAIN, "pretrain_network_g": str(start)}}
+    config = train_cfg(NET, optim_g=ADAM, pretrain_network_g=str(start))
     with caplog.at_level(logging.WARNING, logger="baselines.ttst"):
         train("ttst", tiny_dataset, tmp_path / "run", config=config, max_steps=2, progress=False)
     assert "x16 start from x4 checkpoint" in caplog.text and "upsample.6.weight" in caplog.text

@@ -75,27 +75,27 @@ class _Noisy(SRMethod):
         return (up + 0.2 * randn(up.shape, generator, up.device, up.dtype)).clamp(0, 1)
 
 
-_COMMON = dict(license="test", citation="test", scales=(16,), nfe=1)
+def _spec(name: str, cls: str, kind: str = "interp", extra: tuple[str, ...] = ()) -> MethodSpec:
+    """A x16 test method taking the LR plus the `extra` inputs, each also a runner condition it honours."""
+    return MethodSpec(
+        name=name,
+        target=f"{__name__}:{cls}",
+        kind=kind,
+        inputs=("lr", *extra),
+        conditions=extra,
+        license="test",
+        citation="test",
+        scales=(16,),
+        nfe=1,
+    )
+
+
 TEST_METHODS = [
-    MethodSpec(name="test_failing", target=f"{__name__}:_Failing", kind="interp", inputs=("lr",), **_COMMON),
-    MethodSpec(
-        name="test_mapcopy",
-        target=f"{__name__}:_MapCopy",
-        kind="regression",
-        inputs=("lr", "map"),
-        conditions=("map",),
-        **_COMMON,
-    ),
-    MethodSpec(name="test_noisy", target=f"{__name__}:_Noisy", kind="interp", inputs=("lr",), **_COMMON),  # no weights
-    MethodSpec(name="test_oom", target=f"{__name__}:_OOMAbove1", kind="interp", inputs=("lr",), **_COMMON),
-    MethodSpec(
-        name="test_stylecopy",
-        target=f"{__name__}:_StyleCopy",
-        kind="interp",
-        inputs=("lr", "style"),
-        conditions=("style",),
-        **_COMMON,
-    ),
+    _spec("test_failing", "_Failing"),
+    _spec("test_mapcopy", "_MapCopy", kind="regression", extra=("map",)),
+    _spec("test_noisy", "_Noisy"),  # no weights
+    _spec("test_oom", "_OOMAbove1"),
+    _spec("test_stylecopy", "_StyleCopy", extra=("style",)),
 ]
 
 

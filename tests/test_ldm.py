@@ -4,18 +4,17 @@ converter against the official key layout shipped in tests/data/official_keys/sr
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import map_batch, train_context, two_step_train
 from safetensors.torch import save_file
 from test_sgdm_convert import text_to_open_clip, unet_to_ldm, vae_to_ldm
 
 from baselines import registry
-from baselines.base import TrainContext
 from baselines.conditions import Conditions
 from baselines.ldm.loading import convert_official_unet
 from baselines.ldm.model import widen_conv_in
@@ -33,15 +32,10 @@ LPB2_NET = {
         "overrides": {"unet": {"layers_per_block": 2, "block_out_channels": [32, 64, 128, 128]}},
     }
 }
-pytestmark = pytest.mark.filterwarnings("ignore:.*non-meta parameter.*:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*non-meta parameter.*:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +45,6 @@ def srldm_keys() -> dict[str, list[int]]:
 
 def build(scale: int, config: dict, device: str = "cpu"):
     return registry.build("ldm", scale, config, device=device)
-
-
-def _batch(n: int, size: int, lr: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    hr = torch.rand(n, 3, size, size, generator=g)
-    mp = torch.zeros(n, 3, size, size)
-    mp[:, :, : size // 2] = torch.tensor([133, 203, 249]).view(1, 3, 1, 1) / 255  # water
-    mp[:, :, size // 2 :] = torch.tensor([226, 224, 210]).view(1, 3, 1, 1) / 255  # building
-    low = torch.nn.functional.interpolate(hr, size=(lr, lr), mode="area")
-    sr = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    return {"hr": hr, "lr": low, "sr": sr, "map": mp}
-
-
-def _ctx(opts):
-    def backward(loss, name):
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    return TrainContext(0, backward, contextlib.nullcontext)
 
 
 def _fake_state(shapes: dict) -> dict[str, torch.Tensor]:
@@ -133,7 +107,7 @@ def test_backbone_from_an_sd21_diffusers_folder_is_widened(tmp_path):
 def test_exact_shapes_nfe_and_lr_start(scale, lr):
     torch.manual_seed(0)
     m = build(scale, TINY).eval()
-    b = _batch(1, 256, lr)
+    b = map_batch(1, 256, lr)
     b.pop("hr")
     calls = []
     h = m.unet.register_forward_hook(lambda *a: calls.append(1))
@@ -158,7 +132,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     assert sum(p.numel() for g in opts["main"].param_groups for p in g["params"]) == m.parameter_counts()[1]
     assert m.parameter_counts()[1] == sum(p.numel() for p in m.unet.parameters())
     frozen = m.vae.encoder.conv_in.weight.clone()
-    batch, ctx = _batch(1, 64, 4), _ctx(opts)
+    batch, ctx = map_batch(1, 64, 4), train_context(opts)
     losses = []
     for _ in range(5):
         torch.manual_seed(123)  # same t, noise and posterior sample every step: a fixed objective
@@ -181,7 +155,7 @@ def test_per_image_seeding_gives_the_same_sr_at_batch_1_and_3():
     # let the LR latent matter: random weights on the channels widening set to zero
     with torch.no_grad():
         m.unet.conv_in.weight[:, 4:].normal_(0, 0.1)
-    b = _batch(3, 64, 4)
+    b = map_batch(3, 64, 4)
     b.pop("hr")
     cond = Conditions(steps=2)
     joint = m.super_resolve(b, cond, seeded_generators(7, [0, 1, 2]))
@@ -212,17 +186,7 @@ def test_shared_trainer_checkpoint_round_trips(tiny_dataset, tmp_path, caplog):
 
     cfg = {
         **TINY,
-        "train": {
-            "batch_size": 2,
-            "total_steps": 2,
-            "val_every": 2,
-            "save_every": 2,
-            "val_max_images": 1,
-            "lpips": "off",
-            "keep_best": None,
-            "log_every": 1,
-            "lr": 1e-3,
-        },
+        "train": two_step_train(lr=1e-3),
     }
     res = train("ldm", tiny_dataset, tmp_path / "run", config=cfg, progress=False)
     assert res["step"] == 2 and np.isfinite(res["val"]["psnr_y"])
@@ -238,7 +202,7 @@ def test_shared_trainer_checkpoint_round_trips(tiny_dataset, tmp_path, caplog):
     assert set(saved) == {f"unet.{k}" for k in m.unet.state_dict()}
     assert all(torch.equal(v, saved[f"unet.{k}"]) for k, v in m.unet.state_dict().items())
     # VAE and text tower come from the backbone source (here random init: the same seed gives the same ones)
-    b = _batch(1, 64, 4)
+    b = map_batch(1, 64, 4)
     b.pop("hr")
     outs = []
     for _ in range(2):
@@ -393,7 +357,7 @@ def test_whole_srldm_file_builds_the_backbone_and_samples_as_the_source(tiny_srl
     m = build(32, {"network": net, "sampler": {"steps": 2}, "checkpoint": str(ckpt)})
     assert m.loaded_from == ckpt and m.backbone_source == f"official:{ckpt}"
     assert _same(m.unet, src.unet) and _same(m.vae, src.vae) and _same(m.text_encoder, src.text_encoder)
-    b = _batch(1, 64, 2)
+    b = map_batch(1, 64, 2)
     b.pop("hr")
     cond = Conditions(steps=2)
     a = src.eval().super_resolve(b, cond, torch.Generator().manual_seed(1))

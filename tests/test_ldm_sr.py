@@ -3,17 +3,15 @@ CPU; the official geometry only on the meta device and against the official key 
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import hr_lr_batch, official_keys, train_context
 from torch.nn import functional as F
 
 from baselines.archs.vqf4 import build_vq_f4, convert_ldm_vq
-from baselines.base import TrainContext
 from baselines.checkpoint import save_weights
 from baselines.conditions import Conditions
 from baselines.ldm_sr.loading import ema_names
@@ -23,21 +21,9 @@ from baselines.registry import build, get, load_yaml
 from baselines.seeding import seeded_generators
 from cmsrd.errors import InputError
 
-KEYS = Path(__file__).parent / "data" / "official_keys"
 TINY = load_yaml(Path(__file__).parents[1] / "baselines" / "configs" / "ldm-sr-tiny.yaml")
 UNET_PARAMS, VQ_PARAMS = 113_622_563, 55_322_782
-
-
-def _official(name: str) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v) for k, v in json.loads((KEYS / f"{name}.json").read_text())["keys"].items()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +50,7 @@ def test_official_geometry_parameter_counts_are_exact(scale):
 
 
 def test_official_unet_keys_all_map_and_the_converter_names_foreign_ones():
-    official = _official("ldm_sr_bsr_unet")
+    official = official_keys("ldm_sr_bsr_unet")
     with torch.device("meta"):
         unet = build_unet("bsr-sr")
     assert official_shapes(unet) == official
@@ -72,14 +58,14 @@ def test_official_unet_keys_all_map_and_the_converter_names_foreign_ones():
     ours = unet.state_dict()
     assert converted.keys() == ours.keys()
     assert all(converted[k].shape == ours[k].shape for k in ours)
-    resshift = _official("resshift_unet_realsr_x4")
+    resshift = official_keys("resshift_unet_realsr_x4")
     with pytest.raises(ValueError, match="does not have") as err:
         convert_ldm_unet({k: torch.empty(s, device="meta") for k, s in resshift.items()}, unet)
     assert any(k in str(err.value) for k in set(resshift) - set(official))
 
 
 def test_official_vq_f4_keys_map_under_the_lightning_prefix():
-    official = _official("vq_f4")
+    official = official_keys("vq_f4")
     with torch.device("meta"):
         vq = build_vq_f4("vq-f4")
     state = {f"first_stage_model.{k}": torch.empty(s, device="meta") for k, s in official.items()}
@@ -150,26 +136,12 @@ def test_lr_off_the_latent_grid_is_one_input_error(x16):
         x16.super_resolve({"lr": torch.rand(1, 3, 5, 5)}, Conditions())
 
 
-def _ctx(opts):
-    def backward(loss, name):
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    return TrainContext(0, backward, contextlib.nullcontext)
-
-
-def _batch(n: int, hr_px: int = 64, lr_px: int = 4) -> dict:
-    hr = torch.rand(n, 3, hr_px, hr_px, generator=torch.Generator().manual_seed(0))
-    return {"hr": hr, "lr": F.interpolate(hr, size=(lr_px, lr_px), mode="area")}
-
-
 def test_training_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     m = build("ldm-sr", 16, TINY).train()
     opts = m.configure_optimizers(m.settings.train.__class__(optimizer=AdamW(lr=2e-3, weight_decay=0.0)))
     frozen = m.autoencoder.encoder.conv_in.weight.clone()
-    batch, ctx, losses = _batch(2), _ctx(opts), []
+    batch, ctx, losses = hr_lr_batch(2), train_context(opts), []
     for _ in range(8):
         torch.manual_seed(123)  # same timesteps and noise every time: a fixed objective
         losses.append(m.training_step(batch, ctx)["l_eps"])
@@ -225,7 +197,7 @@ def test_compvis_lightning_checkpoint_loads_ema_unet_and_first_stage(x16, tmp_pa
 
 def _official_layout_vq(vq) -> dict[str, torch.Tensor]:
     """The tiny VQ's tensors under the CompVis names (the converter's inverse, from the official key list)."""
-    names = list(_official("vq_f4"))
+    names = list(official_keys("vq_f4"))
     rename = dict(zip(names, convert_ldm_vq({k: torch.zeros(1) for k in names})))
     ours = vq.state_dict()
     conv = ("q", "k", "v", "proj_out")
@@ -247,7 +219,7 @@ def test_diffusers_pipeline_folder_loads_unet_and_vqvae(x16, tmp_path):
 def test_bad_checkpoints_are_one_clear_error(x16, tmp_path):
     m = build("ldm-sr", 16, TINY)
     # another layout: a ResShift UNet under the Lightning prefix, named by its foreign tensors
-    foreign = {f"model.diffusion_model.{k}": torch.zeros(1) for k in _official("resshift_unet_realsr_x4")}
+    foreign = {f"model.diffusion_model.{k}": torch.zeros(1) for k in official_keys("resshift_unet_realsr_x4")}
     torch.save({"state_dict": foreign}, tmp_path / "resshift.ckpt")
     with pytest.raises(InputError, match=r"resshift\.ckpt.*not the CompVis LDM-SR.*does not have"):
         m.load_checkpoint(tmp_path / "resshift.ckpt")

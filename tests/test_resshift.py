@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import hr_lr_batch, official_keys, train_context
 
 from baselines.archs.swin_unet import UNetModelSwin, shifted_window_mask, strip_derived_buffers
 from baselines.archs.vqf4 import build_vq_f4, convert_ldm_vq, load_vq_f4
-from baselines.base import TrainContext
 from baselines.checkpoint import save_weights
 from baselines.conditions import Conditions
 from baselines.diffusion.resshift import PRESETS, ResShiftChain, ResShiftSchedule
@@ -22,21 +20,9 @@ from baselines.resshift.model import strip_prefixes
 from baselines.seeding import seeded_generators
 from cmsrd.errors import InputError
 
-KEYS = Path(__file__).parent / "data" / "official_keys"
 TINY = load_yaml(Path(__file__).parents[1] / "baselines" / "configs" / "resshift-tiny.yaml")
 UNET_PARAMS, VQ_PARAMS = 118_593_583, 55_322_782
-
-
-def _official(name: str) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v) for k, v in json.loads((KEYS / f"{name}.json").read_text())["keys"].items()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +90,7 @@ def test_official_geometry_parameter_counts_are_exact():
 
 
 def test_official_unet_keys_all_map_with_prefixes_and_derived_buffers():
-    official = _official("resshift_unet_realsr_x4")
+    official = official_keys("resshift_unet_realsr_x4")
     cfg = get("resshift").default_config()["network"]
     with torch.device("meta"):
         ours = UNetModelSwin(**{k: v for k, v in cfg.items() if k != "type"}).state_dict()
@@ -118,7 +104,7 @@ def test_official_unet_keys_all_map_with_prefixes_and_derived_buffers():
 
 @pytest.mark.parametrize("prefix", ["", "first_stage_model."])
 def test_official_vq_f4_keys_all_map_to_the_diffusers_model(prefix):
-    official = _official("vq_f4")
+    official = official_keys("vq_f4")
     with torch.device("meta"):
         ours = build_vq_f4("vq-f4").state_dict()
     state = {prefix + k: torch.empty(s, device="meta") for k, s in official.items()}
@@ -131,7 +117,7 @@ def test_official_vq_f4_keys_all_map_to_the_diffusers_model(prefix):
 
 def _tiny_ldm_state(vq) -> dict[str, torch.Tensor]:
     """The tiny model's tensors under the official (CompVis) names: same structure, narrower shapes."""
-    names = list(_official("vq_f4"))
+    names = list(official_keys("vq_f4"))
     rename = dict(zip(names, convert_ldm_vq({k: torch.zeros(1) for k in names})))
     ours = vq.state_dict()
     out = {}
@@ -162,7 +148,7 @@ def test_vq_f4_loads_the_official_layout_and_refuses_another(tmp_path):
 
 def _shrunk_official_vq(tmp_path: Path) -> Path:
     """An official-layout file of another geometry (every tensor one element too short in dim 0)."""
-    state = {k: torch.zeros(max(s[0] - 1, 1), *s[1:]) for k, s in _official("vq_f4").items()}
+    state = {k: torch.zeros(max(s[0] - 1, 1), *s[1:]) for k, s in official_keys("vq_f4").items()}
     torch.save(state, tmp_path / "other.pth")
     return tmp_path / "other.pth"
 
@@ -214,30 +200,13 @@ def test_lr_smaller_than_the_chain_supports_is_one_input_error(x16):
         x16.super_resolve({"lr": torch.rand(1, 3, 5, 5)}, Conditions())
 
 
-def _ctx(opts, step=0, seen=None):
-    def backward(loss, name):
-        if seen is not None:
-            seen.append(opts[name].param_groups[0]["lr"])
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    return TrainContext(step, backward, contextlib.nullcontext)
-
-
-def _batch(n: int, hr_px: int = 64, lr_px: int = 4) -> dict:
-    g = torch.Generator().manual_seed(0)
-    hr = torch.rand(n, 3, hr_px, hr_px, generator=g)
-    return {"hr": hr, "lr": torch.nn.functional.interpolate(hr, size=(lr_px, lr_px), mode="area")}
-
-
 def test_training_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     m = build("resshift", 16, TINY).train()
     opts = m.configure_optimizers({"lr": 2e-3})
     assert isinstance(opts["main"], torch.optim.AdamW) and opts["main"].defaults["weight_decay"] == 0.0
     frozen = m.autoencoder.encoder.conv_in.weight.clone()
-    batch, ctx, losses = _batch(2), _ctx(opts), []
+    batch, ctx, losses = hr_lr_batch(2), train_context(opts), []
     for _ in range(6):
         torch.manual_seed(123)  # same step indices and noise every time: a fixed objective
         losses.append(m.training_step(batch, ctx)["l_x0"])
@@ -249,8 +218,8 @@ def test_warmup_scales_the_step_and_leaves_the_schedule_alone():
     m = build("resshift", 16, TINY).train()
     opts = m.configure_optimizers({"lr": 1e-3, "warmup_steps": 10})
     seen: list[float] = []
-    m.training_step(_batch(1), _ctx(opts, step=4, seen=seen))
-    m.training_step(_batch(1), _ctx(opts, step=10, seen=seen))
+    m.training_step(hr_lr_batch(1), train_context(opts, step=4, seen_lr=seen))
+    m.training_step(hr_lr_batch(1), train_context(opts, step=10, seen_lr=seen))
     assert seen == pytest.approx([5e-4, 1e-3]) and opts["main"].param_groups[0]["lr"] == 1e-3
 
 

@@ -14,14 +14,7 @@ from baselines.sgdm.prompt import PromptEncoder, prompt_from_map, prompts_from_m
 from cmsrd.classes import BY_NAME
 
 SD = {"network": {"backbone": {"pretrained": None, "geometry": "sd21-base"}}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; tiny ops are faster single-threaded
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

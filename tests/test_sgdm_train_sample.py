@@ -4,14 +4,13 @@ stage 2 (style statistics + flows) on a built dataset."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import map_batch, train_context, two_step_train
 
-from baselines.base import TrainContext
 from baselines.conditions import Conditions
 from baselines.method_config import train_config
 from baselines.sgdm import build
@@ -19,14 +18,7 @@ from baselines.sgdm.flows import FlowTrainConfig, StyleFlows, train_style_flows
 from cmsrd.errors import InputError
 
 TINY = {"network": {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64}, "sampler": {"steps": 3}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +33,6 @@ def syn():
     return build("sgdm", 32, TINY)
 
 
-def _batch(n: int, size: int, seed: int = 0, lr: int | None = None) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    hr = torch.rand(n, 3, size, size, generator=g)
-    mp = torch.zeros(n, 3, size, size)
-    mp[:, :, : size // 2] = torch.tensor([133, 203, 249]).view(1, 3, 1, 1) / 255  # water
-    mp[:, :, size // 2 :] = torch.tensor([226, 224, 210]).view(1, 3, 1, 1) / 255  # building
-    lr_px = lr or size // 16
-    low = torch.nn.functional.interpolate(hr, size=(lr_px, lr_px), mode="area")
-    sr = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    return {"hr": hr, "lr": low, "sr": sr, "map": mp}
-
-
-def _ctx(opts, autocast=contextlib.nullcontext):
-    def backward(loss, name):
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    return TrainContext(0, backward, autocast)
-
-
 @pytest.mark.parametrize("name,scale", [("sgdm+", 16), ("sgdm", 32)])
 def test_training_steps_reduce_loss_on_a_fixed_batch(name, scale):
     torch.manual_seed(0)
@@ -70,8 +41,8 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(name, scale):
     assert isinstance(opts["main"], torch.optim.AdamW)
     assert opts["main"].defaults["weight_decay"] == 0.01
     frozen_before = m.vae.encoder.conv_in.weight.clone()
-    batch = _batch(1, 64)
-    ctx = _ctx(opts)
+    batch = map_batch(1, 64, 4)
+    ctx = train_context(opts)
     losses = []
     for _ in range(5):
         torch.manual_seed(123)  # same t, noise and posterior sample every step: a fixed objective
@@ -87,16 +58,15 @@ def test_default_lr_is_official():
 
 
 def test_gradient_checkpointing_gives_the_same_loss():
-    batch = _batch(1, 64)
+    batch = map_batch(1, 64, 4)
     losses = []
     for ckpt in (False, True):
         torch.manual_seed(0)
         m = build("sgdm-nomap", 32, {**TINY, "train": {"gradient_checkpointing": ckpt}}).train()
         assert m.unet.is_gradient_checkpointing == ckpt
         torch.manual_seed(1)
-        losses.append(
-            m.training_step(batch, _ctx(m.configure_optimizers(train_config(m.settings.train, lr=1e-4))))["l_eps"]
-        )
+        ctx = train_context(m.configure_optimizers(train_config(m.settings.train, lr=1e-4)))
+        losses.append(m.training_step(batch, ctx)["l_eps"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -107,7 +77,7 @@ def _count_unet_calls(m):
 
 def test_sample_x16_with_style_image_and_lr_start(plus):
     plus.eval()
-    b = _batch(1, 256, lr=16)
+    b = map_batch(1, 256, 16)
     b["style"] = b.pop("hr")
     calls, h = _count_unet_calls(plus)
     try:
@@ -125,7 +95,7 @@ def test_sample_x16_with_style_image_and_lr_start(plus):
 
 def test_sample_x32_and_map_none(syn):
     syn.eval()
-    b = _batch(1, 256, lr=8)
+    b = map_batch(1, 256, 8)
     b.pop("hr")
     g = torch.Generator().manual_seed(0)
     out = syn.super_resolve(b, Conditions(steps=2), g)
@@ -137,13 +107,13 @@ def test_sample_x32_and_map_none(syn):
 
 def test_sgdm_plus_without_style_image_or_trained_flows_is_an_input_error(plus):
     """No silent LR-as-style: style=sample and the default condition both need trained flows (or a style image)."""
-    b = _batch(1, 64)
+    b = map_batch(1, 64, 4)
     b.pop("hr")
     assert not bool(plus.flows.trained)
     for cond in (Conditions(style="sample"), Conditions(steps=1)):
         with pytest.raises(InputError, match="style=gt.*stage 2"):
             plus.super_resolve(b, cond, torch.Generator().manual_seed(0))
-    b["style"] = _batch(1, 64, seed=1)["hr"]
+    b["style"] = map_batch(1, 64, 4, seed=1)["hr"]
     assert plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
 
 
@@ -160,7 +130,7 @@ def test_sgdm_plus_without_style_image_or_trained_flows_is_an_input_error(plus):
     ],
 )
 def test_wrong_input_size_or_range_is_one_input_error(plus, key, value, match):
-    b = _batch(1, 64)
+    b = map_batch(1, 64, 4)
     b["style"] = b.pop("hr")
     b[key] = value
     with pytest.raises(InputError, match=match):
@@ -170,7 +140,7 @@ def test_wrong_input_size_or_range_is_one_input_error(plus, key, value, match):
 def test_style_image_of_another_size_is_accepted(plus):
     """Regression: the style encoder keeps only global channel mean/std, so a reference image of any size
     works (a paper use case); only the map must match sr's size."""
-    b = _batch(1, 64)
+    b = map_batch(1, 64, 4)
     del b["hr"]
     b["style"] = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(1))
     assert plus.super_resolve(b, Conditions(steps=1), torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
@@ -207,16 +177,7 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
 
     cfg = {
         **TINY,
-        "train": {
-            "batch_size": 2,
-            "total_steps": 2,
-            "val_every": 2,
-            "save_every": 2,
-            "val_max_images": 1,
-            "lpips": "off",
-            "keep_best": None,
-            "log_every": 1,
-        },
+        "train": two_step_train(),
         "flows": {"epochs": 3, "batch_size": 4},
     }
     with pytest.raises(InputError, match="stage-1"):
@@ -233,7 +194,7 @@ def test_shared_trainer_stage1_then_stage2_then_style_sampling(tiny_dataset, tmp
     m = build("sgdm+", 16, {**TINY, "checkpoint": str(run / "model.safetensors")}).eval()
     assert bool(m.flows.trained)
     assert m.parameter_counts()[1] == build("sgdm+", 16, TINY).parameter_counts()[1]  # flows not stage-1 trainables
-    b = _batch(2, 64)
+    b = map_batch(2, 64, 4)
     b.pop("hr")
     o1 = m.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))
     o2 = m.super_resolve(b, Conditions(style="sample", steps=2), torch.Generator().manual_seed(5))

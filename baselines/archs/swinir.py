@@ -141,6 +141,20 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
+def shifted_window_attention(attn: WindowAttention, y: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """B, H, W, C -> B, H, W, C: `attn` inside each window; with `shift`, on the cyclically shifted image with
+    the wrap masked, then shifted back (Swin's (S)W-MSA; TTST's blocks use the same step)."""
+    h, w = y.shape[1:3]
+    mask = None
+    if shift:
+        y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+        mask = _shift_mask_cpu(h, w, window, shift).to(y.device)
+    y = window_reverse(attn(window_partition(y, window), mask), window, h, w)
+    if shift:
+        y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+    return y
+
+
 class SwinTransformerBlock(nn.Module):
     """(Shifted-)window attention + MLP, both pre-norm residual."""
 
@@ -156,15 +170,7 @@ class SwinTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         h, w = size
         b, _, c = x.shape
-        y = self.norm1(x).view(b, h, w, c)
-        mask = None
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-            mask = _shift_mask_cpu(h, w, self.window, self.shift).to(x.device)
-        y = self.attn(window_partition(y, self.window), mask)
-        y = window_reverse(y, self.window, h, w)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        y = shifted_window_attention(self.attn, self.norm1(x).view(b, h, w, c), self.window, self.shift)
         x = x + self.drop_path(y.reshape(b, h * w, c))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -192,7 +198,37 @@ class BasicLayer(nn.Module):
         return x
 
 
-class RSTB(nn.Module):
+def residual_conv(dim: int, resi_connection: str) -> nn.Module:
+    """The image-space conv closing a residual group and the body: one 3x3 conv ("1conv") or the official
+    bottlenecked 3x3-1x1-3x3 stack ("3conv")."""
+    if resi_connection == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if resi_connection == "3conv":
+        return nn.Sequential(
+            nn.Conv2d(dim, dim // 4, 3, 1, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1),
+        )
+    raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
+
+
+class ConvSkipGroup(nn.Module):
+    """A token-space `residual_group`, then `conv` in image space, plus a long skip (SwinIR's RSTB, TTST's
+    RTSG); subclasses build the two modules under those official names."""
+
+    residual_group: nn.Module
+    conv: nn.Module
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        h, w = size
+        b, n, c = x.shape
+        y = self.residual_group(x, size).transpose(1, 2).reshape(b, c, h, w)
+        return self.conv(y).flatten(2).transpose(1, 2) + x
+
+
+class RSTB(ConvSkipGroup):
     """Residual Swin Transformer block: a BasicLayer, a conv in image space, and a long skip."""
 
     def __init__(
@@ -208,95 +244,34 @@ class RSTB(nn.Module):
     ):
         super().__init__()
         self.residual_group = BasicLayer(dim, depth, num_heads, window, shift, mlp_ratio, drop_path)
-        if resi_connection == "1conv":
-            self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
-        elif resi_connection == "3conv":
-            self.conv = nn.Sequential(
-                nn.Conv2d(dim, dim // 4, 3, 1, 1),
-                nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
-                nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(dim // 4, dim, 3, 1, 1),
-            )
-        else:
-            raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        h, w = size
-        b, n, c = x.shape
-        y = self.residual_group(x, size).transpose(1, 2).reshape(b, c, h, w)
-        return self.conv(y).flatten(2).transpose(1, 2) + x
+        self.conv = residual_conv(dim, resi_connection)
 
 
-@register_arch
-class SwinIR(nn.Module):
-    """Classical SwinIR. Input N x C x h x w in [0, 1] (any h, w); output N x C x h*s x w*s.
+def pixelshuffle_stages(upscale: int, name: str) -> int:
+    """How many x2 pixel-shuffle stages make `upscale` (a power of two >= 2)."""
+    n_up = int(round(math.log2(upscale))) if upscale >= 2 else 0
+    if n_up < 1 or 2**n_up != upscale:
+        raise ValueError(f"{name} upscale must be a power of two >= 2 (pixel-shuffle x2 stages), got {upscale}")
+    return n_up
 
-    `img_size` is the training LR patch size; it sets the block windows and shifts (`block_geometry`)."""
 
-    def __init__(
-        self,
-        upscale: int = 16,
-        in_chans: int = 3,
-        img_size: int = 64,
-        window_size: int = 8,
-        img_range: float = 1.0,
-        depths: Sequence[int] = (6, 6, 6, 6, 6, 6),
-        embed_dim: int = 180,
-        num_heads: Sequence[int] = (6, 6, 6, 6, 6, 6),
-        mlp_ratio: float = 2.0,
-        drop_path_rate: float = 0.1,
-        upsampler: str = "pixelshuffle",
-        resi_connection: str = "1conv",
-        num_feat: int = 64,
-    ):
-        super().__init__()
-        if upsampler != "pixelshuffle":
-            raise ValueError(f"only the classical 'pixelshuffle' upsampler is implemented (got {upsampler!r})")
-        n_up = int(round(math.log2(upscale))) if upscale >= 2 else 0
-        if 2**n_up != upscale or n_up < 1:
-            raise ValueError(
-                f"SwinIR upscale must be a power of two >= 2 for the pixelshuffle upsampler, got {upscale}"
-            )
-        if len(depths) != len(num_heads):
-            raise ValueError("depths and num_heads must have the same length")
-        if embed_dim % num_heads[0]:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads[0]}")
-        for name, value in (("img_size", img_size), ("window_size", window_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SwinIR {name} must be a positive integer, got {value!r}")
-        self.upscale, self.window_size, self.img_range, self.img_size = upscale, window_size, img_range, img_size
-        window, shift = block_geometry(img_size, window_size)
-        self.pad_multiple = math.lcm(
-            window_size, window
-        )  # the official pads to window_size; lcm also fits a smaller block window
-        mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
+def drop_path_rates(depths: Sequence[int], rate: float) -> list[list[float]]:
+    """Stochastic depth per block, rising linearly over all blocks as `torch.linspace(0, rate, n)` (plain
+    floats: meta-device safe), split by group."""
+    n_blocks = sum(depths)
+    dpr = [rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [dpr[start : start + depth] for start, depth in zip(starts, depths)]
 
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
-        self.patch_embed = nn.Module()
-        self.patch_embed.norm = nn.LayerNorm(embed_dim)
-        n_blocks = sum(depths)  # stochastic depth rises linearly over all blocks (plain floats: meta-device safe)
-        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
-        self.layers = nn.ModuleList()
-        start = 0
-        for depth, heads in zip(depths, num_heads):
-            self.layers.append(
-                RSTB(embed_dim, depth, heads, window, shift, mlp_ratio, dpr[start : start + depth], resi_connection)
-            )
-            start += depth
-        self.norm = nn.LayerNorm(embed_dim)
-        self.conv_after_body = (
-            nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-            if resi_connection == "1conv"
-            else nn.Sequential(
-                nn.Conv2d(embed_dim, embed_dim // 4, 3, 1, 1),
-                nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(embed_dim // 4, embed_dim // 4, 1, 1, 0),
-                nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(embed_dim // 4, embed_dim, 3, 1, 1),
-            )
-        )
+
+class WindowedSR(nn.Module):
+    """What SwinIR and TTST share around their groups: the official init, window padding, the token trunk
+    (`patch_embed.norm`, `layers`, `norm`) and the conv body + pixel-shuffle tail. Subclasses build
+    `conv_first`, `patch_embed`, `layers`, `norm`, `conv_after_body` and set `pad_multiple`."""
+
+    pad_multiple: int
+
+    def _build_tail(self, embed_dim: int, num_feat: int, in_chans: int, n_up: int) -> None:
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
         ups: list[nn.Module] = []
         for _ in range(n_up):
@@ -330,12 +305,68 @@ class SwinIR(nn.Module):
             x = layer(x, (h, w))
         return self.norm(x).transpose(1, 2).reshape(b, c, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x = (self._pad(x) - self.mean.to(x.dtype)) * self.img_range
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded LR (already normalised) -> SR before cropping: shallow conv, trunk with skip, tail."""
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+
+
+@register_arch
+class SwinIR(WindowedSR):
+    """Classical SwinIR. Input N x C x h x w in [0, 1] (any h, w); output N x C x h*s x w*s.
+
+    `img_size` is the training LR patch size; it sets the block windows and shifts (`block_geometry`)."""
+
+    def __init__(
+        self,
+        upscale: int = 16,
+        in_chans: int = 3,
+        img_size: int = 64,
+        window_size: int = 8,
+        img_range: float = 1.0,
+        depths: Sequence[int] = (6, 6, 6, 6, 6, 6),
+        embed_dim: int = 180,
+        num_heads: Sequence[int] = (6, 6, 6, 6, 6, 6),
+        mlp_ratio: float = 2.0,
+        drop_path_rate: float = 0.1,
+        upsampler: str = "pixelshuffle",
+        resi_connection: str = "1conv",
+        num_feat: int = 64,
+    ):
+        super().__init__()
+        if upsampler != "pixelshuffle":
+            raise ValueError(f"only the classical 'pixelshuffle' upsampler is implemented (got {upsampler!r})")
+        n_up = pixelshuffle_stages(upscale, "SwinIR")
+        if len(depths) != len(num_heads):
+            raise ValueError("depths and num_heads must have the same length")
+        if embed_dim % num_heads[0]:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads[0]}")
+        for name, value in (("img_size", img_size), ("window_size", window_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SwinIR {name} must be a positive integer, got {value!r}")
+        self.upscale, self.window_size, self.img_range, self.img_size = upscale, window_size, img_range, img_size
+        window, shift = block_geometry(img_size, window_size)
+        self.pad_multiple = math.lcm(
+            window_size, window
+        )  # the official pads to window_size; lcm also fits a smaller block window
+        mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = nn.Module()
+        self.patch_embed.norm = nn.LayerNorm(embed_dim)
+        self.layers = nn.ModuleList(
+            RSTB(embed_dim, depth, heads, window, shift, mlp_ratio, dpr, resi_connection)
+            for depth, heads, dpr in zip(depths, num_heads, drop_path_rates(depths, drop_path_rate))
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
+        self._build_tail(embed_dim, num_feat, in_chans, n_up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = self._reconstruct((self._pad(x) - self.mean.to(x.dtype)) * self.img_range)
         x = x / self.img_range + self.mean.to(x.dtype)
         return x[..., : h * self.upscale, : w * self.upscale]
 

@@ -30,11 +30,15 @@ from torch.nn import functional as F
 
 from ..registry import register_arch
 from .swinir import (
+    ConvSkipGroup,
     Mlp,
     WindowAttention,
-    _shift_mask_cpu,
+    WindowedSR,
     block_geometry,
+    drop_path_rates,
+    pixelshuffle_stages,
     relative_position_index,
+    shifted_window_attention,
     window_partition,
     window_reverse,
 )
@@ -125,13 +129,7 @@ class TTSTBlock(nn.Module):
         b, _, c = x.shape
         y = self.norm1(x).view(b, h, w, c)
         conv_x = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        mask = None
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-            mask = _shift_mask_cpu(h, w, self.window, self.shift).to(x.device)
-        y = window_reverse(self.attn(window_partition(y, self.window), mask), self.window, h, w)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        y = shifted_window_attention(self.attn, y, self.window, self.shift)
         x = x + self.drop_path(y.reshape(b, h * w, c)) + conv_x * self.conv_scale
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -201,7 +199,7 @@ class ResidualGroup(nn.Module):
         return self.overlap_attn(x, size)
 
 
-class RTSG(nn.Module):
+class RTSG(ConvSkipGroup):
     """Residual token selective group: a residual group, a 3x3 conv in image space, and a long skip."""
 
     def __init__(self, dim: int, **group: Any):
@@ -209,15 +207,9 @@ class RTSG(nn.Module):
         self.residual_group = ResidualGroup(dim, **group)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        h, w = size
-        b, n, c = x.shape
-        y = self.residual_group(x, size).transpose(1, 2).reshape(b, c, h, w)
-        return self.conv(y).flatten(2).transpose(1, 2) + x
-
 
 @register_arch
-class TTST(nn.Module):
+class TTST(WindowedSR):
     """TTST as released. Input N x C x h x w in [0, 1] (any h, w); output N x C x h*s x w*s.
 
     `img_size` is the training LR patch size; with `window_size` it sets the blocks' windows and shifts
@@ -240,9 +232,7 @@ class TTST(nn.Module):
         num_feat: int = 64,
     ):
         super().__init__()
-        n_up = int(round(math.log2(upscale))) if upscale >= 2 else 0
-        if n_up < 1 or 2**n_up != upscale:
-            raise ValueError(f"TTST upscale must be a power of two >= 2 (pixel-shuffle x2 stages), got {upscale}")
+        n_up = pixelshuffle_stages(upscale, "TTST")
         if len(depths) != len(num_heads):
             raise ValueError("depths and num_heads must have the same length")
         for name, value in (("img_size", img_size), ("window_size", window_size)):
@@ -260,67 +250,29 @@ class TTST(nn.Module):
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = nn.Module()
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
-        n_blocks = sum(depths)  # stochastic depth rises linearly over all blocks, as torch.linspace(0, rate, n)
-        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
-        self.layers = nn.ModuleList()
-        start = 0
-        for depth, heads in zip(depths, num_heads):
-            self.layers.append(
-                RTSG(
-                    embed_dim,
-                    depth=depth,
-                    num_heads=heads,
-                    window_size=window_size,
-                    window=window,
-                    shift=shift,
-                    overlap_ratio=overlap_ratio,
-                    mlp_ratio=mlp_ratio,
-                    drop_path=dpr[start : start + depth],
-                    conv_scale=conv_scale,
-                    qkv_bias=qkv_bias,
-                )
+        self.layers = nn.ModuleList(
+            RTSG(
+                embed_dim,
+                depth=depth,
+                num_heads=heads,
+                window_size=window_size,
+                window=window,
+                shift=shift,
+                overlap_ratio=overlap_ratio,
+                mlp_ratio=mlp_ratio,
+                drop_path=dpr,
+                conv_scale=conv_scale,
+                qkv_bias=qkv_bias,
             )
-            start += depth
+            for depth, heads, dpr in zip(depths, num_heads, drop_path_rates(depths, drop_path_rate))
+        )
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
-        ups: list[nn.Module] = []
-        for _ in range(n_up):
-            ups += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-        self.upsample = nn.Sequential(*ups)
-        self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.pad_multiple, (-w) % self.pad_multiple
-        if not (ph or pw):
-            return x
-        mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs pad < size
-        return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
-        for layer in self.layers:
-            x = layer(x, (h, w))
-        return self.norm(x).transpose(1, 2).reshape(b, c, h, w)
+        self._build_tail(embed_dim, num_feat, in_chans, n_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = self.conv_first(self._pad(x))
-        x = self.conv_after_body(self.forward_features(x)) + x
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        x = self._reconstruct(self._pad(x))
         return x[..., : h * self.upscale, : w * self.upscale]
 
 

@@ -20,50 +20,38 @@ def _register(spec: MethodSpec) -> None:
 
 
 _LICENSE = "no LICENSE file in the official repo; backbone Stable Diffusion 2.1-base under CreativeML Open RAIL++-M"
+_COMMON: dict[str, Any] = dict(kind="diffusion", nfe=50, license=_LICENSE, citation=_CITATION)
+# the synthetic x32 variants (SGDM and its no-map ablation) take and honour the same inputs
+_X32: dict[str, Any] = dict(scales=(32,), inputs=("sr", "map"), conditions=("map", "steps", "start"), **_COMMON)
 
 _register(
     MethodSpec(
         name="sgdm",
         target="baselines.sgdm.model:SGDM",
-        kind="diffusion",
-        scales=(32,),
-        inputs=("sr", "map"),
-        nfe=50,
-        license=_LICENSE,
-        citation=_CITATION,
-        conditions=("map", "steps", "start"),
         config="sgdm.yaml",
         description="SGDM, synthetic CMSRD x32: map-SPADE CS-encoder + adapter on SD2.1-base, 50-step DDPM",
+        **_X32,
     )
 )
 _register(
     MethodSpec(
         name="sgdm+",
         target="baselines.sgdm.model:SGDMPlus",
-        kind="diffusion",
         scales=(16,),
         inputs=("sr", "map", "style"),
-        nfe=50,
-        license=_LICENSE,
-        citation=_CITATION,
         conditions=("map", "style", "steps", "start"),
         config="sgdm+.yaml",
         description="SGDM+, real CMSRD x16: content-style encoder with AdaIN, style flows, SD2.1-base",
+        **_COMMON,
     )
 )
 _register(
     MethodSpec(
         name="sgdm-nomap",
         target="baselines.sgdm.model:SGDMNoMap",
-        kind="diffusion",
-        scales=(32,),
-        inputs=("sr", "map"),
-        nfe=50,
-        license=_LICENSE,
-        citation=_CITATION,
-        conditions=("map", "steps", "start"),
         config="sgdm-nomap.yaml",
         description="SGDM ablation without the map encoder (map used only for the text prompt)",
+        **_X32,
     )
 )
 

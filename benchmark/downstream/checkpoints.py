@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -27,6 +29,7 @@ UCM_CLASSES = 21
 LOVEDA_CLASSES = 7
 _OTHER_CLASSIFIERS = "AID has 30 classes, NWPU-RESISC45 45"
 _OTHER_SEGMENTERS = "Potsdam has 6 classes, iSAID 16"
+M = TypeVar("M", RVSAClassifier, RVSASegmenter)
 
 
 def read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -116,21 +119,26 @@ def load_segmenter_state(model: RVSASegmenter, state: dict[str, torch.Tensor], p
         )
 
 
+def _load_official(
+    path: str | os.PathLike,
+    device: str | torch.device,
+    model: M,
+    load_state: Callable[[M, dict[str, torch.Tensor], Path], None],
+) -> M:
+    path = Path(path)
+    load_state(model, read_official(path), path)
+    return model.eval().to(device)
+
+
 def load_classifier(
     path: str | os.PathLike, device: str | torch.device = "cpu", model: RVSAClassifier | None = None
 ) -> RVSAClassifier:
     """The UCM ViT-B RVSA classifier from its official file, in eval mode (`model`: another size, for tests)."""
-    path = Path(path)
-    model = model or RVSAClassifier(num_classes=UCM_CLASSES)
-    load_classifier_state(model, read_official(path), path)
-    return model.eval().to(device)
+    return _load_official(path, device, model or RVSAClassifier(num_classes=UCM_CLASSES), load_classifier_state)
 
 
 def load_segmenter(
     path: str | os.PathLike, device: str | torch.device = "cpu", model: RVSASegmenter | None = None
 ) -> RVSASegmenter:
     """The LoveDA UperNet ViT-B RVSA segmenter from its official mmseg file, in eval mode (`model`: for tests)."""
-    path = Path(path)
-    model = model or RVSASegmenter(num_classes=LOVEDA_CLASSES)
-    load_segmenter_state(model, read_official(path), path)
-    return model.eval().to(device)
+    return _load_official(path, device, model or RVSASegmenter(num_classes=LOVEDA_CLASSES), load_segmenter_state)
