@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Pinned, resolved once (requirements/lock.txt); --no-deps keeps pyiqa's unneeded extras out
-# (see ../shared/reference/environment.md). torch/torchvision 2.14.1/0.29.1 come from local disk.
+# (pyiqa imports only what the metrics use). torch/torchvision 2.14.1/0.29.1 come from local disk.
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -3,7 +3,7 @@
 The world generator (ground truth), the OSM renderer (maps and masks), the manifest (per-class
 fractions) and SGDM's prompt rule all read this table, so a class means the same thing everywhere.
 
-Colours reuse the SGDM palette (MapTiler-style OSM maps, `../shared/reference/sgdm-official.md` section 6)
+Colours reuse the SGDM palette (the MapTiler-style OSM maps of the official SGDM data, github.com/wwangcece/SGDM)
 for the classes the official prompt rule knows, so `land, building of regular shape, road, ...` prompts
 come out of our maps exactly as they come out of the authors' maps. The light green 228,236,213 is one
 of the three colours the official rule calls "woods"; we use it for parks/grass, as MapTiler does, so a

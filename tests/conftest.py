@@ -1,4 +1,5 @@
-"""Shared fixtures. Real-sample tests read ../shared/data and skip cleanly when it is absent."""
+"""Shared fixtures. Real-sample tests read $CMSRD_SHARED_DATA (default ../shared/data) and skip cleanly when
+it is absent."""
 
 from __future__ import annotations
 

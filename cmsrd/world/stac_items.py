@@ -3,7 +3,7 @@
 Field names, asset keys (blue/green/red/nir/scl/visual), `raster:bands` (scale 0.0001, offset
 -0.1 as Earth Search publishes for processing baseline >= 04.00), `earthsearch:boa_offset_applied`,
 `s2:processing_baseline`, MGRS/grid properties and per-asset `proj:shape`/`proj:transform` follow
-real items (see ../shared/data/sentinel2/*/item.json and the recorded searches). As on Earth
+real Earth Search v1 `sentinel-2-l2a` / `sentinel-2-c1-l2a` items and searches. As on Earth
 Search, when `earthsearch:boa_offset_applied` is true the pixels already hold reflectance x 10000
 (the published -0.1 offset must not be applied again); when false they hold DN = 10000 * refl +
 1000. Hrefs are relative to the world root; the STAC server rewrites them to loopback URLs.
