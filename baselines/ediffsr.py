@@ -11,20 +11,21 @@ state dict (`180000_G.pth`) loads strictly. Choices and deviations: `baselines/d
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from cmsrd.errors import InputError, unknown_name
+from cmsrd.errors import InputError
 
 from .archs import nafnet  # noqa: F401  (registers ConditionalNAFNet)
 from .base import Batch, SRMethod, TrainContext
 from .checkpoint import load_strict, read_metadata, read_state_dict
 from .conditions import Conditions
-from .diffusion.irsde import IRSDE, IRSDE_SAMPLERS, sample_irsde
-from .feedforward import build_optimizer
+from .diffusion.irsde import IRSDE, sample_irsde
+from .method_config import AdamW, MethodConfig, Optimizer, TrainConfig, build_optimizer
 from .registry import MethodSpec, build_arch, register
 from .seeding import Generators
 
@@ -58,7 +59,35 @@ SPEC = register(
 
 # prefixes the official training scripts may leave on the keys (DataParallel, torch.compile)
 _PREFIXES = ("module.", "_orig_mod.")
-SDE_KEYS = ("max_sigma", "T", "schedule", "eps")
+
+
+@dataclass(frozen=True)
+class SDEConfig:
+    """The IR-SDE (`baselines.diffusion.irsde.IRSDE` checks the values)."""
+
+    max_sigma: float = 50  # 8-bit levels (50/255)
+    T: int = 100
+    schedule: str = "cosine"
+    eps: float = 0.005
+
+
+@dataclass(frozen=True)
+class EDiffSRSampler:
+    name: Literal["sde", "posterior"] = "sde"  # `sde`: the official reverse SDE over all T steps
+    steps: int | None = None  # `posterior` only; null: all T steps
+
+
+@dataclass(frozen=True)
+class EDiffSRTrain(TrainConfig):
+    optim_g: Optimizer = field(default_factory=lambda: AdamW(lr=4e-5, betas=(0.9, 0.99), weight_decay=0.0))
+    loss_weight: float = 1.0  # official `train.weight` on the L1
+
+
+@dataclass(frozen=True)
+class EDiffSRConfig(MethodConfig):
+    sde: SDEConfig = field(default_factory=SDEConfig)
+    sampler: EDiffSRSampler = field(default_factory=EDiffSRSampler)
+    train: EDiffSRTrain = field(default_factory=EDiffSRTrain)
 
 
 def upsample_lr(lr: torch.Tensor, scale: int) -> torch.Tensor:
@@ -93,33 +122,24 @@ class EDiffSR(SRMethod):
     """`net_g`: the noise predictor (the trainer keeps its EMA); `sde`: the chain; `sampler_name`: the default
     sampler (`sde`, the official one, or `posterior`); the `steps=N` condition always runs `posterior`."""
 
-    train_keys = frozenset({"optim_g", "loss_weight"})
+    config_type = EDiffSRConfig
     key_layouts = (
         "ours, and the official plain ConditionalNAFNet state dict (e.g. 180000_G.pth; module. prefixes accepted)"
     )
 
     def __init__(self, spec: MethodSpec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
-        net_opt = dict(config.get("network") or {})
+        net_opt = dict(self.settings.network)
         if net_opt.get("type") != "ConditionalNAFNet":
             raise InputError(
                 f"network.type {net_opt.get('type')!r} in the {spec.name} config",
                 "EDiffSR's chain needs the ConditionalNAFNet noise predictor (inputs x_t, mu, t)",
                 "set network.type: ConditionalNAFNet",
             )
-        sde_cfg = dict(config.get("sde") or {})
-        for key in sde_cfg:
-            if key not in SDE_KEYS:
-                raise unknown_name(f"sde.{key}", "is not an IR-SDE setting", key, SDE_KEYS)
-        self.sde = IRSDE(**sde_cfg)
-        sampler = dict(config.get("sampler") or {})
-        for key in sampler:
-            if key not in ("name", "steps"):
-                raise unknown_name(f"sampler.{key}", "is not a sampler setting", key, ("name", "steps"))
-        self.sampler_name = sampler.get("name", "sde")
-        self.default_steps = sampler.get("steps")
-        if self.sampler_name not in IRSDE_SAMPLERS:
-            raise unknown_name(f"sampler.name {self.sampler_name!r}", "unknown", self.sampler_name, IRSDE_SAMPLERS)
+        sde = self.settings.sde
+        self.sde = IRSDE(max_sigma=sde.max_sigma, T=sde.T, schedule=sde.schedule, eps=sde.eps)
+        self.sampler_name = self.settings.sampler.name
+        self.default_steps = self.settings.sampler.steps
         if self.sampler_name == "sde" and self.default_steps not in (None, self.sde.T):
             raise InputError(
                 f"sampler.steps = {self.default_steps}",
@@ -183,10 +203,9 @@ class EDiffSR(SRMethod):
         return dict(self.net_g.state_dict())
 
     # ---- training -------------------------------------------------------------------------------
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        self.loss_weight = float(train_cfg.get("loss_weight", 1.0))
-        opt = train_cfg.get("optim_g") or {"type": "AdamW", "lr": 4e-5, "betas": [0.9, 0.99], "weight_decay": 0}
-        return {"g": build_optimizer(opt, self.net_g.parameters())}
+    def configure_optimizers(self, train_cfg: EDiffSRTrain) -> dict[str, torch.optim.Optimizer]:
+        self.loss_weight = train_cfg.loss_weight
+        return {"g": build_optimizer(train_cfg.optim_g, self.net_g.parameters())}
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         """The official objective: L1 between the reverse-SDE step mean under the predicted noise and the

@@ -156,3 +156,46 @@ def test_registered_adds_methods_for_a_block_only():
         with registry.registered(spec):  # the same name for another method: refused, and nothing is removed
             pass
     assert registry.names() == before and registry.get("bicubic").nfe == 0
+
+
+def _overlay_method(stem: str, methods: list[str]) -> str | None:
+    """The method a shipped overlay config (`ldm-sr-tiny.yaml`) merges over: the longest name it extends."""
+    owners = [n for n in methods if stem.startswith((n + "-", n + "_"))]
+    return max(owners, key=len) if owners else None
+
+
+def test_every_method_has_a_typed_config_and_its_shipped_configs_parse():
+    """A method without `config_type` would read an unchecked dict (misspelt keys silently ignored): every
+    registered method declares one, its train block extends the trainer's, its train keys are derived from it,
+    and its default YAML, with each shipped overlay merged over it, parses."""
+    from baselines.method_config import MethodConfig, TrainConfig, method_train_keys, parse_config, train_type
+
+    # the toolkit's own methods (other tests register throwaway ones from their modules)
+    methods = [n for n in registry.names() if registry.get(n).target.startswith("baselines.")]
+    own = {registry.get(n).config for n in methods}
+    overlays = {}
+    for path in sorted(registry.CONFIG_DIR.glob("*.yaml")):
+        owner = _overlay_method(path.stem, methods)
+        if path.name not in own and owner is not None:
+            overlays.setdefault(owner, []).append(path)
+    for name in methods:
+        cls = registry.resolve_class(registry.get(name))
+        assert cls.config_type is not None and issubclass(cls.config_type, MethodConfig), name
+        assert issubclass(train_type(cls.config_type), TrainConfig), name
+        assert cls.train_keys == method_train_keys(cls.config_type), name
+        default = registry.get(name).default_config()
+        assert isinstance(parse_config(cls.config_type, default, name), cls.config_type)
+        for path in overlays.get(name, []):
+            parse_config(
+                cls.config_type, registry.merge_config(default, registry.load_yaml(path)), f"{name} {path.name}"
+            )
+    assert {"ediffsr", "ldm", "resshift"} <= set(methods)
+    assert {n: len(p) for n, p in overlays.items()} == {
+        "csdiff": 1,
+        "ediffsr": 1,
+        "esrgan": 2,
+        "ldm-sr": 1,
+        "ldm": 1,
+        "resshift": 2,
+        "sgdm": 2,
+    }

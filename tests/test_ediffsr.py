@@ -19,6 +19,7 @@ from baselines.conditions import Conditions, UnsupportedCondition
 from baselines.diffusion.irsde import IRSDE, sample_irsde
 from baselines.ediffsr import convert_official, upsample_lr
 from baselines.inference import super_resolve_batch
+from baselines.method_config import train_config
 from baselines.seeding import seeded_generators
 from benchmark.train import train
 from cmsrd.data import CMSRDDataset
@@ -191,7 +192,9 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tiny_dataset):
     ds = CMSRDDataset(tiny_dataset, "train", inputs=("lr", "hr"))
     batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("lr", "hr")}
     method = tiny(16)
-    optimizers = method.configure_optimizers({"optim_g": {"type": "AdamW", "lr": 2e-3, "weight_decay": 0}})
+    optimizers = method.configure_optimizers(
+        train_config(method.settings.train, optim_g={"type": "AdamW", "lr": 2e-3, "weight_decay": 0})
+    )
 
     def loss_at_fixed_draws():  # the same t and noise every time: the loss moves only with the weights
         with torch.random.fork_rng(), torch.no_grad():
@@ -307,9 +310,25 @@ def test_bad_lr_and_settings_are_one_clear_error():
         tiny(16, network={"width": 8})
     with pytest.raises(InputError, match="as many decoder as encoder levels"):
         tiny(16, network={"dec_blk_nums": [1, 1]})
-    with pytest.raises(InputError, match=r"sde.max_sgima: is not an IR-SDE setting \(did you mean `max_sigma`\?\)"):
+    with pytest.raises(InputError, match=r"sde.max_sgima: unknown key \(did you mean `max_sigma`\?\)"):
         tiny(16, sde={"max_sgima": 50})
     with pytest.raises(InputError, match=r"is not an IR-SDE schedule \(did you mean `cosine`\?\)"):
         tiny(16, sde={"schedule": "cosin"})
     with pytest.raises(InputError, match="always runs all 100 steps"):
         tiny(16, sampler={"name": "sde", "steps": 20})
+
+
+def test_misspelt_config_keys_are_refused_with_the_close_match():
+    """The typed config (`EDiffSRConfig`) refuses an unknown key at any level, naming the closest valid one."""
+    for override, message in (
+        ({"sampler": {"stpes": 20}}, r"^sampler.stpes: unknown key \(did you mean `steps`\?\)"),
+        ({"smapler": {"name": "sde"}}, r"^smapler: is not a key of the ediffsr config \(did you mean `sampler`\?\)"),
+        ({"train": {"loss_wieght": 2.0}}, r"^train.loss_wieght: .*\(did you mean `loss_weight`\?\)"),
+    ):
+        with pytest.raises(InputError, match=message):
+            tiny(16, **override)
+    with pytest.raises(InputError, match=r"sampler.name: unknown value 'posteror' \(did you mean `posterior`\?\)"):
+        tiny(16, sampler={"name": "posteror"})
+    m = tiny(16, sampler={"name": "posterior", "steps": 20}, train={"loss_weight": 2.0})
+    assert (m.sampler_name, m.default_steps, m.settings.train.loss_weight) == ("posterior", 20, 2.0)
+    assert m.settings.train.optim_g.lr == 1e-3 and m.settings.sde.max_sigma == 50  # the tiny YAML over ediffsr.yaml

@@ -18,6 +18,7 @@ from baselines import registry
 from baselines.conditions import Conditions
 from baselines.ldm.loading import convert_official_unet
 from baselines.ldm.model import widen_conv_in
+from baselines.method_config import train_config
 from baselines.seeding import seeded_generators
 from cmsrd.errors import InputError
 
@@ -127,7 +128,7 @@ def test_exact_shapes_nfe_and_lr_start(scale, lr):
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     m = build(16, TINY).train()
-    opts = m.configure_optimizers({"lr": 2e-3})
+    opts = m.configure_optimizers(train_config(m.settings.train, lr=2e-3))
     assert isinstance(opts["main"], torch.optim.AdamW) and opts["main"].defaults["weight_decay"] == 0.01
     assert sum(p.numel() for g in opts["main"].param_groups for p in g["params"]) == m.parameter_counts()[1]
     assert m.parameter_counts()[1] == sum(p.numel() for p in m.unet.parameters())
@@ -143,7 +144,8 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_default_optimizer_is_official():
-    opt = build(32, TINY).configure_optimizers({})["main"]
+    m = build(32, TINY)
+    opt = m.configure_optimizers(train_config(m.settings.train))["main"]
     assert opt.defaults["lr"] == 1e-5
     cfg = registry.get("ldm").default_config()
     assert cfg["train"]["lr"] == 1e-5 and cfg["train"]["keep_best"] == "lpips" and cfg["sampler"]["steps"] == 50
@@ -366,3 +368,23 @@ def test_whole_srldm_file_builds_the_backbone_and_samples_as_the_source(tiny_srl
     other = build(32, {"network": {**LPB2_NET, "backbone": {**LPB2_NET["backbone"], "tokenizer": str(tok)}}})
     other.load_checkpoint(ckpt)
     assert _same(other.unet, src.unet) and _same(other.vae, src.vae) and _same(other.text_encoder, src.text_encoder)
+
+
+def test_misspelt_config_keys_are_refused_with_the_close_match():
+    """The typed config (`LDMConfig`, SGDM's backbone and sampler blocks) refuses an unknown key at any level,
+    naming the closest valid one, before anything is built."""
+    for override, message in (
+        ({"network": {"backbone": {"geometri": "tiny"}}}, r"^network.backbone.geometri: unknown key .*`geometry`"),
+        ({"sampler": {"step": 3}}, r"^sampler.step: unknown key \(did you mean `steps`\?\)"),
+        ({"sampelr": {"steps": 3}}, r"^sampelr: is not a key of the ldm config \(did you mean `sampler`\?\)"),
+        ({"train": {"weight_decy": 0.0}}, r"^train.weight_decy: .*\(did you mean `weight_decay`\?\)"),
+    ):
+        with pytest.raises(InputError, match=message):
+            build(16, registry.merge_config(TINY, override), device="meta")
+    m = build(16, registry.merge_config(TINY, {"train": {"weight_decay": 0.0}}), device="meta")
+    assert (m.sampler_name, m.default_steps, m.settings.train.weight_decay, m.settings.train.lr) == (
+        "ddpm",
+        3,
+        0.0,
+        1e-5,
+    )

@@ -15,7 +15,8 @@ from baselines.archs.vqf4 import build_vq_f4, convert_ldm_vq, load_vq_f4
 from baselines.checkpoint import save_weights
 from baselines.conditions import Conditions
 from baselines.diffusion.resshift import PRESETS, ResShiftChain, ResShiftSchedule
-from baselines.registry import build, get, load_yaml
+from baselines.method_config import train_config
+from baselines.registry import build, get, load_yaml, merge_config
 from baselines.resshift.model import strip_prefixes
 from baselines.seeding import seeded_generators
 from cmsrd.errors import InputError
@@ -203,7 +204,7 @@ def test_lr_smaller_than_the_chain_supports_is_one_input_error(x16):
 def test_training_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     m = build("resshift", 16, TINY).train()
-    opts = m.configure_optimizers({"lr": 2e-3})
+    opts = m.configure_optimizers(train_config(m.settings.train, lr=2e-3))
     assert isinstance(opts["main"], torch.optim.AdamW) and opts["main"].defaults["weight_decay"] == 0.0
     frozen = m.autoencoder.encoder.conv_in.weight.clone()
     batch, ctx, losses = hr_lr_batch(2), train_context(opts), []
@@ -216,7 +217,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
 
 def test_warmup_scales_the_step_and_leaves_the_schedule_alone():
     m = build("resshift", 16, TINY).train()
-    opts = m.configure_optimizers({"lr": 1e-3, "warmup_steps": 10})
+    opts = m.configure_optimizers(train_config(m.settings.train, lr=1e-3, warmup_steps=10))
     seen: list[float] = []
     m.training_step(hr_lr_batch(1), train_context(opts, step=4, seen_lr=seen))
     m.training_step(hr_lr_batch(1), train_context(opts, step=10, seen_lr=seen))
@@ -301,9 +302,9 @@ def test_shared_trainer_trains_exports_and_reloads(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("extra", [None, "resshift-v3.yaml", "resshift-tiny.yaml"])
 def test_shipped_configs_pass_the_train_key_check(extra):
-    from baselines.method_config import Scheduler, build_scheduler
+    from baselines.method_config import Scheduler, build_scheduler, parse_config
     from baselines.registry import CONFIG_DIR, merge_config
-    from baselines.resshift.model import ResShift
+    from baselines.resshift.model import ResShift, ResShiftConfig
     from benchmark.train import check_train_keys
     from cmsrd.typed import coerce
 
@@ -311,7 +312,25 @@ def test_shipped_configs_pass_the_train_key_check(extra):
     if extra:
         cfg = merge_config(cfg, load_yaml(CONFIG_DIR / extra))
     check_train_keys(cfg["train"], ResShift, "resshift")
-    ResShiftSchedule.from_config(cfg["chain"])
+    assert parse_config(ResShiftConfig, cfg, "resshift").chain == ResShiftSchedule.from_config(cfg["chain"])
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
     sched = coerce(cfg["train"].get("scheduler") or {}, Scheduler, "train.scheduler")
     build_scheduler(sched, opt, int(cfg["train"]["total_steps"]))
+
+
+def test_misspelt_config_keys_are_refused_with_the_close_match():
+    """The typed config (`ResShiftConfig`) refuses an unknown key at any level, naming the closest valid one,
+    and checks the chain's values when the config is parsed."""
+    for override, message in (
+        ({"chain": {"kapa": 2.0}}, r"^chain.kapa: unknown key \(did you mean `kappa`\?\)"),
+        ({"autoencoder": {"weight": None}}, r"^autoencoder.weight: unknown key \(did you mean `weights`\?\)"),
+        ({"chian": {"steps": 4}}, r"^chian: is not a key of the resshift config \(did you mean `chain`\?\)"),
+        ({"train": {"warmup_step": 10}}, r"^train.warmup_step: .*\(did you mean `warmup_steps`\?\)"),
+    ):
+        with pytest.raises(InputError, match=message):
+            build("resshift", 16, merge_config(TINY, override), device="meta")
+    with pytest.raises(InputError, match=r"^chain .*needs steps >= 2"):
+        build("resshift", 16, merge_config(TINY, {"chain": {"steps": 1}}), device="meta")
+    m = build("resshift", 16, merge_config(TINY, {"train": {"warmup_steps": 7}}), device="meta")
+    assert m.chain.schedule == ResShiftSchedule(steps=4) and m.settings.train.warmup_steps == 7
+    assert m.settings.train.lr == 5e-5 and m.settings.autoencoder == type(m.settings.autoencoder)("tiny", None)

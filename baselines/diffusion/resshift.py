@@ -55,13 +55,17 @@ class ResShiftSchedule:
                 f"use {sorted(cls.__dataclass_fields__)}",
             )
         s = cls(**{k: (int(v) if k == "steps" else float(v)) for k, v in cfg.items()})
-        if s.steps < 2 or s.kappa <= 0 or s.power <= 0 or not 0 < s.min_noise or not 0 < s.etas_end < 1:
+        s.validate("chain")
+        return s
+
+    def validate(self, where: str) -> None:
+        """Called by `cmsrd.typed` when a config's `chain:` block is built, and by `from_config`."""
+        if self.steps < 2 or self.kappa <= 0 or self.power <= 0 or not 0 < self.min_noise or not 0 < self.etas_end < 1:
             raise InputError(
-                f"chain {asdict(s)}",
+                f"{where} {asdict(self)}",
                 "needs steps >= 2, kappa > 0, power > 0, min_noise > 0 and 0 < etas_end < 1",
                 "e.g. steps: 15, kappa: 2.0, power: 0.3, min_noise: 0.04",
             )
-        return s
 
     def sqrt_etas(self) -> torch.Tensor:
         """sqrt(eta_t), t = 1..T, float64."""

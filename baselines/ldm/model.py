@@ -32,7 +32,9 @@ from ..sgdm.backbone import (
     random_backbone,
     resolve_tokenizer,
 )
+from ..sgdm.config import BackboneConfig
 from ..sgdm.prompt import PromptEncoder, prompts_from_maps
+from .config import LDMConfig, LDMTrain
 from .loading import (
     LATENT_CHANNELS,
     TEXT_PREFIX,
@@ -71,19 +73,20 @@ class LDM(SRMethod):
     {name, steps}, `train` {lr, weight_decay, gradient_checkpointing, ...}, `checkpoint` (an SRLDM `.ckpt`,
     which may carry the whole backbone, or our `model.safetensors`)."""
 
-    train_keys = frozenset({"lr", "weight_decay", "gradient_checkpointing"})
+    config_type = LDMConfig
 
     def __init__(self, spec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
-        bcfg = dict((config.get("network") or {}).get("backbone") or {})
+        settings: LDMConfig = self.settings
+        bcfg = settings.network.backbone
         on_meta = str(device) == "meta"
-        ckpt = None if on_meta or not config.get("checkpoint") else Path(config["checkpoint"])
+        ckpt = None if on_meta or not settings.checkpoint else Path(settings.checkpoint)
         state = None
         if ckpt is not None:  # read once, before the build: an SRLDM .ckpt may carry the whole backbone
             state = read_checkpoint(ckpt)
             check_layout(state, ckpt, spec.name)
         whole = state is not None and is_official(state) and _has(state, VAE_PREFIX) and _has(state, TEXT_PREFIX)
-        random_init = on_meta or (not whole and bcfg.get("pretrained") is None)
+        random_init = on_meta or (not whole and bcfg.pretrained is None)
         with torch.device(device) if random_init else _null():  # random init straight on the target device
             bb = self._backbone(bcfg, ckpt if whole else None, state, on_meta)
         self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
@@ -93,10 +96,9 @@ class LDM(SRMethod):
         self.unet.requires_grad_(True)
         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
         self.noise_schedule = training_scheduler()
-        scfg = dict(config.get("sampler") or {})
-        self.sampler_name, self.default_steps = scfg.get("name", "ddpm"), int(scfg.get("steps", 50))
+        self.sampler_name, self.default_steps = settings.sampler.name, settings.sampler.steps
         make_scheduler(self.sampler_name, self.default_steps)  # validate early
-        if (config.get("train") or {}).get("gradient_checkpointing"):
+        if settings.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if on_meta:
             return
@@ -104,15 +106,15 @@ class LDM(SRMethod):
         if ckpt is not None:
             self._load(ckpt, state, backbone_loaded=whole)
 
-    def _backbone(self, bcfg: dict[str, Any], official: Path | None, state: dict | None, on_meta: bool) -> Backbone:
+    def _backbone(self, bcfg: BackboneConfig, official: Path | None, state: dict | None, on_meta: bool) -> Backbone:
         """An SRLDM file with VAE and text tower builds everything (8-channel UNet as stored); otherwise the SD2.1
         backbone of `pretrained` (None: random init) with `conv_in` widened."""
-        geometry_name, overrides = bcfg.get("geometry", "sd21-base"), dict(bcfg.get("overrides") or {})
+        geometry_name, overrides = bcfg.geometry, dict(bcfg.overrides or {})
         if official is not None:
             overrides["unet"] = {**(overrides.get("unet") or {}), "in_channels": IN_CHANNELS}
             bb = random_backbone(geometry_name, overrides)
             convert_official_unet(state, bb.unet, official)  # names differing keys before any load
-            bb.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), official)
+            bb.tokenizer = resolve_tokenizer(bcfg.tokenizer, bcfg.pretrained, official)
             parts = load_original_parts(bb.unet, bb.vae, bb.text_encoder, state, str(official))
             log.info("%s: %s loaded from %s", self.spec.name, ", ".join(parts), official)
             bb.source = f"official:{official}"
@@ -120,7 +122,7 @@ class LDM(SRMethod):
         bb = (
             random_backbone(geometry_name, overrides)
             if on_meta
-            else load_backbone(bcfg.get("pretrained"), geometry_name, bcfg.get("tokenizer"), overrides)
+            else load_backbone(bcfg.pretrained, geometry_name, bcfg.tokenizer, overrides)
         )
         widen_conv_in(bb.unet)
         return bb
@@ -154,11 +156,10 @@ class LDM(SRMethod):
         return self.unet(torch.cat([zt, lr_latent.to(zt.dtype)], 1), t, encoder_hidden_states=context).sample
 
     # ---- training -------------------------------------------------------------------------------
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
+    def configure_optimizers(self, train_cfg: LDMTrain) -> dict[str, torch.optim.Optimizer]:
         """AdamW over the whole UNet (official SRLDM: lr 1e-5, torch's other defaults)."""
-        lr, wd = float(train_cfg.get("lr", 1e-5)), float(train_cfg.get("weight_decay", 0.01))
         params = [p for p in self.parameters() if p.requires_grad]
-        return {"main": torch.optim.AdamW(params, lr=lr, weight_decay=wd)}
+        return {"main": torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)}
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
         z0 = self.encode(batch["hr"])
@@ -236,8 +237,8 @@ def _load_frozen_parts(m: LDM, state: dict[str, torch.Tensor], path: Path) -> No
         load_strict(m.vae, convert_ldm_vae_checkpoint(vae_state, m.vae.config), f"checkpoint {path} (VAE)")
     if _has(state, TEXT_PREFIX):
         if m.backbone_source.startswith("random:"):
-            bcfg = (m.config.get("network") or {}).get("backbone") or {}
-            m.tokenizer = resolve_tokenizer(bcfg.get("tokenizer"), bcfg.get("pretrained"), path)
+            bcfg = m.settings.network.backbone
+            m.tokenizer = resolve_tokenizer(bcfg.tokenizer, bcfg.pretrained, path)
             m.prompt_encoder = PromptEncoder(m.tokenizer, m.text_encoder)
         load_text_tower(m.text_encoder, state, str(path))
     m.prompt_encoder.clear()

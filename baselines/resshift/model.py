@@ -9,6 +9,7 @@ chain's end point y. So the released x4 weights load strictly and can be fine-tu
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..base import Batch, SRMethod, TrainContext
 from ..checkpoint import load_strict, read_metadata, read_state_dict
 from ..conditions import Conditions
 from ..diffusion.resshift import ResShiftChain, ResShiftSchedule
+from ..method_config import MethodConfig, TrainConfig
 from ..registry import build_arch
 from ..seeding import Generators
 
@@ -34,6 +36,29 @@ LAYOUTS = (
     "ours (model.safetensors) and the official ResShift .pth (plain, `state_dict`, `module.`/`_orig_mod.` prefixes)"
 )
 PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    geometry: str = "vq-f4"  # named VQ-f4 geometry (`archs.vqf4.GEOMETRIES`), frozen
+    weights: str | None = None  # a path or a weights-manifest key (resshift_vq_f4); null: random init
+
+
+@dataclass(frozen=True)
+class ResShiftTrain(TrainConfig):
+    lr: float = 5e-5  # AdamW over the UNet (official)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # official linear warm-up (5000 in resshift.yaml), then the trainer's schedule
+
+
+@dataclass(frozen=True)
+class ResShiftConfig(MethodConfig):
+    """`network`: UNetModelSwin kwargs (checked against its signature); `chain`: the residual-shifting chain
+    (`ResShiftSchedule`, v1/v2 defaults); `checkpoint`: the UNet, ours or official."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    chain: ResShiftSchedule = field(default_factory=ResShiftSchedule)
+    train: ResShiftTrain = field(default_factory=ResShiftTrain)
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,29 +90,28 @@ def resolve_autoencoder(weights: str | None) -> Path | None:
 
 
 class ResShift(SRMethod):
-    """Config: `network` (UNetModelSwin kwargs), `autoencoder` {geometry, weights}, `chain` (ResShiftSchedule
-    fields), `train` (trainer keys + lr, weight_decay, warmup_steps), `checkpoint` (UNet: ours or official)."""
+    """The residual-shifting chain on a frozen VQ-f4; config: `ResShiftConfig`."""
 
-    train_keys = frozenset({"lr", "weight_decay", "warmup_steps"})
+    config_type = ResShiftConfig
 
     def __init__(self, spec, scale: int, config: dict[str, Any], device: Any = "cpu"):
         super().__init__(spec, scale, config, device)
-        net = dict(config.get("network") or {})
+        settings: ResShiftConfig = self.settings
+        net = dict(settings.network)
         if net.get("type", "UNetModelSwin") != "UNetModelSwin":
             raise InputError(f"network.type {net['type']!r}", "resshift uses UNetModelSwin", "drop network.type")
         self.net_g: UNetModelSwin = build_arch({**net, "type": "UNetModelSwin"}).to(device)
-        ae = dict(config.get("autoencoder") or {})
-        self.autoencoder = build_vq_f4(str(ae.get("geometry", "vq-f4"))).to(device)
+        self.autoencoder = build_vq_f4(settings.autoencoder.geometry).to(device)
         if self.autoencoder.config.latent_channels != self.net_g.in_channels:
             raise InputError(
                 "network.in_channels", f"must equal the autoencoder's {self.autoencoder.config.latent_channels}"
             )
-        self.chain = ResShiftChain(ResShiftSchedule.from_config(config.get("chain")))
+        self.chain = ResShiftChain(settings.chain)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
         self.autoencoder_source = "random"
         if str(device) != "meta":
-            path = resolve_autoencoder(ae.get("weights"))
+            path = resolve_autoencoder(settings.autoencoder.weights)
             if path is None:
                 log.warning("resshift: VQ-f4 autoencoder has random weights (autoencoder.weights is null)")
             else:
@@ -146,11 +170,11 @@ class ResShift(SRMethod):
         return ((self.decode(z).float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
 
     # ---- training -------------------------------------------------------------------------------
-    def configure_optimizers(self, train_cfg: dict[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        lr = float(train_cfg.get("lr", 5e-5))
-        wd = float(train_cfg.get("weight_decay", 0.0))
-        self.warmup_steps = int(train_cfg.get("warmup_steps", 0))
-        self._optimizer = torch.optim.AdamW(self.net_g.parameters(), lr=lr, weight_decay=wd)
+    def configure_optimizers(self, train_cfg: ResShiftTrain) -> dict[str, torch.optim.Optimizer]:
+        self.warmup_steps = train_cfg.warmup_steps
+        self._optimizer = torch.optim.AdamW(
+            self.net_g.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        )
         return {"main": self._optimizer}
 
     def training_step(self, batch: Batch, ctx: TrainContext) -> dict[str, float]:
