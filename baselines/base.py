@@ -89,6 +89,27 @@ class SRMethod(nn.Module):
         built. Methods whose built network differs from `config["network"]` (SwinIR's img_size) override."""
         return {"method": self.spec.name, "scale": self.scale, "network": self.config.get("network", {})}
 
+    def check_saved_by(
+        self, path: Path, meta: dict[str, Any], what: str = "", check_scale: bool = True, fix: str = ""
+    ) -> None:
+        """Refuse our export of another method (or, with `check_scale`, of another scale) before its tensors are
+        read: they might load by name into a network they were never trained for."""
+        from cmsrd.errors import InputError
+
+        what = what or f"checkpoint {path}"
+        if meta.get("method") not in (None, self.spec.name):
+            raise InputError(
+                what,
+                f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
+                fix or f"load it with --method {meta['method']}",
+            )
+        if check_scale and meta.get("scale") not in (None, self.scale):
+            raise InputError(
+                what,
+                f"was trained for x{meta['scale']} but the method was built for x{self.scale}",
+                f"use --scale {meta['scale']} or a x{self.scale} checkpoint",
+            )
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors the trainer saves (frozen pretrained parts are not repeated in every checkpoint)."""
         return {k: v for k, v in self.state_dict().items()}

@@ -175,18 +175,7 @@ class EDiffSR(SRMethod):
         """Our safetensors (method and scale checked from its metadata) or the authors' plain `.pth`."""
         path = Path(path)
         meta = read_metadata(path)
-        if meta.get("method") not in (None, self.spec.name):
-            raise InputError(
-                f"checkpoint {path}",
-                f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
-                f"load it with --method {meta['method']}",
-            )
-        if meta.get("scale") not in (None, self.scale):
-            raise InputError(
-                f"checkpoint {path}",
-                f"was trained for x{meta['scale']} but the method was built for x{self.scale}",
-                f"use --scale {meta['scale']} or a x{self.scale} checkpoint",
-            )
+        self.check_saved_by(path, meta)
         state = convert_official(read_state_dict(path))
         load_strict(
             self.net_g,

@@ -93,18 +93,7 @@ class FeedForwardMethod(SRMethod):
     def load_checkpoint(self, path: str | Path, param_key: str | None = None) -> None:
         path = Path(path)
         meta = read_metadata(path)
-        if meta.get("method") not in (None, self.spec.name):
-            raise InputError(
-                f"checkpoint {path}",
-                f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
-                f"load it with --method {meta['method']}",
-            )
-        if meta.get("scale") not in (None, self.scale):
-            raise InputError(
-                f"checkpoint {path}",
-                f"is a x{meta['scale']} model but the method was built for x{self.scale}",
-                f"use --scale {meta['scale']} or a x{self.scale} checkpoint",
-            )
+        self.check_saved_by(path, meta)
         param_key = param_key or self.settings.path.param_key
         try:
             raw = read_state_dict(path, param_key)

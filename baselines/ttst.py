@@ -138,12 +138,9 @@ class TTSTMethod(SwinIRMethod):
         path = Path(path)
         what = f"train.pretrain_network_g {path}"
         meta = read_metadata(path)
-        if meta.get("method") not in (None, self.spec.name):
-            raise InputError(
-                what,
-                f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
-                "start from a TTST checkpoint (ours or the released ttst_4x.pth)",
-            )
+        self.check_saved_by(
+            path, meta, what, check_scale=False, fix="start from a TTST checkpoint (ours or the released ttst_4x.pth)"
+        )
         state = self.convert_state(read_state_dict(path, self.settings.path.param_key))
         ck_scale = self.upsampler_scale(state, what)
         own = self.net_g.state_dict()

@@ -172,7 +172,7 @@ def test_scale_mismatch_names_both_scales(tmp_path):
     with pytest.raises(InputError, match=r"x16 model but the method was built for x32"):
         x32.load_checkpoint(path)
     ours = save_weights(tmp_path / "m.safetensors", x16.trainable_state_dict(), x16.export_metadata())
-    with pytest.raises(InputError, match=r"x16 model but the method was built for x32"):
+    with pytest.raises(InputError, match=r"trained for x16 but the method was built for x32"):
         x32.load_checkpoint(ours)
 
 

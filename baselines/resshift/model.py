@@ -219,12 +219,7 @@ class ResShift(SRMethod):
         """Our model.safetensors or an official ResShift UNet .pth; derived buffers are dropped and rebuilt."""
         path = Path(path)
         meta = read_metadata(path)
-        if meta.get("method") not in (None, self.spec.name):
-            raise InputError(
-                f"checkpoint {path}",
-                f"was saved by method {meta['method']!r}, not {self.spec.name!r}",
-                f"load it with --method {meta['method']}",
-            )
+        self.check_saved_by(path, meta, check_scale=False)  # one network at every scale
         chain = meta.get("chain")
         if chain is not None and ResShiftSchedule(**chain) != self.chain.schedule:
             raise InputError(
