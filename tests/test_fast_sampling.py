@@ -20,7 +20,8 @@ from baselines.registry import build
 from baselines.seeding import seeded_generators
 from cmsrd.errors import InputError
 
-TINY = {"network": {"backbone": {"pretrained": None, "geometry": "tiny"}, "cond_channels": 64}, "sampler": {"steps": 4}}
+TINY = {"network": {"backbone": {"pretrained": None, "geometry": "tiny"}}, "sampler": {"steps": 4}}
+TINY_SGDM = {**TINY, "network": {**TINY["network"], "cond_channels": 64}}  # + SGDM's condition encoder width
 EXACT = 1e-4
 
 
@@ -32,7 +33,7 @@ def _batch(n: int = 2, size: int = 32) -> dict[str, torch.Tensor]:
 
 def _run(opts: fast.FastOptions | None, precision: str = "fp32", batch=None, indices=(0, 1), method="ldm"):
     torch.manual_seed(0)
-    m = build(method, 32, TINY).eval()
+    m = build(method, 32, TINY_SGDM if method.startswith("sgdm") else TINY).eval()
     if opts is not None:
         fast.apply(m, opts)
     batch = batch or _batch(len(indices))
