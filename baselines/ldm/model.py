@@ -10,6 +10,7 @@ Deliberate deviations: outputs clamped to [0, 1]; noise drawn from the runner's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from ..sgdm.backbone import (
     resolve_tokenizer,
 )
 from ..sgdm.config import BackboneConfig
+from ..sgdm.model import check_inputs
 from ..sgdm.prompt import PromptEncoder, prompts_from_maps
 from .config import LDMConfig, LDMTrain
 from .loading import (
@@ -87,7 +89,9 @@ class LDM(SRMethod):
             check_layout(state, ckpt, spec.name)
         whole = state is not None and is_official(state) and _has(state, VAE_PREFIX) and _has(state, TEXT_PREFIX)
         random_init = on_meta or (not whole and bcfg.pretrained is None)
-        with torch.device(device) if random_init else _null():  # random init straight on the target device
+        with (
+            torch.device(device) if random_init else contextlib.nullcontext()
+        ):  # random init straight on the target device
             bb = self._backbone(bcfg, ckpt if whole else None, state, on_meta)
         self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
         self.tokenizer, self.backbone_source = bb.tokenizer, bb.source
@@ -250,31 +254,9 @@ def _has(state: dict[str, Any], prefix: str) -> bool:
 
 
 def _check_inputs(batch: Batch) -> None:
-    """sr (and map, when given) N x 3 x H x W in [0, 1], H and W multiples of 8 (the VAE factor)."""
-    sr = batch["sr"]
-    n, _, h, w = sr.shape
+    """SGDM's input checks (sr and map N x 3 x H x W in [0, 1], map at sr's size), plus H and W multiples of 8
+    (the VAE factor), which SGDM's fixed 256 px data never needed."""
+    h, w = batch["sr"].shape[2:]
     if h % 8 or w % 8:
         raise InputError(f"sr images {h}x{w}", "must be multiples of 8 (VAE factor)")
-    for key in ("sr", "map"):
-        x = batch.get(key)
-        if x is None:
-            continue
-        if tuple(x.shape) != (n, 3, h, w):
-            raise InputError(
-                f"{key} of shape {tuple(x.shape)}",
-                f"expected N x 3 x H x W = {(n, 3, h, w)} (the size of sr)",
-                "render the map at the SR/HR size" if key == "map" else "give sr as N x 3 x H x W",
-            )
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-4 or hi > 1 + 1e-4:
-            raise InputError(
-                f"{key} values", f"span [{lo:.3g}, {hi:.3g}], expected [0, 1]", "divide 8-bit images by 255"
-            )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    check_inputs(batch)

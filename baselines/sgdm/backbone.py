@@ -15,6 +15,7 @@ SD2.1 text encoder is that model cut to 23 layers, so its `last_hidden_state` is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -206,7 +207,7 @@ def char_tokenizer(max_length: int = 77):
 def random_backbone(geometry_name: str = "tiny", overrides: dict | None = None, device: Any = None) -> Backbone:
     """Random-init backbone. `device="meta"` allocates nothing (parameter counting at SD2.1 size)."""
     u, v, t = geometry(geometry_name, overrides)
-    ctx = torch.device(device) if device is not None else _nullcontext()
+    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
         unet, vae, text = _build_modules(u, v, t)
     # random text weights make any consistent ids fine; the character tokenizer needs no download
@@ -214,14 +215,6 @@ def random_backbone(geometry_name: str = "tiny", overrides: dict | None = None, 
     if text.config.vocab_size < len(tok):
         raise InputError("text encoder vocab_size", f"{text.config.vocab_size} < tokenizer size {len(tok)}")
     return Backbone(unet, vae, text, tok, f"random:{geometry_name}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def backbone_from_original_state(

@@ -15,6 +15,7 @@ Deviations from the official code, chosen on purpose:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class SGDMBase(SRMethod):
             loading.check_variant(self, official, Path(ckpt))
         # random init is built directly on the target device (fast on GPU, free on meta)
         build_on = torch.device(device) if on_meta or (official is None and bcfg.pretrained is None) else None
-        with build_on if build_on is not None else _null():
+        with build_on if build_on is not None else contextlib.nullcontext():
             bb = loading.build_backbone(spec.name, bcfg, ckpt, official, on_meta)
             self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
             self.adapter = SGDMAdapter(self.variant, self.unet.config.block_out_channels[:3], net.cond_channels)
@@ -182,7 +183,7 @@ class SGDMBase(SRMethod):
         n, _, h, w = sr.shape
         if h % 8 or w % 8:
             raise InputError(f"sr images {h}x{w}", "must be multiples of 8 (VAE factor)")
-        _check_inputs(batch)
+        check_inputs(batch)
         feats = self.adapter_features(batch, self._style_stats(batch, cond, generator))
         context = self.text_context(batch)
         start_latent = self.encode(sr, sample=False) if cond.start_t is not None else None
@@ -279,7 +280,7 @@ class SGDMPlus(SGDMBase):
 STYLE_MIN_PX = 16  # the style encoder downsamples 8x, then takes a spatial (unbiased) std: >= 2 x 2 values
 
 
-def _check_inputs(batch: Batch) -> None:
+def check_inputs(batch: Batch) -> None:
     """sr/map/style must be N x 3 x H x W in [0, 1]; the map at sr's size (it is rendered at HR size), the
     style image at any size of at least STYLE_MIN_PX (the style encoder keeps only global channel statistics,
     so any reference image works): one InputError instead of a shape error inside SPADE, a NaN style or a
@@ -310,11 +311,3 @@ def _check_inputs(batch: Batch) -> None:
                 f"span [{lo:.3g}, {hi:.3g}], expected [0, 1]",
                 "divide 8-bit images by 255 (and clamp interpolated images to [0, 1])",
             )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
