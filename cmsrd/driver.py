@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -253,11 +254,7 @@ def _execute(
     searches = lr_spec(spec.cfg.lr.source, spec.cfg.lr.backend).block_search
     try:
         if workers == 0 and not scheduler:
-            for part in _partitions(todo, spec.cfg.build.partition_size):
-                for _, tasks in _group_by_block(part):
-                    search = search_block(spec, _block_bbox(tasks)) if searches else None
-                    for task in tasks:
-                        record(process_sample(spec, task, search))
+            _run_in_process(spec, todo, threads, searches, record)
             return len(todo)
         _run_distributed(spec, todo, workers, threads, scheduler, record, processes)
         return len(todo)
@@ -286,6 +283,72 @@ def _group_by_block(part: list[SampleTask]) -> list[tuple[str, list[SampleTask]]
     for t in part:
         groups.setdefault(t.block, []).append(t)
     return list(groups.items())
+
+
+def _run_in_process(
+    spec: BuildSpec, todo: pd.DataFrame, threads: int, searches: bool, record: Callable[[dict], None]
+) -> None:
+    """The stages on a pool of `threads` threads in this process (no scheduler, no serialisation).
+
+    The stages spend most of their time where the GIL is released (zlib/PNG and GeoTIFF encoding, GDAL
+    reads, numpy, sockets), so threads use the cores of a small machine without the memory and CPU of
+    worker processes. Each block's LR search runs once, in the thread of the block's first sample, and
+    the block's other samples wait for it. At most `max_in_flight` samples are queued (memory does not
+    grow with the plan); rows are recorded here, in this thread, in completion order (the manifest is
+    written in plan order)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    limit = spec.cfg.build.max_in_flight or 4 * threads
+    queue = _queued_tasks(spec, todo, searches)
+    running: dict[Any, SampleTask] = {}
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cmsrd-sample")
+    try:
+        while True:
+            for task, search in queue:
+                running[pool.submit(_sample_in_thread, spec, task, search)] = task
+                if len(running) >= limit:
+                    break
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                task = running.pop(f)
+                try:
+                    row = f.result()
+                except CredentialsError:  # the block's search: stops the build
+                    raise
+                except Exception as e:  # outside process_sample's guard
+                    row = failed_row(spec, task, "error", f"{type(e).__name__}: {e}")
+                record(row)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _BlockSearch:
+    """One block's LR search, run once by whichever of its samples needs it first."""
+
+    def __init__(self, spec: BuildSpec, tasks: list[SampleTask]) -> None:
+        self._spec, self._bbox = spec, _block_bbox(tasks)
+        self._lock = threading.Lock()
+        self._result: dict | None = None
+
+    def get(self) -> dict:
+        with self._lock:
+            if self._result is None:
+                self._result = search_block(self._spec, self._bbox)
+            return self._result
+
+
+def _queued_tasks(spec: BuildSpec, todo: pd.DataFrame, searches: bool) -> Iterator[tuple[SampleTask, Any]]:
+    for part in _partitions(todo, spec.cfg.build.partition_size):
+        for _, tasks in _group_by_block(part):
+            search = _BlockSearch(spec, tasks) if searches else None
+            for task in tasks:
+                yield task, search
+
+
+def _sample_in_thread(spec: BuildSpec, task: SampleTask, search: _BlockSearch | None) -> dict:
+    return process_sample(spec, task, search.get() if search is not None else None)
 
 
 def _run_distributed(

@@ -188,7 +188,7 @@ def render_map(features_gdf, bounds_3857, size: int = 256) -> tuple[np.ndarray, 
             all_touched=False,
             dtype=np.uint8,
         )
-    return _LUT[mask], mask
+    return np.take(_LUT, mask, axis=0), mask  # = _LUT[mask], without fancy indexing's overhead
 
 
 def class_fractions(mask: np.ndarray) -> dict[str, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -122,21 +123,27 @@ class BuildSpec:
 _SOURCES: dict[str, dict[str, Any]] = {}  # per worker process: spec.key -> constructed sources
 
 
+_SOURCES_LOCK = threading.RLock()  # the sample threads of one process build each source once
+
+
 def _sources(spec: BuildSpec) -> dict[str, Any]:
     """HR/LR clients and OSM features, built once per worker process and reused by every task."""
-    got = _SOURCES.get(spec.key)
-    if got is None:
-        got = {"osm": {}}
-        _SOURCES.clear()  # one build per worker at a time; drop the previous build's objects
-        _SOURCES[spec.key] = got
-    return got
+    with _SOURCES_LOCK:
+        got = _SOURCES.get(spec.key)
+        if got is None:
+            got = {"osm": {}}
+            _SOURCES.clear()  # one build per worker at a time; drop the previous build's objects
+            _SOURCES[spec.key] = got
+        return got
 
 
 def hr_source(spec: BuildSpec) -> HRSource:
     """The HR source `hr.source` names (`cmsrd.sources.registry`)."""
     src = _sources(spec)
     if "hr" not in src:
-        src["hr"] = hr_spec(spec.cfg.hr.source).build(spec.cfg, spec.cache_dir)
+        with _SOURCES_LOCK:
+            if "hr" not in src:
+                src["hr"] = hr_spec(spec.cfg.hr.source).build(spec.cfg, spec.cache_dir)
     return src["hr"]
 
 
@@ -144,7 +151,9 @@ def lr_source(spec: BuildSpec) -> LRSource:
     """The LR source `lr.source` / `lr.backend` name (`cmsrd.sources.registry`)."""
     src = _sources(spec)
     if "lr" not in src:
-        src["lr"] = lr_spec(spec.cfg.lr.source, spec.cfg.lr.backend).build(spec.cfg, spec.cache_dir)
+        with _SOURCES_LOCK:
+            if "lr" not in src:
+                src["lr"] = lr_spec(spec.cfg.lr.source, spec.cfg.lr.backend).build(spec.cfg, spec.cache_dir)
     return src["lr"]
 
 
@@ -156,7 +165,9 @@ def _osm_features(spec: BuildSpec, aoi: str):
         path = spec.osm.get(aoi)
         if path is None:
             raise SampleError("map_unavailable", f"no OSM features prepared for AOI {aoi!r}")
-        src["osm"][aoi] = OSMFeatures.from_parquet(path)
+        with _SOURCES_LOCK:
+            if aoi not in src["osm"]:
+                src["osm"][aoi] = OSMFeatures.from_parquet(path)
     return src["osm"][aoi]
 
 

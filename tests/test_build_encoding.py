@@ -99,3 +99,52 @@ def test_imresize_is_unchanged_by_its_matrix_cache():
     first = imresize(img, output_shape=(8, 8))
     assert np.array_equal(imresize(img, output_shape=(8, 8)), first)
     assert np.array_equal(imresize(img.copy(), output_shape=(8, 8)), first)
+
+
+def _placeholder_reference(tile: np.ndarray) -> bool:
+    """is_placeholder as it was before its histogram pre-check (the median on every tile)."""
+    from cmsrd.sources import worldimagery as wi
+
+    flat = tile.reshape(-1, 3).astype(np.int16)
+    med = np.median(flat, axis=0)
+    if med.max() - med.min() > wi._PLACEHOLDER_GREY_SPREAD:
+        return False
+    if not (wi._PLACEHOLDER_LEVELS[0] <= med.mean() <= wi._PLACEHOLDER_LEVELS[1]):
+        return False
+    return float(np.all(np.abs(flat - med) <= wi._PLACEHOLDER_TOL, axis=1).mean()) >= wi._PLACEHOLDER_SHARE
+
+
+def test_placeholder_precheck_gives_the_same_decision_near_every_threshold():
+    from cmsrd.sources.worldimagery import is_placeholder
+
+    rng = np.random.default_rng(4)
+    tiles = []
+    for share in (0.80, 0.849, 0.85, 0.851, 0.9, 1.0):
+        for grey in ((200, 200, 200), (200, 200, 201), (150, 160, 155), (241, 241, 241), (100, 100, 100)):
+            t = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+            n = int(round(share * 64 * 64))
+            t.reshape(-1, 3)[:n] = grey + rng.integers(-8, 9, (n, 3))  # within the tolerance of the grey
+            tiles.append(t)
+    half = np.full((64, 64, 3), 200, np.uint8)
+    half.reshape(-1, 3)[: 64 * 32] = 201  # median 200.5: the window narrows, must still agree
+    half.reshape(-1, 3)[:200] = 192
+    tiles.append(half)
+    decisions = [is_placeholder(t) for t in tiles]
+    assert decisions == [_placeholder_reference(t) for t in tiles]
+    assert any(decisions) and not all(decisions)
+
+
+def test_fast_grey_and_fill_equal_numpy_reductions():
+    img = np.random.default_rng(5).integers(0, 256, (97, 61, 3)).astype(np.uint8)
+    img[:5] = 0
+    img[5:9] = 255
+    assert np.array_equal(qa.grey_level(img), img.astype(np.float32).mean(axis=-1))
+    assert np.array_equal(qa._all_channels(img, 0), np.all(img == 0, axis=-1))
+    assert np.array_equal(qa._all_channels(img, 255), np.all(img == 255, axis=-1))
+
+
+def test_round_saturate_rounds_half_up_and_saturates():
+    from cmsrd.degrade import _round_saturate
+
+    x = np.array([-3.2, -0.5, 0.49, 0.5, 1.5, 254.5, 255.49, 300.0])
+    assert _round_saturate(x, np.uint8).tolist() == [0, 0, 0, 1, 2, 255, 255, 255]

@@ -90,6 +90,8 @@ def is_esri_template(template: str) -> bool:
 
 def is_placeholder(tile: np.ndarray) -> bool:
     """True for Esri's grey 'no data' tile: almost every pixel one mid grey (text may cover the rest)."""
+    if tile.dtype == np.uint8 and not _one_grey_possible(tile):
+        return False
     flat = tile.reshape(-1, tile.shape[-1]).astype(np.int16)
     med = np.median(flat, axis=0)
     if med.max() - med.min() > _PLACEHOLDER_GREY_SPREAD:
@@ -98,6 +100,20 @@ def is_placeholder(tile: np.ndarray) -> bool:
         return False
     close = np.all(np.abs(flat - med) <= _PLACEHOLDER_TOL, axis=1)
     return float(close.mean()) >= _PLACEHOLDER_SHARE
+
+
+def _one_grey_possible(tile: np.ndarray) -> bool:
+    """A necessary condition of `is_placeholder`, from three 256-bin histograms: a placeholder has at least
+    `_PLACEHOLDER_SHARE` of its pixels within +-TOL of the median in *every* channel, so some window of
+    2*TOL+1 grey levels holds that share of each channel (a median ending in .5 only narrows the window).
+    Almost every real tile fails this, and skips the median (a full partition of the pixels)."""
+    width = 2 * _PLACEHOLDER_TOL + 1
+    need = _PLACEHOLDER_SHARE * tile.shape[0] * tile.shape[1]
+    for c in range(tile.shape[-1]):
+        cum = np.concatenate(([0], np.cumsum(np.bincount(tile[..., c].ravel(), minlength=256))))
+        if (cum[width:] - cum[:-width]).max() < need:
+            return False
+    return True
 
 
 def decode_tile(data: bytes) -> np.ndarray:
