@@ -27,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, sparse
 
 from .degrade import contributions
 from .errors import InputError
@@ -81,46 +81,43 @@ def _matrix(in_len: int, out_len: int, offset: float) -> np.ndarray:
     )  # taps mirrored onto one pixel add up
 
 
-def _contract_rows(my: np.ndarray, hr: np.ndarray) -> np.ndarray:
-    """`einsum("rh,hwc->crw", my, hr)` over each row's non-zero taps only (~32 of 256 HR rows): 1.5-3x faster.
-
-    Each output adds its taps in ascending HR row order, the order einsum sums in, so the values (and every
-    measured shift) are bit-identical to the einsum's; a BLAS contraction (tensordot) would be faster still
-    but sums in another order and moves refined shifts by ~1e-8 px, i.e. changes the manifest's bytes."""
-    nz = my != 0
-    k = max(int(nz.sum(axis=1).max()), 1)
-    cols = np.argsort(~nz, axis=1, kind="stable")[:, :k]  # each row's non-zero columns first, ascending
-    w = np.take_along_axis(my, cols, axis=1)  # 0 where a row has fewer taps: adds +0.0, a no-op
-    acc = np.zeros((my.shape[0],) + hr.shape[1:])
-    for j in range(k):
-        acc += w[:, j, None, None] * hr[cols[:, j]]
-    return np.ascontiguousarray(acc.transpose(2, 0, 1))
+def _sparse_rows(in_len: int, out_len: int, offset: float, margin: int) -> sparse.csr_matrix:
+    """The kept rows (interior, `margin` cut each side) of `_matrix` as CSR: ~16 taps of 256 are non-zero."""
+    return sparse.csr_matrix(_matrix(in_len, out_len, offset)[margin:-margin])
 
 
 class _Fit:
-    """Residual of the LR against the best affine band mix of the HR resampled with a trial shift."""
+    """Residual of the LR against the best affine band mix of the HR resampled with a trial shift.
+
+    Both resampling passes are sparse products (scipy's CSR kernels, single-threaded C loops): 1.7x faster
+    than dense BLAS products on a 64 px window, and the same result whatever the core count, where the
+    dense BLAS products moved refined shifts by ~1e-7 px between 1 and 2 BLAS threads."""
 
     def __init__(self, lr: np.ndarray, hr: np.ndarray, margin: int):
         self.hr, self.m, self.shape = hr, margin, lr.shape[:2]
+        self._hr_rows = np.ascontiguousarray(hr).reshape(hr.shape[0], -1)  # H x (W*C)
         y = lr[margin:-margin, margin:-margin].reshape(-1, lr.shape[2])
         self.y = y - y.mean(axis=0)
         self.total = float((self.y**2).sum())
         self._rows: dict[float, np.ndarray] = {}
 
     def rows(self, dy: float) -> np.ndarray:
-        """HR bands resampled along rows (bands x kept LR rows x HR cols), cached per grid value."""
+        """HR bands resampled along rows ((bands x kept LR rows) x HR cols), cached per grid value."""
         got = self._rows.get(dy)
         if got is None:
-            my = _matrix(self.hr.shape[0], self.shape[0], dy)[self.m : -self.m]
-            got = _contract_rows(my, self.hr)
+            h, w, c = self.hr.shape
+            my = _sparse_rows(h, self.shape[0], dy, self.m)
+            got = np.ascontiguousarray((my @ self._hr_rows).reshape(-1, w, c).transpose(2, 0, 1)).reshape(-1, w)
             if len(self._rows) < 64:
                 self._rows[dy] = got
         return got
 
     def residual(self, dy: float, dx: float) -> float:
         """Unexplained share of the LR variance (0 = perfect fit, 1 = nothing explained)."""
-        mx = _matrix(self.hr.shape[1], self.shape[1], dx)[self.m : -self.m]
-        x = (self.rows(dy) @ mx.T).reshape(self.hr.shape[2], -1).T
+        c = self.hr.shape[2]
+        mx = _sparse_rows(self.hr.shape[1], self.shape[1], dx, self.m)
+        cols = mx @ self.rows(dy).T  # kept LR cols x (bands x kept LR rows)
+        x = cols.reshape(cols.shape[0], c, -1).transpose(1, 2, 0).reshape(c, -1).T  # pixels (row-major) x bands
         x = x - x.mean(axis=0)
         coef, *_ = np.linalg.lstsq(x, self.y, rcond=None)
         return float(((self.y - x @ coef) ** 2).sum() / self.total)
