@@ -1,5 +1,6 @@
 """Build throughput changes that must not change results: shared co-registration, the sparse resampling
-of the shift fit (equal to the dense one, and independent of the BLAS thread count), the PNG level option, the HR placeholder bound and the cached resize matrices."""
+of the shift fit (equal to the dense one, and independent of the BLAS thread count), the PNG level option,
+the HR placeholder bound and the cached resize matrices."""
 
 from __future__ import annotations
 
