@@ -82,8 +82,13 @@ def _matrix(in_len: int, out_len: int, offset: float) -> np.ndarray:
 
 
 def _sparse_rows(in_len: int, out_len: int, offset: float, margin: int) -> sparse.csr_matrix:
-    """The kept rows (interior, `margin` cut each side) of `_matrix` as CSR: ~16 taps of 256 are non-zero."""
-    return sparse.csr_matrix(_matrix(in_len, out_len, offset)[margin:-margin])
+    """The kept rows (interior, `margin` cut each side) of `_matrix` as CSR, built from the taps directly
+    (~18 of 256 per row; a tap mirrored onto a pixel already used stays a duplicate entry, which CSR
+    products add up as the dense matrix does)."""
+    idx, wts = contributions(in_len, out_len, out_len / in_len, True, offset)
+    idx, wts = idx[margin:-margin], wts[margin:-margin]
+    indptr = np.arange(0, idx.size + 1, idx.shape[1])
+    return sparse.csr_matrix((wts.ravel(), idx.ravel(), indptr), shape=(idx.shape[0], in_len))
 
 
 class _Fit:

@@ -26,6 +26,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = {
     "inprocess": {"workers": 0, "threads": 2, "processes": True},
@@ -58,6 +60,12 @@ def sample_rss():  # summed over this process and every descendant (workers, nan
 threading.Thread(target=sample_rss, daemon=True).start()
 d = load_config("demo-{variant}").to_dict()
 d.update(samples={samples}, world={{"path": {world!r}}})
+for dotted, value in {overrides!r}.items():
+    *parents, leaf = dotted.split(".")
+    node = d
+    for k in parents:
+        node = node.setdefault(k, {{}})
+    node[leaf] = value
 cfg = load_config(d)
 t0 = time.time()
 rep = run_build(cfg, {out!r}, progress=False, **{mode!r})
@@ -98,9 +106,11 @@ def world_dir() -> str:
     return _python(code)[0]["world"]
 
 
-def build(variant: str, mode: str, samples: int, world: str) -> dict:
+def build(variant: str, mode: str, samples: int, world: str, overrides: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        code = _BUILD.format(variant=variant, samples=samples, world=world, out=tmp + "/ds", mode=MODES[mode])
+        code = _BUILD.format(
+            variant=variant, samples=samples, world=world, out=tmp + "/ds", mode=MODES[mode], overrides=overrides or {}
+        )
         r, cpu = _python(code)
     n = max(r["processed"], 1)
     return {
@@ -123,12 +133,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds (report the median yourself)")
     ap.add_argument("--modes", default="inprocess,threads,processes", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--variants", default="synthetic,real")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=YAML",
+        help="override a preset key for every build, e.g. --set output.geotiff=false",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write every result here")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: use KEY=VALUE, e.g. output.geotiff=false")
+        overrides[key] = yaml.safe_load(value)
     world = world_dir()
     results = []
     head = f"{'variant':10} {'mode':10} {'trip/s':>7} {'steady':>7} {'start s':>7} {'CPU s/trip':>10} {'RSS MB':>7}"
@@ -136,7 +159,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
             for mode in modes:
-                r = build(variant, mode, args.samples, world)
+                r = build(variant, mode, args.samples, world, overrides)
                 results.append(r)
                 stages = " ".join(f"{k}={v:.1f}" for k, v in r["stage_ms"].items())
                 print(
