@@ -72,6 +72,7 @@ def _preset(world: Path, tmp: Path, variant: str, faults: dict | None = None, **
         world={"path": str(world), "faults": faults or {}},
         split={"test_fraction": 0.25, "block_tiles": 2},
         build={"partition_size": 4, "rate_per_worker": 0},
+        output={**base.get("output", {}), "geotiff": True},  # the optional GeoTIFFs are checked too
     )
     base.update(extra)
     path = tmp / f"demo-{variant}.yaml"
@@ -123,6 +124,15 @@ def _check_dataset(root: Path, world: Path, hr_px: int, lr_px: int) -> pd.DataFr
         ds = CMSRDDataset(root, split=split, inputs=("lr", "sr", "map", "mask", "hr"))
         item = ds[0]
         assert item["hr"].shape == (3, hr_px, hr_px) and item["lr"].shape == (3, lr_px, lr_px)
+    # The optional GeoTIFFs carry the footprint's georeference (EPSG:3857 bounds of the tile).
+    import rasterio
+
+    for r in ok.head(3).itertuples():
+        with rasterio.open(root / r.path_geo_hr) as g, rasterio.open(root / r.path_geo_lr) as gl:
+            assert g.crs.to_epsg() == 3857 and (g.width, g.count, gl.width) == (hr_px, 3, lr_px)
+            np.testing.assert_allclose(tuple(g.bounds), (r.minx, r.miny, r.maxx, r.maxy), atol=1e-6)
+            np.testing.assert_allclose(tuple(gl.bounds), (r.minx, r.miny, r.maxx, r.maxy), atol=1e-6)
+            assert np.array_equal(np.moveaxis(g.read(), 0, -1), read_png(root / r.path_hr))
     meta = read_dataset_json(root)
     assert meta["counts"]["total"] == N_SAMPLES
     assert meta["sources"]["map"]["attribution"]
@@ -150,6 +160,17 @@ def test_threads_only_cluster_builds_the_same_dataset(synthetic_build, tmp_path)
 
     cfg = load_config(synthetic_build.parent / "demo-synthetic.yaml")
     rep = run_build(cfg, tmp_path / "ds", workers=2, threads=1, processes=False, progress=False)
+    assert rep.processed == N_SAMPLES
+    assert (tmp_path / "ds" / "manifest.parquet").read_bytes() == (synthetic_build / "manifest.parquet").read_bytes()
+
+
+def test_in_process_thread_pool_builds_the_same_dataset(synthetic_build, tmp_path):
+    """The default on small machines (stages on a thread pool in this process) writes the same files and
+    manifest as the 2-process cluster, whatever order the threads finish in."""
+    from cmsrd.driver import run_build
+
+    cfg = load_config(synthetic_build.parent / "demo-synthetic.yaml")
+    rep = run_build(cfg, tmp_path / "ds", workers=0, threads=3, progress=False)
     assert rep.processed == N_SAMPLES
     assert (tmp_path / "ds" / "manifest.parquet").read_bytes() == (synthetic_build / "manifest.parquet").read_bytes()
 
