@@ -1,12 +1,14 @@
-"""The build driver: plan, resume, run the stages as Dask tasks, streamed and journalled, then finalize.
+"""The build driver: plan, resume, run the stages (in-process or as Dask tasks), journalled, then finalize.
 
-`run_build` submits samples partition by partition to a `distributed` client -- a `LocalCluster` of worker
-processes on 127.0.0.1 by default, or `--scheduler ADDRESS` -- keeping at most `max_in_flight` futures
-alive, so memory does not grow with the plan. An LR source whose search is a catalogue query searches once
-per (partition, spatial block), as its own task whose result feeds every sample task of that block. Each
-finished sample is appended to the fsync'd journal (`cmsrd.journal`) only after its files were written
-atomically, so a killed build resumes exactly where it stopped; the manifest and dataset.json are written
-at the end (`cmsrd.manifest`).
+`run_build` runs the samples on a thread pool in this process on small machines (`workers=0`, the default
+below 4 cores: measured with `perf/build_bench.py`, worker processes cost more CPU than they win there), or
+submits them partition by partition to a `distributed` client -- a `LocalCluster` of worker processes on
+127.0.0.1, or `--scheduler ADDRESS` -- keeping at most `max_in_flight` samples in flight either way, so
+memory does not grow with the plan. An LR source whose search is a catalogue query searches once per
+(partition, spatial block), and that result feeds every sample of the block. Each finished sample is
+appended to the fsync'd journal (`cmsrd.journal`) only after its files were written atomically, so a
+killed build resumes exactly where it stopped; the manifest and dataset.json are written at the end
+(`cmsrd.manifest`).
 """
 
 from __future__ import annotations

@@ -53,9 +53,16 @@ def plan_command(preset: str, out: str, samples: int | None, seed: int | None) -
     "--workers",
     type=int,
     default=None,
-    help="LocalCluster worker processes (0: in-process). Default: in-process below 4 cores, else cores / 2.",
+    help="LocalCluster worker processes (0: in-process, a thread pool). Default: in-process below 4 cores, "
+    "else cores / 2.",
 )
-@click.option("--threads", type=int, default=2, show_default=True, help="Threads per worker (I/O bound stages).")
+@click.option(
+    "--threads",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Threads per worker, or of the in-process pool (the stages release the GIL in encoding and I/O).",
+)
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (tcp://host:port).")
 @click.option(
     "--plan",
