@@ -57,6 +57,10 @@ EARTH_SEARCH = "https://earth-search.aws.element84.com/v1"
 GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1.json"
 
 
+UPSAMPLE_METHODS = ("official", "bicubic")
+LR_RADIOMETRY = ("boa", "tci")
+
+
 @dataclass(frozen=True)
 class HRConfig:
     """HR imagery: an XYZ tile service (Esri World Imagery by default) or a local raster."""
@@ -80,8 +84,21 @@ class LRConfig:
     start: str = "2018-01-01"
     end: str = "2025-12-31"
     max_scene_cloud: float = 30.0  # percent, catalogue-level prefilter
+    # Sentinel-2 rendering to 8 bits: "tci" = the scene's published true-colour image (the `visual` asset), as
+    # the official CMSRD real LR (Satlas TCI chips); "boa" = B04/B03/B02 BOA reflectance x 2.5 (recipe recorded).
+    radiometry: str = "boa"
     attribution: str = "Contains modified Copernicus Sentinel data"
     terms: str = "Copernicus Sentinel data terms: https://sentinels.copernicus.eu/documents/247904/690755/Sentinel_Data_Legal_Notice"
+
+
+@dataclass(frozen=True)
+class SRConfig:
+    """The `sr_<L>_<H>` input: the LR brought to the HR size."""
+
+    # "official": what the authors' prepare_lr.py does -- cv2.resize(img, (256, 256), cv2.INTER_CUBIC) passes the
+    # flag into the `dst` slot, so OpenCV resizes with its default INTER_LINEAR (bilinear); "bicubic": MATLAB
+    # bicubic, as the paper's text says.
+    upsample: str = "bicubic"
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,7 @@ class DatasetConfig:
     lr_px: int = 16
     hr: HRConfig = field(default_factory=HRConfig)
     lr: LRConfig = field(default_factory=LRConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
     map: MapConfig = field(default_factory=MapConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     qa: QAConfig = field(default_factory=QAConfig)
@@ -244,6 +262,20 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
     if cfg.split.block_tiles < 1:
         raise InputError(
             "split.block_tiles", f"is {cfg.split.block_tiles}", "use a positive block edge in tiles, e.g. 8"
+        )
+    if cfg.sr.upsample not in UPSAMPLE_METHODS:
+        raise InputError(
+            "sr.upsample", f"is {cfg.sr.upsample!r}", f"use one of {', '.join(UPSAMPLE_METHODS)} (official = bilinear)"
+        )
+    if cfg.lr.radiometry not in LR_RADIOMETRY:
+        raise InputError(
+            "lr.radiometry", f"is {cfg.lr.radiometry!r}", f"use one of {', '.join(LR_RADIOMETRY)} (tci = official)"
+        )
+    if cfg.lr.radiometry == "tci" and (cfg.lr.source != "sentinel-2" or cfg.lr.backend != "stac"):
+        raise InputError(
+            "lr.radiometry: tci",
+            f"needs the Sentinel-2 STAC source (got lr.source {cfg.lr.source}, backend {cfg.lr.backend})",
+            "use lr.radiometry: boa, or lr.source: sentinel-2 with backend: stac",
         )
     if not (0 <= cfg.output.png_level <= 9):
         raise InputError("output.png_level", f"is {cfg.output.png_level}", "use a zlib level 0-9 (1 fast, 9 smallest)")

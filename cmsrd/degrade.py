@@ -222,8 +222,19 @@ def synthetic_lr(hr: np.ndarray, factor: int = 32) -> np.ndarray:
     return imresize(hr, output_shape=(h // factor, w // factor))
 
 
-def upsample(lr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Bicubic upsampling of the LR to the HR size (the `sr_<L>_<H>` inputs), MATLAB-compatible."""
+def upsample(lr: np.ndarray, size: int | tuple[int, int], method: str = "bicubic") -> np.ndarray:
+    """The LR brought to the HR size (the `sr_<L>_<H>` inputs).
+
+    "bicubic": MATLAB-compatible bicubic (the paper's text). "official": what the authors' `prepare_lr.py`
+    runs, `cv2.resize(img, (W, H), cv2.INTER_CUBIC)` with the flag in the `dst` slot, i.e. OpenCV's default
+    INTER_LINEAR (bilinear, fixed-point on uint8) -- done with OpenCV itself so the bytes match."""
     lr = _check_u8_image(lr, "LR image")
     shape = (size, size) if isinstance(size, int) else tuple(size)
+    if method == "official":
+        import cv2
+
+        out = cv2.resize(np.ascontiguousarray(lr), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
+        return out.reshape(tuple(shape) + lr.shape[2:])  # cv2 drops a trailing channel axis of 1
+    if method != "bicubic":
+        raise InputError("upsample method", f"{method!r} is unknown", "use 'official' (bilinear) or 'bicubic'")
     return imresize(lr, output_shape=shape)  # type: ignore[arg-type]

@@ -102,6 +102,14 @@ def dataset_meta(cfg: DatasetConfig, rcfg: DatasetConfig, counts: dict) -> dict[
             "terms": rcfg.hr.terms,
         },
         "lr": {"source": rcfg.lr.source, **lr_spec(rcfg.lr.source, rcfg.lr.backend).load().provenance(rcfg)},
+        "sr": {
+            "upsample": rcfg.sr.upsample,
+            "method": (
+                "cv2.resize INTER_LINEAR (bilinear), as the authors' prepare_lr.py runs"
+                if rcfg.sr.upsample == "official"
+                else "MATLAB imresize bicubic (Keys a=-0.5)"
+            ),
+        },
         "map": {
             "source": rcfg.map.source,
             "attribution": rcfg.map.attribution,
@@ -150,6 +158,7 @@ def versions() -> dict[str, str]:
         "mercantile",
         "pystac-client",
         "pillow",
+        "opencv-python-headless",
     ):
         try:
             out[pkg] = version(pkg)

@@ -35,7 +35,12 @@ from .sources.base import HRResult, HRSource, LRResult, LRSource
 from .sources.registry import hr_spec, lr_spec
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
-SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
+SOURCE_QA_REASONS = {
+    "hr_placeholder": "hr_placeholder",
+    "lr_cloudy": "cloud",
+    "lr_nodata": "nodata",
+    "lr_radiometry_implausible": "lr_radiometry_implausible",  # DNs that cannot be reflectance (double offset)
+}
 # Causes no other sample can escape (refused credentials, a full or read-only disk): the row carries the
 # error to the driver (`row["_stop"]`), which stops the build with it instead of recording the sample.
 CREDENTIALS_REJECTED = "credentials_rejected"
@@ -378,7 +383,7 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
             qa.check_lr(lr, lr_res.cloud_fraction, lr_res.days_from_hr, cfg.qa)
         from .degrade import upsample
 
-        sr = upsample(lr, cfg.hr_px)
+        sr = upsample(lr, cfg.hr_px, cfg.sr.upsample)
         map_rgb, mask = render_footprint(spec, task)
         for name, v in qa.map_fractions(mask).items():
             row[f"frac_{name}"] = v

@@ -56,8 +56,8 @@ SCL_BAD = (0, 1, 3, 8, 9, 10)
 
 # Asset keys per catalog family: Earth Search uses common names, Planetary Computer band names.
 ASSET_KEYS = {
-    "earth-search": {"red": "red", "green": "green", "blue": "blue", "scl": "scl"},
-    "planetary-computer": {"red": "B04", "green": "B03", "blue": "B02", "scl": "SCL"},
+    "earth-search": {"red": "red", "green": "green", "blue": "blue", "scl": "scl", "visual": "visual"},
+    "planetary-computer": {"red": "B04", "green": "B03", "blue": "B02", "scl": "SCL", "visual": "visual"},
 }
 GDAL_ENV = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing round trips on /vsicurl/
@@ -138,6 +138,33 @@ def reflectance_recipe(
             "at ingest (earthsearch:boa_offset_applied=true)",
         )
     return Recipe(scale, -0.1, f"{catalog} {coll or 'L2A'}, baseline {baseline} >= 04.00: BOA_ADD_OFFSET -1000")
+
+
+# Share of a footprint's valid pixels whose reflectance (after the recipe) may be negative before the
+# recipe is judged wrong. Real L2A BOA reflectance in B02-B04 is >= ~0.01 (dark water); sen2cor pushes only
+# isolated dark pixels (shadowed water) below 0, a few percent at most. A DN offset removed twice (an item
+# flagged "not applied" whose DNs were already shifted, as reported for Earth Search 2022 and 2025 items)
+# moves every pixel down by 0.1: vegetation, water and soil in the visible bands (0.01-0.1) all go negative,
+# tens of percent of almost any footprint.
+MAX_NEGATIVE_SHARE = 0.1
+
+
+def implausible_radiometry(dn: np.ndarray, recipe: Recipe, nodata: int = 0) -> str:
+    """Why the DNs of one band cannot be BOA reflectance under `recipe` ("" when they can).
+
+    Catches a double offset (see MAX_NEGATIVE_SHARE). The opposite fault (an offset left in) only brightens
+    by 0.1, which no footprint statistic separates from a bright surface, so it is not judged here."""
+    valid = dn[dn != nodata]
+    if valid.size == 0 or recipe.offset >= 0:
+        return ""
+    negative = float((valid.astype(np.float64) * recipe.scale + recipe.offset < 0).mean())
+    if negative <= MAX_NEGATIVE_SHARE:
+        return ""
+    return (
+        f"{negative:.0%} of the footprint's reflectance would be negative under '{recipe.why}' "
+        "(the DN offset looks already removed: the item's boa_offset flag is probably wrong; "
+        "choose lr.collection sentinel-2-c1-l2a, whose offsets are consistent)"
+    )
 
 
 def to_uint8(refl: np.ndarray, gain: float = GAIN) -> np.ndarray:
@@ -408,7 +435,10 @@ class Sentinel2STAC:
         retry: RetryPolicy | None = None,
         rate: float | None = 5.0,
         search_zoom: int = 10,
+        radiometry: str = "boa",
     ):
+        if radiometry not in ("boa", "tci"):
+            raise InputError(f"radiometry {radiometry!r}", "is unknown", "use 'tci' (official) or 'boa'")
         if not re.match(r"(?i)^https?://", str(url or "")):
             raise InputError(f"STAC URL {url!r}", "is not an http(s) URL", f"use e.g. {EARTH_SEARCH_V1}")
         if not 0 <= max_footprint_cloud <= 1:
@@ -422,6 +452,7 @@ class Sentinel2STAC:
         self.max_items = int(max_items)
         self.search_zoom = int(search_zoom)
         self.gain = float(gain)
+        self.radiometry = radiometry
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.catalog = catalog or ("planetary-computer" if "planetarycomputer" in self.url.lower() else "earth-search")
         if self.catalog not in ASSET_KEYS:
@@ -450,6 +481,7 @@ class Sentinel2STAC:
             window_days=int(cfg.qa.max_days_from_hr),
             max_cloud=cfg.lr.max_scene_cloud,
             max_footprint_cloud=cfg.qa.max_cloud_fraction,
+            radiometry=cfg.lr.radiometry,
             **http_options(cfg),
         )
 
@@ -462,16 +494,22 @@ class Sentinel2STAC:
             "backend": cfg.lr.backend,
             "catalogue": redact(cfg.lr.stac_url or ""),
             "collection": cfg.lr.collection,
+            "radiometry": (
+                "tci: the scene's true-colour `visual` asset (uint8, as published), MATLAB bicubic to lr_px"
+                if cfg.lr.radiometry == "tci"
+                else f"boa: B04/B03/B02 BOA reflectance x {GAIN}, MATLAB bicubic to lr_px (recipe per sample)"
+            ),
         }
 
     def __getstate__(self) -> dict[str, Any]:
         s = self.__dict__.copy()
-        s.update(_client=None, _session=None, _signer=None, _lock=None)
+        s.update(_client=None, _session=None, _signer=None, _lock=None, _handles=None)
         return s
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._handles = _OpenRasters()
 
     @property
     def client(self) -> HttpClient:
@@ -812,12 +850,53 @@ class Sentinel2STAC:
                 src_nodata=nodata,
                 nodata=nodata,
             ) as vrt:
-                return vrt.read(1)
+                return vrt.read(1) if src.count == 1 else np.moveaxis(vrt.read(), 0, -1)
 
     def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
         href, asset = self._href(d, "scl")
         scl = self._read(href, z, x, y, n, "nearest", expected_grid(d, asset))
         return {"bad": float(np.isin(scl, SCL_BAD).mean()), "nodata": float((scl == 0).mean())}
+
+    def _build_tci(
+        self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None, bad: float, tried: list[dict]
+    ) -> LRResult:
+        """The official recipe: the scene's published true-colour image (uint8 RGB at 10 m), warped onto the
+        footprint (cubic) and brought to lr_px with MATLAB bicubic on uint8, as the SGDM authors' chips."""
+        from ..degrade import imresize
+
+        props = d["properties"]
+        href, asset = self._href(d, "visual")
+        tci = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
+        if tci.ndim != 3 or tci.shape[2] < 3 or tci.dtype != np.uint8:
+            raise SampleError("lr_bad_image", f"scene {d['id']} visual asset is {tci.dtype} {tci.shape}, not uint8 RGB")
+        tci = np.ascontiguousarray(tci[..., :3])
+        if not tci.any():
+            raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
+        when = _parse_iso(props["datetime"])
+        days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
+        return LRResult(
+            image=imresize(tci, output_shape=(lr_px, lr_px)),
+            native=tci.astype(np.float32) / 255.0,
+            scene_id=d["id"],
+            datetime=when.isoformat().replace("+00:00", "Z"),
+            cloud_fraction=bad,
+            scene_cloud_cover=props.get("eo:cloud_cover"),
+            days_from_hr=days,
+            baseline=props.get("s2:processing_baseline"),
+            radiometry="tci: visual asset uint8 as published (ESA true colour), MATLAB bicubic to lr_px",
+            collection=d.get("collection") or self.collection,
+            info={
+                "catalog": self.catalog,
+                "stac_url": redact(self.url),
+                "native_px": n,
+                "native_gsd_m": NATIVE_GSD_M,
+                "assets": {"visual": redact(href, self.client.secrets)},
+                "candidates": tried,
+                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on uint8",
+                "warp_resampling": "cubic (visual), nearest (SCL)",
+                "scl_bad_classes": list(SCL_BAD),
+            },
+        )
 
     def _build(
         self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None, bad: float, tried: list[dict]
@@ -825,11 +904,16 @@ class Sentinel2STAC:
         from ..degrade import imresize
 
         props = d["properties"]
+        if self.radiometry == "tci":
+            return self._build_tci(d, z, x, y, n, lr_px, hr_date, bad, tried)
         bands, hrefs, recipe = [], {}, None
         for role in ("red", "green", "blue"):
             href, asset = self._href(d, role)
             recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
             dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
+            implausible = implausible_radiometry(dn, recipe)
+            if implausible:
+                raise SampleError("lr_radiometry_implausible", f"scene {d['id']} {role}: {implausible}")
             bands.append(recipe.apply(dn, nodata=0))
             hrefs[role] = redact(href, self.client.secrets)
         native = np.stack(bands, axis=-1).astype(np.float32)
