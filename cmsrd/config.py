@@ -80,7 +80,10 @@ class LRConfig:
     source: str = "bicubic"  # bicubic | sentinel-2
     backend: str = "stac"  # stac | sentinelhub (only for sentinel-2)
     stac_url: str = EARTH_SEARCH
-    collection: str = "sentinel-2-l2a"
+    # Earth Search v1 Collection 1 (every scene reprocessed, DN offsets consistent); `sentinel-2-l2a` has items whose
+    # earthsearch:boa_offset_applied flag is wrong (rejected as lr_radiometry_implausible). Planetary Computer:
+    # `sentinel-2-l2a`.
+    collection: str = "sentinel-2-c1-l2a"
     start: str = "2018-01-01"
     end: str = "2025-12-31"
     max_scene_cloud: float = 30.0  # percent, catalogue-level prefilter

@@ -10,7 +10,7 @@ import mercantile
 import numpy as np
 import pytest
 
-from cmsrd.config import load_config
+from cmsrd.config import LRConfig, load_config
 from cmsrd.degrade import upsample
 from cmsrd.errors import InputError, SampleError
 from cmsrd.sources.sentinel2 import Recipe, Sentinel2STAC, implausible_radiometry
@@ -32,7 +32,9 @@ def test_official_upsample_is_the_authors_cv2_call_and_differs_from_bicubic():
 def test_sr_and_radiometry_options_are_checked_recorded_and_official_in_the_cmsrd_preset():
     real = load_config("cmsrd-real")
     assert (real.lr.radiometry, real.sr.upsample) == ("tci", "official")  # the authors' recipe by default
+    assert real.lr.collection == "sentinel-2-c1-l2a"  # consistent DN offsets, also the config's default
     assert real.content_dict()["sr"]["upsample"] == "official"  # -> dataset.json's config
+    assert LRConfig().collection == "sentinel-2-c1-l2a"
     d = load_config("demo-synthetic").to_dict()
     d["sr"] = {"upsample": "nearest"}
     with pytest.raises(InputError, match="sr.upsample"):
