@@ -3,6 +3,7 @@ it is absent."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -51,6 +52,14 @@ def small_world(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("small_world") / "world"
     return generate_world(WorldConfig.small(), root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def s2_world(small_world):
+    """(root, world.json, truth.json) of `small_world`, for the Sentinel-2 source tests."""
+    meta = json.loads((small_world / "world.json").read_text())
+    truth = json.loads((small_world / "truth" / "truth.json").read_text())
+    return small_world, meta, truth
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ the authors' cv2 call does), and the DN plausibility check that catches a double
 from __future__ import annotations
 
 import copy
-import json
 
 import mercantile
 import numpy as np
@@ -61,22 +60,15 @@ def test_plausibility_flags_a_double_offset_only():
     assert implausible_radiometry(water, offset) == ""
 
 
-@pytest.fixture(scope="module")
-def world(small_world):
-    meta = json.loads((small_world / "world.json").read_text())
-    truth = json.loads((small_world / "truth" / "truth.json").read_text())
-    return small_world, meta, truth
-
-
 def _clear_tile(meta, truth):
     w, s, e, n = meta["bounds_lonlat"]
     return mercantile.tile((w + e) / 2, (s + n) / 2, 17)
 
 
-def test_item_with_a_wrong_offset_flag_is_rejected_by_the_dn_check(world):
+def test_item_with_a_wrong_offset_flag_is_rejected_by_the_dn_check(s2_world):
     from cmsrd.world.servers import serve_world
 
-    root, meta, truth = world
+    root, meta, truth = s2_world
     t = _clear_tile(meta, truth)
     with serve_world(root) as srv:
         s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None)
@@ -91,10 +83,10 @@ def test_item_with_a_wrong_offset_flag_is_rejected_by_the_dn_check(world):
     assert ei.value.reason == "lr_radiometry_implausible" and "negative" in ei.value.detail
 
 
-def test_tci_radiometry_reads_the_visual_asset(world):
+def test_tci_radiometry_reads_the_visual_asset(s2_world):
     from cmsrd.world.servers import serve_world
 
-    root, meta, truth = world
+    root, meta, truth = s2_world
     t = _clear_tile(meta, truth)
     with serve_world(root) as srv:
         boa = Sentinel2STAC(srv.stac_url, window_days=400, rate=None)

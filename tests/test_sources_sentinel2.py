@@ -252,22 +252,15 @@ def test_recorded_earth_search_2023_item(shared_data):
 # The offline world's STAC API + COGs over loopback
 
 
-@pytest.fixture(scope="module")
-def world(small_world):
-    meta = json.loads((small_world / "world.json").read_text())
-    truth = json.loads((small_world / "truth" / "truth.json").read_text())
-    return small_world, meta, truth
-
-
 def _world_tile(meta, z):
     w, s, e, n = meta["bounds_lonlat"]
     return mercantile.tile((w + e) / 2, (s + n) / 2, z)
 
 
-def test_world_fetch_picks_clear_scene_and_reuses_search(world, tmp_path):
+def test_world_fetch_picks_clear_scene_and_reuses_search(s2_world, tmp_path):
     from cmsrd.world.servers import serve_world
 
-    root, meta, truth = world
+    root, meta, truth = s2_world
     t = _world_tile(meta, 17)
     with serve_world(root) as srv:
         s2 = Sentinel2STAC(srv.stac_url, window_days=400, cache_dir=tmp_path, rate=None)
@@ -287,10 +280,10 @@ def test_world_fetch_picks_clear_scene_and_reuses_search(world, tmp_path):
     assert list((tmp_path / "stac").glob("*.json"))
 
 
-def test_world_scl_ranking_and_cloudy(world):
+def test_world_scl_ranking_and_cloudy(s2_world):
     from cmsrd.world.servers import serve_world
 
-    root, meta, truth = world
+    root, meta, truth = s2_world
     cloudy_id = next(k for k, v in truth["s2_items"].items() if v["cloudy"])
     cb = truth["s2_items"][cloudy_id]["cloud"]["bbox_lonlat"]
     t = mercantile.tile((cb[0] + cb[2]) / 2, (cb[1] + cb[3]) / 2, 18)  # a tile under the cloud
@@ -310,11 +303,11 @@ def test_world_scl_ranking_and_cloudy(world):
     assert ei.value.reason == "lr_cloudy"
 
 
-def test_world_search_retries_429_and_503(world):
+def test_world_search_retries_429_and_503(s2_world):
     from cmsrd.world.faults import FaultConfig
     from cmsrd.world.servers import serve_world
 
-    root, meta, _ = world
+    root, meta, _ = s2_world
     t = _world_tile(meta, 17)
     faults = FaultConfig(error_rate=0.5, error_codes=(429, 503), retry_after_s=0, seed=2, paths=("/stac/",))
     with serve_world(root, faults=faults) as srv:
@@ -325,11 +318,11 @@ def test_world_search_retries_429_and_503(world):
     assert lr.image.shape == (16, 16, 3)
 
 
-def test_world_search_down_is_a_recorded_failure(world):
+def test_world_search_down_is_a_recorded_failure(s2_world):
     from cmsrd.world.faults import FaultConfig
     from cmsrd.world.servers import serve_world
 
-    root, meta, _ = world
+    root, meta, _ = s2_world
     t = _world_tile(meta, 17)
     with serve_world(root, faults=FaultConfig(error_rate=1.0, error_codes=(500,), paths=("/stac/v1/search",))) as srv:
         s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=RetryPolicy(retries=1, backoff=0.0))
@@ -338,11 +331,11 @@ def test_world_search_down_is_a_recorded_failure(world):
     assert ei.value.reason == "lr_search_failed"
 
 
-def test_planetary_computer_signing_and_uppercase_keys(world, caplog):
+def test_planetary_computer_signing_and_uppercase_keys(s2_world, caplog):
     from cmsrd.world.loopback import HTTPError, json_response
     from cmsrd.world.servers import serve_world
 
-    root, meta, _ = world
+    root, meta, _ = s2_world
     t = _world_tile(meta, 17)
     secret = "sv=2021-06-08&se=2099-01-01T00%3A00%3A00Z&sp=rl&sig=TOPSECRETSIG123"
     with serve_world(root) as srv:
@@ -403,7 +396,7 @@ def _first_faulted_seed(kind: str, rate: float = 0.3) -> int:
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "truncate", "timeout"])
-def test_world_cog_read_survives_a_damaged_response(world, kind, monkeypatch):
+def test_world_cog_read_survives_a_damaged_response(s2_world, kind, monkeypatch):
     """GDAL's /vsicurl/ would keep a damaged header or block for the life of the process; the source
     drops it after a failed attempt, so the retry asks again and reads the same bytes as a clean read.
     Without the cache invalidation (forget_remote a no-op) the read fails on every retry."""
@@ -411,7 +404,7 @@ def test_world_cog_read_survives_a_damaged_response(world, kind, monkeypatch):
     from cmsrd.world.faults import FaultConfig
     from cmsrd.world.servers import serve_world
 
-    root, meta, _ = world
+    root, meta, _ = s2_world
     t = _world_tile(meta, 17)
     pol = RetryPolicy(retries=3, backoff=0.01)
 
@@ -448,11 +441,11 @@ def test_transient_gdal_errors():
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "truncate"])
-def test_world_search_retries_a_damaged_body(world, kind):
+def test_world_search_retries_a_damaged_body(s2_world, kind):
     from cmsrd.world.faults import FaultConfig
     from cmsrd.world.servers import serve_world
 
-    root, meta, _ = world
+    root, meta, _ = s2_world
     faults = FaultConfig(**{f"{kind}_rate": 0.3}, seed=_first_faulted_seed(kind), paths=("/stac/v1/search",))
     with serve_world(root, faults=faults) as srv:
         s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=RetryPolicy(retries=2, backoff=0.01))
@@ -461,12 +454,12 @@ def test_world_search_retries_a_damaged_body(world, kind):
     assert len(items) == 2
 
 
-def test_world_cog_whose_header_disagrees_with_the_item_is_not_read_silently(world):
+def test_world_cog_whose_header_disagrees_with_the_item_is_not_read_silently(s2_world):
     """A damaged header can still parse with another georeference (pixels in the wrong place, no error):
     the asset's STAC proj:transform is checked, a mismatch retried and finally a recorded read failure."""
     from cmsrd.world.servers import serve_world
 
-    root, meta, _ = world
+    root, meta, _ = s2_world
     t = _world_tile(meta, 17)
     with serve_world(root) as srv:
         s2 = Sentinel2STAC(srv.stac_url, window_days=400, rate=None, retry=RetryPolicy(retries=1, backoff=0.0))

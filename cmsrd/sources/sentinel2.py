@@ -864,7 +864,6 @@ class Sentinel2STAC:
         footprint (cubic) and brought to lr_px with MATLAB bicubic on uint8, as the SGDM authors' chips."""
         from ..degrade import imresize
 
-        props = d["properties"]
         href, asset = self._href(d, "visual")
         tci = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
         if tci.ndim != 3 or tci.shape[2] < 3 or tci.dtype != np.uint8:
@@ -872,30 +871,40 @@ class Sentinel2STAC:
         tci = np.ascontiguousarray(tci[..., :3])
         if not tci.any():
             raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
+        return self._result(
+            d,
+            imresize(tci, output_shape=(lr_px, lr_px)),
+            tci.astype(np.float32) / 255.0,
+            hr_date,
+            bad,
+            "tci: visual asset uint8 as published (ESA true colour), MATLAB bicubic to lr_px",
+            native_px=n,
+            assets={"visual": redact(href, self.client.secrets)},
+            candidates=tried,
+            lr_resampling="MATLAB imresize bicubic (Keys a=-0.5), antialiased, on uint8",
+            warp_resampling="cubic (visual), nearest (SCL)",
+            scl_bad_classes=list(SCL_BAD),
+        )
+
+    def _result(
+        self, d: dict, image: np.ndarray, native: np.ndarray, hr_date: str | None, bad: float, radiometry: str, **info
+    ) -> LRResult:
+        """The LRResult of scene `d` (dates, catalogue fields and provenance shared by both renderings)."""
+        props = d["properties"]
         when = _parse_iso(props["datetime"])
         days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
         return LRResult(
-            image=imresize(tci, output_shape=(lr_px, lr_px)),
-            native=tci.astype(np.float32) / 255.0,
+            image=image,
+            native=native,
             scene_id=d["id"],
             datetime=when.isoformat().replace("+00:00", "Z"),
             cloud_fraction=bad,
             scene_cloud_cover=props.get("eo:cloud_cover"),
             days_from_hr=days,
             baseline=props.get("s2:processing_baseline"),
-            radiometry="tci: visual asset uint8 as published (ESA true colour), MATLAB bicubic to lr_px",
+            radiometry=radiometry,
             collection=d.get("collection") or self.collection,
-            info={
-                "catalog": self.catalog,
-                "stac_url": redact(self.url),
-                "native_px": n,
-                "native_gsd_m": NATIVE_GSD_M,
-                "assets": {"visual": redact(href, self.client.secrets)},
-                "candidates": tried,
-                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on uint8",
-                "warp_resampling": "cubic (visual), nearest (SCL)",
-                "scl_bad_classes": list(SCL_BAD),
-            },
+            info={"catalog": self.catalog, "stac_url": redact(self.url), "native_gsd_m": NATIVE_GSD_M, **info},
         )
 
     def _build(
@@ -925,31 +934,20 @@ class Sentinel2STAC:
             idx = np.where(np.isnan(filled))
             filled[idx] = means[idx[2]]
         lr_refl = imresize(filled, output_shape=(lr_px, lr_px), antialias=True)
-        when = _parse_iso(props["datetime"])
-        days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
         assert recipe is not None
-        return LRResult(
-            image=to_uint8(lr_refl, self.gain),
-            native=native,
-            scene_id=d["id"],
-            datetime=when.isoformat().replace("+00:00", "Z"),
-            cloud_fraction=bad,
-            scene_cloud_cover=props.get("eo:cloud_cover"),
-            days_from_hr=days,
-            baseline=props.get("s2:processing_baseline"),
-            radiometry=recipe.text(self.gain),
-            collection=d.get("collection") or self.collection,
-            info={
-                "catalog": self.catalog,
-                "stac_url": redact(self.url),
-                "native_px": n,
-                "native_gsd_m": NATIVE_GSD_M,
-                "gain": self.gain,
-                "assets": hrefs,
-                "candidates": tried,
-                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
-                "warp_resampling": "cubic (bands), nearest (SCL)",
-                "scl_bad_classes": list(SCL_BAD),
-                "boa_offset_applied": props.get("earthsearch:boa_offset_applied"),
-            },
+        return self._result(
+            d,
+            to_uint8(lr_refl, self.gain),
+            native,
+            hr_date,
+            bad,
+            recipe.text(self.gain),
+            native_px=n,
+            gain=self.gain,
+            assets=hrefs,
+            candidates=tried,
+            lr_resampling="MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
+            warp_resampling="cubic (bands), nearest (SCL)",
+            scl_bad_classes=list(SCL_BAD),
+            boa_offset_applied=props.get("earthsearch:boa_offset_applied"),
         )
