@@ -329,7 +329,10 @@ def synthetic_pbf(tmp_path_factory):
 def test_ingest_keeps_the_same_features(synthetic_pbf, bbox):
     from perf.osm_bench import fingerprint
 
-    fp = fingerprint(OSMFeatures.from_pbf(synthetic_pbf, bbox_lonlat=bbox))
+    timings: dict[str, float] = {}
+    fp = fingerprint(OSMFeatures.from_pbf(synthetic_pbf, bbox_lonlat=bbox, timings=timings))
+    steps = {"read+filter+classify (pyosmium loop)", "WKB->shapely", "validity", "reprojection", "GeoDataFrame"}
+    assert steps <= set(timings) and all(v >= 0 for v in timings.values())  # what perf/osm_bench.py prints
     sha, rows, sea = SYNTHETIC_FINGERPRINTS[bbox]
     assert fp["crs"] == "EPSG:3857"
     if bbox is None:
