@@ -295,3 +295,51 @@ def test_lines_keep_every_located_node_and_split_at_missing_ones(tmp_path):
     assert road.geom_type == "LineString" and np.allclose(road.coords, whole, atol=1e-7)
     assert rail.geom_type == "MultiLineString"
     assert [np.allclose(p.coords, exp, atol=1e-7) for p, exp in zip(rail.geoms, (cut[:2], cut[3:]))] == [True, True]
+
+
+# -- same features before and after the ingest speed-up (issue 22) -----------------------------------------
+# Fingerprints of the synthetic extract of `perf.osm_bench.write_test_pbf` (every ingest path: closed-way and
+# relation areas with holes, a broken relation, an invalid building, tunnels, cut lines, coastline), derived
+# by the ingest as it was before it was made faster: row order, ids, classes, kinds and exact EPSG:3857 WKB.
+SYNTHETIC_FINGERPRINTS = {
+    None: ("4141281f4d32bb1e1ef6db0f0fb7786fbc90c334dea16079099099c3ca54c5c3", 249, 1),
+    (24.905, 60.155, 24.91, 60.16): ("d2b2221182cd43a0a629e314f1d16db357c988fd597bd198ddde6eefe6119b4b", 32, 0),
+}
+SYNTHETIC_STATS = {
+    "invalid_areas": 2,
+    "unassembled_relations": 1,
+    "unassembled_ways": 0,
+    "invalid_geometries": 1,
+    "clipped_lines": 1,
+    "lines_without_nodes": 1,
+    "coastline_ways": 1,
+    "coastline_ends_snapped": 0,
+    "coastlines_dangling": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_pbf(tmp_path_factory):
+    from perf.osm_bench import write_test_pbf
+
+    return write_test_pbf(tmp_path_factory.mktemp("synthetic") / "synthetic.osm.pbf")
+
+
+@pytest.mark.parametrize("bbox", list(SYNTHETIC_FINGERPRINTS), ids=["whole", "bbox"])
+def test_ingest_keeps_the_same_features(synthetic_pbf, bbox):
+    from perf.osm_bench import fingerprint
+
+    timings: dict[str, float] = {}
+    fp = fingerprint(OSMFeatures.from_pbf(synthetic_pbf, bbox_lonlat=bbox, timings=timings))
+    steps = {"read+filter+classify (pyosmium loop)", "WKB->shapely", "validity", "reprojection", "GeoDataFrame"}
+    assert steps <= set(timings) and all(v >= 0 for v in timings.values())  # what perf/osm_bench.py prints
+    sha, rows, sea = SYNTHETIC_FINGERPRINTS[bbox]
+    assert fp["crs"] == "EPSG:3857"
+    if bbox is None:
+        assert fp["counts"] == {
+            **{"building": 173, "road": 24, "major_road": 5, "railway": 1, "water": 16},
+            **{"forest": 5, "wood": 5, "park": 14, "farmland": 6},
+        }
+    assert {k: fp["stats"][k] for k in SYNTHETIC_STATS} == SYNTHETIC_STATS
+    assert (fp["rows"], fp["stats"]["sea_polygons"]) == (rows, sea)
+    assert fp["sha256"] == sha

@@ -120,20 +120,23 @@ def classify_area(tags) -> tuple[str, str] | None:
 
 def classify_line(tags) -> tuple[str, str] | None:
     """(class, kind) of a way drawn as a line, or None."""
-    if tags.get("area") == "yes" or tags.get("tunnel", "no") != "no":
-        return None
     hw = tags.get("highway")
     if hw in MAJOR_HIGHWAYS:
-        return "major_road", hw
-    if hw in ROAD_HIGHWAYS:
-        return "road", hw
-    rw = tags.get("railway")
-    if rw in RAILWAYS:
-        return "railway", rw
-    ww = tags.get("waterway")
-    if ww in WATER_LINES:
-        return "water", ww
-    return None
+        cl = "major_road", hw
+    elif hw in ROAD_HIGHWAYS:
+        cl = "road", hw
+    else:
+        rw = tags.get("railway")
+        if rw in RAILWAYS:
+            cl = "railway", rw
+        else:
+            ww = tags.get("waterway")
+            if ww not in WATER_LINES:
+                return None  # the common case (buildings, areas): no area/tunnel lookups
+            cl = "water", ww
+    if tags.get("area") == "yes" or tags.get("tunnel", "no") != "no":
+        return None
+    return cl
 
 
 @dataclass
@@ -196,6 +199,28 @@ def lonlat_to_3857(lon, lat) -> tuple[np.ndarray, np.ndarray]:
     """WGS84 degrees -> EPSG:3857 metres (vectorised; the same pyproj transform as `GeoDataFrame.to_crs`)."""
     x, y = _TO_3857.transform(np.asarray(lon, float), np.asarray(lat, float))
     return np.asarray(x), np.asarray(y)
+
+
+def geoms_to_3857(geoms: np.ndarray) -> np.ndarray:
+    """WGS84 geometries -> EPSG:3857, all coordinates in one pyproj call (what `GeoSeries.to_crs` does)."""
+    coords = shapely.get_coordinates(geoms)
+    x, y = _TO_3857.transform(coords[:, 0], coords[:, 1])
+    return shapely.set_coordinates(geoms.copy(), np.stack([x, y], axis=1))
+
+
+# Only ways, relations and areas reach Python (tagged nodes are dropped in C++: none is a map feature), only
+# those with a key of KEYS, and only relations with such a key are assembled as areas (libosmium's first pass).
+_TO_PYTHON = osmium.osm.WAY | osmium.osm.RELATION | osmium.osm.AREA
+
+
+def feature_objects(path: str | os.PathLike) -> osmium.FileProcessor:
+    """The pyosmium reader of `OSMFeatures.from_pbf`: node locations, areas, and the C++ filters above."""
+    return (
+        osmium.FileProcessor(str(path))
+        .with_areas(osmium.filter.KeyFilter(*KEYS))
+        .with_filter(osmium.filter.EntityFilter(_TO_PYTHON))
+        .with_filter(osmium.filter.KeyFilter(*KEYS))
+    )
 
 
 def _segments_in_box(coords: np.ndarray, box_: tuple[float, float, float, float]):
@@ -375,6 +400,13 @@ def _sea_features(
     )
 
 
+def _lap(timings: dict[str, float] | None, step: str, since: float) -> float:
+    now = time.perf_counter()
+    if timings is not None:
+        timings[step] = timings.get(step, 0.0) + now - since
+    return now
+
+
 def _contains(outer, inner, tol: float = 1e-7) -> bool:
     return (
         outer[0] - tol <= inner[0]
@@ -400,11 +432,13 @@ class OSMFeatures:
         bbox_lonlat: tuple[float, float, float, float] | None = None,
         margin_deg: float = 0.001,
         progress: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> OSMFeatures:
         """Read every map-class feature of `path`; with `bbox_lonlat` (W, S, E, N) keep only those touching it.
 
         Features within `margin_deg` of the bbox are kept too, so buffered lines just outside still reach it.
-        `progress` shows a tqdm counter of OSM objects read (country extracts take minutes).
+        `progress` shows a tqdm counter of OSM objects read (country extracts take minutes); `timings`, when
+        given, receives the seconds of each step (`perf/osm_bench.py` prints them).
 
         Raises InputError naming the file when it is not readable OSM data, or does not cover the bbox.
         """
@@ -428,17 +462,19 @@ class OSMFeatures:
                 "use an extract that covers the AOI (cmsrd.sources.geofabrik.find_extract picks one)",
             )
         stats = IngestStats()
-        rows: list[tuple] = []
-        wkb = osmium.geom.WKBFactory()
+        cls_, kinds, types, ids, wkbs = [], [], [], [], []  # one list per column: no per-feature tuples/dicts
         area_candidates = {"w": set(), "r": set()}
         assembled = {"w": set(), "r": set()}
         coast: list[list[tuple[float, float]]] = []  # located runs of natural=coastline ways, (lon, lat)
+        create_multipolygon = osmium.geom.WKBFactory().create_multipolygon
+        lap = time.perf_counter()
         try:
-            fp = osmium.FileProcessor(str(path)).with_areas().with_filter(osmium.filter.KeyFilter(*KEYS))
+            fp = feature_objects(path)
             objects = tqdm(fp, desc=f"reading {path.name}", unit=" obj", mininterval=1.0) if progress else fp
             for obj in objects:
-                if obj.is_way():
-                    tags = obj.tags
+                kind = obj.type_str()
+                tags = obj.tags
+                if kind == "w":
                     if tags.get("natural") == "coastline":
                         stats.coastline_ways += 1
                         coast.extend(_located_runs(obj)[0])
@@ -451,24 +487,32 @@ class OSMFeatures:
                     if geom is None:
                         stats.lines_without_nodes += 1
                         continue
-                    stats.clipped_lines += int(geom[1])
-                    rows.append((cl[0], cl[1], "way", obj.id, geom[0]))
-                elif obj.is_relation():
-                    if obj.tags.get("type") in ("multipolygon", "boundary") and classify_area(obj.tags):
-                        area_candidates["r"].add(obj.id)
-                elif obj.is_area():
-                    ca = classify_area(obj.tags)
+                    stats.clipped_lines += geom[1]
+                    cls_.append(cl[0])
+                    kinds.append(cl[1])
+                    types.append("way")
+                    ids.append(obj.id)
+                    wkbs.append(geom[0])
+                elif kind == "a":
+                    ca = classify_area(tags)
                     if ca is None:
                         continue
-                    kind = "w" if obj.from_way() else "r"
+                    k = "w" if obj.from_way() else "r"
                     oid = obj.orig_id()
-                    assembled[kind].add(oid)
+                    assembled[k].add(oid)
                     try:
-                        geom = wkb.create_multipolygon(obj)
+                        geom = create_multipolygon(obj)
                     except (RuntimeError, osmium.InvalidLocationError):
                         stats.invalid_geometries += 1
                         continue
-                    rows.append((ca[0], ca[1], "way" if kind == "w" else "relation", oid, geom))
+                    cls_.append(ca[0])
+                    kinds.append(ca[1])
+                    types.append("way" if k == "w" else "relation")
+                    ids.append(oid)
+                    wkbs.append(bytes.fromhex(geom))  # GEOS parses binary WKB ~10x faster than hex
+                elif kind == "r":
+                    if tags.get("type") in ("multipolygon", "boundary") and classify_area(tags):
+                        area_candidates["r"].add(obj.id)
         except InputError:
             raise
         except Exception as exc:
@@ -477,34 +521,48 @@ class OSMFeatures:
             ) from exc
         stats.unassembled_ways = len(area_candidates["w"] - assembled["w"])
         stats.unassembled_relations = len(area_candidates["r"] - assembled["r"])
+        lap = _lap(timings, "read+filter+classify (pyosmium loop)", lap)
 
-        if rows:
-            df = pd.DataFrame(rows, columns=COLUMNS)
-            geoms = shapely.from_wkb(df["geometry"].map(lambda g: bytes.fromhex(g) if isinstance(g, str) else g))
-            gdf = gpd.GeoDataFrame(df.drop(columns="geometry"), geometry=geoms, crs="EPSG:4326")
-        else:
-            gdf = gpd.GeoDataFrame({c: [] for c in COLUMNS[:-1]}, geometry=[], crs="EPSG:4326")
-        bad = gdf.geometry.is_empty | ~gdf.geometry.is_valid
+        geoms = shapely.from_wkb(np.array(wkbs, dtype=object)) if wkbs else np.array([], dtype=object)
+        lap = _lap(timings, "WKB->shapely", lap)
+        bad = shapely.is_empty(geoms) | ~shapely.is_valid(geoms)
         stats.invalid_geometries += int(bad.sum())
-        gdf = gdf.loc[~bad]
-        if bbox_lonlat is not None:
-            if header_bbox is None:  # no header box: the data extent must cover the AOI
-                if gdf.empty or not _contains(tuple(gdf.total_bounds), bbox_lonlat, tol=1e-3):
-                    raise InputError(
-                        f"OSM file {path}",
-                        f"has no data over the AOI {tuple(bbox_lonlat)}",
-                        "use an extract that covers the AOI",
-                    )
-        data_bounds = tuple(gdf.total_bounds) if len(gdf) else None
+        keep = ~bad
+        geoms = geoms[keep]
+        lap = _lap(timings, "validity", lap)
+        if bbox_lonlat is not None and header_bbox is None:  # no header box: the data extent must cover the AOI
+            if not len(geoms) or not _contains(tuple(shapely.total_bounds(geoms)), bbox_lonlat, tol=1e-3):
+                raise InputError(
+                    f"OSM file {path}",
+                    f"has no data over the AOI {tuple(bbox_lonlat)}",
+                    "use an extract that covers the AOI",
+                )
+        data_bounds = tuple(shapely.total_bounds(geoms)) if len(geoms) else None
         if bbox_lonlat is not None:
             w, s, e, n = bbox_lonlat
             near = box(w - margin_deg, s - margin_deg, e + margin_deg, n + margin_deg)
-            gdf = gdf.iloc[np.sort(gdf.sindex.query(near, predicate="intersects"))]
-        gdf = gdf.to_crs(CRS).reset_index(drop=True)
+            hit = np.sort(shapely.STRtree(geoms).query(near, predicate="intersects"))
+            keep[keep] = np.isin(np.arange(len(geoms)), hit)
+            geoms = geoms[hit]
+            lap = _lap(timings, "bbox", lap)
+        geoms = geoms_to_3857(geoms)
+        lap = _lap(timings, "reprojection", lap)
+        gdf = gpd.GeoDataFrame(
+            {
+                "class": np.array(cls_, dtype=object)[keep],
+                "kind": np.array(kinds, dtype=object)[keep],
+                "osm_type": np.array(types, dtype=object)[keep],
+                "osm_id": np.array(ids, dtype=np.int64)[keep],
+            },
+            geometry=gpd.GeoSeries(geoms, crs=CRS),
+            crs=CRS,
+        )
+        lap = _lap(timings, "GeoDataFrame", lap)
         if coast:
             sea = _sea_features(coast, stats, bbox_lonlat, margin_deg, header_bbox, data_bounds)
             if len(sea):
                 gdf = pd.concat([gdf, sea], ignore_index=True)
+            lap = _lap(timings, "sea from coastlines", lap)
         gdf["class"] = gdf["class"].astype(str)
         stats.invalid_areas = stats.unassembled_ways + stats.unassembled_relations + stats.invalid_geometries
         stats.seconds = time.perf_counter() - t0
