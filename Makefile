@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-deps -r requirements/lock.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@echo "pip check (pyiqa's metadata lists packages its DISTS/CLIP-IQA code never imports, e.g. bitsandbytes,"
+	@echo "tensorboard, pre-commit: installed --no-deps on purpose, so pip reports them; anything else is a real gap):"
 	$(BIN)/python -m pip check || true
 	touch $(STAMP)
 

@@ -14,23 +14,11 @@ from cmsrd.errors import InputError
 from .base import Batch, SRMethod
 from .conditions import Conditions
 from .method_config import MethodConfig, TrainConfig
-from .registry import MethodSpec, register
+from .registry import MethodSpec
 from .seeding import Generators
+from .specs import BICUBIC
 
-SPEC = register(
-    MethodSpec(
-        name="bicubic",
-        target="baselines.bicubic:Bicubic",
-        kind="interp",
-        scales=(2, 4, 8, 16, 32),
-        inputs=("lr",),
-        nfe=0,
-        license="n/a (classical interpolation; MATLAB imresize semantics)",
-        citation="R. Keys, Cubic convolution interpolation for digital image processing, IEEE TASSP 29(6), 1981",
-        config="bicubic.yaml",
-        description="MATLAB-compatible bicubic upsampling of the LR (antialiasing kernel, a = -0.5).",
-    )
-)
+SPEC = BICUBIC  # the registry's spec (`baselines.specs`): listing methods needs no torch
 
 
 @dataclass(frozen=True)

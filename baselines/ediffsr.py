@@ -26,36 +26,13 @@ from .checkpoint import load_strict, read_metadata, read_state_dict
 from .conditions import Conditions
 from .diffusion.irsde import IRSDE, sample_irsde
 from .method_config import AdamW, MethodConfig, Optimizer, TrainConfig, build_optimizer
-from .registry import MethodSpec, build_arch, register
+from .registry import MethodSpec, build_arch
 from .seeding import Generators
+from .specs import EDIFFSR
 
 log = logging.getLogger(__name__)
 
-SPEC = register(
-    MethodSpec(
-        name="ediffsr",
-        target="baselines.ediffsr:EDiffSR",
-        kind="diffusion",
-        scales=(4, 8, 16, 32),
-        inputs=("lr",),
-        nfe=100,
-        license=(
-            "no LICENSE file in the official repo, so no licence is granted; "
-            "its IR-SDE code comes from MIT-licensed Algolzw/image-restoration-sde"
-        ),
-        citation=(
-            "Y. Xiao et al., EDiffSR: An Efficient Diffusion Probabilistic Model for Remote Sensing Image "
-            "Super-Resolution, IEEE TGRS 62, 2024 (github.com/XY-boy/EDiffSR)"
-        ),
-        conditions=("steps",),
-        config="ediffsr.yaml",
-        description=(
-            "ConditionalNAFNet (width 64, enc [14,1,1,1], RCAB prior) on the IR-SDE (sigma 50/255, T 100, cosine) "
-            "from the bicubic LR; 100 reverse-SDE steps at HR size; steps=N: IR-SDE posterior sampler on N steps"
-        ),
-        extra={"default_scale": 16},
-    )
-)
+SPEC = EDIFFSR  # the registry's spec (`baselines.specs`): listing methods needs no torch
 
 # prefixes the official training scripts may leave on the keys (DataParallel, torch.compile)
 _PREFIXES = ("module.", "_orig_mod.")

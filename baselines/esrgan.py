@@ -27,28 +27,9 @@ from .base import Batch, TrainContext
 from .feedforward import FeedForwardConfig, FeedForwardMethod, FeedForwardTrain
 from .losses import L1Loss, PerceptualLoss, RelativisticGANLoss
 from .method_config import Adam, Optimizer, build_optimizer
-from .registry import MethodSpec, register
+from .specs import ESRGAN
 
-SPEC = register(
-    MethodSpec(
-        name="esrgan",
-        target="baselines.esrgan:ESRGAN",
-        kind="gan",
-        scales=(4, 8, 16, 32),
-        inputs=("lr",),
-        nfe=1,
-        license="Apache-2.0 (xinntao/ESRGAN; RRDBNet via BasicSR)",
-        citation=(
-            "X. Wang et al., ESRGAN: Enhanced Super-Resolution Generative Adversarial Networks, ECCV Workshops 2018"
-        ),
-        config="esrgan.yaml",
-        description=(
-            "RRDBNet (nf 64, nb 23, gc 32) with log2(scale) nearest+conv stages; "
-            "L1 pre-training then RaGAN + VGG19 conv5_4."
-        ),
-        extra={"default_scale": 16, "stages": ("psnr", "gan")},
-    )
-)
+SPEC = ESRGAN  # the registry's spec (`baselines.specs`): listing methods needs no torch
 
 _UP = re.compile(r"^conv_up(\d+)\.weight$")
 

@@ -1,6 +1,7 @@
-"""Name -> SR method. Method modules register themselves when imported (BasicSR's pattern).
+"""Name -> SR method. Spec modules register methods when imported (BasicSR's pattern).
 
-Specs are plain data, so listing methods needs no heavy import; the class is imported on `build`.
+Specs are plain data in light modules (`METHOD_MODULES`), so listing methods imports no torch; the class is
+imported on `build` (`resolve_class`).
 Method configs are YAML (`baselines/configs/<name>.yaml`): `network: {type: ArchName, ...kwargs}`
 selects an architecture from `ARCHS` and passes the rest to its constructor, as in BasicSR.
 """
@@ -26,17 +27,15 @@ KINDS = ("interp", "regression", "gan", "diffusion")
 INPUTS = ("lr", "sr", "map", "style")
 CONDITION_KEYS = ("map", "style", "steps", "start")
 
-# Modules that register methods; imported by `load_all()`. Add a method by adding its module here.
+# Light modules that register method specs (plain data, no torch import: `cmsrd-bench list` and name checks
+# import only these); imported by `load_all()`. The class a spec's `target` names is imported by `build`.
+# Add a method by adding its spec to `baselines.specs`, or a package whose `__init__` only registers its spec.
 METHOD_MODULES = [
-    "baselines.bicubic",
-    "baselines.esrgan",
-    "baselines.swinir",
-    "baselines.ttst",
+    "baselines.specs",  # bicubic, esrgan, swinir, ttst, ediffsr
     "baselines.sgdm",
     "baselines.resshift",
     "baselines.ldm",
     "baselines.ldm_sr",
-    "baselines.ediffsr",
     "baselines.csdiff",
 ]
 

@@ -27,26 +27,10 @@ from cmsrd.errors import InputError
 from .archs.swinir import block_geometry, official_img_size, strip_derived_buffers
 from .checkpoint import describe_mismatch
 from .feedforward import FeedForwardMethod, FeedForwardTrain
-from .registry import MethodSpec, build_arch, register
+from .registry import build_arch
+from .specs import SWINIR
 
-SPEC = register(
-    MethodSpec(
-        name="swinir",
-        target="baselines.swinir:SwinIRMethod",
-        kind="regression",
-        scales=(2, 4, 8, 16, 32),
-        inputs=("lr",),
-        nfe=1,
-        license="Apache-2.0 (JingyunLiang/SwinIR)",
-        citation="J. Liang et al., SwinIR: Image Restoration Using Swin Transformer, ICCV Workshops 2021",
-        config="swinir.yaml",
-        description=(
-            "Classical SwinIR (embed 180, 6x6 RSTB, window 8, heads 6, mlp 2) "
-            "with log2(scale) pixel-shuffle stages; L1."
-        ),
-        extra={"default_scale": 16},
-    )
-)
+SPEC = SWINIR  # the registry's spec (`baselines.specs`): listing methods needs no torch
 
 _UP = re.compile(r"^upsample\.(\d+)\.weight$")
 

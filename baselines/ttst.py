@@ -26,28 +26,12 @@ from .archs.ttst import convert_official
 from .checkpoint import load_strict, read_metadata, read_state_dict
 from .feedforward import FeedForwardConfig, FeedForwardTrain
 from .method_config import Adam, Optimizer
-from .registry import MethodSpec, register
+from .specs import TTST
 from .swinir import SwinIRMethod
 
 log = logging.getLogger(__name__)
 
-SPEC = register(
-    MethodSpec(
-        name="ttst",
-        target="baselines.ttst:TTSTMethod",
-        kind="regression",
-        scales=(2, 4, 8, 16, 32),
-        inputs=("lr",),
-        nfe=1,
-        license="no LICENSE file in the official repo (XY-boy/TTST)",
-        citation="Y. Xiao et al., TTST: A Top-k Token Selective Transformer for Remote Sensing Image "
-        "Super-Resolution, IEEE TIP 2024",
-        config="ttst.yaml",
-        description="HAT-based TTST as released (embed 180, 6x6 blocks, window 8, overlap 0.5, top-k "
-        "selective attention k=C/2..4C/5) with log2(scale) pixel-shuffle stages; L1.",
-        extra={"default_scale": 16},
-    )
-)
+SPEC = TTST  # the registry's spec (`baselines.specs`): listing methods needs no torch
 
 _UP = re.compile(r"^upsample\.(\d+)\.(weight|bias)$")
 

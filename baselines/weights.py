@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -88,10 +89,17 @@ _KNOWN_FIELDS = {f for f in WeightEntry.__dataclass_fields__} - {"key", "extra"}
 
 
 def hub_dir() -> Path:
-    """`torch.hub.get_dir()`: $TORCH_HOME/hub (read at call time, so TORCH_HOME set later is honoured)."""
-    import torch.hub
+    """`torch.hub.get_dir()`: $TORCH_HOME/hub (read at call time, so TORCH_HOME set later is honoured).
 
-    return Path(torch.hub.get_dir())
+    Without torch imported, `torch.hub.set_dir` cannot have been called, so torch's documented default
+    ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch; + /hub) is computed here instead of
+    importing torch (seconds) for a path: `cmsrd-bench list` reports weight states without torch."""
+    if "torch" in sys.modules:
+        import torch.hub
+
+        return Path(torch.hub.get_dir())
+    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(xdg, "torch")))) / "hub"
 
 
 def manifest_path() -> Path:

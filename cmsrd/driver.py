@@ -82,28 +82,45 @@ def plan_fingerprint(plan: pd.DataFrame) -> str:
 
 
 def _open_client(workers: int, threads: int, scheduler: str | None, processes: bool = True):
+    import importlib.util
+
     from distributed import Client, LocalCluster
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="20s"), None
+            client, cluster = Client(scheduler, timeout="20s"), None
         except OSError as e:
             raise InputError(
                 f"--scheduler {scheduler}",
                 f"cannot connect ({e})",
                 "start one with `dask scheduler` + `dask worker ADDRESS`, or omit --scheduler",
             ) from None
-    # No dashboard; distributed's always-on HTTP endpoint is bound to loopback on a free port.
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        processes=processes,
-        **({"host": "127.0.0.1"} if processes else {}),  # threads: in-process transport, no socket
-        dashboard_address="127.0.0.1:0",
-        scheduler_kwargs={"dashboard": False},
-        silence_logs=logging.ERROR,
-    )
-    return Client(cluster), cluster
+    else:
+        # The dashboard where bokeh (optional) is installed; distributed's always-on HTTP endpoint and the
+        # dashboard are bound to loopback on a free port.
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=processes,
+            **({"host": "127.0.0.1"} if processes else {}),  # threads: in-process transport, no socket
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": importlib.util.find_spec("bokeh") is not None},
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+
+    def serves_dashboard() -> bool:  # runs on the scheduler (pickled by value: cmsrd need not be installed there)
+        import sys
+
+        return "distributed.dashboard.scheduler" in sys.modules  # imported only when its dashboard started
+
+    try:
+        served = bool(client.run_on_scheduler(serves_dashboard))
+    except Exception:  # noqa: BLE001 - a scheduler that cannot answer has no link to print, the build goes on
+        served = False
+    link = client.dashboard_link if served else None
+    print(f"dask dashboard: {link}" if link else "dask dashboard: none (needs bokeh on the scheduler)", file=sys.stderr)
+    return client, cluster
 
 
 def _partitions(todo: pd.DataFrame, size: int) -> Iterator[list[SampleTask]]:

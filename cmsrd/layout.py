@@ -132,7 +132,7 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "miny": "float64",
     "maxx": "float64",
     "maxy": "float64",
-    "hr_gsd_m": "float64",  # ground sampling distance of the HR pixels (Web Mercator px * cos(lat))
+    "hr_gsd_m": "float64",  # HR metres per pixel on the ground: 40075016.686 cos(lat) / (2**z hr_px), lat of centre
     "hr_source": "string",
     "hr_date": "string",  # YYYY-MM-DD or empty when unknown
     "lr_source": "string",  # "bicubic" | "sentinel-2"
@@ -169,6 +169,11 @@ BUILD_EXTRA_COLUMNS: dict[str, str] = {
     "sha256_geo_hr": "string",
     "path_geo_lr": "string",
     "sha256_geo_lr": "string",
+    # True ground resolutions (`cmsrd.sources.base.footprint_resolution`): a Web Mercator tile is
+    # 40075016.686 cos(lat) / 2**z m wide, so the nominal hr_px / lr_px is not the real ratio for a real LR.
+    "lr_native_gsd_m": "float64",  # the LR source's native GSD (Sentinel-2: 10 m; synthetic: tile width / lr_px)
+    "lr_native_px": "float64",  # native LR pixels across the tile (tile ground width / lr_native_gsd_m)
+    "effective_scale": "float64",  # lr_native_gsd_m / hr_gsd_m (z18, 48.85 N, Sentinel-2: ~25.4, nominal 16)
 }
 # Every column of a built manifest row, in order.
 BUILD_COLUMNS: tuple[str, ...] = tuple(MANIFEST_COLUMNS) + tuple(BUILD_EXTRA_COLUMNS)
@@ -223,19 +228,37 @@ GEOMETRY = "geometry"  # GeoParquet's column; the tables themselves keep minx..m
 FOOTPRINT_CRS = "EPSG:3857"
 
 
-def write_geoparquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Parquet with each tile footprint (minx..maxy) as a GeoParquet polygon `geometry` and its CRS recorded, so
-    `geopandas.read_parquet` (and GIS tools) get the footprints; `pd.read_parquet` still reads it (WKB bytes)."""
-    cols = ["minx", "miny", "maxx", "maxy"]
-    if not set(cols) <= set(df.columns):
-        df.to_parquet(path, index=False)
-        return
-    import geopandas as gpd
-    import shapely
+def geoparquet_table(df: pd.DataFrame):
+    """`df` as an Arrow table with each tile footprint (minx..maxy) as a WKB polygon `geometry` column and
+    GeoParquet 1.0 `geo` metadata (CRS EPSG:3857), so `geopandas.read_parquet` and GIS tools get the footprints
+    while `pd.read_parquet` still reads it (WKB bytes). One function for whole files and streamed chunks (the
+    build's manifest is written chunk by chunk with one schema). Without the bounds columns: plain Parquet."""
+    import pyarrow as pa
 
-    geom = shapely.box(*(df[c].to_numpy(dtype=float) for c in cols))
-    gdf = gpd.GeoDataFrame(df.drop(columns=[GEOMETRY], errors="ignore"), geometry=geom, crs=FOOTPRINT_CRS)
-    gdf.to_parquet(path, index=False)
+    cols = ["minx", "miny", "maxx", "maxy"]
+    table = pa.Table.from_pandas(df.drop(columns=[GEOMETRY], errors="ignore"), preserve_index=False)
+    if not set(cols) <= set(df.columns):
+        return table
+    import shapely
+    from pyproj import CRS
+
+    geom = shapely.to_wkb(shapely.box(*(pd.to_numeric(df[c], errors="coerce").to_numpy(float) for c in cols)))
+    table = table.append_column(GEOMETRY, pa.array(geom, pa.binary()))
+    geo = {
+        "version": "1.0.0",
+        "primary_column": GEOMETRY,
+        "columns": {
+            GEOMETRY: {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": CRS(FOOTPRINT_CRS).to_json_dict()}
+        },
+    }
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"geo": json.dumps(geo).encode()})
+
+
+def write_geoparquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Parquet of `geoparquet_table(df)`: tile footprints with their CRS, readable by pandas and geopandas."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(geoparquet_table(df), path)
 
 
 def read_manifest(root: str | os.PathLike) -> pd.DataFrame:

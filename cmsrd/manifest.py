@@ -23,6 +23,7 @@ from .layout import (
     SPLITS,
     DatasetLayout,
     conform_manifest,
+    geoparquet_table,
     write_dataset_json,
 )
 from .sources.registry import lr_spec
@@ -32,7 +33,6 @@ from .stages import BuildSpec, redact
 def finalize(spec: BuildSpec, cfg: DatasetConfig, plan: pd.DataFrame, state: BuildState, chunk: int = 5000) -> dict:
     """Manifest (Parquet + CSV, streamed in plan order, last journal record per id) and dataset.json;
     files of samples that are not ok in their split are removed from the split folders."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     layout = spec.layout
@@ -60,7 +60,7 @@ def finalize(spec: BuildSpec, cfg: DatasetConfig, plan: pd.DataFrame, state: Bui
                         counts["by_reason"][reason] = counts["by_reason"].get(reason, 0) + 1
                     if st == "ok":
                         ok_ids[sp].add(r["id"])
-                table = pa.Table.from_pandas(df, preserve_index=False)
+                table = geoparquet_table(df)  # GeoParquet: footprints and CRS for GIS tools
                 if writer is None:
                     writer = pq.ParquetWriter(ptmp, table.schema)
                 writer.write_table(table)

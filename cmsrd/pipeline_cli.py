@@ -274,6 +274,7 @@ def info_command(root: str, as_json: bool) -> None:
         f"zoom {meta.get('zoom')}, {meta['crs']}"
     )
     for k, s in meta["sources"].items():
+        s = s if isinstance(s, dict) else {"source": s}  # a hand-made dataset.json may name a source only
         note = s.get("attribution") or s.get("method")  # a bicubic LR has no attribution: say how it was made
         click.echo(f"  {k}: {s.get('source')}" + (f"  ({note})" if note else ""))
     tab = df.groupby(["split", "qa_status"]).size().unstack(fill_value=0)
@@ -283,7 +284,28 @@ def info_command(root: str, as_json: bool) -> None:
         click.echo("reasons: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
     ok = df[df["qa_status"] == "ok"]
     if len(ok):
-        click.echo(
-            f"HR ground GSD {ok['hr_gsd_m'].min():.3f}-{ok['hr_gsd_m'].max():.3f} m; "
-            f"map building fraction {ok['frac_building'].mean():.3f} mean"
-        )
+        for line in ground_summary(ok, int(meta["scale"])):
+            click.echo(line)
+        click.echo(f"map building fraction {ok['frac_building'].mean():.3f} mean")
+
+
+# (column, label, number format, unit) of the ground-resolution lines of `cmsrd info`
+_GROUND = (
+    ("hr_gsd_m", "HR ground resolution", "{:.3f}", "m/px"),
+    ("lr_native_gsd_m", "LR native resolution", "{:.2f}", "m/px"),
+    ("lr_native_px", "native LR pixels across", "{:.1f}", "px"),
+    ("effective_scale", "effective scale", "x{:.1f}", ""),
+)
+
+
+def ground_summary(ok, nominal_scale: int) -> list[str]:
+    """Median [min - max] of the true ground resolutions over the ok samples; the nominal x`scale` is the pixel
+    ratio, the effective scale the ground one (they differ for a real LR: a z18 tile is not 16 x 10 m wide)."""
+    lines = [f"ground resolution over {len(ok)} ok samples: median [min - max]"]
+    for col, label, fmt, unit in _GROUND:
+        if col not in ok.columns or ok[col].isna().all():  # a dataset built before the column existed
+            continue
+        v = ok[col].astype(float)
+        note = f"(nominal x{nominal_scale})" if col == "effective_scale" else unit
+        lines.append(f"  {label:<24} {fmt.format(v.median())} [{fmt.format(v.min())} - {fmt.format(v.max())}] {note}")
+    return lines if len(lines) > 1 else []

@@ -31,7 +31,7 @@ from .errors import CredentialsError, InputError, SampleError
 from .io import atomic_path, sha256_file, write_png
 from .layout import BUILD_COLUMNS, IMAGE_KINDS, DatasetLayout
 from .plan import PLAN_COLUMNS
-from .sources.base import HRResult, HRSource, LRResult, LRSource
+from .sources.base import HRResult, HRSource, LRResult, LRSource, footprint_resolution
 from .sources.registry import hr_spec, lr_spec
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
@@ -339,6 +339,8 @@ def base_row(spec: BuildSpec, task: SampleTask) -> dict[str, Any]:
     row["hr_source"] = cfg.hr.source
     row["lr_source"] = cfg.lr.source
     row["map_source"] = cfg.map.source
+    native = lr_spec(cfg.lr.source, cfg.lr.backend).native_gsd_m
+    row.update(footprint_resolution(task.z, task.y, cfg.hr_px, cfg.lr_px, native))  # this build's hr_px
     return row
 
 

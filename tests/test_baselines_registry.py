@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from baselines import registry
-from baselines.cli import WEIGHT_STATES, list_command, method_rows, parameter_counts, recorded_parameter_counts
+from baselines.cli import WEIGHT_STATES, count_all, list_command, method_rows, recorded_parameter_counts
 from baselines.conditions import Conditions, UnsupportedCondition
 from baselines.inference import method_inputs, super_resolve_batch, super_resolve_loader
 from cmsrd.data import CMSRDDataset
@@ -116,11 +116,61 @@ def test_list_table_and_json():
 
 
 def test_recorded_parameter_counts_match_the_models():
+    """One source of truth: `param_counts.json` (what `list` prints without torch) equals each class built at
+    every scale its light spec declares, so a spec whose scales, or a file whose counts, disagree with the
+    method classes fails here."""
     recorded = recorded_parameter_counts()
     assert set(recorded) == {n for n in registry.names() if not n.startswith("test_")}  # tests register test_*
-    for name in ("bicubic", "esrgan", "swinir", "ttst", "ediffsr", "csdiff"):  # the cheap ones
-        total, trainable = parameter_counts(name, recorded[name]["scale"])
-        assert recorded[name] == {"scale": recorded[name]["scale"], "total": total, "trainable": trainable}
+    for name in recorded:
+        assert set(recorded[name]) == {str(s) for s in registry.get(name).scales}, name
+    assert recorded == count_all()
+    assert recorded["esrgan"]["16"] == {"total": 16_771_843, "trainable": 16_771_843}
+
+
+def test_light_specs_are_the_method_classes_specs():
+    """The spec a method module or package exposes is the registry's object (defined once), and it names the
+    class that is built."""
+    import importlib
+
+    from baselines.base import SRMethod
+
+    for name in registry.names():
+        spec = registry.get(name)
+        if not spec.target.startswith("baselines."):
+            continue
+        cls = registry.resolve_class(spec)
+        assert issubclass(cls, SRMethod) and spec.target == f"{cls.__module__}:{cls.__name__}", name
+        exposed = []
+        for mod in {cls.__module__, cls.__module__.rpartition(".")[0]} - {"baselines"}:
+            m = importlib.import_module(mod)
+            exposed += [getattr(m, "SPEC", None), *getattr(m, "SPECS", {}).values()]
+        same = [s for s in exposed if isinstance(s, registry.MethodSpec) and s.name == name]
+        assert same and all(s is spec for s in same), name
+
+
+def test_list_reads_plain_data_and_imports_no_torch():
+    """`cmsrd-bench list` (text and --json) answers from specs and recorded counts: no torch import (it cost
+    ~4 s a call), the method modules are imported only when a method is built."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from baselines.cli import list_command\n"
+        "for args in ([], ['--json']):\n"
+        "    r = CliRunner().invoke(list_command, args, catch_exceptions=False)\n"
+        "    assert r.exit_code == 0 and 'esrgan' in r.output, r.output\n"
+        "heavy = ('torch', 'diffusers', 'baselines.esrgan', 'baselines.sgdm.model')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    repo = str(Path(registry.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, cwd=repo)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout
 
 
 def test_list_json_parameter_counts(monkeypatch):
@@ -133,6 +183,9 @@ def test_list_json_parameter_counts(monkeypatch):
     assert data["swinir"]["params"]["total"] == 11_900_199 + 2 * 147_712
     assert data["bicubic"]["params"]["total"] == 0
     assert np.isclose(data["esrgan"]["nfe"], 1)
+    assert data["swinir"]["params_by_scale"]["32"]["total"] == 12_343_335  # the x32 upsampler
+    live = CliRunner().invoke(cli.list_command, ["--json", "--recount"], catch_exceptions=False)
+    assert json.loads(live.output) == json.loads(r.output)  # the recorded counts are the built models'
 
 
 def test_merge_config_replaces_a_dict_whose_type_changes():

@@ -113,6 +113,25 @@ def ground_gsd_m(z: int, y: int, size: int = 256) -> float:
     return grid.ground_gsd_m(z, tile_center_lonlat(z, 0, y)[1], size)
 
 
+def footprint_resolution(z: int, y: int, hr_px: int, lr_px: int, lr_native_gsd_m: float | None) -> dict[str, float]:
+    """True ground resolutions of a sample of tile (z, *, y), for its manifest row.
+
+    A Web Mercator tile spans 40075016.686 cos(lat) / 2**z m on the ground (lat of its centre), so a preset's
+    nominal scale hr_px / lr_px is not the ratio of ground pixel sizes when the LR has a sensor's native GSD
+    (Sentinel-2: 10 m; z18 at 48.85 N is ~25x, not 16x). `lr_native_gsd_m` None: the LR is computed from the HR
+    (synthetic), so its pixels are the tile's width / lr_px and the effective scale is the nominal one.
+    """
+    tile_m = ground_gsd_m(z, y, 1)
+    hr_gsd = tile_m / hr_px
+    lr_gsd = float(lr_native_gsd_m) if lr_native_gsd_m else tile_m / lr_px
+    return {
+        "hr_gsd_m": hr_gsd,
+        "lr_native_gsd_m": lr_gsd,
+        "lr_native_px": tile_m / lr_gsd,
+        "effective_scale": lr_gsd / hr_gsd,
+    }
+
+
 def subtile_zoom(z: int, size: int) -> int:
     """Zoom whose 256 px tiles give at least `size` px across tile z: z + ceil(log2(size/256)), >= z.
 

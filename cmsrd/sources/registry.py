@@ -29,6 +29,9 @@ class SourceSpec:
     target: str  # "module:Class"; the class has `from_config(cfg, cache_dir)`
     backend: str | None = None  # the value of lr.backend, for a source with several backends
     block_search: bool = False  # LR: its `search` is a catalogue query worth running once per block of samples
+    # LR: the sensor's native ground sample distance (m), recorded per sample with the effective scale
+    # (`cmsrd.sources.base.footprint_resolution`); None: computed from the HR (the LR pixel is tile / lr_px).
+    native_gsd_m: float | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -111,6 +114,7 @@ register(
         "cmsrd.sources.sentinel2:Sentinel2STAC",
         backend="stac",
         block_search=True,
+        native_gsd_m=10.0,  # = cmsrd.sources.sentinel2.NATIVE_GSD_M (a test holds them equal)
         description="Sentinel-2 L2A from a STAC API + COGs",
     )
 )
@@ -120,6 +124,7 @@ register(
         "sentinel-2",
         "cmsrd.sources.sentinelhub_backend:SentinelHubLR",
         backend="sentinelhub",
+        native_gsd_m=10.0,
         description="Sentinel-2 L2A from Sentinel Hub's Process API",
     )
 )
