@@ -219,8 +219,33 @@ def synthetic_lr(hr: np.ndarray, factor: int = 32) -> np.ndarray:
     return imresize(hr, output_shape=(h // factor, w // factor))
 
 
-def upsample(lr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Bicubic upsampling of the LR to the HR size (the `sr_<L>_<H>` inputs), MATLAB-compatible."""
+def upsample(lr: np.ndarray, size: int | tuple[int, int], mode: str = "bicubic") -> np.ndarray:
+    """The LR brought to the HR size (the `sr_<L>_<H>` inputs).
+
+    `bicubic`: MATLAB-compatible bicubic `imresize` (what the SGDM paper says). `official`: what the authors'
+    `prepare_lr.py` actually runs, OpenCV's INTER_LINEAR (`cv2.resize(img, (256, 256), cv2.INTER_CUBIC)` puts
+    the flag in the `dst` slot, so the default interpolation is used): bilinear, half-pixel centres, edge
+    pixels replicated, no antialias, rounded to uint8.
+    """
     lr = _check_u8_image(lr, "LR image")
     shape = (size, size) if isinstance(size, int) else tuple(size)
-    return imresize(lr, output_shape=shape)  # type: ignore[arg-type]
+    if mode == "bicubic":
+        return imresize(lr, output_shape=shape)  # type: ignore[arg-type]
+    if mode != "official":
+        raise InputError("sr.upsample", f"unknown mode {mode!r}", "use official or bicubic")
+    return upsample_bilinear(lr, shape)  # type: ignore[arg-type]
+
+
+def upsample_bilinear(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """cv2.resize INTER_LINEAR semantics via torch's bilinear (align_corners=False, no antialias): output
+    pixel centre x maps to input (x + 0.5) * in/out - 0.5, clamped at the borders. OpenCV's uint8 path works in
+    11-bit fixed point, so single pixels may differ from it by 1 level."""
+    import torch
+    from torch.nn import functional as F
+
+    arr = np.asarray(img)
+    t = torch.from_numpy(arr.astype(np.float32))
+    t = t[None, None] if arr.ndim == 2 else t.permute(2, 0, 1)[None]
+    out = F.interpolate(t, size=tuple(int(v) for v in shape), mode="bilinear", align_corners=False, antialias=False)
+    out = out[0, 0] if arr.ndim == 2 else out[0].permute(1, 2, 0)
+    return _round_saturate(out.numpy(), arr.dtype)

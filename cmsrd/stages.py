@@ -35,6 +35,7 @@ from .sources.registry import hr_spec, lr_spec
 
 # Source reasons that are quality verdicts, not failures -> the QA reason they are recorded under.
 SOURCE_QA_REASONS = {"hr_placeholder": "hr_placeholder", "lr_cloudy": "cloud", "lr_nodata": "nodata"}
+SOURCE_QA_REASONS["lr_radiometry_implausible"] = "lr_radiometry_implausible"  # raised by the source (cmsrd.qa)
 # Causes no other sample can escape (refused credentials, a full or read-only disk): the row carries the
 # error to the driver (`row["_stop"]`), which stops the build with it instead of recording the sample.
 CREDENTIALS_REJECTED = "credentials_rejected"
@@ -367,7 +368,7 @@ def process_sample(spec: BuildSpec, task: SampleTask, search: dict | None = None
             qa.check_lr(lr, lr_res.cloud_fraction, lr_res.days_from_hr, cfg.qa)
         from .degrade import upsample
 
-        sr = upsample(lr, cfg.hr_px)
+        sr = upsample(lr, cfg.hr_px, cfg.sr.upsample)
         map_rgb, mask = render_footprint(spec, task)
         for name, v in qa.map_fractions(mask).items():
             row[f"frac_{name}"] = v

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import InputError, SampleError
 from ..io import atomic_write_text
+from ..qa import QARejected, check_lr_radiometry
 from .base import WEB_MERCATOR, HRResult, LRResult, check_tile, tile_bounds_3857, tile_bounds_lonlat
 from .http import USER_AGENT, HttpClient, HTTPFetchError, RetryPolicy, install_log_redaction, redact
 
@@ -49,6 +50,13 @@ PLANETARY_COMPUTER = "https://planetarycomputer.microsoft.com/api/stac/v1"
 PC_SAS_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
 
 GAIN = 2.5  # uint8 = 255 * GAIN * reflectance: reflectance 0..0.4 spans 0..255 (Sentinel Hub true colour)
+# ESA's L2A TCI (the `visual` asset): B04/B03/B02 BOA reflectance 0..0.2 coded 1..255 (0 = no data), i.e.
+# 255 * 5 * reflectance; the official CMSRD LR are TCI chips (of L1C, where 255 is reflectance 0.3558)
+TCI_GAIN = 5.0
+TCI_TEXT = (
+    "TCI: the item's `visual` asset (ESA's 8-bit true colour, B04/B03/B02 BOA reflectance 0..0.2 -> 1..255, "
+    "0 = no data), warped cubic onto the footprint and resized in 8-bit units"
+)
 NATIVE_GSD_M = 10.0
 # SCL classes that make a pixel unusable: no data, saturated/defective, cloud shadow, cloud medium and
 # high probability, thin cirrus (ESA L2A product definition).
@@ -56,8 +64,8 @@ SCL_BAD = (0, 1, 3, 8, 9, 10)
 
 # Asset keys per catalog family: Earth Search uses common names, Planetary Computer band names.
 ASSET_KEYS = {
-    "earth-search": {"red": "red", "green": "green", "blue": "blue", "scl": "scl"},
-    "planetary-computer": {"red": "B04", "green": "B03", "blue": "B02", "scl": "SCL"},
+    "earth-search": {"red": "red", "green": "green", "blue": "blue", "scl": "scl", "visual": "visual"},
+    "planetary-computer": {"red": "B04", "green": "B03", "blue": "B02", "scl": "SCL", "visual": "visual"},
 }
 GDAL_ENV = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing round trips on /vsicurl/
@@ -366,6 +374,8 @@ class Sentinel2STAC:
         retry: RetryPolicy | None = None,
         rate: float | None = 5.0,
         search_zoom: int = 10,
+        radiometry: str = "boa",
+        qa: Any = None,
     ):
         if not re.match(r"(?i)^https?://", str(url or "")):
             raise InputError(f"STAC URL {url!r}", "is not an http(s) URL", f"use e.g. {EARTH_SEARCH_V1}")
@@ -380,6 +390,12 @@ class Sentinel2STAC:
         self.max_items = int(max_items)
         self.search_zoom = int(search_zoom)
         self.gain = float(gain)
+        if radiometry not in ("tci", "boa"):
+            raise InputError("lr.radiometry", f"unknown value {radiometry!r}", "use tci or boa")
+        self.radiometry = radiometry
+        from ..config import QAConfig
+
+        self.qa = qa if qa is not None else QAConfig()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.catalog = catalog or ("planetary-computer" if "planetarycomputer" in self.url.lower() else "earth-search")
         if self.catalog not in ASSET_KEYS:
@@ -407,6 +423,8 @@ class Sentinel2STAC:
             window_days=int(cfg.qa.max_days_from_hr),
             max_cloud=cfg.lr.max_scene_cloud,
             max_footprint_cloud=cfg.qa.max_cloud_fraction,
+            radiometry=cfg.lr.radiometry,
+            qa=cfg.qa,
             **http_options(cfg),
         )
 
@@ -419,6 +437,7 @@ class Sentinel2STAC:
             "backend": cfg.lr.backend,
             "catalogue": redact(cfg.lr.stac_url or ""),
             "collection": cfg.lr.collection,
+            "radiometry": cfg.lr.radiometry,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -452,6 +471,7 @@ class Sentinel2STAC:
             "max_cloud": self.max_cloud,
             "max_footprint_cloud": self.max_footprint_cloud,
             "gain": self.gain,
+            "radiometry": self.radiometry,
             "attribution": "Contains modified Copernicus Sentinel data",
         }
 
@@ -640,6 +660,7 @@ class Sentinel2STAC:
             )
         n = native_size(z, x, y)
         tried: list[dict[str, Any]] = []
+        implausible: QARejected | None = None
         for d in cands[: self.max_candidates]:
             try:
                 frac = self._bad_fraction(d, z, x, y, n)
@@ -655,7 +676,13 @@ class Sentinel2STAC:
                 }
             )
             if frac["bad"] <= self.max_footprint_cloud:
-                return self._build(d, z, x, y, n, lr_px, hr_date, frac["bad"], tried)
+                try:
+                    return self._build(d, z, x, y, n, lr_px, hr_date, frac["bad"], tried)
+                except QARejected as e:  # this scene's DNs contradict its item: try the next one
+                    tried[-1].update(error=e.reason, detail=e.detail[:200])
+                    implausible = implausible or e
+        if implausible is not None:
+            raise QARejected(implausible.reason, f"tile {z}/{x}/{y}: {implausible.detail}; candidates: {tried}")
         if tried and all("error" in t for t in tried):
             raise SampleError(tried[0]["error"], f"tile {z}/{x}/{y}: every candidate failed to read: {tried}")
         if tried and all(t.get("nodata", 0) > 0.5 for t in tried if "nodata" in t):
@@ -686,7 +713,15 @@ class Sentinel2STAC:
         return href, asset
 
     def _read(
-        self, href: str, z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None = None
+        self,
+        href: str,
+        z: int,
+        x: int,
+        y: int,
+        n: int,
+        resampling: str,
+        grid: dict[str, Any] | None = None,
+        indexes: int | list[int] = 1,
     ) -> np.ndarray:
         """The footprint window of one COG band, retried with backoff while the failure looks transient.
 
@@ -715,7 +750,7 @@ class Sentinel2STAC:
         err: Exception | None = None
         for attempt in range(attempts):
             try:
-                return self._read_once(path, env, z, x, y, n, resampling, grid)
+                return self._read_once(path, env, z, x, y, n, resampling, grid, indexes)
             except rasterio.errors.RasterioError as e:
                 err = e
                 if remote and not forget_remote(path):
@@ -740,7 +775,15 @@ class Sentinel2STAC:
 
     @staticmethod
     def _read_once(
-        path: str, env: dict[str, str], z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None
+        path: str,
+        env: dict[str, str],
+        z: int,
+        x: int,
+        y: int,
+        n: int,
+        resampling: str,
+        grid: dict[str, Any] | None,
+        indexes: int | list[int] = 1,
     ) -> np.ndarray:
         import rasterio
         from rasterio.enums import Resampling
@@ -763,7 +806,7 @@ class Sentinel2STAC:
                 src_nodata=nodata,
                 nodata=nodata,
             ) as vrt:
-                return vrt.read(1)
+                return vrt.read(indexes)
 
     def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
         href, asset = self._href(d, "scl")
@@ -776,14 +819,32 @@ class Sentinel2STAC:
         from ..degrade import imresize
 
         props = d["properties"]
-        bands, hrefs, recipe = [], {}, None
-        for role in ("red", "green", "blue"):
-            href, asset = self._href(d, role)
-            recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
-            dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
-            bands.append(recipe.apply(dn, nodata=0))
-            hrefs[role] = redact(href, self.client.secrets)
-        native = np.stack(bands, axis=-1).astype(np.float32)
+        hrefs: dict[str, str] = {}
+        extra: dict[str, Any] = {}
+        if self.radiometry == "tci":
+            href, asset = self._href(d, "visual")
+            tci = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset), indexes=[1, 2, 3])
+            hrefs["visual"] = redact(href, self.client.secrets)
+            native = np.moveaxis(tci, 0, -1).astype(np.float32) / 255.0  # TCI units in [0, 1], not reflectance
+            native[np.all(tci == 0, axis=0)] = np.nan
+            radiometry = TCI_TEXT + "; uint8 = clip(round(resized TCI), 0, 255)"
+            out_gain = 1.0
+        else:
+            bands, dns, recipe = [], [], None
+            for role in ("red", "green", "blue"):
+                href, asset = self._href(d, role)
+                recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
+                dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
+                dns.append(dn)
+                bands.append(recipe.apply(dn, nodata=0))
+                hrefs[role] = redact(href, self.client.secrets)
+            assert recipe is not None
+            bt = _baseline_tuple(props.get("s2:processing_baseline"))
+            if bt is not None and bt >= (4, 0):  # the BOA offset exists: do the DNs agree with the item?
+                extra["dn_check"] = check_lr_radiometry(np.stack(dns, axis=-1), recipe.offset < 0, self.qa)
+            native = np.stack(bands, axis=-1).astype(np.float32)
+            radiometry = recipe.text(self.gain)
+            out_gain = self.gain
         if np.isnan(native).all():
             raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
         filled = native.copy()
@@ -794,9 +855,8 @@ class Sentinel2STAC:
         lr_refl = imresize(filled, output_shape=(lr_px, lr_px), antialias=True)
         when = _parse_iso(props["datetime"])
         days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
-        assert recipe is not None
         return LRResult(
-            image=to_uint8(lr_refl, self.gain),
+            image=to_uint8(lr_refl, out_gain),
             native=native,
             scene_id=d["id"],
             datetime=when.isoformat().replace("+00:00", "Z"),
@@ -804,7 +864,7 @@ class Sentinel2STAC:
             scene_cloud_cover=props.get("eo:cloud_cover"),
             days_from_hr=days,
             baseline=props.get("s2:processing_baseline"),
-            radiometry=recipe.text(self.gain),
+            radiometry=radiometry,
             collection=d.get("collection") or self.collection,
             info={
                 "catalog": self.catalog,
@@ -814,9 +874,12 @@ class Sentinel2STAC:
                 "gain": self.gain,
                 "assets": hrefs,
                 "candidates": tried,
-                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
+                "radiometry": self.radiometry,
+                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float "
+                + ("TCI values" if self.radiometry == "tci" else "reflectance"),
                 "warp_resampling": "cubic (bands), nearest (SCL)",
                 "scl_bad_classes": list(SCL_BAD),
                 "boa_offset_applied": props.get("earthsearch:boa_offset_applied"),
+                **extra,
             },
         )
