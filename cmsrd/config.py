@@ -128,7 +128,7 @@ class QAConfig:
     max_cloud_fraction: float = 0.1  # SCL cloud/shadow fraction inside the LR footprint
     min_map_fraction: float = 0.0  # share of non-land map pixels; 0 keeps all-land maps
     reject_empty_map: bool = False  # reject maps with no mapped feature at all
-    max_shift_lrpx: float = 1.5  # measured LR/HR misregistration, LR pixels (1.5 = ~1 S2 pixel at 16 px/z18)
+    max_shift_lrpx: float = 1.5  # measured LR/HR shift, LR pixels (16 px/z18: 1.5 px = 14.3 cos(lat) m, ~1 S2 px)
     min_shift_correlation: float = 0.6  # below this the shift measurement is unreliable and cannot reject
     max_days_from_hr: float = 730.0  # |LR scene date - HR capture date|
     # DN plausibility of a baseline >= 04.00 L2A scene against its declared BOA offset (cmsrd.qa.check_lr_radiometry)

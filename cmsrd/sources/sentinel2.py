@@ -10,9 +10,12 @@ Steps for one footprint (an XYZ tile):
    `max_footprint_cloud` wins (otherwise SampleError lr_cloudy / lr_nodata);
 3. read: only the footprint window of B04/B03/B02 (rasterio over /vsicurl/ or local paths, `WarpedVRT`
    onto the footprint in EPSG:3857 at ~10 m ground spacing, cubic; SCL nearest);
-4. radiometry: DN -> BOA reflectance with the recipe the item calls for (`reflectance_recipe`), then
-   uint8 = clip(round(255 * GAIN * reflectance)), GAIN fixed and recorded;
-5. LR: the native reflectance resampled to lr_px x lr_px with MATLAB-compatible antialiased bicubic
+4. radiometry (`radiometry`): `boa`: DN -> BOA reflectance with the recipe the item calls for
+   (`reflectance_recipe`), the DNs checked against that recipe (`cmsrd.qa.check_lr_radiometry`: a BOA offset
+   applied twice or never is `lr_radiometry_implausible`, and the next scene is tried), then
+   uint8 = clip(round(255 * GAIN * reflectance)), GAIN fixed and recorded; `tci`: the item's `visual` asset
+   (ESA's 8-bit true colour, the official CMSRD LR's kind), read the same way, no offset involved;
+5. LR: the native values resampled to lr_px x lr_px with MATLAB-compatible antialiased bicubic
    (`cmsrd.degrade.imresize`, Keys a=-0.5), the same kernel as the synthetic LR, then mapped to 8 bits.
 """
 
@@ -346,6 +349,7 @@ class Sentinel2STAC:
     HR date searched. `max_cloud`: scene `eo:cloud_cover` ceiling (percent) sent with the search.
     `max_footprint_cloud`: share of bad SCL pixels tolerated inside the footprint. `cache_dir`: search
     results on disk. `href_map`: rewrites asset hrefs before reading (e.g. to local copies or a mirror).
+    `radiometry`: "boa" | "tci" (step 4). `qa`: the `QAConfig` of the DN check (None: defaults).
     `catalog`: "earth-search" | "planetary-computer" (guessed from the URL). `sas_url`: token endpoint
     for signing (Planetary Computer's by default when that catalog is used). `search_zoom`: without
     `items`, `fetch` searches the enclosing XYZ tile at this zoom (10: ~39 km), cached, so neighbouring

@@ -1,4 +1,5 @@
-"""STAC documents of the simulated Sentinel-2 product in Earth Search v1's `sentinel-2-l2a` shape.
+"""STAC documents of the simulated Sentinel-2 product in Earth Search v1's `sentinel-2-l2a` and
+`sentinel-2-c1-l2a` (Collection 1: ESA's DNs with the offset kept, no flag) shapes.
 
 Field names, asset keys (blue/green/red/nir/scl/visual), `raster:bands` (scale 0.0001, offset
 -0.1 as Earth Search publishes for processing baseline >= 04.00), `earthsearch:boa_offset_applied`,
@@ -6,7 +7,8 @@ Field names, asset keys (blue/green/red/nir/scl/visual), `raster:bands` (scale 0
 real Earth Search v1 `sentinel-2-l2a` / `sentinel-2-c1-l2a` items and searches. As on Earth
 Search, when `earthsearch:boa_offset_applied` is true the pixels already hold reflectance x 10000
 (the published -0.1 offset must not be applied again); when false they hold DN = 10000 * refl +
-1000. Hrefs are relative to the world root; the STAC server rewrites them to loopback URLs.
+1000 (a world may write a flag that lies, `WorldConfig.s2_boa_offset_flag`). Hrefs are relative to the
+world root; the STAC server rewrites them to loopback URLs.
 """
 
 from __future__ import annotations
