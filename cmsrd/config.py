@@ -55,10 +55,8 @@ WORLD_IMAGERY_TILES = "https://services.arcgisonline.com/ArcGIS/rest/services/Wo
 WORLD_IMAGERY_IDENTIFY = "https://services.arcgisonline.com/ArcGIS/rest/services/World_Imagery/MapServer/identify"
 EARTH_SEARCH = "https://earth-search.aws.element84.com/v1"
 GEOFABRIK_INDEX = "https://download.geofabrik.de/index-v1.json"
-
-
-UPSAMPLE_METHODS = ("official", "bicubic")
-LR_RADIOMETRY = ("boa", "tci")
+LR_RADIOMETRY = ("tci", "boa")
+SR_UPSAMPLE = ("official", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -80,27 +78,26 @@ class LRConfig:
     source: str = "bicubic"  # bicubic | sentinel-2
     backend: str = "stac"  # stac | sentinelhub (only for sentinel-2)
     stac_url: str = EARTH_SEARCH
-    # Earth Search v1 Collection 1 (every scene reprocessed, DN offsets consistent); `sentinel-2-l2a` has items whose
-    # earthsearch:boa_offset_applied flag is wrong (rejected as lr_radiometry_implausible). Planetary Computer:
-    # `sentinel-2-l2a`.
+    # Earth Search Collection 1: ESA's DNs with BOA_ADD_OFFSET kept for every item, stated in raster:bands
+    # (the older `sentinel-2-l2a` removed it at ingest for some items and flags it, not always correctly)
     collection: str = "sentinel-2-c1-l2a"
+    # tci: the scene's `visual` asset (ESA's 8-bit true colour), as the official CMSRD LR (Satlas TCI chips);
+    # boa: B04/B03/B02 BOA reflectance x GAIN (2.5), Sentinel Hub's true-colour look
+    radiometry: str = "boa"
     start: str = "2018-01-01"
     end: str = "2025-12-31"
     max_scene_cloud: float = 30.0  # percent, catalogue-level prefilter
-    # Sentinel-2 rendering to 8 bits: "tci" = the scene's published true-colour image (the `visual` asset), as
-    # the official CMSRD real LR (Satlas TCI chips); "boa" = B04/B03/B02 BOA reflectance x 2.5 (recipe recorded).
-    radiometry: str = "boa"
     attribution: str = "Contains modified Copernicus Sentinel data"
     terms: str = "Copernicus Sentinel data terms: https://sentinels.copernicus.eu/documents/247904/690755/Sentinel_Data_Legal_Notice"
 
 
 @dataclass(frozen=True)
 class SRConfig:
-    """The `sr_<L>_<H>` input: the LR brought to the HR size."""
+    """The `sr_<L>_<H>` images (the LR brought to the HR size, SGDM's input)."""
 
-    # "official": what the authors' prepare_lr.py does -- cv2.resize(img, (256, 256), cv2.INTER_CUBIC) passes the
-    # flag into the `dst` slot, so OpenCV resizes with its default INTER_LINEAR (bilinear); "bicubic": MATLAB
-    # bicubic, as the paper's text says.
+    # official: bilinear (half-pixel centres, no antialias), what the authors' prepare_lr.py does (its
+    # cv2.resize gets INTER_CUBIC in the `dst` slot, so OpenCV's default INTER_LINEAR runs); bicubic:
+    # MATLAB imresize bicubic, what the paper says
     upsample: str = "bicubic"
 
 
@@ -131,9 +128,12 @@ class QAConfig:
     max_cloud_fraction: float = 0.1  # SCL cloud/shadow fraction inside the LR footprint
     min_map_fraction: float = 0.0  # share of non-land map pixels; 0 keeps all-land maps
     reject_empty_map: bool = False  # reject maps with no mapped feature at all
-    max_shift_lrpx: float = 1.5  # measured LR/HR misregistration, LR pixels (1.5 = ~1 S2 pixel at 16 px/z18)
+    max_shift_lrpx: float = 1.5  # measured LR/HR shift, LR pixels (16 px/z18: 1.5 px = 14.3 cos(lat) m, ~1 S2 px)
     min_shift_correlation: float = 0.6  # below this the shift measurement is unreliable and cannot reject
     max_days_from_hr: float = 730.0  # |LR scene date - HR capture date|
+    # DN plausibility of a baseline >= 04.00 L2A scene against its declared BOA offset (cmsrd.qa.check_lr_radiometry)
+    max_lr_negative_fraction: float = 0.2  # share of DNs below the offset (reflectance < 0) when it is in the DNs
+    min_lr_dark_fraction: float = 0.01  # share of pixels darker than 0.1 when the offset is declared removed
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,15 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
             "hr.url", f"{cfg.hr.url!r} lacks {{z}}/{{x}}/{{y}}", "give an XYZ template such as .../tile/{z}/{y}/{x}"
         )
     lr_spec(cfg.lr.source, cfg.lr.backend)
+    _check_choice("lr.radiometry", cfg.lr.radiometry, LR_RADIOMETRY)
+    _check_choice("sr.upsample", cfg.sr.upsample, SR_UPSAMPLE)
+    if cfg.lr.source == "sentinel-2" and cfg.lr.backend == "sentinelhub" and cfg.lr.radiometry == "tci":
+        raise InputError(
+            "lr.radiometry",
+            "tci needs the scene's TCI (`visual`) file, which the Sentinel Hub backend does not read "
+            "(its Process API output is reflectance, rendered as boa)",
+            "use lr.backend: stac for tci, or lr.radiometry: boa with lr.backend: sentinelhub",
+        )
     _check_choice("map.source", cfg.map.source, ("osm",))
     if not (0.0 <= cfg.split.test_fraction < 1.0):
         raise InputError("split.test_fraction", f"is {cfg.split.test_fraction}", "use a fraction in [0, 1), e.g. 0.1")
@@ -266,15 +275,7 @@ def validate_config(cfg: DatasetConfig) -> DatasetConfig:
         raise InputError(
             "split.block_tiles", f"is {cfg.split.block_tiles}", "use a positive block edge in tiles, e.g. 8"
         )
-    if cfg.sr.upsample not in UPSAMPLE_METHODS:
-        raise InputError(
-            "sr.upsample", f"is {cfg.sr.upsample!r}", f"use one of {', '.join(UPSAMPLE_METHODS)} (official = bilinear)"
-        )
-    if cfg.lr.radiometry not in LR_RADIOMETRY:
-        raise InputError(
-            "lr.radiometry", f"is {cfg.lr.radiometry!r}", f"use one of {', '.join(LR_RADIOMETRY)} (tci = official)"
-        )
-    if cfg.lr.radiometry == "tci" and (cfg.lr.source != "sentinel-2" or cfg.lr.backend != "stac"):
+    if cfg.lr.radiometry == "tci" and cfg.lr.source != "sentinel-2":
         raise InputError(
             "lr.radiometry: tci",
             f"needs the Sentinel-2 STAC source (got lr.source {cfg.lr.source}, backend {cfg.lr.backend})",

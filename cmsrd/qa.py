@@ -15,6 +15,8 @@ Reasons (stable strings, used in manifests and dataset.json counts):
     shift_unmeasured the LR/HR shift of a real LR could not be measured (flat, cloudy or no-data window):
                     alignment is unknown, so the pair is not passed as if it were aligned
     time_gap        the LR scene is too many days from the HR capture
+    lr_radiometry_implausible  the LR scene's DNs contradict the BOA offset its item declares (offset applied
+                    twice: land pushed to reflectance <= 0; or never: everything 0.1 too bright)
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ REASONS = (
     "misregistered",
     "shift_unmeasured",
     "time_gap",
+    "lr_radiometry_implausible",
 )
+BOA_OFFSET_DN = 1000  # ESA's BOA_ADD_OFFSET (-1000 DN) of processing baselines >= 04.00
 
 
 class QARejected(SampleError):
@@ -139,3 +143,45 @@ def check_shift(dx: float | None, dy: float | None, correlation: float | None, q
             "misregistered",
             f"LR/HR shift {mag:.2f} LR px ({dx:+.2f}, {dy:+.2f}) > {qa.max_shift_lrpx} (correlation {correlation:.2f})",
         )
+
+
+def check_lr_radiometry(dn: np.ndarray, offset_in_dn: bool, qa: QAConfig) -> dict[str, float]:
+    """Whether a baseline >= 04.00 L2A scene's raw DNs agree with the BOA offset its item declares.
+
+    `dn`: the footprint's raw B04/B03/B02 DNs (any shape, last axis the bands; 0 = no data). `offset_in_dn`:
+    the recipe subtracts BOA_ADD_OFFSET (the item says the DNs still hold it). Returns the two statistics.
+
+    * offset in the DNs: real BOA reflectance of land is almost never below 0, so DN < 1000 is rare (deep
+      shadow, dark water, noise: a few % at most). If the offset was already removed, every band of vegetation
+      (~0.02-0.08) and most of urban land (< 0.1 in blue/green) falls below 1000: a share above
+      `qa.max_lr_negative_fraction` (0.2) of valid values means the offset would be applied twice.
+    * offset declared removed: then some pixel in the footprint is darker than 0.1 in at least one visible band
+      (vegetation, water, shadow, asphalt) unless it is snow or bright desert; if not even
+      `qa.min_lr_dark_fraction` (0.01) of the pixels is, the offset is most likely still in the DNs. Set it to 0
+      where bright surfaces are expected.
+    """
+    arr = np.asarray(dn)
+    px = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(-1, 1)
+    valid = np.all(px > 0, axis=1)
+    stats = {"dn_below_offset_fraction": 0.0, "dark_pixel_fraction": 1.0}
+    if not valid.any():
+        return stats
+    v = px[valid]
+    stats["dn_below_offset_fraction"] = float((v < BOA_OFFSET_DN).mean())
+    dark = 2 * BOA_OFFSET_DN if offset_in_dn else BOA_OFFSET_DN  # DN of reflectance 0.1 under the declared recipe
+    stats["dark_pixel_fraction"] = float((v.min(axis=1) < dark).mean())
+    if offset_in_dn and stats["dn_below_offset_fraction"] > qa.max_lr_negative_fraction:
+        raise QARejected(
+            "lr_radiometry_implausible",
+            f"{stats['dn_below_offset_fraction']:.0%} of the DNs are below the BOA offset ({BOA_OFFSET_DN}), i.e. "
+            f"negative reflectance (max {qa.max_lr_negative_fraction:.0%}): the offset was most likely removed "
+            "already and would be applied twice",
+        )
+    if not offset_in_dn and stats["dark_pixel_fraction"] < qa.min_lr_dark_fraction:
+        raise QARejected(
+            "lr_radiometry_implausible",
+            f"only {stats['dark_pixel_fraction']:.1%} of the pixels have a band below reflectance 0.1 "
+            f"(min {qa.min_lr_dark_fraction:.1%}): the BOA offset (+{BOA_OFFSET_DN} DN) is most likely still in "
+            "DNs the item declares offset-free",
+        )
+    return stats

@@ -137,7 +137,7 @@ def test_what_a_real_build_needs_comes_from_its_sources():
     )
     assert needs(load_config("cmsrd-synthetic")).endswith("access to services.arcgisonline.com, download.geofabrik.de")
     d = load_config("cmsrd-real").to_dict()
-    d.update(lr={**d["lr"], "backend": "sentinelhub"}, hr={"source": "raster", "raster": "x.tif"})
+    d.update(lr={**d["lr"], "backend": "sentinelhub", "radiometry": "boa"}, hr={"source": "raster", "raster": "x.tif"})
     assert needs(load_config(d)).endswith(
         "access to raster x.tif, Sentinel Hub (SH_CLIENT_ID / SH_CLIENT_SECRET must be set), download.geofabrik.de"
     )

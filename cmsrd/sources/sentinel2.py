@@ -10,9 +10,12 @@ Steps for one footprint (an XYZ tile):
    `max_footprint_cloud` wins (otherwise SampleError lr_cloudy / lr_nodata);
 3. read: only the footprint window of B04/B03/B02 (rasterio over /vsicurl/ or local paths, `WarpedVRT`
    onto the footprint in EPSG:3857 at ~10 m ground spacing, cubic; SCL nearest);
-4. radiometry: DN -> BOA reflectance with the recipe the item calls for (`reflectance_recipe`), then
-   uint8 = clip(round(255 * GAIN * reflectance)), GAIN fixed and recorded;
-5. LR: the native reflectance resampled to lr_px x lr_px with MATLAB-compatible antialiased bicubic
+4. radiometry (`radiometry`): `boa`: DN -> BOA reflectance with the recipe the item calls for
+   (`reflectance_recipe`), the DNs checked against that recipe (`cmsrd.qa.check_lr_radiometry`: a BOA offset
+   applied twice or never is `lr_radiometry_implausible`, and the next scene is tried), then
+   uint8 = clip(round(255 * GAIN * reflectance)), GAIN fixed and recorded; `tci`: the item's `visual` asset
+   (ESA's 8-bit true colour, the official CMSRD LR's kind), read the same way, no offset involved;
+5. LR: the native values resampled to lr_px x lr_px with MATLAB-compatible antialiased bicubic
    (`cmsrd.degrade.imresize`, Keys a=-0.5), the same kernel as the synthetic LR, then mapped to 8 bits.
 """
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from ..errors import InputError, SampleError
 from ..io import atomic_write_text
+from ..qa import QARejected, check_lr_radiometry
 from .base import WEB_MERCATOR, HRResult, LRResult, check_tile, tile_bounds_3857, tile_bounds_lonlat
 from .http import USER_AGENT, HttpClient, HTTPFetchError, RetryPolicy, install_log_redaction, redact
 
@@ -49,6 +53,13 @@ PLANETARY_COMPUTER = "https://planetarycomputer.microsoft.com/api/stac/v1"
 PC_SAS_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
 
 GAIN = 2.5  # uint8 = 255 * GAIN * reflectance: reflectance 0..0.4 spans 0..255 (Sentinel Hub true colour)
+# ESA's L2A TCI (the `visual` asset): B04/B03/B02 BOA reflectance 0..0.2 coded 1..255 (0 = no data), i.e.
+# 255 * 5 * reflectance; the official CMSRD LR are TCI chips (of L1C, where 255 is reflectance 0.3558)
+TCI_GAIN = 5.0
+TCI_TEXT = (
+    "TCI: the item's `visual` asset (ESA's 8-bit true colour, B04/B03/B02 BOA reflectance 0..0.2 -> 1..255, "
+    "0 = no data), warped cubic onto the footprint and resized in 8-bit units"
+)
 NATIVE_GSD_M = 10.0
 # SCL classes that make a pixel unusable: no data, saturated/defective, cloud shadow, cloud medium and
 # high probability, thin cirrus (ESA L2A product definition).
@@ -138,33 +149,6 @@ def reflectance_recipe(
             "at ingest (earthsearch:boa_offset_applied=true)",
         )
     return Recipe(scale, -0.1, f"{catalog} {coll or 'L2A'}, baseline {baseline} >= 04.00: BOA_ADD_OFFSET -1000")
-
-
-# Share of a footprint's valid pixels whose reflectance (after the recipe) may be negative before the
-# recipe is judged wrong. Real L2A BOA reflectance in B02-B04 is >= ~0.01 (dark water); sen2cor pushes only
-# isolated dark pixels (shadowed water) below 0, a few percent at most. A DN offset removed twice (an item
-# flagged "not applied" whose DNs were already shifted, as reported for Earth Search 2022 and 2025 items)
-# moves every pixel down by 0.1: vegetation, water and soil in the visible bands (0.01-0.1) all go negative,
-# tens of percent of almost any footprint.
-MAX_NEGATIVE_SHARE = 0.1
-
-
-def implausible_radiometry(dn: np.ndarray, recipe: Recipe, nodata: int = 0) -> str:
-    """Why the DNs of one band cannot be BOA reflectance under `recipe` ("" when they can).
-
-    Catches a double offset (see MAX_NEGATIVE_SHARE). The opposite fault (an offset left in) only brightens
-    by 0.1, which no footprint statistic separates from a bright surface, so it is not judged here."""
-    valid = dn[dn != nodata]
-    if valid.size == 0 or recipe.offset >= 0:
-        return ""
-    negative = float((valid.astype(np.float64) * recipe.scale + recipe.offset < 0).mean())
-    if negative <= MAX_NEGATIVE_SHARE:
-        return ""
-    return (
-        f"{negative:.0%} of the footprint's reflectance would be negative under '{recipe.why}' "
-        "(the DN offset looks already removed: the item's boa_offset flag is probably wrong; "
-        "choose lr.collection sentinel-2-c1-l2a, whose offsets are consistent)"
-    )
 
 
 def to_uint8(refl: np.ndarray, gain: float = GAIN) -> np.ndarray:
@@ -407,6 +391,7 @@ class Sentinel2STAC:
     HR date searched. `max_cloud`: scene `eo:cloud_cover` ceiling (percent) sent with the search.
     `max_footprint_cloud`: share of bad SCL pixels tolerated inside the footprint. `cache_dir`: search
     results on disk. `href_map`: rewrites asset hrefs before reading (e.g. to local copies or a mirror).
+    `radiometry`: "boa" | "tci" (step 4). `qa`: the `QAConfig` of the DN check (None: defaults).
     `catalog`: "earth-search" | "planetary-computer" (guessed from the URL). `sas_url`: token endpoint
     for signing (Planetary Computer's by default when that catalog is used). `search_zoom`: without
     `items`, `fetch` searches the enclosing XYZ tile at this zoom (10: ~39 km), cached, so neighbouring
@@ -436,9 +421,8 @@ class Sentinel2STAC:
         rate: float | None = 5.0,
         search_zoom: int = 10,
         radiometry: str = "boa",
+        qa: Any = None,
     ):
-        if radiometry not in ("boa", "tci"):
-            raise InputError(f"radiometry {radiometry!r}", "is unknown", "use 'tci' (official) or 'boa'")
         if not re.match(r"(?i)^https?://", str(url or "")):
             raise InputError(f"STAC URL {url!r}", "is not an http(s) URL", f"use e.g. {EARTH_SEARCH_V1}")
         if not 0 <= max_footprint_cloud <= 1:
@@ -452,7 +436,12 @@ class Sentinel2STAC:
         self.max_items = int(max_items)
         self.search_zoom = int(search_zoom)
         self.gain = float(gain)
+        if radiometry not in ("tci", "boa"):
+            raise InputError("lr.radiometry", f"unknown value {radiometry!r}", "use tci or boa")
         self.radiometry = radiometry
+        from ..config import QAConfig
+
+        self.qa = qa if qa is not None else QAConfig()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.catalog = catalog or ("planetary-computer" if "planetarycomputer" in self.url.lower() else "earth-search")
         if self.catalog not in ASSET_KEYS:
@@ -482,6 +471,7 @@ class Sentinel2STAC:
             max_cloud=cfg.lr.max_scene_cloud,
             max_footprint_cloud=cfg.qa.max_cloud_fraction,
             radiometry=cfg.lr.radiometry,
+            qa=cfg.qa,
             **http_options(cfg),
         )
 
@@ -494,11 +484,7 @@ class Sentinel2STAC:
             "backend": cfg.lr.backend,
             "catalogue": redact(cfg.lr.stac_url or ""),
             "collection": cfg.lr.collection,
-            "radiometry": (
-                "tci: the scene's true-colour `visual` asset (uint8, as published), MATLAB bicubic to lr_px"
-                if cfg.lr.radiometry == "tci"
-                else f"boa: B04/B03/B02 BOA reflectance x {GAIN}, MATLAB bicubic to lr_px (recipe per sample)"
-            ),
+            "radiometry": cfg.lr.radiometry,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -533,6 +519,7 @@ class Sentinel2STAC:
             "max_cloud": self.max_cloud,
             "max_footprint_cloud": self.max_footprint_cloud,
             "gain": self.gain,
+            "radiometry": self.radiometry,
             "attribution": "Contains modified Copernicus Sentinel data",
         }
 
@@ -721,6 +708,7 @@ class Sentinel2STAC:
             )
         n = native_size(z, x, y)
         tried: list[dict[str, Any]] = []
+        implausible: QARejected | None = None
         for d in cands[: self.max_candidates]:
             try:
                 frac = self._bad_fraction(d, z, x, y, n)
@@ -736,7 +724,13 @@ class Sentinel2STAC:
                 }
             )
             if frac["bad"] <= self.max_footprint_cloud:
-                return self._build(d, z, x, y, n, lr_px, hr_date, frac["bad"], tried)
+                try:
+                    return self._build(d, z, x, y, n, lr_px, hr_date, frac["bad"], tried)
+                except QARejected as e:  # this scene's DNs contradict its item: try the next one
+                    tried[-1].update(error=e.reason, detail=e.detail[:200])
+                    implausible = implausible or e
+        if implausible is not None:
+            raise QARejected(implausible.reason, f"tile {z}/{x}/{y}: {implausible.detail}; candidates: {tried}")
         if tried and all("error" in t for t in tried):
             raise SampleError(tried[0]["error"], f"tile {z}/{x}/{y}: every candidate failed to read: {tried}")
         if tried and all(t.get("nodata", 0) > 0.5 for t in tried if "nodata" in t):
@@ -767,7 +761,15 @@ class Sentinel2STAC:
         return href, asset
 
     def _read(
-        self, href: str, z: int, x: int, y: int, n: int, resampling: str, grid: dict[str, Any] | None = None
+        self,
+        href: str,
+        z: int,
+        x: int,
+        y: int,
+        n: int,
+        resampling: str,
+        grid: dict[str, Any] | None = None,
+        indexes: int | list[int] = 1,
     ) -> np.ndarray:
         """The footprint window of one COG band, retried with backoff while the failure looks transient.
 
@@ -796,7 +798,7 @@ class Sentinel2STAC:
         err: Exception | None = None
         for attempt in range(attempts):
             try:
-                return self._read_once(path, env, z, x, y, n, resampling, grid)
+                return self._read_once(path, env, z, x, y, n, resampling, grid, indexes)
             except rasterio.errors.RasterioError as e:
                 err = e
                 self._handles.drop(path)  # the next attempt opens a fresh handle
@@ -830,6 +832,7 @@ class Sentinel2STAC:
         n: int,
         resampling: str,
         grid: dict[str, Any] | None,
+        indexes: int | list[int] = 1,
     ) -> np.ndarray:
         import rasterio
         from rasterio.enums import Resampling
@@ -850,51 +853,57 @@ class Sentinel2STAC:
                 src_nodata=nodata,
                 nodata=nodata,
             ) as vrt:
-                return vrt.read(1) if src.count == 1 else np.moveaxis(vrt.read(), 0, -1)
+                return vrt.read(indexes)
 
     def _bad_fraction(self, d: dict, z: int, x: int, y: int, n: int) -> dict[str, float]:
         href, asset = self._href(d, "scl")
         scl = self._read(href, z, x, y, n, "nearest", expected_grid(d, asset))
         return {"bad": float(np.isin(scl, SCL_BAD).mean()), "nodata": float((scl == 0).mean())}
 
-    def _build_tci(
+    def _build(
         self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None, bad: float, tried: list[dict]
     ) -> LRResult:
-        """The official recipe: the scene's published true-colour image (uint8 RGB at 10 m), warped onto the
-        footprint (cubic) and brought to lr_px with MATLAB bicubic on uint8, as the SGDM authors' chips."""
         from ..degrade import imresize
 
-        href, asset = self._href(d, "visual")
-        tci = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
-        if tci.ndim != 3 or tci.shape[2] < 3 or tci.dtype != np.uint8:
-            raise SampleError("lr_bad_image", f"scene {d['id']} visual asset is {tci.dtype} {tci.shape}, not uint8 RGB")
-        tci = np.ascontiguousarray(tci[..., :3])
-        if not tci.any():
-            raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
-        return self._result(
-            d,
-            imresize(tci, output_shape=(lr_px, lr_px)),
-            tci.astype(np.float32) / 255.0,
-            hr_date,
-            bad,
-            "tci: visual asset uint8 as published (ESA true colour), MATLAB bicubic to lr_px",
-            native_px=n,
-            assets={"visual": redact(href, self.client.secrets)},
-            candidates=tried,
-            lr_resampling="MATLAB imresize bicubic (Keys a=-0.5), antialiased, on uint8",
-            warp_resampling="cubic (visual), nearest (SCL)",
-            scl_bad_classes=list(SCL_BAD),
-        )
-
-    def _result(
-        self, d: dict, image: np.ndarray, native: np.ndarray, hr_date: str | None, bad: float, radiometry: str, **info
-    ) -> LRResult:
-        """The LRResult of scene `d` (dates, catalogue fields and provenance shared by both renderings)."""
         props = d["properties"]
+        hrefs: dict[str, str] = {}
+        extra: dict[str, Any] = {}
+        if self.radiometry == "tci":
+            href, asset = self._href(d, "visual")
+            tci = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset), indexes=[1, 2, 3])
+            hrefs["visual"] = redact(href, self.client.secrets)
+            native = np.moveaxis(tci, 0, -1).astype(np.float32) / 255.0  # TCI units in [0, 1], not reflectance
+            native[np.all(tci == 0, axis=0)] = np.nan
+            radiometry = TCI_TEXT + "; uint8 = clip(round(resized TCI), 0, 255)"
+            out_gain = 1.0
+        else:
+            bands, dns, recipe = [], [], None
+            for role in ("red", "green", "blue"):
+                href, asset = self._href(d, role)
+                recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
+                dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
+                dns.append(dn)
+                bands.append(recipe.apply(dn, nodata=0))
+                hrefs[role] = redact(href, self.client.secrets)
+            assert recipe is not None
+            bt = _baseline_tuple(props.get("s2:processing_baseline"))
+            if bt is not None and bt >= (4, 0):  # the BOA offset exists: do the DNs agree with the item?
+                extra["dn_check"] = check_lr_radiometry(np.stack(dns, axis=-1), recipe.offset < 0, self.qa)
+            native = np.stack(bands, axis=-1).astype(np.float32)
+            radiometry = recipe.text(self.gain)
+            out_gain = self.gain
+        if np.isnan(native).all():
+            raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
+        filled = native.copy()
+        if np.isnan(filled).any():  # fill the few no-data pixels with the band mean before resampling
+            means = np.nanmean(filled.reshape(-1, 3), axis=0)
+            idx = np.where(np.isnan(filled))
+            filled[idx] = means[idx[2]]
+        lr_refl = imresize(filled, output_shape=(lr_px, lr_px), antialias=True)
         when = _parse_iso(props["datetime"])
         days = float(abs((when.date() - _parse_day(hr_date, "HR date")).days)) if hr_date else None
         return LRResult(
-            image=image,
+            image=to_uint8(lr_refl, out_gain),
             native=native,
             scene_id=d["id"],
             datetime=when.isoformat().replace("+00:00", "Z"),
@@ -904,50 +913,20 @@ class Sentinel2STAC:
             baseline=props.get("s2:processing_baseline"),
             radiometry=radiometry,
             collection=d.get("collection") or self.collection,
-            info={"catalog": self.catalog, "stac_url": redact(self.url), "native_gsd_m": NATIVE_GSD_M, **info},
-        )
-
-    def _build(
-        self, d: dict, z: int, x: int, y: int, n: int, lr_px: int, hr_date: str | None, bad: float, tried: list[dict]
-    ) -> LRResult:
-        from ..degrade import imresize
-
-        props = d["properties"]
-        if self.radiometry == "tci":
-            return self._build_tci(d, z, x, y, n, lr_px, hr_date, bad, tried)
-        bands, hrefs, recipe = [], {}, None
-        for role in ("red", "green", "blue"):
-            href, asset = self._href(d, role)
-            recipe = reflectance_recipe(props, d.get("collection") or self.collection, self.catalog, asset)
-            dn = self._read(href, z, x, y, n, "cubic", expected_grid(d, asset))
-            implausible = implausible_radiometry(dn, recipe)
-            if implausible:
-                raise SampleError("lr_radiometry_implausible", f"scene {d['id']} {role}: {implausible}")
-            bands.append(recipe.apply(dn, nodata=0))
-            hrefs[role] = redact(href, self.client.secrets)
-        native = np.stack(bands, axis=-1).astype(np.float32)
-        if np.isnan(native).all():
-            raise SampleError("lr_nodata", f"scene {d['id']} has no data in tile {z}/{x}/{y}")
-        filled = native.copy()
-        if np.isnan(filled).any():  # fill the few no-data pixels with the band mean before resampling
-            means = np.nanmean(filled.reshape(-1, 3), axis=0)
-            idx = np.where(np.isnan(filled))
-            filled[idx] = means[idx[2]]
-        lr_refl = imresize(filled, output_shape=(lr_px, lr_px), antialias=True)
-        assert recipe is not None
-        return self._result(
-            d,
-            to_uint8(lr_refl, self.gain),
-            native,
-            hr_date,
-            bad,
-            recipe.text(self.gain),
-            native_px=n,
-            gain=self.gain,
-            assets=hrefs,
-            candidates=tried,
-            lr_resampling="MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float reflectance",
-            warp_resampling="cubic (bands), nearest (SCL)",
-            scl_bad_classes=list(SCL_BAD),
-            boa_offset_applied=props.get("earthsearch:boa_offset_applied"),
+            info={
+                "catalog": self.catalog,
+                "stac_url": redact(self.url),
+                "native_px": n,
+                "native_gsd_m": NATIVE_GSD_M,
+                "gain": self.gain,
+                "assets": hrefs,
+                "candidates": tried,
+                "radiometry": self.radiometry,
+                "lr_resampling": "MATLAB imresize bicubic (Keys a=-0.5), antialiased, on float "
+                + ("TCI values" if self.radiometry == "tci" else "reflectance"),
+                "warp_resampling": "cubic (bands), nearest (SCL)",
+                "scl_bad_classes": list(SCL_BAD),
+                "boa_offset_applied": props.get("earthsearch:boa_offset_applied"),
+                **extra,
+            },
         )

@@ -31,7 +31,7 @@ from .features import LINE_WIDTH_M, synthesize
 from .hr_render import render_hr
 from .osm_writer import mercator_to_lonlat, write_pbf
 from .sentinel2_sim import SCL, simulate_s2
-from .stac_items import COLLECTION_ID, collection_dict, item_dict
+from .stac_items import COLLECTIONS, collection_dict, item_dict
 
 SHIFT_CONVENTION = (
     "shift (dx, dy) in metres, +x east, +y north: where S2 content sits relative to the "
@@ -208,14 +208,15 @@ def _build(cfg: WorldConfig, root: Path, bar: tqdm) -> None:
     bar.update()
 
     bar.set_postfix_str("stac + truth")
-    items = []
-    for rec in records:
-        valid = sum(v for k, v in rec["scl_counts"].items() if k != "NO_DATA")
-        pct = {k: round(100.0 * rec["scl_counts"][k] / max(valid, 1), 6) for k in SCL}
-        item = item_dict(rec, pct)
-        items.append(item)
-        _json(root / "stac" / "items" / f"{rec['id']}.json", item)
-    _json(root / "stac" / "collections" / f"{COLLECTION_ID}.json", collection_dict(items))
+    for coll in COLLECTIONS:
+        items = []
+        for rec in records:
+            valid = sum(v for k, v in rec["scl_counts"].items() if k != "NO_DATA")
+            pct = {k: round(100.0 * rec["scl_counts"][k] / max(valid, 1), 6) for k in SCL}
+            item = item_dict(rec, pct, coll)
+            items.append(item)
+            _json(root / "stac" / "items" / f"{item['id']}.json", item)
+        _json(root / "stac" / "collections" / f"{coll}.json", collection_dict(items, coll))
 
     minx, miny, maxx, maxy = cfg.bounds_3857
     (w, e), (s, n) = mercator_to_lonlat(np.array([minx, maxx]), np.array([miny, maxy]))
@@ -251,12 +252,21 @@ def _build(cfg: WorldConfig, root: Path, bar: tqdm) -> None:
             "convention": SHIFT_CONVENTION,
         },
         "s2_dn_to_reflectance": (
-            "reflectance = DN / 10000 (earthsearch:boa_offset_applied true: the pixels "
-            "already hold reflectance x 10000; do not apply the raster:bands offset again)"
-            if cfg.s2_boa_offset_applied
-            else "reflectance = DN / 10000 - 0.1 (raster:bands scale/offset apply)"
+            "sentinel-2-l2a: "
+            + (
+                "reflectance = DN / 10000 (the pixels already hold reflectance x 10000; do not apply the "
+                "raster:bands offset again)"
+                if cfg.s2_boa_offset_applied
+                else "reflectance = DN / 10000 - 0.1 (raster:bands scale/offset apply)"
+            )
+            + f"; items say earthsearch:boa_offset_applied={records[0]['boa_offset_flag']}"
+            + "; sentinel-2-c1-l2a: reflectance = DN / 10000 - 0.1 (raster:bands scale/offset apply)"
         ),
-        "s2_items": {rec["id"]: rec for rec in records},
+        # keyed by the sentinel-2-l2a id, then by the same acquisition's sentinel-2-c1-l2a id
+        "s2_items": {
+            **{rec["id"]: rec for rec in records},
+            **{rec["c1_id"]: {**rec, "collection": "sentinel-2-c1-l2a"} for rec in records},
+        },
         "n_tiles": n_tiles,
     }
     _json(root / "truth" / "truth.json", truth)
@@ -275,7 +285,8 @@ def _build(cfg: WorldConfig, root: Path, bar: tqdm) -> None:
             "tile_range": {"z": cfg.zooms[0], "x0_y0_x1_y1": list(cfg.tile_range)},
             "utm_epsg": cfg.utm_epsg,
             "hr_capture_date": cfg.hr_capture_date,
-            "s2_items": [rec["id"] for rec in records],
+            "s2_items": [rec["id"] for rec in records],  # sentinel-2-l2a
+            "s2_items_c1": [rec["c1_id"] for rec in records],  # sentinel-2-c1-l2a, same acquisitions
             "attribution": cfg.attribution,
             "generator": f"cmsrd.world {GENERATOR_VERSION}",
             "config": cfg.to_dict(),

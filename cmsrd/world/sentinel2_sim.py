@@ -139,7 +139,9 @@ def _item_id(platform: str, mgrs: str, date: str) -> str:
 
 
 def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[dict]:
-    """Write sentinel2/<item_id>/{B02,B03,B04,B08,SCL,TCI}.tif under `out_root`; return item records."""
+    """Write sentinel2/<item_id>/{B02,B03,B04,B08,SCL,TCI}.tif (the sentinel-2-l2a files) and
+    sentinel2-c1/<c1_id>/{B02,B03,B04,B08}.tif (Collection 1 DNs; SCL and TCI are shared) under `out_root`;
+    return item records."""
     grid, world_utm = s2_grid(cfg)
     lon_c, lat_c = cfg.center_lon, cfg.center_lat
     mgrs = mgrs_square(lon_c, lat_c)
@@ -299,6 +301,14 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
         hhmm = 10.5 - lon_c / 15.0 + float(rng.uniform(-0.05, 0.05))
         t = dt.datetime.fromisoformat(date).replace(tzinfo=dt.UTC) + dt.timedelta(hours=hhmm)
         t = t.replace(microsecond=(t.microsecond // 1000) * 1000)
+        # Earth Search Collection 1 (sentinel-2-c1-l2a): ESA's DNs, BOA_ADD_OFFSET kept (baseline >= 04.00)
+        c1_id = f"S2{platform[-1].upper()}_T{mgrs}_{t:%Y%m%dT%H%M%S}_L2A"
+        c1_dir = out_root / "sentinel2-c1" / c1_id
+        c1_dir.mkdir(parents=True, exist_ok=True)
+        for b, bn in enumerate(S2_BANDS):
+            dn = np.clip(np.round(obs10[b] * 10000 + 1000), 1, 32767).astype(np.uint16)
+            dn[~valid10] = 0
+            write_cog(c1_dir / f"{bn}.tif", dn, grid.transform, grid.epsg, 0)
         records.append(
             {
                 "id": item_id,
@@ -330,6 +340,8 @@ def simulate_s2(world: WorldFeatures, cfg: WorldConfig, out_root: Path) -> list[
                 "vegetation_dryness": dryness,
                 "cloud": cloud_info,
                 "dn_offset_added": add,
+                "boa_offset_flag": (add == 0) if cfg.s2_boa_offset_flag is None else bool(cfg.s2_boa_offset_flag),
+                "c1_id": c1_id,
             }
         )
     return records

@@ -56,7 +56,13 @@ class SentinelHubServer(LoopbackServer):
         if not items_dir.is_dir():
             raise InputError(f"world directory {root}", "has no stac/items", "generate it with `cmsrd world generate`")
         self.root = root.resolve()
-        self.items = [json.loads(p.read_text()) for p in sorted(items_dir.glob("*.json"))]
+        # one item per acquisition (the world also serves each as sentinel-2-c1-l2a, from other DN files)
+        items = [json.loads(p.read_text()) for p in sorted(items_dir.glob("*.json"))]
+        self.items = [it for it in items if it.get("collection", "sentinel-2-l2a") == "sentinel-2-l2a"]
+        truth = root / "truth" / "truth.json"
+        recs = json.loads(truth.read_text()).get("s2_items", {}) if truth.is_file() else {}
+        # the offset truly in each item's DNs (its earthsearch flag may lie on purpose, see WorldConfig)
+        self._dn_offset = {k: float(v.get("dn_offset_added", 0)) for k, v in recs.items()}
         super().__init__(host, port, faults)
         self.client_id, self.client_secret, self.token_ttl_s = client_id, client_secret, token_ttl_s
         self._tokens: dict[str, float] = {}
@@ -185,6 +191,7 @@ class SentinelHubServer(LoopbackServer):
         transform = from_bounds(*bbox, width=width, height=height)
         out = np.zeros((5, height, width), np.float32)
         applied = bool(item["properties"].get("earthsearch:boa_offset_applied", True))
+        offset = self._dn_offset.get(item["id"], 0.0 if applied else 1000.0) / 10000.0
         for i, key in enumerate(("red", "green", "blue", "scl")):
             path = self.root / item["assets"][key]["href"]
             with (
@@ -204,7 +211,7 @@ class SentinelHubServer(LoopbackServer):
             if key != "scl":
                 valid = band > 0
                 # harmonised reflectance, as Sentinel Hub returns by default
-                band = np.where(valid, band / 10000.0 - (0.0 if applied else 0.1), 0.0)
+                band = np.where(valid, band / 10000.0 - offset, 0.0)
             out[i] = band
         out[4] = (out[3] > 0).astype(np.float32)
         return out

@@ -1,4 +1,5 @@
-"""STAC documents of the simulated Sentinel-2 product in Earth Search v1's `sentinel-2-l2a` shape.
+"""STAC documents of the simulated Sentinel-2 product in Earth Search v1's `sentinel-2-l2a` and
+`sentinel-2-c1-l2a` (Collection 1: ESA's DNs with the offset kept, no flag) shapes.
 
 Field names, asset keys (blue/green/red/nir/scl/visual), `raster:bands` (scale 0.0001, offset
 -0.1 as Earth Search publishes for processing baseline >= 04.00), `earthsearch:boa_offset_applied`,
@@ -6,7 +7,8 @@ Field names, asset keys (blue/green/red/nir/scl/visual), `raster:bands` (scale 0
 real Earth Search v1 `sentinel-2-l2a` / `sentinel-2-c1-l2a` items and searches. As on Earth
 Search, when `earthsearch:boa_offset_applied` is true the pixels already hold reflectance x 10000
 (the published -0.1 offset must not be applied again); when false they hold DN = 10000 * refl +
-1000. Hrefs are relative to the world root; the STAC server rewrites them to loopback URLs.
+1000 (a world may write a flag that lies, `WorldConfig.s2_boa_offset_flag`). Hrefs are relative to the
+world root; the STAC server rewrites them to loopback URLs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pyproj import Transformer
 from shapely.geometry import Polygon, box, mapping
 
 COLLECTION_ID = "sentinel-2-l2a"
+C1_COLLECTION_ID = "sentinel-2-c1-l2a"
+COLLECTIONS = (C1_COLLECTION_ID, COLLECTION_ID)
 PROCESSING_BASELINE = "05.09"
 EXTENSIONS = [
     "https://stac-extensions.github.io/processing/v1.1.0/schema.json",
@@ -58,8 +62,13 @@ def _footprint_lonlat(rec: dict) -> Polygon:
     return shapely.set_precision(ll, 1e-9)
 
 
-def item_dict(rec: dict, scl_percent: dict[str, float]) -> dict:
-    """One Earth Search v1 sentinel-2-l2a item (dict) for a simulated acquisition record."""
+def item_dict(rec: dict, scl_percent: dict[str, float], collection: str = COLLECTION_ID) -> dict:
+    """One Earth Search v1 item (dict) of `collection` for a simulated acquisition record.
+
+    `sentinel-2-l2a`: the record's id, its own band files and `earthsearch:boa_offset_applied` (the record's
+    flag, which may lie on purpose); `sentinel-2-c1-l2a`: Collection 1's id scheme and band files (ESA's DNs,
+    offset kept), no flag, SCL and TCI shared with the l2a item."""
+    c1 = collection == C1_COLLECTION_ID
     geom = _footprint_lonlat(rec)
     t = dt.datetime.fromisoformat(rec["datetime"].replace("Z", "+00:00"))
     created = (t + dt.timedelta(hours=7, minutes=13)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -109,10 +118,16 @@ def item_dict(rec: dict, scl_percent: dict[str, float]) -> dict:
         "s2:sequence": "0",
         "earthsearch:s3_path": f"s3://sentinel-cogs/sentinel-s2-l2a-cogs/{zone}/{band}/{sq}/{ymd}/{rec['id']}",
         "earthsearch:payload_id": f"roda-sentinel2/workflow-sentinel2-to-stac/cmsrd-{rec['id'].lower()}",
-        "earthsearch:boa_offset_applied": rec["dn_offset_added"] == 0,
+        "earthsearch:boa_offset_applied": rec.get("boa_offset_flag", rec["dn_offset_added"] == 0),
         "processing:software": {"sentinel2-to-stac": "0.1.1"},
         "updated": created,
     }
+    item_id, band_dir = rec["id"], f"sentinel2/{rec['id']}"
+    if c1:
+        item_id, band_dir = rec["c1_id"], f"sentinel2-c1/{rec['c1_id']}"
+        del props["earthsearch:s3_path"], props["earthsearch:boa_offset_applied"]
+        props["earthsearch:payload_id"] = f"roda-sentinel-2-c1-l2a/workflow-sentinel-2-c1-l2a-to-stac/cmsrd-{item_id}"
+        props["processing:software"] = {"sentinel-2-c1-l2a-to-stac": "v2025.06.17"}
 
     def proj(res: float, shape, transform) -> dict:
         x0, y1 = transform[2], transform[5]
@@ -124,7 +139,7 @@ def item_dict(rec: dict, scl_percent: dict[str, float]) -> dict:
     assets: dict[str, dict] = {}
     for key, (fname, title, _, _) in BANDS.items():
         assets[key] = {
-            "href": f"sentinel2/{rec['id']}/{fname}.tif",
+            "href": f"{band_dir}/{fname}.tif",
             "type": COG,
             "title": title,
             "eo:bands": [_eo(key)],
@@ -162,17 +177,17 @@ def item_dict(rec: dict, scl_percent: dict[str, float]) -> dict:
         "type": "Feature",
         "stac_version": "1.0.0",
         "stac_extensions": EXTENSIONS,
-        "id": rec["id"],
+        "id": item_id,
         "properties": props,
         "geometry": mapping(geom),
         "bbox": list(geom.bounds),
         "links": [
             {"rel": "license", "href": "https://sentinel.esa.int/documents/247904/690755/Sentinel_Data_Legal_Notice"},
-            {"rel": "collection", "type": "application/json", "href": f"../collections/{COLLECTION_ID}.json"},
-            {"rel": "parent", "type": "application/json", "href": f"../collections/{COLLECTION_ID}.json"},
+            {"rel": "collection", "type": "application/json", "href": f"../collections/{collection}.json"},
+            {"rel": "parent", "type": "application/json", "href": f"../collections/{collection}.json"},
         ],
         "assets": assets,
-        "collection": COLLECTION_ID,
+        "collection": collection,
     }
     d["geometry"] = _plain(d["geometry"])
     pystac.Item.from_dict(d, preserve_dict=True)  # structural check: raises on a malformed item
@@ -188,16 +203,16 @@ def _plain(g):
     return g
 
 
-def collection_dict(items: list[dict]) -> dict:
-    """The `sentinel-2-l2a` collection document covering the world's items."""
+def collection_dict(items: list[dict], collection: str = COLLECTION_ID) -> dict:
+    """The `collection` document covering the world's items of it."""
     xs = [i["bbox"] for i in items]
     bbox = [min(b[0] for b in xs), min(b[1] for b in xs), max(b[2] for b in xs), max(b[3] for b in xs)]
     times = sorted(i["properties"]["datetime"] for i in items)
     d = {
         "type": "Collection",
         "stac_version": "1.0.0",
-        "id": COLLECTION_ID,
-        "title": "Sentinel-2 Level-2A",
+        "id": collection,
+        "title": "Sentinel-2 Collection 1 Level-2A" if collection == C1_COLLECTION_ID else "Sentinel-2 Level-2A",
         "description": "Global Sentinel-2 data from the Multispectral Instrument (MSI) onboard Sentinel-2 "
         "(offline world: simulated for the cmsrd synthetic region)",
         "license": "proprietary",
