@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 MODES = {
     "inprocess": {"workers": 0, "threads": 2, "processes": True},
-    "inprocess4": {"workers": 0, "threads": 4, "processes": True},
+    "inprocess3": {"workers": 0, "threads": 3, "processes": True},
     "threads": {"workers": 2, "threads": 2, "processes": False},
     "processes": {"workers": 2, "threads": 2, "processes": True},
 }
