@@ -72,17 +72,9 @@ def _bands(img: np.ndarray, band: int | None, what: str) -> np.ndarray:
     return a[..., :MAX_BANDS]
 
 
-def _matrix(in_len: int, out_len: int, offset: float) -> np.ndarray:
-    """Resize matrix with the sampling grid moved by `offset` output px (not cached: offsets vary)."""
-    idx, wts = contributions(in_len, out_len, out_len / in_len, True, offset)
-    rows = np.repeat(np.arange(out_len), idx.shape[1])
-    return np.bincount(rows * in_len + idx.ravel(), weights=wts.ravel(), minlength=out_len * in_len).reshape(
-        out_len, in_len
-    )  # taps mirrored onto one pixel add up
-
-
 def _sparse_rows(in_len: int, out_len: int, offset: float, margin: int) -> sparse.csr_matrix:
-    """The kept rows (interior, `margin` cut each side) of `_matrix` as CSR, built from the taps directly
+    """The kept rows (interior, `margin` cut each side) of the shifted resize matrix
+    (`cmsrd.degrade.weight_matrix(..., offset)`) as CSR, built from the taps directly
     (~18 of 256 per row; a tap mirrored onto a pixel already used stays a duplicate entry, which CSR
     products add up as the dense matrix does)."""
     idx, wts = contributions(in_len, out_len, out_len / in_len, True, offset)

@@ -318,7 +318,7 @@ def _run_in_process(
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     limit = spec.cfg.build.max_in_flight or 4 * threads
-    queue = _queued_tasks(spec, todo, searches, spread=threads)
+    queue = _queued_tasks(spec, todo, searches)
     running: dict[Any, SampleTask] = {}
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cmsrd-sample")
     try:
@@ -358,25 +358,13 @@ class _BlockSearch:
             return self._result
 
 
-def _queued_tasks(
-    spec: BuildSpec, todo: pd.DataFrame, searches: bool, spread: int = 2
-) -> Iterator[tuple[SampleTask, Any]]:
-    """(task, its block's search) in an order that takes the blocks of `spread` partitions in turn.
-
-    A block's samples share one co-registration window: the first to reach it measures it (~150 ms) while
-    the block's other samples wait, so consecutive samples from different blocks keep the threads busy
-    (measuring two windows at once) instead of queueing behind one measurement. Results do not depend on
-    the order (every sample of a window gets the same cached shift)."""
-    size = spec.cfg.build.partition_size * max(spread, 1)
-    for part in _partitions(todo, size):
-        queues = []
+def _queued_tasks(spec: BuildSpec, todo: pd.DataFrame, searches: bool) -> Iterator[tuple[SampleTask, Any]]:
+    """(task, its block's search), partition by partition, block by block."""
+    for part in _partitions(todo, spec.cfg.build.partition_size):
         for _, tasks in _group_by_block(part):
             search = _BlockSearch(spec, tasks) if searches else None
-            queues.append([(task, search) for task in tasks])
-        for i in range(max(len(q) for q in queues)):
-            for q in queues:
-                if i < len(q):
-                    yield q[i]
+            for task in tasks:
+                yield task, search
 
 
 def _sample_in_thread(spec: BuildSpec, task: SampleTask, search: _BlockSearch | None) -> dict:

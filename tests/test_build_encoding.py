@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cmsrd import qa, shiftcache
-from cmsrd.align import _Fit, _matrix
+from cmsrd.align import _Fit
 from cmsrd.config import QAConfig, load_config
-from cmsrd.degrade import imresize
+from cmsrd.degrade import imresize, weight_matrix
 from cmsrd.errors import InputError
 from cmsrd.io import read_png, write_png
 
@@ -23,7 +23,7 @@ def test_sparse_row_resampling_equals_the_dense_contraction(lr_len):
     hr = np.random.default_rng(lr_len).integers(0, 256, (256, 40, 3)).astype(np.float64)
     fit = _Fit(np.zeros((lr_len, 40, 3)), hr, 2)
     for offset in np.linspace(-2.5, 2.5, 11):
-        my = _matrix(256, lr_len, float(offset))[2:-2]
+        my = weight_matrix(256, lr_len, lr_len / 256, True, float(offset))[2:-2]
         dense = np.einsum("rh,hwc->crw", my, hr).reshape(-1, 40)
         np.testing.assert_allclose(fit.rows(float(offset)), dense, rtol=1e-12, atol=1e-9)
 
@@ -31,7 +31,7 @@ def test_sparse_row_resampling_equals_the_dense_contraction(lr_len):
 _SHIFT_SCRIPT = """
 import numpy as np
 from cmsrd.align import measure_shift
-from cmsrd.degrade import imresize
+from cmsrd.degrade import imresize, weight_matrix
 for seed in range(1, 4):
     rng = np.random.default_rng(seed)
     hr = np.kron(rng.integers(0, 256, (64, 64, 3)), np.ones((4, 4, 1))) + rng.normal(0, 20, (256, 256, 3))
